@@ -1,0 +1,150 @@
+// Launch parameters: one plain C struct per kernel, passed by value as the kernel's
+// only argument. This header is the launch ABI: the .cu files include it, and
+// tools/regen-bindings.sh turns it into src/backend/cuda/params.rs with bindgen.
+//
+// Rules that keep the Rust side plain old data (bytemuck::Pod, checked at compile time):
+// - device pointers are 8-byte handles: typed pointers in CUDA, uint64_t elsewhere;
+// - fields are ordered 8-byte first, then 4-byte, with explicit `_pad` so no struct
+//   has implicit padding;
+// - element counts that can pass 2^31 are int64_t, tensor dims are int32_t.
+#pragma once
+
+#include <stdint.h>
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+typedef __nv_bfloat16 *bf16_ptr;
+typedef const __nv_bfloat16 *cbf16_ptr;
+typedef float *f32_ptr;
+typedef const float *cf32_ptr;
+typedef const uint32_t *cu32_ptr;
+typedef const struct TensorChunk *cchunk_ptr;
+#else
+typedef uint64_t bf16_ptr;
+typedef uint64_t cbf16_ptr;
+typedef uint64_t f32_ptr;
+typedef uint64_t cf32_ptr;
+typedef uint64_t cu32_ptr;
+typedef uint64_t cchunk_ptr;
+#endif
+
+// out[t, :] = table[ids[t], :]; rows with ids[t] >= vocab are written as zeros.
+struct EmbeddingParams {
+    bf16_ptr out;    // [n_tokens, hidden]
+    cbf16_ptr table; // [vocab, hidden]
+    cu32_ptr ids;    // [n_tokens]
+    int32_t n_tokens;
+    int32_t hidden;
+    int32_t vocab;
+    int32_t _pad;
+};
+
+// y = w * bf16(x * rstd), rstd = 1/sqrt(mean(x^2) + eps) per row (f32 math).
+struct RmsNormForwardParams {
+    bf16_ptr y;       // [rows, cols]
+    f32_ptr rstd;     // [rows], may be 0 (not saved)
+    cbf16_ptr x;      // [rows, cols]
+    cbf16_ptr weight; // [cols]
+    int32_t rows;
+    int32_t cols;
+    float eps;
+    int32_t _pad;
+};
+
+// dx (=, or += when accumulate != 0) = rstd * (dy*w - xhat * mean(dy*w*xhat)).
+struct RmsNormBackwardParams {
+    bf16_ptr dx;      // [rows, cols]
+    cbf16_ptr dy;     // [rows, cols]
+    cbf16_ptr x;      // [rows, cols]
+    cbf16_ptr weight; // [cols]
+    cf32_ptr rstd;    // [rows], from the forward
+    int32_t rows;
+    int32_t cols;
+    int32_t accumulate;
+    int32_t _pad;
+};
+
+// Rotate-half RoPE on Q and K in place (forward: angle +, backward: angle -).
+// Row t of q starts at q + t*q_stride (elements), heads are contiguous head_dim blocks.
+struct RopeParams {
+    bf16_ptr q;          // [n_tokens, q_stride], first n_q_heads*head_dim used
+    bf16_ptr k;          // [n_tokens, k_stride], first n_kv_heads*head_dim used
+    cu32_ptr positions;  // [n_tokens]
+    cf32_ptr cos;        // [max_pos, head_dim/2]
+    cf32_ptr sin;        // [max_pos, head_dim/2]
+    int32_t n_tokens;
+    int32_t n_q_heads;
+    int32_t n_kv_heads;
+    int32_t head_dim;
+    int32_t q_stride;
+    int32_t k_stride;
+    int32_t max_pos;     // positions >= max_pos leave their row unchanged
+    int32_t _pad;
+};
+
+// out = bf16(bf16(silu(gate)) * up), elementwise.
+struct SwigluForwardParams {
+    bf16_ptr out;
+    cbf16_ptr gate;
+    cbf16_ptr up;
+    int64_t n;
+};
+
+// dup = dout * silu(gate); dgate = dout * up * sig * (1 + gate * (1 - sig)).
+struct SwigluBackwardParams {
+    bf16_ptr dgate;
+    bf16_ptr dup;
+    cbf16_ptr dout;
+    cbf16_ptr gate;
+    cbf16_ptr up;
+    int64_t n;
+};
+
+// One contiguous piece of one f32 tensor (and its optimizer state). The multi-tensor
+// kernels run one block per chunk; the host builds the chunk table once.
+struct TensorChunk {
+    f32_ptr param; // may be 0 for grad-norm only tables
+    f32_ptr grad;
+    f32_ptr m;
+    f32_ptr v;
+    int64_t n;
+};
+
+// torch.optim.AdamW step over every chunk; the step-dependent scalars are computed on
+// the host in f64 and rounded to f32, as torch does with its Python-float scalars.
+struct AdamWParams {
+    cchunk_ptr chunks;
+    cf32_ptr grad_scale;   // may be 0; else grads are multiplied by *grad_scale (clip coef)
+    int32_t n_chunks;
+    float decay;           // 1 - lr * weight_decay
+    float beta1;
+    float one_minus_beta1;
+    float beta2;
+    float one_minus_beta2;
+    float step_size;       // lr / (1 - beta1^step)
+    float bc2_sqrt;        // sqrt(1 - beta2^step)
+    float eps;
+    int32_t _pad;
+};
+
+// Global L2 norm over all chunks' grads and the clip_grad_norm_ coefficient.
+// out[0] = total norm, out[1] = min(1, max_norm / (total + 1e-6)).
+struct GradNormParams {
+    cchunk_ptr chunks;
+    f32_ptr partial;       // [n_chunks] scratch: sum of squares per chunk
+    f32_ptr out;           // [2]
+    int32_t n_chunks;
+    float max_norm;
+};
+
+struct CastBf16ToF32Params {
+    f32_ptr out;
+    cbf16_ptr in;
+    int64_t n;
+};
+
+struct CastF32ToBf16Params {
+    bf16_ptr out;
+    cf32_ptr in;
+    int64_t n;
+};

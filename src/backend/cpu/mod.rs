@@ -1,0 +1,3 @@
+//! CPU reference ops: f32 math, threaded with rayon, GEMM through the `gemm` crate.
+
+pub mod ops;

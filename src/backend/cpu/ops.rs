@@ -1,0 +1,536 @@
+//! CPU reference ops, f32, row-major. These define the semantics every CUDA kernel is
+//! tested against, pinned to transformers' LLaMA/Mistral code (facts cited per op).
+
+use rayon::prelude::*;
+
+/// A read-only strided matrix view: element (r, c) is `data[r * rs + c * cs]`.
+#[derive(Clone, Copy)]
+pub struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A row-major `rows × cols` matrix.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        debug_assert!(data.len() >= rows * cols);
+        MatRef { data, rows, cols, rs: cols, cs: 1 }
+    }
+    /// The transpose, without copying.
+    pub fn t(self) -> Self {
+        MatRef { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
+    }
+}
+
+/// `c = beta·c + alpha·(a·b)` with `c` row-major `a.rows × b.cols`; `beta = 0` ignores
+/// what `c` held. Threads through rayon when the product is large enough to pay for it.
+pub fn gemm(a: MatRef, b: MatRef, c: &mut [f32], alpha: f32, beta: f32) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(k, b.rows, "gemm inner dimensions");
+    assert!(c.len() >= m * n, "gemm output too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        c[..m * n].iter_mut().for_each(|v| *v *= beta);
+        return;
+    }
+    let work = m * n * k;
+    let par = if work >= 1 << 18 && rayon::current_num_threads() > 1 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the views were checked to cover rows×cols with their strides (debug) and
+    // `c` holds m×n elements; gemm reads/writes exactly those.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            beta != 0.0,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// `out = x · wᵀ`: x is `[m, k]`, w is `[n, k]` (a PyTorch `nn.Linear` weight), out `[m, n]`.
+pub fn linear(x: &[f32], m: usize, w: &[f32], n: usize, out: &mut [f32]) {
+    let k = if m == 0 { 0 } else { x.len() / m };
+    gemm(MatRef::new(x, m, k), MatRef::new(w, n, k).t(), out, 1.0, 0.0);
+}
+
+/// Embedding lookup: `out[t] = table[ids[t]]`. Ids were range-checked by the caller.
+pub fn embedding(table: &[f32], hidden: usize, ids: &[u32], out: &mut [f32]) {
+    out.par_chunks_mut(hidden).zip(ids.par_iter()).for_each(|(row, &id)| {
+        let s = id as usize * hidden;
+        row.copy_from_slice(&table[s..s + hidden]);
+    });
+}
+
+/// RMSNorm (transformers `LlamaRMSNorm`, f32): `y = w · x / sqrt(mean(x²) + eps)`.
+/// Saves `rstd = 1/sqrt(mean(x²)+eps)` per row for the backward.
+pub fn rmsnorm_forward(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], rstd: &mut [f32]) {
+    let h = weight.len();
+    out.par_chunks_mut(h)
+        .zip(x.par_chunks(h))
+        .zip(rstd.par_iter_mut())
+        .for_each(|((y, x), r)| {
+            let ms = x.iter().map(|v| v * v).sum::<f32>() / h as f32;
+            *r = 1.0 / (ms + eps).sqrt();
+            for i in 0..h {
+                y[i] = weight[i] * (x[i] * *r);
+            }
+        });
+}
+
+/// RMSNorm backward for the input only (the weight is frozen):
+/// with `n = x·rstd`, `dx = rstd · (g − n · mean(g·n))` where `g = dy·w`.
+pub fn rmsnorm_backward(dy: &[f32], x: &[f32], weight: &[f32], rstd: &[f32], dx: &mut [f32]) {
+    let h = weight.len();
+    dx.par_chunks_mut(h)
+        .zip(dy.par_chunks(h).zip(x.par_chunks(h)))
+        .zip(rstd.par_iter())
+        .for_each(|((dx, (dy, x)), &r)| {
+            let mut dot = 0.0f32;
+            for i in 0..h {
+                dot += dy[i] * weight[i] * x[i] * r;
+            }
+            let mean = dot / h as f32;
+            for i in 0..h {
+                dx[i] = r * (dy[i] * weight[i] - x[i] * r * mean);
+            }
+        });
+}
+
+/// RoPE tables as transformers builds them (f32): `inv_freq[i] = 1/theta^(2i/d)`,
+/// angle = position · inv_freq[i]; returns (cos, sin), each `[max_pos, d/2]`.
+pub fn rope_tables(head_dim: usize, theta: f32, max_pos: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let inv: Vec<f32> = (0..half)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let mut cos = vec![0.0; max_pos * half];
+    let mut sin = vec![0.0; max_pos * half];
+    for p in 0..max_pos {
+        for i in 0..half {
+            let a = p as f32 * inv[i];
+            cos[p * half + i] = a.cos();
+            sin[p * half + i] = a.sin();
+        }
+    }
+    (cos, sin)
+}
+
+/// Rotate-half RoPE in place (transformers `apply_rotary_pos_emb`): for i < d/2,
+/// `y[i] = x[i]·cos − x[i+d/2]·sin`, `y[i+d/2] = x[i+d/2]·cos + x[i]·sin`.
+pub fn rope_forward(
+    x: &mut [f32],
+    n_heads: usize,
+    head_dim: usize,
+    positions: &[u32],
+    cos: &[f32],
+    sin: &[f32],
+) {
+    rope_rotate(x, n_heads, head_dim, positions, cos, sin, 1.0);
+}
+
+/// RoPE backward: the rotation is orthogonal, so the gradient rotates by −angle.
+pub fn rope_backward(
+    dx: &mut [f32],
+    n_heads: usize,
+    head_dim: usize,
+    positions: &[u32],
+    cos: &[f32],
+    sin: &[f32],
+) {
+    rope_rotate(dx, n_heads, head_dim, positions, cos, sin, -1.0);
+}
+
+fn rope_rotate(
+    x: &mut [f32],
+    n_heads: usize,
+    head_dim: usize,
+    positions: &[u32],
+    cos: &[f32],
+    sin: &[f32],
+    sign: f32,
+) {
+    let half = head_dim / 2;
+    x.par_chunks_mut(n_heads * head_dim)
+        .zip(positions.par_iter())
+        .for_each(|(row, &p)| {
+            let c = &cos[p as usize * half..(p as usize + 1) * half];
+            let s = &sin[p as usize * half..(p as usize + 1) * half];
+            for head in row.chunks_mut(head_dim) {
+                for i in 0..half {
+                    let (a, b) = (head[i], head[i + half]);
+                    let si = sign * s[i];
+                    head[i] = a * c[i] - b * si;
+                    head[i + half] = b * c[i] + a * si;
+                }
+            }
+        });
+}
+
+/// SiLU, `x·σ(x)`, as torch computes it in f32.
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// SwiGLU (transformers `LlamaMLP`): `out = silu(gate) · up`.
+pub fn swiglu_forward(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    out.par_iter_mut()
+        .zip(gate.par_iter().zip(up.par_iter()))
+        .for_each(|(o, (&g, &u))| *o = silu(g) * u);
+}
+
+/// SwiGLU backward: `dup = dout·silu(g)`, `dgate = dout·up·σ(g)·(1 + g·(1 − σ(g)))`.
+pub fn swiglu_backward(dout: &[f32], gate: &[f32], up: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
+    dgate
+        .par_iter_mut()
+        .zip(dup.par_iter_mut())
+        .enumerate()
+        .for_each(|(i, (dg, du))| {
+            let g = gate[i];
+            let sig = 1.0 / (1.0 + (-g).exp());
+            *du = dout[i] * g * sig;
+            *dg = dout[i] * up[i] * sig * (1.0 + g * (1.0 - sig));
+        });
+}
+
+/// Tokens of a packed batch: sequence `s` occupies rows `offsets[s]..offsets[s+1]`.
+#[derive(Clone, Debug)]
+pub struct Packing {
+    pub offsets: Vec<usize>,
+}
+
+impl Packing {
+    pub fn from_lengths(lengths: &[usize]) -> Self {
+        let mut offsets = Vec::with_capacity(lengths.len() + 1);
+        offsets.push(0);
+        for l in lengths {
+            offsets.push(offsets.last().unwrap() + l);
+        }
+        Packing { offsets }
+    }
+    pub fn n_seqs(&self) -> usize {
+        self.offsets.len() - 1
+    }
+    pub fn n_tokens(&self) -> usize {
+        *self.offsets.last().unwrap()
+    }
+    pub fn range(&self, s: usize) -> std::ops::Range<usize> {
+        self.offsets[s]..self.offsets[s + 1]
+    }
+    /// Position of every token within its sequence (RoPE restarts at 0 per sequence).
+    pub fn positions(&self) -> Vec<u32> {
+        (0..self.n_seqs()).flat_map(|s| 0..self.range(s).len() as u32).collect()
+    }
+}
+
+/// Shape of a causal GQA attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Mistral's sliding window W: query i sees keys i−W+1..=i. `None`: all earlier keys.
+    pub window: Option<usize>,
+}
+
+impl AttnShape {
+    /// First key a query at position `i` may see.
+    pub fn first_key(&self, i: usize) -> usize {
+        match self.window {
+            Some(w) => (i + 1).saturating_sub(w),
+            None => 0,
+        }
+    }
+}
+
+/// Causal attention over packed sequences (transformers eager attention: scores scaled
+/// by 1/√d, softmax in f32). q `[tokens, H·d]`, k/v `[tokens, Hkv·d]`, out `[tokens, H·d]`.
+/// Query head h reads KV head h / (H / Hkv) (GQA). Saves the log-sum-exp per (token, head).
+pub fn attention_forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    pack: &Packing,
+    shape: AttnShape,
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
+    let AttnShape { n_heads, n_kv_heads, head_dim: d, .. } = shape;
+    let group = n_heads / n_kv_heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    let (qw, kw) = (n_heads * d, n_kv_heads * d);
+    // One task per (sequence, head); each writes a disjoint column block of `out`.
+    let tasks: Vec<(usize, usize)> = (0..pack.n_seqs())
+        .flat_map(|s| (0..n_heads).map(move |h| (s, h)))
+        .collect();
+    let results: Vec<(usize, usize, Vec<f32>, Vec<f32>)> = tasks
+        .par_iter()
+        .map(|&(s, h)| {
+            let r = pack.range(s);
+            let t = r.len();
+            let kh = h / group;
+            let mut o = vec![0.0f32; t * d];
+            let mut l = vec![0.0f32; t];
+            let mut p = vec![0.0f32; t];
+            for i in 0..t {
+                let qi = &q[(r.start + i) * qw + h * d..][..d];
+                let j0 = shape.first_key(i);
+                let mut mx = f32::NEG_INFINITY;
+                for j in j0..=i {
+                    let kj = &k[(r.start + j) * kw + kh * d..][..d];
+                    let sc = dot(qi, kj) * scale;
+                    p[j] = sc;
+                    mx = mx.max(sc);
+                }
+                let mut sum = 0.0f32;
+                for pj in &mut p[j0..=i] {
+                    *pj = (*pj - mx).exp();
+                    sum += *pj;
+                }
+                let oi = &mut o[i * d..(i + 1) * d];
+                for j in j0..=i {
+                    let w = p[j] / sum;
+                    let vj = &v[(r.start + j) * kw + kh * d..][..d];
+                    for c in 0..d {
+                        oi[c] += w * vj[c];
+                    }
+                }
+                l[i] = mx + sum.ln();
+            }
+            (s, h, o, l)
+        })
+        .collect();
+    for (s, h, o, l) in results {
+        let r = pack.range(s);
+        for i in 0..r.len() {
+            out[(r.start + i) * qw + h * d..][..d].copy_from_slice(&o[i * d..(i + 1) * d]);
+            lse[(r.start + i) * n_heads + h] = l[i];
+        }
+    }
+}
+
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Log-softmax of one row of logits at index `target`: `z[t] − log Σ exp(z)`, in f32
+/// with the max subtracted first (as torch's log_softmax does).
+pub fn log_softmax_at(logits: &[f32], target: usize) -> f32 {
+    let mx = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|z| (z - mx).exp()).sum();
+    logits[target] - mx - sum.ln()
+}
+
+/// `y += x` elementwise.
+pub fn add_inplace(y: &mut [f32], x: &[f32]) {
+    y.par_iter_mut().zip(x.par_iter()).for_each(|(a, b)| *a += b);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive_matmul(a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Vec<f32> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|l| a[i * k + l] * b[l * n + j]).sum();
+            }
+        }
+        c
+    }
+
+    fn lcg(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn linear_matches_naive_product() {
+        let (m, k, n) = (7, 13, 5);
+        let x = lcg(m * k, 1);
+        let w = lcg(n * k, 2);
+        let mut wt = vec![0.0; k * n];
+        for i in 0..n {
+            for j in 0..k {
+                wt[j * n + i] = w[i * k + j];
+            }
+        }
+        let want = naive_matmul(&x, m, k, &wt, n);
+        let mut got = vec![0.0; m * n];
+        linear(&x, m, &w, n, &mut got);
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        // beta accumulates, alpha scales the product
+        let mut acc = want.clone();
+        gemm(MatRef::new(&x, m, k), MatRef::new(&w, n, k).t(), &mut acc, 2.0, 1.0);
+        for (a, b) in acc.iter().zip(&want) {
+            assert!((a - 3.0 * b).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn rope_backward_inverts_forward_and_rotates_pairs() {
+        let (heads, d) = (3, 8);
+        let (cos, sin) = rope_tables(d, 10000.0, 16);
+        let x = lcg(4 * heads * d, 3);
+        let pos = [0u32, 3, 7, 15];
+        let mut y = x.clone();
+        rope_forward(&mut y, heads, d, &pos, &cos, &sin);
+        // position 0 is the identity
+        assert_eq!(&y[..heads * d], &x[..heads * d]);
+        // a rotation keeps each (i, i+d/2) pair's norm
+        let (a, b) = (x[heads * d + 1], x[heads * d + 1 + d / 2]);
+        let (c, e) = (y[heads * d + 1], y[heads * d + 1 + d / 2]);
+        assert!(((a * a + b * b) - (c * c + e * e)).abs() < 1e-5);
+        assert!((a - c).abs() > 1e-4, "position 3 must rotate");
+        rope_backward(&mut y, heads, d, &pos, &cos, &sin);
+        for (p, q) in y.iter().zip(&x) {
+            assert!((p - q).abs() < 1e-5);
+        }
+    }
+
+    /// f64 finite differences of a scalar loss L = Σ c·f(x) for each backward op.
+    fn fd_check(f: impl Fn(&[f32]) -> Vec<f32>, x: &[f32], c: &[f32], analytic: &[f32]) {
+        let loss = |x: &[f32]| -> f64 { f(x).iter().zip(c).map(|(a, b)| *a as f64 * *b as f64).sum() };
+        let h = 1e-2f32;
+        for i in 0..x.len() {
+            let mut xp = x.to_vec();
+            xp[i] += h;
+            let mut xm = x.to_vec();
+            xm[i] -= h;
+            let num = (loss(&xp) - loss(&xm)) / (2.0 * h as f64);
+            let a = analytic[i] as f64;
+            assert!((num - a).abs() < 2e-3 + 2e-2 * a.abs(), "grad[{i}]: fd {num} vs analytic {a}");
+        }
+    }
+
+    #[test]
+    fn rmsnorm_backward_matches_finite_differences() {
+        let h = 6;
+        let x = lcg(3 * h, 4);
+        let w = lcg(h, 5).iter().map(|v| 1.0 + 0.3 * v).collect::<Vec<_>>();
+        let c = lcg(3 * h, 6);
+        let fwd = |x: &[f32]| {
+            let mut y = vec![0.0; x.len()];
+            let mut r = vec![0.0; x.len() / h];
+            rmsnorm_forward(x, &w, 1e-6, &mut y, &mut r);
+            y
+        };
+        let mut y = vec![0.0; x.len()];
+        let mut r = vec![0.0; 3];
+        rmsnorm_forward(&x, &w, 1e-6, &mut y, &mut r);
+        let mut dx = vec![0.0; x.len()];
+        rmsnorm_backward(&c, &x, &w, &r, &mut dx);
+        fd_check(fwd, &x, &c, &dx);
+    }
+
+    #[test]
+    fn swiglu_backward_matches_finite_differences() {
+        let n = 10;
+        let g = lcg(n, 7).iter().map(|v| 3.0 * v).collect::<Vec<_>>();
+        let u = lcg(n, 8);
+        let c = lcg(n, 9);
+        let mut dg = vec![0.0; n];
+        let mut du = vec![0.0; n];
+        swiglu_backward(&c, &g, &u, &mut dg, &mut du);
+        let fg = |g: &[f32]| {
+            let mut o = vec![0.0; n];
+            swiglu_forward(g, &u, &mut o);
+            o
+        };
+        fd_check(fg, &g, &c, &dg);
+        let fu = |u: &[f32]| {
+            let mut o = vec![0.0; n];
+            swiglu_forward(&g, u, &mut o);
+            o
+        };
+        fd_check(fu, &u, &c, &du);
+    }
+
+    #[test]
+    fn rope_backward_matches_finite_differences() {
+        let (heads, d) = (2, 4);
+        let (cos, sin) = rope_tables(d, 10000.0, 8);
+        let pos = [1u32, 5];
+        let x = lcg(2 * heads * d, 10);
+        let c = lcg(2 * heads * d, 11);
+        let mut dx = c.clone();
+        rope_backward(&mut dx, heads, d, &pos, &cos, &sin);
+        let f = |x: &[f32]| {
+            let mut y = x.to_vec();
+            rope_forward(&mut y, heads, d, &pos, &cos, &sin);
+            y
+        };
+        fd_check(f, &x, &c, &dx);
+    }
+
+    #[test]
+    fn attention_respects_window_and_gqa() {
+        let shape = AttnShape { n_heads: 4, n_kv_heads: 2, head_dim: 4, window: Some(3) };
+        let t = 6;
+        let q = lcg(t * 16, 12);
+        let k = lcg(t * 8, 13);
+        let mut v = lcg(t * 8, 14);
+        let pack = Packing::from_lengths(&[t]);
+        let run = |v: &[f32]| {
+            let mut o = vec![0.0; t * 16];
+            let mut l = vec![0.0; t * 4];
+            attention_forward(&q, &k, v, &pack, shape, &mut o, &mut l);
+            o
+        };
+        let base = run(&v);
+        // token 0's value is outside the window of query 5 (keys 3..=5): no effect there
+        for c in 0..8 {
+            v[c] += 10.0;
+        }
+        let moved = run(&v);
+        assert_eq!(&base[5 * 16..6 * 16], &moved[5 * 16..6 * 16]);
+        assert_ne!(&base[2 * 16..3 * 16], &moved[2 * 16..3 * 16]);
+        // first query attends only to itself: output = its value row (kv head h/2)
+        for h in 0..4 {
+            for c in 0..4 {
+                assert!((base[h * 4 + c] - v[(h / 2) * 4 + c] + 10.0).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn log_softmax_at_normalises() {
+        let z = [1.0f32, 2.0, 3.0, 1000.0];
+        let total: f32 = (0..4).map(|i| log_softmax_at(&z, i).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        assert!(log_softmax_at(&z, 3).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,1 @@
+//! CUDA runtime (cudarc, dynamic loading), embedded fatbin, kernel launchers.

@@ -1,0 +1,71 @@
+//! One module per CLI command; `main.rs` parses flags and calls `run` of these.
+
+pub mod demo;
+pub mod init_tiny;
+pub mod score;
+
+use crate::error::{bad, Result};
+
+/// Options every command takes (CLI.md).
+#[derive(clap::Args, Clone, Debug)]
+pub struct Common {
+    /// auto: CUDA when a device and compiled kernels exist, else CPU.
+    #[arg(long, default_value = "auto", global = true)]
+    pub device: String,
+    /// CPU threads (default: all cores).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    /// Random seed.
+    #[arg(long, default_value_t = 0, global = true)]
+    pub seed: u64,
+    /// Hide progress bars.
+    #[arg(long, global = true)]
+    pub quiet: bool,
+}
+
+/// The backend a command runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+}
+
+impl Common {
+    /// Sets the thread pool and resolves `--device`.
+    pub fn setup(&self) -> Result<Device> {
+        if let Some(n) = self.threads {
+            if n == 0 {
+                return Err(bad("--threads must be at least 1"));
+            }
+            // Fails only if a pool was already built (tests calling twice): keep that one.
+            let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        }
+        match self.device.as_str() {
+            "cpu" | "auto" => Ok(Device::Cpu),
+            "cuda" => Err(bad(
+                "--device cuda: this command has no CUDA path yet (the CUDA model backend is issue 10); use --device cpu",
+            )),
+            other => Err(bad(format!("--device: unknown device `{other}` (auto, cpu, cuda)"))),
+        }
+    }
+
+    /// Whether to draw progress bars: not with --quiet, and only on a terminal.
+    pub fn progress(&self) -> bool {
+        use std::io::IsTerminal;
+        !self.quiet && std::io::stderr().is_terminal()
+    }
+}
+
+/// A progress bar on stderr, hidden when `show` is false.
+pub fn progress_bar(len: u64, show: bool, what: &str) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(len);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} ETA {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}

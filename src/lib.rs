@@ -1,0 +1,15 @@
+//! palign: parameter-efficient preference alignment (LoRA/QLoRA, SFT + DPO) for
+//! LLaMA/Mistral models, with a CPU reference backend and hand-written CUDA kernels.
+//! See README.md for the map of modules.
+
+pub mod backend;
+pub mod commands;
+pub mod data;
+pub mod error;
+pub mod fsio;
+pub mod model;
+pub mod ops;
+pub mod quant;
+pub mod tensor;
+
+pub use error::{Error, Result};

@@ -1,0 +1,47 @@
+//! The `palign` command line: parses flags, calls one library function, maps errors to
+//! exit codes (2: bad input, one line on stderr; 1: anything else).
+
+use clap::{Parser, Subcommand};
+use palign::commands::{self, Common};
+
+#[derive(Parser)]
+#[command(name = "palign", version, about = "Parameter-efficient preference alignment (LoRA/QLoRA SFT + DPO) for LLaMA/Mistral")]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Runs the tiny end-to-end demo (today: init-tiny + score; the full SFT → DPO →
+    /// merge → eval demo comes with issue 15).
+    Demo(commands::demo::Args),
+    /// Writes a deterministic tiny LLaMA or Mistral model folder.
+    InitTiny(commands::init_tiny::Args),
+    /// Log-probabilities of each row's completion.
+    Score(commands::score::Args),
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // clap prints help/version to stdout (exit 0) and usage errors to stderr (exit 2).
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    let result = match &cli.cmd {
+        Cmd::Demo(a) => commands::demo::run(a, &cli.common),
+        Cmd::InitTiny(a) => commands::init_tiny::run(a, &cli.common),
+        Cmd::Score(a) => commands::score::run(a, &cli.common),
+    };
+    if let Err(e) = result {
+        let msg = e.to_string().replace('\n', " ");
+        eprintln!("error: {msg}");
+        std::process::exit(if e.is_bad_input() { 2 } else { 1 });
+    }
+}

@@ -1,0 +1,1 @@
+//! NF4 quantization in the bitsandbytes format.
