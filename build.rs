@@ -45,7 +45,8 @@ struct Nvcc {
 }
 
 fn main() {
-    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let kernel_dir = manifest.join("kernels");
 
@@ -98,11 +99,16 @@ fn main() {
         }
         Err(msg) => {
             if require {
-                fail(&format!("{msg}\n(PALIGN_REQUIRE_KERNELS=1 makes this an error)"));
+                fail(&format!(
+                    "{msg}\n(PALIGN_REQUIRE_KERNELS=1 makes this an error)"
+                ));
             }
             println!("cargo:warning=palign: building without CUDA kernels (CPU only): {msg}");
             if let Err(e) = fs::write(out_dir.join(FATBIN), []) {
-                fail(&format!("cannot write {}: {e}", out_dir.join(FATBIN).display()));
+                fail(&format!(
+                    "cannot write {}: {e}",
+                    out_dir.join(FATBIN).display()
+                ));
             }
             write_generated(&out_dir, false, "", &msg);
         }
@@ -121,7 +127,11 @@ fn archs() -> Result<(Vec<String>, Vec<String>), String> {
         return Ok((own(DEFAULT_SASS), own(DEFAULT_PTX)));
     };
     let (mut sass, mut ptx) = (Vec::new(), Vec::new());
-    for tok in spec.split([',', ' ', ';']).map(str::trim).filter(|t| !t.is_empty()) {
+    for tok in spec
+        .split([',', ' ', ';'])
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
         let (list, arch) = match tok.strip_prefix("compute_") {
             Some(a) => (&mut ptx, a),
             None => (&mut sass, tok.strip_prefix("sm_").unwrap_or(tok)),
@@ -171,7 +181,12 @@ fn find_nvcc() -> Result<Nvcc, String> {
             continue;
         }
         match nvcc_version(&cand) {
-            Some(v) if v >= MIN_NVCC => return Ok(Nvcc { path: cand, version: v }),
+            Some(v) if v >= MIN_NVCC => {
+                return Ok(Nvcc {
+                    path: cand,
+                    version: v,
+                })
+            }
             Some(v) => rejected.push(format!("{} is {}.{}", cand.display(), v.0, v.1)),
             None => rejected.push(format!("{} does not run", cand.display())),
         }
@@ -264,11 +279,16 @@ fn compile(
     cmd.arg("-o").arg(&fatbin).arg(&unit);
 
     let t0 = Instant::now();
-    let out = cmd.output().map_err(|e| format!("cannot run {}: {e}", nvcc.path.display()))?;
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", nvcc.path.display()))?;
     let secs = t0.elapsed().as_secs_f64();
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        return Err(format!("nvcc failed ({}):\n{:?}\n{stderr}", out.status, cmd));
+        return Err(format!(
+            "nvcc failed ({}):\n{:?}\n{stderr}",
+            out.status, cmd
+        ));
     }
     // Surface ptxas warnings (spills, etc.) to the kernel author.
     for line in stderr.lines().filter(|l| !l.trim().is_empty()) {

@@ -2,7 +2,7 @@
 // torch/optim/adam.py _single_tensor_adam with decoupled weight decay), f32 throughout:
 //   g  = grad * scale                      scale = clip coefficient, or 1
 //   p  = p * (1 - lr*wd)                   decoupled decay, applied first
-//   m  = m + (1 - b1) * (g - m)            exp_avg.lerp_(g, 1 - b1)
+//   m  = m + (1 - b1) * (g - m)            exp_avg.lerp_(g, 1 - b1) (|1-b1| < 0.5 form)
 //   v  = v * b2 + (1 - b2) * g * g         exp_avg_sq.mul_(b2).addcmul_(g, g, 1 - b2)
 //   denom = sqrt(v) / sqrt(1 - b2^t) + eps
 //   p  = p - (lr / (1 - b1^t)) * m / denom
@@ -13,14 +13,22 @@
 namespace palign {
 namespace adamw {
 
+// torch's lerp (ATen/native/Lerp.h): the form depends on |w| for accuracy.
+__device__ __forceinline__ float lerp(float start, float end, float w) {
+    return fabsf(w) < 0.5f ? __fadd_rn(start, __fmul_rn(w, __fsub_rn(end, start)))
+                           : __fsub_rn(end, __fmul_rn(__fsub_rn(end, start), __fsub_rn(1.0f, w)));
+}
+
 __device__ __forceinline__ void update(const AdamWParams &a, float scale, float &p, float g,
                                        float &m, float &v) {
-    g = g * scale;
-    p = p * a.decay;
-    m = m + a.one_minus_beta1 * (g - m);
-    v = v * a.beta2 + a.one_minus_beta2 * g * g;
-    const float denom = sqrtf(v) / a.bc2_sqrt + a.eps;
-    p = p + (-a.step_size) * (m / denom);
+    // _rn intrinsics forbid FMA contraction, so each operation rounds exactly as in the
+    // CPU reference (src/backend/cpu/optim.rs); sqrtf and '/' are IEEE (no fast math).
+    g = __fmul_rn(g, scale);
+    p = __fmul_rn(p, a.decay);
+    m = lerp(m, g, a.one_minus_beta1);
+    v = __fadd_rn(__fmul_rn(v, a.beta2), __fmul_rn(__fmul_rn(a.one_minus_beta2, g), g));
+    const float denom = __fadd_rn(sqrtf(v) / a.bc2_sqrt, a.eps);
+    p = __fadd_rn(p, __fmul_rn(-a.step_size, m / denom));
 }
 
 } // namespace adamw

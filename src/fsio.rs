@@ -7,12 +7,18 @@ use std::path::{Path, PathBuf};
 
 /// The temporary sibling a file is written to before the rename.
 fn temp_name(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
 /// Write `path` atomically with whatever `fill` writes into a buffered writer.
-pub fn write_atomic(path: &Path, fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
+pub fn write_atomic(
+    path: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         if !parent.is_dir() {
             return Err(Error::BadInput(format!(
@@ -56,7 +62,9 @@ impl StagedDir {
     pub fn new(dest: &Path) -> Result<Self> {
         if dest.exists() {
             let empty = dest.is_dir()
-                && std::fs::read_dir(dest).map(|mut d| d.next().is_none()).unwrap_or(false);
+                && std::fs::read_dir(dest)
+                    .map(|mut d| d.next().is_none())
+                    .unwrap_or(false);
             if !empty {
                 return Err(Error::BadInput(format!(
                     "output {} already exists; choose another --out or remove it",
@@ -78,7 +86,11 @@ impl StagedDir {
         let tmp = temp_name(dest);
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir(&tmp).map_err(|e| Error::write(dest, e))?;
-        Ok(StagedDir { tmp, dest: dest.to_path_buf(), committed: false })
+        Ok(StagedDir {
+            tmp,
+            dest: dest.to_path_buf(),
+            committed: false,
+        })
     }
 
     /// Where to write the folder's files until `commit`.
@@ -120,7 +132,11 @@ mod tests {
         });
         assert!(r.is_err());
         assert_eq!(std::fs::read(&p).unwrap(), b"first");
-        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1, "temp file left behind");
+        assert_eq!(
+            std::fs::read_dir(d.path()).unwrap().count(),
+            1,
+            "temp file left behind"
+        );
     }
 
     #[test]
@@ -136,6 +152,9 @@ mod tests {
         std::fs::write(s.path().join("a"), b"x").unwrap();
         s.commit().unwrap();
         assert!(dest.join("a").exists());
-        assert!(StagedDir::new(&dest).is_err(), "a finished output must not be overwritten");
+        assert!(
+            StagedDir::new(&dest).is_err(),
+            "a finished output must not be overwritten"
+        );
     }
 }

@@ -7,6 +7,7 @@ pub mod commands;
 pub mod data;
 pub mod error;
 pub mod fsio;
+pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod quant;

@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand};
 use palign::commands::{self, Common};
 
 #[derive(Parser)]
-#[command(name = "palign", version, about = "Parameter-efficient preference alignment (LoRA/QLoRA SFT + DPO) for LLaMA/Mistral")]
+#[command(
+    name = "palign",
+    version,
+    about = "Parameter-efficient preference alignment (LoRA/QLoRA SFT + DPO) for LLaMA/Mistral"
+)]
 struct Cli {
     #[command(flatten)]
     common: Common,

@@ -1,8 +1,9 @@
 //! The ops the model is written in. Each dispatches on the tensors' storage: today the
 //! CPU reference (`backend::cpu::ops`); the CUDA backend adds its arm beside it.
 
-use crate::backend::cpu::ops as cpu;
+use crate::backend::cpu::ops::{self as cpu, MatRef};
 pub use crate::backend::cpu::ops::{AttnShape, Packing};
+use crate::quant::Nf4Tensor;
 use crate::tensor::Tensor;
 use std::sync::Arc;
 
@@ -11,17 +12,29 @@ use std::sync::Arc;
 pub enum LinearWeight {
     /// Widened to f32 on the CPU; shared (`Arc`) so tied embeddings are not copied.
     Dense(Arc<Tensor>),
+    /// bitsandbytes NF4; the CPU backend dequantizes it for each product (QLoRA base).
+    Nf4(Arc<Nf4Tensor>),
 }
 
 impl LinearWeight {
     pub fn out_features(&self) -> usize {
         match self {
             LinearWeight::Dense(t) => t.shape[0],
+            LinearWeight::Nf4(q) => q.shape[0],
         }
     }
     pub fn in_features(&self) -> usize {
         match self {
             LinearWeight::Dense(t) => t.shape[1],
+            LinearWeight::Nf4(q) => q.shape[1],
+        }
+    }
+
+    /// The weight as f32 (dequantized for NF4), borrowed when it already is.
+    fn with_f32<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R {
+        match self {
+            LinearWeight::Dense(t) => f(t.cpu()),
+            LinearWeight::Nf4(q) => f(&q.dequantize()),
         }
     }
 }
@@ -31,10 +44,74 @@ pub fn linear(x: &Tensor, w: &LinearWeight) -> Tensor {
     let m = x.rows();
     let n = w.out_features();
     let mut out = vec![0.0; m * n];
-    match w {
-        LinearWeight::Dense(wt) => cpu::linear(x.cpu(), m, wt.cpu(), n, &mut out),
-    }
+    w.with_f32(|wt| cpu::linear(x.cpu(), m, wt, n, &mut out));
     Tensor::from_vec(out, &[m, n])
+}
+
+/// Input gradient of a frozen projection: `dX = dY · W` (`[m, out]` → `[m, in]`).
+pub fn linear_backward(dy: &Tensor, w: &LinearWeight) -> Tensor {
+    let (m, n, k) = (dy.rows(), w.out_features(), w.in_features());
+    let mut out = vec![0.0; m * k];
+    w.with_f32(|wt| {
+        cpu::gemm(
+            MatRef::new(dy.cpu(), m, n),
+            MatRef::new(wt, n, k),
+            &mut out,
+            1.0,
+            0.0,
+        )
+    });
+    Tensor::from_vec(out, &[m, k])
+}
+
+/// `x · aᵀ` for two plain tensors (`[m, k]`, `[n, k]`); the LoRA products.
+pub fn matmul_t(x: &Tensor, a: &Tensor) -> Tensor {
+    let (m, n) = (x.rows(), a.rows());
+    let mut out = vec![0.0; m * n];
+    cpu::linear(x.cpu(), m, a.cpu(), n, &mut out);
+    Tensor::from_vec(out, &[m, n])
+}
+
+/// `x · a` for `[m, k]` and `[k, n]`.
+pub fn matmul(x: &Tensor, a: &Tensor) -> Tensor {
+    let (m, k, n) = (x.rows(), a.rows(), a.cols());
+    let mut out = vec![0.0; m * n];
+    cpu::gemm(
+        MatRef::new(x.cpu(), m, k),
+        MatRef::new(a.cpu(), k, n),
+        &mut out,
+        1.0,
+        0.0,
+    );
+    Tensor::from_vec(out, &[m, n])
+}
+
+/// `g += alpha · aᵀ · b` for `a` `[m, p]`, `b` `[m, q]`, `g` `[p, q]` (weight gradients).
+pub fn add_at_b_(g: &mut Tensor, a: &Tensor, b: &Tensor, alpha: f32) {
+    let (m, p, q) = (a.rows(), a.cols(), b.cols());
+    cpu::gemm(
+        MatRef::new(a.cpu(), m, p).t(),
+        MatRef::new(b.cpu(), m, q),
+        g.cpu_mut(),
+        alpha,
+        1.0,
+    );
+}
+
+/// `y += alpha · x`.
+pub fn axpy_(y: &mut Tensor, alpha: f32, x: &Tensor) {
+    y.cpu_mut()
+        .iter_mut()
+        .zip(x.cpu())
+        .for_each(|(a, b)| *a += alpha * b);
+}
+
+/// `x ∘ m` elementwise (dropout masks).
+pub fn mul(x: &Tensor, m: &Tensor) -> Tensor {
+    Tensor::from_vec(
+        x.cpu().iter().zip(m.cpu()).map(|(a, b)| a * b).collect(),
+        &x.shape,
+    )
 }
 
 /// Rows of an embedding table `[vocab, hidden]`.
@@ -51,7 +128,10 @@ pub fn rmsnorm(x: &Tensor, weight: &Tensor, eps: f32) -> (Tensor, Tensor) {
     let mut out = vec![0.0; x.numel()];
     let mut rstd = vec![0.0; rows];
     cpu::rmsnorm_forward(x.cpu(), weight.cpu(), eps, &mut out, &mut rstd);
-    (Tensor::from_vec(out, &x.shape), Tensor::from_vec(rstd, &[rows]))
+    (
+        Tensor::from_vec(out, &x.shape),
+        Tensor::from_vec(rstd, &[rows]),
+    )
 }
 
 /// Precomputed RoPE angles for the positions of one batch.
@@ -65,22 +145,42 @@ impl Rope {
     pub fn new(head_dim: usize, theta: f32, positions: Vec<u32>) -> Self {
         let max_pos = positions.iter().max().map_or(0, |p| *p as usize + 1);
         let (cos, sin) = cpu::rope_tables(head_dim, theta, max_pos);
-        Rope { cos, sin, positions }
+        Rope {
+            cos,
+            sin,
+            positions,
+        }
     }
 }
 
 /// Rotate-half RoPE in place on `[tokens, heads·head_dim]`.
 pub fn rope_(x: &mut Tensor, n_heads: usize, head_dim: usize, rope: &Rope) {
-    cpu::rope_forward(x.cpu_mut(), n_heads, head_dim, &rope.positions, &rope.cos, &rope.sin);
+    cpu::rope_forward(
+        x.cpu_mut(),
+        n_heads,
+        head_dim,
+        &rope.positions,
+        &rope.cos,
+        &rope.sin,
+    );
 }
 
 /// Causal (optionally windowed) GQA attention over packed sequences; returns (out, lse).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, pack: &Packing, shape: AttnShape) -> (Tensor, Tensor) {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pack: &Packing,
+    shape: AttnShape,
+) -> (Tensor, Tensor) {
     let t = q.rows();
     let mut out = vec![0.0; q.numel()];
     let mut lse = vec![0.0; t * shape.n_heads];
     cpu::attention_forward(q.cpu(), k.cpu(), v.cpu(), pack, shape, &mut out, &mut lse);
-    (Tensor::from_vec(out, &q.shape), Tensor::from_vec(lse, &[t, shape.n_heads]))
+    (
+        Tensor::from_vec(out, &q.shape),
+        Tensor::from_vec(lse, &[t, shape.n_heads]),
+    )
 }
 
 /// `silu(gate) · up`.
@@ -118,8 +218,123 @@ pub fn target_logprobs(hidden: &Tensor, head: &LinearWeight, targets: &[u32]) ->
         let rows = &hidden.cpu()[start * h..(start + chunk.len()) * h];
         let logits = linear(&Tensor::from_vec(rows.to_vec(), &[chunk.len(), h]), head);
         for (i, &t) in chunk.iter().enumerate() {
-            out.push(cpu::log_softmax_at(&logits.cpu()[i * v..(i + 1) * v], t as usize));
+            out.push(cpu::log_softmax_at(
+                &logits.cpu()[i * v..(i + 1) * v],
+                t as usize,
+            ));
         }
     }
     out
+}
+
+/// RMSNorm input gradient (weights frozen).
+pub fn rmsnorm_backward(dy: &Tensor, x: &Tensor, weight: &Tensor, rstd: &Tensor) -> Tensor {
+    let mut dx = vec![0.0; x.numel()];
+    cpu::rmsnorm_backward(dy.cpu(), x.cpu(), weight.cpu(), rstd.cpu(), &mut dx);
+    Tensor::from_vec(dx, &x.shape)
+}
+
+/// RoPE backward in place (rotation by −angle).
+pub fn rope_backward_(dx: &mut Tensor, n_heads: usize, head_dim: usize, rope: &Rope) {
+    cpu::rope_backward(
+        dx.cpu_mut(),
+        n_heads,
+        head_dim,
+        &rope.positions,
+        &rope.cos,
+        &rope.sin,
+    );
+}
+
+/// Attention backward: (dQ, dK, dV) from the forward's inputs, output and lse.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    d_o: &Tensor,
+    lse: &Tensor,
+    pack: &Packing,
+    shape: AttnShape,
+) -> (Tensor, Tensor, Tensor) {
+    let (mut dq, mut dk, mut dv) = (
+        vec![0.0; q.numel()],
+        vec![0.0; k.numel()],
+        vec![0.0; v.numel()],
+    );
+    cpu::attention_backward(
+        q.cpu(),
+        k.cpu(),
+        v.cpu(),
+        o.cpu(),
+        d_o.cpu(),
+        lse.cpu(),
+        pack,
+        shape,
+        &mut dq,
+        &mut dk,
+        &mut dv,
+    );
+    (
+        Tensor::from_vec(dq, &q.shape),
+        Tensor::from_vec(dk, &k.shape),
+        Tensor::from_vec(dv, &v.shape),
+    )
+}
+
+/// SwiGLU backward: (d gate, d up).
+pub fn swiglu_backward(dout: &Tensor, gate: &Tensor, up: &Tensor) -> (Tensor, Tensor) {
+    let (mut dg, mut du) = (vec![0.0; gate.numel()], vec![0.0; up.numel()]);
+    cpu::swiglu_backward(dout.cpu(), gate.cpu(), up.cpu(), &mut dg, &mut du);
+    (
+        Tensor::from_vec(dg, &gate.shape),
+        Tensor::from_vec(du, &up.shape),
+    )
+}
+
+/// Backward of `target_logprobs`: given `dlogp[i] = ∂L/∂ log p(targets[i])`, returns
+/// ∂L/∂hidden for those rows: `(dlogp_i · (onehot − softmax_i)) · head`. Logits are
+/// recomputed chunk by chunk, never stored whole.
+pub fn target_logprobs_backward(
+    hidden: &Tensor,
+    head: &LinearWeight,
+    targets: &[u32],
+    dlogp: &[f32],
+) -> Tensor {
+    const CHUNK: usize = 256;
+    let h = hidden.cols();
+    let v = head.out_features();
+    let mut out = Vec::with_capacity(hidden.numel());
+    for (ci, chunk) in targets.chunks(CHUNK).enumerate() {
+        let start = ci * CHUNK;
+        let rows = &hidden.cpu()[start * h..(start + chunk.len()) * h];
+        let mut logits = linear(&Tensor::from_vec(rows.to_vec(), &[chunk.len(), h]), head);
+        for (i, &t) in chunk.iter().enumerate() {
+            let z = &mut logits.cpu_mut()[i * v..(i + 1) * v];
+            let mx = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = z.iter().map(|x| (x - mx).exp()).sum();
+            let g = dlogp[start + i];
+            for x in z.iter_mut() {
+                *x = -g * (*x - mx).exp() / sum;
+            }
+            z[t as usize] += g;
+        }
+        out.extend_from_slice(linear_backward(&logits, head).cpu());
+    }
+    Tensor::from_vec(out, &[targets.len(), h])
+}
+
+/// Adds rows of `src` into rows `rows` of `dst` (scatter-add).
+pub fn scatter_add_rows(dst: &mut Tensor, rows: &[usize], src: &Tensor) {
+    let h = dst.cols();
+    let d = dst.cpu_mut();
+    for (i, &r) in rows.iter().enumerate() {
+        for (a, b) in d[r * h..(r + 1) * h]
+            .iter_mut()
+            .zip(&src.cpu()[i * h..(i + 1) * h])
+        {
+            *a += b;
+        }
+    }
 }

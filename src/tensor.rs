@@ -16,8 +16,15 @@ pub struct Tensor {
 
 impl Tensor {
     pub fn from_vec(v: Vec<f32>, shape: &[usize]) -> Self {
-        assert_eq!(v.len(), shape.iter().product::<usize>(), "tensor data does not fit shape {shape:?}");
-        Tensor { shape: shape.to_vec(), storage: Storage::Cpu(v) }
+        assert_eq!(
+            v.len(),
+            shape.iter().product::<usize>(),
+            "tensor data does not fit shape {shape:?}"
+        );
+        Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::Cpu(v),
+        }
     }
 
     pub fn zeros(shape: &[usize]) -> Self {

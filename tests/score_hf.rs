@@ -31,33 +31,54 @@ fn check(model: &str, data: &str, template: &str, expected: &str) {
         .arg(&out)
         .output()
         .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let got = read_jsonl(&out);
     let want = read_jsonl(&fixtures().join("expected").join(model).join(expected));
     assert_eq!(got.len(), want.len());
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         let wt = w["token_logps"].as_array().unwrap();
         let gt = g["token_logps"].as_array().unwrap();
-        assert_eq!(g["n_tokens"].as_u64().unwrap() as usize, wt.len(), "{model}/{expected} row {i}: token count");
+        assert_eq!(
+            g["n_tokens"].as_u64().unwrap() as usize,
+            wt.len(),
+            "{model}/{expected} row {i}: token count"
+        );
         assert_eq!(gt.len(), wt.len());
         let d = (g["logp"].as_f64().unwrap() - w["logp"].as_f64().unwrap()).abs();
         assert!(d <= 1e-4, "{model}/{expected} row {i}: |Δ logp| = {d}");
         for (a, b) in gt.iter().zip(wt) {
-            assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() <= 2e-5, "{model}/{expected} row {i}");
+            assert!(
+                (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() <= 2e-5,
+                "{model}/{expected} row {i}"
+            );
         }
     }
 }
 
 #[test]
 fn token_id_rows_match_transformers() {
-    for m in ["tiny-llama", "tiny-mistral", "tiny-llama-bf16", "tiny-mistral-bf16"] {
+    for m in [
+        "tiny-llama",
+        "tiny-mistral",
+        "tiny-llama-bf16",
+        "tiny-mistral-bf16",
+    ] {
         check(m, "score_ids.jsonl", "none", "ids.jsonl");
     }
 }
 
 #[test]
 fn text_rows_match_transformers_for_every_template() {
-    for m in ["tiny-llama", "tiny-mistral", "tiny-llama-bf16", "tiny-mistral-bf16"] {
+    for m in [
+        "tiny-llama",
+        "tiny-mistral",
+        "tiny-llama-bf16",
+        "tiny-mistral-bf16",
+    ] {
         for t in ["none", "vicuna", "mistral"] {
             check(m, "score_text.jsonl", t, &format!("text-{t}.jsonl"));
         }
@@ -77,14 +98,32 @@ fn text_rows_tokenize_like_transformers() {
         let template: Template = t.parse().unwrap();
         let want = read_jsonl(&fixtures().join(format!("expected/tiny-llama/text-{t}.jsonl")));
         for (r, w) in rows.iter().zip(&want) {
-            let pair = PairText { prompt: r["prompt"].as_str().unwrap(), completion: r["completion"].as_str().unwrap() };
-            assert_eq!(template.prompt(pair.prompt), w["prompt_text"].as_str().unwrap());
-            assert_eq!(template.completion(pair.completion), w["completion_text"].as_str().unwrap());
+            let pair = PairText {
+                prompt: r["prompt"].as_str().unwrap(),
+                completion: r["completion"].as_str().unwrap(),
+            };
+            assert_eq!(
+                template.prompt(pair.prompt),
+                w["prompt_text"].as_str().unwrap()
+            );
+            assert_eq!(
+                template.completion(pair.completion),
+                w["completion_text"].as_str().unwrap()
+            );
             let (ids, plen) = encode_pair(&tok, template, &pair).unwrap();
-            let wids: Vec<u32> = w["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+            let wids: Vec<u32> = w["input_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect();
             assert_eq!(ids, wids, "template {t}");
             assert_eq!(plen, w["prompt_len"].as_u64().unwrap() as usize);
-            assert_eq!(ids.iter().filter(|&&i| i == 1).count(), 1, "exactly one BOS");
+            assert_eq!(
+                ids.iter().filter(|&&i| i == 1).count(),
+                1,
+                "exactly one BOS"
+            );
         }
     }
 }

@@ -16,9 +16,21 @@ pub struct Args {
 
 /// A few prompt/completion pairs for the demo: a good answer and a bad one per prompt.
 const ROWS: [(&str, &str, &str); 3] = [
-    ("What color is the sky on a clear day?", "The sky is blue on a clear day.", "Purple bananas sing loudly."),
-    ("How many legs does a cat have?", "A cat has four legs.", "The moon is made of paper."),
-    ("What do plants need to grow?", "Plants need water, light and soil.", "Seven yesterday under ice."),
+    (
+        "What color is the sky on a clear day?",
+        "The sky is blue on a clear day.",
+        "Purple bananas sing loudly.",
+    ),
+    (
+        "How many legs does a cat have?",
+        "A cat has four legs.",
+        "The moon is made of paper.",
+    ),
+    (
+        "What do plants need to grow?",
+        "Plants need water, light and soil.",
+        "Seven yesterday under ice.",
+    ),
 ];
 
 pub fn run(args: &Args, common: &Common) -> Result<()> {
@@ -33,16 +45,29 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     let mut seqs = Vec::new();
     for (p, good, bad) in ROWS {
         for c in [good, bad] {
-            let (ids, prompt_len) =
-                crate::data::encode_pair(&tok, Template::Vicuna, &crate::data::PairText { prompt: p, completion: c })?;
+            let (ids, prompt_len) = crate::data::encode_pair(
+                &tok,
+                Template::Vicuna,
+                &crate::data::PairText {
+                    prompt: p,
+                    completion: c,
+                },
+            )?;
             seqs.push(ScoreSeq { ids, prompt_len });
         }
     }
-    let lps = model.completion_logprobs(&seqs)?;
-    println!("palign demo: tiny LLaMA ({} layers, hidden {}), vicuna template", model.cfg.num_layers, model.cfg.hidden_size);
+    let lps = model.completion_logprobs(&seqs, None)?;
+    println!(
+        "palign demo: tiny LLaMA ({} layers, hidden {}), vicuna template",
+        model.cfg.num_layers, model.cfg.hidden_size
+    );
     for (i, (p, _, _)) in ROWS.iter().enumerate() {
         let s = |k: usize| lps[k].iter().map(|&x| x as f64).sum::<f64>();
-        println!("  {p:45} logp(good) {:8.3}  logp(bad) {:8.3}", s(2 * i), s(2 * i + 1));
+        println!(
+            "  {p:45} logp(good) {:8.3}  logp(bad) {:8.3}",
+            s(2 * i),
+            s(2 * i + 1)
+        );
     }
     println!("scored {} sequences in {:.3}s (untrained random model: the two columns are noise until SFT/DPO land)", seqs.len(), t0.elapsed().as_secs_f64());
     staged.commit()?;

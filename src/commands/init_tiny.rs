@@ -21,11 +21,19 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     let arch = match args.arch.as_str() {
         "llama" => Arch::Llama,
         "mistral" => Arch::Mistral,
-        other => return Err(bad(format!("--arch: unknown architecture `{other}` (llama, mistral)"))),
+        other => {
+            return Err(bad(format!(
+                "--arch: unknown architecture `{other}` (llama, mistral)"
+            )))
+        }
     };
     let staged = StagedDir::new(&args.out)?;
     tiny::write_model(staged.path(), arch, common.seed)?;
     staged.commit()?;
-    eprintln!("wrote tiny {} model to {}", arch.model_type(), args.out.display());
+    eprintln!(
+        "wrote tiny {} model to {}",
+        arch.model_type(),
+        args.out.display()
+    );
     Ok(())
 }

@@ -37,7 +37,9 @@ impl Common {
                 return Err(bad("--threads must be at least 1"));
             }
             // Fails only if a pool was already built (tests calling twice): keep that one.
-            let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+            let _ = rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build_global();
         }
         match self.device.as_str() {
             "cpu" | "auto" => Ok(Device::Cpu),

@@ -5,6 +5,7 @@ use super::Common;
 use crate::data::jsonl::{ids_field, read_objects, str_field};
 use crate::data::{encode_pair, PairText};
 use crate::error::{bad, Result};
+use crate::lora::Adapter;
 use crate::model::{Model, ScoreSeq, Template, Tokenizer};
 use std::path::{Path, PathBuf};
 
@@ -13,6 +14,9 @@ pub struct Args {
     /// Hugging Face model folder.
     #[arg(long)]
     pub model: PathBuf,
+    /// PEFT LoRA adapter folder applied on top of the model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// JSONL rows: {"prompt","completion"} or {"prompt_ids","completion_ids"}.
     #[arg(long)]
     pub data: String,
@@ -28,7 +32,12 @@ pub struct Args {
 }
 
 /// Reads score rows into sequences; the tokenizer is loaded only if a text row needs it.
-pub fn load_rows(path: &Path, model_dir: &Path, model: &Model, template: Template) -> Result<Vec<ScoreSeq>> {
+pub fn load_rows(
+    path: &Path,
+    model_dir: &Path,
+    model: &Model,
+    template: Template,
+) -> Result<Vec<ScoreSeq>> {
     let rows = read_objects(path)?;
     let mut tok: Option<Tokenizer> = None;
     let mut seqs = Vec::with_capacity(rows.len());
@@ -43,15 +52,25 @@ pub fn load_rows(path: &Path, model_dir: &Path, model: &Model, template: Templat
                 )));
             }
             if c.is_empty() {
-                return Err(bad(format!("{}:{line}: `completion_ids` is empty", path.display())));
+                return Err(bad(format!(
+                    "{}:{line}: `completion_ids` is empty",
+                    path.display()
+                )));
             }
             let prompt_len = p.len();
-            ScoreSeq { ids: [p, c].concat(), prompt_len }
+            ScoreSeq {
+                ids: [p, c].concat(),
+                prompt_len,
+            }
         } else {
             let prompt = str_field(&row, "prompt", path, line)?;
             let completion = str_field(&row, "completion", path, line)?;
             if tok.is_none() {
-                let t = Tokenizer::load(model_dir, model.cfg.bos_token_id, model.cfg.eos_token_ids.first().copied())?;
+                let t = Tokenizer::load(
+                    model_dir,
+                    model.cfg.bos_token_id,
+                    model.cfg.eos_token_ids.first().copied(),
+                )?;
                 if t.vocab_size() > model.cfg.vocab_size {
                     return Err(bad(format!(
                         "{}: tokenizer has {} tokens but vocab_size is {}",
@@ -65,11 +84,18 @@ pub fn load_rows(path: &Path, model_dir: &Path, model: &Model, template: Templat
             let t = tok.as_ref().expect("loaded above");
             let (ids, prompt_len) = encode_pair(t, template, &PairText { prompt, completion })?;
             if prompt_len == 0 {
-                return Err(bad(format!("{}:{line}: the prompt encodes to no tokens", path.display())));
+                return Err(bad(format!(
+                    "{}:{line}: the prompt encodes to no tokens",
+                    path.display()
+                )));
             }
             ScoreSeq { ids, prompt_len }
         };
-        if let Some(&id) = seq.ids.iter().find(|&&i| i as usize >= model.cfg.vocab_size) {
+        if let Some(&id) = seq
+            .ids
+            .iter()
+            .find(|&&i| i as usize >= model.cfg.vocab_size)
+        {
             return Err(bad(format!(
                 "{}:{line}: token id {id} is outside the vocabulary (size {})",
                 path.display(),
@@ -83,7 +109,13 @@ pub fn load_rows(path: &Path, model_dir: &Path, model: &Model, template: Templat
 
 /// Scores sequences in length-sorted batches of about `batch_tokens` tokens; results
 /// come back in input order.
-pub fn score_all(model: &Model, seqs: &[ScoreSeq], batch_tokens: usize, pb: &indicatif::ProgressBar) -> Result<Vec<Vec<f32>>> {
+pub fn score_all(
+    model: &Model,
+    adapter: Option<&Adapter>,
+    seqs: &[ScoreSeq],
+    batch_tokens: usize,
+    pb: &indicatif::ProgressBar,
+) -> Result<Vec<Vec<f32>>> {
     let mut order: Vec<usize> = (0..seqs.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].ids.len()));
     let mut out = vec![Vec::new(); seqs.len()];
@@ -91,12 +123,18 @@ pub fn score_all(model: &Model, seqs: &[ScoreSeq], batch_tokens: usize, pb: &ind
     while start < order.len() {
         let mut end = start;
         let mut tokens = 0;
-        while end < order.len() && (end == start || tokens + seqs[order[end]].ids.len() <= batch_tokens) {
+        while end < order.len()
+            && (end == start || tokens + seqs[order[end]].ids.len() <= batch_tokens)
+        {
             tokens += seqs[order[end]].ids.len();
             end += 1;
         }
         let batch: Vec<ScoreSeq> = order[start..end].iter().map(|&i| seqs[i].clone()).collect();
-        for (k, lp) in model.completion_logprobs(&batch)?.into_iter().enumerate() {
+        for (k, lp) in model
+            .completion_logprobs(&batch, adapter)?
+            .into_iter()
+            .enumerate()
+        {
             out[order[start + k]] = lp;
         }
         pb.inc((end - start) as u64);
@@ -113,10 +151,14 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     let template: Template = args.template.parse()?;
     let data = PathBuf::from(args.data.strip_prefix("jsonl:").unwrap_or(&args.data));
     let model = Model::load(&args.model)?;
+    let adapter = match &args.adapter {
+        Some(dir) => Some(crate::lora::peft::load(dir, &model.cfg)?),
+        None => None,
+    };
     let seqs = load_rows(&data, &args.model, &model, template)?;
     let pb = super::progress_bar(seqs.len() as u64, common.progress(), "score");
     let t0 = std::time::Instant::now();
-    let logps = score_all(&model, &seqs, args.batch_tokens, &pb)?;
+    let logps = score_all(&model, adapter.as_ref(), &seqs, args.batch_tokens, &pb)?;
     pb.finish_and_clear();
     crate::fsio::write_atomic(&args.out, |w| {
         for lp in &logps {

@@ -23,7 +23,8 @@ pub fn open_text(path: &Path) -> Result<Box<dyn BufRead>> {
 pub fn read_objects(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value>)>> {
     let mut out = Vec::new();
     for (i, line) in open_text(path)?.lines().enumerate() {
-        let line = line.map_err(|e| bad(format!("{}:{}: cannot read: {e}", path.display(), i + 1)))?;
+        let line =
+            line.map_err(|e| bad(format!("{}:{}: cannot read: {e}", path.display(), i + 1)))?;
         if line.trim().is_empty() {
             continue;
         }
@@ -31,7 +32,13 @@ pub fn read_objects(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, V
             .map_err(|e| bad(format!("{}:{}: not valid JSON: {e}", path.display(), i + 1)))?;
         match v {
             Value::Object(o) => out.push((i + 1, o)),
-            _ => return Err(bad(format!("{}:{}: expected a JSON object", path.display(), i + 1))),
+            _ => {
+                return Err(bad(format!(
+                    "{}:{}: expected a JSON object",
+                    path.display(),
+                    i + 1
+                )))
+            }
         }
     }
     if out.is_empty() {
@@ -49,20 +56,50 @@ pub fn str_field<'a>(
 ) -> Result<&'a str> {
     match row.get(key) {
         Some(Value::String(s)) => Ok(s),
-        Some(_) => Err(bad(format!("{}:{line}: field `{key}` must be a string", path.display()))),
-        None => Err(bad(format!("{}:{line}: field `{key}` is missing", path.display()))),
+        Some(_) => Err(bad(format!(
+            "{}:{line}: field `{key}` must be a string",
+            path.display()
+        ))),
+        None => Err(bad(format!(
+            "{}:{line}: field `{key}` is missing",
+            path.display()
+        ))),
     }
 }
 
 /// A token-id list field.
-pub fn ids_field(row: &serde_json::Map<String, Value>, key: &str, path: &Path, line: usize) -> Result<Vec<u32>> {
+pub fn ids_field(
+    row: &serde_json::Map<String, Value>,
+    key: &str,
+    path: &Path,
+    line: usize,
+) -> Result<Vec<u32>> {
     let arr = match row.get(key) {
         Some(Value::Array(a)) => a,
-        Some(_) => return Err(bad(format!("{}:{line}: field `{key}` must be a list of token ids", path.display()))),
-        None => return Err(bad(format!("{}:{line}: field `{key}` is missing", path.display()))),
+        Some(_) => {
+            return Err(bad(format!(
+                "{}:{line}: field `{key}` must be a list of token ids",
+                path.display()
+            )))
+        }
+        None => {
+            return Err(bad(format!(
+                "{}:{line}: field `{key}` is missing",
+                path.display()
+            )))
+        }
     };
     arr.iter()
-        .map(|x| x.as_u64().filter(|&n| n <= u32::MAX as u64).map(|n| n as u32))
+        .map(|x| {
+            x.as_u64()
+                .filter(|&n| n <= u32::MAX as u64)
+                .map(|n| n as u32)
+        })
         .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| bad(format!("{}:{line}: field `{key}` must hold non-negative integers", path.display())))
+        .ok_or_else(|| {
+            bad(format!(
+                "{}:{line}: field `{key}` must hold non-negative integers",
+                path.display()
+            ))
+        })
 }

@@ -61,10 +61,11 @@ fn ctx(e: impl std::fmt::Display) -> Error {
 fn get_usize(v: &Value, key: &str) -> Result<Option<usize>> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(x) => x
-            .as_u64()
-            .map(|n| Some(n as usize))
-            .ok_or_else(|| ctx(format!("field `{key}` must be a non-negative integer, got {x}"))),
+        Some(x) => x.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+            ctx(format!(
+                "field `{key}` must be a non-negative integer, got {x}"
+            ))
+        }),
     }
 }
 
@@ -142,12 +143,19 @@ impl ModelConfig {
             .map(|a| a.iter().filter_map(Value::as_str).collect())
             .unwrap_or_default();
         let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
-        let arch = if archs.contains(&"MistralForCausalLM") || (archs.is_empty() && model_type == "mistral") {
+        let arch = if archs.contains(&"MistralForCausalLM")
+            || (archs.is_empty() && model_type == "mistral")
+        {
             Arch::Mistral
-        } else if archs.contains(&"LlamaForCausalLM") || (archs.is_empty() && model_type == "llama") {
+        } else if archs.contains(&"LlamaForCausalLM") || (archs.is_empty() && model_type == "llama")
+        {
             Arch::Llama
         } else {
-            let what = if archs.is_empty() { model_type.to_string() } else { archs.join(", ") };
+            let what = if archs.is_empty() {
+                model_type.to_string()
+            } else {
+                archs.join(", ")
+            };
             return Err(ctx(format!(
                 "unknown architecture `{what}` (supported: LlamaForCausalLM, MistralForCausalLM)"
             )));
@@ -174,7 +182,9 @@ impl ModelConfig {
         }
         if let Some(act) = v.get("hidden_act").and_then(Value::as_str) {
             if act != "silu" {
-                return Err(ctx(format!("hidden_act `{act}` is not supported (only silu)")));
+                return Err(ctx(format!(
+                    "hidden_act `{act}` is not supported (only silu)"
+                )));
             }
         }
         for key in ["attention_bias", "mlp_bias"] {
@@ -185,7 +195,10 @@ impl ModelConfig {
         // transformers 5.x: rope_parameters {rope_type, rope_theta}; 4.x: rope_theta + rope_scaling.
         let rope_params = v.get("rope_parameters").cloned().unwrap_or(Value::Null);
         check_rope_block(&rope_params, "rope_parameters")?;
-        check_rope_block(v.get("rope_scaling").unwrap_or(&Value::Null), "rope_scaling")?;
+        check_rope_block(
+            v.get("rope_scaling").unwrap_or(&Value::Null),
+            "rope_scaling",
+        )?;
         let rope_theta = get_f64(&rope_params, "rope_theta")?
             .or(get_f64(&v, "rope_theta")?)
             .unwrap_or(10000.0) as f32;
@@ -209,7 +222,10 @@ impl ModelConfig {
             .or_else(|| v.get("torch_dtype"))
             .and_then(Value::as_str)
             .map(str::to_string);
-        let quantization_config = v.get("quantization_config").filter(|q| !q.is_null()).cloned();
+        let quantization_config = v
+            .get("quantization_config")
+            .filter(|q| !q.is_null())
+            .cloned();
         let bos = get_ids(&v, "bos_token_id")?;
         Ok(ModelConfig {
             arch,
@@ -225,7 +241,10 @@ impl ModelConfig {
             max_position_embeddings: get_usize(&v, "max_position_embeddings")?.unwrap_or(2048),
             sliding_window,
             // Both LlamaConfig and MistralConfig default to untied embeddings.
-            tie_word_embeddings: v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+            tie_word_embeddings: v
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             bos_token_id: bos.first().copied(),
             eos_token_ids: get_ids(&v, "eos_token_id")?,
             dtype,
@@ -271,9 +290,15 @@ mod tests {
     fn mistral_window_null_number_or_default() {
         let mut v = base();
         v["architectures"] = json!(["MistralForCausalLM"]);
-        assert_eq!(ModelConfig::from_json(v.clone()).unwrap().sliding_window, Some(4096));
+        assert_eq!(
+            ModelConfig::from_json(v.clone()).unwrap().sliding_window,
+            Some(4096)
+        );
         v["sliding_window"] = Value::Null;
-        assert_eq!(ModelConfig::from_json(v.clone()).unwrap().sliding_window, None);
+        assert_eq!(
+            ModelConfig::from_json(v.clone()).unwrap().sliding_window,
+            None
+        );
         v["sliding_window"] = json!(8);
         assert_eq!(ModelConfig::from_json(v).unwrap().sliding_window, Some(8));
     }
@@ -286,13 +311,22 @@ mod tests {
         assert!(e.contains("rope_scaling") && e.contains("llama3"), "{e}");
         let mut v = base();
         v["architectures"] = json!(["GPT2LMHeadModel"]);
-        assert!(ModelConfig::from_json(v).unwrap_err().to_string().contains("GPT2LMHeadModel"));
+        assert!(ModelConfig::from_json(v)
+            .unwrap_err()
+            .to_string()
+            .contains("GPT2LMHeadModel"));
         let mut v = base();
         v.as_object_mut().unwrap().remove("hidden_size");
-        assert!(ModelConfig::from_json(v).unwrap_err().to_string().contains("hidden_size"));
+        assert!(ModelConfig::from_json(v)
+            .unwrap_err()
+            .to_string()
+            .contains("hidden_size"));
         let mut v = base();
         v["num_key_value_heads"] = json!(3);
-        assert!(ModelConfig::from_json(v).unwrap_err().to_string().contains("num_key_value_heads"));
+        assert!(ModelConfig::from_json(v)
+            .unwrap_err()
+            .to_string()
+            .contains("num_key_value_heads"));
     }
 
     #[test]

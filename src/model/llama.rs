@@ -5,13 +5,24 @@
 use super::config::ModelConfig;
 use super::weights::Weights;
 use crate::error::{bad, Result};
+use crate::lora::{Adapter, LoraPair};
 use crate::ops::{self, AttnShape, LinearWeight, Packing, Rope};
 use crate::tensor::Tensor;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
 use std::path::Path;
 use std::sync::Arc;
 
 /// The projections of one decoder layer, in PEFT's target-module names.
-pub const PROJ_NAMES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+pub const PROJ_NAMES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 pub struct Layer {
     pub input_norm: Tensor,
@@ -44,14 +55,21 @@ pub struct ScoreSeq {
 impl Layer {
     /// The full HF name of a projection's weight.
     pub fn weight_name(layer: usize, proj: &str) -> String {
-        let block = if matches!(proj, "gate_proj" | "up_proj" | "down_proj") { "mlp" } else { "self_attn" };
+        let block = if matches!(proj, "gate_proj" | "up_proj" | "down_proj") {
+            "mlp"
+        } else {
+            "self_attn"
+        };
         format!("model.layers.{layer}.{block}.{proj}.weight")
     }
 
     /// `[out, in]` of each projection.
     pub fn proj_shape(cfg: &ModelConfig, proj: &str) -> [usize; 2] {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+        let (q, kv) = (
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+        );
         match proj {
             "q_proj" => [q, h],
             "k_proj" | "v_proj" => [kv, h],
@@ -85,7 +103,11 @@ impl Model {
         for l in 0..cfg.num_layers {
             let proj = |p: &str| -> Result<LinearWeight> {
                 let shape = Layer::proj_shape(&cfg, p);
-                Ok(LinearWeight::Dense(Arc::new(dense(w, &Layer::weight_name(l, p), &shape)?)))
+                Ok(LinearWeight::Dense(Arc::new(dense(
+                    w,
+                    &Layer::weight_name(l, p),
+                    &shape,
+                )?)))
             };
             layers.push(Layer {
                 input_norm: dense(w, &format!("model.layers.{l}.input_layernorm.weight"), &[h])?,
@@ -93,13 +115,20 @@ impl Model {
                 k: proj("k_proj")?,
                 v: proj("v_proj")?,
                 o: proj("o_proj")?,
-                post_norm: dense(w, &format!("model.layers.{l}.post_attention_layernorm.weight"), &[h])?,
+                post_norm: dense(
+                    w,
+                    &format!("model.layers.{l}.post_attention_layernorm.weight"),
+                    &[h],
+                )?,
                 gate: proj("gate_proj")?,
                 up: proj("up_proj")?,
                 down: proj("down_proj")?,
             });
         }
-        if w.contains(&format!("model.layers.{}.input_layernorm.weight", cfg.num_layers)) {
+        if w.contains(&format!(
+            "model.layers.{}.input_layernorm.weight",
+            cfg.num_layers
+        )) {
             return Err(bad(format!(
                 "weights hold more layers than num_hidden_layers = {} in config.json",
                 cfg.num_layers
@@ -112,7 +141,13 @@ impl Model {
         } else {
             LinearWeight::Dense(Arc::new(dense(w, "lm_head.weight", &[v, h])?))
         };
-        Ok(Model { cfg, embed, layers, norm, lm_head })
+        Ok(Model {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
     }
 
     fn attn_shape(&self) -> AttnShape {
@@ -127,69 +162,377 @@ impl Model {
     /// Checks every id is inside the vocabulary.
     pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
         match ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
-            Some(i) => Err(bad(format!("token id {i} is outside the vocabulary (size {})", self.cfg.vocab_size))),
+            Some(i) => Err(bad(format!(
+                "token id {i} is outside the vocabulary (size {})",
+                self.cfg.vocab_size
+            ))),
             None => Ok(()),
         }
     }
 
-    /// Final-norm hidden states `[tokens, hidden]` of packed sequences.
-    pub fn forward_hidden(&self, ids: &[u32], pack: &Packing) -> Tensor {
+    /// Runs the model over packed sequences and returns log p(targets[i]) predicted at
+    /// hidden row `rows[i]`. With `adapter`, LoRA is applied (dropout only when `dropout`
+    /// is given). With `save`, the returned `Trace` holds what `backward` needs.
+    ///
+    /// Memory plan of the CPU reference: forward saves every layer's inputs and
+    /// activations (norm inputs and rstd, q/k after RoPE, v, attention output and
+    /// log-sum-exp, gate/up/SwiGLU output, each LoRA's `drop(x)·Aᵀ` and dropout mask);
+    /// backward recomputes only the attention probabilities (from the lse) and the
+    /// lm_head logits (chunked), which are the two tokens² / tokens×vocab tensors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        adapter: Option<&Adapter>,
+        ids: &[u32],
+        pack: &Packing,
+        rows: &[usize],
+        targets: &[u32],
+        mut dropout: Option<&mut Dropout>,
+        save: bool,
+    ) -> (Vec<f32>, Option<Trace>) {
         let c = &self.cfg;
         let rope = Rope::new(c.head_dim, c.rope_theta, pack.positions());
         let mut x = ops::embedding(&self.embed, ids);
-        for layer in &self.layers {
-            self.layer_forward(layer, &mut x, pack, &rope);
+        let mut layers = Vec::new();
+        for (li, layer) in self.layers.iter().enumerate() {
+            let lora = adapter.map(|a| (&a.layers[li], a.cfg.scale()));
+            let (out, trace) =
+                self.layer_forward(layer, lora, x, pack, &rope, dropout.as_deref_mut(), save);
+            x = out;
+            layers.extend(trace);
         }
-        ops::rmsnorm(&x, &self.norm, c.rms_norm_eps).0
+        let (hn, rstd_final) = ops::rmsnorm(&x, &self.norm, c.rms_norm_eps);
+        let hidden_rows = ops::gather_rows(&hn, rows);
+        let lp = ops::target_logprobs(&hidden_rows, &self.lm_head, targets);
+        let trace = save.then(|| Trace {
+            pack: pack.clone(),
+            rope,
+            layers,
+            x_final: x,
+            rstd_final,
+            hidden_rows,
+            rows: rows.to_vec(),
+            targets: targets.to_vec(),
+        });
+        (lp, trace)
     }
 
-    fn layer_forward(&self, l: &Layer, x: &mut Tensor, pack: &Packing, rope: &Rope) {
+    /// One projection `x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ`.
+    fn proj(
+        x: &Tensor,
+        w: &LinearWeight,
+        lora: Option<(&LoraPair, f32)>,
+        dropout: Option<&mut Dropout>,
+    ) -> (Tensor, Option<LoraSaved>) {
+        let mut y = ops::linear(x, w);
+        let Some((pair, s)) = lora else {
+            return (y, None);
+        };
+        let mask = dropout
+            .filter(|d| d.p > 0.0)
+            .map(|d| d.mask(x.numel(), &x.shape));
+        let xa = match &mask {
+            Some(m) => ops::matmul_t(&ops::mul(x, m), &pair.a),
+            None => ops::matmul_t(x, &pair.a),
+        };
+        ops::axpy_(&mut y, s, &ops::matmul_t(&xa, &pair.b));
+        (y, Some(LoraSaved { xa, mask }))
+    }
+
+    /// Backward of `proj`: returns dX and accumulates dA, dB into `grad`.
+    fn proj_backward(
+        dy: &Tensor,
+        x: &Tensor,
+        w: &LinearWeight,
+        lora: Option<(&LoraPair, f32)>,
+        saved: Option<&LoraSaved>,
+        grad: Option<&mut LoraPair>,
+    ) -> Tensor {
+        let mut dx = ops::linear_backward(dy, w);
+        if let (Some((pair, s)), Some(saved), Some(grad)) = (lora, saved, grad) {
+            let dyb = ops::matmul(dy, &pair.b); // dY·B, [m, r]
+            ops::add_at_b_(&mut grad.b, dy, &saved.xa, s); // dB += s·dYᵀ·(drop(x)·Aᵀ)
+            let mut dxa = ops::matmul(&dyb, &pair.a); // (dY·B)·A, [m, in]
+            match &saved.mask {
+                Some(m) => {
+                    ops::add_at_b_(&mut grad.a, &dyb, &ops::mul(x, m), s);
+                    dxa = ops::mul(&dxa, m);
+                }
+                None => ops::add_at_b_(&mut grad.a, &dyb, x, s),
+            }
+            ops::axpy_(&mut dx, s, &dxa);
+        }
+        dx
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        l: &Layer,
+        lora: Option<(&[Option<LoraPair>; 7], f32)>,
+        x: Tensor,
+        pack: &Packing,
+        rope: &Rope,
+        mut dropout: Option<&mut Dropout>,
+        save: bool,
+    ) -> (Tensor, Option<LayerTrace>) {
         let c = &self.cfg;
-        let (n, _) = ops::rmsnorm(x, &l.input_norm, c.rms_norm_eps);
-        let mut q = ops::linear(&n, &l.q);
-        let mut k = ops::linear(&n, &l.k);
-        let v = ops::linear(&n, &l.v);
+        let pair = |p: usize| lora.and_then(|(slots, s)| slots[p].as_ref().map(|x| (x, s)));
+        let mut saved: [Option<LoraSaved>; 7] = Default::default();
+        let (n1, rstd1) = ops::rmsnorm(&x, &l.input_norm, c.rms_norm_eps);
+        let (mut q, s0) = Self::proj(&n1, &l.q, pair(0), dropout.as_deref_mut());
+        let (mut k, s1) = Self::proj(&n1, &l.k, pair(1), dropout.as_deref_mut());
+        let (v, s2) = Self::proj(&n1, &l.v, pair(2), dropout.as_deref_mut());
         ops::rope_(&mut q, c.num_heads, c.head_dim, rope);
         ops::rope_(&mut k, c.num_kv_heads, c.head_dim, rope);
-        let (a, _) = ops::attention(&q, &k, &v, pack, self.attn_shape());
-        ops::add_(x, &ops::linear(&a, &l.o));
-        let (n, _) = ops::rmsnorm(x, &l.post_norm, c.rms_norm_eps);
-        let g = ops::linear(&n, &l.gate);
-        let u = ops::linear(&n, &l.up);
-        ops::add_(x, &ops::linear(&ops::swiglu(&g, &u), &l.down));
+        let (a, lse) = ops::attention(&q, &k, &v, pack, self.attn_shape());
+        let (o, s3) = Self::proj(&a, &l.o, pair(3), dropout.as_deref_mut());
+        let mut h1 = x.clone();
+        ops::add_(&mut h1, &o);
+        let (n2, rstd2) = ops::rmsnorm(&h1, &l.post_norm, c.rms_norm_eps);
+        let (g, s4) = Self::proj(&n2, &l.gate, pair(4), dropout.as_deref_mut());
+        let (u, s5) = Self::proj(&n2, &l.up, pair(5), dropout.as_deref_mut());
+        let act = ops::swiglu(&g, &u);
+        let (d, s6) = Self::proj(&act, &l.down, pair(6), dropout.as_deref_mut());
+        let mut out = h1.clone();
+        ops::add_(&mut out, &d);
+        if !save {
+            return (out, None);
+        }
+        for (slot, s) in saved.iter_mut().zip([s0, s1, s2, s3, s4, s5, s6]) {
+            *slot = s;
+        }
+        let t = LayerTrace {
+            x,
+            rstd1,
+            n1,
+            q,
+            k,
+            v,
+            a,
+            lse,
+            h1,
+            rstd2,
+            n2,
+            g,
+            u,
+            act,
+            lora: saved,
+        };
+        (out, Some(t))
+    }
+
+    /// Backward of one layer: from ∂L/∂(layer output) to ∂L/∂(layer input),
+    /// accumulating this layer's adapter gradients into `grads`.
+    fn layer_backward(
+        &self,
+        l: &Layer,
+        lora: Option<(&[Option<LoraPair>; 7], f32)>,
+        t: &LayerTrace,
+        dout: &Tensor,
+        pack: &Packing,
+        rope: &Rope,
+        grads: &mut [Option<LoraPair>; 7],
+    ) -> Tensor {
+        let c = &self.cfg;
+        let pair = |p: usize| lora.and_then(|(slots, s)| slots[p].as_ref().map(|x| (x, s)));
+        let [g0, g1, g2, g3, g4, g5, g6] = grads;
+        // MLP: out = h1 + down(swiglu(gate(n2), up(n2))), n2 = rmsnorm(h1)
+        let d_act = Self::proj_backward(
+            dout,
+            &t.act,
+            &l.down,
+            pair(6),
+            t.lora[6].as_ref(),
+            g6.as_mut(),
+        );
+        let (dg, du) = ops::swiglu_backward(&d_act, &t.g, &t.u);
+        let mut dn2 = Self::proj_backward(
+            &dg,
+            &t.n2,
+            &l.gate,
+            pair(4),
+            t.lora[4].as_ref(),
+            g4.as_mut(),
+        );
+        ops::add_(
+            &mut dn2,
+            &Self::proj_backward(&du, &t.n2, &l.up, pair(5), t.lora[5].as_ref(), g5.as_mut()),
+        );
+        let mut dh1 = ops::rmsnorm_backward(&dn2, &t.h1, &l.post_norm, &t.rstd2);
+        ops::add_(&mut dh1, dout);
+        // Attention: h1 = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))), n1 = rmsnorm(x)
+        let da = Self::proj_backward(&dh1, &t.a, &l.o, pair(3), t.lora[3].as_ref(), g3.as_mut());
+        let (mut dq, mut dk, dv) =
+            ops::attention_backward(&t.q, &t.k, &t.v, &t.a, &da, &t.lse, pack, self.attn_shape());
+        ops::rope_backward_(&mut dq, c.num_heads, c.head_dim, rope);
+        ops::rope_backward_(&mut dk, c.num_kv_heads, c.head_dim, rope);
+        let mut dn1 =
+            Self::proj_backward(&dq, &t.n1, &l.q, pair(0), t.lora[0].as_ref(), g0.as_mut());
+        ops::add_(
+            &mut dn1,
+            &Self::proj_backward(&dk, &t.n1, &l.k, pair(1), t.lora[1].as_ref(), g1.as_mut()),
+        );
+        ops::add_(
+            &mut dn1,
+            &Self::proj_backward(&dv, &t.n1, &l.v, pair(2), t.lora[2].as_ref(), g2.as_mut()),
+        );
+        let mut dx = ops::rmsnorm_backward(&dn1, &t.x, &l.input_norm, &t.rstd1);
+        ops::add_(&mut dx, &dh1);
+        dx
+    }
+
+    /// Gradients of the adapter weights, given `dlogp[i] = ∂L/∂ log p(targets[i])` for
+    /// the targets of the forward that produced `trace`. Accumulates into `grads`
+    /// (same layout as `adapter`), so micro-batches add up.
+    pub fn backward(&self, adapter: &Adapter, trace: &Trace, dlogp: &[f32], grads: &mut Adapter) {
+        let d_rows =
+            ops::target_logprobs_backward(&trace.hidden_rows, &self.lm_head, &trace.targets, dlogp);
+        let mut d_hidden = Tensor::zeros(&trace.x_final.shape);
+        ops::scatter_add_rows(&mut d_hidden, &trace.rows, &d_rows);
+        let mut dx =
+            ops::rmsnorm_backward(&d_hidden, &trace.x_final, &self.norm, &trace.rstd_final);
+        let scale = adapter.cfg.scale();
+        for (li, layer) in self.layers.iter().enumerate().rev() {
+            let lora = Some((&adapter.layers[li], scale));
+            dx = self.layer_backward(
+                layer,
+                lora,
+                &trace.layers[li],
+                &dx,
+                &trace.pack,
+                &trace.rope,
+                &mut grads.layers[li],
+            );
+        }
     }
 
     /// Per-token log-probabilities of each sequence's completion (the ids after
     /// `prompt_len`), each conditioned on everything before it.
-    pub fn completion_logprobs(&self, seqs: &[ScoreSeq]) -> Result<Vec<Vec<f32>>> {
-        let mut ids = Vec::new();
+    pub fn completion_logprobs(
+        &self,
+        seqs: &[ScoreSeq],
+        adapter: Option<&Adapter>,
+    ) -> Result<Vec<Vec<f32>>> {
         for s in seqs {
             self.check_ids(&s.ids)?;
             if s.prompt_len == 0 || s.prompt_len >= s.ids.len() {
-                return Err(bad("a sequence needs at least one prompt and one completion token"));
+                return Err(bad(
+                    "a sequence needs at least one prompt and one completion token",
+                ));
             }
-            ids.extend_from_slice(&s.ids);
         }
+        let b = SeqBatch::new(seqs);
+        let (lp, _) = self.forward(adapter, &b.ids, &b.pack, &b.rows, &b.targets, None, false);
+        Ok(b.split(&lp))
+    }
+}
+
+/// Sequences packed for one forward, with the rows and targets of their completions.
+pub struct SeqBatch {
+    pub ids: Vec<u32>,
+    pub pack: Packing,
+    /// Row r predicts token r+1 of its sequence: rows prompt_len−1 .. len−2.
+    pub rows: Vec<usize>,
+    pub targets: Vec<u32>,
+    /// Completion tokens per sequence.
+    pub counts: Vec<usize>,
+}
+
+impl SeqBatch {
+    pub fn new(seqs: &[ScoreSeq]) -> Self {
         let pack = Packing::from_lengths(&seqs.iter().map(|s| s.ids.len()).collect::<Vec<_>>());
-        let hidden = self.forward_hidden(&ids, &pack);
-        // Row r predicts token r+1 of its sequence: keep rows prompt_len-1 .. len-2.
-        let mut rows = Vec::new();
-        let mut targets = Vec::new();
+        let (mut ids, mut rows, mut targets, mut counts) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (si, s) in seqs.iter().enumerate() {
+            ids.extend_from_slice(&s.ids);
             let base = pack.offsets[si];
             for p in s.prompt_len..s.ids.len() {
                 rows.push(base + p - 1);
                 targets.push(s.ids[p]);
             }
+            counts.push(s.ids.len() - s.prompt_len);
         }
-        let lp = ops::target_logprobs(&ops::gather_rows(&hidden, &rows), &self.lm_head, &targets);
-        let mut out = Vec::with_capacity(seqs.len());
-        let mut at = 0;
-        for s in seqs {
-            let n = s.ids.len() - s.prompt_len;
-            out.push(lp[at..at + n].to_vec());
-            at += n;
+        SeqBatch {
+            ids,
+            pack,
+            rows,
+            targets,
+            counts,
         }
-        Ok(out)
     }
+
+    /// Splits per-target values back into per-sequence lists.
+    pub fn split(&self, v: &[f32]) -> Vec<Vec<f32>> {
+        let mut at = 0;
+        self.counts
+            .iter()
+            .map(|&n| {
+                at += n;
+                v[at - n..at].to_vec()
+            })
+            .collect()
+    }
+}
+
+/// Dropout on adapter inputs (PEFT's `lora_dropout`): keep with probability 1−p and
+/// scale kept values by 1/(1−p). Seeded, so runs and resumes repeat exactly.
+pub struct Dropout {
+    pub p: f32,
+    pub rng: ChaCha8Rng,
+}
+
+impl Dropout {
+    fn mask(&mut self, n: usize, shape: &[usize]) -> Tensor {
+        let keep = 1.0 / (1.0 - self.p);
+        let v = (0..n)
+            .map(|_| {
+                if self.rng.random::<f32>() < self.p {
+                    0.0
+                } else {
+                    keep
+                }
+            })
+            .collect();
+        Tensor::from_vec(v, shape)
+    }
+}
+
+/// What one LoRA saved in forward.
+pub struct LoraSaved {
+    /// `drop(x)·Aᵀ`, `[m, r]`.
+    pub xa: Tensor,
+    /// The dropout mask (0 or 1/(1−p)); `None` without dropout.
+    pub mask: Option<Tensor>,
+}
+
+/// What one layer saved in forward for its backward.
+pub struct LayerTrace {
+    x: Tensor,
+    rstd1: Tensor,
+    n1: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    lse: Tensor,
+    h1: Tensor,
+    rstd2: Tensor,
+    n2: Tensor,
+    g: Tensor,
+    u: Tensor,
+    act: Tensor,
+    lora: [Option<LoraSaved>; 7],
+}
+
+/// Everything a forward saved for `Model::backward`.
+pub struct Trace {
+    pack: Packing,
+    rope: Rope,
+    layers: Vec<LayerTrace>,
+    x_final: Tensor,
+    rstd_final: Tensor,
+    hidden_rows: Tensor,
+    rows: Vec<usize>,
+    targets: Vec<u32>,
 }

@@ -5,7 +5,8 @@
 
 use crate::error::{bad, Result};
 
-pub const VICUNA_SYSTEM: &str = "A chat between a curious user and an artificial intelligence assistant. \
+pub const VICUNA_SYSTEM: &str =
+    "A chat between a curious user and an artificial intelligence assistant. \
 The assistant gives helpful, detailed, and polite answers to the user's questions.";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,7 +30,9 @@ impl std::str::FromStr for Template {
             "none" => Ok(Template::None),
             "vicuna" => Ok(Template::Vicuna),
             "mistral" => Ok(Template::Mistral),
-            _ => Err(bad(format!("--template: unknown template `{s}` (none, vicuna, mistral)"))),
+            _ => Err(bad(format!(
+                "--template: unknown template `{s}` (none, vicuna, mistral)"
+            ))),
         }
     }
 }
@@ -105,9 +108,17 @@ helpful, detailed, and polite answers to the user's questions. USER: Hi? ASSISTA
 
     #[test]
     fn multi_turn_closes_earlier_answers_with_eos() {
-        let h = [Turn { user: "a".into(), assistant: "b".into() }];
-        assert!(Template::Vicuna.prompt_with_history(&h, "c").ends_with("questions. USER: a ASSISTANT: b</s>USER: c ASSISTANT:"));
-        assert_eq!(Template::Mistral.prompt_with_history(&h, "c"), "[INST] a [/INST]b</s>[INST] c [/INST]");
+        let h = [Turn {
+            user: "a".into(),
+            assistant: "b".into(),
+        }];
+        assert!(Template::Vicuna
+            .prompt_with_history(&h, "c")
+            .ends_with("questions. USER: a ASSISTANT: b</s>USER: c ASSISTANT:"));
+        assert_eq!(
+            Template::Mistral.prompt_with_history(&h, "c"),
+            "[INST] a [/INST]b</s>[INST] c [/INST]"
+        );
     }
 
     #[test]

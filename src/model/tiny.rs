@@ -67,11 +67,21 @@ fn weights(arch: Arch, seed: u64) -> Vec<TensorOut> {
             })
             .collect()
     };
-    let kv = if arch == Arch::Mistral { MISTRAL_KV_HEADS } else { HEADS };
+    let kv = if arch == Arch::Mistral {
+        MISTRAL_KV_HEADS
+    } else {
+        HEADS
+    };
     let hd = HIDDEN / HEADS;
     let mut out = Vec::new();
-    let f = |name: String, shape: Vec<usize>, v: Vec<f32>| TensorOut::float(name, shape, FloatDtype::F32, &v);
-    out.push(f("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN], normal(VOCAB * HIDDEN, 0.02)));
+    let f = |name: String, shape: Vec<usize>, v: Vec<f32>| {
+        TensorOut::float(name, shape, FloatDtype::F32, &v)
+    };
+    out.push(f(
+        "model.embed_tokens.weight".into(),
+        vec![VOCAB, HIDDEN],
+        normal(VOCAB * HIDDEN, 0.02),
+    ));
     for l in 0..LAYERS {
         let shapes = [
             ("self_attn.q_proj", HEADS * hd, HIDDEN),
@@ -83,14 +93,30 @@ fn weights(arch: Arch, seed: u64) -> Vec<TensorOut> {
             ("mlp.down_proj", HIDDEN, INTERMEDIATE),
         ];
         for (name, o, i) in shapes {
-            out.push(f(format!("model.layers.{l}.{name}.weight"), vec![o, i], normal(o * i, 0.02)));
+            out.push(f(
+                format!("model.layers.{l}.{name}.weight"),
+                vec![o, i],
+                normal(o * i, 0.02),
+            ));
         }
         for norm in ["input_layernorm", "post_attention_layernorm"] {
-            out.push(f(format!("model.layers.{l}.{norm}.weight"), vec![HIDDEN], vec![1.0; HIDDEN]));
+            out.push(f(
+                format!("model.layers.{l}.{norm}.weight"),
+                vec![HIDDEN],
+                vec![1.0; HIDDEN],
+            ));
         }
     }
-    out.push(f("model.norm.weight".into(), vec![HIDDEN], vec![1.0; HIDDEN]));
-    out.push(f("lm_head.weight".into(), vec![VOCAB, HIDDEN], normal(VOCAB * HIDDEN, 0.02)));
+    out.push(f(
+        "model.norm.weight".into(),
+        vec![HIDDEN],
+        vec![1.0; HIDDEN],
+    ));
+    out.push(f(
+        "lm_head.weight".into(),
+        vec![VOCAB, HIDDEN],
+        normal(VOCAB * HIDDEN, 0.02),
+    ));
     out
 }
 
@@ -128,11 +154,18 @@ pub fn tokenizer_json() -> Result<Value> {
         .feed(CORPUS.lines(), |l| Ok(metaspace_pieces(l)))
         .map_err(|e| bad(format!("tokenizer training: {e}")))?;
     let mut bpe = BPE::default();
-    trainer.train(&mut bpe).map_err(|e| bad(format!("tokenizer training: {e}")))?;
-    let trained = serde_json::to_value(&bpe).map_err(|e| bad(format!("tokenizer training: {e}")))?;
+    trainer
+        .train(&mut bpe)
+        .map_err(|e| bad(format!("tokenizer training: {e}")))?;
+    let trained =
+        serde_json::to_value(&bpe).map_err(|e| bad(format!("tokenizer training: {e}")))?;
     let mut learned_tokens: Vec<(String, u64)> = trained["vocab"]
         .as_object()
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0))).collect())
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                .collect()
+        })
         .unwrap_or_default();
     learned_tokens.sort_by_key(|(_, id)| *id);
     let mut vocab = serde_json::Map::new();
@@ -202,7 +235,10 @@ pub fn write_model(dir: &Path, arch: Arch, seed: u64) -> Result<()> {
         .map_err(|e| bad(format!("generated tokenizer does not load: {e}")))?;
     crate::fsio::write_bytes_atomic(&dir.join("config.json"), &pretty(&config_json(arch)))?;
     crate::fsio::write_bytes_atomic(&dir.join("tokenizer.json"), &pretty(&tok))?;
-    crate::fsio::write_bytes_atomic(&dir.join("tokenizer_config.json"), &pretty(&tokenizer_config_json()))?;
+    crate::fsio::write_bytes_atomic(
+        &dir.join("tokenizer_config.json"),
+        &pretty(&tokenizer_config_json()),
+    )?;
     crate::fsio::write_bytes_atomic(
         &dir.join("generation_config.json"),
         &pretty(&json!({"bos_token_id": 1, "eos_token_id": 2})),

@@ -38,7 +38,8 @@ impl Tokenizer {
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = if cfg_path.exists() {
             let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::read(&cfg_path, e))?;
-            serde_json::from_str(&text).map_err(|e| bad(format!("{}: not valid JSON: {e}", cfg_path.display())))?
+            serde_json::from_str(&text)
+                .map_err(|e| bad(format!("{}: not valid JSON: {e}", cfg_path.display())))?
         } else {
             Value::Null
         };
@@ -57,18 +58,39 @@ impl Tokenizer {
             },
         };
         if add_bos && bos_id.is_none() {
-            return Err(bad(format!("{}: add_bos_token is set but no BOS token is defined", dir.display())));
+            return Err(bad(format!(
+                "{}: add_bos_token is set but no BOS token is defined",
+                dir.display()
+            )));
         }
-        Ok(Tokenizer { inner, bos_id, eos_id, add_bos })
+        Ok(Tokenizer {
+            inner,
+            bos_id,
+            eos_id,
+            add_bos,
+        })
     }
 
-    pub fn from_parts(inner: tokenizers::Tokenizer, bos_id: Option<u32>, eos_id: Option<u32>, add_bos: bool) -> Self {
-        Tokenizer { inner, bos_id, eos_id, add_bos }
+    pub fn from_parts(
+        inner: tokenizers::Tokenizer,
+        bos_id: Option<u32>,
+        eos_id: Option<u32>,
+        add_bos: bool,
+    ) -> Self {
+        Tokenizer {
+            inner,
+            bos_id,
+            eos_id,
+            add_bos,
+        }
     }
 
     /// Ids of `text`; with `special`, BOS first (once, even if the text starts with it).
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| bad(format!("tokenizer: {e}")))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| bad(format!("tokenizer: {e}")))?;
         let mut ids = enc.get_ids().to_vec();
         if special && self.add_bos {
             let b = self.bos_id.expect("checked at load");
@@ -80,7 +102,9 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(|e| bad(format!("tokenizer: {e}")))
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| bad(format!("tokenizer: {e}")))
     }
 
     /// Number of ids, added tokens included.

@@ -55,11 +55,17 @@ impl Weights {
             .ok_or_else(|| bad(format!("{}: missing `weight_map` object", index.display())))?;
         let mut shard_names: Vec<&str> = Vec::new();
         for (name, file) in map {
-            let file = file
-                .as_str()
-                .ok_or_else(|| bad(format!("{}: weight_map[{name}] is not a string", index.display())))?;
+            let file = file.as_str().ok_or_else(|| {
+                bad(format!(
+                    "{}: weight_map[{name}] is not a string",
+                    index.display()
+                ))
+            })?;
             if file.contains('/') || file.contains('\\') {
-                return Err(bad(format!("{}: shard name {file} must be a plain file name", index.display())));
+                return Err(bad(format!(
+                    "{}: shard name {file} must be a plain file name",
+                    index.display()
+                )));
             }
             if !shard_names.contains(&file) {
                 shard_names.push(file);
@@ -70,10 +76,17 @@ impl Weights {
         let w = Self::open_files(&paths)?;
         for (name, file) in map {
             let e = w.index.get(name).ok_or_else(|| {
-                bad(format!("{}: lists `{name}` but {} does not hold it", index.display(), file))
+                bad(format!(
+                    "{}: lists `{name}` but {} does not hold it",
+                    index.display(),
+                    file
+                ))
             })?;
             if w.files[e.file].0.file_name().and_then(|n| n.to_str()) != file.as_str() {
-                return Err(bad(format!("{}: `{name}` is not in the shard the index names", index.display())));
+                return Err(bad(format!(
+                    "{}: `{name}` is not in the shard the index names",
+                    index.display()
+                )));
             }
         }
         Ok(w)
@@ -84,8 +97,12 @@ impl Weights {
         let mut index = HashMap::new();
         for (i, path) in paths.iter().enumerate() {
             let mmap = map_file(path)?;
-            let (n, meta) = SafeTensors::read_metadata(&mmap)
-                .map_err(|e| bad(format!("{}: not a valid safetensors file: {e}", path.display())))?;
+            let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+                bad(format!(
+                    "{}: not a valid safetensors file: {e}",
+                    path.display()
+                ))
+            })?;
             let base = 8 + n;
             for (name, info) in meta.tensors() {
                 let entry = Entry {
@@ -96,7 +113,10 @@ impl Weights {
                     end: base + info.data_offsets.1,
                 };
                 if index.insert(name.clone(), entry).is_some() {
-                    return Err(bad(format!("{}: tensor `{name}` appears in two shards", path.display())));
+                    return Err(bad(format!(
+                        "{}: tensor `{name}` appears in two shards",
+                        path.display()
+                    )));
                 }
             }
             files.push((path.clone(), mmap));
@@ -126,7 +146,9 @@ impl Weights {
 
     /// A required tensor, checked for presence and shape.
     pub fn entry(&self, name: &str, shape: &[usize]) -> Result<&Entry> {
-        let e = self.get(name).ok_or_else(|| bad(format!("weights: tensor `{name}` is missing")))?;
+        let e = self
+            .get(name)
+            .ok_or_else(|| bad(format!("weights: tensor `{name}` is missing")))?;
         if e.shape != shape {
             return Err(bad(format!(
                 "weights: tensor `{name}` has shape {:?}, config.json implies {:?}",
@@ -146,10 +168,23 @@ impl Weights {
 /// Widen F32/BF16/F16 little-endian bytes to f32.
 pub fn to_f32(bytes: &[u8], dtype: Dtype) -> std::result::Result<Vec<f32>, String> {
     Ok(match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        other => return Err(format!("dtype {other:?} is not a float type (F32, BF16, F16)")),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(format!(
+                "dtype {other:?} is not a float type (F32, BF16, F16)"
+            ))
+        }
     })
 }
 
@@ -189,8 +224,14 @@ impl FloatDtype {
     pub fn encode(self, v: &[f32]) -> Vec<u8> {
         match self {
             Self::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            Self::BF16 => v.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect(),
-            Self::F16 => v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect(),
+            Self::BF16 => v
+                .iter()
+                .flat_map(|x| bf16::from_f32(*x).to_le_bytes())
+                .collect(),
+            Self::F16 => v
+                .iter()
+                .flat_map(|x| f16::from_f32(*x).to_le_bytes())
+                .collect(),
         }
     }
 }
@@ -205,7 +246,12 @@ pub struct TensorOut {
 
 impl TensorOut {
     pub fn float(name: impl Into<String>, shape: Vec<usize>, dtype: FloatDtype, v: &[f32]) -> Self {
-        TensorOut { name: name.into(), dtype: dtype.st_name(), shape, data: dtype.encode(v) }
+        TensorOut {
+            name: name.into(),
+            dtype: dtype.st_name(),
+            shape,
+            data: dtype.encode(v),
+        }
     }
 }
 
@@ -268,7 +314,11 @@ mod tests {
         assert_eq!(w.f32("b", &[3]).unwrap(), a); // exactly representable in bf16
         let e = w.f32("a", &[3]).unwrap_err().to_string();
         assert!(e.contains("`a`") && e.contains("[1, 3]"), "{e}");
-        assert!(w.f32("zz", &[1]).unwrap_err().to_string().contains("`zz` is missing"));
+        assert!(w
+            .f32("zz", &[1])
+            .unwrap_err()
+            .to_string()
+            .contains("`zz` is missing"));
         // the header carries the metadata transformers checks for
         let bytes = std::fs::read(&p).unwrap();
         let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();

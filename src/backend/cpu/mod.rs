@@ -1,3 +1,4 @@
 //! CPU reference ops: f32 math, threaded with rayon, GEMM through the `gemm` crate.
 
 pub mod ops;
+pub mod optim;

@@ -17,11 +17,23 @@ impl<'a> MatRef<'a> {
     /// A row-major `rows × cols` matrix.
     pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
         debug_assert!(data.len() >= rows * cols);
-        MatRef { data, rows, cols, rs: cols, cs: 1 }
+        MatRef {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
     }
     /// The transpose, without copying.
     pub fn t(self) -> Self {
-        MatRef { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
+        MatRef {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
     }
 }
 
@@ -74,15 +86,23 @@ pub fn gemm(a: MatRef, b: MatRef, c: &mut [f32], alpha: f32, beta: f32) {
 /// `out = x · wᵀ`: x is `[m, k]`, w is `[n, k]` (a PyTorch `nn.Linear` weight), out `[m, n]`.
 pub fn linear(x: &[f32], m: usize, w: &[f32], n: usize, out: &mut [f32]) {
     let k = if m == 0 { 0 } else { x.len() / m };
-    gemm(MatRef::new(x, m, k), MatRef::new(w, n, k).t(), out, 1.0, 0.0);
+    gemm(
+        MatRef::new(x, m, k),
+        MatRef::new(w, n, k).t(),
+        out,
+        1.0,
+        0.0,
+    );
 }
 
 /// Embedding lookup: `out[t] = table[ids[t]]`. Ids were range-checked by the caller.
 pub fn embedding(table: &[f32], hidden: usize, ids: &[u32], out: &mut [f32]) {
-    out.par_chunks_mut(hidden).zip(ids.par_iter()).for_each(|(row, &id)| {
-        let s = id as usize * hidden;
-        row.copy_from_slice(&table[s..s + hidden]);
-    });
+    out.par_chunks_mut(hidden)
+        .zip(ids.par_iter())
+        .for_each(|(row, &id)| {
+            let s = id as usize * hidden;
+            row.copy_from_slice(&table[s..s + hidden]);
+        });
 }
 
 /// RMSNorm (transformers `LlamaRMSNorm`, f32): `y = w · x / sqrt(mean(x²) + eps)`.
@@ -243,7 +263,9 @@ impl Packing {
     }
     /// Position of every token within its sequence (RoPE restarts at 0 per sequence).
     pub fn positions(&self) -> Vec<u32> {
-        (0..self.n_seqs()).flat_map(|s| 0..self.range(s).len() as u32).collect()
+        (0..self.n_seqs())
+            .flat_map(|s| 0..self.range(s).len() as u32)
+            .collect()
     }
 }
 
@@ -279,7 +301,12 @@ pub fn attention_forward(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
-    let AttnShape { n_heads, n_kv_heads, head_dim: d, .. } = shape;
+    let AttnShape {
+        n_heads,
+        n_kv_heads,
+        head_dim: d,
+        ..
+    } = shape;
     let group = n_heads / n_kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     let (qw, kw) = (n_heads * d, n_kv_heads * d);
@@ -333,6 +360,92 @@ pub fn attention_forward(
     }
 }
 
+/// Attention backward (recomputing probabilities from the saved log-sum-exp):
+/// `P = exp(S − lse)`, `dV = Pᵀ·dO`, `dP = dO·Vᵀ`, `D_i = dO_i·O_i`,
+/// `dS = P ∘ (dP − D)`, `dQ = scale·dS·K`, `dK = scale·dSᵀ·Q`; dK/dV of a KV head sum over
+/// its query-head group. All outputs are overwritten.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    d_o: &[f32],
+    lse: &[f32],
+    pack: &Packing,
+    shape: AttnShape,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let AttnShape {
+        n_heads,
+        n_kv_heads,
+        head_dim: d,
+        ..
+    } = shape;
+    let group = n_heads / n_kv_heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    let (qw, kw) = (n_heads * d, n_kv_heads * d);
+    // One task per (sequence, KV head): it owns that head's dK/dV rows and its group's dQ.
+    let tasks: Vec<(usize, usize)> = (0..pack.n_seqs())
+        .flat_map(|s| (0..n_kv_heads).map(move |kh| (s, kh)))
+        .collect();
+    let results: Vec<(usize, usize, Vec<f32>, Vec<f32>, Vec<f32>)> = tasks
+        .par_iter()
+        .map(|&(s, kh)| {
+            let r = pack.range(s);
+            let t = r.len();
+            let mut gq = vec![0.0f32; group * t * d];
+            let mut gk = vec![0.0f32; t * d];
+            let mut gv = vec![0.0f32; t * d];
+            let mut p = vec![0.0f32; t];
+            for g in 0..group {
+                let h = kh * group + g;
+                for i in 0..t {
+                    let row = r.start + i;
+                    let qi = &q[row * qw + h * d..][..d];
+                    let doi = &d_o[row * qw + h * d..][..d];
+                    let oi = &o[row * qw + h * d..][..d];
+                    let l = lse[row * n_heads + h];
+                    let di = dot(doi, oi);
+                    let j0 = shape.first_key(i);
+                    for j in j0..=i {
+                        let kj = &k[(r.start + j) * kw + kh * d..][..d];
+                        p[j] = (dot(qi, kj) * scale - l).exp();
+                    }
+                    let gqi = &mut gq[(g * t + i) * d..][..d];
+                    for j in j0..=i {
+                        let kj = &k[(r.start + j) * kw + kh * d..][..d];
+                        let vj = &v[(r.start + j) * kw + kh * d..][..d];
+                        let dp = dot(doi, vj);
+                        let ds = p[j] * (dp - di) * scale;
+                        for c in 0..d {
+                            gv[j * d + c] += p[j] * doi[c];
+                            gqi[c] += ds * kj[c];
+                            gk[j * d + c] += ds * qi[c];
+                        }
+                    }
+                }
+            }
+            (s, kh, gq, gk, gv)
+        })
+        .collect();
+    for (s, kh, gq, gk, gv) in results {
+        let r = pack.range(s);
+        let t = r.len();
+        for i in 0..t {
+            let row = r.start + i;
+            for g in 0..group {
+                let h = kh * group + g;
+                dq[row * qw + h * d..][..d].copy_from_slice(&gq[(g * t + i) * d..][..d]);
+            }
+            dk[row * kw + kh * d..][..d].copy_from_slice(&gk[i * d..][..d]);
+            dv[row * kw + kh * d..][..d].copy_from_slice(&gv[i * d..][..d]);
+        }
+    }
+}
+
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
@@ -348,7 +461,9 @@ pub fn log_softmax_at(logits: &[f32], target: usize) -> f32 {
 
 /// `y += x` elementwise.
 pub fn add_inplace(y: &mut [f32], x: &[f32]) {
-    y.par_iter_mut().zip(x.par_iter()).for_each(|(a, b)| *a += b);
+    y.par_iter_mut()
+        .zip(x.par_iter())
+        .for_each(|(a, b)| *a += b);
 }
 
 #[cfg(test)]
@@ -369,7 +484,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -394,7 +511,13 @@ mod tests {
         }
         // beta accumulates, alpha scales the product
         let mut acc = want.clone();
-        gemm(MatRef::new(&x, m, k), MatRef::new(&w, n, k).t(), &mut acc, 2.0, 1.0);
+        gemm(
+            MatRef::new(&x, m, k),
+            MatRef::new(&w, n, k).t(),
+            &mut acc,
+            2.0,
+            1.0,
+        );
         for (a, b) in acc.iter().zip(&want) {
             assert!((a - 3.0 * b).abs() < 1e-4);
         }
@@ -423,7 +546,8 @@ mod tests {
 
     /// f64 finite differences of a scalar loss L = Σ c·f(x) for each backward op.
     fn fd_check(f: impl Fn(&[f32]) -> Vec<f32>, x: &[f32], c: &[f32], analytic: &[f32]) {
-        let loss = |x: &[f32]| -> f64 { f(x).iter().zip(c).map(|(a, b)| *a as f64 * *b as f64).sum() };
+        let loss =
+            |x: &[f32]| -> f64 { f(x).iter().zip(c).map(|(a, b)| *a as f64 * *b as f64).sum() };
         let h = 1e-2f32;
         for i in 0..x.len() {
             let mut xp = x.to_vec();
@@ -432,7 +556,10 @@ mod tests {
             xm[i] -= h;
             let num = (loss(&xp) - loss(&xm)) / (2.0 * h as f64);
             let a = analytic[i] as f64;
-            assert!((num - a).abs() < 2e-3 + 2e-2 * a.abs(), "grad[{i}]: fd {num} vs analytic {a}");
+            assert!(
+                (num - a).abs() < 2e-3 + 2e-2 * a.abs(),
+                "grad[{i}]: fd {num} vs analytic {a}"
+            );
         }
     }
 
@@ -498,7 +625,12 @@ mod tests {
 
     #[test]
     fn attention_respects_window_and_gqa() {
-        let shape = AttnShape { n_heads: 4, n_kv_heads: 2, head_dim: 4, window: Some(3) };
+        let shape = AttnShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 4,
+            window: Some(3),
+        };
         let t = 6;
         let q = lcg(t * 16, 12);
         let k = lcg(t * 8, 13);
@@ -524,6 +656,37 @@ mod tests {
                 assert!((base[h * 4 + c] - v[(h / 2) * 4 + c] + 10.0).abs() < 1e-5);
             }
         }
+    }
+
+    #[test]
+    fn attention_backward_matches_finite_differences() {
+        // two packed sequences, GQA 4:2, window 3 shorter than the sequences
+        let shape = AttnShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 4,
+            window: Some(3),
+        };
+        let pack = Packing::from_lengths(&[5, 4]);
+        let t = pack.n_tokens();
+        let q = lcg(t * 16, 21);
+        let k = lcg(t * 8, 22);
+        let v = lcg(t * 8, 23);
+        let c = lcg(t * 16, 24);
+        let fwd = |q: &[f32], k: &[f32], v: &[f32]| {
+            let mut o = vec![0.0; t * 16];
+            let mut l = vec![0.0; t * 4];
+            attention_forward(q, k, v, &pack, shape, &mut o, &mut l);
+            (o, l)
+        };
+        let (o, l) = fwd(&q, &k, &v);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        attention_backward(
+            &q, &k, &v, &o, &c, &l, &pack, shape, &mut dq, &mut dk, &mut dv,
+        );
+        fd_check(|x| fwd(x, &k, &v).0, &q, &c, &dq);
+        fd_check(|x| fwd(&q, x, &v).0, &k, &c, &dk);
+        fd_check(|x| fwd(&q, &k, x).0, &v, &c, &dv);
     }
 
     #[test]

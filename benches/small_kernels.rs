@@ -1,0 +1,366 @@
+//! Bandwidth of the small kernels (criterion; `cargo bench --bench small_kernels`).
+//!
+//! Shapes are Mistral-7B's at 4096 tokens per step (hidden 4096, 32/8 heads of 128,
+//! MLP 14336, LoRA r=16 on all seven projections of 32 layers for the optimizer).
+//! Time is GPU time between CUDA events around the launches (no host sync in the
+//! loop), and throughput counts the bytes each kernel must move at least once, so
+//! criterion's `thrpt` is achieved HBM bandwidth. A summary with one `BENCH` line per
+//! kernel (decimal GB/s, or TFLOP/s for the GEMM) is printed at the end.
+//!
+//! Without a CUDA device (or without compiled kernels) it prints a skip line and
+//! exits 0, so `cargo bench` works on every machine.
+
+use std::time::Duration;
+
+use criterion::{Criterion, Throughput};
+use half::bf16;
+use palign::backend::cpu::optim::AdamWScalars;
+use palign::backend::cuda::{blas, ops, DeviceBuffer, Gpu};
+
+const TOKENS: usize = 4096;
+const HIDDEN: usize = 4096;
+const VOCAB: usize = 32000;
+const N_Q: usize = 32;
+const N_KV: usize = 8;
+const HEAD_DIM: usize = 128;
+const MLP: usize = 14336;
+const LORA_R: usize = 16;
+const LAYERS: usize = 32;
+
+type Launch<'a> = Box<dyn FnMut() + 'a>;
+
+/// One benchmark: a name, bytes (or FLOPs) per call, and the launch.
+struct Case<'a> {
+    name: &'static str,
+    amount: u64,
+    flops: bool,
+    run: Launch<'a>,
+}
+
+fn ok<T>(r: palign::Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("benchmark setup failed: {e}"))
+}
+
+fn filled_bf16(gpu: &Gpu, n: usize, seed: u32) -> DeviceBuffer<bf16> {
+    // A cheap deterministic pattern in [-1, 1): the values do not change the timing.
+    let host: Vec<bf16> = (0..n)
+        .map(|i| {
+            bf16::from_f32(
+                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 8388608.0
+                    - 1.0,
+            )
+        })
+        .collect();
+    ok(gpu.upload(&host))
+}
+
+fn filled_f32(gpu: &Gpu, n: usize, scale: f32) -> DeviceBuffer<f32> {
+    let host: Vec<f32> = (0..n)
+        .map(|i| ((i % 1000) as f32 / 1000.0 - 0.5) * scale)
+        .collect();
+    ok(gpu.upload(&host))
+}
+
+/// GPU milliseconds per call: median of `reps` event-timed batches of 10 calls.
+fn gpu_ms(gpu: &Gpu, run: &mut Launch<'_>, reps: usize) -> f64 {
+    run();
+    let mut times: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = ok(gpu.timer());
+            for _ in 0..10 {
+                run();
+            }
+            ok(t.elapsed_ms(gpu)) as f64 / 10.0
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn main() {
+    let gpu = match Gpu::get() {
+        Ok(g) => g,
+        Err(e) => {
+            println!("small_kernels: skipped (no usable CUDA device): {e}");
+            return;
+        }
+    };
+    let g = &*gpu;
+    println!(
+        "small_kernels on {} (sm_{}{}, {} SMs)",
+        g.name(),
+        g.compute_capability().0,
+        g.compute_capability().1,
+        g.sm_count()
+    );
+
+    let bf = 2u64; // bytes per bf16
+    let rows_x = (TOKENS * HIDDEN) as u64;
+
+    // Embedding: read and write one row per token.
+    let table = filled_bf16(g, VOCAB * HIDDEN, 1);
+    let ids: Vec<u32> = (0..TOKENS as u32)
+        .map(|t| t.wrapping_mul(7919) % VOCAB as u32)
+        .collect();
+    let ids = ok(g.upload(&ids));
+    let mut emb_out = ok(g.alloc::<bf16>(TOKENS * HIDDEN));
+
+    // RMSNorm.
+    let x = filled_bf16(g, TOKENS * HIDDEN, 2);
+    let w = filled_bf16(g, HIDDEN, 3);
+    let dy = filled_bf16(g, TOKENS * HIDDEN, 4);
+    let mut y = ok(g.alloc::<bf16>(TOKENS * HIDDEN));
+    let mut rstd = ok(g.zeros::<f32>(TOKENS));
+    let mut dx = ok(g.alloc::<bf16>(TOKENS * HIDDEN));
+
+    // RoPE on Q and K.
+    let tables = ok(ops::RopeTables::new(g, HEAD_DIM, 1e6, 8192));
+    let pos: Vec<u32> = (0..TOKENS as u32).collect();
+    let pos = ok(g.upload(&pos));
+    let mut q = filled_bf16(g, TOKENS * N_Q * HEAD_DIM, 5);
+    let mut k = filled_bf16(g, TOKENS * N_KV * HEAD_DIM, 6);
+    let rope_bytes = 2 * bf * (TOKENS * (N_Q + N_KV) * HEAD_DIM) as u64;
+
+    // SwiGLU.
+    let n_mlp = TOKENS * MLP;
+    let gate = filled_bf16(g, n_mlp, 7);
+    let up = filled_bf16(g, n_mlp, 8);
+    let dout = filled_bf16(g, n_mlp, 9);
+    let mut h = ok(g.alloc::<bf16>(n_mlp));
+    let mut dgate = ok(g.alloc::<bf16>(n_mlp));
+    let mut dup = ok(g.alloc::<bf16>(n_mlp));
+
+    // Casts.
+    let mut as_f32 = ok(g.alloc::<f32>(n_mlp));
+    let mut as_bf16 = ok(g.alloc::<bf16>(n_mlp));
+
+    // AdamW + grad norm over LoRA A [r, in] and B [out, r] of q, k, v, o, gate, up, down.
+    let proj = [
+        (HIDDEN, HIDDEN),
+        (HIDDEN, N_KV * HEAD_DIM),
+        (HIDDEN, N_KV * HEAD_DIM),
+        (HIDDEN, HIDDEN),
+        (HIDDEN, MLP),
+        (HIDDEN, MLP),
+        (MLP, HIDDEN),
+    ];
+    let mut sizes = Vec::new();
+    for _ in 0..LAYERS {
+        for &(i, o) in &proj {
+            sizes.push(LORA_R * i);
+            sizes.push(o * LORA_R);
+        }
+    }
+    let n_params: usize = sizes.iter().sum();
+    let mut params: Vec<DeviceBuffer<f32>> = sizes.iter().map(|&n| filled_f32(g, n, 0.1)).collect();
+    let mut grads: Vec<DeviceBuffer<f32>> = sizes.iter().map(|&n| filled_f32(g, n, 0.01)).collect();
+    let mut ms: Vec<DeviceBuffer<f32>> = sizes.iter().map(|&n| ok(g.zeros(n))).collect();
+    let mut vs: Vec<DeviceBuffer<f32>> = sizes.iter().map(|&n| ok(g.zeros(n))).collect();
+    let scalars = ok(AdamWScalars::new(10, 2e-4, 0.9, 0.999, 1e-8, 0.01));
+    let mut adamw = ops::FusedAdamW::new();
+    let mut gn = ok(ops::GradNorm::new(g));
+
+    // GEMM: Y[tokens, MLP] = X[tokens, hidden] · W[MLP, hidden]ᵀ.
+    let wg = filled_bf16(g, MLP * HIDDEN, 10);
+    let mut yg = ok(g.alloc::<bf16>(TOKENS * MLP));
+
+    let mut cases: Vec<Case> = vec![
+        Case {
+            name: "embedding_forward",
+            amount: 2 * bf * rows_x + 4 * TOKENS as u64,
+            flops: false,
+            run: Box::new(|| {
+                ok(ops::embedding_forward(
+                    g,
+                    &table,
+                    HIDDEN,
+                    &ids,
+                    &mut emb_out,
+                ))
+            }),
+        },
+        Case {
+            name: "rmsnorm_forward",
+            amount: 2 * bf * rows_x + 4 * TOKENS as u64,
+            flops: false,
+            run: Box::new(|| {
+                ok(ops::rmsnorm_forward(
+                    g,
+                    &x,
+                    &w,
+                    1e-5,
+                    &mut y,
+                    Some(&mut rstd),
+                ))
+            }),
+        },
+        Case {
+            name: "rmsnorm_backward",
+            amount: 3 * bf * rows_x + 4 * TOKENS as u64,
+            flops: false,
+            run: Box::new(|| {
+                // rstd from the forward above is whatever it holds: fine for timing.
+                let r = ok(g.zeros::<f32>(0));
+                drop(r);
+                ok(ops::rmsnorm_backward(
+                    g,
+                    &dy,
+                    &x,
+                    &w,
+                    &tables.cos,
+                    &mut dx,
+                    false,
+                ))
+            }),
+        },
+        Case {
+            name: "rope_forward",
+            amount: rope_bytes,
+            flops: false,
+            run: Box::new(|| {
+                let args = ops::RopeArgs {
+                    q: &mut q,
+                    k: &mut k,
+                    n_q_heads: N_Q,
+                    n_kv_heads: N_KV,
+                    positions: &pos,
+                };
+                ok(ops::rope_forward(g, args, &tables))
+            }),
+        },
+        Case {
+            name: "swiglu_forward",
+            amount: 3 * bf * n_mlp as u64,
+            flops: false,
+            run: Box::new(|| ok(ops::swiglu_forward(g, &gate, &up, &mut h))),
+        },
+        Case {
+            name: "swiglu_backward",
+            amount: 5 * bf * n_mlp as u64,
+            flops: false,
+            run: Box::new(|| {
+                ok(ops::swiglu_backward(
+                    g, &dout, &gate, &up, &mut dgate, &mut dup,
+                ))
+            }),
+        },
+        Case {
+            name: "cast_bf16_to_f32",
+            amount: 6 * n_mlp as u64,
+            flops: false,
+            run: Box::new(|| ok(ops::cast_bf16_to_f32(g, &gate, &mut as_f32))),
+        },
+        Case {
+            name: "cast_f32_to_bf16",
+            amount: 6 * n_mlp as u64,
+            flops: false,
+            run: Box::new(|| ok(ops::cast_f32_to_bf16(g, &as_f32, &mut as_bf16))),
+        },
+        Case {
+            name: "grad_norm_clip",
+            // Norm pass reads the grads; the clip pass reads and writes them.
+            amount: 3 * 4 * n_params as u64,
+            flops: false,
+            run: Box::new(|| {
+                let mut refs: Vec<&mut DeviceBuffer<f32>> = grads.iter_mut().collect();
+                ok(gn.compute(g, &mut refs, 1e9, true))
+            }),
+        },
+        Case {
+            name: "gemm_bf16_linear",
+            amount: 2 * (TOKENS * MLP * HIDDEN) as u64,
+            flops: true,
+            run: Box::new(|| {
+                ok(blas::gemm_bf16(
+                    g,
+                    blas::Gemm::linear(TOKENS, MLP, HIDDEN),
+                    &x,
+                    &wg,
+                    &mut yg,
+                ))
+            }),
+        },
+    ];
+    // AdamW last: it borrows the grads that grad_norm_clip also uses, so it runs alone.
+    let n_cases = cases.len();
+    let _ = n_cases;
+
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(20)
+        .configure_from_args();
+    let mut summary = Vec::new();
+    {
+        let mut group = c.benchmark_group("small_kernels");
+        for case in cases.iter_mut() {
+            group.throughput(Throughput::Bytes(case.amount));
+            let run = &mut case.run;
+            group.bench_function(case.name, |b| {
+                b.iter_custom(|iters| {
+                    let t = ok(g.timer());
+                    for _ in 0..iters {
+                        run();
+                    }
+                    Duration::from_secs_f64(ok(t.elapsed_ms(g)) as f64 / 1e3)
+                })
+            });
+        }
+        group.finish();
+    }
+    for case in cases.iter_mut() {
+        let ms = gpu_ms(g, &mut case.run, 15);
+        summary.push((case.name, case.amount, case.flops, ms));
+    }
+    drop(cases);
+
+    // AdamW (needs &mut to every state buffer, so built after the other cases are gone).
+    let mut adamw_run: Launch = Box::new(|| {
+        let mut ts: Vec<ops::AdamWTensor> = params
+            .iter_mut()
+            .zip(&grads)
+            .zip(ms.iter_mut().zip(vs.iter_mut()))
+            .map(|((param, grad), (m, v))| ops::AdamWTensor { param, grad, m, v })
+            .collect();
+        ok(adamw.step(g, &mut ts, &scalars, None))
+    });
+    let adamw_bytes = 7 * 4 * n_params as u64;
+    {
+        let mut group = c.benchmark_group("small_kernels");
+        group.throughput(Throughput::Bytes(adamw_bytes));
+        group.bench_function("adamw_step", |b| {
+            b.iter_custom(|iters| {
+                let t = ok(g.timer());
+                for _ in 0..iters {
+                    adamw_run();
+                }
+                Duration::from_secs_f64(ok(t.elapsed_ms(g)) as f64 / 1e3)
+            })
+        });
+        group.finish();
+    }
+    summary.push((
+        "adamw_step",
+        adamw_bytes,
+        false,
+        gpu_ms(g, &mut adamw_run, 15),
+    ));
+    c.final_summary();
+
+    println!(
+        "summary on {} ({} LoRA params for AdamW):",
+        g.name(),
+        n_params
+    );
+    for (name, amount, flops, ms) in summary {
+        let rate = amount as f64 / (ms / 1e3);
+        if flops {
+            println!(
+                "BENCH {name:<18} {ms:>9.4} ms  {:>8.1} TFLOP/s",
+                rate / 1e12
+            );
+        } else {
+            println!("BENCH {name:<18} {ms:>9.4} ms  {:>8.1} GB/s", rate / 1e9);
+        }
+    }
+}
