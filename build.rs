@@ -103,7 +103,13 @@ fn main() {
                     "{msg}\n(PALIGN_REQUIRE_KERNELS=1 makes this an error)"
                 ));
             }
-            println!("cargo:warning=palign: building without CUDA kernels (CPU only): {msg}");
+            // One cargo:warning per line: cargo shows only the first line of each.
+            let mut lines = msg.lines();
+            let first = lines.next().unwrap_or_default();
+            println!("cargo:warning=palign: building without CUDA kernels (CPU only): {first}");
+            for line in lines.take(40) {
+                println!("cargo:warning={line}");
+            }
             if let Err(e) = fs::write(out_dir.join(FATBIN), []) {
                 fail(&format!(
                     "cannot write {}: {e}",
@@ -176,6 +182,11 @@ fn find_nvcc() -> Result<Nvcc, String> {
     }
 
     let mut rejected = Vec::new();
+    if let Some(p) = env::var_os("NVCC") {
+        if !Path::new(&p).is_file() {
+            rejected.push(format!("$NVCC={} is not a file", Path::new(&p).display()));
+        }
+    }
     for cand in candidates {
         if !cand.is_file() {
             continue;
@@ -200,7 +211,7 @@ fn find_nvcc() -> Result<Nvcc, String> {
     };
     if !rejected.is_empty() {
         msg.push_str(&format!(
-            "; skipped (need {}.{}+): {}",
+            "; skipped (nvcc {}.{}+ needed): {}",
             MIN_NVCC.0,
             MIN_NVCC.1,
             rejected.join(", ")

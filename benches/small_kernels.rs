@@ -112,6 +112,7 @@ fn main() {
     let mut y = ok(g.alloc::<bf16>(TOKENS * HIDDEN));
     let mut rstd = ok(g.zeros::<f32>(TOKENS));
     let mut dx = ok(g.alloc::<bf16>(TOKENS * HIDDEN));
+    let rstd_saved = filled_f32(g, TOKENS, 1.0);
 
     // RoPE on Q and K.
     let tables = ok(ops::RopeTables::new(g, HEAD_DIM, 1e6, 8192));
@@ -119,6 +120,8 @@ fn main() {
     let pos = ok(g.upload(&pos));
     let mut q = filled_bf16(g, TOKENS * N_Q * HEAD_DIM, 5);
     let mut k = filled_bf16(g, TOKENS * N_KV * HEAD_DIM, 6);
+    let mut dq = filled_bf16(g, TOKENS * N_Q * HEAD_DIM, 11);
+    let mut dk = filled_bf16(g, TOKENS * N_KV * HEAD_DIM, 12);
     let rope_bytes = 2 * bf * (TOKENS * (N_Q + N_KV) * HEAD_DIM) as u64;
 
     // SwiGLU.
@@ -132,6 +135,7 @@ fn main() {
 
     // Casts.
     let mut as_f32 = ok(g.alloc::<f32>(n_mlp));
+    let f32_src = filled_f32(g, n_mlp, 2.0);
     let mut as_bf16 = ok(g.alloc::<bf16>(n_mlp));
 
     // AdamW + grad norm over LoRA A [r, in] and B [out, r] of q, k, v, o, gate, up, down.
@@ -199,15 +203,12 @@ fn main() {
             amount: 3 * bf * rows_x + 4 * TOKENS as u64,
             flops: false,
             run: Box::new(|| {
-                // rstd from the forward above is whatever it holds: fine for timing.
-                let r = ok(g.zeros::<f32>(0));
-                drop(r);
                 ok(ops::rmsnorm_backward(
                     g,
                     &dy,
                     &x,
                     &w,
-                    &tables.cos,
+                    &rstd_saved,
                     &mut dx,
                     false,
                 ))
@@ -226,6 +227,21 @@ fn main() {
                     positions: &pos,
                 };
                 ok(ops::rope_forward(g, args, &tables))
+            }),
+        },
+        Case {
+            name: "rope_backward",
+            amount: rope_bytes,
+            flops: false,
+            run: Box::new(|| {
+                let args = ops::RopeArgs {
+                    q: &mut dq,
+                    k: &mut dk,
+                    n_q_heads: N_Q,
+                    n_kv_heads: N_KV,
+                    positions: &pos,
+                };
+                ok(ops::rope_backward(g, args, &tables))
             }),
         },
         Case {
@@ -254,7 +270,7 @@ fn main() {
             name: "cast_f32_to_bf16",
             amount: 6 * n_mlp as u64,
             flops: false,
-            run: Box::new(|| ok(ops::cast_f32_to_bf16(g, &as_f32, &mut as_bf16))),
+            run: Box::new(|| ok(ops::cast_f32_to_bf16(g, &f32_src, &mut as_bf16))),
         },
         Case {
             name: "grad_norm_clip",
@@ -281,10 +297,6 @@ fn main() {
             }),
         },
     ];
-    // AdamW last: it borrows the grads that grad_norm_clip also uses, so it runs alone.
-    let n_cases = cases.len();
-    let _ = n_cases;
-
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(2))

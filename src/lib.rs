@@ -12,5 +12,6 @@ pub mod model;
 pub mod ops;
 pub mod quant;
 pub mod tensor;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -26,6 +26,10 @@ enum Cmd {
     InitTiny(commands::init_tiny::Args),
     /// Log-probabilities of each row's completion.
     Score(commands::score::Args),
+    /// Supervised fine-tuning of a LoRA/QLoRA adapter.
+    Sft(palign::train::TrainArgs),
+    /// Direct Preference Optimization of a LoRA/QLoRA adapter.
+    Dpo(palign::train::TrainArgs),
 }
 
 fn main() {
@@ -42,6 +46,8 @@ fn main() {
         Cmd::Demo(a) => commands::demo::run(a, &cli.common),
         Cmd::InitTiny(a) => commands::init_tiny::run(a, &cli.common),
         Cmd::Score(a) => commands::score::run(a, &cli.common),
+        Cmd::Sft(a) => palign::train::runner::run(a, &cli.common, palign::train::Method::Sft),
+        Cmd::Dpo(a) => palign::train::runner::run(a, &cli.common, palign::train::Method::Dpo),
     };
     if let Err(e) = result {
         let msg = e.to_string().replace('\n', " ");

@@ -109,10 +109,6 @@ fn encode_row(row: &Row, responses: &[&Response], enc: &Encoder) -> Result<Encod
                 ))
             })?;
             let ptext = prompt_text(&row.prompt, enc.template).expect("text prompt");
-            let alone = tok.encode(&ptext, true)?;
-            if alone.is_empty() {
-                return Err(bad(format!("{origin}: the prompt encodes to no tokens")));
-            }
             for r in responses {
                 let Some(ctext) = completion_text(r, enc.template) else {
                     return Err(bad(format!(
@@ -120,11 +116,21 @@ fn encode_row(row: &Row, responses: &[&Response], enc: &Encoder) -> Result<Encod
                     )));
                 };
                 let (ids, prompt_len) = encode_rendered(tok, &ptext, &ctext)?;
-                out.merges += (ids[..prompt_len] != alone[..]) as usize;
+                if prompt_len == 0 {
+                    return Err(bad(format!("{origin}: the prompt encodes to no tokens")));
+                }
                 out.seqs.push(SftExample { ids, prompt_len });
             }
-            out.keep_first =
-                tok.add_bos && tok.bos_id.is_some() && alone.first() == tok.bos_id.as_ref();
+            // Without a merge across the prompt/completion boundary both sequences start
+            // with the prompt's own tokens, so a difference here means a merge.
+            if let [c, r] = &out.seqs[..] {
+                out.merges = (c.prompt_len != r.prompt_len
+                    || c.ids[..c.prompt_len] != r.ids[..r.prompt_len])
+                    as usize;
+            }
+            out.keep_first = tok.add_bos
+                && tok.bos_id.is_some()
+                && out.seqs[0].ids.first() == tok.bos_id.as_ref();
         }
     }
     for s in &out.seqs {

@@ -147,9 +147,11 @@ pub struct DataStats {
     pub truncated_completions: usize,
     /// HH-RLHF pairs that differ before their last turn, so responses span several turns.
     pub multi_turn_responses: usize,
-    /// HH-RLHF prompts that do not alternate Human/Assistant (same-speaker turns were joined).
+    /// HH-RLHF prompts that do not read Human, Assistant, …, Human (kept: same-speaker turns
+    /// are joined, a missing turn is left empty).
     pub irregular_transcripts: usize,
-    /// Text sequences whose joint tokenization merged tokens across the prompt/completion boundary.
+    /// Text preference pairs whose chosen and rejected start with different prompt tokens
+    /// (the tokenizer merged across the prompt/completion boundary). Kept.
     pub boundary_merges: usize,
 }
 
@@ -158,7 +160,7 @@ fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -166,15 +168,14 @@ fn thousands(n: usize) -> String {
     out
 }
 
-/// "3 empty responses" / "1 empty response" for nonzero counts.
-fn push_count(parts: &mut Vec<String>, n: usize, one: &str, many: &str) {
-    if n > 0 {
-        parts.push(format!(
-            "{} {}",
-            thousands(n),
-            if n == 1 { one } else { many }
-        ));
-    }
+/// "3 empty responses, 1 prompt" from (count, singular, plural), leaving out zeros.
+fn counts(items: &[(usize, &str, &str)]) -> String {
+    let parts: Vec<String> = items
+        .iter()
+        .filter(|(n, _, _)| *n > 0)
+        .map(|&(n, one, many)| format!("{} {}", thousands(n), if n == 1 { one } else { many }))
+        .collect();
+    parts.join(", ")
 }
 
 impl fmt::Display for DataStats {
@@ -185,46 +186,41 @@ impl fmt::Display for DataStats {
             thousands(self.kept),
             thousands(self.rows_read)
         )?;
-        let mut dropped = Vec::new();
-        push_count(
-            &mut dropped,
-            self.empty_responses,
-            "empty response",
-            "empty responses",
-        );
-        push_count(
-            &mut dropped,
-            self.identical_pairs,
-            "identical chosen/rejected",
-            "identical chosen/rejected",
-        );
-        push_count(
-            &mut dropped,
-            self.no_shared_prompt,
-            "HH pair without a shared prompt",
-            "HH pairs without a shared prompt",
-        );
-        push_count(
-            &mut dropped,
-            self.truncated_away,
-            "completion truncated away",
-            "completions truncated away",
-        );
+        let dropped = counts(&[
+            (self.empty_responses, "empty response", "empty responses"),
+            (
+                self.identical_pairs,
+                "identical chosen/rejected",
+                "identical chosen/rejected",
+            ),
+            (
+                self.no_shared_prompt,
+                "HH pair without a shared prompt",
+                "HH pairs without a shared prompt",
+            ),
+            (
+                self.truncated_away,
+                "completion truncated away",
+                "completions truncated away",
+            ),
+        ]);
         if !dropped.is_empty() {
-            write!(f, "; dropped: {}", dropped.join(", "))?;
+            write!(f, "; dropped: {dropped}")?;
         }
-        let mut skipped = Vec::new();
-        push_count(&mut skipped, self.both_safe, "both safe", "both safe");
-        push_count(&mut skipped, self.both_unsafe, "both unsafe", "both unsafe");
+        let skipped = counts(&[
+            (self.both_safe, "both safe", "both safe"),
+            (self.both_unsafe, "both unsafe", "both unsafe"),
+        ]);
         if !skipped.is_empty() {
-            write!(f, "; skipped by the harmless rule: {}", skipped.join(", "))?;
+            write!(f, "; skipped by the harmless rule: {skipped}")?;
         }
-        if self.safer_id_disagreements > 0 {
-            write!(
-                f,
-                "; {} safer_response_id disagreements",
-                thousands(self.safer_id_disagreements)
-            )?;
+        let disagree = counts(&[(
+            self.safer_id_disagreements,
+            "safer_response_id disagreement",
+            "safer_response_id disagreements",
+        )]);
+        if !disagree.is_empty() {
+            write!(f, "; {disagree}")?;
         }
         if let Some(n) = self.num_samples {
             if self.not_sampled > 0 {
@@ -242,38 +238,32 @@ impl fmt::Display for DataStats {
                 )?;
             }
         }
-        let mut truncated = Vec::new();
-        push_count(&mut truncated, self.truncated_prompts, "prompt", "prompts");
-        push_count(
-            &mut truncated,
-            self.truncated_completions,
-            "completion",
-            "completions",
-        );
+        let truncated = counts(&[
+            (self.truncated_prompts, "prompt", "prompts"),
+            (self.truncated_completions, "completion", "completions"),
+        ]);
         if !truncated.is_empty() {
-            write!(f, "; truncated: {}", truncated.join(", "))?;
+            write!(f, "; truncated: {truncated}")?;
         }
-        let mut noted = Vec::new();
-        push_count(
-            &mut noted,
-            self.multi_turn_responses,
-            "HH pair differing before its last turn",
-            "HH pairs differing before their last turn",
-        );
-        push_count(
-            &mut noted,
-            self.irregular_transcripts,
-            "irregular HH transcript",
-            "irregular HH transcripts",
-        );
-        push_count(
-            &mut noted,
-            self.boundary_merges,
-            "token merge across the prompt/completion boundary",
-            "token merges across the prompt/completion boundary",
-        );
+        let noted = counts(&[
+            (
+                self.multi_turn_responses,
+                "HH pair differing before its last turn",
+                "HH pairs differing before their last turn",
+            ),
+            (
+                self.irregular_transcripts,
+                "irregular HH transcript",
+                "irregular HH transcripts",
+            ),
+            (
+                self.boundary_merges,
+                "pair whose prompt tokens differ (a merge across the boundary)",
+                "pairs whose prompt tokens differ (merges across the boundary)",
+            ),
+        ]);
         if !noted.is_empty() {
-            write!(f, "; noted: {}", noted.join(", "))?;
+            write!(f, "; noted: {noted}")?;
         }
         Ok(())
     }
@@ -485,9 +475,7 @@ pub fn hh_turns(prompt: &str) -> (Vec<Turn>, String, bool) {
         }
     }
     if merged.first().is_none_or(|(r, _)| !*r) {
-        if !merged.is_empty() {
-            irregular = true;
-        }
+        irregular = true;
         merged.insert(0, (true, String::new()));
     }
     if merged.last().is_some_and(|(r, _)| !*r) {
@@ -816,7 +804,7 @@ mod tests {
 
         let (h, u, irr) = hh_turns("\n\nAssistant:");
         assert!(h.is_empty());
-        assert_eq!((u.as_str(), irr), ("", false));
+        assert_eq!((u.as_str(), irr), ("", true));
     }
 
     #[test]

@@ -65,7 +65,7 @@ impl LoraConfig {
         if self.r == 0 {
             return Err(bad("--rank must be at least 1"));
         }
-        if !(self.alpha > 0.0) {
+        if self.alpha.is_nan() || self.alpha <= 0.0 {
             return Err(bad("--alpha must be positive"));
         }
         if !(0.0..1.0).contains(&self.dropout) {

@@ -7,6 +7,7 @@ use super::weights::Weights;
 use crate::error::{bad, Result};
 use crate::lora::{Adapter, LoraPair};
 use crate::ops::{self, AttnShape, LinearWeight, Packing, Rope};
+use crate::quant::{self, Nf4Tensor, SourceDtype};
 use crate::tensor::Tensor;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -103,11 +104,22 @@ impl Model {
         for l in 0..cfg.num_layers {
             let proj = |p: &str| -> Result<LinearWeight> {
                 let shape = Layer::proj_shape(&cfg, p);
-                Ok(LinearWeight::Dense(Arc::new(dense(
-                    w,
-                    &Layer::weight_name(l, p),
-                    &shape,
-                )?)))
+                let name = Layer::weight_name(l, p);
+                if w.contains(&format!("{name}.absmax")) {
+                    // A bitsandbytes 4-bit checkpoint: keep the weight in NF4.
+                    let q = Nf4Tensor::from_bnb_entries(&name, |n| {
+                        w.get(n)
+                            .map(|e| (format!("{:?}", e.dtype), e.shape.clone(), w.bytes(e)))
+                    })?;
+                    if q.shape != shape {
+                        return Err(bad(format!(
+                            "weights: 4-bit tensor `{name}` has shape {:?}, config.json implies {shape:?}",
+                            q.shape
+                        )));
+                    }
+                    return Ok(LinearWeight::Nf4(Arc::new(q)));
+                }
+                Ok(LinearWeight::Dense(Arc::new(dense(w, &name, &shape)?)))
             };
             layers.push(Layer {
                 input_norm: dense(w, &format!("model.layers.{l}.input_layernorm.weight"), &[h])?,
@@ -148,6 +160,48 @@ impl Model {
             norm,
             lm_head,
         })
+    }
+
+    /// Quantizes every dense decoder projection to NF4 in memory (`--quant nf4`, QLoRA
+    /// bases), exactly as bitsandbytes would from the weights as stored; embeddings,
+    /// norms and lm_head stay as they are.
+    pub fn quantize_nf4(&mut self, blocksize: usize, double_quant: bool) -> Result<()> {
+        let dtype = self
+            .cfg
+            .dtype
+            .as_deref()
+            .and_then(SourceDtype::parse)
+            .unwrap_or(SourceDtype::F32);
+        for layer in &mut self.layers {
+            for w in [
+                &mut layer.q,
+                &mut layer.k,
+                &mut layer.v,
+                &mut layer.o,
+                &mut layer.gate,
+                &mut layer.up,
+                &mut layer.down,
+            ] {
+                if let LinearWeight::Dense(t) = w {
+                    let q = quant::quantize_nf4_from(
+                        t.cpu(),
+                        dtype,
+                        [t.shape[0], t.shape[1]],
+                        blocksize,
+                        double_quant,
+                    )?;
+                    *w = LinearWeight::Nf4(Arc::new(q));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the decoder projections are NF4 (a QLoRA base).
+    pub fn is_nf4(&self) -> bool {
+        self.layers
+            .first()
+            .is_some_and(|l| matches!(l.q, LinearWeight::Nf4(_)))
     }
 
     fn attn_shape(&self) -> AttnShape {
@@ -293,7 +347,7 @@ impl Model {
         let (g, s4) = Self::proj(&n2, &l.gate, pair(4), dropout.as_deref_mut());
         let (u, s5) = Self::proj(&n2, &l.up, pair(5), dropout.as_deref_mut());
         let act = ops::swiglu(&g, &u);
-        let (d, s6) = Self::proj(&act, &l.down, pair(6), dropout.as_deref_mut());
+        let (d, s6) = Self::proj(&act, &l.down, pair(6), dropout);
         let mut out = h1.clone();
         ops::add_(&mut out, &d);
         if !save {
@@ -322,6 +376,7 @@ impl Model {
         (out, Some(t))
     }
 
+    #[allow(clippy::too_many_arguments)]
     /// Backward of one layer: from ∂L/∂(layer output) to ∂L/∂(layer input),
     /// accumulating this layer's adapter gradients into `grads`.
     fn layer_backward(

@@ -158,12 +158,6 @@ pub fn quantize_nf4_from(
     })
 }
 
-/// NF4 code of a scaled value: the number of midpoints strictly below it.
-#[inline]
-fn nf4_index(x: f32, mids: &[f32; 15]) -> u8 {
-    mids.iter().map(|&m| (m < x) as u8).sum()
-}
-
 /// Quantizes one block into `bytes` and returns the absmax bitsandbytes stores for it.
 /// bnb 0.50.2 CPU (`backends/default/ops.py`): a full block is scaled by
 /// `x * (1 / max(absmax, 1e-38))` and stores the raw absmax; the trailing partial block
@@ -171,20 +165,39 @@ fn nf4_index(x: f32, mids: &[f32; 15]) -> u8 {
 /// count is padded with 0.0 (code 7) in the last low nibble.
 fn quantize_block(x: &[f32], full: bool, mids: &[f32; 15], bytes: &mut [u8]) -> f32 {
     let tiny = 1e-38f64 as f32; // torch's clamp(min=1e-38) rounds the Python float to f32
-    let am = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                                // Max in 8 independent lanes (max is exact, so the order does not matter).
+    let mut lanes = [0.0f32; 8];
+    for c in x.chunks(8) {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l = l.max(v.abs());
+        }
+    }
+    let am = lanes.iter().fold(0.0f32, |m, &v| m.max(v));
     let clamped = am.max(tiny);
     let recip = 1.0 / clamped;
-    let scale = |v: f32| -> f32 {
-        let s = if full { v * recip } else { v / clamped };
-        s.clamp(-1.0, 1.0)
-    };
-    for (j, byte) in bytes.iter_mut().enumerate() {
-        let hi = nf4_index(scale(x[2 * j]), mids);
-        let lo = match x.get(2 * j + 1) {
-            Some(&v) => nf4_index(scale(v), mids),
-            None => nf4_index(0.0, mids),
-        };
-        *byte = (hi << 4) | lo;
+    // 32 values at a time: scale, count the midpoints below each value one midpoint at
+    // a time (straight loops the compiler vectorizes), then pack.
+    const CHUNK: usize = 32;
+    for (xs, out) in x.chunks(CHUNK).zip(bytes.chunks_mut(CHUNK / 2)) {
+        let mut scaled = [0.0f32; CHUNK]; // an odd tail keeps the 0.0 padding
+        if full {
+            for (s, &v) in scaled.iter_mut().zip(xs) {
+                *s = (v * recip).clamp(-1.0, 1.0);
+            }
+        } else {
+            for (s, &v) in scaled.iter_mut().zip(xs) {
+                *s = (v / clamped).clamp(-1.0, 1.0);
+            }
+        }
+        let mut codes = [0u8; CHUNK];
+        for &m in mids {
+            for (c, &s) in codes.iter_mut().zip(&scaled) {
+                *c += (m < s) as u8;
+            }
+        }
+        for (byte, pair) in out.iter_mut().zip(codes.chunks_exact(2)) {
+            *byte = (pair[0] << 4) | pair[1];
+        }
     }
     if full {
         am
@@ -294,10 +307,7 @@ impl Nf4Tensor {
                 self.numel()
             )));
         }
-        let chunk = self.blocksize * (16384 / self.blocksize).max(1);
-        out.par_chunks_mut(chunk)
-            .enumerate()
-            .for_each(|(c, dst)| self.dequant_span(c * chunk, dst));
+        self.dequant_par(out);
         Ok(())
     }
 
@@ -354,11 +364,16 @@ impl Nf4Tensor {
     /// Dequantizes into a new vector.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0.0f32; self.numel()];
+        self.dequant_par(&mut out);
+        out
+    }
+
+    /// Parallel dequantization over chunks of whole blocks (out holds numel values).
+    fn dequant_par(&self, out: &mut [f32]) {
         let chunk = self.blocksize * (16384 / self.blocksize).max(1);
         out.par_chunks_mut(chunk)
             .enumerate()
             .for_each(|(c, dst)| self.dequant_span(c * chunk, dst));
-        out
     }
 }
 

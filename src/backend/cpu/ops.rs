@@ -85,7 +85,7 @@ pub fn gemm(a: MatRef, b: MatRef, c: &mut [f32], alpha: f32, beta: f32) {
 
 /// `out = x · wᵀ`: x is `[m, k]`, w is `[n, k]` (a PyTorch `nn.Linear` weight), out `[m, n]`.
 pub fn linear(x: &[f32], m: usize, w: &[f32], n: usize, out: &mut [f32]) {
-    let k = if m == 0 { 0 } else { x.len() / m };
+    let k = x.len().checked_div(m).unwrap_or(0);
     gemm(
         MatRef::new(x, m, k),
         MatRef::new(w, n, k).t(),
@@ -360,6 +360,10 @@ pub fn attention_forward(
     }
 }
 
+/// One (sequence, KV head) task's share of the attention backward: (seq, head, dQ of
+/// its query group, dK, dV).
+type KvHeadGrads = (usize, usize, Vec<f32>, Vec<f32>, Vec<f32>);
+
 /// Attention backward (recomputing probabilities from the saved log-sum-exp):
 /// `P = exp(S − lse)`, `dV = Pᵀ·dO`, `dP = dO·Vᵀ`, `D_i = dO_i·O_i`,
 /// `dS = P ∘ (dP − D)`, `dQ = scale·dS·K`, `dK = scale·dSᵀ·Q`; dK/dV of a KV head sum over
@@ -391,7 +395,7 @@ pub fn attention_backward(
     let tasks: Vec<(usize, usize)> = (0..pack.n_seqs())
         .flat_map(|s| (0..n_kv_heads).map(move |kh| (s, kh)))
         .collect();
-    let results: Vec<(usize, usize, Vec<f32>, Vec<f32>, Vec<f32>)> = tasks
+    let results: Vec<KvHeadGrads> = tasks
         .par_iter()
         .map(|&(s, kh)| {
             let r = pack.range(s);
@@ -644,8 +648,8 @@ mod tests {
         };
         let base = run(&v);
         // token 0's value is outside the window of query 5 (keys 3..=5): no effect there
-        for c in 0..8 {
-            v[c] += 10.0;
+        for x in v.iter_mut().take(8) {
+            *x += 10.0;
         }
         let moved = run(&v);
         assert_eq!(&base[5 * 16..6 * 16], &moved[5 * 16..6 * 16]);

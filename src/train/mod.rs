@@ -1,0 +1,350 @@
+//! `palign sft` and `palign dpo`: LoRA/QLoRA training on the CPU reference backend with
+//! semantics pinned to peft + torch + TRL (CLI.md "Training options" and "Semantics").
+
+pub mod checkpoint;
+pub mod loss;
+pub mod runner;
+pub mod schedule;
+
+use crate::error::{bad, Result};
+use crate::lora::LoraConfig;
+use loss::{DpoCfg, DpoKind};
+use schedule::Schedule;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    Sft,
+    Dpo,
+}
+
+/// Flags shared by `sft` and `dpo`; unset ones take the paper's Table 6 default for the method.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// Hugging Face model folder (f32/bf16/f16 or a bitsandbytes 4-bit checkpoint).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Dataset specs: jsonl:PATH, hh-rlhf:PATH, pku-saferlhf:PATH:helpful|harmless (repeatable).
+    #[arg(long, required = true)]
+    pub data: Vec<String>,
+    /// Output folder (adapter, metrics.jsonl, run.json, checkpoint/).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// lora or qlora (the base quantized to NF4 at load).
+    #[arg(long)]
+    pub peft: Option<String>,
+    #[arg(long)]
+    pub rank: Option<usize>,
+    #[arg(long)]
+    pub alpha: Option<f32>,
+    #[arg(long)]
+    pub dropout: Option<f32>,
+    /// Comma-separated target modules, or `all`.
+    #[arg(long)]
+    pub targets: Option<String>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// constant, cosine or linear.
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// Sequences (SFT) or pairs (DPO) per optimizer step.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    #[arg(long)]
+    pub steps: Option<usize>,
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    #[arg(long)]
+    pub adam_beta1: Option<f64>,
+    #[arg(long)]
+    pub adam_beta2: Option<f64>,
+    #[arg(long)]
+    pub adam_eps: Option<f64>,
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    #[arg(long)]
+    pub max_prompt_length: Option<usize>,
+    /// Chat template for text rows: none, vicuna, mistral.
+    #[arg(long, default_value = "none")]
+    pub template: String,
+    /// Seed of the data order (mixtures, --num-samples, epochs).
+    #[arg(long, default_value_t = 0)]
+    pub data_seed: u64,
+    /// Rows in file order (specs in the order given).
+    #[arg(long)]
+    pub no_shuffle: bool,
+    /// Keep this many rows after shuffling.
+    #[arg(long)]
+    pub num_samples: Option<usize>,
+    /// Start from this PEFT adapter (its rank/alpha/targets win).
+    #[arg(long)]
+    pub init_adapter: Option<PathBuf>,
+    /// Write checkpoint/ every N steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
+    /// Continue the run in --out from its checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Log a metrics row every N steps.
+    #[arg(long, default_value_t = 1)]
+    pub log_every: usize,
+    /// Held-out data evaluated every --eval-every steps.
+    #[arg(long)]
+    pub eval_data: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: usize,
+    /// Stop after this many steps as if interrupted (the checkpoint stays; for tests
+    /// and for splitting long runs).
+    #[arg(long, hide = true)]
+    pub stop_after: Option<usize>,
+    // DPO only.
+    /// DPO β.
+    #[arg(long)]
+    pub beta: Option<f64>,
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
+    /// sigmoid (DPO) or ipo.
+    #[arg(long)]
+    pub loss: Option<String>,
+    /// Reference = base + this adapter (default: the base with adapters off).
+    #[arg(long)]
+    pub ref_adapter: Option<PathBuf>,
+    /// Compute reference log-probs once before training and store them in --out.
+    #[arg(long)]
+    pub precompute_ref: bool,
+}
+
+/// Every resolved setting of a run; serialized into run.json and the checkpoint, and
+/// compared on `--resume`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    pub method: Method,
+    pub model: String,
+    pub data: Vec<String>,
+    pub peft: String,
+    pub rank: usize,
+    pub alpha: f32,
+    pub dropout: f32,
+    pub targets: Vec<String>,
+    pub lr: f64,
+    pub scheduler: String,
+    pub warmup_steps: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub steps: usize,
+    pub max_grad_norm: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    pub max_length: usize,
+    pub max_prompt_length: usize,
+    pub template: String,
+    pub seed: u64,
+    pub data_seed: u64,
+    pub shuffle: bool,
+    pub num_samples: Option<usize>,
+    pub init_adapter: Option<String>,
+    pub beta: Option<f64>,
+    pub label_smoothing: Option<f64>,
+    pub loss: Option<String>,
+    pub ref_adapter: Option<String>,
+    pub precompute_ref: bool,
+    pub eval_data: Vec<String>,
+    pub eval_every: usize,
+}
+
+/// The paper's Table 6 defaults (CLI.md).
+struct Defaults {
+    rank: usize,
+    alpha: f32,
+    dropout: f32,
+    targets: &'static str,
+    lr: f64,
+    scheduler: &'static str,
+    max_grad_norm: f64,
+    weight_decay: f64,
+}
+
+fn defaults(m: Method) -> Defaults {
+    match m {
+        Method::Sft => Defaults {
+            rank: 64,
+            alpha: 16.0,
+            dropout: 0.1,
+            targets: "q_proj,v_proj",
+            lr: 2e-4,
+            scheduler: "constant",
+            max_grad_norm: 0.3,
+            weight_decay: 0.001,
+        },
+        Method::Dpo => Defaults {
+            rank: 16,
+            alpha: 32.0,
+            dropout: 0.05,
+            targets: "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+            lr: 5e-5,
+            scheduler: "cosine",
+            max_grad_norm: 1.0,
+            weight_decay: 0.0,
+        },
+    }
+}
+
+fn positive(v: usize, flag: &str) -> Result<usize> {
+    if v == 0 {
+        Err(bad(format!("{flag} must be at least 1")))
+    } else {
+        Ok(v)
+    }
+}
+
+fn path_str(p: &std::path::Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+impl Settings {
+    pub fn resolve(a: &TrainArgs, method: Method, seed: u64) -> Result<Settings> {
+        let d = defaults(method);
+        let peft = a.peft.clone().unwrap_or_else(|| "qlora".into());
+        if peft != "lora" && peft != "qlora" {
+            return Err(bad(format!(
+                "--peft: unknown method `{peft}` (lora, qlora)"
+            )));
+        }
+        let targets = LoraConfig::parse_targets(a.targets.as_deref().unwrap_or(d.targets))?;
+        let scheduler: Schedule = a.scheduler.as_deref().unwrap_or(d.scheduler).parse()?;
+        let batch_size = positive(a.batch_size.unwrap_or(16), "--batch-size")?;
+        let grad_accum = positive(a.grad_accum.unwrap_or(1), "--grad-accum")?;
+        if batch_size % grad_accum != 0 {
+            return Err(bad(format!(
+                "--batch-size {batch_size} must be a multiple of --grad-accum {grad_accum} (micro-batches of equal size)"
+            )));
+        }
+        let lr = a.lr.unwrap_or(d.lr);
+        if !(lr >= 0.0 && lr.is_finite()) {
+            return Err(bad("--lr must be a non-negative number"));
+        }
+        let max_grad_norm = a.max_grad_norm.unwrap_or(d.max_grad_norm);
+        if max_grad_norm.is_nan() || max_grad_norm <= 0.0 {
+            return Err(bad("--max-grad-norm must be positive"));
+        }
+        let weight_decay = a.weight_decay.unwrap_or(d.weight_decay);
+        if weight_decay < 0.0 {
+            return Err(bad("--weight-decay must not be negative"));
+        }
+        let (b1, b2, eps) = (
+            a.adam_beta1.unwrap_or(0.9),
+            a.adam_beta2.unwrap_or(0.999),
+            a.adam_eps.unwrap_or(1e-8),
+        );
+        if !(0.0..1.0).contains(&b1) || !(0.0..1.0).contains(&b2) || eps.is_nan() || eps <= 0.0 {
+            return Err(bad(
+                "--adam-beta1/--adam-beta2 must be in [0, 1) and --adam-eps positive",
+            ));
+        }
+        if a.log_every == 0 {
+            return Err(bad("--log-every must be at least 1"));
+        }
+        if a.eval_every > 0 && a.eval_data.is_empty() {
+            return Err(bad("--eval-every needs --eval-data"));
+        }
+        let (beta, label_smoothing, loss) = match method {
+            Method::Sft => {
+                if a.beta.is_some()
+                    || a.label_smoothing.is_some()
+                    || a.loss.is_some()
+                    || a.ref_adapter.is_some()
+                    || a.precompute_ref
+                {
+                    return Err(bad("--beta, --label-smoothing, --loss, --ref-adapter and --precompute-ref are for `palign dpo`"));
+                }
+                (None, None, None)
+            }
+            Method::Dpo => {
+                let beta = a.beta.unwrap_or(0.1);
+                if beta.is_nan() || beta <= 0.0 {
+                    return Err(bad("--beta must be positive"));
+                }
+                let ls = a.label_smoothing.unwrap_or(0.0);
+                if !(0.0..0.5).contains(&ls) {
+                    return Err(bad("--label-smoothing must be in [0, 0.5)"));
+                }
+                let loss = a.loss.clone().unwrap_or_else(|| "sigmoid".into());
+                loss.parse::<DpoKind>()?;
+                (Some(beta), Some(ls), Some(loss))
+            }
+        };
+        let s = Settings {
+            method,
+            model: path_str(&a.model),
+            data: a.data.clone(),
+            peft,
+            rank: a.rank.unwrap_or(d.rank),
+            alpha: a.alpha.unwrap_or(d.alpha),
+            dropout: a.dropout.unwrap_or(d.dropout),
+            targets,
+            lr,
+            scheduler: scheduler.name().into(),
+            warmup_steps: a.warmup_steps.unwrap_or(0),
+            batch_size,
+            grad_accum,
+            steps: positive(a.steps.unwrap_or(700), "--steps")?,
+            max_grad_norm,
+            weight_decay,
+            adam_beta1: b1,
+            adam_beta2: b2,
+            adam_eps: eps,
+            max_length: a.max_length.unwrap_or(512),
+            max_prompt_length: a.max_prompt_length.unwrap_or(256),
+            template: a.template.parse::<crate::model::Template>()?.name().into(),
+            seed,
+            data_seed: a.data_seed,
+            shuffle: !a.no_shuffle,
+            num_samples: a.num_samples,
+            init_adapter: a.init_adapter.as_deref().map(path_str),
+            beta,
+            label_smoothing,
+            loss,
+            ref_adapter: a.ref_adapter.as_deref().map(path_str),
+            precompute_ref: a.precompute_ref,
+            eval_data: a.eval_data.clone(),
+            eval_every: a.eval_every,
+        };
+        if a.num_samples == Some(0) {
+            return Err(bad("--num-samples must be at least 1"));
+        }
+        s.lora().validate()?;
+        Ok(s)
+    }
+
+    pub fn lora(&self) -> LoraConfig {
+        LoraConfig {
+            r: self.rank,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            targets: self.targets.clone(),
+            use_rslora: false,
+        }
+    }
+
+    pub fn schedule(&self) -> Schedule {
+        self.scheduler.parse().expect("validated in resolve")
+    }
+
+    pub fn dpo(&self) -> Option<DpoCfg> {
+        Some(DpoCfg {
+            beta: self.beta?,
+            label_smoothing: self.label_smoothing?,
+            kind: self.loss.as_deref()?.parse().ok()?,
+        })
+    }
+}

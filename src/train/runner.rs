@@ -1,0 +1,683 @@
+//! The training loop shared by SFT and DPO: data order, micro-batches, loss and
+//! adapter gradients, `clip_grad_norm_`, AdamW, schedule, metrics, checkpoints, resume.
+
+use super::checkpoint::{self, AdamState, State};
+use super::loss::{dpo_pair, DpoCfg, DpoKind};
+use super::{Method, Settings, TrainArgs};
+use crate::backend::cpu::optim::{clip_grad_norm, AdamWScalars};
+use crate::commands::Common;
+use crate::data::examples::{
+    pref_examples, sft_examples, Encoder, Limits, PrefExample, SftExample,
+};
+use crate::data::sources::{self, Kind, LoadOptions};
+use crate::error::{bad, Error, Result};
+use crate::lora::{peft, Adapter};
+use crate::model::llama::{Dropout, SeqBatch};
+use crate::model::{Model, ScoreSeq, Template, Tokenizer};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+use std::io::Write;
+use std::path::Path;
+
+/// The examples of a run.
+enum Examples {
+    Sft(Vec<SftExample>),
+    Pref(Vec<PrefExample>),
+}
+
+impl Examples {
+    fn len(&self) -> usize {
+        match self {
+            Examples::Sft(v) => v.len(),
+            Examples::Pref(v) => v.len(),
+        }
+    }
+}
+
+fn seq(e: &SftExample) -> ScoreSeq {
+    ScoreSeq {
+        ids: e.ids.clone(),
+        prompt_len: e.prompt_len,
+    }
+}
+
+/// Reference log-probs of one pair: (chosen, rejected), sums over completion tokens.
+type RefPair = (f64, f64);
+
+/// Loads, filters and tokenizes `specs` for this run.
+fn load_examples(
+    specs: &[String],
+    s: &Settings,
+    model: &Model,
+    model_dir: &Path,
+    sample: bool,
+) -> Result<(Examples, String)> {
+    let kind = if s.method == Method::Sft {
+        Kind::Sft
+    } else {
+        Kind::Pref
+    };
+    let opts = LoadOptions {
+        num_samples: if sample { s.num_samples } else { None },
+        data_seed: s.data_seed,
+        shuffle: sample && s.shuffle,
+    };
+    let (rows, mut stats) = sources::load(specs, kind, &opts)?;
+    let tok = if model_dir.join("tokenizer.json").exists() {
+        Some(Tokenizer::load(
+            model_dir,
+            model.cfg.bos_token_id,
+            model.cfg.eos_token_ids.first().copied(),
+        )?)
+    } else {
+        None
+    };
+    let enc = Encoder {
+        tokenizer: tok.as_ref(),
+        template: s.template.parse::<Template>()?,
+        limits: Limits {
+            max_length: s.max_length,
+            max_prompt_length: s.max_prompt_length,
+        },
+        vocab_size: model.cfg.vocab_size,
+    };
+    let ex = match s.method {
+        Method::Sft => Examples::Sft(sft_examples(&rows, &enc, &mut stats)?),
+        Method::Dpo => Examples::Pref(pref_examples(&rows, &enc, &mut stats)?),
+    };
+    if ex.len() == 0 {
+        return Err(bad(format!("--data: no usable examples ({stats})")));
+    }
+    let hashes = stats
+        .sources
+        .iter()
+        .map(|src| {
+            Ok(format!(
+                "{} sha256:{}",
+                src.file.display(),
+                sha256_file(&src.file)?
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((ex, format!("{stats}\n{}", hashes.join("\n"))))
+}
+
+fn sha256_file(p: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut f = std::fs::File::open(p).map_err(|e| Error::read(p, e))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| Error::read(p, e))?;
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Example index of global sample `i`: epoch 0 is the loader's order (already shuffled
+/// with --data-seed unless --no-shuffle); each later epoch reshuffles with its own seed.
+fn sample_index(
+    i: usize,
+    n: usize,
+    s: &Settings,
+    cache: &mut Option<(usize, Vec<usize>)>,
+) -> usize {
+    let (epoch, pos) = (i / n, i % n);
+    if epoch == 0 || !s.shuffle {
+        return pos;
+    }
+    if cache.as_ref().map(|c| c.0) != Some(epoch) {
+        let mut order: Vec<usize> = (0..n).collect();
+        sources::shuffle(&mut order, s.data_seed.wrapping_add(epoch as u64));
+        *cache = Some((epoch, order));
+    }
+    cache.as_ref().expect("filled above").1[pos]
+}
+
+/// Everything logged for one step.
+#[derive(Default)]
+struct StepOut {
+    loss: f64,
+    tokens: usize,
+    rewards_c: f64,
+    rewards_r: f64,
+    accuracies: f64,
+    logps_c: f64,
+    logps_r: f64,
+}
+
+/// Summed (or, for IPO, mean) completion log-prob of each sequence.
+fn seq_logps(lp: &[Vec<f32>], kind: Option<DpoKind>) -> Vec<f64> {
+    lp.iter()
+        .map(|v| {
+            let s: f64 = v.iter().map(|&x| x as f64).sum();
+            if kind == Some(DpoKind::Ipo) {
+                s / v.len() as f64
+            } else {
+                s
+            }
+        })
+        .collect()
+}
+
+struct Ctx<'a> {
+    model: &'a Model,
+    s: &'a Settings,
+    ref_adapter: Option<&'a Adapter>,
+    /// Precomputed reference log-probs, one per example (DPO with --precompute-ref).
+    ref_cache: Option<&'a [RefPair]>,
+}
+
+impl Ctx<'_> {
+    fn reference(&self, pairs: &[(usize, &PrefExample)], kind: DpoKind) -> Result<Vec<RefPair>> {
+        if let Some(c) = self.ref_cache {
+            return Ok(pairs.iter().map(|(i, _)| c[*i]).collect());
+        }
+        let seqs: Vec<ScoreSeq> = pairs
+            .iter()
+            .flat_map(|(_, p)| [seq(&p.chosen), seq(&p.rejected)])
+            .collect();
+        let lp = seq_logps(
+            &self.model.completion_logprobs(&seqs, self.ref_adapter)?,
+            Some(kind),
+        );
+        Ok(lp.chunks(2).map(|c| (c[0], c[1])).collect())
+    }
+
+    /// Forward + backward of one micro-batch; `norm` is the step's loss denominator
+    /// (completion tokens for SFT, pairs for DPO). Returns the micro-batch's share.
+    fn micro_step(
+        &self,
+        adapter: &Adapter,
+        ex: &Examples,
+        idx: &[usize],
+        norm: f64,
+        dropout: Option<&mut Dropout>,
+        grads: Option<&mut Adapter>,
+    ) -> Result<StepOut> {
+        let mut out = StepOut::default();
+        match ex {
+            Examples::Sft(v) => {
+                let seqs: Vec<ScoreSeq> = idx.iter().map(|&i| seq(&v[i])).collect();
+                let b = SeqBatch::new(&seqs);
+                let (lp, trace) = self.model.forward(
+                    Some(adapter),
+                    &b.ids,
+                    &b.pack,
+                    &b.rows,
+                    &b.targets,
+                    dropout,
+                    grads.is_some(),
+                );
+                out.loss = -lp.iter().map(|&x| x as f64).sum::<f64>() / norm;
+                out.tokens = b.ids.len();
+                if let (Some(g), Some(t)) = (grads, trace) {
+                    let d = vec![(-1.0 / norm) as f32; lp.len()];
+                    self.model.backward(adapter, &t, &d, g);
+                }
+            }
+            Examples::Pref(v) => {
+                let cfg: DpoCfg = self.s.dpo().expect("dpo settings");
+                let pairs: Vec<(usize, &PrefExample)> = idx.iter().map(|&i| (i, &v[i])).collect();
+                let refs = self.reference(&pairs, cfg.kind)?;
+                // Chosen and rejected of every pair in one batched forward.
+                let seqs: Vec<ScoreSeq> = pairs
+                    .iter()
+                    .flat_map(|(_, p)| [seq(&p.chosen), seq(&p.rejected)])
+                    .collect();
+                let b = SeqBatch::new(&seqs);
+                let (lp, trace) = self.model.forward(
+                    Some(adapter),
+                    &b.ids,
+                    &b.pack,
+                    &b.rows,
+                    &b.targets,
+                    dropout,
+                    grads.is_some(),
+                );
+                let per_seq = b.split(&lp);
+                let pol = seq_logps(&per_seq, Some(cfg.kind));
+                let mut dlogp = Vec::with_capacity(lp.len());
+                for (k, (rc, rr)) in refs.iter().enumerate() {
+                    let (pc, pr) = (pol[2 * k], pol[2 * k + 1]);
+                    let pl = dpo_pair(&cfg, pc, pr, *rc, *rr);
+                    out.loss += pl.loss / norm;
+                    let (rwc, rwr) = (cfg.beta * (pc - rc), cfg.beta * (pr - rr));
+                    out.rewards_c += rwc / norm;
+                    out.rewards_r += rwr / norm;
+                    out.accuracies += if rwc > rwr { 1.0 } else { 0.0 } / norm;
+                    out.logps_c += pc / norm;
+                    out.logps_r += pr / norm;
+                    for (which, d) in [(2 * k, pl.d_chosen), (2 * k + 1, pl.d_rejected)] {
+                        let n = per_seq[which].len() as f64;
+                        let per_token = if cfg.kind == DpoKind::Ipo { d / n } else { d } / norm;
+                        dlogp.extend(std::iter::repeat_n(per_token as f32, per_seq[which].len()));
+                    }
+                }
+                out.tokens = b.ids.len();
+                if let (Some(g), Some(t)) = (grads, trace) {
+                    self.model.backward(adapter, &t, &dlogp, g);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn add_out(acc: &mut StepOut, o: StepOut) {
+    acc.loss += o.loss;
+    acc.tokens += o.tokens;
+    acc.rewards_c += o.rewards_c;
+    acc.rewards_r += o.rewards_r;
+    acc.accuracies += o.accuracies;
+    acc.logps_c += o.logps_c;
+    acc.logps_r += o.logps_r;
+}
+
+/// The step's loss denominator: completion tokens (SFT) or pairs (DPO).
+fn step_norm(ex: &Examples, idx: &[usize]) -> f64 {
+    match ex {
+        Examples::Sft(v) => idx
+            .iter()
+            .map(|&i| v[i].ids.len() - v[i].prompt_len)
+            .sum::<usize>() as f64,
+        Examples::Pref(_) => idx.len() as f64,
+    }
+}
+
+fn metrics_row(
+    method: Method,
+    step: usize,
+    o: &StepOut,
+    lr: f64,
+    grad_norm: f32,
+    secs: f64,
+) -> serde_json::Value {
+    let mut row = json!({
+        "step": step, "loss": o.loss, "lr": lr, "grad_norm": grad_norm,
+        "tokens": o.tokens, "tokens_per_s": o.tokens as f64 / secs.max(1e-9),
+    });
+    if method == Method::Dpo {
+        row["rewards/chosen"] = json!(o.rewards_c);
+        row["rewards/rejected"] = json!(o.rewards_r);
+        row["rewards/accuracies"] = json!(o.accuracies);
+        row["rewards/margins"] = json!(o.rewards_c - o.rewards_r);
+        row["logps/chosen"] = json!(o.logps_c);
+        row["logps/rejected"] = json!(o.logps_r);
+    }
+    row
+}
+
+/// Keeps the metrics rows of steps ≤ `upto` (resume: rows past the checkpoint are redone).
+fn trim_metrics(path: &Path, upto: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= upto)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::fsio::write_bytes_atomic(path, kept.as_bytes())
+}
+
+fn append(path: &Path, row: &serde_json::Value) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::write(path, e))?;
+    writeln!(f, "{row}").map_err(|e| Error::write(path, e))
+}
+
+/// Prepares `--out`: a new run needs a missing or empty folder; `--resume` needs a checkpoint.
+fn prepare_out(out: &Path, resume: bool, steps: usize) -> Result<()> {
+    let run_json = out.join("run.json");
+    if resume {
+        if run_json.exists() {
+            let v: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&run_json).unwrap_or_default())
+                    .unwrap_or_default();
+            if v["finished"].as_bool() == Some(true)
+                && v["settings"]["steps"].as_u64() == Some(steps as u64)
+            {
+                return Err(bad(format!(
+                    "{}: the run already finished ({steps} steps); nothing to resume",
+                    out.display()
+                )));
+            }
+        }
+        if !checkpoint::exists(out) {
+            return Err(bad(format!(
+                "--resume: {} holds no checkpoint",
+                out.display()
+            )));
+        }
+        return Ok(());
+    }
+    if out.exists() {
+        let empty = out.is_dir()
+            && std::fs::read_dir(out)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false);
+        if !empty {
+            let what = if run_json.exists() || checkpoint::exists(out) {
+                "holds a run"
+            } else {
+                "is not empty"
+            };
+            return Err(bad(format!(
+                "--out {} {what}; use --resume to continue it or choose another folder",
+                out.display()
+            )));
+        }
+        return Ok(());
+    }
+    std::fs::create_dir(out).map_err(|e| Error::write(out, e))
+}
+
+/// Writes run.json atomically.
+fn write_run_json(out: &Path, s: &Settings, data: &str, finished: bool, step: usize) -> Result<()> {
+    let v = json!({
+        "palign_version": env!("CARGO_PKG_VERSION"),
+        "settings": s,
+        "data": data.lines().collect::<Vec<_>>(),
+        "finished": finished,
+        "steps_done": step,
+    });
+    crate::fsio::write_bytes_atomic(
+        &out.join("run.json"),
+        &serde_json::to_vec_pretty(&v).expect("json"),
+    )
+}
+
+fn ref_path(out: &Path) -> std::path::PathBuf {
+    out.join("ref_logps.jsonl")
+}
+
+/// Reference log-probs of every pair, computed once (`--precompute-ref`) and stored
+/// in `--out`, or read back from there on `--resume`.
+fn precomputed_ref(ctx: &Ctx, ex: &Examples, out: &Path, kind: DpoKind) -> Result<Vec<RefPair>> {
+    let Examples::Pref(v) = ex else {
+        return Ok(vec![]);
+    };
+    let p = ref_path(out);
+    if p.exists() {
+        let rows: Vec<RefPair> = std::fs::read_to_string(&p)
+            .map_err(|e| Error::read(&p, e))?
+            .lines()
+            .map(|l| {
+                let r: serde_json::Value =
+                    serde_json::from_str(l).map_err(|e| bad(format!("{}: {e}", p.display())))?;
+                Ok((
+                    r["chosen"].as_f64().unwrap_or(f64::NAN),
+                    r["rejected"].as_f64().unwrap_or(f64::NAN),
+                ))
+            })
+            .collect::<Result<_>>()?;
+        if rows.len() == v.len() {
+            return Ok(rows);
+        }
+        return Err(bad(format!(
+            "{}: {} rows for {} pairs",
+            p.display(),
+            rows.len(),
+            v.len()
+        )));
+    }
+    let mut all = Vec::with_capacity(v.len());
+    for chunk in (0..v.len()).collect::<Vec<_>>().chunks(16) {
+        let pairs: Vec<(usize, &PrefExample)> = chunk.iter().map(|&i| (i, &v[i])).collect();
+        all.extend(ctx.reference(&pairs, kind)?);
+    }
+    crate::fsio::write_atomic(&p, |w| {
+        for (c, r) in &all {
+            writeln!(w, "{}", json!({"chosen": c, "rejected": r}))?;
+        }
+        Ok(())
+    })?;
+    Ok(all)
+}
+
+/// Mean loss (and DPO accuracy) over held-out examples, no dropout, no gradients.
+fn evaluate(ctx: &Ctx, adapter: &Adapter, ex: &Examples) -> Result<StepOut> {
+    let idx: Vec<usize> = (0..ex.len()).collect();
+    let norm = step_norm(ex, &idx);
+    let mut acc = StepOut::default();
+    for chunk in idx.chunks(ctx.s.batch_size / ctx.s.grad_accum) {
+        add_out(
+            &mut acc,
+            ctx.micro_step(adapter, ex, chunk, norm, None, None)?,
+        );
+    }
+    Ok(acc)
+}
+
+pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
+    common.setup()?;
+    let mut s = Settings::resolve(args, method, common.seed)?;
+    let out = args.out.as_path();
+    prepare_out(out, args.resume, s.steps)?;
+    let mut model = Model::load(&args.model)?;
+    if s.peft == "qlora" && !model.is_nf4() {
+        // QLoRA: the frozen base in bitsandbytes' NF4 (blocksize 64, double quant).
+        model.quantize_nf4(crate::quant::DEFAULT_BLOCKSIZE, true)?;
+    }
+    let mut adapter = match &args.init_adapter {
+        Some(d) => {
+            let a = peft::load(d, &model.cfg)?;
+            // The initial adapter's rank/alpha/targets win over the flags.
+            s.rank = a.cfg.r;
+            s.alpha = a.cfg.alpha;
+            s.targets = a.cfg.targets.clone();
+            let mut a = a;
+            a.cfg.dropout = s.dropout;
+            a
+        }
+        None => Adapter::init(&model.cfg, s.lora(), s.seed)?,
+    };
+    let (ex, data_desc) = load_examples(&s.data, &s, &model, &args.model, true)?;
+    let eval = if s.eval_data.is_empty() {
+        None
+    } else {
+        Some(load_examples(&s.eval_data, &s, &model, &args.model, false)?.0)
+    };
+    let show = common.progress();
+    if !common.quiet {
+        eprintln!("data: {}", data_desc.lines().next().unwrap_or(""));
+    }
+    let mut opt = AdamState {
+        m: adapter.zeros_like(),
+        v: adapter.zeros_like(),
+        step: 0,
+    };
+    let mut start = 0;
+    if args.resume {
+        let (a, o, st) = checkpoint::load(out, &model.cfg)?;
+        let mut saved = st.settings.clone();
+        saved.eval_every = s.eval_every;
+        saved.eval_data = s.eval_data.clone();
+        if saved != s {
+            let (a_json, b_json) = (
+                serde_json::to_value(&saved).expect("json"),
+                serde_json::to_value(&s).expect("json"),
+            );
+            let field = a_json
+                .as_object()
+                .and_then(|o| {
+                    o.iter()
+                        .find(|(k, v)| b_json.get(k.as_str()) != Some(v))
+                        .map(|(k, _)| k.clone())
+                })
+                .unwrap_or_default();
+            return Err(bad(format!(
+                "--resume: setting `{field}` differs from the checkpoint's run in {}",
+                out.display()
+            )));
+        }
+        let mut a = a;
+        a.cfg.dropout = s.dropout;
+        adapter = a;
+        opt = o;
+        start = st.step;
+        trim_metrics(&out.join("metrics.jsonl"), start)?;
+    } else {
+        write_run_json(out, &s, &data_desc, false, 0)?;
+    }
+    let ref_adapter = match &args.ref_adapter {
+        Some(d) => Some(peft::load(d, &model.cfg)?),
+        None => None,
+    };
+    let mut ctx = Ctx {
+        model: &model,
+        s: &s,
+        ref_adapter: ref_adapter.as_ref(),
+        ref_cache: None,
+    };
+    let ref_rows;
+    if s.precompute_ref {
+        ref_rows = precomputed_ref(&ctx, &ex, out, s.dpo().expect("dpo").kind)?;
+        ctx.ref_cache = Some(&ref_rows);
+    }
+    let n = ex.len();
+    let micro = s.batch_size / s.grad_accum;
+    let sched = s.schedule();
+    let metrics = out.join("metrics.jsonl");
+    let pb = crate::commands::progress_bar(s.steps as u64, show, method_name(method));
+    pb.set_position(start as u64);
+    let mut order_cache = None;
+    let stop = args.stop_after.unwrap_or(usize::MAX);
+    let mut step = start;
+    while step < s.steps && step < stop {
+        let t0 = std::time::Instant::now();
+        let idx: Vec<usize> = (0..s.batch_size)
+            .map(|k| sample_index(step * s.batch_size + k, n, &s, &mut order_cache))
+            .collect();
+        let norm = step_norm(&ex, &idx);
+        let mut grads = adapter.zeros_like();
+        let mut dropout = (s.dropout > 0.0).then(|| {
+            let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
+            rng.set_stream(step as u64);
+            Dropout { p: s.dropout, rng }
+        });
+        let mut acc = StepOut::default();
+        for chunk in idx.chunks(micro) {
+            add_out(
+                &mut acc,
+                ctx.micro_step(
+                    &adapter,
+                    &ex,
+                    chunk,
+                    norm,
+                    dropout.as_mut(),
+                    Some(&mut grads),
+                )?,
+            );
+        }
+        if !acc.loss.is_finite() {
+            return Err(Error::BadInput(format!(
+                "step {}: the loss is not finite ({}); lower --lr",
+                step + 1,
+                acc.loss
+            )));
+        }
+        let mut slices: Vec<&mut [f32]> = grads
+            .pairs_mut()
+            .flat_map(|(_, _, p)| [p.a.cpu_mut(), p.b.cpu_mut()])
+            .collect();
+        let grad_norm = clip_grad_norm(&mut slices, s.max_grad_norm as f32);
+        let lr = sched.lr(s.lr, step, s.steps, s.warmup_steps);
+        opt.step += 1;
+        let sc = AdamWScalars::new(
+            opt.step,
+            lr,
+            s.adam_beta1,
+            s.adam_beta2,
+            s.adam_eps,
+            s.weight_decay,
+        )?;
+        let params = adapter
+            .pairs_mut()
+            .flat_map(|(_, _, p)| [p.a.cpu_mut(), p.b.cpu_mut()]);
+        let ms = opt
+            .m
+            .pairs_mut()
+            .flat_map(|(_, _, p)| [p.a.cpu_mut(), p.b.cpu_mut()]);
+        let vs = opt
+            .v
+            .pairs_mut()
+            .flat_map(|(_, _, p)| [p.a.cpu_mut(), p.b.cpu_mut()]);
+        for (((p, g), m), v) in params
+            .zip(grads.pairs().flat_map(|(_, _, p)| [p.a.cpu(), p.b.cpu()]))
+            .zip(ms)
+            .zip(vs)
+        {
+            for i in 0..p.len() {
+                sc.update(&mut p[i], g[i], &mut m[i], &mut v[i]);
+            }
+        }
+        step += 1;
+        let secs = t0.elapsed().as_secs_f64();
+        if step % args.log_every == 0 || step == s.steps {
+            append(
+                &metrics,
+                &metrics_row(method, step, &acc, lr, grad_norm, secs),
+            )?;
+        }
+        if let (Some(e), true) = (&eval, s.eval_every > 0 && step % s.eval_every.max(1) == 0) {
+            let r = evaluate(&ctx, &adapter, e)?;
+            let mut row = json!({"step": step, "eval_loss": r.loss});
+            if method == Method::Dpo {
+                row["eval_rewards/accuracies"] = json!(r.accuracies);
+                row["eval_rewards/margins"] = json!(r.rewards_c - r.rewards_r);
+            }
+            append(&metrics, &row)?;
+        }
+        pb.set_message(format!(
+            "{} loss {:.4} {:.0} tok/s",
+            method_name(method),
+            acc.loss,
+            acc.tokens as f64 / secs.max(1e-9)
+        ));
+        pb.inc(1);
+        let save_now =
+            (args.save_every > 0 && step % args.save_every == 0) || step == s.steps || step == stop;
+        if save_now {
+            let state = State {
+                step,
+                samples_seen: step * s.batch_size,
+                rng: format!("chacha8 seed {} stream {step}", s.seed),
+                settings: s.clone(),
+            };
+            checkpoint::save(out, &adapter, &opt, &state)?;
+        }
+    }
+    pb.finish_and_clear();
+    if step < s.steps {
+        eprintln!(
+            "stopped after step {step} of {}; continue with --resume",
+            s.steps
+        );
+        return Ok(());
+    }
+    peft::save(&adapter, out, &s.model)?;
+    write_run_json(out, &s, &data_desc, true, step)?;
+    if !common.quiet {
+        eprintln!(
+            "{}: {} steps done; adapter written to {}",
+            method_name(method),
+            step,
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+fn method_name(m: Method) -> &'static str {
+    match m {
+        Method::Sft => "sft",
+        Method::Dpo => "dpo",
+    }
+}

@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# Build every GPU test and bench binary here (no GPU needed), stage them with a runner
+# in ./gpu-stage/ (git-ignored), then run them on a GPU machine in one command.
+#
+#   tools/gpu-check.sh            # build + stage (prints the staged size)
+#
+# On the GPU machine (NVIDIA driver, nvcc, PyTorch; no Rust toolchain needed):
+#   bash gpu-stage/run.sh         # runs everything, writes the report
+#
+# From a palign session with the device tool, that second step is one call:
+#   run(command="bash gpu-stage/run.sh", carry=["gpu-stage"], timeout_s=480)
+# The runner writes gpu-report.md (GPU name, driver, per-test pass/fail, every PARITY
+# max-error line, every BENCH figure) plus full logs under $OUT, which come back with
+# the call. Copy the figures into benches/RESULTS.md with the date, GPU and commit.
+#
+# What counts as a GPU binary: an integration test in tests/ that has
+# `#[ignore = "needs a CUDA device"]`, the library's unit tests if src/ has one, and a
+# bench in benches/ that uses `backend::cuda`. Tests run with --include-ignored (so
+# their CPU-side tests run there too), benches with --bench. Binaries are release
+# builds with PALIGN_REQUIRE_KERNELS=1 (every arch in the fatbin), stripped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+STAGE=gpu-stage
+LIMIT_MIB=64
+
+tests=()
+for f in tests/*.rs; do
+    grep -q 'needs a CUDA device' "$f" && tests+=(--test "$(basename "$f" .rs)")
+done
+if grep -rq 'needs a CUDA device' src/; then
+    tests+=(--lib)
+fi
+benches=()
+for f in benches/*.rs; do
+    grep -q 'backend::cuda' "$f" && benches+=(--bench "$(basename "$f" .rs)")
+done
+if [ ${#tests[@]} -eq 0 ] && [ ${#benches[@]} -eq 0 ]; then
+    echo "gpu-check: no GPU tests or benches found" >&2
+    exit 1
+fi
+
+export PALIGN_REQUIRE_KERNELS=1
+json="$(mktemp)"
+trap 'rm -f "$json"' EXIT
+echo "gpu-check: building ${tests[*]} ${benches[*]}" >&2
+[ ${#tests[@]} -gt 0 ] && cargo test --release --no-run --message-format=json "${tests[@]}" >>"$json"
+[ ${#benches[@]} -gt 0 ] && cargo bench --no-run --message-format=json "${benches[@]}" >>"$json"
+
+rm -rf "$STAGE"
+mkdir -p "$STAGE/tests" "$STAGE/benches"
+# One line per built executable: "<kind> <name> <path>", kind = test | bench.
+python3 - "$json" <<'EOF' | while read -r kind name path; do
+import json, sys
+seen = set()
+for line in open(sys.argv[1]):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    t = m["target"]
+    if not m["profile"].get("test") and "bench" not in t["kind"]:
+        continue
+    kind = "bench" if "bench" in t["kind"] else "test"
+    key = (kind, t["name"])
+    if key not in seen:
+        seen.add(key)
+        print(kind, t["name"], m["executable"])
+EOF
+    case "$kind" in
+        test) dest="$STAGE/tests" ;;
+        *) dest="$STAGE/benches" ;;
+    esac
+    cp "$path" "$dest/$name"
+    strip "$dest/$name"
+done
+
+commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+dirty="$(git status --porcelain 2>/dev/null | grep -q . && echo ' (+ uncommitted changes)' || true)"
+{
+    echo "commit: $commit$dirty"
+    echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), $(rustc --version)"
+    echo "nvcc/fatbin: see the first line of each test log (kernels_compiled, TARGETS)"
+    echo "tests: $(ls "$STAGE/tests" | tr '\n' ' ')"
+    echo "benches: $(ls "$STAGE/benches" | tr '\n' ' ')"
+} >"$STAGE/MANIFEST"
+
+cat >"$STAGE/run.sh" <<'EOF'
+#!/usr/bin/env bash
+# Runs on the GPU machine (written by tools/gpu-check.sh). Writes gpu-report.md,
+# tests.log and benches.log into $OUT (or gpu-stage/out). Exit 1 if any test failed.
+set -u
+HERE="$(cd "$(dirname "$0")" && pwd)"
+OUTDIR="${OUT:-$HERE/out}"
+mkdir -p "$OUTDIR"
+REPORT="$OUTDIR/gpu-report.md"
+TLOG="$OUTDIR/tests.log"
+BLOG="$OUTDIR/benches.log"
+: >"$TLOG"
+: >"$BLOG"
+
+# cuBLAS: the system's, else the one PyTorch's wheels ship (nvidia/*/lib).
+libdirs="$(python3 - <<'PY' 2>/dev/null
+import glob, os, site
+dirs = set()
+for sp in site.getsitepackages():
+    for p in glob.glob(os.path.join(sp, "nvidia", "**", "libcublas.so*"), recursive=True):
+        dirs.add(os.path.dirname(p))
+print(":".join(sorted(dirs)))
+PY
+)"
+export LD_LIBRARY_PATH="${libdirs:+$libdirs:}/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+export CRITERION_HOME="${TMPDIR:-/tmp}/palign-criterion"
+
+{
+    echo "# palign GPU check"
+    echo
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    sed 's/^/    /' "$HERE/MANIFEST"
+    echo
+    echo "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader 2>&1 | head -n 1)"
+    echo "nvcc here: $(nvcc --version 2>/dev/null | tail -n 2 | head -n 1)"
+    echo "cuBLAS dirs: ${libdirs:-none found in site-packages}"
+} >"$REPORT"
+
+failed=0
+echo >>"$REPORT"
+echo "## tests" >>"$REPORT"
+for t in "$HERE"/tests/*; do
+    [ -x "$t" ] || continue
+    name="$(basename "$t")"
+    echo "==== $name" >>"$TLOG"
+    timeout 600 "$t" --include-ignored --test-threads=1 --show-output >>"$TLOG" 2>&1
+    rc=$?
+    [ $rc -ne 0 ] && failed=1
+    {
+        echo
+        echo "### $name (exit $rc)"
+        echo '```'
+        sed -n "/^==== $name\$/,/^==== /p" "$TLOG" |
+            grep -E '^test .* \.\.\. |^---- |PARITY|panicked|^test result|kernels not compiled'
+        echo '```'
+    } >>"$REPORT"
+done
+
+echo >>"$REPORT"
+echo "## benches" >>"$REPORT"
+for b in "$HERE"/benches/*; do
+    [ -x "$b" ] || continue
+    name="$(basename "$b")"
+    echo "==== $name" >>"$BLOG"
+    timeout 600 "$b" --bench >>"$BLOG" 2>&1
+    rc=$?
+    {
+        echo
+        echo "### $name (exit $rc)"
+        echo '```'
+        sed -n "/^==== $name\$/,/^==== /p" "$BLOG" | grep -E 'BENCH|skipped|^small_kernels on|summary on|thrpt|error' || true
+        echo '```'
+    } >>"$REPORT"
+done
+
+echo >>"$REPORT"
+if [ $failed -eq 0 ]; then echo "RESULT: all tests passed" >>"$REPORT"; else echo "RESULT: SOME TESTS FAILED (see tests.log)" >>"$REPORT"; fi
+cat "$REPORT"
+exit $failed
+EOF
+chmod +x "$STAGE/run.sh"
+
+size_kib="$(du -sk "$STAGE" | cut -f1)"
+echo "gpu-check: staged in $STAGE: $(ls "$STAGE/tests" "$STAGE/benches" | grep -vc ':$\|^$') binaries, $((size_kib / 1024)) MiB (${size_kib} KiB)" >&2
+ls -la "$STAGE/tests" "$STAGE/benches" >&2
+if [ "$size_kib" -gt $((LIMIT_MIB * 1024)) ]; then
+    echo "gpu-check: $STAGE is over ${LIMIT_MIB} MiB; the device tool will not carry it" >&2
+    exit 1
+fi
+echo "gpu-check: on the GPU machine run: bash $STAGE/run.sh" >&2
