@@ -292,3 +292,173 @@ fn resume_continues_exactly() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("holds a run"));
 }
+
+fn dpo_run(out: &Path, extra: &[&str]) -> Vec<Value> {
+    let t = fx().join("train/tiny-llama");
+    let data = format!("jsonl:{}", t.join("dpo_pairs.jsonl").display());
+    let model = fx().join("tiny-llama");
+    let init = t.join("init_adapter");
+    let mut a = vec![
+        "dpo",
+        "--quiet",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        &data,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    a.extend([
+        "--init-adapter",
+        init.to_str().unwrap(),
+        "--no-shuffle",
+        "--dropout",
+        "0",
+        "--batch-size",
+        "4",
+        "--steps",
+        "2",
+        "--lr",
+        "1e-3",
+        "--peft",
+        "lora",
+    ]);
+    a.extend(extra);
+    palign(&a);
+    jsonl(&out.join("metrics.jsonl"))
+}
+
+/// With the reference = the initial adapter (TRL's default when handed a trained
+/// adapter), the first step has policy = reference: zero rewards, loss log 2 (sigmoid)
+/// or (1/(2β))² (IPO), whatever the data.
+#[test]
+fn dpo_ref_adapter_and_ipo_start_from_zero_margin() {
+    let d = tempfile::tempdir().unwrap();
+    let init = fx().join("train/tiny-llama/init_adapter");
+    let m = dpo_run(
+        &d.path().join("a"),
+        &["--ref-adapter", init.to_str().unwrap()],
+    );
+    assert!(
+        (m[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6,
+        "{}",
+        m[0]
+    );
+    assert!(m[0]["rewards/chosen"].as_f64().unwrap().abs() < 1e-6);
+    assert!(
+        m[1]["rewards/margins"].as_f64().unwrap().abs() > 1e-4,
+        "the policy moves away from the reference"
+    );
+    let m = dpo_run(
+        &d.path().join("b"),
+        &[
+            "--ref-adapter",
+            init.to_str().unwrap(),
+            "--loss",
+            "ipo",
+            "--beta",
+            "0.1",
+        ],
+    );
+    assert!(
+        (m[0]["loss"].as_f64().unwrap() - 25.0).abs() < 1e-4,
+        "{}",
+        m[0]
+    );
+}
+
+/// `--precompute-ref` stores the reference log-probs once and trains exactly as the
+/// on-the-fly reference does; a resumed run reuses the stored file.
+#[test]
+fn dpo_precomputed_reference_is_the_same_reference() {
+    let d = tempfile::tempdir().unwrap();
+    let a = dpo_run(&d.path().join("a"), &[]);
+    let out = d.path().join("b");
+    let b = dpo_run(&out, &["--precompute-ref"]);
+    for (x, y) in a.iter().zip(&b) {
+        for k in ["loss", "logps/chosen", "rewards/margins", "grad_norm"] {
+            assert!(
+                (x[k].as_f64().unwrap() - y[k].as_f64().unwrap()).abs()
+                    <= 1e-6 * x[k].as_f64().unwrap().abs().max(1.0),
+                "{k}"
+            );
+        }
+    }
+    let refs = std::fs::read_to_string(out.join("ref_logps.jsonl")).unwrap();
+    assert_eq!(refs.lines().count(), 12);
+    let c = d.path().join("c");
+    dpo_run(
+        &c,
+        &["--precompute-ref", "--save-every", "1", "--stop-after", "1"],
+    );
+    let stored = std::fs::read_to_string(c.join("ref_logps.jsonl")).unwrap();
+    assert_eq!(stored, refs);
+    // Tamper with the stored reference: the resumed run must use the file, not recompute.
+    let shifted: String = stored
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            format!("{}\n", serde_json::json!({"chosen": v["chosen"].as_f64().unwrap() - 1.0, "rejected": v["rejected"]}))
+        })
+        .collect();
+    std::fs::write(c.join("ref_logps.jsonl"), shifted).unwrap();
+    let m = dpo_run(&c, &["--precompute-ref", "--save-every", "1", "--resume"]);
+    let r2 = m[1]["rewards/chosen"].as_f64().unwrap();
+    assert!(
+        (r2 - b[1]["rewards/chosen"].as_f64().unwrap() - 0.1).abs() < 1e-3,
+        "resume ignored the stored reference"
+    );
+}
+
+/// The real dataset formats train end to end with chat templates.
+#[test]
+fn dpo_and_sft_run_on_hh_rlhf_and_beavertails_files() {
+    let d = tempfile::tempdir().unwrap();
+    let model = fx().join("tiny-mistral");
+    let hh = format!("hh-rlhf:{}", fx().join("datasets/hh-rlhf").display());
+    let pku = format!(
+        "pku-saferlhf:{}:harmless",
+        fx().join("datasets/pku-saferlhf").display()
+    );
+    for (cmd, tpl) in [("dpo", "mistral"), ("sft", "vicuna")] {
+        let out = d.path().join(cmd);
+        palign(&[
+            cmd,
+            "--quiet",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            &hh,
+            "--data",
+            &pku,
+            "--out",
+            out.to_str().unwrap(),
+            "--template",
+            tpl,
+            "--peft",
+            "qlora",
+            "--rank",
+            "2",
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "2",
+            "--steps",
+            "2",
+            "--max-length",
+            "96",
+            "--max-prompt-length",
+            "48",
+        ]);
+        let m = jsonl(&out.join("metrics.jsonl"));
+        assert_eq!(m.len(), 2);
+        assert!(m.iter().all(|r| r["loss"].as_f64().unwrap().is_finite()));
+        let run: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+        assert_eq!(run["finished"], true);
+        assert!(
+            run["data"].to_string().contains("sha256:"),
+            "data file hashes in run.json"
+        );
+    }
+}

@@ -58,6 +58,20 @@ for line in open(sys.argv[1]):
         m = json.loads(line)
     except ValueError:
         continue
+    if m.get("reason") == "build-script-executed" and "palign" in m.get("package_id", ""):
+        # The kernels' build note (nvcc, targets, time) for the manifest.
+        try:
+            text = open(m["out_dir"] + "/palign_kernels.rs").read()
+            consts = {}
+            for ln in text.splitlines():
+                if ln.startswith("pub const"):
+                    name, val = ln[len("pub const "):].split(":", 1)
+                    consts[name] = val.split("=", 1)[1].strip().rstrip(";")
+            print("note", "kernels", "compiled=%s targets=%s %s" % (
+                consts.get("KERNELS_COMPILED"), consts.get("TARGETS"), consts.get("BUILD_NOTE")))
+        except (OSError, ValueError):
+            pass
+        continue
     if m.get("reason") != "compiler-artifact" or not m.get("executable"):
         continue
     t = m["target"]
@@ -70,6 +84,7 @@ for line in open(sys.argv[1]):
         print(kind, t["name"], m["executable"])
 EOF
     case "$kind" in
+        note) echo "$path" >>"$STAGE/BUILD_NOTE"; continue ;;
         test) dest="$STAGE/tests" ;;
         *) dest="$STAGE/benches" ;;
     esac
@@ -82,10 +97,11 @@ dirty="$(git status --porcelain 2>/dev/null | grep -q . && echo ' (+ uncommitted
 {
     echo "commit: $commit$dirty"
     echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), $(rustc --version)"
-    echo "nvcc/fatbin: see the first line of each test log (kernels_compiled, TARGETS)"
+    sort -u "$STAGE/BUILD_NOTE" 2>/dev/null | sed 's/^/kernels: /'
     echo "tests: $(ls "$STAGE/tests" | tr '\n' ' ')"
     echo "benches: $(ls "$STAGE/benches" | tr '\n' ' ')"
 } >"$STAGE/MANIFEST"
+rm -f "$STAGE/BUILD_NOTE"
 
 cat >"$STAGE/run.sh" <<'EOF'
 #!/usr/bin/env bash
@@ -140,7 +156,8 @@ for t in "$HERE"/tests/*; do
         echo "### $name (exit $rc)"
         echo '```'
         sed -n "/^==== $name\$/,/^==== /p" "$TLOG" |
-            grep -E '^test .* \.\.\. |^---- |PARITY|panicked|^test result|kernels not compiled'
+            grep -A1 -E '^test .* \.\.\. |^---- |PARITY|panicked|^test result|kernels not compiled' |
+            grep -v -E '^--$|^note: run with|^$'
         echo '```'
     } >>"$REPORT"
 done

@@ -69,6 +69,7 @@ mkdir -p "$NEW"
 trap 'rm -rf "$NEW"' EXIT
 echo "install-nvcc: installing ${SPECS[*]} into $DIR" >&2
 "$PY" -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+    --root-user-action=ignore \
     --target "$NEW/pkgs" "${SPECS[@]}" >&2
 
 ROOT="$NEW/pkgs/nvidia/cu13"

@@ -27,7 +27,7 @@ gen() {
         --raw-line '//! Kernel launch parameters, generated from kernels/params.h by' \
         --raw-line '//! tools/regen-bindings.sh (bindgen). Do not edit by hand.' \
         --raw-line '#![allow(non_camel_case_types, non_snake_case, clippy::all)]' \
-        -- -x c -std=c11
+        -- -x c -std=c11 -Wno-pragma-once-outside-header
 }
 
 if [ "${1:-}" = "--check" ]; then
