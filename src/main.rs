@@ -26,6 +26,12 @@ enum Cmd {
     InitTiny(commands::init_tiny::Args),
     /// Log-probabilities of each row's completion.
     Score(commands::score::Args),
+    /// Continuations of prompts (greedy or sampled) with a KV cache.
+    Generate(commands::generate::Args),
+    /// Writes a bitsandbytes 4-bit (NF4) copy of a model folder.
+    Quantize(commands::quantize::Args),
+    /// Folds a LoRA adapter into its base model.
+    MergeAdapter(commands::merge_adapter::Args),
     /// Supervised fine-tuning of a LoRA/QLoRA adapter.
     Sft(palign::train::TrainArgs),
     /// Direct Preference Optimization of a LoRA/QLoRA adapter.
@@ -46,6 +52,9 @@ fn main() {
         Cmd::Demo(a) => commands::demo::run(a, &cli.common),
         Cmd::InitTiny(a) => commands::init_tiny::run(a, &cli.common),
         Cmd::Score(a) => commands::score::run(a, &cli.common),
+        Cmd::Generate(a) => commands::generate::run(a, &cli.common),
+        Cmd::Quantize(a) => commands::quantize::run(a, &cli.common),
+        Cmd::MergeAdapter(a) => commands::merge_adapter::run(a, &cli.common),
         Cmd::Sft(a) => palign::train::runner::run(a, &cli.common, palign::train::Method::Sft),
         Cmd::Dpo(a) => palign::train::runner::run(a, &cli.common, palign::train::Method::Dpo),
     };

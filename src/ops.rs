@@ -183,6 +183,30 @@ pub fn attention(
     )
 }
 
+/// Decode attention: query row i (one new token of a sequence) against cache rows
+/// `starts[i] .. starts[i] + lens[i]` of `k_cache` / `v_cache` (`[rows, Hkv·d]`); the
+/// caller passes only keys the query may see. Returns `[n, H·d]`.
+pub fn attention_decode(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    starts: &[usize],
+    lens: &[usize],
+    shape: AttnShape,
+) -> Tensor {
+    let mut out = vec![0.0; q.numel()];
+    cpu::attention_decode(
+        q.cpu(),
+        k_cache.cpu(),
+        v_cache.cpu(),
+        starts,
+        lens,
+        shape,
+        &mut out,
+    );
+    Tensor::from_vec(out, &q.shape)
+}
+
 /// `silu(gate) · up`.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Tensor {
     let mut out = vec![0.0; gate.numel()];
@@ -323,6 +347,20 @@ pub fn target_logprobs_backward(
         out.extend_from_slice(linear_backward(&logits, head).cpu());
     }
     Tensor::from_vec(out, &[targets.len(), h])
+}
+
+/// Copies row `src_rows[i]` of `src` into row `dst_rows[i]` of `dst` (KV-cache writes).
+pub fn copy_rows(dst: &mut Tensor, dst_rows: &[usize], src: &Tensor, src_rows: &[usize]) {
+    let h = dst.cols();
+    let (d, s) = (dst.cpu_mut(), src.cpu());
+    for (&r, &sr) in dst_rows.iter().zip(src_rows) {
+        d[r * h..(r + 1) * h].copy_from_slice(&s[sr * h..(sr + 1) * h]);
+    }
+}
+
+/// The tensor's values in host memory (logits for sampling).
+pub fn to_host(x: &Tensor) -> Vec<f32> {
+    x.cpu().to_vec()
 }
 
 /// Adds rows of `src` into rows `rows` of `dst` (scatter-add).

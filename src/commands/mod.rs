@@ -1,7 +1,10 @@
 //! One module per CLI command; `main.rs` parses flags and calls `run` of these.
 
 pub mod demo;
+pub mod generate;
 pub mod init_tiny;
+pub mod merge_adapter;
+pub mod quantize;
 pub mod score;
 
 use crate::error::{bad, Result};

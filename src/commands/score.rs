@@ -29,6 +29,10 @@ pub struct Args {
     /// Tokens per forward batch (memory vs. speed).
     #[arg(long, default_value_t = 8192)]
     pub batch_tokens: usize,
+    /// Quantize the decoder projections at load time: nf4 (bitsandbytes, blocksize 64,
+    /// double quant). A 4-bit checkpoint is used as it is.
+    #[arg(long)]
+    pub quant: Option<String>,
 }
 
 /// Reads score rows into sequences; the tokenizer is loaded only if a text row needs it.
@@ -150,7 +154,13 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     }
     let template: Template = args.template.parse()?;
     let data = PathBuf::from(args.data.strip_prefix("jsonl:").unwrap_or(&args.data));
-    let model = Model::load(&args.model)?;
+    if let Some(q) = args.quant.as_deref().filter(|&q| q != "nf4") {
+        return Err(bad(format!("--quant: unknown quantization `{q}` (nf4)")));
+    }
+    let mut model = Model::load(&args.model)?;
+    if args.quant.is_some() && !model.is_nf4() {
+        model.quantize_nf4(crate::quant::DEFAULT_BLOCKSIZE, true)?;
+    }
     let adapter = match &args.adapter {
         Some(dir) => Some(crate::lora::peft::load(dir, &model.cfg)?),
         None => None,

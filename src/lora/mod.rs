@@ -3,6 +3,7 @@
 //! initialised kaiming-uniform(a=√5) = U(±1/√in), B `[out, r]` zero; dropout only on the
 //! adapter's input. PEFT-format load/save lives in `peft.rs`.
 
+pub mod fold;
 pub mod peft;
 
 use crate::error::{bad, Result};

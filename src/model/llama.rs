@@ -204,7 +204,7 @@ impl Model {
             .is_some_and(|l| matches!(l.q, LinearWeight::Nf4(_)))
     }
 
-    fn attn_shape(&self) -> AttnShape {
+    pub(crate) fn attn_shape(&self) -> AttnShape {
         AttnShape {
             n_heads: self.cfg.num_heads,
             n_kv_heads: self.cfg.num_kv_heads,
@@ -272,7 +272,7 @@ impl Model {
     }
 
     /// One projection `x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ`.
-    fn proj(
+    pub(crate) fn proj(
         x: &Tensor,
         w: &LinearWeight,
         lora: Option<(&LoraPair, f32)>,

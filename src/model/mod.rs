@@ -2,6 +2,8 @@
 //! the LLaMA/Mistral forward.
 
 pub mod config;
+pub mod generate;
+pub mod kv_cache;
 pub mod llama;
 pub mod template;
 pub mod tiny;

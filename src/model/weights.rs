@@ -287,6 +287,118 @@ pub fn serialize(tensors: &[TensorOut]) -> Vec<u8> {
     out
 }
 
+/// A tensor to be written by `write_sharded`, whose bytes are produced on demand.
+#[derive(Clone, Debug)]
+pub struct Planned {
+    pub name: String,
+    pub dtype: &'static str,
+    pub shape: Vec<usize>,
+    pub nbytes: usize,
+}
+
+/// transformers' default `max_shard_size` ("5GB").
+pub const MAX_SHARD_BYTES: usize = 5_000_000_000;
+
+fn header_bytes(tensors: &[&Planned]) -> Vec<u8> {
+    let mut header = BTreeMap::new();
+    header.insert(
+        "__metadata__".to_string(),
+        serde_json::json!({"format": "pt"}),
+    );
+    let mut offset = 0usize;
+    for t in tensors {
+        header.insert(
+            t.name.clone(),
+            serde_json::json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + t.nbytes]}),
+        );
+        offset += t.nbytes;
+    }
+    let mut h = serde_json::to_vec(&header).expect("header serializes");
+    while (8 + h.len()) % 8 != 0 {
+        h.push(b' ');
+    }
+    h
+}
+
+/// Writes a model's tensors into `dir` as `model.safetensors`, or as shards of at most
+/// `max_shard` bytes plus `model.safetensors.index.json` (transformers' layout), pulling
+/// each tensor's bytes from `produce` just before it is written, so memory holds one
+/// tensor at a time. Tensors are sorted by name; each file is written atomically.
+pub fn write_sharded(
+    dir: &Path,
+    mut planned: Vec<Planned>,
+    max_shard: usize,
+    mut produce: impl FnMut(&Planned) -> Result<Vec<u8>>,
+) -> Result<()> {
+    planned.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut shards: Vec<Vec<&Planned>> = vec![vec![]];
+    let mut size = 0;
+    for t in &planned {
+        if size > 0 && size + t.nbytes > max_shard {
+            shards.push(vec![]);
+            size = 0;
+        }
+        shards.last_mut().expect("one shard").push(t);
+        size += t.nbytes;
+    }
+    let n = shards.len();
+    let mut weight_map = BTreeMap::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let file = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", i + 1)
+        };
+        let path = dir.join(&file);
+        let header = header_bytes(shard);
+        let mut failure = None;
+        crate::fsio::write_atomic(&path, |w| {
+            use std::io::Write;
+            w.write_all(&(header.len() as u64).to_le_bytes())?;
+            w.write_all(&header)?;
+            for t in shard {
+                let bytes = match produce(t) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        failure = Some(e);
+                        return Err(std::io::Error::other("tensor production failed"));
+                    }
+                };
+                if bytes.len() != t.nbytes {
+                    failure = Some(bad(format!(
+                        "tensor {}: produced {} bytes, planned {}",
+                        t.name,
+                        bytes.len(),
+                        t.nbytes
+                    )));
+                    return Err(std::io::Error::other("size mismatch"));
+                }
+                w.write_all(&bytes)?;
+            }
+            Ok(())
+        })
+        .map_err(|e| failure.take().unwrap_or(e))?;
+        for t in shard {
+            weight_map.insert(t.name.clone(), file.clone());
+        }
+    }
+    if n > 1 {
+        let total: usize = planned.iter().map(|t| t.nbytes).sum();
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        crate::fsio::write_bytes_atomic(
+            &dir.join("model.safetensors.index.json"),
+            &serde_json::to_vec_pretty(&index).expect("json"),
+        )?;
+    }
+    Ok(())
+}
+
+/// Bytes per element of a safetensors dtype name.
+pub fn dtype_size(dtype: Dtype) -> usize {
+    dtype.bitsize() / 8
+}
+
 /// Write a safetensors file atomically.
 pub fn write_file(path: &Path, tensors: &[TensorOut]) -> Result<()> {
     crate::fsio::write_bytes_atomic(path, &serialize(tensors))
@@ -323,6 +435,40 @@ mod tests {
         let bytes = std::fs::read(&p).unwrap();
         let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
         assert_eq!(meta.metadata().as_ref().unwrap()["format"], "pt");
+    }
+
+    #[test]
+    fn sharded_writes_read_back_through_the_index() {
+        let d = tempfile::tempdir().unwrap();
+        let planned: Vec<Planned> = (0..5)
+            .map(|i| Planned {
+                name: format!("t{i}"),
+                dtype: "F32",
+                shape: vec![4],
+                nbytes: 16,
+            })
+            .collect();
+        write_sharded(d.path(), planned, 40, |t| {
+            let i: f32 = t.name[1..].parse().unwrap();
+            Ok(FloatDtype::F32.encode(&[i; 4]))
+        })
+        .unwrap();
+        assert!(d.path().join("model-00003-of-00003.safetensors").exists());
+        let w = Weights::open_dir(d.path()).unwrap();
+        for i in 0..5 {
+            assert_eq!(w.f32(&format!("t{i}"), &[4]).unwrap(), vec![i as f32; 4]);
+        }
+        // a producer failure leaves no file behind and reports the real error
+        let e = tempfile::tempdir().unwrap();
+        let p = vec![Planned {
+            name: "x".into(),
+            dtype: "F32",
+            shape: vec![1],
+            nbytes: 4,
+        }];
+        let err = write_sharded(e.path(), p, 100, |_| Err(bad("boom"))).unwrap_err();
+        assert!(err.to_string().contains("boom"));
+        assert_eq!(std::fs::read_dir(e.path()).unwrap().count(), 0);
     }
 
     #[test]

@@ -25,6 +25,18 @@ impl<'a> MatRef<'a> {
             cs: 1,
         }
     }
+    /// Rows `rows × cols` starting at `data[0]`, `rs` elements apart (a column block of
+    /// a wider row-major matrix, e.g. one head of `[tokens, heads·head_dim]`).
+    pub fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize) -> Self {
+        debug_assert!(rows == 0 || data.len() >= (rows - 1) * rs + cols);
+        MatRef {
+            data,
+            rows,
+            cols,
+            rs,
+            cs: 1,
+        }
+    }
     /// The transpose, without copying.
     pub fn t(self) -> Self {
         MatRef {
@@ -40,6 +52,16 @@ impl<'a> MatRef<'a> {
 /// `c = beta·c + alpha·(a·b)` with `c` row-major `a.rows × b.cols`; `beta = 0` ignores
 /// what `c` held. Threads through rayon when the product is large enough to pay for it.
 pub fn gemm(a: MatRef, b: MatRef, c: &mut [f32], alpha: f32, beta: f32) {
+    gemm_impl(a, b, c, alpha, beta, true);
+}
+
+/// `gemm` on the calling thread only: for products inside tasks that are already
+/// spread over the rayon pool (attention per sequence and head).
+pub fn gemm_serial(a: MatRef, b: MatRef, c: &mut [f32], alpha: f32, beta: f32) {
+    gemm_impl(a, b, c, alpha, beta, false);
+}
+
+fn gemm_impl(a: MatRef, b: MatRef, c: &mut [f32], alpha: f32, beta: f32, threads: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(k, b.rows, "gemm inner dimensions");
     assert!(c.len() >= m * n, "gemm output too small");
@@ -51,7 +73,7 @@ pub fn gemm(a: MatRef, b: MatRef, c: &mut [f32], alpha: f32, beta: f32) {
         return;
     }
     let work = m * n * k;
-    let par = if work >= 1 << 18 && rayon::current_num_threads() > 1 {
+    let par = if threads && work >= 1 << 18 && rayon::current_num_threads() > 1 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
         gemm::Parallelism::None
@@ -289,9 +311,21 @@ impl AttnShape {
     }
 }
 
+/// Query rows per block in the attention GEMMs: bounds the score scratch to
+/// `ATTN_BLOCK × keys` and lets a block skip keys none of its queries can see.
+const ATTN_BLOCK: usize = 64;
+
+/// Keys `j0..i1` that some query of the block `i0..i1` may see.
+fn key_range(shape: &AttnShape, i0: usize, i1: usize) -> (usize, usize) {
+    let j0 = shape.first_key(i0);
+    (j0, i1 - j0)
+}
+
 /// Causal attention over packed sequences (transformers eager attention: scores scaled
 /// by 1/√d, softmax in f32). q `[tokens, H·d]`, k/v `[tokens, Hkv·d]`, out `[tokens, H·d]`.
 /// Query head h reads KV head h / (H / Hkv) (GQA). Saves the log-sum-exp per (token, head).
+/// Per (sequence, head) and block of query rows: `S = scale·Q·Kᵀ`, masked row softmax,
+/// `O = P·V`, the two products as GEMMs.
 pub fn attention_forward(
     q: &[f32],
     k: &[f32],
@@ -312,6 +346,7 @@ pub fn attention_forward(
     let (qw, kw) = (n_heads * d, n_kv_heads * d);
     // One task per (sequence, head); each writes a disjoint column block of `out`.
     let tasks: Vec<(usize, usize)> = (0..pack.n_seqs())
+        .filter(|&s| !pack.range(s).is_empty())
         .flat_map(|s| (0..n_heads).map(move |h| (s, h)))
         .collect();
     let results: Vec<(usize, usize, Vec<f32>, Vec<f32>)> = tasks
@@ -319,34 +354,29 @@ pub fn attention_forward(
         .map(|&(s, h)| {
             let r = pack.range(s);
             let t = r.len();
-            let kh = h / group;
+            let qh = &q[r.start * qw + h * d..];
+            let kh = &k[r.start * kw + (h / group) * d..];
+            let vh = &v[r.start * kw + (h / group) * d..];
             let mut o = vec![0.0f32; t * d];
             let mut l = vec![0.0f32; t];
-            let mut p = vec![0.0f32; t];
-            for i in 0..t {
-                let qi = &q[(r.start + i) * qw + h * d..][..d];
-                let j0 = shape.first_key(i);
-                let mut mx = f32::NEG_INFINITY;
-                for j in j0..=i {
-                    let kj = &k[(r.start + j) * kw + kh * d..][..d];
-                    let sc = dot(qi, kj) * scale;
-                    p[j] = sc;
-                    mx = mx.max(sc);
+            let mut scratch = vec![0.0f32; ATTN_BLOCK.min(t) * t];
+            for i0 in (0..t).step_by(ATTN_BLOCK) {
+                let i1 = (i0 + ATTN_BLOCK).min(t);
+                let (j0, nk) = key_range(&shape, i0, i1);
+                let p = &mut scratch[..(i1 - i0) * nk];
+                let keys = MatRef::strided(&kh[j0 * kw..], nk, d, kw);
+                let queries = MatRef::strided(&qh[i0 * qw..], i1 - i0, d, qw);
+                gemm_serial(queries, keys.t(), p, scale, 0.0);
+                for (row, i) in p.chunks_mut(nk).zip(i0..i1) {
+                    l[i] = masked_softmax(row, shape.first_key(i) - j0, i - j0);
                 }
-                let mut sum = 0.0f32;
-                for pj in &mut p[j0..=i] {
-                    *pj = (*pj - mx).exp();
-                    sum += *pj;
-                }
-                let oi = &mut o[i * d..(i + 1) * d];
-                for j in j0..=i {
-                    let w = p[j] / sum;
-                    let vj = &v[(r.start + j) * kw + kh * d..][..d];
-                    for c in 0..d {
-                        oi[c] += w * vj[c];
-                    }
-                }
-                l[i] = mx + sum.ln();
+                gemm_serial(
+                    MatRef::new(p, i1 - i0, nk),
+                    MatRef::strided(&vh[j0 * kw..], nk, d, kw),
+                    &mut o[i0 * d..i1 * d],
+                    1.0,
+                    0.0,
+                );
             }
             (s, h, o, l)
         })
@@ -360,6 +390,76 @@ pub fn attention_forward(
     }
 }
 
+/// Softmax in place over `row[lo..=hi]` (max subtracted first), zero elsewhere;
+/// returns the log-sum-exp of the visible scores.
+fn masked_softmax(row: &mut [f32], lo: usize, hi: usize) -> f32 {
+    let mx = row[lo..=hi]
+        .iter()
+        .cloned()
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for x in &mut row[lo..=hi] {
+        *x = (*x - mx).exp();
+        sum += *x;
+    }
+    for x in &mut row[lo..=hi] {
+        *x /= sum;
+    }
+    row[..lo].fill(0.0);
+    row[hi + 1..].fill(0.0);
+    mx + sum.ln()
+}
+
+/// Decode attention: one new query per sequence against that sequence's cached keys and
+/// values. Query row i attends to every cache row `starts[i] .. starts[i] + lens[i]` (the
+/// caller keeps only keys inside the window there, in any order: softmax is order-free).
+/// Same math as `attention_forward`: scores scaled by 1/√d, f32 softmax, GQA head h / group.
+/// q and out `[n, H·d]`, k/v `[cache rows, Hkv·d]`.
+pub fn attention_decode(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    starts: &[usize],
+    lens: &[usize],
+    shape: AttnShape,
+    out: &mut [f32],
+) {
+    let AttnShape {
+        n_heads,
+        n_kv_heads,
+        head_dim: d,
+        ..
+    } = shape;
+    let group = n_heads / n_kv_heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    let (qw, kw) = (n_heads * d, n_kv_heads * d);
+    // One task per (query row, head): chunk `idx` of `out` is row idx / H, head idx % H.
+    out.par_chunks_mut(d).enumerate().for_each(|(idx, o)| {
+        let (i, h) = (idx / n_heads, idx % n_heads);
+        let kh = h / group;
+        let qi = &q[i * qw + h * d..][..d];
+        let rows = starts[i]..starts[i] + lens[i];
+        let mut p: Vec<f32> = rows
+            .clone()
+            .map(|j| dot(qi, &k[j * kw + kh * d..][..d]) * scale)
+            .collect();
+        let mx = p.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for pj in &mut p {
+            *pj = (*pj - mx).exp();
+            sum += *pj;
+        }
+        o.fill(0.0);
+        for (j, pj) in rows.zip(&p) {
+            let w = pj / sum;
+            let vj = &v[j * kw + kh * d..][..d];
+            for c in 0..d {
+                o[c] += w * vj[c];
+            }
+        }
+    });
+}
+
 /// One (sequence, KV head) task's share of the attention backward: (seq, head, dQ of
 /// its query group, dK, dV).
 type KvHeadGrads = (usize, usize, Vec<f32>, Vec<f32>, Vec<f32>);
@@ -367,7 +467,8 @@ type KvHeadGrads = (usize, usize, Vec<f32>, Vec<f32>, Vec<f32>);
 /// Attention backward (recomputing probabilities from the saved log-sum-exp):
 /// `P = exp(S − lse)`, `dV = Pᵀ·dO`, `dP = dO·Vᵀ`, `D_i = dO_i·O_i`,
 /// `dS = P ∘ (dP − D)`, `dQ = scale·dS·K`, `dK = scale·dSᵀ·Q`; dK/dV of a KV head sum over
-/// its query-head group. All outputs are overwritten.
+/// its query-head group. The five products are GEMMs per block of query rows.
+/// All outputs are overwritten.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     q: &[f32],
@@ -393,6 +494,7 @@ pub fn attention_backward(
     let (qw, kw) = (n_heads * d, n_kv_heads * d);
     // One task per (sequence, KV head): it owns that head's dK/dV rows and its group's dQ.
     let tasks: Vec<(usize, usize)> = (0..pack.n_seqs())
+        .filter(|&s| !pack.range(s).is_empty())
         .flat_map(|s| (0..n_kv_heads).map(move |kh| (s, kh)))
         .collect();
     let results: Vec<KvHeadGrads> = tasks
@@ -400,36 +502,48 @@ pub fn attention_backward(
         .map(|&(s, kh)| {
             let r = pack.range(s);
             let t = r.len();
+            let kb = &k[r.start * kw + kh * d..];
+            let vb = &v[r.start * kw + kh * d..];
             let mut gq = vec![0.0f32; group * t * d];
             let mut gk = vec![0.0f32; t * d];
             let mut gv = vec![0.0f32; t * d];
-            let mut p = vec![0.0f32; t];
+            let mut p_scratch = vec![0.0f32; ATTN_BLOCK.min(t) * t];
+            let mut ds_scratch = vec![0.0f32; ATTN_BLOCK.min(t) * t];
             for g in 0..group {
                 let h = kh * group + g;
-                for i in 0..t {
-                    let row = r.start + i;
-                    let qi = &q[row * qw + h * d..][..d];
-                    let doi = &d_o[row * qw + h * d..][..d];
-                    let oi = &o[row * qw + h * d..][..d];
-                    let l = lse[row * n_heads + h];
-                    let di = dot(doi, oi);
-                    let j0 = shape.first_key(i);
-                    for j in j0..=i {
-                        let kj = &k[(r.start + j) * kw + kh * d..][..d];
-                        p[j] = (dot(qi, kj) * scale - l).exp();
-                    }
-                    let gqi = &mut gq[(g * t + i) * d..][..d];
-                    for j in j0..=i {
-                        let kj = &k[(r.start + j) * kw + kh * d..][..d];
-                        let vj = &v[(r.start + j) * kw + kh * d..][..d];
-                        let dp = dot(doi, vj);
-                        let ds = p[j] * (dp - di) * scale;
-                        for c in 0..d {
-                            gv[j * d + c] += p[j] * doi[c];
-                            gqi[c] += ds * kj[c];
-                            gk[j * d + c] += ds * qi[c];
+                let at = r.start * qw + h * d;
+                let (qh, doh, oh) = (&q[at..], &d_o[at..], &o[at..]);
+                for i0 in (0..t).step_by(ATTN_BLOCK) {
+                    let i1 = (i0 + ATTN_BLOCK).min(t);
+                    let (b, (j0, nk)) = (i1 - i0, key_range(&shape, i0, i1));
+                    let queries = MatRef::strided(&qh[i0 * qw..], b, d, qw);
+                    let d_out = MatRef::strided(&doh[i0 * qw..], b, d, qw);
+                    let keys = MatRef::strided(&kb[j0 * kw..], nk, d, kw);
+                    let values = MatRef::strided(&vb[j0 * kw..], nk, d, kw);
+                    let p = &mut p_scratch[..b * nk];
+                    let ds = &mut ds_scratch[..b * nk];
+                    gemm_serial(queries, keys.t(), p, scale, 0.0); // S
+                    gemm_serial(d_out, values.t(), ds, 1.0, 0.0); // dP
+                    for (bi, i) in (i0..i1).enumerate() {
+                        let l = lse[(r.start + i) * n_heads + h];
+                        let di = dot(&doh[i * qw..][..d], &oh[i * qw..][..d]);
+                        let (lo, hi) = (shape.first_key(i) - j0, i - j0);
+                        let (pr, dsr) = (&mut p[bi * nk..][..nk], &mut ds[bi * nk..][..nk]);
+                        for j in 0..nk {
+                            if j < lo || j > hi {
+                                pr[j] = 0.0;
+                                dsr[j] = 0.0;
+                            } else {
+                                pr[j] = (pr[j] - l).exp();
+                                dsr[j] = pr[j] * (dsr[j] - di) * scale;
+                            }
                         }
                     }
+                    let (p, ds) = (MatRef::new(p, b, nk), MatRef::new(ds, b, nk));
+                    gemm_serial(p.t(), d_out, &mut gv[j0 * d..i1 * d], 1.0, 1.0);
+                    let gq_rows = &mut gq[(g * t + i0) * d..(g * t + i1) * d];
+                    gemm_serial(ds, keys, gq_rows, 1.0, 0.0);
+                    gemm_serial(ds.t(), queries, &mut gk[j0 * d..i1 * d], 1.0, 1.0);
                 }
             }
             (s, kh, gq, gk, gv)
@@ -663,6 +777,44 @@ mod tests {
     }
 
     #[test]
+    fn attention_decode_matches_last_row_of_forward() {
+        // GQA 4:2, window 3: the last query of a 6-token sequence sees keys 3..=5 only
+        let shape = AttnShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 4,
+            window: Some(3),
+        };
+        let t = 6;
+        let q = lcg(t * 16, 31);
+        let k = lcg(t * 8, 32);
+        let v = lcg(t * 8, 33);
+        let mut o = vec![0.0; t * 16];
+        let mut l = vec![0.0; t * 4];
+        attention_forward(
+            &q,
+            &k,
+            &v,
+            &Packing::from_lengths(&[t]),
+            shape,
+            &mut o,
+            &mut l,
+        );
+        // the cache holds the window's rows in ring order (5, 3, 4), after 2 junk rows
+        let mut kc = lcg(2 * 8, 34);
+        let mut vc = lcg(2 * 8, 35);
+        for j in [5, 3, 4] {
+            kc.extend_from_slice(&k[j * 8..(j + 1) * 8]);
+            vc.extend_from_slice(&v[j * 8..(j + 1) * 8]);
+        }
+        let mut got = vec![0.0; 16];
+        attention_decode(&q[5 * 16..], &kc, &vc, &[2], &[3], shape, &mut got);
+        for (a, b) in got.iter().zip(&o[5 * 16..]) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+
+    #[test]
     fn attention_backward_matches_finite_differences() {
         // two packed sequences, GQA 4:2, window 3 shorter than the sequences
         let shape = AttnShape {
@@ -691,6 +843,108 @@ mod tests {
         fd_check(|x| fwd(x, &k, &v).0, &q, &c, &dq);
         fd_check(|x| fwd(&q, x, &v).0, &k, &c, &dk);
         fd_check(|x| fwd(&q, &k, x).0, &v, &c, &dv);
+    }
+
+    /// Naive attention in f64 straight from the definition (scores, masked softmax,
+    /// weighted values), for comparing the blocked GEMM version on long sequences.
+    fn naive_attention(q: &[f32], k: &[f32], v: &[f32], pack: &Packing, sh: AttnShape) -> Vec<f64> {
+        let d = sh.head_dim;
+        let (qw, kw) = (sh.n_heads * d, sh.n_kv_heads * d);
+        let mut out = vec![0.0f64; q.len()];
+        for s in 0..pack.n_seqs() {
+            let r = pack.range(s);
+            for h in 0..sh.n_heads {
+                let kh = h / (sh.n_heads / sh.n_kv_heads);
+                for i in 0..r.len() {
+                    let keys = sh.first_key(i)..=i;
+                    let sc: Vec<f64> = keys
+                        .clone()
+                        .map(|j| {
+                            (0..d)
+                                .map(|c| {
+                                    q[(r.start + i) * qw + h * d + c] as f64
+                                        * k[(r.start + j) * kw + kh * d + c] as f64
+                                })
+                                .sum::<f64>()
+                                / (d as f64).sqrt()
+                        })
+                        .collect();
+                    let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = sc.iter().map(|x| (x - mx).exp()).sum();
+                    for (j, x) in keys.zip(&sc) {
+                        let w = (x - mx).exp() / z;
+                        for c in 0..d {
+                            out[(r.start + i) * qw + h * d + c] +=
+                                w * v[(r.start + j) * kw + kh * d + c] as f64;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn attention_blocks_match_naive_on_long_sequences() {
+        // Longer than one block of query rows (ATTN_BLOCK), window crossing block edges.
+        for window in [None, Some(70)] {
+            let shape = AttnShape {
+                n_heads: 4,
+                n_kv_heads: 2,
+                head_dim: 8,
+                window,
+            };
+            let pack = Packing::from_lengths(&[150, 0, 65]);
+            let t = pack.n_tokens();
+            let q = lcg(t * 32, 31);
+            let k = lcg(t * 16, 32);
+            let v = lcg(t * 16, 33);
+            let mut o = vec![0.0; t * 32];
+            let mut l = vec![0.0; t * 4];
+            attention_forward(&q, &k, &v, &pack, shape, &mut o, &mut l);
+            let want = naive_attention(&q, &k, &v, &pack, shape);
+            for (i, (a, b)) in o.iter().zip(&want).enumerate() {
+                assert!(
+                    (*a as f64 - b).abs() < 1e-5,
+                    "{window:?} out[{i}]: {a} vs {b}"
+                );
+            }
+
+            // Backward: directional derivatives of L = Σ c·o along random directions.
+            let c = lcg(t * 32, 34);
+            let (mut dq, mut dk, mut dv) =
+                (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+            attention_backward(
+                &q, &k, &v, &o, &c, &l, &pack, shape, &mut dq, &mut dk, &mut dv,
+            );
+            let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
+                let o = naive_attention(q, k, v, &pack, shape);
+                o.iter().zip(&c).map(|(a, b)| a * *b as f64).sum()
+            };
+            let eps = 1e-2f32;
+            let moved = |x: &[f32], u: &[f32], e: f32| -> Vec<f32> {
+                x.iter().zip(u).map(|(a, b)| a + e * b).collect()
+            };
+            for (which, grad, seed) in [(0, &dq, 35), (1, &dk, 36), (2, &dv, 37)] {
+                let x = [&q, &k, &v][which];
+                let u = lcg(x.len(), seed);
+                let at = |e: f32| {
+                    let mut inputs = [q.clone(), k.clone(), v.clone()];
+                    inputs[which] = moved(x, &u, e);
+                    loss(&inputs[0], &inputs[1], &inputs[2])
+                };
+                let num = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+                let ana: f64 = grad
+                    .iter()
+                    .zip(&u)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
+                assert!(
+                    (num - ana).abs() < 1e-3 * (1.0 + ana.abs()),
+                    "{window:?} input {which}: fd {num} vs analytic {ana}"
+                );
+            }
+        }
     }
 
     #[test]

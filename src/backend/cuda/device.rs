@@ -34,6 +34,7 @@ pub struct Gpu {
     name: String,
     compute_capability: (i32, i32),
     sm_count: u32,
+    driver_version: i32,
     // Kept last so it unloads after the functions that point into it.
     _module: Arc<CudaModule>,
 }
@@ -84,6 +85,11 @@ impl Gpu {
             ));
         }
         cu::init().map_err(cuda_err("the CUDA driver failed to initialize"))?;
+        let mut driver_version = 0;
+        // SAFETY: writes one int.
+        unsafe { sys::cuDriverGetVersion(&mut driver_version) }
+            .result()
+            .map_err(cuda_err("cuDriverGetVersion"))?;
         let count = cu::device::get_count().map_err(cuda_err("counting CUDA devices"))?;
         if count < 1 {
             return Err(Error::Cuda("no CUDA device found; use --device cpu".into()));
@@ -135,6 +141,7 @@ impl Gpu {
             name,
             compute_capability: cc,
             sm_count,
+            driver_version,
             _module: module,
         })
     }
@@ -147,6 +154,10 @@ impl Gpu {
     }
     pub fn sm_count(&self) -> u32 {
         self.sm_count
+    }
+    /// The driver's CUDA version, e.g. 13000 for 13.0.
+    pub fn driver_version(&self) -> i32 {
+        self.driver_version
     }
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
@@ -311,6 +322,15 @@ pub struct Timer {
 impl Timer {
     /// Milliseconds from the start event to now; waits for the queued work.
     pub fn elapsed_ms(&self, gpu: &Gpu) -> Result<f32> {
+        // cudarc's CUDA 13 bindings call cuEventElapsedTime_v2 (driver 12.8+), and a
+        // missing driver symbol would be a panic inside cudarc, so refuse first.
+        if gpu.driver_version < 12080 {
+            return Err(Error::Cuda(format!(
+                "event timing needs a CUDA 12.8+ driver (this one is {}.{})",
+                gpu.driver_version / 1000,
+                gpu.driver_version % 1000 / 10
+            )));
+        }
         let end = gpu
             .stream
             .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))

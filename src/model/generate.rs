@@ -1,0 +1,482 @@
+//! Batched generation with a KV cache (`palign generate`).
+//!
+//! Up to `batch_size` sequences are in flight, each in a KV-cache slot. Waiting prompts
+//! enter free slots together: one packed forward over their prompt tokens (the training
+//! forward's windowed attention) fills their cache rows and gives their first token. Then
+//! every step feeds each live sequence's newest token through the decoder once, attending
+//! to its cached keys, so a step costs one token per sequence, never the prefix again.
+//! A finished sequence frees its slot for the next prompt (continuous batching).
+//!
+//! Each input row samples from its own ChaCha8 stream (seed, row index), and every op works
+//! row by row, so a row's output does not depend on which rows share its batch.
+
+use super::kv_cache::KvCache;
+use super::llama::Model;
+use super::tokenizer::Tokenizer;
+use crate::error::{bad, Result};
+use crate::lora::Adapter;
+use crate::ops::{self, Packing, Rope};
+use crate::tensor::Tensor;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+/// How to generate.
+#[derive(Clone, Debug)]
+pub struct GenConfig {
+    pub max_new_tokens: usize,
+    /// 0: greedy (argmax, ties to the lowest id, as `torch.argmax`).
+    pub temperature: f32,
+    /// Nucleus sampling mass in [0, 1]; 1 keeps every token.
+    pub top_p: f32,
+    pub seed: u64,
+    /// Ids that end a sequence; the EOS token is kept in the output ids.
+    pub eos_ids: Vec<u32>,
+    /// Sequences decoded at once (KV-cache slots).
+    pub batch_size: usize,
+}
+
+impl GenConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.max_new_tokens == 0 {
+            return Err(bad("--max-new-tokens must be at least 1"));
+        }
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(bad("--temperature must be a number >= 0"));
+        }
+        if !(0.0..=1.0).contains(&self.top_p) {
+            return Err(bad("--top-p must be in [0, 1]"));
+        }
+        if self.batch_size == 0 {
+            return Err(bad("--batch-size must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// Why a sequence ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    Eos,
+    Stop,
+    Length,
+}
+
+impl Finish {
+    pub fn name(self) -> &'static str {
+        match self {
+            Finish::Eos => "eos",
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+        }
+    }
+}
+
+/// One row's result: the generated ids (as transformers' `generate` returns them after
+/// the prompt: an EOS that ended it included, the tokens that completed a stop string too).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Generated {
+    pub ids: Vec<u32>,
+    pub finish: Finish,
+}
+
+/// Stop strings, matched on the decoded output text (special tokens skipped).
+pub struct Stopper<'a> {
+    pub tokenizer: &'a Tokenizer,
+    pub stops: &'a [String],
+}
+
+impl Stopper<'_> {
+    fn hit(&self, ids: &[u32]) -> Result<bool> {
+        if self.stops.is_empty() {
+            return Ok(false);
+        }
+        let text = self.tokenizer.decode(ids, true)?;
+        Ok(stop_at(&text, self.stops).is_some())
+    }
+}
+
+/// Byte offset of the earliest stop string in `text`.
+pub fn stop_at(text: &str, stops: &[String]) -> Option<usize> {
+    stops.iter().filter_map(|s| text.find(s.as_str())).min()
+}
+
+/// `text` cut before its earliest stop string.
+pub fn cut_at_stop<'t>(text: &'t str, stops: &[String]) -> &'t str {
+    &text[..stop_at(text, stops).unwrap_or(text.len())]
+}
+
+/// Index of the largest value; the lowest index among equal maxima (`torch.argmax`).
+pub fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Draws a token from `softmax(logits / temperature)` restricted to the top-p nucleus
+/// (transformers' `TemperatureLogitsWarper` then `TopPLogitsWarper`: in descending order,
+/// a token is kept while the probability before it is < top_p, and at least one always).
+/// Temperature 0 is greedy.
+pub fn sample(logits: &[f32], temperature: f32, top_p: f32, rng: &mut ChaCha8Rng) -> u32 {
+    if temperature == 0.0 {
+        return argmax(logits);
+    }
+    let z: Vec<f32> = logits.iter().map(|&l| l / temperature).collect();
+    let mx = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let mut probs: Vec<f64> = z.iter().map(|&v| ((v - mx) as f64).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    let kept = if top_p >= 1.0 {
+        (0..probs.len()).collect()
+    } else {
+        nucleus(&probs, top_p as f64)
+    };
+    let mass: f64 = kept.iter().map(|&i| probs[i]).sum();
+    let u = rng.random::<f64>() * mass;
+    let mut cum = 0.0;
+    for &i in &kept {
+        cum += probs[i];
+        if u < cum {
+            return i as u32;
+        }
+    }
+    *kept.last().expect("the nucleus keeps at least one token") as u32
+}
+
+/// The top-p nucleus in descending probability (ties: lower id first). Sorts only the
+/// top k candidates, doubling k until they hold the mass, since vocabularies are large.
+fn nucleus(probs: &[f64], top_p: f64) -> Vec<usize> {
+    let desc = |a: &usize, b: &usize| probs[*b].total_cmp(&probs[*a]).then(a.cmp(b));
+    let n = probs.len();
+    let mut idx: Vec<usize> = (0..n).collect();
+    let mut k = n.min(64);
+    loop {
+        if k < n {
+            idx.select_nth_unstable_by(k - 1, desc);
+        }
+        idx[..k].sort_by(desc);
+        let mut before = 0.0;
+        for (rank, &t) in idx[..k].iter().enumerate() {
+            if rank > 0 && before >= top_p {
+                idx.truncate(rank);
+                return idx;
+            }
+            before += probs[t];
+        }
+        if k == n {
+            return idx;
+        }
+        k = (2 * k).min(n);
+    }
+}
+
+/// A sequence in flight.
+struct Live {
+    /// Input row index.
+    row: usize,
+    slot: usize,
+    /// Tokens stored in the cache (prompt + fed-back outputs) = the next position.
+    len: usize,
+    out: Vec<u32>,
+    rng: ChaCha8Rng,
+}
+
+/// What one forward runs over.
+struct Step {
+    ids: Vec<u32>,
+    positions: Vec<u32>,
+    /// Token rows whose K/V go to the cache, and the cache rows they go to.
+    src: Vec<usize>,
+    dst: Vec<usize>,
+    attn: Attn,
+    /// Token rows whose next-token logits are wanted.
+    last_rows: Vec<usize>,
+}
+
+enum Attn {
+    /// Whole prompts, packed: causal (windowed) attention among their own tokens.
+    Prompts(Packing),
+    /// One new token per sequence against its cache slot holding `lens` tokens.
+    Cached { slots: Vec<usize>, lens: Vec<usize> },
+}
+
+struct Generator<'a> {
+    model: &'a Model,
+    adapter: Option<&'a Adapter>,
+    cache: KvCache,
+    /// cos/sin for every position the run can reach; `positions` is set per step.
+    rope: Rope,
+}
+
+impl Generator<'_> {
+    /// Runs the decoder over one step's tokens, filling the cache; returns the logits
+    /// `[last_rows.len(), vocab]`.
+    fn forward(&mut self, step: Step) -> Vec<f32> {
+        let m = self.model;
+        self.rope.positions = step.positions.clone();
+        let mut x = ops::embedding(&m.embed, &step.ids);
+        for li in 0..m.layers.len() {
+            x = self.layer(li, x, &step);
+        }
+        let last = ops::gather_rows(&x, &step.last_rows);
+        let (h, _) = ops::rmsnorm(&last, &m.norm, m.cfg.rms_norm_eps);
+        ops::to_host(&ops::linear(&h, &m.lm_head))
+    }
+
+    /// One decoder layer (as `Model::layer_forward`, no dropout, nothing saved), storing
+    /// this step's post-RoPE K/V in the cache before attending.
+    fn layer(&mut self, li: usize, x: Tensor, step: &Step) -> Tensor {
+        let (m, c) = (self.model, &self.model.cfg);
+        let l = &m.layers[li];
+        let lora = self.adapter.map(|a| (&a.layers[li], a.cfg.scale()));
+        let proj = |x: &Tensor, w, p: usize| {
+            let pair = lora.and_then(|(slots, s)| slots[p].as_ref().map(|pair| (pair, s)));
+            Model::proj(x, w, pair, None).0
+        };
+        let (n1, _) = ops::rmsnorm(&x, &l.input_norm, c.rms_norm_eps);
+        let mut q = proj(&n1, &l.q, 0);
+        let mut k = proj(&n1, &l.k, 1);
+        let v = proj(&n1, &l.v, 2);
+        ops::rope_(&mut q, c.num_heads, c.head_dim, &self.rope);
+        ops::rope_(&mut k, c.num_kv_heads, c.head_dim, &self.rope);
+        self.cache.store(li, &step.src, &step.dst, &k, &v);
+        let a = match &step.attn {
+            Attn::Prompts(pack) => ops::attention(&q, &k, &v, pack, m.attn_shape()).0,
+            Attn::Cached { slots, lens } => self.cache.attend(li, &q, slots, lens, m.attn_shape()),
+        };
+        let mut h = x;
+        ops::add_(&mut h, &proj(&a, &l.o, 3));
+        let (n2, _) = ops::rmsnorm(&h, &l.post_norm, c.rms_norm_eps);
+        let act = ops::swiglu(&proj(&n2, &l.gate, 4), &proj(&n2, &l.up, 5));
+        ops::add_(&mut h, &proj(&act, &l.down, 6));
+        h
+    }
+
+    /// Prefill: the prompts of `seqs` (fresh, `len` 0) in one packed forward.
+    fn prefill(&mut self, seqs: &mut [Live], prompts: &[Vec<u32>]) -> Vec<f32> {
+        let lens: Vec<usize> = seqs.iter().map(|s| prompts[s.row].len()).collect();
+        let pack = Packing::from_lengths(&lens);
+        let mut step = Step {
+            ids: Vec::new(),
+            positions: pack.positions(),
+            src: Vec::new(),
+            dst: Vec::new(),
+            attn: Attn::Prompts(pack.clone()),
+            last_rows: Vec::new(),
+        };
+        for (i, s) in seqs.iter_mut().enumerate() {
+            let r = pack.range(i);
+            step.ids.extend_from_slice(&prompts[s.row]);
+            for pos in 0..r.len() {
+                // Keys that fall out of the window before any later query would be
+                // overwritten in the ring; skip them.
+                if self.cache.keeps(pos, r.len()) {
+                    step.src.push(r.start + pos);
+                    step.dst.push(self.cache.row(s.slot, pos));
+                }
+            }
+            step.last_rows.push(r.end - 1);
+            s.len = r.len();
+        }
+        self.forward(step)
+    }
+
+    /// Decode: each live sequence's newest token, one forward.
+    fn decode(&mut self, seqs: &mut [Live]) -> Vec<f32> {
+        let n = seqs.len();
+        let step = Step {
+            ids: seqs
+                .iter()
+                .map(|s| *s.out.last().expect("sampled"))
+                .collect(),
+            positions: seqs.iter().map(|s| s.len as u32).collect(),
+            src: (0..n).collect(),
+            dst: seqs.iter().map(|s| self.cache.row(s.slot, s.len)).collect(),
+            attn: Attn::Cached {
+                slots: seqs.iter().map(|s| s.slot).collect(),
+                lens: seqs.iter().map(|s| s.len + 1).collect(),
+            },
+            last_rows: (0..n).collect(),
+        };
+        for s in seqs.iter_mut() {
+            s.len += 1;
+        }
+        self.forward(step)
+    }
+}
+
+/// Samples the next token of each sequence from its logits row and says which finished.
+fn advance(
+    seqs: &mut [Live],
+    logits: &[f32],
+    cfg: &GenConfig,
+    stop: Option<&Stopper>,
+) -> Result<Vec<Option<Finish>>> {
+    let vocab = logits.len() / seqs.len().max(1);
+    seqs.par_iter_mut()
+        .zip(logits.par_chunks(vocab))
+        .map(|(s, z)| {
+            let t = sample(z, cfg.temperature, cfg.top_p, &mut s.rng);
+            s.out.push(t);
+            Ok(if cfg.eos_ids.contains(&t) {
+                Some(Finish::Eos)
+            } else if stop.map_or(Ok(false), |st| st.hit(&s.out))? {
+                Some(Finish::Stop)
+            } else if s.out.len() >= cfg.max_new_tokens {
+                Some(Finish::Length)
+            } else {
+                None
+            })
+        })
+        .collect()
+}
+
+/// Generates a continuation of every prompt (token ids, used verbatim). Results come
+/// back in input order; `on_done(row)` is called as each row finishes.
+pub fn generate(
+    model: &Model,
+    adapter: Option<&Adapter>,
+    prompts: &[Vec<u32>],
+    cfg: &GenConfig,
+    stop: Option<&Stopper>,
+    mut on_done: impl FnMut(usize),
+) -> Result<Vec<Generated>> {
+    cfg.validate()?;
+    for (i, p) in prompts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(bad(format!("prompt {i} has no tokens")));
+        }
+        model.check_ids(p)?;
+    }
+    if let Some(a) = adapter {
+        a.check_fits(&model.cfg)?;
+    }
+    let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0) + cfg.max_new_tokens;
+    let slots = cfg.batch_size.min(prompts.len()).max(1);
+    let c = &model.cfg;
+    let mut g = Generator {
+        model,
+        adapter,
+        cache: KvCache::new(c, slots, max_len),
+        rope: Rope::new(c.head_dim, c.rope_theta, vec![max_len as u32]),
+    };
+    let mut results: Vec<Option<Generated>> = vec![None; prompts.len()];
+    let mut free: Vec<usize> = (0..slots).rev().collect();
+    let mut next = 0;
+    let mut live: Vec<Live> = Vec::new();
+    while next < prompts.len() || !live.is_empty() {
+        let (mut seqs, logits) = if !free.is_empty() && next < prompts.len() {
+            let n = free.len().min(prompts.len() - next);
+            let mut fresh: Vec<Live> = (next..next + n)
+                .map(|row| {
+                    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+                    rng.set_stream(row as u64);
+                    Live {
+                        row,
+                        slot: free.pop().expect("counted"),
+                        len: 0,
+                        out: Vec::new(),
+                        rng,
+                    }
+                })
+                .collect();
+            next += n;
+            let logits = g.prefill(&mut fresh, prompts);
+            (fresh, logits)
+        } else {
+            let logits = g.decode(&mut live);
+            (std::mem::take(&mut live), logits)
+        };
+        let finished = advance(&mut seqs, &logits, cfg, stop)?;
+        for (s, fin) in seqs.into_iter().zip(finished) {
+            match fin {
+                Some(finish) => {
+                    free.push(s.slot);
+                    on_done(s.row);
+                    results[s.row] = Some(Generated { ids: s.out, finish });
+                }
+                None => live.push(s),
+            }
+        }
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every row finishes"))
+        .collect())
+}
+
+/// EOS ids of a model folder: config.json's, generation_config.json's (what transformers'
+/// `generate` stops at; LLaMA-3 lists several there) and the tokenizer's.
+pub fn eos_ids(dir: &std::path::Path, model: &Model, tok: Option<&Tokenizer>) -> Result<Vec<u32>> {
+    let mut ids = model.cfg.eos_token_ids.clone();
+    let path = dir.join("generation_config.json");
+    if path.exists() {
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| crate::error::Error::read(&path, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| bad(format!("{}: not valid JSON: {e}", path.display())))?;
+        match v.get("eos_token_id") {
+            Some(serde_json::Value::Array(a)) => {
+                ids.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32))
+            }
+            Some(x) => ids.extend(x.as_u64().map(|x| x as u32)),
+            None => {}
+        }
+    }
+    ids.extend(tok.and_then(|t| t.eos_id));
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argmax_takes_the_lowest_id_among_ties() {
+        assert_eq!(argmax(&[0.0, 3.0, 1.0, 3.0]), 1);
+        assert_eq!(argmax(&[-1.0]), 0);
+    }
+
+    #[test]
+    fn nucleus_keeps_the_smallest_prefix_reaching_top_p() {
+        let p = [0.1, 0.4, 0.3, 0.2];
+        assert_eq!(nucleus(&p, 0.5), vec![1, 2]); // 0.4 < 0.5, then 0.7 ≥ 0.5
+        assert_eq!(nucleus(&p, 0.4), vec![1]); // exactly reaching top_p stops
+        assert_eq!(nucleus(&p, 0.0), vec![1]); // at least one token
+        assert_eq!(nucleus(&p, 1.0), vec![1, 2, 3, 0]);
+        // ties keep the lower id first; more candidates than the first k = 64
+        let flat = vec![1.0 / 300.0; 300];
+        let kept = nucleus(&flat, 0.5);
+        assert_eq!(kept.len(), 150);
+        assert_eq!(kept[..3], [0, 1, 2]);
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution_and_the_seed() {
+        let logits = [0.0f32, (3.0f32).ln(), f32::NEG_INFINITY];
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let n = 20000;
+        let ones = (0..n)
+            .filter(|_| sample(&logits, 1.0, 1.0, &mut rng) == 1)
+            .count();
+        // p(1) = 3/4; 5 sigma ≈ 0.015
+        assert!((ones as f64 / n as f64 - 0.75).abs() < 0.015, "{ones}");
+        // top_p 0.5 keeps only token 1; temperature 0 is argmax
+        assert!((0..100).all(|_| sample(&logits, 1.0, 0.5, &mut rng) == 1));
+        assert_eq!(sample(&logits, 0.0, 1.0, &mut rng), 1);
+    }
+
+    #[test]
+    fn stop_strings_cut_at_the_earliest_match() {
+        let stops = vec!["END".to_string(), "\n\n".to_string()];
+        assert_eq!(cut_at_stop("a\n\nb END", &stops), "a");
+        assert_eq!(cut_at_stop("abc END\n\n", &stops), "abc ");
+        assert_eq!(cut_at_stop("no stop", &stops), "no stop");
+    }
+}
