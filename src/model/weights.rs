@@ -353,7 +353,6 @@ pub fn write_sharded(
         let header = header_bytes(shard);
         let mut failure = None;
         crate::fsio::write_atomic(&path, |w| {
-            use std::io::Write;
             w.write_all(&(header.len() as u64).to_le_bytes())?;
             w.write_all(&header)?;
             for t in shard {

@@ -317,7 +317,7 @@ const ATTN_BLOCK: usize = 64;
 
 /// Keys `j0..i1` that some query of the block `i0..i1` may see.
 fn key_range(shape: &AttnShape, i0: usize, i1: usize) -> (usize, usize) {
-    let j0 = shape.first_key(i0);
+    let j0 = shape.first_key(i1 - 1);
     (j0, i1 - j0)
 }
 

@@ -35,7 +35,7 @@ pub struct Gpu {
     compute_capability: (i32, i32),
     sm_count: u32,
     driver_version: i32,
-    // Kept last so it unloads after the functions that point into it.
+    // The loaded fatbin (the functions hold it too).
     _module: Arc<CudaModule>,
 }
 
@@ -56,8 +56,10 @@ impl RawAlloc for DriverAlloc {
         unsafe { cu::malloc_sync(bytes) }.map_err(cuda_err("cuMemAlloc"))
     }
     fn free(&self, ptr: u64) {
-        // Errors here mean the context is already broken; nothing useful to do.
-        if self.ctx.bind_to_thread().is_ok() {
+        // Queued kernels may still use a cached block: wait for them first (frees only
+        // happen in empty_cache and on out-of-memory, never in a warm step). Errors here
+        // mean the context is already broken; nothing useful to do.
+        if self.ctx.bind_to_thread().is_ok() && self.ctx.synchronize().is_ok() {
             // SAFETY: `ptr` came from `alloc` and the pool hands it out only once.
             let _ = unsafe { cu::free_sync(ptr) };
         }
