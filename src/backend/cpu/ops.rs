@@ -317,7 +317,7 @@ const ATTN_BLOCK: usize = 64;
 
 /// Keys `j0..i1` that some query of the block `i0..i1` may see.
 fn key_range(shape: &AttnShape, i0: usize, i1: usize) -> (usize, usize) {
-    let j0 = shape.first_key(i1 - 1);
+    let j0 = shape.first_key(i0);
     (j0, i1 - j0)
 }
 
@@ -540,7 +540,7 @@ pub fn attention_backward(
                         }
                     }
                     let (p, ds) = (MatRef::new(p, b, nk), MatRef::new(ds, b, nk));
-                    gemm_serial(p.t(), d_out, &mut gv[j0 * d..i1 * d], 1.0, 1.0);
+                    gemm_serial(p.t(), d_out, &mut gv[j0 * d..i1 * d], 1.0, 0.0);
                     let gq_rows = &mut gq[(g * t + i0) * d..(g * t + i1) * d];
                     gemm_serial(ds, keys, gq_rows, 1.0, 0.0);
                     gemm_serial(ds.t(), queries, &mut gk[j0 * d..i1 * d], 1.0, 1.0);
