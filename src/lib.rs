@@ -10,6 +10,7 @@ pub mod fsio;
 pub mod lora;
 pub mod model;
 pub mod ops;
+pub mod plot;
 pub mod quant;
 pub mod tensor;
 pub mod train;

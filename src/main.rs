@@ -19,8 +19,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Runs the tiny end-to-end demo (today: init-tiny + score; the full SFT → DPO →
-    /// merge → eval demo comes with issue 15).
+    /// Runs the tiny end-to-end demo: init-tiny, SFT, DPO, merge, held-out evaluation.
     Demo(commands::demo::Args),
     /// Writes a deterministic tiny LLaMA or Mistral model folder.
     InitTiny(commands::init_tiny::Args),

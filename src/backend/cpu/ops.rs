@@ -540,7 +540,7 @@ pub fn attention_backward(
                         }
                     }
                     let (p, ds) = (MatRef::new(p, b, nk), MatRef::new(ds, b, nk));
-                    gemm_serial(p.t(), d_out, &mut gv[j0 * d..i1 * d], 1.0, 0.0);
+                    gemm_serial(p.t(), d_out, &mut gv[j0 * d..i1 * d], 1.0, 1.0);
                     let gq_rows = &mut gq[(g * t + i0) * d..(g * t + i1) * d];
                     gemm_serial(ds, keys, gq_rows, 1.0, 0.0);
                     gemm_serial(ds.t(), queries, &mut gk[j0 * d..i1 * d], 1.0, 1.0);
