@@ -172,6 +172,28 @@ fn main() {
         sft_step(&sft_model, &adapter, &sft_batch);
     };
 
+    if std::env::var("PROF").is_ok() {
+        for _ in 0..3 {
+            step();
+        }
+        palign::ops::PROF.lock().unwrap().clear();
+        let t = Instant::now();
+        for _ in 0..10 {
+            step();
+        }
+        let total = t.elapsed().as_secs_f64() / 10.0;
+        let mut p = palign::ops::PROF.lock().unwrap().clone();
+        p.sort_by(|a, b| b.1.total_cmp(&a.1));
+        println!("PROFILE step {:.1} ms", total * 1e3);
+        for (n, s, c) in p {
+            println!(
+                "PROFILE {n:28} {:7.2} ms/step {:5} calls/step",
+                s * 100.0,
+                c / 10
+            );
+        }
+        return;
+    }
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(5))

@@ -8,6 +8,9 @@ pub enum Error {
     /// A problem with user input: a file, a field or a flag. Exit code 2.
     #[error("{0}")]
     BadInput(String),
+    /// Training diverged (a NaN/Inf loss or gradient); exit code 1.
+    #[error("{0}")]
+    Diverged(String),
     /// The CUDA backend is unavailable or failed.
     #[error("cuda: {0}")]
     Cuda(String),

@@ -8,6 +8,7 @@ pub mod data;
 pub mod error;
 pub mod fsio;
 pub mod lora;
+pub mod merge;
 pub mod model;
 pub mod ops;
 pub mod plot;

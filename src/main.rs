@@ -31,6 +31,8 @@ enum Cmd {
     Quantize(commands::quantize::Args),
     /// Folds a LoRA adapter into its base model.
     MergeAdapter(commands::merge_adapter::Args),
+    /// Merges models (slerp, linear, ties, dare_ties) from a mergekit-style YAML config.
+    Merge(commands::merge::Args),
     /// Supervised fine-tuning of a LoRA/QLoRA adapter.
     Sft(palign::train::TrainArgs),
     /// Direct Preference Optimization of a LoRA/QLoRA adapter.
@@ -54,6 +56,7 @@ fn main() {
         Cmd::Generate(a) => commands::generate::run(a, &cli.common),
         Cmd::Quantize(a) => commands::quantize::run(a, &cli.common),
         Cmd::MergeAdapter(a) => commands::merge_adapter::run(a, &cli.common),
+        Cmd::Merge(a) => commands::merge::run(a, &cli.common),
         Cmd::Sft(a) => palign::train::runner::run(a, &cli.common, palign::train::Method::Sft),
         Cmd::Dpo(a) => palign::train::runner::run(a, &cli.common, palign::train::Method::Dpo),
     };

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Greedy-generation fixtures for `palign generate`, recorded with transformers' `generate`.
 
-Writes tests/fixtures/generate/:
+Writes tests/fixtures/generate/ (README.md there describes the files):
   prompts_ids.jsonl      {"prompt_ids"} rows of 1..24 tokens (ids in [3, 512)); most are longer
                          than Mistral's window (8) and every one crosses it while generating
   prompts_text.jsonl     {"prompt"} rows (rendered with the vicuna template below)
@@ -151,8 +151,9 @@ def main():
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"peft {peft.__version__}, bitsandbytes {bnb.__version__}"
     )
-    if OUT.exists():
-        shutil.rmtree(OUT)
+    # Start clean, but keep the hand-written README.md.
+    for base in BASES:
+        shutil.rmtree(OUT / base, ignore_errors=True)
     prompts = id_prompts()
     write_jsonl(OUT / "prompts_ids.jsonl", [{"prompt_ids": p} for p in prompts])
     write_jsonl(OUT / "prompts_text.jsonl", [{"prompt": p} for p in TEXT_PROMPTS])

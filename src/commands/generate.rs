@@ -70,13 +70,16 @@ fn load_tokenizer(dir: &Path, model: &Model) -> Result<Tokenizer> {
     Ok(t)
 }
 
-/// Reads the prompt rows: (the row as read, its prompt ids).
+/// A prompt row as read (echoed in the output) and its prompt ids.
+type PromptRow = (serde_json::Map<String, serde_json::Value>, Vec<u32>);
+
+/// Reads the prompt rows.
 fn load_prompts(
     path: &Path,
     tok: &Tokenizer,
     template: Template,
     vocab: usize,
-) -> Result<Vec<(serde_json::Map<String, serde_json::Value>, Vec<u32>)>> {
+) -> Result<Vec<PromptRow>> {
     let mut out = Vec::new();
     for (line, row) in read_objects(path)? {
         let ids = if row.contains_key("prompt_ids") {

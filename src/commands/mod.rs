@@ -3,6 +3,7 @@
 pub mod demo;
 pub mod generate;
 pub mod init_tiny;
+pub mod merge;
 pub mod merge_adapter;
 pub mod quantize;
 pub mod score;

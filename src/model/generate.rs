@@ -232,10 +232,7 @@ impl Generator<'_> {
     fn layer(&mut self, li: usize, x: Tensor, step: &Step) -> Tensor {
         let (m, c) = (self.model, &self.model.cfg);
         let l = &m.layers[li];
-        let lora = self
-            .adapter
-            .filter(|_| step.last_rows.len() > 100)
-            .map(|a| (&a.layers[li], a.cfg.scale()));
+        let lora = self.adapter.map(|a| (&a.layers[li], a.cfg.scale()));
         let proj = |x: &Tensor, w, p: usize| {
             let pair = lora.and_then(|(slots, s)| slots[p].as_ref().map(|pair| (pair, s)));
             Model::proj(x, w, pair, None).0
@@ -250,8 +247,6 @@ impl Generator<'_> {
         let a = match &step.attn {
             Attn::Prompts(pack) => ops::attention(&q, &k, &v, pack, m.attn_shape()).0,
             Attn::Cached { slots, lens } => self.cache.attend(li, &q, slots, lens, m.attn_shape()),
-            #[allow(unreachable_patterns)]
-            _ => unreachable!(),
         };
         let mut h = x;
         ops::add_(&mut h, &proj(&a, &l.o, 3));

@@ -21,7 +21,7 @@ impl KvCache {
     /// A cache for `slots` sequences of at most `max_len` tokens each.
     pub fn new(cfg: &ModelConfig, slots: usize, max_len: usize) -> Self {
         let capacity = match cfg.sliding_window {
-            Some(_w) => max_len,
+            Some(w) => w.min(max_len),
             None => max_len,
         }
         .max(1);

@@ -5,6 +5,7 @@ pub mod config;
 pub mod generate;
 pub mod kv_cache;
 pub mod llama;
+pub mod roberta;
 pub mod template;
 pub mod tiny;
 pub mod tokenizer;

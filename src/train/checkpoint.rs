@@ -81,6 +81,20 @@ pub fn save(out: &Path, adapter: &Adapter, opt: &AdamState, state: &State) -> Re
     Ok(())
 }
 
+/// Removes half-written `checkpoint.tmp-*` folders left by killed runs.
+pub fn remove_stale(out: &Path) {
+    if let Ok(rd) = std::fs::read_dir(out) {
+        for e in rd.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with("checkpoint.tmp-")
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
 /// Whether `out` holds a checkpoint (possibly only the `.old` one of an interrupted swap).
 pub fn exists(out: &Path) -> bool {
     dir(out).join("state.json").exists() || old_dir(out).join("state.json").exists()

@@ -349,9 +349,11 @@ fn prepare_out(out: &Path, resume: bool, steps: usize) -> Result<()> {
                 )));
             }
         }
-        if !checkpoint::exists(out) {
+        // Killed before the first checkpoint: the run restarts from step 0 (run.json
+        // still pins its settings).
+        if !checkpoint::exists(out) && !run_json.exists() {
             return Err(bad(format!(
-                "--resume: {} holds no checkpoint",
+                "--resume: {} holds no run to resume",
                 out.display()
             )));
         }
@@ -376,6 +378,32 @@ fn prepare_out(out: &Path, resume: bool, steps: usize) -> Result<()> {
         return Ok(());
     }
     std::fs::create_dir(out).map_err(|e| Error::write(out, e))
+}
+
+/// `--resume` continues only the same run: every setting but the evaluation cadence must match.
+fn same_settings(saved: &Settings, s: &Settings, out: &Path) -> Result<()> {
+    let mut saved = saved.clone();
+    saved.eval_every = s.eval_every;
+    saved.eval_data = s.eval_data.clone();
+    if &saved == s {
+        return Ok(());
+    }
+    let (a, b) = (
+        serde_json::to_value(&saved).expect("json"),
+        serde_json::to_value(s).expect("json"),
+    );
+    let field = a
+        .as_object()
+        .and_then(|o| {
+            o.iter()
+                .find(|(k, v)| b.get(k.as_str()) != Some(v))
+                .map(|(k, _)| k.clone())
+        })
+        .unwrap_or_default();
+    Err(bad(format!(
+        "--resume: setting `{field}` differs from the run in {}",
+        out.display()
+    )))
 }
 
 /// Writes run.json atomically.
@@ -494,35 +522,26 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
         step: 0,
     };
     let mut start = 0;
-    if args.resume {
+    checkpoint::remove_stale(out);
+    if args.resume && checkpoint::exists(out) {
         let (a, o, st) = checkpoint::load(out, &model.cfg)?;
-        let mut saved = st.settings.clone();
-        saved.eval_every = s.eval_every;
-        saved.eval_data = s.eval_data.clone();
-        if saved != s {
-            let (a_json, b_json) = (
-                serde_json::to_value(&saved).expect("json"),
-                serde_json::to_value(&s).expect("json"),
-            );
-            let field = a_json
-                .as_object()
-                .and_then(|o| {
-                    o.iter()
-                        .find(|(k, v)| b_json.get(k.as_str()) != Some(v))
-                        .map(|(k, _)| k.clone())
-                })
-                .unwrap_or_default();
-            return Err(bad(format!(
-                "--resume: setting `{field}` differs from the checkpoint's run in {}",
-                out.display()
-            )));
-        }
+        same_settings(&st.settings, &s, out)?;
         let mut a = a;
         a.cfg.dropout = s.dropout;
         adapter = a;
         opt = o;
         start = st.step;
         trim_metrics(&out.join("metrics.jsonl"), start)?;
+    } else if args.resume {
+        let run_json = out.join("run.json");
+        let v: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&run_json).map_err(|e| Error::read(&run_json, e))?,
+        )
+        .map_err(|e| bad(format!("{}: {e}", run_json.display())))?;
+        let saved: Settings = serde_json::from_value(v["settings"].clone())
+            .map_err(|e| bad(format!("{}: unreadable settings: {e}", run_json.display())))?;
+        same_settings(&saved, &s, out)?;
+        trim_metrics(&out.join("metrics.jsonl"), 0)?;
     } else {
         write_run_json(out, &s, &data_desc, false, 0)?;
     }
@@ -577,17 +596,20 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
             );
         }
         if !acc.loss.is_finite() {
-            return Err(Error::BadInput(format!(
-                "step {}: the loss is not finite ({}); lower --lr",
-                step + 1,
-                acc.loss
-            )));
+            return Err(diverged(out, step, &format!("the loss is {}", acc.loss)));
         }
         let mut slices: Vec<&mut [f32]> = grads
             .pairs_mut()
             .flat_map(|(_, _, p)| [p.a.cpu_mut(), p.b.cpu_mut()])
             .collect();
         let grad_norm = clip_grad_norm(&mut slices, s.max_grad_norm as f32);
+        if !grad_norm.is_finite() {
+            return Err(diverged(
+                out,
+                step,
+                &format!("the gradient norm is {grad_norm}"),
+            ));
+        }
         let lr = sched.lr(s.lr, step, s.steps, s.warmup_steps);
         opt.step += 1;
         let sc = AdamWScalars::new(
@@ -673,6 +695,23 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A non-finite loss or gradient stops the run before the optimizer step, so the last
+/// checkpoint on disk is the last good state.
+fn diverged(out: &Path, step: usize, what: &str) -> Error {
+    let keep = if checkpoint::exists(out) {
+        format!(
+            "the last good checkpoint is kept in {}",
+            checkpoint::dir(out).display()
+        )
+    } else {
+        "no checkpoint was written yet".to_string()
+    };
+    Error::Diverged(format!(
+        "step {}: {what}; training stopped ({keep}; try a lower --lr)",
+        step + 1
+    ))
 }
 
 fn method_name(m: Method) -> &'static str {

@@ -584,6 +584,106 @@ pub fn add_inplace(y: &mut [f32], x: &[f32]) {
         .for_each(|(a, b)| *a += b);
 }
 
+/// `y[r] += bias` for every row `r` of `y` (`nn.Linear`'s bias, row-major `[rows, n]`).
+pub fn add_bias(y: &mut [f32], bias: &[f32]) {
+    y.par_chunks_mut(bias.len()).for_each(|row| {
+        for (a, b) in row.iter_mut().zip(bias) {
+            *a += b;
+        }
+    });
+}
+
+/// LayerNorm over the last dimension (torch `nn.LayerNorm`, f32):
+/// `y = (x − mean) / sqrt(var + eps) · w + b`, with the biased variance.
+pub fn layernorm_forward(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
+    let h = weight.len();
+    out.par_chunks_mut(h)
+        .zip(x.par_chunks(h))
+        .for_each(|(y, x)| {
+            let mean = x.iter().sum::<f32>() / h as f32;
+            let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
+            let r = 1.0 / (var + eps).sqrt();
+            for i in 0..h {
+                y[i] = (x[i] - mean) * r * weight[i] + bias[i];
+            }
+        });
+}
+
+/// GELU, exact erf form (torch `F.gelu` default, transformers' `"gelu"`):
+/// `x · 0.5 · (1 + erf(x / √2))`.
+#[inline]
+pub fn gelu(x: f32) -> f32 {
+    x * 0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// GELU in place.
+pub fn gelu_inplace(x: &mut [f32]) {
+    x.par_iter_mut().for_each(|v| *v = gelu(*v));
+}
+
+/// tanh in place (RoBERTa's classification head).
+pub fn tanh_inplace(x: &mut [f32]) {
+    x.par_iter_mut().for_each(|v| *v = v.tanh());
+}
+
+/// Bidirectional (encoder) attention over packed sequences: every token of a sequence
+/// sees every token of the same sequence and nothing else, which is what an encoder with
+/// a padding mask computes for the unpadded rows. Scores scaled by 1/√d, f32 softmax.
+/// q/k/v/out `[tokens, H·d]`. Per (sequence, head) and block of query rows:
+/// `S = scale·Q·Kᵀ`, row softmax, `O = P·V`.
+pub fn attention_bidir_forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    pack: &Packing,
+    n_heads: usize,
+    d: usize,
+    out: &mut [f32],
+) {
+    let scale = 1.0 / (d as f32).sqrt();
+    let w = n_heads * d;
+    let tasks: Vec<(usize, usize)> = (0..pack.n_seqs())
+        .filter(|&s| !pack.range(s).is_empty())
+        .flat_map(|s| (0..n_heads).map(move |h| (s, h)))
+        .collect();
+    let results: Vec<(usize, usize, Vec<f32>)> = tasks
+        .par_iter()
+        .map(|&(s, h)| {
+            let r = pack.range(s);
+            let t = r.len();
+            let at = r.start * w + h * d;
+            let (qh, kh, vh) = (&q[at..], &k[at..], &v[at..]);
+            let keys = MatRef::strided(kh, t, d, w);
+            let values = MatRef::strided(vh, t, d, w);
+            let mut o = vec![0.0f32; t * d];
+            let mut scratch = vec![0.0f32; ATTN_BLOCK.min(t) * t];
+            for i0 in (0..t).step_by(ATTN_BLOCK) {
+                let i1 = (i0 + ATTN_BLOCK).min(t);
+                let p = &mut scratch[..(i1 - i0) * t];
+                let queries = MatRef::strided(&qh[i0 * w..], i1 - i0, d, w);
+                gemm_serial(queries, keys.t(), p, scale, 0.0);
+                for row in p.chunks_mut(t) {
+                    masked_softmax(row, 0, t - 1);
+                }
+                gemm_serial(
+                    MatRef::new(p, i1 - i0, t),
+                    values,
+                    &mut o[i0 * d..i1 * d],
+                    1.0,
+                    0.0,
+                );
+            }
+            (s, h, o)
+        })
+        .collect();
+    for (s, h, o) in results {
+        let r = pack.range(s);
+        for i in 0..r.len() {
+            out[(r.start + i) * w + h * d..][..d].copy_from_slice(&o[i * d..(i + 1) * d]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -953,5 +1053,109 @@ mod tests {
         let total: f32 = (0..4).map(|i| log_softmax_at(&z, i).exp()).sum();
         assert!((total - 1.0).abs() < 1e-6);
         assert!(log_softmax_at(&z, 3).abs() < 1e-6);
+    }
+
+    #[test]
+    fn layernorm_matches_definition() {
+        let h = 7;
+        let x = lcg(3 * h, 41)
+            .iter()
+            .map(|v| 5.0 * v + 2.0)
+            .collect::<Vec<_>>();
+        let w = lcg(h, 42);
+        let b = lcg(h, 43);
+        let mut y = vec![0.0; x.len()];
+        layernorm_forward(&x, &w, &b, 1e-5, &mut y);
+        for r in 0..3 {
+            let xr = &x[r * h..(r + 1) * h];
+            let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / h as f64;
+            let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / h as f64;
+            for i in 0..h {
+                let want = (xr[i] as f64 - mean) / (var + 1e-5).sqrt() * w[i] as f64 + b[i] as f64;
+                assert!((y[r * h + i] as f64 - want).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn gelu_matches_normal_cdf() {
+        // gelu(x) = x·Φ(x); Φ(1), Φ(2), Φ(−3) from standard normal tables.
+        for (x, phi) in [
+            (1.0f32, 0.841_344_746_068_542_9f64),
+            (2.0, 0.977_249_868_051_820_8),
+            (-3.0, 0.001_349_898_031_630_094_6),
+        ] {
+            assert!((gelu(x) as f64 - x as f64 * phi).abs() < 1e-6, "gelu({x})");
+        }
+        assert_eq!(gelu(0.0), 0.0);
+        let mut v = vec![1.0f32, -1.0];
+        gelu_inplace(&mut v);
+        assert!((v[0] - v[1] - 1.0).abs() < 1e-6, "gelu(x) − gelu(−x) = x");
+    }
+
+    #[test]
+    fn bias_and_tanh() {
+        let mut y = vec![0.0f32, 1.0, 2.0, 3.0];
+        add_bias(&mut y, &[10.0, 20.0]);
+        assert_eq!(y, [10.0, 21.0, 12.0, 23.0]);
+        let mut t = vec![0.0f32, 0.5, -20.0];
+        tanh_inplace(&mut t);
+        assert_eq!(t[0], 0.0);
+        assert!((t[1] - 0.462_117_16).abs() < 1e-6);
+        assert_eq!(t[2], -1.0);
+    }
+
+    #[test]
+    fn bidirectional_attention_matches_naive_and_stays_in_its_sequence() {
+        // Two packed sequences; the first is longer than one block of query rows.
+        let (h, d) = (3, 4);
+        let w = h * d;
+        let pack = Packing::from_lengths(&[70, 5]);
+        let t = pack.n_tokens();
+        let q = lcg(t * w, 51);
+        let k = lcg(t * w, 52);
+        let mut v = lcg(t * w, 53);
+        let run = |v: &[f32]| {
+            let mut o = vec![0.0; t * w];
+            attention_bidir_forward(&q, &k, v, &pack, h, d, &mut o);
+            o
+        };
+        let o = run(&v);
+        for s in 0..2 {
+            let r = pack.range(s);
+            for hh in 0..h {
+                for i in r.clone() {
+                    let sc: Vec<f64> = r
+                        .clone()
+                        .map(|j| {
+                            (0..d)
+                                .map(|c| {
+                                    q[i * w + hh * d + c] as f64 * k[j * w + hh * d + c] as f64
+                                })
+                                .sum::<f64>()
+                                / (d as f64).sqrt()
+                        })
+                        .collect();
+                    let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = sc.iter().map(|x| (x - mx).exp()).sum();
+                    for c in 0..d {
+                        let want: f64 = r
+                            .clone()
+                            .zip(&sc)
+                            .map(|(j, x)| (x - mx).exp() / z * v[j * w + hh * d + c] as f64)
+                            .sum();
+                        assert!((o[i * w + hh * d + c] as f64 - want).abs() < 1e-5);
+                    }
+                }
+            }
+        }
+        // The last token of sequence 0 moves its first query (no causal mask) but not
+        // sequence 1.
+        for x in &mut v[69 * w..70 * w] {
+            *x += 10.0;
+        }
+        let moved = run(&v);
+        assert_ne!(&o[..w], &moved[..w]);
+        assert_eq!(&o[70 * w..], &moved[70 * w..]);
     }
 }
