@@ -139,10 +139,6 @@ fn median_secs(mut f: impl FnMut()) -> (f64, f64) {
 }
 
 fn main() {
-    if std::env::var("PROBE").is_ok() {
-        probe();
-        return;
-    }
     let dir = tempfile::tempdir().expect("temp dir");
     let tiny_dir = dir.path().join("tiny");
     let sft_dir = dir.path().join("sft");
@@ -172,28 +168,6 @@ fn main() {
         sft_step(&sft_model, &adapter, &sft_batch);
     };
 
-    if std::env::var("PROF").is_ok() {
-        for _ in 0..3 {
-            step();
-        }
-        palign::ops::PROF.lock().unwrap().clear();
-        let t = Instant::now();
-        for _ in 0..10 {
-            step();
-        }
-        let total = t.elapsed().as_secs_f64() / 10.0;
-        let mut p = palign::ops::PROF.lock().unwrap().clone();
-        p.sort_by(|a, b| b.1.total_cmp(&a.1));
-        println!("PROFILE step {:.1} ms", total * 1e3);
-        for (n, s, c) in p {
-            println!(
-                "PROFILE {n:28} {:7.2} ms/step {:5} calls/step",
-                s * 100.0,
-                c / 10
-            );
-        }
-        return;
-    }
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(5))
@@ -225,80 +199,3 @@ fn main() {
     );
 }
 
-#[allow(dead_code)]
-fn probe() {
-    use palign::backend::cpu::ops::{self as cpu, MatRef};
-    let time = |name: &str, flops: f64, f: &mut dyn FnMut()| {
-        let (t, tmin) = median_secs(|| f());
-        println!(
-            "PROBE {name}: median {:.2} ms min {:.2} ms  {:.1} GFLOP/s",
-            t * 1e3,
-            tmin * 1e3,
-            flops / tmin / 1e9
-        );
-    };
-    let m = 1024;
-    for (n, k) in [
-        (256, 256),
-        (688, 256),
-        (256, 688),
-        (512, 256),
-        (16, 256),
-        (256, 16),
-    ] {
-        let x = vec![0.01f32; m * k];
-        let w = vec![0.02f32; n * k];
-        let mut y = vec![0.0f32; m * n];
-        time(
-            &format!("x·Wᵀ m{m} n{n} k{k}"),
-            2.0 * (m * n * k) as f64,
-            &mut || cpu::linear(&x, m, &w, n, &mut y),
-        );
-        let wt = vec![0.02f32; k * n];
-        time(
-            &format!("x·W  m{m} n{n} k{k}"),
-            2.0 * (m * n * k) as f64,
-            &mut || {
-                cpu::gemm(
-                    MatRef::new(&x, m, k),
-                    MatRef::new(&wt, k, n),
-                    &mut y,
-                    1.0,
-                    0.0,
-                )
-            },
-        );
-        time(
-            &format!("serial x·Wᵀ m{m} n{n} k{k}"),
-            2.0 * (m * n * k) as f64,
-            &mut || {
-                cpu::gemm_serial(
-                    MatRef::new(&x, m, k),
-                    MatRef::new(&w, n, k).t(),
-                    &mut y,
-                    1.0,
-                    0.0,
-                )
-            },
-        );
-    }
-    // weight-gradient shape: aᵀ·b with a [m, p], b [m, q]
-    for (p, q) in [(16, 256), (256, 16), (16, 688), (688, 16)] {
-        let a = vec![0.01f32; m * p];
-        let b = vec![0.01f32; m * q];
-        let mut g = vec![0.0f32; p * q];
-        time(
-            &format!("aᵀ·b p{p} q{q} m{m}"),
-            2.0 * (m * p * q) as f64,
-            &mut || {
-                cpu::gemm(
-                    MatRef::new(&a, m, p).t(),
-                    MatRef::new(&b, m, q),
-                    &mut g,
-                    1.0,
-                    1.0,
-                )
-            },
-        );
-    }
-}

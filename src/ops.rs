@@ -41,58 +41,45 @@ impl LinearWeight {
 
 /// `x · Wᵀ` for `x` of shape `[m, in]`.
 pub fn linear(x: &Tensor, w: &LinearWeight) -> Tensor {
-    let _g = ProfGuard("linear", std::time::Instant::now());
     let m = x.rows();
-    let n = w.out_features();
-    let mut out = vec![0.0; m * n];
-    w.with_f32(|wt| cpu::linear(x.cpu(), m, wt, n, &mut out));
-    Tensor::from_vec(out, &[m, n])
+    Tensor::from_vec(linear_rows(x.cpu(), m, w), &[m, w.out_features()])
+}
+
+/// `x · Wᵀ` for `m` rows of `in` values in a plain slice.
+fn linear_rows(x: &[f32], m: usize, w: &LinearWeight) -> Vec<f32> {
+    let (n, k) = (w.out_features(), w.in_features());
+    w.with_f32(|wt| cpu::gemm_new(MatRef::new(x, m, k), MatRef::new(wt, n, k).t(), 1.0))
 }
 
 /// Input gradient of a frozen projection: `dX = dY · W` (`[m, out]` → `[m, in]`).
 pub fn linear_backward(dy: &Tensor, w: &LinearWeight) -> Tensor {
-    let _g = ProfGuard("linear_backward", std::time::Instant::now());
     let (m, n, k) = (dy.rows(), w.out_features(), w.in_features());
-    let mut out = vec![0.0; m * k];
-    w.with_f32(|wt| {
-        cpu::gemm(
-            MatRef::new(dy.cpu(), m, n),
-            MatRef::new(wt, n, k),
-            &mut out,
-            1.0,
-            0.0,
-        )
+    let out = w.with_f32(|wt| {
+        cpu::gemm_new(MatRef::new(dy.cpu(), m, n), MatRef::new(wt, n, k), 1.0)
     });
     Tensor::from_vec(out, &[m, k])
 }
 
 /// `x · aᵀ` for two plain tensors (`[m, k]`, `[n, k]`); the LoRA products.
 pub fn matmul_t(x: &Tensor, a: &Tensor) -> Tensor {
-    let _g = ProfGuard("matmul_t", std::time::Instant::now());
-    let (m, n) = (x.rows(), a.rows());
-    let mut out = vec![0.0; m * n];
-    cpu::linear(x.cpu(), m, a.cpu(), n, &mut out);
+    let (m, n, k) = (x.rows(), a.rows(), a.cols());
+    let out = cpu::gemm_new(
+        MatRef::new(x.cpu(), m, k),
+        MatRef::new(a.cpu(), n, k).t(),
+        1.0,
+    );
     Tensor::from_vec(out, &[m, n])
 }
 
 /// `x · a` for `[m, k]` and `[k, n]`.
 pub fn matmul(x: &Tensor, a: &Tensor) -> Tensor {
-    let _g = ProfGuard("matmul", std::time::Instant::now());
     let (m, k, n) = (x.rows(), a.rows(), a.cols());
-    let mut out = vec![0.0; m * n];
-    cpu::gemm(
-        MatRef::new(x.cpu(), m, k),
-        MatRef::new(a.cpu(), k, n),
-        &mut out,
-        1.0,
-        0.0,
-    );
+    let out = cpu::gemm_new(MatRef::new(x.cpu(), m, k), MatRef::new(a.cpu(), k, n), 1.0);
     Tensor::from_vec(out, &[m, n])
 }
 
 /// `g += alpha · aᵀ · b` for `a` `[m, p]`, `b` `[m, q]`, `g` `[p, q]` (weight gradients).
 pub fn add_at_b_(g: &mut Tensor, a: &Tensor, b: &Tensor, alpha: f32) {
-    let _g = ProfGuard("add_at_b_", std::time::Instant::now());
     let (m, p, q) = (a.rows(), a.cols(), b.cols());
     cpu::gemm(
         MatRef::new(a.cpu(), m, p).t(),
@@ -105,16 +92,11 @@ pub fn add_at_b_(g: &mut Tensor, a: &Tensor, b: &Tensor, alpha: f32) {
 
 /// `y += alpha · x`.
 pub fn axpy_(y: &mut Tensor, alpha: f32, x: &Tensor) {
-    let _g = ProfGuard("axpy_", std::time::Instant::now());
-    y.cpu_mut()
-        .iter_mut()
-        .zip(x.cpu())
-        .for_each(|(a, b)| *a += alpha * b);
+    cpu::axpy(y.cpu_mut(), alpha, x.cpu());
 }
 
 /// `x ∘ m` elementwise (dropout masks).
 pub fn mul(x: &Tensor, m: &Tensor) -> Tensor {
-    let _g = ProfGuard("mul", std::time::Instant::now());
     Tensor::from_vec(
         x.cpu().iter().zip(m.cpu()).map(|(a, b)| a * b).collect(),
         &x.shape,
@@ -123,7 +105,6 @@ pub fn mul(x: &Tensor, m: &Tensor) -> Tensor {
 
 /// Rows of an embedding table `[vocab, hidden]`.
 pub fn embedding(table: &Tensor, ids: &[u32]) -> Tensor {
-    let _g = ProfGuard("embedding", std::time::Instant::now());
     let h = table.cols();
     let mut out = vec![0.0; ids.len() * h];
     cpu::embedding(table.cpu(), h, ids, &mut out);
@@ -132,7 +113,6 @@ pub fn embedding(table: &Tensor, ids: &[u32]) -> Tensor {
 
 /// RMSNorm over the last dimension; returns (output, rstd per row).
 pub fn rmsnorm(x: &Tensor, weight: &Tensor, eps: f32) -> (Tensor, Tensor) {
-    let _g = ProfGuard("rmsnorm", std::time::Instant::now());
     let rows = x.numel() / weight.numel();
     let mut out = vec![0.0; x.numel()];
     let mut rstd = vec![0.0; rows];
@@ -164,7 +144,6 @@ impl Rope {
 
 /// Rotate-half RoPE in place on `[tokens, heads·head_dim]`.
 pub fn rope_(x: &mut Tensor, n_heads: usize, head_dim: usize, rope: &Rope) {
-    let _g = ProfGuard("rope_", std::time::Instant::now());
     cpu::rope_forward(
         x.cpu_mut(),
         n_heads,
@@ -183,7 +162,6 @@ pub fn attention(
     pack: &Packing,
     shape: AttnShape,
 ) -> (Tensor, Tensor) {
-    let _g = ProfGuard("attention", std::time::Instant::now());
     let t = q.rows();
     let mut out = vec![0.0; q.numel()];
     let mut lse = vec![0.0; t * shape.n_heads];
@@ -205,7 +183,6 @@ pub fn attention_decode(
     lens: &[usize],
     shape: AttnShape,
 ) -> Tensor {
-    let _g = ProfGuard("attention_decode", std::time::Instant::now());
     let mut out = vec![0.0; q.numel()];
     cpu::attention_decode(
         q.cpu(),
@@ -221,7 +198,6 @@ pub fn attention_decode(
 
 /// `silu(gate) · up`.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Tensor {
-    let _g = ProfGuard("swiglu", std::time::Instant::now());
     let mut out = vec![0.0; gate.numel()];
     cpu::swiglu_forward(gate.cpu(), up.cpu(), &mut out);
     Tensor::from_vec(out, &gate.shape)
@@ -229,13 +205,11 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Tensor {
 
 /// `y += x`.
 pub fn add_(y: &mut Tensor, x: &Tensor) {
-    let _g = ProfGuard("add_", std::time::Instant::now());
     cpu::add_inplace(y.cpu_mut(), x.cpu());
 }
 
 /// Select rows of a 2-D tensor.
 pub fn gather_rows(x: &Tensor, rows: &[usize]) -> Tensor {
-    let _g = ProfGuard("gather_rows", std::time::Instant::now());
     let h = x.cols();
     let src = x.cpu();
     let mut out = Vec::with_capacity(rows.len() * h);
@@ -248,28 +222,21 @@ pub fn gather_rows(x: &Tensor, rows: &[usize]) -> Tensor {
 /// Log-probabilities of `targets[i]` under `softmax(hidden[i] · headᵀ)`, computed in
 /// chunks of rows so the full tokens × vocab logits never exist at once.
 pub fn target_logprobs(hidden: &Tensor, head: &LinearWeight, targets: &[u32]) -> Vec<f32> {
-    let _g = ProfGuard("target_logprobs", std::time::Instant::now());
     const CHUNK: usize = 256;
     let h = hidden.cols();
     let v = head.out_features();
-    let mut out = Vec::with_capacity(targets.len());
+    let mut out = vec![0.0; targets.len()];
     for (ci, chunk) in targets.chunks(CHUNK).enumerate() {
         let start = ci * CHUNK;
         let rows = &hidden.cpu()[start * h..(start + chunk.len()) * h];
-        let logits = linear(&Tensor::from_vec(rows.to_vec(), &[chunk.len(), h]), head);
-        for (i, &t) in chunk.iter().enumerate() {
-            out.push(cpu::log_softmax_at(
-                &logits.cpu()[i * v..(i + 1) * v],
-                t as usize,
-            ));
-        }
+        let logits = linear_rows(rows, chunk.len(), head);
+        cpu::log_softmax_rows_at(&logits, v, chunk, &mut out[start..start + chunk.len()]);
     }
     out
 }
 
 /// RMSNorm input gradient (weights frozen).
 pub fn rmsnorm_backward(dy: &Tensor, x: &Tensor, weight: &Tensor, rstd: &Tensor) -> Tensor {
-    let _g = ProfGuard("rmsnorm_backward", std::time::Instant::now());
     let mut dx = vec![0.0; x.numel()];
     cpu::rmsnorm_backward(dy.cpu(), x.cpu(), weight.cpu(), rstd.cpu(), &mut dx);
     Tensor::from_vec(dx, &x.shape)
@@ -277,7 +244,6 @@ pub fn rmsnorm_backward(dy: &Tensor, x: &Tensor, weight: &Tensor, rstd: &Tensor)
 
 /// RoPE backward in place (rotation by −angle).
 pub fn rope_backward_(dx: &mut Tensor, n_heads: usize, head_dim: usize, rope: &Rope) {
-    let _g = ProfGuard("rope_backward_", std::time::Instant::now());
     cpu::rope_backward(
         dx.cpu_mut(),
         n_heads,
@@ -300,7 +266,6 @@ pub fn attention_backward(
     pack: &Packing,
     shape: AttnShape,
 ) -> (Tensor, Tensor, Tensor) {
-    let _g = ProfGuard("attention_backward", std::time::Instant::now());
     let (mut dq, mut dk, mut dv) = (
         vec![0.0; q.numel()],
         vec![0.0; k.numel()],
@@ -328,7 +293,6 @@ pub fn attention_backward(
 
 /// SwiGLU backward: (d gate, d up).
 pub fn swiglu_backward(dout: &Tensor, gate: &Tensor, up: &Tensor) -> (Tensor, Tensor) {
-    let _g = ProfGuard("swiglu_backward", std::time::Instant::now());
     let (mut dg, mut du) = (vec![0.0; gate.numel()], vec![0.0; up.numel()]);
     cpu::swiglu_backward(dout.cpu(), gate.cpu(), up.cpu(), &mut dg, &mut du);
     (
@@ -346,7 +310,6 @@ pub fn target_logprobs_backward(
     targets: &[u32],
     dlogp: &[f32],
 ) -> Tensor {
-    let _g = ProfGuard("target_logprobs_backward", std::time::Instant::now());
     const CHUNK: usize = 256;
     let h = hidden.cols();
     let v = head.out_features();
@@ -354,17 +317,10 @@ pub fn target_logprobs_backward(
     for (ci, chunk) in targets.chunks(CHUNK).enumerate() {
         let start = ci * CHUNK;
         let rows = &hidden.cpu()[start * h..(start + chunk.len()) * h];
-        let mut logits = linear(&Tensor::from_vec(rows.to_vec(), &[chunk.len(), h]), head);
-        for (i, &t) in chunk.iter().enumerate() {
-            let z = &mut logits.cpu_mut()[i * v..(i + 1) * v];
-            let mx = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = z.iter().map(|x| (x - mx).exp()).sum();
-            let g = dlogp[start + i];
-            for x in z.iter_mut() {
-                *x = -g * (*x - mx).exp() / sum;
-            }
-            z[t as usize] += g;
-        }
+        let mut logits = linear_rows(rows, chunk.len(), head);
+        let g = &dlogp[start..start + chunk.len()];
+        cpu::log_softmax_rows_at_backward(&mut logits, v, chunk, g);
+        let logits = Tensor::from_vec(logits, &[chunk.len(), v]);
         out.extend_from_slice(linear_backward(&logits, head).cpu());
     }
     Tensor::from_vec(out, &[targets.len(), h])
@@ -372,7 +328,6 @@ pub fn target_logprobs_backward(
 
 /// Copies row `src_rows[i]` of `src` into row `dst_rows[i]` of `dst` (KV-cache writes).
 pub fn copy_rows(dst: &mut Tensor, dst_rows: &[usize], src: &Tensor, src_rows: &[usize]) {
-    let _g = ProfGuard("copy_rows", std::time::Instant::now());
     let h = dst.cols();
     let (d, s) = (dst.cpu_mut(), src.cpu());
     for (&r, &sr) in dst_rows.iter().zip(src_rows) {
@@ -382,13 +337,11 @@ pub fn copy_rows(dst: &mut Tensor, dst_rows: &[usize], src: &Tensor, src_rows: &
 
 /// The tensor's values in host memory (logits for sampling).
 pub fn to_host(x: &Tensor) -> Vec<f32> {
-    let _g = ProfGuard("to_host", std::time::Instant::now());
     x.cpu().to_vec()
 }
 
 /// Adds rows of `src` into rows `rows` of `dst` (scatter-add).
 pub fn scatter_add_rows(dst: &mut Tensor, rows: &[usize], src: &Tensor) {
-    let _g = ProfGuard("scatter_add_rows", std::time::Instant::now());
     let h = dst.cols();
     let d = dst.cpu_mut();
     for (i, &r) in rows.iter().enumerate() {
@@ -397,22 +350,6 @@ pub fn scatter_add_rows(dst: &mut Tensor, rows: &[usize], src: &Tensor) {
             .zip(&src.cpu()[i * h..(i + 1) * h])
         {
             *a += b;
-        }
-    }
-}
-
-pub static PROF: std::sync::Mutex<Vec<(&'static str, f64, usize)>> =
-    std::sync::Mutex::new(Vec::new());
-pub struct ProfGuard(&'static str, std::time::Instant);
-impl Drop for ProfGuard {
-    fn drop(&mut self) {
-        let mut p = PROF.lock().unwrap();
-        let e = self.1.elapsed().as_secs_f64();
-        if let Some(x) = p.iter_mut().find(|x| x.0 == self.0) {
-            x.1 += e;
-            x.2 += 1;
-        } else {
-            p.push((self.0, e, 1));
         }
     }
 }

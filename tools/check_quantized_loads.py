@@ -11,14 +11,24 @@ config.json), and checks:
   - each Linear4bit's packed weight and quant state (absmax, code, blocksize, dtype, shape, and
     with double quant offset, nested absmax and nested code) equal what
     bitsandbytes.functional.quantize_4bit gives for the original weight;
-  - the model scores tests/fixtures/data/score_ids.jsonl like `palign score` on the same folder,
-    and, for the default settings, like tests/fixtures/train/{base}/expected/qlora_scores.jsonl.
+  - `palign score` on the folder agrees (1e-3 per sequence) with an f32 torch model whose
+    projections are the format's dequantization, NF4[code] * absmax[i // blocksize] in f32;
+  - it agrees with the transformers 4-bit model itself (run with f32 activations), and for the
+    default settings both agree with tests/fixtures/train/{base}/expected/qlora_scores.jsonl.
+The transformers model runs with f32 activations like palign: a bf16 checkpoint's embeddings
+and norms are widened and each Linear4bit's compute_dtype is set to f32 (its config says
+bfloat16, which transformers would otherwise compute in).
+One known difference is reported, not failed: bnb 0.50.2's CPU AVX512 dequantize kernel
+(csrc/cpu_ops.cpp) indexes absmax per row, row * (in // blocksize) + col // blocksize, which is
+the format's flat index only when the blocksize divides in_features. That holds for real
+LLaMA/Mistral shapes, not for the tiny models (rows 64 wide) at blocksize 128 or 256.
 It prints the agreement numbers and exits non-zero on a failed check. Nothing is written to the
 repository.
 """
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -40,8 +50,11 @@ TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 CASES = [
     ("tiny-llama", "tiny-llama", [], 64, True, "train/tiny-llama/expected/qlora_scores.jsonl"),
     ("tiny-mistral", "tiny-mistral", [], 64, True, "train/tiny-mistral/expected/qlora_scores.jsonl"),
+    ("tiny-mistral bs32 plain", "tiny-mistral", ["--blocksize", "32", "--no-double-quant"], 32,
+     False, None),
     ("tiny-mistral bs128 plain", "tiny-mistral", ["--blocksize", "128", "--no-double-quant"], 128,
      False, None),
+    ("tiny-llama bs256", "tiny-llama", ["--blocksize", "256"], 256, True, None),
     ("tiny-llama-bf16", "tiny-llama-bf16", [], 64, True, None),
 ]  # fmt: skip
 
@@ -116,6 +129,31 @@ def check_quant_states(model, ref, blocksize, double_quant):
     return n
 
 
+def flat_dequant(weight, qs):
+    """The format's definition: NF4[code] * absmax[i // blocksize], f32, element 2j high nibble."""
+    codes = weight.data.view(torch.uint8).reshape(-1)
+    idx = torch.stack([codes >> 4, codes & 15], 1).reshape(-1).long()
+    n = math.prod(qs.shape)
+    absmax = qs.absmax
+    if qs.nested:
+        absmax = bnbF.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+    scale = absmax.float().repeat_interleave(qs.blocksize)[:n]
+    return (qs.code.float()[idx[:n]] * scale).reshape(tuple(qs.shape))
+
+
+def flat_reference(model4, base):
+    """The f32 base with each projection replaced by its flat dequantization."""
+    ref = AutoModelForCausalLM.from_pretrained(
+        str(FIX / base), attn_implementation="eager", dtype=torch.float32
+    )
+    mods = dict(ref.named_modules())
+    with torch.no_grad():
+        for name, m in model4.named_modules():
+            if isinstance(m, bnb.nn.Linear4bit):
+                mods[name].weight.copy_(flat_dequant(m.weight, m.weight.quant_state))
+    return ref
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--palign", default=str(ROOT / "target" / "release" / "palign"))
@@ -136,23 +174,40 @@ def main():
             model = AutoModelForCausalLM.from_pretrained(
                 str(out), device_map="cpu", attn_implementation="eager"
             )
+            # palign computes in f32: widen a bf16 checkpoint's embeddings and norms (exact).
+            for prm in model.parameters():
+                if prm.dtype in (torch.bfloat16, torch.float16):
+                    prm.data = prm.data.float()
             n = pin_bnb_cpu_path(model)
             assert n == 7 * model.config.num_hidden_layers, n
+            compute = model.config.quantization_config.bnb_4bit_compute_dtype
+            for m in model.modules():
+                if isinstance(m, bnb.nn.Linear4bit):
+                    m.compute_dtype = torch.float32  # palign computes in f32
             ref = AutoModelForCausalLM.from_pretrained(str(FIX / base), attn_implementation="eager")
             checked = check_quant_states(model, ref, blocksize, dq)
-            compute = model.config.quantization_config.bnb_4bit_compute_dtype
-            got = score(model, rows)
-            seq, tok = max_diff(got, read_jsonl(ours))
-            line = (f"{label}: {checked} Linear4bit equal to quantize_4bit; compute {compute}; "
-                    f"transformers vs palign score max |logp diff| {seq:.2e} (token {tok:.2e})")  # fmt: skip
-            # bf16 compute rounds activations; palign computes in f32.
-            tol = 1e-3 if compute in (torch.float32, "float32") else 0.5
-            failed |= seq > tol
+            palign_scores = read_jsonl(ours)
+            flat = max_diff(score(flat_reference(model, base), rows), palign_scores)
+            tf_scores = score(model, rows)
+            tf = max_diff(tf_scores, palign_scores)
+            print(f"{label}: {checked} Linear4bit equal to quantize_4bit (config compute dtype "
+                  f"{compute}); max |logp diff| per sequence (token): palign vs flat-dequant "
+                  f"f32 reference {flat[0]:.2e} ({flat[1]:.2e}), palign vs transformers 4-bit "
+                  f"{tf[0]:.2e} ({tf[1]:.2e})")  # fmt: skip
+            failed |= flat[0] > 1e-3
+            in_features = {m.in_features for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
+            exact_kernel = all(k % blocksize == 0 for k in in_features)
+            if not exact_kernel:
+                print(f"  (bnb CPU kernel: blocksize {blocksize} does not divide in_features "
+                      f"{sorted(in_features)}; its per-row absmax index differs from the format)")  # fmt: skip
+            else:
+                failed |= tf[0] > 1e-3
             if expected:
-                e_seq, e_tok = max_diff(got, read_jsonl(FIX / expected))
-                line += f"; vs qlora_scores.jsonl {e_seq:.2e} (token {e_tok:.2e})"
-                failed |= e_seq > 1e-3
-            print(line)
+                e = max_diff(tf_scores, read_jsonl(FIX / expected))
+                p = max_diff(palign_scores, read_jsonl(FIX / expected))
+                print(f"  vs qlora_scores.jsonl: transformers {e[0]:.2e} ({e[1]:.2e}), "
+                      f"palign {p[0]:.2e} ({p[1]:.2e})")  # fmt: skip
+                failed |= max(e[0], p[0]) > 1e-3
     print("FAILED" if failed else "all checks passed")
     sys.exit(1 if failed else 0)
 

@@ -114,7 +114,7 @@ impl RobertaConfig {
             pad_token_id: pad as u32,
             num_labels,
         };
-        if cfg.hidden_size % cfg.num_heads != 0 {
+        if !cfg.hidden_size.is_multiple_of(cfg.num_heads) {
             return Err(cfg_err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 cfg.hidden_size, cfg.num_heads

@@ -61,6 +61,25 @@ pub fn gemm_serial(a: MatRef, b: MatRef, c: &mut [f32], alpha: f32, beta: f32) {
     gemm_impl(a, b, c, alpha, beta, false);
 }
 
+/// `alpha·(a·b)` in a new row-major `a.rows × b.cols` buffer, threaded like `gemm`.
+/// The buffer is not zero-filled first (gemm writes every element): one memset fewer
+/// per op output.
+pub fn gemm_new(a: MatRef, b: MatRef, alpha: f32) -> Vec<f32> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(k, b.rows, "gemm inner dimensions");
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0.0; m * n];
+    }
+    let mut c = Vec::with_capacity(m * n);
+    // SAFETY: non-empty, shapes checked above, `c` has room for m·n; with beta = 0 gemm
+    // writes all m·n elements without reading them, so set_len exposes initialized data.
+    unsafe {
+        gemm_raw(a, b, c.as_mut_ptr(), alpha, 0.0, true);
+        c.set_len(m * n);
+    }
+    c
+}
+
 fn gemm_impl(a: MatRef, b: MatRef, c: &mut [f32], alpha: f32, beta: f32, threads: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(k, b.rows, "gemm inner dimensions");
@@ -72,37 +91,52 @@ fn gemm_impl(a: MatRef, b: MatRef, c: &mut [f32], alpha: f32, beta: f32, threads
         c[..m * n].iter_mut().for_each(|v| *v *= beta);
         return;
     }
-    let work = m * n * k;
-    let par = if threads && work >= 1 << 18 && rayon::current_num_threads() > 1 {
+    // SAFETY: non-empty, shapes checked above, `c` holds m·n initialized elements.
+    unsafe { gemm_raw(a, b, c.as_mut_ptr(), alpha, beta, threads) }
+}
+
+/// Panics unless every element the view addresses lies inside its slice.
+fn check_view(v: &MatRef) {
+    let last = (v.rows - 1) * v.rs + (v.cols - 1) * v.cs;
+    assert!(last < v.data.len(), "matrix view runs past its data");
+}
+
+/// `c = beta·c + alpha·(a·b)` through the gemm crate (row-major `c`, `a.rows × b.cols`).
+///
+/// # Safety
+/// m, n, k ≥ 1, `a.cols == b.rows`, and `c` valid for m·n writes (and reads when
+/// beta ≠ 0). The views are checked here.
+unsafe fn gemm_raw(a: MatRef, b: MatRef, c: *mut f32, alpha: f32, beta: f32, threads: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    check_view(&a);
+    check_view(&b);
+    let par = if threads && m * n * k >= 1 << 18 && rayon::current_num_threads() > 1 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the views were checked to cover rows×cols with their strides (debug) and
-    // `c` holds m×n elements; gemm reads/writes exactly those.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            beta != 0.0,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            beta,
-            alpha,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
+    // gemm's convention: dst = alpha·dst + beta·(lhs·rhs), dst read only when asked.
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        n as isize,
+        beta != 0.0,
+        a.data.as_ptr(),
+        a.cs as isize,
+        a.rs as isize,
+        b.data.as_ptr(),
+        b.cs as isize,
+        b.rs as isize,
+        beta,
+        alpha,
+        false,
+        false,
+        false,
+        par,
+    );
 }
 
 /// `out = x · wᵀ`: x is `[m, k]`, w is `[n, k]` (a PyTorch `nn.Linear` weight), out `[m, n]`.
@@ -232,30 +266,75 @@ fn rope_rotate(
         });
 }
 
+/// e^x in f32 without a libm call per element, so loops over it vectorize: x = n·ln2 + r
+/// with |r| ≤ ln2/2, e^r by its Taylor series to r⁷ (truncation < 1e-8 relative), 2^n
+/// put into the exponent bits. Within a few ulp of the exact value (glibc's `expf` and
+/// torch's vectorized exp are within 1); 0 below −87.33 (where e^x leaves the normal
+/// range), +inf above 88.37 (slightly early: e^88.72 is still finite), NaN stays NaN.
+#[inline]
+pub fn exp_f32(x: f32) -> f32 {
+    // ln 2 = LN2_HI + LN2_LO with few bits in LN2_HI, so n·LN2_HI is exact.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding then subtracting 1.5·2²³ rounds to the nearest integer (|t| < 2²²).
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.33, 88.72);
+    let n = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.0 / 5040.0;
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = p * r + c;
+    }
+    let two_n = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    if x < -87.33 {
+        0.0
+    } else {
+        p * two_n
+    }
+}
+
+/// The logistic sigmoid `1 / (1 + e^−x)`.
+#[inline]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp_f32(-x))
+}
+
 /// SiLU, `x·σ(x)`, as torch computes it in f32.
 #[inline]
 pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    x / (1.0 + exp_f32(-x))
 }
+
+/// Elements per rayon task in elementwise ops: large enough that the inner loop
+/// vectorizes and the task overhead vanishes.
+const ELEMS_PER_TASK: usize = 1 << 14;
 
 /// SwiGLU (transformers `LlamaMLP`): `out = silu(gate) · up`.
 pub fn swiglu_forward(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    out.par_iter_mut()
-        .zip(gate.par_iter().zip(up.par_iter()))
-        .for_each(|(o, (&g, &u))| *o = silu(g) * u);
+    out.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(gate.par_chunks(ELEMS_PER_TASK))
+        .zip(up.par_chunks(ELEMS_PER_TASK))
+        .for_each(|((o, g), u)| {
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = silu(g) * u;
+            }
+        });
 }
 
 /// SwiGLU backward: `dup = dout·silu(g)`, `dgate = dout·up·σ(g)·(1 + g·(1 − σ(g)))`.
 pub fn swiglu_backward(dout: &[f32], gate: &[f32], up: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
     dgate
-        .par_iter_mut()
-        .zip(dup.par_iter_mut())
-        .enumerate()
-        .for_each(|(i, (dg, du))| {
-            let g = gate[i];
-            let sig = 1.0 / (1.0 + (-g).exp());
-            *du = dout[i] * g * sig;
-            *dg = dout[i] * up[i] * sig * (1.0 + g * (1.0 - sig));
+        .par_chunks_mut(ELEMS_PER_TASK)
+        .zip(dup.par_chunks_mut(ELEMS_PER_TASK))
+        .zip(dout.par_chunks(ELEMS_PER_TASK))
+        .zip(gate.par_chunks(ELEMS_PER_TASK).zip(up.par_chunks(ELEMS_PER_TASK)))
+        .for_each(|(((dg, du), dout), (gate, up))| {
+            let inputs = dout.iter().zip(gate).zip(up);
+            for ((dg, du), ((&d, &g), &u)) in dg.iter_mut().zip(du.iter_mut()).zip(inputs) {
+                let sig = sigmoid(g);
+                *du = d * g * sig;
+                *dg = d * u * sig * (1.0 + g * (1.0 - sig));
+            }
         });
 }
 
@@ -397,11 +476,10 @@ fn masked_softmax(row: &mut [f32], lo: usize, hi: usize) -> f32 {
         .iter()
         .cloned()
         .fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
     for x in &mut row[lo..=hi] {
-        *x = (*x - mx).exp();
-        sum += *x;
+        *x = exp_f32(*x - mx);
     }
+    let sum: f32 = row[lo..=hi].iter().sum();
     for x in &mut row[lo..=hi] {
         *x /= sum;
     }
@@ -441,7 +519,7 @@ pub fn attention_decode(
         let rows = starts[i]..starts[i] + lens[i];
         let mut p: Vec<f32> = rows
             .clone()
-            .map(|j| dot(qi, &k[j * kw + kh * d..][..d]) * scale)
+            .map(|j| dot_lanes(qi, &k[j * kw + kh * d..][..d]) * scale)
             .collect();
         let mx = p.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0f32;
@@ -452,12 +530,30 @@ pub fn attention_decode(
         o.fill(0.0);
         for (j, pj) in rows.zip(&p) {
             let w = pj / sum;
-            let vj = &v[j * kw + kh * d..][..d];
-            for c in 0..d {
-                o[c] += w * vj[c];
+            for (oc, vc) in o.iter_mut().zip(&v[j * kw + kh * d..][..d]) {
+                *oc += w * vc;
             }
         }
     });
+}
+
+/// Dot product with 8 independent partial sums, so it vectorizes: decode attention spends
+/// most of its time here, one short dot per cached key.
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// One (sequence, KV head) task's share of the attention backward: (seq, head, dQ of
@@ -529,14 +625,13 @@ pub fn attention_backward(
                         let di = dot(&doh[i * qw..][..d], &oh[i * qw..][..d]);
                         let (lo, hi) = (shape.first_key(i) - j0, i - j0);
                         let (pr, dsr) = (&mut p[bi * nk..][..nk], &mut ds[bi * nk..][..nk]);
-                        for j in 0..nk {
-                            if j < lo || j > hi {
-                                pr[j] = 0.0;
-                                dsr[j] = 0.0;
-                            } else {
-                                pr[j] = (pr[j] - l).exp();
-                                dsr[j] = pr[j] * (dsr[j] - di) * scale;
-                            }
+                        for (p, ds) in pr[lo..=hi].iter_mut().zip(&mut dsr[lo..=hi]) {
+                            *p = exp_f32(*p - l);
+                            *ds = *p * (*ds - di) * scale;
+                        }
+                        for row in [pr, dsr] {
+                            row[..lo].fill(0.0);
+                            row[hi + 1..].fill(0.0);
                         }
                     }
                     let (p, ds) = (MatRef::new(p, b, nk), MatRef::new(ds, b, nk));
@@ -573,8 +668,54 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// with the max subtracted first (as torch's log_softmax does).
 pub fn log_softmax_at(logits: &[f32], target: usize) -> f32 {
     let mx = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = logits.iter().map(|z| (z - mx).exp()).sum();
-    logits[target] - mx - sum.ln()
+    logits[target] - mx - sum_exp(logits, mx).ln()
+}
+
+/// `Σ exp(z − shift)`, summed in 8 interleaved partial sums so the loop vectorizes.
+fn sum_exp(z: &[f32], shift: f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = z.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|x| exp_f32(x - shift)).sum();
+    for c in chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += exp_f32(x - shift);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `out[i] = log_softmax(row i of logits)[targets[i]]` for logits `[rows, v]`.
+pub fn log_softmax_rows_at(logits: &[f32], v: usize, targets: &[u32], out: &mut [f32]) {
+    out.par_iter_mut()
+        .zip(logits.par_chunks(v).zip(targets.par_iter()))
+        .for_each(|(o, (z, &t))| *o = log_softmax_at(z, t as usize));
+}
+
+/// Backward of `log_softmax_rows_at`, in place: row i of `logits` becomes the gradient
+/// of `g[i] · log_softmax(z_i)[t_i]`, i.e. `g_i · (onehot(t_i) − softmax(z_i))`.
+pub fn log_softmax_rows_at_backward(logits: &mut [f32], v: usize, targets: &[u32], g: &[f32]) {
+    logits
+        .par_chunks_mut(v)
+        .zip(targets.par_iter().zip(g.par_iter()))
+        .for_each(|(z, (&t, &g))| {
+            let mx = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let sum = sum_exp(z, mx);
+            for x in z.iter_mut() {
+                *x = -g * exp_f32(*x - mx) / sum;
+            }
+            z[t as usize] += g;
+        });
+}
+
+/// `y += alpha·x` elementwise.
+pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+    y.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(x.par_chunks(ELEMS_PER_TASK))
+        .for_each(|(y, x)| {
+            for (a, b) in y.iter_mut().zip(x) {
+                *a += alpha * b;
+            }
+        });
 }
 
 /// `y += x` elementwise.
@@ -1045,6 +1186,37 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn exp_f32_is_within_a_few_ulp_of_exp() {
+        let mut x = -87.0f64;
+        while x < 88.3 {
+            let (got, want) = (exp_f32(x as f32) as f64, (x as f32 as f64).exp());
+            assert!((got - want).abs() <= 4e-7 * want, "exp({x}): {got} vs {want}");
+            x += 0.01234;
+        }
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(-100.0), 0.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
+        assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn log_softmax_rows_backward_matches_finite_differences() {
+        let (rows, v) = (3, 37);
+        let z = lcg(rows * v, 41).iter().map(|x| 4.0 * x).collect::<Vec<_>>();
+        let targets = [5u32, 0, 36];
+        let g = [0.7f32, -1.3, 0.4];
+        let f = |z: &[f32]| {
+            let mut out = vec![0.0; rows];
+            log_softmax_rows_at(z, v, &targets, &mut out);
+            out
+        };
+        let mut grad = z.clone();
+        log_softmax_rows_at_backward(&mut grad, v, &targets, &g);
+        fd_check(f, &z, &g, &grad);
     }
 
     #[test]
