@@ -198,4 +198,3 @@ fn main() {
         sft_tokens as f64 / t
     );
 }
-

@@ -54,9 +54,8 @@ fn linear_rows(x: &[f32], m: usize, w: &LinearWeight) -> Vec<f32> {
 /// Input gradient of a frozen projection: `dX = dY · W` (`[m, out]` → `[m, in]`).
 pub fn linear_backward(dy: &Tensor, w: &LinearWeight) -> Tensor {
     let (m, n, k) = (dy.rows(), w.out_features(), w.in_features());
-    let out = w.with_f32(|wt| {
-        cpu::gemm_new(MatRef::new(dy.cpu(), m, n), MatRef::new(wt, n, k), 1.0)
-    });
+    let out =
+        w.with_f32(|wt| cpu::gemm_new(MatRef::new(dy.cpu(), m, n), MatRef::new(wt, n, k), 1.0));
     Tensor::from_vec(out, &[m, k])
 }
 

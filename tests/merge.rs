@@ -531,3 +531,27 @@ fn shape_mismatch_names_the_tensor() {
         &["model.layers.0.self_attn.k_proj.weight", "[32, 64]", other],
     );
 }
+
+/// A bitsandbytes 4-bit input is dequantized (mergekit cannot read these; palign can).
+#[test]
+fn nf4_inputs_are_dequantized() {
+    let yaml = "merge_method: linear
+models:
+  - model: tests/fixtures/tiny-llama-bnb-4bit
+    parameters: {weight: 2.0}
+";
+    let (_d, out) = merge_ok(yaml, &[]);
+    let got = Weights::open_dir(&out).unwrap();
+    let src = Weights::open_dir(&fx().join("tiny-llama-bnb-4bit")).unwrap();
+    assert_eq!(got.names().count(), 21);
+    for name in [
+        "model.layers.1.mlp.down_proj.weight",
+        "model.embed_tokens.weight",
+    ] {
+        let (want, shape) = palign::lora::fold::weight_f32(&src, name).unwrap();
+        let (g, gshape) = read(&got, name);
+        assert_eq!(gshape, shape);
+        // 2·x / 2 is exact in f32
+        assert_eq!(g, want, "{name}");
+    }
+}

@@ -507,3 +507,38 @@ fn dpo_resume_continues_exactly() {
             == std::fs::read(b.join("adapter_model.safetensors")).unwrap()
     );
 }
+
+/// `--quant nf4` on the trainers is QLoRA: the same run as `--peft qlora`.
+#[test]
+fn quant_nf4_flag_is_qlora() {
+    let d = tempfile::tempdir().unwrap();
+    let t = fx().join("train/tiny-llama");
+    let data = format!("jsonl:{}", t.join("sft_rows.jsonl").display());
+    let model = fx().join("tiny-llama");
+    let run = |out: &Path, flag: &[&str]| {
+        let mut a = vec![
+            "sft",
+            "--quiet",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            &data,
+            "--out",
+            out.to_str().unwrap(),
+            "--rank",
+            "4",
+            "--batch-size",
+            "4",
+            "--steps",
+            "2",
+        ];
+        a.extend(flag);
+        palign(&a);
+        std::fs::read(out.join("adapter_model.safetensors")).unwrap()
+    };
+    let a = run(&d.path().join("a"), &["--peft", "qlora"]);
+    let b = run(&d.path().join("b"), &["--peft", "lora", "--quant", "nf4"]);
+    let c = run(&d.path().join("c"), &["--peft", "lora"]);
+    assert!(a == b, "--quant nf4 must train on the NF4 base");
+    assert!(a != c, "LoRA on the f32 base differs from QLoRA");
+}

@@ -35,6 +35,9 @@ pub struct TrainArgs {
     /// lora or qlora (the base quantized to NF4 at load).
     #[arg(long)]
     pub peft: Option<String>,
+    /// nf4: quantize the base at load time (the same as --peft qlora).
+    #[arg(long)]
+    pub quant: Option<String>,
     #[arg(long)]
     pub rank: Option<usize>,
     #[arg(long)]
@@ -214,7 +217,11 @@ fn path_str(p: &std::path::Path) -> String {
 impl Settings {
     pub fn resolve(a: &TrainArgs, method: Method, seed: u64) -> Result<Settings> {
         let d = defaults(method);
-        let peft = a.peft.clone().unwrap_or_else(|| "qlora".into());
+        let peft = match a.quant.as_deref() {
+            None => a.peft.clone().unwrap_or_else(|| "qlora".into()),
+            Some("nf4") => "qlora".into(),
+            Some(q) => return Err(bad(format!("--quant: unknown quantization `{q}` (nf4)"))),
+        };
         if peft != "lora" && peft != "qlora" {
             return Err(bad(format!(
                 "--peft: unknown method `{peft}` (lora, qlora)"

@@ -282,7 +282,15 @@ pub fn exp_f32(x: f32) -> f32 {
     let n = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     let mut p = 1.0 / 5040.0;
-    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
         p = p * r + c;
     }
     let two_n = f32::from_bits(((n as i32 + 127) << 23) as u32);
@@ -327,7 +335,10 @@ pub fn swiglu_backward(dout: &[f32], gate: &[f32], up: &[f32], dgate: &mut [f32]
         .par_chunks_mut(ELEMS_PER_TASK)
         .zip(dup.par_chunks_mut(ELEMS_PER_TASK))
         .zip(dout.par_chunks(ELEMS_PER_TASK))
-        .zip(gate.par_chunks(ELEMS_PER_TASK).zip(up.par_chunks(ELEMS_PER_TASK)))
+        .zip(
+            gate.par_chunks(ELEMS_PER_TASK)
+                .zip(up.par_chunks(ELEMS_PER_TASK)),
+        )
         .for_each(|(((dg, du), dout), (gate, up))| {
             let inputs = dout.iter().zip(gate).zip(up);
             for ((dg, du), ((&d, &g), &u)) in dg.iter_mut().zip(du.iter_mut()).zip(inputs) {
@@ -1193,7 +1204,10 @@ mod tests {
         let mut x = -87.0f64;
         while x < 88.3 {
             let (got, want) = (exp_f32(x as f32) as f64, (x as f32 as f64).exp());
-            assert!((got - want).abs() <= 4e-7 * want, "exp({x}): {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 4e-7 * want,
+                "exp({x}): {got} vs {want}"
+            );
             x += 0.01234;
         }
         assert_eq!(exp_f32(0.0), 1.0);
@@ -1206,7 +1220,10 @@ mod tests {
     #[test]
     fn log_softmax_rows_backward_matches_finite_differences() {
         let (rows, v) = (3, 37);
-        let z = lcg(rows * v, 41).iter().map(|x| 4.0 * x).collect::<Vec<_>>();
+        let z = lcg(rows * v, 41)
+            .iter()
+            .map(|x| 4.0 * x)
+            .collect::<Vec<_>>();
         let targets = [5u32, 0, 36];
         let g = [0.7f32, -1.3, 0.4];
         let f = |z: &[f32]| {
