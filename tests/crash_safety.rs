@@ -3,13 +3,12 @@
 //! adapter of an uninterrupted run. A diverging run stops and keeps its last good
 //! checkpoint.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::*;
+
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-
-fn fx() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 fn args(out: &Path, steps: &str, extra: &[&str]) -> Vec<String> {
     args_lr(out, steps, "1e-3", extra)

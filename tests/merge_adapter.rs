@@ -2,35 +2,13 @@
 //! bases; the merged folder scores like base + adapter; the SFT → DPO chain runs both
 //! ways (DPO with --init-adapter, and DPO on the merged model).
 
+mod common;
+use common::*;
+
 use palign::model::weights::{to_f32, Weights};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-fn fx() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn palign(args: &[&str]) -> std::process::Output {
-    let o = Command::new(env!("CARGO_BIN_EXE_palign"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "palign {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
-
-fn jsonl(p: &Path) -> Vec<Value> {
-    std::fs::read_to_string(p)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 fn scores(model: &Path, adapter: Option<&Path>, out: &Path) -> Vec<f64> {
     let data = fx().join("data/score_ids.jsonl");

@@ -4,33 +4,11 @@
 //!   `peft.PeftModel.from_pretrained` (tools/check_peft_roundtrip.py) and scores the same;
 //! - palign still writes that adapter_config.json, field for field.
 
+mod common;
+use common::*;
+
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn fx() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn jsonl(p: &Path) -> Vec<Value> {
-    std::fs::read_to_string(p)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn palign(args: &[&str]) {
-    let o = Command::new(env!("CARGO_BIN_EXE_palign"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "palign {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
+use std::path::Path;
 
 fn score_with_adapter(base: &str, adapter: &Path, expected: &Path) {
     let d = tempfile::tempdir().unwrap();

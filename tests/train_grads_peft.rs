@@ -2,16 +2,15 @@
 //! tiny models, nonzero initial adapter on all 7 projections, rows 0..4 of
 //! sft_rows.jsonl, loss = mean token cross-entropy over the completion tokens).
 
+mod common;
+use common::*;
+
 use palign::lora::peft;
 use palign::model::llama::SeqBatch;
 use palign::model::llama::PROJ_NAMES;
 use palign::model::weights::{to_f32, Weights};
 use palign::model::{Model, ScoreSeq};
-use std::path::{Path, PathBuf};
-
-fn fx() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
+use std::path::Path;
 
 fn rows(path: &Path, n: usize) -> Vec<ScoreSeq> {
     std::fs::read_to_string(path)

@@ -351,11 +351,23 @@ fn prepare_out(out: &Path, resume: bool, steps: usize) -> Result<()> {
         }
         // Killed before the first checkpoint: the run restarts from step 0 (run.json
         // still pins its settings).
+        // Killed before anything was written (or never started): a fresh start, so a
+        // script may always pass --resume.
         if !checkpoint::exists(out) && !run_json.exists() {
-            return Err(bad(format!(
-                "--resume: {} holds no run to resume",
-                out.display()
-            )));
+            checkpoint::remove_stale(out);
+            let empty = !out.exists()
+                || std::fs::read_dir(out)
+                    .map(|mut d| d.next().is_none())
+                    .unwrap_or(false);
+            if !empty {
+                return Err(bad(format!(
+                    "--resume: {} holds no palign run",
+                    out.display()
+                )));
+            }
+            if !out.exists() {
+                std::fs::create_dir(out).map_err(|e| Error::write(out, e))?;
+            }
         }
         return Ok(());
     }
@@ -532,7 +544,7 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
         opt = o;
         start = st.step;
         trim_metrics(&out.join("metrics.jsonl"), start)?;
-    } else if args.resume {
+    } else if args.resume && out.join("run.json").exists() {
         let run_json = out.join("run.json");
         let v: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(&run_json).map_err(|e| Error::read(&run_json, e))?,

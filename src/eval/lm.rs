@@ -1,0 +1,235 @@
+//! A language model as the evaluations use it: load (model, adapter, `--quant nf4`,
+//! tokenizer), score continuations the lm-evaluation-harness way, and generate text.
+
+use crate::error::{bad, Result};
+use crate::lora::Adapter;
+use crate::model::generate::{self, cut_at_stop, GenConfig, Stopper};
+use crate::model::{Model, Tokenizer};
+use crate::ops::Packing;
+use std::path::{Path, PathBuf};
+
+pub struct Lm {
+    pub dir: PathBuf,
+    pub model: Model,
+    pub adapter: Option<Adapter>,
+    pub tok: Tokenizer,
+    pub eos: Vec<u32>,
+}
+
+/// One multiple-choice item: shared context ids and each choice's continuation ids.
+#[derive(Clone, Debug)]
+pub struct ChoiceItem {
+    pub context: Vec<u32>,
+    pub choices: Vec<Vec<u32>>,
+}
+
+/// A generated continuation: decoded text (special tokens skipped, cut before the first
+/// stop string), how many tokens were generated and why it ended.
+#[derive(Clone, Debug)]
+pub struct GenText {
+    pub text: String,
+    pub n_tokens: usize,
+    pub finish: &'static str,
+}
+
+/// Checks `--quant`.
+pub fn check_quant(quant: Option<&str>) -> Result<()> {
+    match quant {
+        None | Some("nf4") => Ok(()),
+        Some(q) => Err(bad(format!("--quant: unknown quantization `{q}` (nf4)"))),
+    }
+}
+
+impl Lm {
+    pub fn load(dir: &Path, adapter: Option<&Path>, quant: Option<&str>) -> Result<Lm> {
+        check_quant(quant)?;
+        let mut model = Model::load(dir)?;
+        if quant.is_some() && !model.is_nf4() {
+            model.quantize_nf4(crate::quant::DEFAULT_BLOCKSIZE, true)?;
+        }
+        let adapter = match adapter {
+            Some(a) => Some(crate::lora::peft::load(a, &model.cfg)?),
+            None => None,
+        };
+        let tok = Tokenizer::load(
+            dir,
+            model.cfg.bos_token_id,
+            model.cfg.eos_token_ids.first().copied(),
+        )?;
+        if tok.vocab_size() > model.cfg.vocab_size {
+            return Err(bad(format!(
+                "{}: tokenizer has {} tokens but vocab_size is {}",
+                dir.display(),
+                tok.vocab_size(),
+                model.cfg.vocab_size
+            )));
+        }
+        let eos = generate::eos_ids(dir, &model, Some(&tok))?;
+        Ok(Lm {
+            dir: dir.to_path_buf(),
+            model,
+            adapter,
+            tok,
+            eos,
+        })
+    }
+
+    /// Ids of a prompt text with the tokenizer's BOS rule.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.tok.encode(text, true)
+    }
+
+    /// lm-evaluation-harness's `_encode_pair`: trailing whitespace of the context
+    /// (`context.rstrip()`) moves to the continuation; context ids = tok(context); continuation ids = tok(context +
+    /// continuation) after the first len(context ids) ids. Both with the BOS rule, no EOS.
+    pub fn encode_continuation(&self, context: &str, cont: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+        let trimmed = context.trim_end();
+        let spaces = &context[trimmed.len()..];
+        let cont = format!("{spaces}{cont}");
+        let whole = self.encode(&format!("{trimmed}{cont}"))?;
+        let ctx = self.encode(trimmed)?;
+        let cont_ids = whole.get(ctx.len()..).unwrap_or(&[]).to_vec();
+        Ok((ctx, cont_ids))
+    }
+
+    /// An item with one context and several continuations (lm-eval's rule for each).
+    pub fn choice_item(&self, context: &str, choices: &[&str]) -> Result<ChoiceItem> {
+        let mut ctx_ids = None;
+        let mut conts = Vec::with_capacity(choices.len());
+        for c in choices {
+            let (ctx, cont) = self.encode_continuation(context, c)?;
+            if cont.is_empty() {
+                return Err(bad(format!(
+                    "the continuation {c:?} encodes to no tokens after its context"
+                )));
+            }
+            // The context's ids do not depend on the choice, except when trailing spaces
+            // moved (the same for every choice).
+            ctx_ids.get_or_insert(ctx);
+            conts.push(cont);
+        }
+        let context = ctx_ids.unwrap_or_default();
+        if context.is_empty() {
+            return Err(bad(
+                "a context encodes to no tokens (the tokenizer adds no BOS): nothing to condition on",
+            ));
+        }
+        Ok(ChoiceItem {
+            context,
+            choices: conts,
+        })
+    }
+
+    /// Per-token log-probabilities of every choice of every item, in one packed forward.
+    /// When every choice of an item is one token, the item is one sequence (its context)
+    /// read at the last position for each choice; otherwise each choice is its own
+    /// sequence context + continuation, as lm-eval feeds it.
+    pub fn choice_logprobs(&self, items: &[ChoiceItem]) -> Result<Vec<Vec<Vec<f32>>>> {
+        let (mut ids, mut lens, mut rows, mut targets) = (vec![], vec![], vec![], vec![]);
+        for it in items {
+            self.model.check_ids(&it.context)?;
+            for c in &it.choices {
+                self.model.check_ids(c)?;
+            }
+            let n = it.context.len();
+            if it.choices.iter().all(|c| c.len() == 1) {
+                let base = ids.len();
+                ids.extend_from_slice(&it.context);
+                lens.push(n);
+                for c in &it.choices {
+                    rows.push(base + n - 1);
+                    targets.push(c[0]);
+                }
+            } else {
+                for c in &it.choices {
+                    let base = ids.len();
+                    ids.extend_from_slice(&it.context);
+                    ids.extend_from_slice(c);
+                    lens.push(n + c.len());
+                    for (j, &t) in c.iter().enumerate() {
+                        rows.push(base + n - 1 + j);
+                        targets.push(t);
+                    }
+                }
+            }
+        }
+        if ids.is_empty() {
+            return Ok(vec![]);
+        }
+        let pack = Packing::from_lengths(&lens);
+        let (lp, _) = self.model.forward(
+            self.adapter.as_ref(),
+            &ids,
+            &pack,
+            &rows,
+            &targets,
+            None,
+            false,
+        );
+        let mut at = 0;
+        Ok(items
+            .iter()
+            .map(|it| {
+                it.choices
+                    .iter()
+                    .map(|c| {
+                        at += c.len();
+                        lp[at - c.len()..at].to_vec()
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// Generates a continuation of each prompt (ids, used verbatim).
+    pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        cfg: &GenConfig,
+        stops: &[String],
+        on_done: impl FnMut(usize),
+    ) -> Result<Vec<GenText>> {
+        let cfg = GenConfig {
+            eos_ids: self.eos.clone(),
+            ..cfg.clone()
+        };
+        let stopper = Stopper {
+            tokenizer: &self.tok,
+            stops,
+        };
+        let out = generate::generate(
+            &self.model,
+            self.adapter.as_ref(),
+            prompts,
+            &cfg,
+            Some(&stopper),
+            on_done,
+        )?;
+        out.into_iter()
+            .map(|g| {
+                let text = self.tok.decode(&g.ids, true)?;
+                Ok(GenText {
+                    text: cut_at_stop(&text, stops).to_string(),
+                    n_tokens: g.ids.len(),
+                    finish: g.finish.name(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Sum of per-token log-probabilities in f64.
+pub fn sum(lp: &[f32]) -> f64 {
+    lp.iter().map(|&x| x as f64).sum()
+}
+
+/// Index of the largest value (the first among ties, as numpy's argmax).
+pub fn argmax(x: &[f64]) -> usize {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best
+}

@@ -1,0 +1,232 @@
+//! `palign eval`: the paper's five benchmarks (MMLU, BBH, AlpacaEval, RealToxicityPrompts,
+//! DangerousQA), each read in its published layout.
+//!
+//! Every task turns its data into samples with stable ids, computes the ones its output
+//! folder does not hold yet (appending each to `samples.jsonl` as it finishes), then
+//! recomputes `results.json` from all samples of the current selection. Tasks judged by a
+//! separate model (AlpacaEval, DangerousQA) log the judge's verdicts in `judgments.jsonl`
+//! under the judge's name, so judging resumes too and a new judge reuses the outputs.
+//! `run.json` pins the settings the samples depend on (see `store::RunDir`).
+
+pub mod alpaca;
+pub mod bbh;
+pub mod csv;
+pub mod dangerous;
+pub mod judge;
+pub mod lm;
+pub mod mmlu;
+pub mod store;
+pub mod toxicity;
+
+use crate::commands::Common;
+use crate::error::{bad, Result};
+use crate::model::generate::GenConfig;
+use crate::model::Template;
+use lm::{GenText, Lm};
+use serde_json::{json, Map, Value};
+use std::path::{Path, PathBuf};
+use store::{Row, SampleLog};
+
+/// Flags every task takes.
+#[derive(clap::Args, Clone, Debug)]
+pub struct EvalArgs {
+    /// Hugging Face model folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT LoRA adapter folder applied on top of the model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Quantize the decoder projections at load time: nf4. A 4-bit checkpoint is used as it is.
+    #[arg(long)]
+    pub quant: Option<String>,
+    /// The task's data (file or folder, in the benchmark's published layout).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Output folder: results.json, samples.jsonl, run.json (created; reruns resume).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Evaluate at most N samples: per subject (mmlu) or per task (bbh), else in total.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Chat template the prompt is rendered with: none, vicuna, mistral.
+    #[arg(long, default_value = "none")]
+    pub template: String,
+    /// Questions per forward (mmlu, judges) or sequences decoded at once (generation).
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+}
+
+impl EvalArgs {
+    /// Checks the flags; returns the parsed template.
+    pub fn check(&self) -> Result<Template> {
+        lm::check_quant(self.quant.as_deref())?;
+        if self.batch_size == 0 {
+            return Err(bad("--batch-size must be at least 1"));
+        }
+        if self.limit == Some(0) {
+            return Err(bad("--limit must be at least 1"));
+        }
+        if !self.data.exists() {
+            return Err(bad(format!("--data {}: no such file or folder", self.data.display())));
+        }
+        self.template.parse()
+    }
+
+    /// The settings every sample depends on (pinned in run.json).
+    pub fn fixed(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("model".into(), canon(&self.model).into());
+        m.insert(
+            "adapter".into(),
+            self.adapter.as_deref().map(canon).into(),
+        );
+        m.insert("quant".into(), self.quant.clone().into());
+        m.insert("data".into(), canon(&self.data).into());
+        m.insert("template".into(), self.template.clone().into());
+        m
+    }
+
+    pub fn load_model(&self) -> Result<Lm> {
+        Lm::load(&self.model, self.adapter.as_deref(), self.quant.as_deref())
+    }
+}
+
+/// A path as an absolute string when it exists (settings compare across working folders).
+pub fn canon(p: &Path) -> String {
+    std::fs::canonicalize(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// A sample waiting for generation: its id, prompt ids and the fields its row starts with.
+pub struct GenJob {
+    pub id: String,
+    pub prompt_ids: Vec<u32>,
+    pub row: Row,
+}
+
+/// Generates the jobs in chunks of 4 × batch size prompts (continuous batching inside a
+/// chunk) and appends each chunk's rows to the log when it is done. Each row gets
+/// `output`, `n_tokens`, `finish`; `finish_chunk` then adds the task's fields (answer,
+/// score...). With sampling, a row draws from stream (row index in its chunk) of
+/// `seed + chunk index`, so a resumed run samples its remaining rows differently from an
+/// uninterrupted one; greedy outputs do not depend on chunking.
+pub fn generate_jobs(
+    lm: &Lm,
+    jobs: Vec<GenJob>,
+    cfg: &GenConfig,
+    stops: &[String],
+    log: &mut SampleLog,
+    pb: &indicatif::ProgressBar,
+    mut finish_chunk: impl FnMut(&mut [Row]) -> Result<()>,
+) -> Result<()> {
+    let chunk = cfg.batch_size.saturating_mul(4).max(1);
+    let mut jobs = jobs.into_iter().peekable();
+    let mut k = 0u64;
+    while jobs.peek().is_some() {
+        let part: Vec<GenJob> = jobs.by_ref().take(chunk).collect();
+        let prompts: Vec<Vec<u32>> = part.iter().map(|j| j.prompt_ids.clone()).collect();
+        let cfg_k = GenConfig {
+            seed: cfg.seed.wrapping_add(k),
+            ..cfg.clone()
+        };
+        let outs = lm.generate(&prompts, &cfg_k, stops, |_| pb.inc(1))?;
+        let mut rows: Vec<Row> = part
+            .into_iter()
+            .zip(outs)
+            .map(|(j, g)| gen_row(j, g))
+            .collect();
+        finish_chunk(&mut rows)?;
+        for r in rows {
+            log.append(r)?;
+        }
+        k += 1;
+    }
+    Ok(())
+}
+
+fn gen_row(job: GenJob, g: GenText) -> Row {
+    let mut r = Map::new();
+    r.insert("id".into(), job.id.into());
+    r.extend(job.row);
+    r.insert("output".into(), g.text.into());
+    r.insert("n_tokens".into(), g.n_tokens.into());
+    r.insert("finish".into(), g.finish.into());
+    r
+}
+
+/// The generation settings shared by the generating tasks.
+pub fn gen_config(common: &Common, max_new_tokens: usize, temperature: f32, top_p: f32, batch: usize) -> Result<GenConfig> {
+    let cfg = GenConfig {
+        max_new_tokens,
+        temperature,
+        top_p,
+        seed: common.seed,
+        eos_ids: vec![],
+        batch_size: batch,
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The `results.json` object: task, metric, value, n, then the task's fields.
+pub fn results(
+    task: &str,
+    metric: &str,
+    value: Option<f64>,
+    n: usize,
+    extra: Map<String, Value>,
+) -> Value {
+    let mut m = Map::new();
+    m.insert("task".into(), task.into());
+    m.insert("metric".into(), metric.into());
+    m.insert("value".into(), value.map_or(Value::Null, Value::from));
+    m.insert("n".into(), n.into());
+    m.extend(extra);
+    m.insert("palign_version".into(), env!("CARGO_PKG_VERSION").into());
+    Value::Object(m)
+}
+
+/// Settings for results.json: the pinned ones plus the free ones of this run.
+pub fn settings(fixed: &Map<String, Value>, free: Value) -> Value {
+    let mut m = fixed.clone();
+    if let Value::Object(f) = free {
+        m.extend(f);
+    }
+    Value::Object(m)
+}
+
+/// One line on stderr about what a run reused and computed.
+pub fn report(task: &str, reused: usize, computed: usize, out: &Path) {
+    eprintln!(
+        "eval {task}: {computed} samples computed, {reused} reused from {}",
+        out.display()
+    );
+}
+
+/// Reads a whole JSON file.
+pub fn read_json(path: &Path, flag: &str) -> Result<Value> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| bad(format!("{flag} {}: {e}", path.display())))?;
+    serde_json::from_str(&text)
+        .map_err(|e| bad(format!("{flag} {}: not valid JSON: {e}", path.display())))
+}
+
+/// `json!` of a mean, `null` when there is nothing to average.
+pub fn mean(xs: &[f64]) -> Option<f64> {
+    (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
+}
+
+/// Counters reported in results.json.
+pub fn run_counts(reused: usize, computed: usize) -> Value {
+    json!({"reused": reused, "computed": computed})
+}
+
+/// A `json!` object as a log row.
+pub fn as_row(v: Value) -> Row {
+    match v {
+        Value::Object(m) => m,
+        _ => panic!("log rows are JSON objects"),
+    }
+}
