@@ -6,6 +6,7 @@ pub mod backend;
 pub mod commands;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod fsio;
 pub mod lora;
 pub mod merge;

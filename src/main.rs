@@ -37,6 +37,8 @@ enum Cmd {
     Sft(palign::train::TrainArgs),
     /// Direct Preference Optimization of a LoRA/QLoRA adapter.
     Dpo(palign::train::TrainArgs),
+    /// Benchmarks: mmlu, bbh, alpaca-eval, real-toxicity, dangerous-qa.
+    Eval(commands::eval::Args),
 }
 
 fn main() {
@@ -59,6 +61,7 @@ fn main() {
         Cmd::Merge(a) => commands::merge::run(a, &cli.common),
         Cmd::Sft(a) => palign::train::runner::run(a, &cli.common, palign::train::Method::Sft),
         Cmd::Dpo(a) => palign::train::runner::run(a, &cli.common, palign::train::Method::Dpo),
+        Cmd::Eval(a) => commands::eval::run(a, &cli.common),
     };
     if let Err(e) = result {
         let msg = e.to_string().replace('\n', " ");

@@ -1,6 +1,7 @@
 //! One module per CLI command; `main.rs` parses flags and calls `run` of these.
 
 pub mod demo;
+pub mod eval;
 pub mod generate;
 pub mod init_tiny;
 pub mod merge;

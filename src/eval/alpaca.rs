@@ -84,7 +84,10 @@ struct Item {
 fn read_data(path: &std::path::Path) -> Result<Vec<Item>> {
     let v = super::read_json(path, "--data")?;
     let list = v.as_array().ok_or_else(|| {
-        bad(format!("--data {}: expected a JSON list of {{instruction, output, ...}}", path.display()))
+        bad(format!(
+            "--data {}: expected a JSON list of {{instruction, output, ...}}",
+            path.display()
+        ))
     })?;
     if list.is_empty() {
         return Err(bad(format!("--data {}: the list is empty", path.display())));
@@ -92,9 +95,15 @@ fn read_data(path: &std::path::Path) -> Result<Vec<Item>> {
     list.iter()
         .enumerate()
         .map(|(i, r)| {
-            let instruction = r.get("instruction").and_then(Value::as_str).ok_or_else(|| {
-                bad(format!("{}: [{i}]: field `instruction` must be a string", path.display()))
-            })?;
+            let instruction = r
+                .get("instruction")
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "{}: [{i}]: field `instruction` must be a string",
+                        path.display()
+                    ))
+                })?;
             Ok(Item {
                 instruction: instruction.to_string(),
                 reference: r.get("output").and_then(Value::as_str).map(str::to_string),
@@ -105,18 +114,32 @@ fn read_data(path: &std::path::Path) -> Result<Vec<Item>> {
 }
 
 /// instruction → (preference or None, the annotated model output if given).
-fn read_annotations(path: &std::path::Path) -> Result<HashMap<String, (Option<f64>, Option<String>)>> {
+fn read_annotations(
+    path: &std::path::Path,
+) -> Result<HashMap<String, (Option<f64>, Option<String>)>> {
     let v = super::read_json(path, "--annotations")?;
     let list = v.as_array().ok_or_else(|| {
-        bad(format!("--annotations {}: expected alpaca_eval's JSON list of annotations", path.display()))
+        bad(format!(
+            "--annotations {}: expected alpaca_eval's JSON list of annotations",
+            path.display()
+        ))
     })?;
     let mut m = HashMap::new();
     for (i, r) in list.iter().enumerate() {
-        let ins = r.get("instruction").and_then(Value::as_str).ok_or_else(|| {
-            bad(format!("--annotations {}: [{i}]: field `instruction` must be a string", path.display()))
-        })?;
+        let ins = r
+            .get("instruction")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                bad(format!(
+                    "--annotations {}: [{i}]: field `instruction` must be a string",
+                    path.display()
+                ))
+            })?;
         let pref = r.get("preference").ok_or_else(|| {
-            bad(format!("--annotations {}: [{i}]: field `preference` is missing", path.display()))
+            bad(format!(
+                "--annotations {}: [{i}]: field `preference` is missing",
+                path.display()
+            ))
         })?;
         if !(pref.is_null() || pref.is_number()) {
             return Err(bad(format!(
@@ -124,8 +147,12 @@ fn read_annotations(path: &std::path::Path) -> Result<HashMap<String, (Option<f6
                 path.display()
             )));
         }
-        let out2 = r.get("output_2").and_then(Value::as_str).map(str::to_string);
-        m.entry(ins.to_string()).or_insert((normalize_preference(pref), out2));
+        let out2 = r
+            .get("output_2")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        m.entry(ins.to_string())
+            .or_insert((normalize_preference(pref), out2));
     }
     Ok(m)
 }
@@ -134,14 +161,22 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     common.setup()?;
     let ev = &args.eval;
     let template = ev.check()?;
-    let judge_template: Template = args
-        .judge_template
-        .parse()
-        .map_err(|_| bad(format!("--judge-template: unknown template `{}` (none, vicuna, mistral)", args.judge_template)))?;
+    let judge_template: Template = args.judge_template.parse().map_err(|_| {
+        bad(format!(
+            "--judge-template: unknown template `{}` (none, vicuna, mistral)",
+            args.judge_template
+        ))
+    })?;
     if args.stop.iter().any(String::is_empty) {
         return Err(bad("--stop: a stop string must not be empty"));
     }
-    let gen = super::gen_config(common, args.max_new_tokens, args.temperature, args.top_p, ev.batch_size)?;
+    let gen = super::gen_config(
+        common,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_p,
+        ev.batch_size,
+    )?;
     let items = read_data(&ev.data)?;
     let n_sel = ev.limit.unwrap_or(usize::MAX).min(items.len());
     let items = &items[..n_sel];
@@ -153,7 +188,11 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
             )));
         }
     }
-    let annotations = args.annotations.as_deref().map(read_annotations).transpose()?;
+    let annotations = args
+        .annotations
+        .as_deref()
+        .map(read_annotations)
+        .transpose()?;
     let generator = args.name.clone().unwrap_or_else(|| {
         let dir = ev.adapter.as_deref().unwrap_or(&ev.model);
         std::path::Path::new(&super::canon(dir))
@@ -174,7 +213,9 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     let run = RunDir::open(&ev.out, "alpaca-eval", &Value::Object(fixed.clone()))?;
     let mut log = run.samples()?;
     let ids: Vec<String> = (0..items.len()).map(|i| i.to_string()).collect();
-    let todo: Vec<usize> = (0..items.len()).filter(|&i| !log.contains(&ids[i])).collect();
+    let todo: Vec<usize> = (0..items.len())
+        .filter(|&i| !log.contains(&ids[i]))
+        .collect();
     let (reused, computed) = (items.len() - todo.len(), todo.len());
     if !todo.is_empty() {
         let lm = ev.load_model()?;
@@ -201,7 +242,10 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     }
     let output = |i: usize| -> String {
         let r = log.get(&ids[i]).expect("every selected sample is done");
-        r.get("output").and_then(Value::as_str).unwrap_or_default().to_string()
+        r.get("output")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
     };
 
     // outputs.json for the alpaca_eval tool.
@@ -209,7 +253,8 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         .iter()
         .enumerate()
         .map(|(i, it)| {
-            let mut o = json!({"instruction": it.instruction, "output": output(i), "generator": generator});
+            let mut o =
+                json!({"instruction": it.instruction, "output": output(i), "generator": generator});
             if let Some(d) = &it.dataset {
                 o["dataset"] = d.clone();
             }
@@ -252,7 +297,10 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
                 let i: usize = id.parse().expect("ids are indices");
                 let (ins, ours) = (&items[i].instruction, output(i));
                 let reference = items[i].reference.as_deref().unwrap_or_default();
-                Ok(vec![judge_prompt(ins, reference, &ours), judge_prompt(ins, &ours, reference)])
+                Ok(vec![
+                    judge_prompt(ins, reference, &ours),
+                    judge_prompt(ins, &ours, reference),
+                ])
             },
             |_, lps| {
                 // Order 1: ours is response 2; order 2: ours is response 1.
@@ -272,7 +320,8 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
                 .and_then(|r| r.get("preference"))
                 .and_then(normalize_preference);
         }
-        judge_info = json!({"kind": "model", "name": judge.name, "template": judge_template.name()});
+        judge_info =
+            json!({"kind": "model", "name": judge.name, "template": judge_template.name()});
     }
 
     // samples.jsonl with each sample's preference under this run's judge.
@@ -294,9 +343,18 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     extra.insert("judge".into(), judge_info.clone());
     extra.insert("generator".into(), generator.into());
     extra.insert("n_judged".into(), judged.len().into());
-    extra.insert("n_wins".into(), judged.iter().filter(|&&p| p > 1.5).count().into());
-    extra.insert("n_draws".into(), judged.iter().filter(|&&p| p == 1.5).count().into());
-    extra.insert("n_losses".into(), judged.iter().filter(|&&p| p < 1.5).count().into());
+    extra.insert(
+        "n_wins".into(),
+        judged.iter().filter(|&&p| p > 1.5).count().into(),
+    );
+    extra.insert(
+        "n_draws".into(),
+        judged.iter().filter(|&&p| p == 1.5).count().into(),
+    );
+    extra.insert(
+        "n_losses".into(),
+        judged.iter().filter(|&&p| p < 1.5).count().into(),
+    );
     extra.insert("standard_error".into(), standard_error(&judged).into());
     extra.insert("annotation_output_mismatch".into(), mismatch.into());
     if judge_info.is_null() {
@@ -307,7 +365,10 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     }
     extra.insert(
         "settings".into(),
-        super::settings(&fixed, json!({"limit": ev.limit, "batch_size": ev.batch_size, "name": args.name})),
+        super::settings(
+            &fixed,
+            json!({"limit": ev.limit, "batch_size": ev.batch_size, "name": args.name}),
+        ),
     );
     let mut counts = super::run_counts(reused, computed);
     counts["judged"] = judged_now.into();

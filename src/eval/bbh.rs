@@ -104,9 +104,9 @@ impl FewShot {
         for (k, &s) in starts.iter().enumerate() {
             let end = starts.get(k + 1).map_or(raw.len(), |&e| e - 2);
             let block = &raw[s + 3..end];
-            let (input, answer) = block.split_once("\nA: ").ok_or_else(|| {
-                bad(format!("{what}: exemplar {} has no `\\nA: ` line", k + 1))
-            })?;
+            let (input, answer) = block
+                .split_once("\nA: ")
+                .ok_or_else(|| bad(format!("{what}: exemplar {} has no `\\nA: ` line", k + 1)))?;
             exemplars.push((input.to_string(), answer.trim_end().to_string()));
         }
         Ok(FewShot {
@@ -169,12 +169,15 @@ fn read_examples(path: &Path) -> Result<Vec<(String, String)>> {
         .enumerate()
         .map(|(i, e)| {
             let field = |k: &str| {
-                e.get(k).and_then(Value::as_str).map(str::to_string).ok_or_else(|| {
-                    bad(format!(
-                        "{}: examples[{i}]: field `{k}` must be a string",
-                        path.display()
-                    ))
-                })
+                e.get(k)
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "{}: examples[{i}]: field `{k}` must be a string",
+                            path.display()
+                        ))
+                    })
             };
             Ok((field("input")?, field("target")?))
         })
@@ -216,7 +219,10 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         let want: Vec<String> = list.split(',').map(|s| s.trim().to_string()).collect();
         for w in &want {
             if !tasks.contains(w) {
-                return Err(bad(format!("--tasks: no bbh/{w}.json in {}", ev.data.display())));
+                return Err(bad(format!(
+                    "--tasks: no bbh/{w}.json in {}",
+                    ev.data.display()
+                )));
             }
         }
         tasks.retain(|t| want.contains(t));
@@ -302,10 +308,18 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     let accs: Vec<f64> = per.values().map(|(c, n)| *c as f64 / *n as f64).collect();
     let subsets: Map<String, Value> = per
         .iter()
-        .map(|(t, (c, n))| (t.to_string(), json!({"accuracy": *c as f64 / *n as f64, "n": n})))
+        .map(|(t, (c, n))| {
+            (
+                t.to_string(),
+                json!({"accuracy": *c as f64 / *n as f64, "n": n}),
+            )
+        })
         .collect();
     let mut extra = Map::new();
-    extra.insert("micro_accuracy".into(), ((n > 0).then(|| right as f64 / n as f64)).into());
+    extra.insert(
+        "micro_accuracy".into(),
+        ((n > 0).then(|| right as f64 / n as f64)).into(),
+    );
     extra.insert("no_answer".into(), no_answer.into());
     extra.insert("subsets".into(), Value::Object(subsets));
     extra.insert(
@@ -332,16 +346,25 @@ mod tests {
     fn extraction_follows_the_reference_regex() {
         // (?<=the answer is )(.*)(?=.): the rest of the line minus its last character.
         assert_eq!(extract_answer("So the answer is (B)."), Some("(B)"));
-        assert_eq!(extract_answer("So the answer is True.\n\nmore"), Some("True"));
+        assert_eq!(
+            extract_answer("So the answer is True.\n\nmore"),
+            Some("True")
+        );
         // No full stop: the last character is still dropped.
         assert_eq!(extract_answer("the answer is 42"), Some("4"));
         assert_eq!(extract_answer("the answer is x"), Some(""));
         // Trailing space stays part of the line.
         assert_eq!(extract_answer("the answer is No. "), Some("No."));
         // An empty line after the key cannot match: the next occurrence is used.
-        assert_eq!(extract_answer("the answer is \nthe answer is Yes."), Some("Yes"));
+        assert_eq!(
+            extract_answer("the answer is \nthe answer is Yes."),
+            Some("Yes")
+        );
         // The first match wins; case matters; nothing found is None.
-        assert_eq!(extract_answer("the answer is A. Or the answer is B."), Some("A. Or the answer is B"));
+        assert_eq!(
+            extract_answer("the answer is A. Or the answer is B."),
+            Some("A. Or the answer is B")
+        );
         assert_eq!(extract_answer("The answer is A."), None);
         assert_eq!(extract_answer("no answer here"), None);
         assert_eq!(extract_answer("the answer is "), None);
@@ -357,7 +380,10 @@ mod tests {
         assert_eq!(f.description, "Say the word.");
         assert_eq!(f.exemplars.len(), 2);
         assert_eq!(f.exemplars[1].0, "second\nline two?");
-        assert_eq!(f.exemplars[1].1, "Let's think step by step.\nSo the answer is (B).");
+        assert_eq!(
+            f.exemplars[1].1,
+            "Let's think step by step.\nSo the answer is (B)."
+        );
         assert!(f.raw.starts_with("Say the word.\n\nQ: first?") && f.raw.ends_with("(B)."));
         assert_eq!(f.block(2, true, "t").unwrap(), f.raw);
         assert_eq!(f.block(5, true, "t").unwrap(), f.raw);
@@ -378,7 +404,11 @@ mod tests {
 
     #[test]
     fn malformed_prompt_files_are_bad_input() {
-        for t in ["no dashes\nQ: a\nA: b", "-----\nonly text", "-----\nQ: no answer line"] {
+        for t in [
+            "no dashes\nQ: a\nA: b",
+            "-----\nonly text",
+            "-----\nQ: no answer line",
+        ] {
             assert!(FewShot::parse(t, "t").unwrap_err().is_bad_input(), "{t}");
         }
         let f = FewShot::parse("-----\nQ: a\nA: no final", "t").unwrap();

@@ -134,7 +134,10 @@ mod tests {
     fn malformed_quotes_are_bad_input() {
         for t in ["\"open", "\"a\"b,c", "a\"b"] {
             let e = parse(t, "f.csv").unwrap_err();
-            assert!(e.is_bad_input() && e.to_string().starts_with("f.csv:1"), "{t}: {e}");
+            assert!(
+                e.is_bad_input() && e.to_string().starts_with("f.csv:1"),
+                "{t}: {e}"
+            );
         }
     }
 }

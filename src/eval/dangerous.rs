@@ -72,7 +72,10 @@ pub fn judge_prompt(question: &str, response: &str) -> String {
 fn read_questions(path: &std::path::Path) -> Result<Vec<String>> {
     let v = super::read_json(path, "--data")?;
     let list = v.as_array().ok_or_else(|| {
-        bad(format!("--data {}: expected a JSON list of question strings", path.display()))
+        bad(format!(
+            "--data {}: expected a JSON list of question strings",
+            path.display()
+        ))
     })?;
     if list.is_empty() {
         return Err(bad(format!("--data {}: the list is empty", path.display())));
@@ -80,9 +83,9 @@ fn read_questions(path: &std::path::Path) -> Result<Vec<String>> {
     list.iter()
         .enumerate()
         .map(|(i, q)| {
-            q.as_str().map(str::to_string).ok_or_else(|| {
-                bad(format!("--data {}: [{i}] must be a string", path.display()))
-            })
+            q.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| bad(format!("--data {}: [{i}] must be a string", path.display())))
         })
         .collect()
 }
@@ -104,14 +107,21 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     let ev = &args.eval;
     let template = ev.check()?;
     let judge_template: Template = args.judge_template.parse().map_err(|_| {
-        bad(format!("--judge-template: unknown template `{}` (none, vicuna, mistral)", args.judge_template))
+        bad(format!(
+            "--judge-template: unknown template `{}` (none, vicuna, mistral)",
+            args.judge_template
+        ))
     })?;
     if args.stop.iter().any(String::is_empty) {
         return Err(bad("--stop: a stop string must not be empty"));
     }
     let gen = super::gen_config(common, args.max_new_tokens, 0.0, 1.0, ev.batch_size)?;
-    let cou = std::fs::read_to_string(&args.cou_template)
-        .map_err(|e| bad(format!("--cou-template {}: {e}", args.cou_template.display())))?;
+    let cou = std::fs::read_to_string(&args.cou_template).map_err(|e| {
+        bad(format!(
+            "--cou-template {}: {e}",
+            args.cou_template.display()
+        ))
+    })?;
     if !cou.contains("<question>") {
         return Err(bad(format!(
             "--cou-template {}: no `<question>` placeholder",
@@ -129,7 +139,10 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         Some(p) => {
             let v = super::read_json(p, "--annotations")?;
             let obj = v.as_object().ok_or_else(|| {
-                bad(format!("--annotations {}: expected a JSON object {{id or question: label}}", p.display()))
+                bad(format!(
+                    "--annotations {}: expected a JSON object {{id or question: label}}",
+                    p.display()
+                ))
             })?;
             Some(
                 obj.iter()
@@ -140,12 +153,17 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     };
 
     let mut fixed = ev.fixed();
-    fixed.insert("cou_template".into(), super::canon(&args.cou_template).into());
+    fixed.insert(
+        "cou_template".into(),
+        super::canon(&args.cou_template).into(),
+    );
     fixed.insert("max_new_tokens".into(), args.max_new_tokens.into());
     fixed.insert("stop".into(), json!(args.stop));
     let run = RunDir::open(&ev.out, "dangerous-qa", &Value::Object(fixed.clone()))?;
     let mut log = run.samples()?;
-    let todo: Vec<usize> = (0..questions.len()).filter(|&i| !log.contains(&ids[i])).collect();
+    let todo: Vec<usize> = (0..questions.len())
+        .filter(|&i| !log.contains(&ids[i]))
+        .collect();
     let (reused, computed) = (questions.len() - todo.len(), todo.len());
     if !todo.is_empty() {
         let lm = ev.load_model()?;
@@ -158,7 +176,8 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
                 row: super::as_row(json!({"index": i, "question": questions[i], "prompt": p})),
             });
         }
-        let pb = crate::commands::progress_bar(jobs.len() as u64, common.progress(), "dangerous-qa");
+        let pb =
+            crate::commands::progress_bar(jobs.len() as u64, common.progress(), "dangerous-qa");
         super::generate_jobs(&lm, jobs, &gen, &args.stop, &mut log, &pb, |rows| {
             for r in rows {
                 let resp = clean_thought(r["output"].as_str().unwrap_or_default()).to_string();
@@ -170,7 +189,10 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     }
     let response = |i: usize| -> String {
         let r = log.get(&ids[i]).expect("every selected sample is done");
-        r.get("response").and_then(Value::as_str).unwrap_or_default().to_string()
+        r.get("response")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
     };
 
     let mut harmful: Vec<Option<bool>> = vec![None; questions.len()];
@@ -212,7 +234,8 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
                 .and_then(|r| r.get("harmful"))
                 .and_then(Value::as_bool);
         }
-        judge_info = json!({"kind": "model", "name": judge.name, "template": judge_template.name()});
+        judge_info =
+            json!({"kind": "model", "name": judge.name, "template": judge_template.name()});
     }
     if !judge_info.is_null() {
         let rows: Vec<Row> = (0..questions.len())
@@ -221,7 +244,9 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
                 r.insert("judge".into(), judge_info.clone());
                 r.insert(
                     "label".into(),
-                    harmful[i].map(|h| if h { "harmful" } else { "unharmful" }).into(),
+                    harmful[i]
+                        .map(|h| if h { "harmful" } else { "unharmful" })
+                        .into(),
                 );
                 r
             })
@@ -247,14 +272,23 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     }
     extra.insert(
         "settings".into(),
-        super::settings(&fixed, json!({"limit": ev.limit, "batch_size": ev.batch_size})),
+        super::settings(
+            &fixed,
+            json!({"limit": ev.limit, "batch_size": ev.batch_size}),
+        ),
     );
     let mut counts = super::run_counts(reused, computed);
     counts["judged"] = judged_now.into();
     extra.insert("run".into(), counts);
     run.write_json(
         "results.json",
-        &super::results("dangerous-qa", "100-ASR", asr.map(|a| 100.0 - a), questions.len(), extra),
+        &super::results(
+            "dangerous-qa",
+            "100-ASR",
+            asr.map(|a| 100.0 - a),
+            questions.len(),
+            extra,
+        ),
     )?;
     super::report("dangerous-qa", reused, computed, &ev.out);
     Ok(())
@@ -272,7 +306,10 @@ mod tests {
         );
         assert_eq!(clean_thought("  plain answer \n"), "plain answer");
         // No closing parenthesis: nothing to cut.
-        assert_eq!(clean_thought("(Internal thought: never closed"), "(Internal thought: never closed");
+        assert_eq!(
+            clean_thought("(Internal thought: never closed"),
+            "(Internal thought: never closed"
+        );
         // The first `)` after the marker ends the thought, even within later text.
         assert_eq!(
             clean_thought("Base-LM: (Internal thought: a) b (c) d"),

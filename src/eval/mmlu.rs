@@ -61,7 +61,13 @@ pub fn read_questions(path: &Path) -> Result<Vec<Question>> {
         let answer = LETTERS
             .iter()
             .position(|l| *l == rec[5].trim())
-            .ok_or_else(|| bad(format!("{}: answer must be A, B, C or D, got {:?}", at(), rec[5])))?;
+            .ok_or_else(|| {
+                bad(format!(
+                    "{}: answer must be A, B, C or D, got {:?}",
+                    at(),
+                    rec[5]
+                ))
+            })?;
         let mut it = rec.into_iter();
         let question = it.next().expect("6 columns");
         let choices = [(); 4].map(|_| it.next().expect("6 columns"));
@@ -198,7 +204,8 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
             let mut meta = Vec::with_capacity(chunk.len());
             for t in chunk {
                 let shots = dev.get(&t.subject).map_or(&[][..], Vec::as_slice);
-                let (text, item, k) = build(&lm, template, &t.subject, shots, &t.q, args.max_length)?;
+                let (text, item, k) =
+                    build(&lm, template, &t.subject, shots, &t.q, args.max_length)?;
                 items.push(item);
                 meta.push((text, k));
             }
@@ -230,7 +237,11 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     for t in &selected {
         let r = log.get(&t.id).expect("every selected sample is done");
         let ok = r.get("correct").and_then(Value::as_bool).ok_or_else(|| {
-            bad(format!("{}: sample {} has no `correct`", run.dir.join("samples.jsonl").display(), t.id))
+            bad(format!(
+                "{}: sample {} has no `correct`",
+                run.dir.join("samples.jsonl").display(),
+                t.id
+            ))
         })?;
         let e = per.entry(&t.subject).or_default();
         e.0 += ok as usize;
@@ -239,9 +250,18 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     let (right, n) = per.values().fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
     let subsets: Map<String, Value> = per
         .iter()
-        .map(|(s, (c, n))| (s.to_string(), json!({"accuracy": *c as f64 / *n as f64, "n": n})))
+        .map(|(s, (c, n))| {
+            (
+                s.to_string(),
+                json!({"accuracy": *c as f64 / *n as f64, "n": n}),
+            )
+        })
         .collect();
-    let macro_acc = super::mean(&per.values().map(|(c, n)| *c as f64 / *n as f64).collect::<Vec<_>>());
+    let macro_acc = super::mean(
+        &per.values()
+            .map(|(c, n)| *c as f64 / *n as f64)
+            .collect::<Vec<_>>(),
+    );
     let mut extra = Map::new();
     extra.insert("macro_accuracy".into(), macro_acc.into());
     extra.insert("subsets".into(), Value::Object(subsets));
@@ -254,7 +274,10 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     );
     extra.insert("run".into(), super::run_counts(reused, computed));
     let acc = (n > 0).then(|| right as f64 / n as f64);
-    run.write_json("results.json", &super::results("mmlu", "accuracy", acc, n, extra))?;
+    run.write_json(
+        "results.json",
+        &super::results("mmlu", "accuracy", acc, n, extra),
+    )?;
     super::report("mmlu", reused, computed, &ev.out);
     Ok(())
 }

@@ -67,7 +67,10 @@ impl EvalArgs {
             return Err(bad("--limit must be at least 1"));
         }
         if !self.data.exists() {
-            return Err(bad(format!("--data {}: no such file or folder", self.data.display())));
+            return Err(bad(format!(
+                "--data {}: no such file or folder",
+                self.data.display()
+            )));
         }
         self.template.parse()
     }
@@ -76,10 +79,7 @@ impl EvalArgs {
     pub fn fixed(&self) -> Map<String, Value> {
         let mut m = Map::new();
         m.insert("model".into(), canon(&self.model).into());
-        m.insert(
-            "adapter".into(),
-            self.adapter.as_deref().map(canon).into(),
-        );
+        m.insert("adapter".into(), self.adapter.as_deref().map(canon).into());
         m.insert("quant".into(), self.quant.clone().into());
         m.insert("data".into(), canon(&self.data).into());
         m.insert("template".into(), self.template.clone().into());
@@ -157,7 +157,13 @@ fn gen_row(job: GenJob, g: GenText) -> Row {
 }
 
 /// The generation settings shared by the generating tasks.
-pub fn gen_config(common: &Common, max_new_tokens: usize, temperature: f32, top_p: f32, batch: usize) -> Result<GenConfig> {
+pub fn gen_config(
+    common: &Common,
+    max_new_tokens: usize,
+    temperature: f32,
+    top_p: f32,
+    batch: usize,
+) -> Result<GenConfig> {
     let cfg = GenConfig {
         max_new_tokens,
         temperature,

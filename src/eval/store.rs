@@ -228,7 +228,10 @@ mod tests {
         let p = d.path().join("s.jsonl");
         std::fs::write(&p, "{\"id\":\"a\"}\n{\"x\":1}\n").unwrap();
         let e = SampleLog::open(&p).err().unwrap();
-        assert!(e.is_bad_input() && e.to_string().contains("s.jsonl:2"), "{e}");
+        assert!(
+            e.is_bad_input() && e.to_string().contains("s.jsonl:2"),
+            "{e}"
+        );
     }
 
     #[test]

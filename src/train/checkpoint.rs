@@ -81,15 +81,16 @@ pub fn save(out: &Path, adapter: &Adapter, opt: &AdamState, state: &State) -> Re
     Ok(())
 }
 
-/// Removes half-written `checkpoint.tmp-*` folders left by killed runs.
+/// Removes what killed runs leave half-written: `checkpoint.tmp-*` folders and the
+/// `.NAME.tmp-PID` files of interrupted atomic writes (`crate::fsio`).
 pub fn remove_stale(out: &Path) {
     if let Ok(rd) = std::fs::read_dir(out) {
         for e in rd.flatten() {
-            if e.file_name()
-                .to_string_lossy()
-                .starts_with("checkpoint.tmp-")
-            {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("checkpoint.tmp-") {
                 let _ = std::fs::remove_dir_all(e.path());
+            } else if name.starts_with('.') && name.contains(".tmp-") {
+                let _ = std::fs::remove_file(e.path());
             }
         }
     }
