@@ -266,51 +266,16 @@ fn rope_rotate(
         });
 }
 
-/// e^x in f32 without a libm call per element, so loops over it vectorize: x = n·ln2 + r
-/// with |r| ≤ ln2/2, e^r by its Taylor series to r⁷ (truncation < 1e-8 relative), 2^n
-/// put into the exponent bits. Within a few ulp of the exact value (glibc's `expf` and
-/// torch's vectorized exp are within 1); 0 below −87.33 (where e^x leaves the normal
-/// range), +inf above 88.37 (slightly early: e^88.72 is still finite), NaN stays NaN.
-#[inline]
-pub fn exp_f32(x: f32) -> f32 {
-    // ln 2 = LN2_HI + LN2_LO with few bits in LN2_HI, so n·LN2_HI is exact.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding then subtracting 1.5·2²³ rounds to the nearest integer (|t| < 2²²).
-    const ROUND: f32 = 12_582_912.0;
-    let xc = x.clamp(-87.33, 88.72);
-    let n = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
-    let r = (xc - n * LN2_HI) - n * LN2_LO;
-    let mut p = 1.0 / 5040.0;
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
-        p = p * r + c;
-    }
-    let two_n = f32::from_bits(((n as i32 + 127) << 23) as u32);
-    if x < -87.33 {
-        0.0
-    } else {
-        p * two_n
-    }
-}
-
 /// The logistic sigmoid `1 / (1 + e^−x)`.
 #[inline]
 pub fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + exp_f32(-x))
+    1.0 / (1.0 + (-x).exp())
 }
 
 /// SiLU, `x·σ(x)`, as torch computes it in f32.
 #[inline]
 pub fn silu(x: f32) -> f32 {
-    x / (1.0 + exp_f32(-x))
+    x / (1.0 + (-x).exp())
 }
 
 /// Elements per rayon task in elementwise ops: large enough that the inner loop
@@ -488,7 +453,7 @@ fn masked_softmax(row: &mut [f32], lo: usize, hi: usize) -> f32 {
         .cloned()
         .fold(f32::NEG_INFINITY, f32::max);
     for x in &mut row[lo..=hi] {
-        *x = exp_f32(*x - mx);
+        *x = (*x - mx).exp();
     }
     let sum: f32 = row[lo..=hi].iter().sum();
     for x in &mut row[lo..=hi] {
@@ -637,7 +602,7 @@ pub fn attention_backward(
                         let (lo, hi) = (shape.first_key(i) - j0, i - j0);
                         let (pr, dsr) = (&mut p[bi * nk..][..nk], &mut ds[bi * nk..][..nk]);
                         for (p, ds) in pr[lo..=hi].iter_mut().zip(&mut dsr[lo..=hi]) {
-                            *p = exp_f32(*p - l);
+                            *p = (*p - l).exp();
                             *ds = *p * (*ds - di) * scale;
                         }
                         for row in [pr, dsr] {
@@ -679,20 +644,8 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// with the max subtracted first (as torch's log_softmax does).
 pub fn log_softmax_at(logits: &[f32], target: usize) -> f32 {
     let mx = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    logits[target] - mx - sum_exp(logits, mx).ln()
-}
-
-/// `Σ exp(z − shift)`, summed in 8 interleaved partial sums so the loop vectorizes.
-fn sum_exp(z: &[f32], shift: f32) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let chunks = z.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().map(|x| exp_f32(x - shift)).sum();
-    for c in chunks {
-        for (a, x) in acc.iter_mut().zip(c) {
-            *a += exp_f32(x - shift);
-        }
-    }
-    acc.iter().sum::<f32>() + tail
+    let sum: f32 = logits.iter().map(|z| (z - mx).exp()).sum();
+    logits[target] - mx - sum.ln()
 }
 
 /// `out[i] = log_softmax(row i of logits)[targets[i]]` for logits `[rows, v]`.
@@ -710,9 +663,9 @@ pub fn log_softmax_rows_at_backward(logits: &mut [f32], v: usize, targets: &[u32
         .zip(targets.par_iter().zip(g.par_iter()))
         .for_each(|(z, (&t, &g))| {
             let mx = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let sum = sum_exp(z, mx);
+            let sum: f32 = z.iter().map(|x| (x - mx).exp()).sum();
             for x in z.iter_mut() {
-                *x = -g * exp_f32(*x - mx) / sum;
+                *x = -g * (*x - mx).exp() / sum;
             }
             z[t as usize] += g;
         });
@@ -1197,24 +1150,6 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[test]
-    fn exp_f32_is_within_a_few_ulp_of_exp() {
-        let mut x = -87.0f64;
-        while x < 88.3 {
-            let (got, want) = (exp_f32(x as f32) as f64, (x as f32 as f64).exp());
-            assert!(
-                (got - want).abs() <= 4e-7 * want,
-                "exp({x}): {got} vs {want}"
-            );
-            x += 0.01234;
-        }
-        assert_eq!(exp_f32(0.0), 1.0);
-        assert_eq!(exp_f32(-100.0), 0.0);
-        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
-        assert!(exp_f32(f32::NAN).is_nan());
     }
 
     #[test]

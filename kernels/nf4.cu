@@ -1,0 +1,492 @@
+// NF4 (bitsandbytes 4-bit NormalFloat) weights: dequantize, decode GEMV, fused
+// dequant-GEMM on tensor cores.
+//
+// Format (src/quant/mod.rs, /work/shared/reference/kernels.md §1): W [rows, cols]
+// row-major, flattened, element e in byte e/2 (even e in the HIGH nibble), block scale
+// per `blocksize` (a power of two >= 32) consecutive elements:
+//   scale(b) = absmax[b]                                                  (plain)
+//   scale(b) = fp32( fp32(code2[qabsmax[b]] * absmax2[b >> log2_bs2]) + offset )  (double)
+//   W(e)     = fp32( NF4[code(e)] * scale(e >> log2_bs) )
+// Every product/sum above is one f32 rounding (__fmul_rn/__fadd_rn: no FMA contraction),
+// which makes the f32 dequantization bit-exact against the CPU's `Nf4Tensor::dequantize`.
+// The bf16 weight the GEMMs use is Wb(e) = bf16_rne(W(e)), the same value the bf16
+// dequantization writes, so fused and dequant + cuBLAS multiply the same numbers.
+//
+// 1. nf4_dequantize: out[e] = W(e) (f32) or Wb(e) (bf16). One thread per 16 elements
+//    (8 bytes in, 64 or 32 bytes out); 16 consecutive elements always share a block.
+//
+// 2. nf4_gemv_nt{1,2,4}: Y[m, n] = sum_k X[m, k] * Wb(n, k) for m < M <= 16, f32
+//    accumulation on tensor cores (mma m16n8k16, A = X with rows >= M zero, B = W).
+//    A block (8 warps) owns 8*NT output columns n; its warps split K in chunks of 128.
+//    In a chunk, lane (g = lane/4, t = lane%4) loads ONE 16-byte word of W per n-tile:
+//    codes k in [32t, 32t+32) of row n0+g. The mma's k order is free as long as A and
+//    B agree, so step s (0..7) feeds logical k {2t,2t+1,2t+8,2t+9} with physical
+//    k {32t+4s, +1, +2, +3}: B regs = the bytes 2s and 2s+1 of the lane's word, A regs
+//    = the 32-bit words 2s and 2s+1 of X[g][32t..32t+32) and X[g+8][..] (loaded as 4
+//    uint4 each, used as raw bf16 pairs). Each weight byte is read once per launch; the
+//    8 warps' partial C fragments are summed in shared memory in a fixed order.
+//    nf4_gemv_naive: the one-warp-per-row baseline (bitsandbytes' inference kernel
+//    shape), f32 weights, M FMAs per element; kept for the bench and as a cross-check.
+//
+// 3. nf4_gemm_fwd:  Y[M, N]  = X[M, K]  · Wbᵀ   (W [N, K])     reduction over K
+//    nf4_gemm_bwd:  dX[M, K] = dY[M, N] · Wb    (W [N, K])     reduction over N
+//    Block tile 128 (rows of A) x 128 (output cols) x 64 (reduction), 256 threads =
+//    8 warps as 2 (M) x 4 (N), warp tile 64 x 32 = 4 x 4 mma m16n8k16 per k16 step.
+//    A tiles: cp.async 16 B, 3-stage ring, rows >= M zero-filled. W tiles: each thread
+//    loads one 16-byte word (32 codes, one scale) per k-tile into registers before the
+//    tile's math, and after it unpacks them to bf16 in shared memory (never to HBM):
+//      fwd: smem [128 out cols][64 k]  = W rows c0.., cols k0..   -> ldmatrix (B "col")
+//      bwd: smem [64 k][128 out cols]  = W rows k0.., cols c0..   -> ldmatrix.trans
+//    Both are plain sub-blocks of W, so the unpack is the same; only the fragment load
+//    differs. Rows are padded by 8 bf16 (16 B) so ldmatrix/cp.async hit distinct banks.
+//    Requires the reduction length % 64 == 0 (K fwd, N bwd) and, bwd, K % 64 == 0;
+//    output columns beyond the matrix are computed on zero weights and not stored.
+//    Shared memory: 3*128*72*2 + 128*72*2 = 73728 B (dynamic; 2 blocks/SM on A100).
+#include "common.cuh"
+
+namespace palign {
+namespace nf4 {
+
+// bitsandbytes functional.get_4bit_type("nf4"), the same digits as src/quant/tables.rs.
+__constant__ float kCode[16] = {
+    -1.0f,
+    -0.6961928009986877f,
+    -0.5250730514526367f,
+    -0.39491748809814453f,
+    -0.28444138169288635f,
+    -0.18477343022823334f,
+    -0.09105003625154495f,
+    0.0f,
+    0.07958029955625534f,
+    0.16093020141124725f,
+    0.24611230194568634f,
+    0.33791524171829224f,
+    0.44070982933044434f,
+    0.5626170039176941f,
+    0.7229568362236023f,
+    1.0f,
+};
+
+// Copies the codes to shared memory (16 entries in 16 banks: any lookup pattern is
+// conflict-free). Every thread of the block must call it; it ends with a barrier.
+__device__ __forceinline__ void load_lut(float *lut) {
+    if (threadIdx.x < 16) lut[threadIdx.x] = kCode[threadIdx.x];
+    __syncthreads();
+}
+
+__device__ __forceinline__ float block_scale(const Nf4WeightParams &w, int64_t b) {
+    if (w.absmax) return __ldg(w.absmax + b);
+    const float c = __ldg(w.code2 + __ldg(w.qabsmax + b));
+    const float a2 = __ldg(w.absmax2 + (b >> w.log2_blocksize2));
+    return __fadd_rn(__fmul_rn(c, a2), w.offset);
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi); // .x (low 16 bits) = lo
+    return *reinterpret_cast<uint32_t *>(&h);
+}
+
+// One packed byte -> its two weights as a bf16 pair (high nibble = lower index = low half).
+__device__ __forceinline__ uint32_t decode_pair(const float *lut, uint32_t byte, float s) {
+    return pack_bf16(__fmul_rn(lut[(byte >> 4) & 15], s), __fmul_rn(lut[byte & 15], s));
+}
+
+__device__ __forceinline__ uint32_t byte_of(const uint4 &q, int j) {
+    const uint32_t w = j < 4 ? q.x : j < 8 ? q.y : j < 12 ? q.z : q.w;
+    return (w >> (8 * (j & 3))) & 255;
+}
+
+// D = A·B + D, m16n8k16, bf16 inputs, f32 accumulators (PTX ISA fragment layouts).
+__device__ __forceinline__ void mma_bf16(float c[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared without registers; pred = false writes 16 zero bytes.
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool pred) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
+                 "l"(src), "r"(pred ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ uint32_t dynamic_smem_bytes() {
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(r));
+    return r;
+}
+
+// Two adjacent outputs (cols col, col+1) of row `row`.
+__device__ __forceinline__ void store2(void *out, bool f32, int64_t idx, float a, float b) {
+    if (f32) {
+        *reinterpret_cast<float2 *>(static_cast<float *>(out) + idx) = make_float2(a, b);
+    } else {
+        *reinterpret_cast<__nv_bfloat162 *>(static_cast<__nv_bfloat16 *>(out) + idx) =
+            __floats2bfloat162_rn(a, b);
+    }
+}
+
+// ------------------------------------------------------------------ GEMV (M <= 16)
+
+constexpr int GEMV_WARPS = 8;
+constexpr int GEMV_CHUNK = 128; // k per warp step: 4 lanes x 32 codes
+
+template <int NT> __device__ __forceinline__ void gemv(const Nf4GemvParams &p) {
+    __shared__ float lut[16];
+    __shared__ float red[GEMV_WARPS][NT * 128];
+    load_lut(lut);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int M = p.m, N = p.w.rows, K = p.w.cols;
+    const int n0 = blockIdx.x * (8 * NT);
+    const bool x0 = g < M, x1 = g + 8 < M;
+    const __nv_bfloat16 *xr0 = p.x + (int64_t)g * K;
+    const __nv_bfloat16 *xr1 = p.x + (int64_t)(g + 8) * K;
+
+    float acc[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+
+    const int chunks = (K + GEMV_CHUNK - 1) / GEMV_CHUNK;
+    for (int c = warp; c < chunks; c += GEMV_WARPS) {
+        const int k = c * GEMV_CHUNK + 32 * t; // K % 32 == 0: all 32 in range or none
+        const bool kin = k < K;
+        uint4 wq[NT];
+        float sc[NT];
+#pragma unroll
+        for (int i = 0; i < NT; i++) {
+            const int n = n0 + 8 * i + g;
+            wq[i] = make_uint4(0, 0, 0, 0);
+            sc[i] = 0.0f;
+            if (kin && n < N) {
+                const int64_t e = (int64_t)n * K + k;
+                wq[i] = __ldg(reinterpret_cast<const uint4 *>(p.w.packed + e / 2));
+                sc[i] = block_scale(p.w, e >> p.w.log2_blocksize);
+            }
+        }
+        uint32_t xa[16], xb[16];
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            uint4 va = make_uint4(0, 0, 0, 0), vb = make_uint4(0, 0, 0, 0);
+            if (kin && x0) va = *reinterpret_cast<const uint4 *>(xr0 + k + 8 * q);
+            if (kin && x1) vb = *reinterpret_cast<const uint4 *>(xr1 + k + 8 * q);
+            xa[4 * q] = va.x, xa[4 * q + 1] = va.y, xa[4 * q + 2] = va.z, xa[4 * q + 3] = va.w;
+            xb[4 * q] = vb.x, xb[4 * q + 1] = vb.y, xb[4 * q + 2] = vb.z, xb[4 * q + 3] = vb.w;
+        }
+#pragma unroll
+        for (int i = 0; i < NT; i++) {
+#pragma unroll
+            for (int s = 0; s < 8; s++) {
+                const uint32_t b0 = decode_pair(lut, byte_of(wq[i], 2 * s), sc[i]);
+                const uint32_t b1 = decode_pair(lut, byte_of(wq[i], 2 * s + 1), sc[i]);
+                mma_bf16(acc[i], xa[2 * s], xb[2 * s], xa[2 * s + 1], xb[2 * s + 1], b0, b1);
+            }
+        }
+    }
+
+#pragma unroll
+    for (int i = 0; i < NT; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) red[warp][i * 128 + lane * 4 + j] = acc[i][j];
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < NT * 128; idx += blockDim.x) {
+        float s = 0.0f;
+#pragma unroll
+        for (int w = 0; w < GEMV_WARPS; w++) s += red[w][idx];
+        // C fragment: c0,c1 row g cols 2t,2t+1; c2,c3 row g+8.
+        const int i = idx >> 7, l = (idx >> 2) & 31, j = idx & 3;
+        const int m = (l >> 2) + 8 * (j >> 1);
+        const int n = n0 + 8 * i + 2 * (l & 3) + (j & 1);
+        if (m < M && n < N) {
+            const int64_t o = (int64_t)m * N + n;
+            if (p.out_f32)
+                static_cast<float *>(p.y)[o] = s;
+            else
+                static_cast<__nv_bfloat16 *>(p.y)[o] = f2bf(s);
+        }
+    }
+}
+
+// ------------------------------------------------------------------ fused GEMM
+
+constexpr int BM = 128, BN = 128, BK = 64, STAGES = 3, GEMM_THREADS = 256;
+constexpr int A_LD = BK + 8;                  // bf16 per smem row of an A tile
+constexpr int A_STAGE = BM * A_LD;            // bf16 per A stage
+constexpr int BF_LD = BK + 8;                 // forward W tile [BN][BK]
+constexpr int BB_LD = BN + 8;                 // backward W tile [BK][BN]
+constexpr int B_ELEMS = BN * BF_LD > BK * BB_LD ? BN * BF_LD : BK * BB_LD;
+constexpr int GEMM_SMEM = (STAGES * A_STAGE + B_ELEMS) * 2;
+static_assert(GEMM_SMEM == 73728, "keep NF4_GEMM_SMEM_BYTES in src/backend/cuda/nf4.rs in sync");
+
+template <bool BWD> __device__ __forceinline__ void gemm(const Nf4GemmParams &p) {
+    extern __shared__ __align__(16) uint8_t nf4_smem[];
+    __shared__ float lut[16];
+    if (dynamic_smem_bytes() < (uint32_t)GEMM_SMEM) __trap(); // launcher bug, not data
+    load_lut(lut);
+    __nv_bfloat16 *As = reinterpret_cast<__nv_bfloat16 *>(nf4_smem);
+    __nv_bfloat16 *Bs = As + STAGES * A_STAGE;
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int wm = warp >> 2, wn = warp & 3;
+    const int M = p.m;
+    const int R = BWD ? p.w.rows : p.w.cols;    // reduction length
+    const int NOUT = BWD ? p.w.cols : p.w.rows; // output columns
+    const int m0 = blockIdx.y * BM, c0 = blockIdx.x * BN;
+    const int KT = R / BK;
+
+    // A tile: 128 rows x 64 bf16 = 1024 pieces of 16 B, 4 per thread.
+    auto load_a = [&](int kt, int stage) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int c = tid + j * GEMM_THREADS;
+            const int row = c >> 3, col = (c & 7) * 8;
+            const bool ok = m0 + row < M;
+            const __nv_bfloat16 *src = p.a + (int64_t)(ok ? m0 + row : 0) * R + kt * BK + col;
+            cp_async16(As + stage * A_STAGE + row * A_LD + col, src, ok);
+        }
+    };
+    // W tile: 4096 bytes, one 16-byte word (32 codes) per thread.
+    const int w_r = BWD ? tid >> 2 : tid >> 1;            // smem row
+    const int w_c = BWD ? (tid & 3) * 32 : (tid & 1) * 32; // smem col
+    auto load_w = [&](int kt, uint4 &q, float &s) {
+        const int row = BWD ? kt * BK + w_r : c0 + w_r; // row of W
+        const int col = BWD ? c0 + w_c : kt * BK + w_c; // col of W
+        const bool ok = BWD ? col < NOUT : row < NOUT;
+        q = make_uint4(0, 0, 0, 0);
+        s = 0.0f;
+        if (ok) {
+            const int64_t e = (int64_t)row * p.w.cols + col;
+            q = __ldg(reinterpret_cast<const uint4 *>(p.w.packed + e / 2));
+            s = block_scale(p.w, e >> p.w.log2_blocksize);
+        }
+    };
+    auto store_w = [&](const uint4 &q, float s) {
+        __nv_bfloat16 *dst = Bs + w_r * (BWD ? BB_LD : BF_LD) + w_c;
+#pragma unroll
+        for (int v = 0; v < 4; v++) {
+            uint4 o;
+            o.x = decode_pair(lut, byte_of(q, 4 * v), s);
+            o.y = decode_pair(lut, byte_of(q, 4 * v + 1), s);
+            o.z = decode_pair(lut, byte_of(q, 4 * v + 2), s);
+            o.w = decode_pair(lut, byte_of(q, 4 * v + 3), s);
+            *reinterpret_cast<uint4 *>(dst + 8 * v) = o;
+        }
+    };
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) {
+        if (s < KT) load_a(s, s);
+        cp_async_commit();
+    }
+    uint4 wq;
+    float ws;
+    load_w(0, wq, ws);
+    store_w(wq, ws);
+
+    for (int kt = 0; kt < KT; kt++) {
+        // A tile kt has landed (groups are committed one per tile, empty ones included);
+        // W tile kt is in Bs; every warp is done with tile kt-1.
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        {
+            const int nk = kt + STAGES - 1;
+            if (nk < KT) load_a(nk, nk % STAGES);
+            cp_async_commit();
+        }
+        if (kt + 1 < KT) load_w(kt + 1, wq, ws); // in flight during the math below
+
+        const __nv_bfloat16 *as = As + (kt % STAGES) * A_STAGE;
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; kk++) {
+            uint32_t af[4][4], bfr[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 4; mi++)
+                ldmatrix_x4(af[mi], as + (wm * 64 + mi * 16 + (lane & 15)) * A_LD + kk * 16 +
+                                        (lane >> 4) * 8);
+#pragma unroll
+            for (int nj = 0; nj < 2; nj++) {
+                uint32_t r[4];
+                if (BWD)
+                    ldmatrix_x4_trans(r, Bs + (kk * 16 + (lane & 15)) * BB_LD + wn * 32 +
+                                             nj * 16 + (lane >> 4) * 8);
+                else
+                    ldmatrix_x4(r, Bs + (wn * 32 + nj * 16 + (lane & 7) + ((lane >> 4) << 3)) *
+                                            BF_LD +
+                                        kk * 16 + ((lane >> 3) & 1) * 8);
+                bfr[2 * nj][0] = r[0];
+                bfr[2 * nj][1] = r[1];
+                bfr[2 * nj + 1][0] = r[2];
+                bfr[2 * nj + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < 4; mi++)
+#pragma unroll
+                for (int ni = 0; ni < 4; ni++)
+                    mma_bf16(acc[mi][ni], af[mi][0], af[mi][1], af[mi][2], af[mi][3],
+                             bfr[ni][0], bfr[ni][1]);
+        }
+        __syncthreads(); // all warps are done reading Bs
+        if (kt + 1 < KT) store_w(wq, ws);
+    }
+    cp_async_wait<0>(); // nothing useful is pending; leave no copy in flight at exit
+
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < 4; mi++) {
+        const int row = m0 + wm * 64 + mi * 16 + g;
+#pragma unroll
+        for (int ni = 0; ni < 4; ni++) {
+            const int col = c0 + wn * 32 + ni * 8 + 2 * t;
+            if (col >= NOUT) continue;
+            if (row < M)
+                store2(p.out, p.out_f32, (int64_t)row * NOUT + col, acc[mi][ni][0],
+                       acc[mi][ni][1]);
+            if (row + 8 < M)
+                store2(p.out, p.out_f32, (int64_t)(row + 8) * NOUT + col, acc[mi][ni][2],
+                       acc[mi][ni][3]);
+        }
+    }
+}
+
+} // namespace nf4
+} // namespace palign
+
+extern "C" __global__ void __launch_bounds__(256) nf4_dequantize(Nf4DequantParams p) {
+    using namespace palign;
+    __shared__ float lut[16];
+    nf4::load_lut(lut);
+    const int64_t n = p.w.numel;
+    const int64_t groups = (n + 15) / 16;
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t gi = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; gi < groups; gi += stride) {
+        const int64_t e0 = gi * 16;
+        const float s = nf4::block_scale(p.w, e0 >> p.w.log2_blocksize);
+        if (e0 + 16 <= n) {
+            const uint2 u = __ldg(reinterpret_cast<const uint2 *>(p.w.packed + e0 / 2));
+            float v[16];
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const uint32_t b = ((j < 4 ? u.x : u.y) >> (8 * (j & 3))) & 255;
+                v[2 * j] = __fmul_rn(lut[b >> 4], s);
+                v[2 * j + 1] = __fmul_rn(lut[b & 15], s);
+            }
+            if (p.out_f32) {
+                float4 *o = reinterpret_cast<float4 *>(static_cast<float *>(p.out) + e0);
+#pragma unroll
+                for (int q = 0; q < 4; q++)
+                    o[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+            } else {
+                __nv_bfloat16 *o = static_cast<__nv_bfloat16 *>(p.out) + e0;
+                store8(o, v);
+                store8(o + 8, v + 8);
+            }
+        } else {
+            for (int64_t e = e0; e < n; e++) {
+                const uint32_t b = p.w.packed[e / 2];
+                const float v = __fmul_rn(lut[(e & 1) ? (b & 15) : (b >> 4)], s);
+                if (p.out_f32)
+                    static_cast<float *>(p.out)[e] = v;
+                else
+                    static_cast<__nv_bfloat16 *>(p.out)[e] = f2bf(v);
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nt1(Nf4GemvParams p) {
+    palign::nf4::gemv<1>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nt2(Nf4GemvParams p) {
+    palign::nf4::gemv<2>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nt4(Nf4GemvParams p) {
+    palign::nf4::gemv<4>(p);
+}
+
+// Baseline: one warp per output row, f32 weights, each lane 32 codes per 1024.
+extern "C" __global__ void __launch_bounds__(256) nf4_gemv_naive(Nf4GemvParams p) {
+    using namespace palign;
+    __shared__ float lut[16];
+    nf4::load_lut(lut);
+    const int lane = threadIdx.x & 31;
+    const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int M = p.m, N = p.w.rows, K = p.w.cols;
+    if (n >= N) return;
+    float acc[16];
+#pragma unroll
+    for (int m = 0; m < 16; m++) acc[m] = 0.0f;
+    for (int k = lane * 32; k < K; k += 32 * 32) {
+        const int64_t e = (int64_t)n * K + k;
+        const uint4 q = __ldg(reinterpret_cast<const uint4 *>(p.w.packed + e / 2));
+        const float s = nf4::block_scale(p.w, e >> p.w.log2_blocksize);
+        float w[32];
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            const uint32_t b = nf4::byte_of(q, j);
+            w[2 * j] = __fmul_rn(lut[b >> 4], s);
+            w[2 * j + 1] = __fmul_rn(lut[b & 15], s);
+        }
+#pragma unroll
+        for (int m = 0; m < 16; m++) {
+            if (m < M) {
+                const __nv_bfloat16 *xr = p.x + (int64_t)m * K + k;
+#pragma unroll
+                for (int q8 = 0; q8 < 4; q8++) {
+                    float xv[8];
+                    load8(xr + 8 * q8, xv);
+#pragma unroll
+                    for (int j = 0; j < 8; j++) acc[m] = fmaf(xv[j], w[8 * q8 + j], acc[m]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < 16; m++) {
+        if (m < M) {
+            const float v = warp_sum(acc[m]);
+            if (lane == 0) {
+                const int64_t o = (int64_t)m * N + n;
+                if (p.out_f32)
+                    static_cast<float *>(p.y)[o] = v;
+                else
+                    static_cast<__nv_bfloat16 *>(p.y)[o] = f2bf(v);
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemm_fwd(Nf4GemmParams p) {
+    palign::nf4::gemm<false>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemm_bwd(Nf4GemmParams p) {
+    palign::nf4::gemm<true>(p);
+}
