@@ -148,3 +148,57 @@ struct CastF32ToBf16Params {
     cf32_ptr in;
     int64_t n;
 };
+
+/* ---- nf4.cu ---- */
+#ifdef __CUDACC__
+typedef const uint8_t *cu8_ptr;
+typedef void *out_ptr; // bf16 or f32, as the struct's out_f32 says
+#else
+typedef uint64_t cu8_ptr;
+typedef uint64_t out_ptr;
+#endif
+
+// An NF4 weight [rows, cols] (bitsandbytes layout). Block b's scale is absmax[b], or
+// when absmax is 0 the double-quantized code2[qabsmax[b]] * absmax2[b >> log2_blocksize2]
+// + offset. Embedded by value in the NF4 kernels' params.
+struct Nf4WeightParams {
+    cu8_ptr packed;          // [(numel + 1) / 2], element 2j in the high nibble of byte j
+    cf32_ptr absmax;         // [nblocks] f32 scales, or 0 (double quantized)
+    cu8_ptr qabsmax;         // [nblocks] 8-bit codes (double quant)
+    cf32_ptr code2;          // [256] (double quant)
+    cf32_ptr absmax2;        // [ceil(nblocks / blocksize2)] (double quant)
+    int64_t numel;           // rows * cols
+    int32_t rows;
+    int32_t cols;
+    int32_t log2_blocksize;  // 5..12
+    int32_t log2_blocksize2;
+    float offset;            // double quant
+    int32_t _pad;
+};
+
+// out[e] = NF4[code e] * scale(e / blocksize) for e < numel, f32 or bf16 (RNE).
+struct Nf4DequantParams {
+    out_ptr out;
+    struct Nf4WeightParams w;
+    int32_t out_f32;
+    int32_t _pad;
+};
+
+// y[m, n] = sum_k x[m, k] * bf16(W[n, k]) for m < M <= 16; needs cols % 32 == 0.
+struct Nf4GemvParams {
+    out_ptr y;               // [M, rows]
+    cbf16_ptr x;             // [M, cols]
+    struct Nf4WeightParams w;
+    int32_t m;
+    int32_t out_f32;
+};
+
+// nf4_gemm_fwd: out[M, rows] = a[M, cols] · bf16(W)ᵀ; nf4_gemm_bwd: out[M, cols] =
+// a[M, rows] · bf16(W). The reduction length must be a multiple of 64.
+struct Nf4GemmParams {
+    out_ptr out;
+    cbf16_ptr a;
+    struct Nf4WeightParams w;
+    int32_t m;
+    int32_t out_f32;
+};

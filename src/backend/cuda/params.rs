@@ -317,3 +317,110 @@ const _: () = {
     ["Offset of field: CastF32ToBf16Params::n"]
         [::std::mem::offset_of!(CastF32ToBf16Params, n) - 16usize];
 };
+pub type cu8_ptr = u64;
+pub type out_ptr = u64;
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct Nf4WeightParams {
+    pub packed: cu8_ptr,
+    pub absmax: cf32_ptr,
+    pub qabsmax: cu8_ptr,
+    pub code2: cf32_ptr,
+    pub absmax2: cf32_ptr,
+    pub numel: i64,
+    pub rows: i32,
+    pub cols: i32,
+    pub log2_blocksize: i32,
+    pub log2_blocksize2: i32,
+    pub offset: f32,
+    pub _pad: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of Nf4WeightParams"][::std::mem::size_of::<Nf4WeightParams>() - 72usize];
+    ["Alignment of Nf4WeightParams"][::std::mem::align_of::<Nf4WeightParams>() - 8usize];
+    ["Offset of field: Nf4WeightParams::packed"]
+        [::std::mem::offset_of!(Nf4WeightParams, packed) - 0usize];
+    ["Offset of field: Nf4WeightParams::absmax"]
+        [::std::mem::offset_of!(Nf4WeightParams, absmax) - 8usize];
+    ["Offset of field: Nf4WeightParams::qabsmax"]
+        [::std::mem::offset_of!(Nf4WeightParams, qabsmax) - 16usize];
+    ["Offset of field: Nf4WeightParams::code2"]
+        [::std::mem::offset_of!(Nf4WeightParams, code2) - 24usize];
+    ["Offset of field: Nf4WeightParams::absmax2"]
+        [::std::mem::offset_of!(Nf4WeightParams, absmax2) - 32usize];
+    ["Offset of field: Nf4WeightParams::numel"]
+        [::std::mem::offset_of!(Nf4WeightParams, numel) - 40usize];
+    ["Offset of field: Nf4WeightParams::rows"]
+        [::std::mem::offset_of!(Nf4WeightParams, rows) - 48usize];
+    ["Offset of field: Nf4WeightParams::cols"]
+        [::std::mem::offset_of!(Nf4WeightParams, cols) - 52usize];
+    ["Offset of field: Nf4WeightParams::log2_blocksize"]
+        [::std::mem::offset_of!(Nf4WeightParams, log2_blocksize) - 56usize];
+    ["Offset of field: Nf4WeightParams::log2_blocksize2"]
+        [::std::mem::offset_of!(Nf4WeightParams, log2_blocksize2) - 60usize];
+    ["Offset of field: Nf4WeightParams::offset"]
+        [::std::mem::offset_of!(Nf4WeightParams, offset) - 64usize];
+    ["Offset of field: Nf4WeightParams::_pad"]
+        [::std::mem::offset_of!(Nf4WeightParams, _pad) - 68usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct Nf4DequantParams {
+    pub out: out_ptr,
+    pub w: Nf4WeightParams,
+    pub out_f32: i32,
+    pub _pad: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of Nf4DequantParams"][::std::mem::size_of::<Nf4DequantParams>() - 88usize];
+    ["Alignment of Nf4DequantParams"][::std::mem::align_of::<Nf4DequantParams>() - 8usize];
+    ["Offset of field: Nf4DequantParams::out"]
+        [::std::mem::offset_of!(Nf4DequantParams, out) - 0usize];
+    ["Offset of field: Nf4DequantParams::w"][::std::mem::offset_of!(Nf4DequantParams, w) - 8usize];
+    ["Offset of field: Nf4DequantParams::out_f32"]
+        [::std::mem::offset_of!(Nf4DequantParams, out_f32) - 80usize];
+    ["Offset of field: Nf4DequantParams::_pad"]
+        [::std::mem::offset_of!(Nf4DequantParams, _pad) - 84usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct Nf4GemvParams {
+    pub y: out_ptr,
+    pub x: cbf16_ptr,
+    pub w: Nf4WeightParams,
+    pub m: i32,
+    pub out_f32: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of Nf4GemvParams"][::std::mem::size_of::<Nf4GemvParams>() - 96usize];
+    ["Alignment of Nf4GemvParams"][::std::mem::align_of::<Nf4GemvParams>() - 8usize];
+    ["Offset of field: Nf4GemvParams::y"][::std::mem::offset_of!(Nf4GemvParams, y) - 0usize];
+    ["Offset of field: Nf4GemvParams::x"][::std::mem::offset_of!(Nf4GemvParams, x) - 8usize];
+    ["Offset of field: Nf4GemvParams::w"][::std::mem::offset_of!(Nf4GemvParams, w) - 16usize];
+    ["Offset of field: Nf4GemvParams::m"][::std::mem::offset_of!(Nf4GemvParams, m) - 88usize];
+    ["Offset of field: Nf4GemvParams::out_f32"]
+        [::std::mem::offset_of!(Nf4GemvParams, out_f32) - 92usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct Nf4GemmParams {
+    pub out: out_ptr,
+    pub a: cbf16_ptr,
+    pub w: Nf4WeightParams,
+    pub m: i32,
+    pub out_f32: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of Nf4GemmParams"][::std::mem::size_of::<Nf4GemmParams>() - 96usize];
+    ["Alignment of Nf4GemmParams"][::std::mem::align_of::<Nf4GemmParams>() - 8usize];
+    ["Offset of field: Nf4GemmParams::out"][::std::mem::offset_of!(Nf4GemmParams, out) - 0usize];
+    ["Offset of field: Nf4GemmParams::a"][::std::mem::offset_of!(Nf4GemmParams, a) - 8usize];
+    ["Offset of field: Nf4GemmParams::w"][::std::mem::offset_of!(Nf4GemmParams, w) - 16usize];
+    ["Offset of field: Nf4GemmParams::m"][::std::mem::offset_of!(Nf4GemmParams, m) - 88usize];
+    ["Offset of field: Nf4GemmParams::out_f32"]
+        [::std::mem::offset_of!(Nf4GemmParams, out_f32) - 92usize];
+};
