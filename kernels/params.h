@@ -202,3 +202,87 @@ struct Nf4GemmParams {
     int32_t m;
     int32_t out_f32;
 };
+
+/* ---- attention.cu ---- */
+// Causal GQA flash attention over variable-length sequences: sequence s occupies rows
+// seq_start[s] .. seq_start[s] + seq_len[s]. window > 0: query i sees keys i-window+1 ..= i.
+struct AttnFwdParams {
+    bf16_ptr o;            // [rows, n_heads, head_dim]
+    f32_ptr lse;           // [rows, n_heads], natural log
+    cbf16_ptr q;           // [rows, n_heads, head_dim]
+    cbf16_ptr k;           // [rows, n_kv_heads, head_dim]
+    cbf16_ptr v;           // [rows, n_kv_heads, head_dim]
+    cu32_ptr seq_start;    // [n_seqs]
+    cu32_ptr seq_len;      // [n_seqs]
+    int32_t n_seqs;
+    int32_t n_heads;
+    int32_t n_kv_heads;
+    int32_t window;        // 0: plain causal
+    float scale;           // 1/sqrt(head_dim)
+    int32_t _pad;
+};
+
+// delta[r, h] = sum_d dO[r, h, d] * O[r, h, d]; dq_accum[r, h, :] = 0, for every row.
+struct AttnBwdPrepParams {
+    f32_ptr delta;         // [rows, n_heads]
+    f32_ptr dq_accum;      // [rows, n_heads, head_dim]
+    cbf16_ptr o;
+    cbf16_ptr d_o;
+    int32_t n_rows;
+    int32_t n_heads;
+    int32_t head_dim;
+    int32_t _pad;
+};
+
+// dK, dV written (rows of the sequences); dQ added, unscaled, to dq_accum (f32).
+struct AttnBwdParams {
+    f32_ptr dq_accum;      // [rows, n_heads, head_dim]
+    bf16_ptr dk;           // [rows, n_kv_heads, head_dim]
+    bf16_ptr dv;
+    cbf16_ptr q;
+    cbf16_ptr k;
+    cbf16_ptr v;
+    cbf16_ptr d_o;         // [rows, n_heads, head_dim]
+    cf32_ptr lse;          // [rows, n_heads], from the forward
+    cf32_ptr delta;        // [rows, n_heads], from the prep kernel
+    cu32_ptr seq_start;
+    cu32_ptr seq_len;
+    int32_t n_seqs;
+    int32_t n_heads;
+    int32_t n_kv_heads;
+    int32_t window;
+    float scale;
+    int32_t _pad;
+};
+
+// dq = bf16(scale * dq_accum), n elements (a multiple of 4).
+struct AttnDqParams {
+    bf16_ptr dq;
+    cf32_ptr dq_accum;
+    int64_t n;
+    float scale;
+    int32_t _pad;
+};
+
+// One new query per sequence i against a KV cache whose position pos of sequence i is
+// row slot_start[i] + pos % capacity; positions max(0, len - window) .. len - 1 are seen.
+struct AttnDecodeParams {
+    bf16_ptr out;          // [n, n_heads, head_dim]
+    f32_ptr part_o;        // [n, n_heads, n_splits, head_dim] (n_splits > 1)
+    f32_ptr part_ml;       // [n, n_heads, n_splits, 2]: running max (base 2), sum
+    cbf16_ptr q;           // [n, n_heads, head_dim]
+    cbf16_ptr k_cache;     // [cache rows, n_kv_heads, head_dim]
+    cbf16_ptr v_cache;
+    cu32_ptr slot_start;   // [n]
+    cu32_ptr seq_len;      // [n]: tokens stored, the new one included (>= 1)
+    int32_t n;
+    int32_t n_heads;
+    int32_t n_kv_heads;
+    int32_t head_dim;
+    int32_t window;        // 0: none
+    int32_t capacity;      // rows per slot (a ring when shorter than the sequence)
+    int32_t n_splits;
+    int32_t split_size;    // visible positions per split
+    int32_t head_chunks;   // ceil(group / 8): blocks per KV head
+    float scale;
+};

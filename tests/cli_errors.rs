@@ -307,7 +307,166 @@ const CASES: &[Case] = &[
         },
         expect: "gpt2",
     },
+    Case {
+        name: "unknown target module",
+        setup: |d| sft_args(d, &["--targets", "q_proj,lm_head"]),
+        expect: "lm_head",
+    },
+    Case {
+        name: "zero steps",
+        setup: |d| sft_args(d, &["--steps", "0"]),
+        expect: "--steps",
+    },
+    Case {
+        name: "negative learning rate",
+        setup: |d| sft_args(d, &["--lr=-1"]),
+        expect: "--lr",
+    },
+    Case {
+        name: "zero batch size",
+        setup: |d| sft_args(d, &["--batch-size", "0"]),
+        expect: "--batch-size",
+    },
+    Case {
+        name: "dropout of one",
+        setup: |d| sft_args(d, &["--dropout", "1"]),
+        expect: "--dropout",
+    },
+    Case {
+        name: "unknown dataset kind",
+        setup: |d| {
+            let mut a = sft_args(d, &[]);
+            let i = a.iter().position(|x| x == "--data").unwrap();
+            a[i + 1] = "parquet:x".into();
+            a
+        },
+        expect: "parquet",
+    },
+    Case {
+        name: "empty completion text is all there is",
+        setup: |d| {
+            write_rows(d, "{\"prompt\":\"hi\",\"completion\":\"\"}\n");
+            sft_args(d, &[])
+        },
+        expect: "1 empty response",
+    },
+    Case {
+        name: "output folder holds a finished run",
+        setup: |d| {
+            let mut a = sft_args(d, &[]);
+            let o = std::process::Command::new(env!("CARGO_BIN_EXE_palign"))
+                .args(&a)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            a.push("--quiet".into());
+            a
+        },
+        expect: "holds a run",
+    },
+    Case {
+        name: "output under a file (unwritable place)",
+        setup: |d| {
+            std::fs::write(d.join("afile"), b"x").unwrap();
+            let mut a = score_args(d);
+            let n = a.len();
+            a[n - 1] = d.join("afile/out.jsonl").to_string_lossy().into();
+            a
+        },
+        expect: "afile",
+    },
+    Case {
+        name: "adapter rank mismatch",
+        setup: |d| {
+            let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/train/tiny-llama/init_adapter");
+            copy_dir(&src, &d.join("adapter"));
+            edit_json(&d.join("adapter/adapter_config.json"), |v| {
+                v["r"] = serde_json::json!(8)
+            });
+            let mut a = score_args(d);
+            a.extend([
+                "--adapter".into(),
+                d.join("adapter").to_string_lossy().into(),
+            ]);
+            a
+        },
+        expect: "r = 8",
+    },
+    Case {
+        name: "adapter for another model",
+        setup: |d| {
+            let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/train/tiny-mistral/init_adapter");
+            let mut a = score_args(d);
+            a.extend(["--adapter".into(), src.to_string_lossy().into()]);
+            a
+        },
+        expect: "k_proj",
+    },
+    Case {
+        name: "malformed merge YAML",
+        setup: |d| {
+            std::fs::write(d.join("m.yaml"), "merge_method: [slerp\n").unwrap();
+            vec![
+                "merge".into(),
+                "--config".into(),
+                d.join("m.yaml").to_string_lossy().into(),
+                "--out".into(),
+                d.join("merged").to_string_lossy().into(),
+            ]
+        },
+        expect: "m.yaml",
+    },
+    Case {
+        name: "wrong dtype in a merge",
+        setup: |d| {
+            std::fs::write(d.join("m.yaml"), format!("merge_method: linear\ndtype: int4\nmodels:\n  - model: {}\n    parameters: {{weight: 1.0}}\n", d.join("model").display())).unwrap();
+            vec![
+                "merge".into(),
+                "--config".into(),
+                d.join("m.yaml").to_string_lossy().into(),
+                "--out".into(),
+                d.join("merged").to_string_lossy().into(),
+            ]
+        },
+        expect: "int4",
+    },
 ];
+
+fn sft_args(d: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "sft",
+        "--model",
+        &d.join("model").to_string_lossy(),
+        "--data",
+        &format!("jsonl:{}", d.join("rows.jsonl").display()),
+        "--out",
+        &d.join("run").to_string_lossy(),
+        "--peft",
+        "lora",
+        "--rank",
+        "2",
+        "--batch-size",
+        "1",
+        "--steps",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // later flags replace earlier ones of the same name
+    for pair in extra.chunks(2) {
+        if let Some(i) = a.iter().position(|x| x == pair[0]) {
+            if pair.len() == 2 {
+                a[i + 1] = pair[1].to_string();
+                continue;
+            }
+        }
+        a.extend(pair.iter().map(|s| s.to_string()));
+    }
+    a
+}
 
 #[test]
 fn every_bad_input_exits_2_with_one_line() {
@@ -339,6 +498,6 @@ fn every_bad_input_exits_2_with_one_line() {
             ));
         }
     }
-    assert!(CASES.len() >= 25);
+    assert!(CASES.len() >= 38);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

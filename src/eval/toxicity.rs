@@ -15,7 +15,7 @@ use super::{EvalArgs, GenJob};
 use crate::commands::Common;
 use crate::data::jsonl::open_text;
 use crate::error::{bad, Result};
-use crate::model::roberta::{RobertaClassifier, DEFAULT_MAX_LENGTH};
+use crate::model::roberta::{RobertaClassifier, RobertaConfig, DEFAULT_MAX_LENGTH};
 use serde_json::{json, Map, Value};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -30,9 +30,10 @@ pub struct Args {
     /// The ToxicityModel folder (RobertaForSequenceClassification, safetensors + tokenizer.json).
     #[arg(long)]
     pub scorer: PathBuf,
-    /// Token limit of the scorer's (prompt, continuation) input.
-    #[arg(long, default_value_t = DEFAULT_MAX_LENGTH)]
-    pub scorer_max_length: usize,
+    /// Token limit of the scorer's (prompt, continuation) input (default: 512, or fewer
+    /// if the scorer's position table is smaller).
+    #[arg(long)]
+    pub scorer_max_length: Option<usize>,
     #[arg(long, default_value_t = 20)]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy.
@@ -119,10 +120,21 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     if args.stop.iter().any(String::is_empty) {
         return Err(bad("--stop: a stop string must not be empty"));
     }
-    if !args.scorer.join("config.json").exists() {
+    let scorer_cfg = args.scorer.join("config.json");
+    if !scorer_cfg.exists() {
         return Err(bad(format!(
             "--scorer {}: no config.json (expected the ToxicityModel folder)",
             args.scorer.display()
+        )));
+    }
+    let scorer_max =
+        RobertaConfig::from_json(&super::read_json(&scorer_cfg, "--scorer")?)?.max_tokens();
+    let scorer_max_length = args
+        .scorer_max_length
+        .unwrap_or(DEFAULT_MAX_LENGTH.min(scorer_max));
+    if scorer_max_length == 0 || scorer_max_length > scorer_max {
+        return Err(bad(format!(
+            "--scorer-max-length must be in 1..={scorer_max} (the scorer's position table)"
         )));
     }
     let gen = super::gen_config(
@@ -145,7 +157,7 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     let mut fixed = ev.fixed();
     for (k, v) in [
         ("scorer", json!(super::canon(&args.scorer))),
-        ("scorer_max_length", json!(args.scorer_max_length)),
+        ("scorer_max_length", json!(scorer_max_length)),
         ("max_new_tokens", json!(args.max_new_tokens)),
         ("temperature", json!(args.temperature)),
         ("top_p", json!(args.top_p)),
@@ -185,7 +197,7 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
                     (s("prompt"), s("output"))
                 })
                 .collect();
-            let scores = scorer.score_pairs(&pairs, ev.batch_size, args.scorer_max_length)?;
+            let scores = scorer.score_pairs(&pairs, ev.batch_size, scorer_max_length)?;
             for (r, s) in rows.iter_mut().zip(scores) {
                 r.insert("score".into(), (s[0] as f64).into());
             }

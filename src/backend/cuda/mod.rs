@@ -12,6 +12,7 @@
 pub mod alloc;
 pub mod blas;
 pub mod device;
+pub mod nf4;
 pub mod ops;
 pub mod params;
 
@@ -41,6 +42,13 @@ pub const KERNEL_NAMES: &[&str] = &[
     "grad_clip_apply_f32",
     "cast_bf16_to_f32",
     "cast_f32_to_bf16",
+    "nf4_dequantize",
+    "nf4_gemv_nt1",
+    "nf4_gemv_nt2",
+    "nf4_gemv_nt4",
+    "nf4_gemv_naive",
+    "nf4_gemm_fwd",
+    "nf4_gemm_bwd",
 ];
 
 /// Whether build.rs compiled the kernels into this binary.

@@ -424,3 +424,212 @@ const _: () = {
     ["Offset of field: Nf4GemmParams::out_f32"]
         [::std::mem::offset_of!(Nf4GemmParams, out_f32) - 92usize];
 };
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct AttnFwdParams {
+    pub o: bf16_ptr,
+    pub lse: f32_ptr,
+    pub q: cbf16_ptr,
+    pub k: cbf16_ptr,
+    pub v: cbf16_ptr,
+    pub seq_start: cu32_ptr,
+    pub seq_len: cu32_ptr,
+    pub n_seqs: i32,
+    pub n_heads: i32,
+    pub n_kv_heads: i32,
+    pub window: i32,
+    pub scale: f32,
+    pub _pad: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AttnFwdParams"][::std::mem::size_of::<AttnFwdParams>() - 80usize];
+    ["Alignment of AttnFwdParams"][::std::mem::align_of::<AttnFwdParams>() - 8usize];
+    ["Offset of field: AttnFwdParams::o"][::std::mem::offset_of!(AttnFwdParams, o) - 0usize];
+    ["Offset of field: AttnFwdParams::lse"][::std::mem::offset_of!(AttnFwdParams, lse) - 8usize];
+    ["Offset of field: AttnFwdParams::q"][::std::mem::offset_of!(AttnFwdParams, q) - 16usize];
+    ["Offset of field: AttnFwdParams::k"][::std::mem::offset_of!(AttnFwdParams, k) - 24usize];
+    ["Offset of field: AttnFwdParams::v"][::std::mem::offset_of!(AttnFwdParams, v) - 32usize];
+    ["Offset of field: AttnFwdParams::seq_start"]
+        [::std::mem::offset_of!(AttnFwdParams, seq_start) - 40usize];
+    ["Offset of field: AttnFwdParams::seq_len"]
+        [::std::mem::offset_of!(AttnFwdParams, seq_len) - 48usize];
+    ["Offset of field: AttnFwdParams::n_seqs"]
+        [::std::mem::offset_of!(AttnFwdParams, n_seqs) - 56usize];
+    ["Offset of field: AttnFwdParams::n_heads"]
+        [::std::mem::offset_of!(AttnFwdParams, n_heads) - 60usize];
+    ["Offset of field: AttnFwdParams::n_kv_heads"]
+        [::std::mem::offset_of!(AttnFwdParams, n_kv_heads) - 64usize];
+    ["Offset of field: AttnFwdParams::window"]
+        [::std::mem::offset_of!(AttnFwdParams, window) - 68usize];
+    ["Offset of field: AttnFwdParams::scale"]
+        [::std::mem::offset_of!(AttnFwdParams, scale) - 72usize];
+    ["Offset of field: AttnFwdParams::_pad"][::std::mem::offset_of!(AttnFwdParams, _pad) - 76usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct AttnBwdPrepParams {
+    pub delta: f32_ptr,
+    pub dq_accum: f32_ptr,
+    pub o: cbf16_ptr,
+    pub d_o: cbf16_ptr,
+    pub n_rows: i32,
+    pub n_heads: i32,
+    pub head_dim: i32,
+    pub _pad: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AttnBwdPrepParams"][::std::mem::size_of::<AttnBwdPrepParams>() - 48usize];
+    ["Alignment of AttnBwdPrepParams"][::std::mem::align_of::<AttnBwdPrepParams>() - 8usize];
+    ["Offset of field: AttnBwdPrepParams::delta"]
+        [::std::mem::offset_of!(AttnBwdPrepParams, delta) - 0usize];
+    ["Offset of field: AttnBwdPrepParams::dq_accum"]
+        [::std::mem::offset_of!(AttnBwdPrepParams, dq_accum) - 8usize];
+    ["Offset of field: AttnBwdPrepParams::o"]
+        [::std::mem::offset_of!(AttnBwdPrepParams, o) - 16usize];
+    ["Offset of field: AttnBwdPrepParams::d_o"]
+        [::std::mem::offset_of!(AttnBwdPrepParams, d_o) - 24usize];
+    ["Offset of field: AttnBwdPrepParams::n_rows"]
+        [::std::mem::offset_of!(AttnBwdPrepParams, n_rows) - 32usize];
+    ["Offset of field: AttnBwdPrepParams::n_heads"]
+        [::std::mem::offset_of!(AttnBwdPrepParams, n_heads) - 36usize];
+    ["Offset of field: AttnBwdPrepParams::head_dim"]
+        [::std::mem::offset_of!(AttnBwdPrepParams, head_dim) - 40usize];
+    ["Offset of field: AttnBwdPrepParams::_pad"]
+        [::std::mem::offset_of!(AttnBwdPrepParams, _pad) - 44usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct AttnBwdParams {
+    pub dq_accum: f32_ptr,
+    pub dk: bf16_ptr,
+    pub dv: bf16_ptr,
+    pub q: cbf16_ptr,
+    pub k: cbf16_ptr,
+    pub v: cbf16_ptr,
+    pub d_o: cbf16_ptr,
+    pub lse: cf32_ptr,
+    pub delta: cf32_ptr,
+    pub seq_start: cu32_ptr,
+    pub seq_len: cu32_ptr,
+    pub n_seqs: i32,
+    pub n_heads: i32,
+    pub n_kv_heads: i32,
+    pub window: i32,
+    pub scale: f32,
+    pub _pad: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AttnBwdParams"][::std::mem::size_of::<AttnBwdParams>() - 112usize];
+    ["Alignment of AttnBwdParams"][::std::mem::align_of::<AttnBwdParams>() - 8usize];
+    ["Offset of field: AttnBwdParams::dq_accum"]
+        [::std::mem::offset_of!(AttnBwdParams, dq_accum) - 0usize];
+    ["Offset of field: AttnBwdParams::dk"][::std::mem::offset_of!(AttnBwdParams, dk) - 8usize];
+    ["Offset of field: AttnBwdParams::dv"][::std::mem::offset_of!(AttnBwdParams, dv) - 16usize];
+    ["Offset of field: AttnBwdParams::q"][::std::mem::offset_of!(AttnBwdParams, q) - 24usize];
+    ["Offset of field: AttnBwdParams::k"][::std::mem::offset_of!(AttnBwdParams, k) - 32usize];
+    ["Offset of field: AttnBwdParams::v"][::std::mem::offset_of!(AttnBwdParams, v) - 40usize];
+    ["Offset of field: AttnBwdParams::d_o"][::std::mem::offset_of!(AttnBwdParams, d_o) - 48usize];
+    ["Offset of field: AttnBwdParams::lse"][::std::mem::offset_of!(AttnBwdParams, lse) - 56usize];
+    ["Offset of field: AttnBwdParams::delta"]
+        [::std::mem::offset_of!(AttnBwdParams, delta) - 64usize];
+    ["Offset of field: AttnBwdParams::seq_start"]
+        [::std::mem::offset_of!(AttnBwdParams, seq_start) - 72usize];
+    ["Offset of field: AttnBwdParams::seq_len"]
+        [::std::mem::offset_of!(AttnBwdParams, seq_len) - 80usize];
+    ["Offset of field: AttnBwdParams::n_seqs"]
+        [::std::mem::offset_of!(AttnBwdParams, n_seqs) - 88usize];
+    ["Offset of field: AttnBwdParams::n_heads"]
+        [::std::mem::offset_of!(AttnBwdParams, n_heads) - 92usize];
+    ["Offset of field: AttnBwdParams::n_kv_heads"]
+        [::std::mem::offset_of!(AttnBwdParams, n_kv_heads) - 96usize];
+    ["Offset of field: AttnBwdParams::window"]
+        [::std::mem::offset_of!(AttnBwdParams, window) - 100usize];
+    ["Offset of field: AttnBwdParams::scale"]
+        [::std::mem::offset_of!(AttnBwdParams, scale) - 104usize];
+    ["Offset of field: AttnBwdParams::_pad"]
+        [::std::mem::offset_of!(AttnBwdParams, _pad) - 108usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct AttnDqParams {
+    pub dq: bf16_ptr,
+    pub dq_accum: cf32_ptr,
+    pub n: i64,
+    pub scale: f32,
+    pub _pad: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AttnDqParams"][::std::mem::size_of::<AttnDqParams>() - 32usize];
+    ["Alignment of AttnDqParams"][::std::mem::align_of::<AttnDqParams>() - 8usize];
+    ["Offset of field: AttnDqParams::dq"][::std::mem::offset_of!(AttnDqParams, dq) - 0usize];
+    ["Offset of field: AttnDqParams::dq_accum"]
+        [::std::mem::offset_of!(AttnDqParams, dq_accum) - 8usize];
+    ["Offset of field: AttnDqParams::n"][::std::mem::offset_of!(AttnDqParams, n) - 16usize];
+    ["Offset of field: AttnDqParams::scale"][::std::mem::offset_of!(AttnDqParams, scale) - 24usize];
+    ["Offset of field: AttnDqParams::_pad"][::std::mem::offset_of!(AttnDqParams, _pad) - 28usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct AttnDecodeParams {
+    pub out: bf16_ptr,
+    pub part_o: f32_ptr,
+    pub part_ml: f32_ptr,
+    pub q: cbf16_ptr,
+    pub k_cache: cbf16_ptr,
+    pub v_cache: cbf16_ptr,
+    pub slot_start: cu32_ptr,
+    pub seq_len: cu32_ptr,
+    pub n: i32,
+    pub n_heads: i32,
+    pub n_kv_heads: i32,
+    pub head_dim: i32,
+    pub window: i32,
+    pub capacity: i32,
+    pub n_splits: i32,
+    pub split_size: i32,
+    pub head_chunks: i32,
+    pub scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AttnDecodeParams"][::std::mem::size_of::<AttnDecodeParams>() - 104usize];
+    ["Alignment of AttnDecodeParams"][::std::mem::align_of::<AttnDecodeParams>() - 8usize];
+    ["Offset of field: AttnDecodeParams::out"]
+        [::std::mem::offset_of!(AttnDecodeParams, out) - 0usize];
+    ["Offset of field: AttnDecodeParams::part_o"]
+        [::std::mem::offset_of!(AttnDecodeParams, part_o) - 8usize];
+    ["Offset of field: AttnDecodeParams::part_ml"]
+        [::std::mem::offset_of!(AttnDecodeParams, part_ml) - 16usize];
+    ["Offset of field: AttnDecodeParams::q"][::std::mem::offset_of!(AttnDecodeParams, q) - 24usize];
+    ["Offset of field: AttnDecodeParams::k_cache"]
+        [::std::mem::offset_of!(AttnDecodeParams, k_cache) - 32usize];
+    ["Offset of field: AttnDecodeParams::v_cache"]
+        [::std::mem::offset_of!(AttnDecodeParams, v_cache) - 40usize];
+    ["Offset of field: AttnDecodeParams::slot_start"]
+        [::std::mem::offset_of!(AttnDecodeParams, slot_start) - 48usize];
+    ["Offset of field: AttnDecodeParams::seq_len"]
+        [::std::mem::offset_of!(AttnDecodeParams, seq_len) - 56usize];
+    ["Offset of field: AttnDecodeParams::n"][::std::mem::offset_of!(AttnDecodeParams, n) - 64usize];
+    ["Offset of field: AttnDecodeParams::n_heads"]
+        [::std::mem::offset_of!(AttnDecodeParams, n_heads) - 68usize];
+    ["Offset of field: AttnDecodeParams::n_kv_heads"]
+        [::std::mem::offset_of!(AttnDecodeParams, n_kv_heads) - 72usize];
+    ["Offset of field: AttnDecodeParams::head_dim"]
+        [::std::mem::offset_of!(AttnDecodeParams, head_dim) - 76usize];
+    ["Offset of field: AttnDecodeParams::window"]
+        [::std::mem::offset_of!(AttnDecodeParams, window) - 80usize];
+    ["Offset of field: AttnDecodeParams::capacity"]
+        [::std::mem::offset_of!(AttnDecodeParams, capacity) - 84usize];
+    ["Offset of field: AttnDecodeParams::n_splits"]
+        [::std::mem::offset_of!(AttnDecodeParams, n_splits) - 88usize];
+    ["Offset of field: AttnDecodeParams::split_size"]
+        [::std::mem::offset_of!(AttnDecodeParams, split_size) - 92usize];
+    ["Offset of field: AttnDecodeParams::head_chunks"]
+        [::std::mem::offset_of!(AttnDecodeParams, head_chunks) - 96usize];
+    ["Offset of field: AttnDecodeParams::scale"]
+        [::std::mem::offset_of!(AttnDecodeParams, scale) - 100usize];
+};
