@@ -139,6 +139,8 @@ fn median_secs(mut f: impl FnMut()) -> (f64, f64) {
 }
 
 fn main() {
+    // As the palign binary does at start-up (src/backend/cpu/alloc.rs).
+    palign::backend::cpu::alloc::keep_freed_memory();
     let dir = tempfile::tempdir().expect("temp dir");
     let tiny_dir = dir.path().join("tiny");
     let sft_dir = dir.path().join("sft");

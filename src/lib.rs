@@ -8,6 +8,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod fsio;
+pub mod grid;
 pub mod lora;
 pub mod merge;
 pub mod model;

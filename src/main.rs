@@ -39,9 +39,12 @@ enum Cmd {
     Dpo(palign::train::TrainArgs),
     /// Benchmarks: mmlu, bbh, alpaca-eval, real-toxicity, dangerous-qa.
     Eval(commands::eval::Args),
+    /// Experiment grids from a TOML spec: run, status, report, slurm.
+    Grid(commands::grid::Args),
 }
 
 fn main() {
+    palign::backend::cpu::alloc::keep_freed_memory();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -62,6 +65,7 @@ fn main() {
         Cmd::Sft(a) => palign::train::runner::run(a, &cli.common, palign::train::Method::Sft),
         Cmd::Dpo(a) => palign::train::runner::run(a, &cli.common, palign::train::Method::Dpo),
         Cmd::Eval(a) => commands::eval::run(a, &cli.common),
+        Cmd::Grid(a) => commands::grid::run(a, &cli.common),
     };
     if let Err(e) = result {
         let msg = e.to_string().replace('\n', " ");

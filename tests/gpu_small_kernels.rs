@@ -33,6 +33,9 @@ fn fatbin_holds_every_kernel_of_the_sources() {
         if path.extension().is_some_and(|e| e == "cu") {
             let text = std::fs::read_to_string(&path).unwrap();
             for part in text.split("extern \"C\" __global__ void ").skip(1) {
+                let part = part
+                    .strip_prefix("__launch_bounds__")
+                    .map_or(part, |r| r.split_once(") ").map_or(r, |(_, name)| name));
                 let name: String = part
                     .chars()
                     .take_while(|c| c.is_alphanumeric() || *c == '_')

@@ -3,6 +3,7 @@
 pub mod demo;
 pub mod eval;
 pub mod generate;
+pub mod grid;
 pub mod init_tiny;
 pub mod merge;
 pub mod merge_adapter;

@@ -114,9 +114,9 @@ fn read_data(path: &std::path::Path) -> Result<Vec<Item>> {
 }
 
 /// instruction → (preference or None, the annotated model output if given).
-fn read_annotations(
-    path: &std::path::Path,
-) -> Result<HashMap<String, (Option<f64>, Option<String>)>> {
+type Annotations = HashMap<String, (Option<f64>, Option<String>)>;
+
+fn read_annotations(path: &std::path::Path) -> Result<Annotations> {
     let v = super::read_json(path, "--annotations")?;
     let list = v.as_array().ok_or_else(|| {
         bad(format!(
@@ -283,14 +283,13 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         judge_info = json!({"kind": "annotations", "path": super::canon(path)});
     }
     if let Some(dir) = &args.judge {
-        let judge = LocalJudge::load(dir, judge_template)?;
+        let judge = LocalJudge::load(dir, judge_template, ev.batch_size)?;
         let mut jlog = run.judgments()?;
         let pb = crate::commands::progress_bar(items.len() as u64, common.progress(), "judge");
         judged_now = judge::judge_all(
             &judge,
             &ids,
             &mut jlog,
-            ev.batch_size,
             &[" 1", " 2"],
             &pb,
             |id| {

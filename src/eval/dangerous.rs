@@ -205,14 +205,13 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         judge_info = json!({"kind": "annotations", "path": super::canon(path)});
     }
     if let Some(dir) = &args.judge {
-        let judge = LocalJudge::load(dir, judge_template)?;
+        let judge = LocalJudge::load(dir, judge_template, ev.batch_size)?;
         let mut jlog = run.judgments()?;
         let pb = crate::commands::progress_bar(ids.len() as u64, common.progress(), "judge");
         judged_now = judge::judge_all(
             &judge,
             &ids,
             &mut jlog,
-            ev.batch_size,
             &[" [[A]]", " [[B]]"],
             &pb,
             |id| {

@@ -15,15 +15,18 @@ pub struct LocalJudge {
     pub template: Template,
     /// Names the judge in results and judgments: folder and template.
     pub name: String,
+    /// Samples judged per forward.
+    pub batch: usize,
 }
 
 impl LocalJudge {
-    pub fn load(dir: &Path, template: Template) -> Result<LocalJudge> {
+    pub fn load(dir: &Path, template: Template, batch: usize) -> Result<LocalJudge> {
         let lm = Lm::load(dir, None, None)?;
         Ok(LocalJudge {
             lm,
             template,
             name: judge_name(dir, template),
+            batch: batch.max(1),
         })
     }
 
@@ -62,14 +65,13 @@ pub fn key(judge: &str, sample: &str) -> String {
     format!("{judge}\t{sample}")
 }
 
-/// Judges every sample id not yet judged by `judge.name`, `batch` samples at a time;
+/// Judges every sample id not yet judged by `judge.name`, `judge.batch` samples at a time;
 /// `bodies(id)` gives a sample's judge prompts, `verdict(id, logprobs per prompt)` the
 /// fields logged for it. Returns how many samples were judged now.
 pub fn judge_all(
     judge: &LocalJudge,
     ids: &[String],
     log: &mut SampleLog,
-    batch: usize,
     options: &[&str],
     pb: &indicatif::ProgressBar,
     mut bodies: impl FnMut(&str) -> Result<Vec<String>>,
@@ -79,7 +81,7 @@ pub fn judge_all(
         .iter()
         .filter(|id| !log.contains(&key(&judge.name, id)))
         .collect();
-    for chunk in todo.chunks(batch.max(1)) {
+    for chunk in todo.chunks(judge.batch) {
         let mut all = Vec::new();
         let mut counts = Vec::new();
         for id in chunk {

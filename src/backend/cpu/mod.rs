@@ -1,4 +1,5 @@
 //! CPU reference ops: f32 math, threaded with rayon, GEMM through the `gemm` crate.
 
+pub mod alloc;
 pub mod ops;
 pub mod optim;

@@ -10,6 +10,7 @@
 //! - [`blas`]: bf16 GEMM on cuBLAS with f32 accumulation, row-major.
 
 pub mod alloc;
+pub mod attention;
 pub mod blas;
 pub mod device;
 pub mod nf4;
@@ -49,6 +50,16 @@ pub const KERNEL_NAMES: &[&str] = &[
     "nf4_gemv_naive",
     "nf4_gemm_fwd",
     "nf4_gemm_bwd",
+    "attention_fwd_bf16_d64",
+    "attention_fwd_bf16_d128",
+    "attention_bwd_prep_bf16",
+    "attention_bwd_bf16_d64",
+    "attention_bwd_bf16_d128",
+    "attention_bwd_small_bf16_d128",
+    "attention_bwd_dq_bf16",
+    "attention_decode_bf16_d64",
+    "attention_decode_bf16_d128",
+    "attention_decode_combine_bf16",
 ];
 
 /// Whether build.rs compiled the kernels into this binary.

@@ -1,0 +1,198 @@
+//! Flash attention throughput (criterion; `cargo bench --bench attention`).
+//!
+//! FlashAttention-2's benchmark shapes with Mistral-7B's heads: 16k tokens per batch
+//! (batch = 16384 / seq), 32 query heads, 8 KV heads, head_dim 128, causal, at sequence
+//! 512/1024/2048/4096. FLOPs are counted as FA2 counts them: forward 4·s²·d·H/2 per
+//! sequence (causal halves the square), backward 2.5× the forward, so fwd+bwd is 3.5×.
+//! One extra case runs s=4096 with a 1024-token sliding window, counting only the visible
+//! (query, key) pairs, to show the cost following the window.
+//!
+//! Time is GPU time between CUDA events around the launches (no host sync in the loop).
+//! The summary prints one `BENCH attention <pass> s=<seq> ...  TFLOP/s` line per case;
+//! tools/bench_torch_sdpa.py prints the same table for PyTorch's SDPA flash backend.
+//! Without a CUDA device it prints a skip line and exits 0.
+
+use std::time::Duration;
+
+use criterion::{Criterion, Throughput};
+use half::bf16;
+use palign::backend::cpu::ops::AttnShape;
+use palign::backend::cuda::attention::{self as attn, AttnGradInputs, AttnGrads, SeqLayout};
+use palign::backend::cuda::{DeviceBuffer, Gpu};
+
+const TOKENS: usize = 16384;
+const N_Q: usize = 32;
+const N_KV: usize = 8;
+const HEAD_DIM: usize = 128;
+const SEQS: &[usize] = &[512, 1024, 2048, 4096];
+
+type Launch<'a> = Box<dyn FnMut() + 'a>;
+
+fn ok<T>(r: palign::Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("benchmark setup failed: {e}"))
+}
+
+fn filled_bf16(gpu: &Gpu, n: usize, seed: u32, scale: f32) -> DeviceBuffer<bf16> {
+    // A cheap deterministic pattern in [-scale, scale): values do not change the timing.
+    let host: Vec<bf16> = (0..n)
+        .map(|i| {
+            let u = ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32;
+            bf16::from_f32((u / 8388608.0 - 1.0) * scale)
+        })
+        .collect();
+    ok(gpu.upload(&host))
+}
+
+/// Visible (query, key) pairs of one causal sequence of `s` tokens with window `w`.
+fn visible_pairs(s: usize, w: Option<usize>) -> f64 {
+    (0..s)
+        .map(|i| w.map_or(i + 1, |w| (i + 1).min(w)) as f64)
+        .sum()
+}
+
+/// GPU milliseconds per call: median of `reps` event-timed batches of 5 calls.
+fn gpu_ms(gpu: &Gpu, run: &mut Launch<'_>, reps: usize) -> f64 {
+    run();
+    let mut times: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = ok(gpu.timer());
+            for _ in 0..5 {
+                run();
+            }
+            ok(t.elapsed_ms(gpu)) as f64 / 5.0
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+struct Case<'a> {
+    name: String,
+    flops: f64,
+    run: Launch<'a>,
+}
+
+fn main() {
+    let gpu = match Gpu::get() {
+        Ok(g) => g,
+        Err(e) => {
+            println!("attention: skipped (no usable CUDA device): {e}");
+            return;
+        }
+    };
+    let g = &*gpu;
+    println!(
+        "attention on {} (sm_{}{}, {} SMs): {TOKENS} tokens, {N_Q}/{N_KV} heads, d={HEAD_DIM}, causal",
+        g.name(),
+        g.compute_capability().0,
+        g.compute_capability().1,
+        g.sm_count()
+    );
+    let (nq, nkv) = (TOKENS * N_Q * HEAD_DIM, TOKENS * N_KV * HEAD_DIM);
+    let q = filled_bf16(g, nq, 1, 2.0);
+    let k = filled_bf16(g, nkv, 2, 1.0);
+    let v = filled_bf16(g, nkv, 3, 1.0);
+    let d_o = filled_bf16(g, nq, 4, 1.0);
+    let o = ok(g.zeros::<bf16>(nq));
+    let lse = ok(g.zeros::<f32>(TOKENS * N_Q));
+    // Output buffers each case writes (shared; the cases run one at a time).
+    let outs = std::cell::RefCell::new((
+        ok(g.zeros::<bf16>(nq)),
+        ok(g.zeros::<f32>(TOKENS * N_Q)),
+        ok(g.zeros::<bf16>(nq)),
+        ok(g.zeros::<bf16>(nkv)),
+        ok(g.zeros::<bf16>(nkv)),
+    ));
+
+    let mut configs: Vec<(usize, Option<usize>)> = SEQS.iter().map(|&s| (s, None)).collect();
+    configs.push((4096, Some(1024)));
+    let mut cases: Vec<Case> = Vec::new();
+    for &(s, window) in &configs {
+        let batch = TOKENS / s;
+        let offsets: Vec<usize> = (0..=batch).map(|b| b * s).collect();
+        let layout = ok(SeqLayout::packed(g, &offsets));
+        let shape = AttnShape {
+            n_heads: N_Q,
+            n_kv_heads: N_KV,
+            head_dim: HEAD_DIM,
+            window,
+        };
+        let fwd_flops = batch as f64 * visible_pairs(s, window) * 4.0 * (HEAD_DIM * N_Q) as f64;
+        let tag = window.map_or(format!("s={s}"), |w| format!("s={s} W={w}"));
+        let layout = std::rc::Rc::new(layout);
+        let (l1, l2) = (layout.clone(), layout);
+        let (qr, kr, vr, dor, or, lr, outs_ref) = (&q, &k, &v, &d_o, &o, &lse, &outs);
+        cases.push(Case {
+            name: format!("fwd {tag}"),
+            flops: fwd_flops,
+            run: Box::new(move || {
+                let mut b = outs_ref.borrow_mut();
+                let (out, l, ..) = &mut *b;
+                ok(attn::attention_forward(g, qr, kr, vr, &l1, shape, out, l))
+            }),
+        });
+        cases.push(Case {
+            name: format!("fwd+bwd {tag}"),
+            flops: 3.5 * fwd_flops,
+            run: Box::new(move || {
+                let mut b = outs_ref.borrow_mut();
+                let (out, l, dq, dk, dv) = &mut *b;
+                ok(attn::attention_forward(g, qr, kr, vr, &l2, shape, out, l));
+                // The backward reads the bench's fixed O/lse (same cost, stable values).
+                let x = AttnGradInputs {
+                    q: qr,
+                    k: kr,
+                    v: vr,
+                    o: or,
+                    d_o: dor,
+                    lse: lr,
+                };
+                ok(attn::attention_backward(
+                    g,
+                    x,
+                    &l2,
+                    shape,
+                    AttnGrads { dq, dk, dv },
+                ))
+            }),
+        });
+    }
+
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_secs(1))
+        .sample_size(10)
+        .configure_from_args();
+    {
+        let mut group = c.benchmark_group("attention");
+        for case in cases.iter_mut() {
+            group.throughput(Throughput::Elements(case.flops as u64));
+            let run = &mut case.run;
+            group.bench_function(case.name.as_str(), |b| {
+                b.iter_custom(|iters| {
+                    let t = ok(g.timer());
+                    for _ in 0..iters {
+                        run();
+                    }
+                    Duration::from_secs_f64(ok(t.elapsed_ms(g)) as f64 / 1e3)
+                })
+            });
+        }
+        group.finish();
+    }
+    let mut summary = Vec::new();
+    for case in cases.iter_mut() {
+        let ms = gpu_ms(g, &mut case.run, 7);
+        summary.push((case.name.clone(), case.flops, ms));
+    }
+    drop(cases);
+    c.final_summary();
+
+    println!("summary on {} (FLOPs as FA2 counts them):", g.name());
+    for (name, flops, ms) in summary {
+        println!(
+            "BENCH attention {name:<18} {ms:>9.3} ms  {:>7.1} TFLOP/s",
+            flops / (ms / 1e3) / 1e12
+        );
+    }
+}

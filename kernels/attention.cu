@@ -1,0 +1,802 @@
+// Flash attention (FlashAttention-2 scheme) for palign: causal, GQA, sliding window,
+// variable-length sequences; bf16 in/out, f32 accumulation, tensor cores via mma.sync.
+//
+// Math (per sequence, query head h, KV head h / (H / Hkv), scale c = 1/sqrt(d)):
+//   visible(i, j) = j <= i && (W == 0 || i - j < W)   (query i sees keys i-W+1 ..= i)
+//   S = c·Q·Kᵀ (masked to -inf), P = softmax_rows(S), O = P·V, lse_i = log Σ_j exp(S_ij)
+// Forward, one query tile at a time, keys in tiles, online softmax in base 2
+// (x = S·log2(e); m = running max, l = running Σ 2^(x - m)):
+//   m' = max(m, rowmax(x)),  O ← O·2^(m - m') + 2^(x - m')·V,  l ← l·2^(m - m') + Σ 2^(x - m')
+//   O_final = O / l, lse = (m + log2 l)·ln 2.
+// Backward (P recomputed from lse, D_i = Σ_d dO_id·O_id from a small pre-pass):
+//   P = exp(S - lse), dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P∘(dP - D),
+//   dQ = c·dS·K, dK = c·dSᵀ·Q;  dK/dV of a KV head sum over its query heads.
+// Facts used (no code copied): PTX ISA 8.x fragment layouts of mma.m16n8k16 (.bf16, f32
+// accumulate) and ldmatrix .m8n8 (.trans); the FA2 paper (Dao 2023) for the tiling,
+// the base-2 online softmax, dQ accumulated in f32 with atomics and the D = rowsum(dO∘O)
+// pre-pass; FA2's rule that KV tiles outside the window are skipped.
+//
+// Layout: token rows of q/o are [rows, H, d], k/v [rows, Hkv, d], lse/delta [rows, H].
+// Sequence s occupies rows seq_start[s] .. seq_start[s] + seq_len[s] (packed batches:
+// cu_seqlens offsets; right-padded [B, T] batches: start b·T, len = real length). Rows
+// that belong to no sequence are never read as keys and never written here.
+//
+// Kernels (extern "C"):
+//   attention_fwd_bf16_d{64,128}       O, lse. Grid (H·n_seqs, q tiles), 128 threads.
+//   attention_bwd_prep_bf16            delta = rowsum(dO∘O); zeroes the f32 dQ accumulator.
+//   attention_bwd_bf16_d{64,128}       dK, dV (stored), dQ (f32 atomics). Grid (Hkv·n_seqs,
+//   attention_bwd_small_bf16_d128      KV tiles). "small": for GPUs with < 145 KB of smem.
+//   attention_bwd_dq_bf16              dQ = bf16(scale · accumulator).
+//   attention_decode_bf16_d{64,128}    one query per sequence against a KV cache, split-K.
+//   attention_decode_combine_bf16      merges the split-K partial results.
+
+#include "common.cuh"
+
+namespace palign {
+namespace attention {
+
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
+
+// Tile configuration. src/backend/cuda/attention.rs mirrors these (shared memory sizes,
+// grids); every kernel checks its dynamic shared memory size against its own need.
+constexpr int FWD_WARPS = 4;  // 16 query rows per warp
+constexpr int FWD_BM = 16 * FWD_WARPS;
+constexpr int FWD_BN = 64;    // keys per tile
+constexpr int DEC_WARPS = 4;
+constexpr int DEC_GROUP = 8;  // query heads per decode block (one KV head)
+constexpr int DEC_UNROLL = 4; // keys per warp per step
+
+extern __shared__ __align__(16) unsigned char smem[];
+
+// ---- PTX primitives (sm_80+) ----
+__device__ __forceinline__ uint32_t smem_addr(const void *p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i. Lane l gets
+// in r[i] the pair (row l/4, cols 2(l%4), 2(l%4)+1) of matrix i.
+__device__ __forceinline__ void ldsm_x4(uint32_t r[4], const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+// Transposed: lane l gets (rows 2(l%4), 2(l%4)+1; col l/4) of matrix i.
+__device__ __forceinline__ void ldsm_x4_t(uint32_t r[4], const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+// c[16x8] += a[16x16] · b[16x8], bf16 inputs, f32 accumulators.
+__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0,
+                                         uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 16 bytes global -> shared, asynchronous; !valid writes 16 zero bytes (reads nothing).
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
+                 "l"(src), "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+__device__ __forceinline__ void cp_async_wait_all() {
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+__device__ __forceinline__ uint32_t dynamic_smem_bytes() {
+    uint32_t n;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(n));
+    return n;
+}
+// ---- end PTX primitives ----
+
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+__device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
+
+// A launcher/kernel mismatch in shared memory must fail loudly, not corrupt memory.
+__device__ __forceinline__ void require_smem(uint32_t bytes) {
+    if (dynamic_smem_bytes() < bytes) __trap();
+}
+
+// Two f32 -> one register of two bf16 (x in the low half: the lower column index).
+__device__ __forceinline__ uint32_t pack_bf16(float x, float y) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+    return *reinterpret_cast<uint32_t *>(&h);
+}
+
+__device__ __forceinline__ float2 unpack_bf16(uint32_t v) {
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162 *>(&v));
+}
+
+// Element offset of (row, col) in a [rows, COLS] bf16 tile in shared memory whose 16-byte
+// chunks are XOR-swizzled by row % 8, so the 8 rows an ldmatrix phase reads (and the rows
+// of one column chunk) fall in different banks.
+// Rows of 4 chunks (64 B) pair up in a 128-byte line, so they XOR with (row / 2) % 4.
+template <int COLS> __device__ __forceinline__ int swz(int row, int col) {
+    static_assert(COLS % 64 == 0 || COLS == 32, "swizzle: 32 or a multiple of 64 columns");
+    const int x = COLS == 32 ? (row >> 1) & 3 : row & 7;
+    return row * COLS + (((col >> 3) ^ x) << 3) + (col & 7);
+}
+
+// Rows row0 .. row0+ROWS of a matrix with `stride` elements per row (columns 0..D of
+// `g`) into a swizzled tile; rows >= row_end are zero-filled. Asynchronous (cp.async).
+template <int ROWS, int D, int NT>
+__device__ __forceinline__ void load_tile(__nv_bfloat16 *tile, const __nv_bfloat16 *g,
+                                          int64_t stride, int row0, int row_end) {
+    constexpr int CPR = D / 8; // 16-byte chunks per row
+#pragma unroll
+    for (int c = threadIdx.x; c < ROWS * CPR; c += NT) {
+        const int r = c / CPR, ch = c % CPR;
+        const bool ok = row0 + r < row_end;
+        const __nv_bfloat16 *src = ok ? g + (int64_t)(row0 + r) * stride + ch * 8 : g;
+        cp_async16(tile + swz<D>(r, ch * 8), src, ok);
+    }
+}
+
+__device__ __forceinline__ bool visible(int q, int key, int window) {
+    return key <= q && (window == 0 || q - key < window);
+}
+
+// ------------------------------------------------------------------------- forward
+//
+// Block: FWD_BM query rows of one (sequence, head); warp w owns rows 16w..16w+15 and keeps
+// its Q fragments, running max/sum and O accumulator in registers. Per KV tile: S = Q·Kᵀ
+// (mma, K B-fragments by ldmatrix), mask, online softmax, P stays in registers as the A
+// operand of O += P·V (V B-fragments by ldmatrix.trans). K and V are single-buffered but
+// overlapped: V(t) loads during S(t), K(t+1) during P·V(t).
+template <int D> __device__ void fwd(const AttnFwdParams &p) {
+    constexpr int BM = FWD_BM, BN = FWD_BN, NT = 32 * FWD_WARPS;
+    constexpr int KS = D / 16; // k-steps over the head dim
+    constexpr int NB = BN / 8; // 8-key column tiles of S
+    constexpr int ND = D / 8;  // 8-wide column tiles of O
+    require_smem((BM + 2 * BN) * D * 2);
+
+    const int H = p.n_heads, group = p.n_heads / p.n_kv_heads;
+    const int seq = blockIdx.x / H, h = blockIdx.x % H;
+    const int start = p.seq_start[seq], len = p.seq_len[seq];
+    const int mt = gridDim.y - 1 - blockIdx.y; // longest (last) query tiles first
+    const int q0 = mt * BM;
+    if (q0 >= len) return;
+    const int W = p.window;
+    const int kvh = h / group;
+    const int64_t qs = (int64_t)H * D, kvs = (int64_t)p.n_kv_heads * D;
+    const __nv_bfloat16 *Qg = p.q + (int64_t)start * qs + h * D;
+    const __nv_bfloat16 *Kg = p.k + (int64_t)start * kvs + kvh * D;
+    const __nv_bfloat16 *Vg = p.v + (int64_t)start * kvs + kvh * D;
+
+    // Key tiles that any query of the block can see.
+    const int q_last = imin(len, q0 + BM) - 1;
+    const int k_first = W > 0 ? imax(0, q0 - W + 1) : 0;
+    const int t_lo = k_first / BN, t_hi = q_last / BN + 1;
+
+    __nv_bfloat16 *sQ = reinterpret_cast<__nv_bfloat16 *>(smem);
+    __nv_bfloat16 *sK = sQ + BM * D;
+    __nv_bfloat16 *sV = sK + BN * D;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+    load_tile<BM, D, NT>(sQ, Qg, qs, q0, len);
+    load_tile<BN, D, NT>(sK, Kg, kvs, t_lo * BN, len);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+
+    // A fragments of the warp's 16 query rows (matrices: rows 0-7/8-15 x cols 0-7/8-15).
+    uint32_t qf[KS][4];
+#pragma unroll
+    for (int ks = 0; ks < KS; ks++)
+        ldsm_x4(qf[ks], sQ + swz<D>(warp * 16 + (lane % 16), ks * 16 + (lane / 16) * 8));
+
+    float o[ND][4];
+#pragma unroll
+    for (int nd = 0; nd < ND; nd++) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
+    const float sl2 = p.scale * LOG2E;
+    const int wq0 = q0 + warp * 16, wq1 = wq0 + 15; // the warp's query rows
+    const int row_a = wq0 + lane / 4;               // this thread's rows: row_a, row_a + 8
+
+    for (int t = t_lo; t < t_hi; t++) {
+        const int k0 = t * BN, k1 = k0 + BN - 1;
+        load_tile<BN, D, NT>(sV, Vg, kvs, k0, len);
+        cp_async_commit();
+
+        // Whether any (row, key) pair of this warp is visible, and whether any is not.
+        const bool active = wq0 < len && k0 <= wq1 && (W == 0 || wq0 - k1 < W);
+        const bool need_mask = k1 > wq0 || (W > 0 && wq1 - k0 >= W);
+        uint32_t pf[BN / 16][4]; // P as bf16 A fragments (k = keys)
+        if (active) {
+            float s[NB][4];
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+#pragma unroll
+            for (int ks = 0; ks < KS; ks++) {
+#pragma unroll
+                for (int nb2 = 0; nb2 < NB / 2; nb2++) {
+                    // keys 16nb2 + 0-7 / 8-15, dims 16ks + 0-7 / 8-15
+                    uint32_t kf[4];
+                    ldsm_x4(kf, sK + swz<D>(nb2 * 16 + (lane % 8) + (lane / 16) * 8,
+                                            ks * 16 + ((lane / 8) % 2) * 8));
+                    mma_bf16(s[2 * nb2], qf[ks], kf[0], kf[1]);
+                    mma_bf16(s[2 * nb2 + 1], qf[ks], kf[2], kf[3]);
+                }
+            }
+            if (need_mask) {
+#pragma unroll
+                for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int key = k0 + nb * 8 + (lane % 4) * 2 + (e & 1);
+                        const int row = row_a + (e >= 2 ? 8 : 0);
+                        if (!visible(row, key, W)) s[nb][e] = -INFINITY;
+                    }
+            }
+            // Online softmax; each row is spread over the 4 lanes of a quad.
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                float mx = -INFINITY;
+#pragma unroll
+                for (int nb = 0; nb < NB; nb++) mx = fmaxf(mx, fmaxf(s[nb][2 * r], s[nb][2 * r + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(m_run[r], mx * sl2);
+                // A row with nothing visible yet keeps m = -inf; 0 avoids (-inf) - (-inf).
+                const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+                const float alpha = exp2f(m_run[r] - m_use);
+                m_run[r] = m_new;
+                float sum = 0.0f;
+#pragma unroll
+                for (int nb = 0; nb < NB; nb++) {
+                    const float p0 = exp2f(fmaf(s[nb][2 * r], sl2, -m_use));
+                    const float p1 = exp2f(fmaf(s[nb][2 * r + 1], sl2, -m_use));
+                    s[nb][2 * r] = p0;
+                    s[nb][2 * r + 1] = p1;
+                    sum += p0 + p1;
+                }
+                l_run[r] = l_run[r] * alpha + sum; // per-lane partial; quad-summed at the end
+#pragma unroll
+                for (int nd = 0; nd < ND; nd++) {
+                    o[nd][2 * r] *= alpha;
+                    o[nd][2 * r + 1] *= alpha;
+                }
+            }
+            // The S accumulators of key tiles 2kk, 2kk+1 are exactly the A fragment of P
+            // for keys 16kk..16kk+15.
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; kk++) {
+                pf[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+                pf[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+                pf[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                pf[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            }
+        }
+        cp_async_wait_all(); // V(t) landed (this thread's part) ...
+        __syncthreads();     // ... everyone's, and every warp is done reading K(t)
+        if (t + 1 < t_hi) {
+            load_tile<BN, D, NT>(sK, Kg, kvs, (t + 1) * BN, len);
+            cp_async_commit();
+        }
+        if (active) {
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; kk++) {
+#pragma unroll
+                for (int nd2 = 0; nd2 < ND / 2; nd2++) {
+                    // keys 16kk + 0-7 / 8-15, dims 16nd2 + 0-7 / 8-15, transposed
+                    uint32_t vf[4];
+                    ldsm_x4_t(vf, sV + swz<D>(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
+                                              nd2 * 16 + (lane / 16) * 8));
+                    mma_bf16(o[2 * nd2], pf[kk], vf[0], vf[1]);
+                    mma_bf16(o[2 * nd2 + 1], pf[kk], vf[2], vf[3]);
+                }
+            }
+        }
+        cp_async_wait_all(); // K(t+1) landed; every warp done with V(t)
+        __syncthreads();
+    }
+
+    // Normalize; stage the warp's 16 rows in its (no longer used) part of sQ, then write
+    // them with 16-byte stores.
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float l = l_run[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        l_run[r] = l;
+    }
+    const float inv[2] = {l_run[0] > 0.0f ? 1.0f / l_run[0] : 0.0f,
+                          l_run[1] > 0.0f ? 1.0f / l_run[1] : 0.0f};
+#pragma unroll
+    for (int nd = 0; nd < ND; nd++) {
+        const int col = nd * 8 + (lane % 4) * 2;
+        const int r0 = warp * 16 + lane / 4;
+        *reinterpret_cast<uint32_t *>(sQ + swz<D>(r0, col)) =
+            pack_bf16(o[nd][0] * inv[0], o[nd][1] * inv[0]);
+        *reinterpret_cast<uint32_t *>(sQ + swz<D>(r0 + 8, col)) =
+            pack_bf16(o[nd][2] * inv[1], o[nd][3] * inv[1]);
+    }
+    __syncwarp();
+    constexpr int CPR = D / 8;
+#pragma unroll
+    for (int c = lane; c < 16 * CPR; c += 32) {
+        const int r = c / CPR, ch = c % CPR;
+        const int row = wq0 + r;
+        if (row < len) {
+            const uint4 val = *reinterpret_cast<const uint4 *>(sQ + swz<D>(warp * 16 + r, ch * 8));
+            *reinterpret_cast<uint4 *>(p.o + (int64_t)(start + row) * qs + h * D + ch * 8) = val;
+        }
+    }
+    if (lane % 4 == 0) {
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int row = row_a + 8 * r;
+            if (row < len)
+                p.lse[(int64_t)(start + row) * H + h] = (m_run[r] + log2f(l_run[r])) * LN2;
+        }
+    }
+}
+
+// ------------------------------------------------------------------------ backward
+//
+// Block: BN = 16·WARPS keys of one (sequence, KV head); warp w owns keys 16w..16w+15 and
+// accumulates their dK, dV over every query head of the group and every query tile that
+// sees them (so no reduction pass over the group). Per step (query head h, BM queries):
+//   Sᵀ = K_w·Qᵀ, dPᵀ = V_w·dOᵀ     (16 x BM per warp; Q, dO B-fragments by ldmatrix)
+//   Pᵀ = 2^(Sᵀ·c·log2e - lse·log2e), dSᵀ = Pᵀ∘(dPᵀ - D)
+//   dV_w += Pᵀ·dO, dK_w += dSᵀ·Q     (accumulators reused as A fragments)
+//   dSᵀ -> shared; dQ(BM x d) += dS·K split over the warps, f32 atomics to global.
+// STAGES = 2 double-buffers Q/dO/lse/D so the next step's loads overlap this one.
+template <int D, int WARPS, int BM, int STAGES>
+__host__ __device__ constexpr int bwd_smem_bytes() {
+    return (2 * 16 * WARPS * D + 2 * STAGES * BM * D + 16 * WARPS * BM) * 2 + 2 * STAGES * BM * 4;
+}
+
+template <int D, int WARPS, int BM, int STAGES> __device__ void bwd(const AttnBwdParams &p) {
+    constexpr int BN = 16 * WARPS, NT = 32 * WARPS;
+    constexpr int KS = D / 16; // k-steps over the head dim (Sᵀ, dPᵀ)
+    constexpr int NQ = BM / 8; // 8-query column tiles of Sᵀ
+    constexpr int ND = D / 8;  // 8-wide column tiles of dK, dV
+    constexpr int KQ = BM / 16; // k-steps over queries (dV, dK)
+    constexpr int MT = BM / 16; // dQ: 16-row tiles, split over WPM warps each
+    constexpr int WPM = WARPS / MT;
+    constexpr int NDQ = ND / WPM; // dQ column tiles per warp
+    constexpr int KK = BN / 16;   // k-steps over keys (dQ)
+    static_assert(WARPS % MT == 0 && ND % WPM == 0 && NDQ % 2 == 0, "dQ warp split");
+    static_assert(STAGES == 1 || STAGES == 2, "stages");
+    require_smem(bwd_smem_bytes<D, WARPS, BM, STAGES>());
+
+    const int H = p.n_heads, Hkv = p.n_kv_heads, group = H / Hkv;
+    const int seq = blockIdx.x / Hkv, kvh = blockIdx.x % Hkv;
+    const int start = p.seq_start[seq], len = p.seq_len[seq];
+    const int k0 = blockIdx.y * BN; // longest (first) key tiles first
+    if (k0 >= len) return;
+    const int W = p.window;
+    const int64_t qs = (int64_t)H * D, kvs = (int64_t)Hkv * D;
+
+    // Query tiles that see any key of the block.
+    const int q_end = W > 0 ? imin(len, k0 + BN - 1 + W) : len;
+    const int qt_lo = k0 / BM, n_qt = (q_end - 1) / BM + 1 - qt_lo;
+    const int n_it = group * n_qt;
+
+    __nv_bfloat16 *sK = reinterpret_cast<__nv_bfloat16 *>(smem);
+    __nv_bfloat16 *sV = sK + BN * D;
+    __nv_bfloat16 *sQ = sV + BN * D;          // [STAGES][BM*D]
+    __nv_bfloat16 *sdO = sQ + STAGES * BM * D; // [STAGES][BM*D]
+    __nv_bfloat16 *sdS = sdO + STAGES * BM * D; // [BN][BM]: dSᵀ
+    float *sL = reinterpret_cast<float *>(sdS + BN * BM); // [STAGES][BM]: lse·log2e
+    float *sDl = sL + STAGES * BM;                        // [STAGES][BM]: delta
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+    auto load_step = [&](int it, int stage) {
+        const int h = kvh * group + it / n_qt, q0 = (qt_lo + it % n_qt) * BM;
+        load_tile<BM, D, NT>(sQ + stage * BM * D, p.q + (int64_t)start * qs + h * D, qs, q0, len);
+        load_tile<BM, D, NT>(sdO + stage * BM * D, p.d_o + (int64_t)start * qs + h * D, qs, q0,
+                             len);
+        for (int r = threadIdx.x; r < BM; r += NT) {
+            const int row = q0 + r;
+            const bool ok = row < len;
+            const int64_t at = (int64_t)(start + row) * H + h;
+            // lse = +inf makes P = 0 for rows past the end (no NaN: Q, dO are zero-filled).
+            sL[stage * BM + r] = ok ? p.lse[at] * LOG2E : INFINITY;
+            sDl[stage * BM + r] = ok ? p.delta[at] : 0.0f;
+        }
+    };
+
+    load_tile<BN, D, NT>(sK, p.k + (int64_t)start * kvs + kvh * D, kvs, k0, len);
+    load_tile<BN, D, NT>(sV, p.v + (int64_t)start * kvs + kvh * D, kvs, k0, len);
+    load_step(0, 0);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+
+    float dk[ND][4], dv[ND][4];
+#pragma unroll
+    for (int nd = 0; nd < ND; nd++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dk[nd][e] = dv[nd][e] = 0.0f;
+    const float sl2 = p.scale * LOG2E;
+    const int kw0 = k0 + warp * 16;   // the warp's keys kw0 .. kw0+15
+    const int key_a = kw0 + lane / 4; // this thread's keys: key_a, key_a + 8
+    const int dq_mt = warp % MT, dq_n0 = (warp / MT) * NDQ;
+
+    for (int it = 0; it < n_it; it++) {
+        const int stage = STAGES == 2 ? (it & 1) : 0;
+        if (STAGES == 2 && it + 1 < n_it) {
+            load_step(it + 1, stage ^ 1);
+            cp_async_commit();
+        }
+        const int h = kvh * group + it / n_qt, q0 = (qt_lo + it % n_qt) * BM;
+        const __nv_bfloat16 *cQ = sQ + stage * BM * D, *cdO = sdO + stage * BM * D;
+        const float *cL = sL + stage * BM, *cDl = sDl + stage * BM;
+
+        const bool active = kw0 < len && q0 + BM - 1 >= kw0 && (W == 0 || q0 - (kw0 + 15) < W);
+        if (active) {
+            const bool need_mask = q0 < kw0 + 15 || (W > 0 && q0 + BM - 1 - kw0 >= W);
+            // Sᵀ = K_w·Qᵀ, then Pᵀ as bf16 A fragments (rows = keys, k = queries): the f32
+            // scores die before dPᵀ is computed, which keeps the register peak down.
+            uint32_t pa[KQ][4], dsa[KQ][4];
+            {
+                float s[NQ][4];
+#pragma unroll
+                for (int nq = 0; nq < NQ; nq++) s[nq][0] = s[nq][1] = s[nq][2] = s[nq][3] = 0.0f;
+#pragma unroll 1
+                for (int ks = 0; ks < KS; ks++) {
+                    uint32_t ka[4];
+                    ldsm_x4(ka, sK + swz<D>(warp * 16 + (lane % 16), ks * 16 + (lane / 16) * 8));
+#pragma unroll
+                    for (int nq2 = 0; nq2 < NQ / 2; nq2++) {
+                        uint32_t b[4];
+                        ldsm_x4(b, cQ + swz<D>(nq2 * 16 + (lane % 8) + (lane / 16) * 8,
+                                               ks * 16 + ((lane / 8) % 2) * 8));
+                        mma_bf16(s[2 * nq2], ka, b[0], b[1]);
+                        mma_bf16(s[2 * nq2 + 1], ka, b[2], b[3]);
+                    }
+                }
+#pragma unroll
+                for (int nq = 0; nq < NQ; nq++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int col = nq * 8 + (lane % 4) * 2 + (e & 1);
+                        float pv = exp2f(fmaf(s[nq][e], sl2, -cL[col]));
+                        if (need_mask && !visible(q0 + col, key_a + (e >= 2 ? 8 : 0), W)) pv = 0.0f;
+                        s[nq][e] = pv;
+                    }
+#pragma unroll
+                for (int kq = 0; kq < KQ; kq++) {
+                    pa[kq][0] = pack_bf16(s[2 * kq][0], s[2 * kq][1]);
+                    pa[kq][1] = pack_bf16(s[2 * kq][2], s[2 * kq][3]);
+                    pa[kq][2] = pack_bf16(s[2 * kq + 1][0], s[2 * kq + 1][1]);
+                    pa[kq][3] = pack_bf16(s[2 * kq + 1][2], s[2 * kq + 1][3]);
+                }
+            }
+            // dV += Pᵀ·dO (dO B-fragments: queries x dims, transposed).
+#pragma unroll
+            for (int kq = 0; kq < KQ; kq++) {
+#pragma unroll
+                for (int nd2 = 0; nd2 < ND / 2; nd2++) {
+                    uint32_t b[4];
+                    ldsm_x4_t(b, cdO + swz<D>(kq * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
+                                              nd2 * 16 + (lane / 16) * 8));
+                    mma_bf16(dv[2 * nd2], pa[kq], b[0], b[1]);
+                    mma_bf16(dv[2 * nd2 + 1], pa[kq], b[2], b[3]);
+                }
+            }
+            // dPᵀ = V_w·dOᵀ, dSᵀ = Pᵀ∘(dPᵀ - D) with the bf16 P (as the dV product used).
+            {
+                float dp[NQ][4];
+#pragma unroll
+                for (int nq = 0; nq < NQ; nq++) dp[nq][0] = dp[nq][1] = dp[nq][2] = dp[nq][3] = 0.0f;
+#pragma unroll 1
+                for (int ks = 0; ks < KS; ks++) {
+                    uint32_t va[4];
+                    ldsm_x4(va, sV + swz<D>(warp * 16 + (lane % 16), ks * 16 + (lane / 16) * 8));
+#pragma unroll
+                    for (int nq2 = 0; nq2 < NQ / 2; nq2++) {
+                        uint32_t b[4];
+                        ldsm_x4(b, cdO + swz<D>(nq2 * 16 + (lane % 8) + (lane / 16) * 8,
+                                                ks * 16 + ((lane / 8) % 2) * 8));
+                        mma_bf16(dp[2 * nq2], va, b[0], b[1]);
+                        mma_bf16(dp[2 * nq2 + 1], va, b[2], b[3]);
+                    }
+                }
+#pragma unroll
+                for (int kq = 0; kq < KQ; kq++)
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        // pa[kq][j] holds tile 2kq + j/2, elements 2(j%2), 2(j%2)+1.
+                        const int nq = 2 * kq + j / 2, e = 2 * (j % 2);
+                        const int col = nq * 8 + (lane % 4) * 2;
+                        const float2 pf = unpack_bf16(pa[kq][j]);
+                        dsa[kq][j] = pack_bf16(pf.x * (dp[nq][e] - cDl[col]),
+                                               pf.y * (dp[nq][e + 1] - cDl[col + 1]));
+                    }
+            }
+            // dK += dSᵀ·Q (Q B-fragments: queries x dims, transposed).
+#pragma unroll
+            for (int kq = 0; kq < KQ; kq++) {
+#pragma unroll
+                for (int nd2 = 0; nd2 < ND / 2; nd2++) {
+                    uint32_t b[4];
+                    ldsm_x4_t(b, cQ + swz<D>(kq * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
+                                             nd2 * 16 + (lane / 16) * 8));
+                    mma_bf16(dk[2 * nd2], dsa[kq], b[0], b[1]);
+                    mma_bf16(dk[2 * nd2 + 1], dsa[kq], b[2], b[3]);
+                }
+            }
+            // dSᵀ rows of this warp's keys, [key][query] in shared memory.
+#pragma unroll
+            for (int kq = 0; kq < KQ; kq++)
+#pragma unroll
+                for (int half = 0; half < 2; half++) {
+                    const int col = (2 * kq + half) * 8 + (lane % 4) * 2;
+                    const int r0 = warp * 16 + lane / 4;
+                    *reinterpret_cast<uint32_t *>(sdS + swz<BM>(r0, col)) = dsa[kq][2 * half];
+                    *reinterpret_cast<uint32_t *>(sdS + swz<BM>(r0 + 8, col)) =
+                        dsa[kq][2 * half + 1];
+                }
+        } else {
+            // Nothing visible: this warp's dSᵀ rows are zero.
+            for (int c = lane; c < 16 * BM / 8; c += 32) {
+                const int r = warp * 16 + c / (BM / 8), ch = c % (BM / 8);
+                *reinterpret_cast<uint4 *>(sdS + swz<BM>(r, ch * 8)) = make_uint4(0, 0, 0, 0);
+            }
+        }
+        __syncthreads(); // dSᵀ complete; Q/dO/lse/D of this step no longer read
+        if (STAGES == 1 && it + 1 < n_it) {
+            load_step(it + 1, 0);
+            cp_async_commit();
+        }
+
+        // dQ rows q0 + 16·dq_mt .. +15, columns of tiles dq_n0 .. dq_n0+NDQ: dS·K.
+        float acc[NDQ][4];
+#pragma unroll
+        for (int j = 0; j < NDQ; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KK; kk++) {
+            // A = dS (queries x keys) from dSᵀ [key][query]: transposed load.
+            uint32_t a[4];
+            ldsm_x4_t(a, sdS + swz<BM>(kk * 16 + (lane % 8) + (lane / 16) * 8,
+                                       dq_mt * 16 + ((lane / 8) % 2) * 8));
+#pragma unroll
+            for (int j2 = 0; j2 < NDQ / 2; j2++) {
+                uint32_t b[4];
+                ldsm_x4_t(b, sK + swz<D>(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
+                                         (dq_n0 + 2 * j2) * 8 + (lane / 16) * 8));
+                mma_bf16(acc[2 * j2], a, b[0], b[1]);
+                mma_bf16(acc[2 * j2 + 1], a, b[2], b[3]);
+            }
+        }
+        const int qa = q0 + dq_mt * 16 + lane / 4;
+#pragma unroll
+        for (int j = 0; j < NDQ; j++) {
+            const int col = (dq_n0 + j) * 8 + (lane % 4) * 2;
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const int row = qa + 8 * r;
+                if (row < len) {
+                    float *dst = p.dq_accum + (int64_t)(start + row) * qs + h * D + col;
+                    atomicAdd(dst, acc[j][2 * r]);
+                    atomicAdd(dst + 1, acc[j][2 * r + 1]);
+                }
+            }
+        }
+        cp_async_wait_all(); // the next step's tiles landed ...
+        __syncthreads();     // ... for everyone; everyone done reading dSᵀ
+    }
+
+    const float c = p.scale;
+#pragma unroll
+    for (int nd = 0; nd < ND; nd++) {
+        const int col = nd * 8 + (lane % 4) * 2;
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int key = key_a + 8 * r;
+            if (key < len) {
+                const int64_t at = (int64_t)(start + key) * kvs + kvh * D + col;
+                *reinterpret_cast<uint32_t *>(p.dk + at) =
+                    pack_bf16(dk[nd][2 * r] * c, dk[nd][2 * r + 1] * c);
+                *reinterpret_cast<uint32_t *>(p.dv + at) = pack_bf16(dv[nd][2 * r], dv[nd][2 * r + 1]);
+            }
+        }
+    }
+}
+
+// -------------------------------------------------------------------------- decode
+//
+// Block: one query (sequence), one KV head and up to DEC_GROUP of its query heads, one
+// split of the visible cache positions. Each warp streams every DEC_WARPS-th group of
+// DEC_UNROLL keys (a lane holds d/32 elements of a row), keeping a base-2 online softmax
+// per head; the warps merge through shared memory. With one split the block writes bf16
+// out, else unnormalized partials (o, m, l) for attention_decode_combine_bf16.
+// Cache position pos of the sequence lives in row slot_start + pos % capacity; the
+// visible positions are max(0, len - W) .. len - 1.
+template <int D> __device__ void decode(const AttnDecodeParams &p) {
+    constexpr int NW = DEC_WARPS, G = DEC_GROUP, U = DEC_UNROLL, EPL = D / 32;
+    __shared__ float sm_m[NW][G], sm_l[NW][G];
+    __shared__ float sm_o[NW][G][D];
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int H = p.n_heads, group = p.n_heads / p.n_kv_heads;
+    const int i = blockIdx.z, split = blockIdx.x;
+    const int kvh = blockIdx.y / p.head_chunks;
+    const int h0 = kvh * group + (blockIdx.y % p.head_chunks) * G;
+    const int nh = imin(G, kvh * group + group - h0);
+    const int len = p.seq_len[i], slot = p.slot_start[i];
+    const int p_lo = p.window > 0 ? imax(0, len - p.window) : 0;
+    const int j0 = split * p.split_size, j1 = imin(len - p_lo, j0 + p.split_size);
+    const float sl2 = p.scale * LOG2E;
+    const int64_t kvs = (int64_t)p.n_kv_heads * D;
+
+    float q[G][EPL], m[G], l[G], acc[G][EPL];
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < EPL; e++) {
+            acc[g][e] = 0.0f;
+            q[g][e] = g < nh ? bf2f(p.q[((int64_t)i * H + h0 + g) * D + lane * EPL + e]) * sl2 : 0.0f;
+        }
+    }
+
+    for (int jb = j0 + warp * U; jb < j1; jb += NW * U) {
+        float kf[U][EPL], vf[U][EPL];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (jb + u < j1) {
+                const int row = slot + (p_lo + jb + u) % p.capacity;
+                const int64_t at = (int64_t)row * kvs + kvh * D + lane * EPL;
+#pragma unroll
+                for (int e = 0; e < EPL; e++) {
+                    kf[u][e] = bf2f(p.k_cache[at + e]);
+                    vf[u][e] = bf2f(p.v_cache[at + e]);
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (jb + u >= j1) break;
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                if (g >= nh) break;
+                float s = 0.0f;
+#pragma unroll
+                for (int e = 0; e < EPL; e++) s = fmaf(q[g][e], kf[u][e], s);
+                s = warp_sum(s);
+                const float m_new = fmaxf(m[g], s);
+                const float alpha = exp2f(m[g] - m_new);
+                const float pr = exp2f(s - m_new);
+                l[g] = l[g] * alpha + pr;
+#pragma unroll
+                for (int e = 0; e < EPL; e++) acc[g][e] = fmaf(acc[g][e], alpha, pr * vf[u][e]);
+                m[g] = m_new;
+            }
+        }
+    }
+
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        if (lane == 0) {
+            sm_m[warp][g] = m[g];
+            sm_l[warp][g] = l[g];
+        }
+#pragma unroll
+        for (int e = 0; e < EPL; e++) sm_o[warp][g][lane * EPL + e] = acc[g][e];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < nh * D; idx += NW * 32) {
+        const int g = idx / D, d = idx % D, h = h0 + g;
+        float mx = -INFINITY;
+        for (int w = 0; w < NW; w++) mx = fmaxf(mx, sm_m[w][g]);
+        const float mu = mx == -INFINITY ? 0.0f : mx;
+        float o = 0.0f, lsum = 0.0f;
+        for (int w = 0; w < NW; w++) {
+            const float f = exp2f(sm_m[w][g] - mu);
+            o += f * sm_o[w][g][d];
+            lsum += f * sm_l[w][g];
+        }
+        if (p.n_splits == 1) {
+            p.out[((int64_t)i * H + h) * D + d] = f2bf(lsum > 0.0f ? o / lsum : 0.0f);
+        } else {
+            const int64_t part = ((int64_t)i * H + h) * p.n_splits + split;
+            p.part_o[part * D + d] = o;
+            if (d == 0) {
+                p.part_ml[part * 2] = mx;
+                p.part_ml[part * 2 + 1] = lsum;
+            }
+        }
+    }
+}
+
+} // namespace attention
+} // namespace palign
+
+extern "C" __global__ void attention_fwd_bf16_d64(const AttnFwdParams p) {
+    palign::attention::fwd<64>(p);
+}
+
+extern "C" __global__ void attention_fwd_bf16_d128(const AttnFwdParams p) {
+    palign::attention::fwd<128>(p);
+}
+
+// delta[r, h] = Σ_d dO·O (f32); dq_accum[r, h, :] = 0. One warp per (row, head).
+extern "C" __global__ void attention_bwd_prep_bf16(const AttnBwdPrepParams p) {
+    const int lane = threadIdx.x % 32;
+    const int64_t idx = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (idx >= (int64_t)p.n_rows * p.n_heads) return;
+    const int D = p.head_dim;
+    const __nv_bfloat162 *o = reinterpret_cast<const __nv_bfloat162 *>(p.o + idx * D);
+    const __nv_bfloat162 *d_o = reinterpret_cast<const __nv_bfloat162 *>(p.d_o + idx * D);
+    float acc = 0.0f;
+    for (int c = lane; c < D / 2; c += 32) {
+        const float2 a = __bfloat1622float2(o[c]), b = __bfloat1622float2(d_o[c]);
+        acc = fmaf(a.x, b.x, fmaf(a.y, b.y, acc));
+    }
+    acc = palign::warp_sum(acc);
+    if (lane == 0) p.delta[idx] = acc;
+    float4 *dq = reinterpret_cast<float4 *>(p.dq_accum + idx * D);
+    for (int c = lane; c < D / 4; c += 32) dq[c] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+}
+
+#ifndef ATTN_BWD_CFG64
+#define ATTN_BWD_CFG64 64, 8, 64, 2
+#endif
+#ifndef ATTN_BWD_CFG128
+#define ATTN_BWD_CFG128 128, 8, 64, 2
+#endif
+#ifndef ATTN_BWD_CFGS
+#define ATTN_BWD_CFGS 128, 4, 64, 1
+#endif
+extern "C" __global__ void attention_bwd_bf16_d64(const AttnBwdParams p) {
+    palign::attention::bwd<ATTN_BWD_CFG64>(p);
+}
+
+extern "C" __global__ void attention_bwd_bf16_d128(const AttnBwdParams p) {
+    palign::attention::bwd<ATTN_BWD_CFG128>(p);
+}
+
+extern "C" __global__ void attention_bwd_small_bf16_d128(const AttnBwdParams p) {
+    palign::attention::bwd<ATTN_BWD_CFGS>(p);
+}
+
+// dq = bf16(scale · dq_accum), 4 elements per thread (n is a multiple of 4).
+extern "C" __global__ void attention_bwd_dq_bf16(const AttnDqParams p) {
+    const int64_t n4 = p.n / 4;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n4;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const float4 a = reinterpret_cast<const float4 *>(p.dq_accum)[i];
+        __nv_bfloat162 *out = reinterpret_cast<__nv_bfloat162 *>(p.dq + 4 * i);
+        out[0] = __floats2bfloat162_rn(a.x * p.scale, a.y * p.scale);
+        out[1] = __floats2bfloat162_rn(a.z * p.scale, a.w * p.scale);
+    }
+}
+
+extern "C" __global__ void attention_decode_bf16_d64(const AttnDecodeParams p) {
+    palign::attention::decode<64>(p);
+}
+
+extern "C" __global__ void attention_decode_bf16_d128(const AttnDecodeParams p) {
+    palign::attention::decode<128>(p);
+}
+
+// out[i, h] = Σ_s 2^(m_s - M)·o_s / Σ_s 2^(m_s - M)·l_s over the splits. One block per (i, h).
+extern "C" __global__ void attention_decode_combine_bf16(const AttnDecodeParams p) {
+    const int64_t ih = blockIdx.x;
+    const int S = p.n_splits, D = p.head_dim;
+    const float *ml = p.part_ml + ih * S * 2;
+    float mx = -INFINITY;
+    for (int s = 0; s < S; s++) mx = fmaxf(mx, ml[2 * s]);
+    const float mu = mx == -INFINITY ? 0.0f : mx;
+    float lsum = 0.0f;
+    for (int s = 0; s < S; s++) lsum += exp2f(ml[2 * s] - mu) * ml[2 * s + 1];
+    const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float o = 0.0f;
+        for (int s = 0; s < S; s++) o += exp2f(ml[2 * s] - mu) * p.part_o[(ih * S + s) * D + d];
+        p.out[ih * D + d] = palign::f2bf(o * inv);
+    }
+}

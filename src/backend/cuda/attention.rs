@@ -1,0 +1,760 @@
+//! Flash attention on the GPU (kernels/attention.cu): forward (O and lse), backward (dQ,
+//! dK, dV recomputing the probabilities) and decode (one new query per sequence against a
+//! KV cache). Same semantics as `backend::cpu::ops::attention_{forward,backward,decode}`:
+//! causal, GQA (query head h reads KV head h / (H / Hkv)), Mistral's sliding window
+//! (query i sees keys i−W+1..=i), scale 1/√d, bf16 tensors, f32 accumulation and lse.
+//!
+//! Tensors are token rows: q/o/dq `[rows, H, d]`, k/v/dk/dv `[rows, Hkv, d]`, lse
+//! `[rows, H]`. A [`SeqLayout`] says where each sequence's rows are: a packed batch
+//! (`cu_seqlens` offsets, [`SeqLayout::packed`]) or a right-padded `[B, T]` batch
+//! ([`SeqLayout::padded`]: sequence b at rows b·T .. b·T + len_b). Rows outside every
+//! sequence (padding) come out as zeros in every output.
+//!
+//! Backward: dQ is accumulated in an f32 buffer with atomics (one kernel per KV tile adds
+//! its share) and converted to bf16 by a last pass; dK/dV of a KV head are summed over its
+//! query-head group inside the kernel (each block owns a KV tile and loops over the group),
+//! so there is no reduction pass. `D = rowsum(dO∘O)` comes from a small pre-pass that also
+//! zeroes the dQ accumulator. Workspaces come from the device's caching pool.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use cudarc::driver::{sys, DeviceRepr, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use super::device::cuda_err;
+use super::params::*;
+use super::{DeviceBuffer, Gpu};
+use crate::backend::cpu::ops::{AttnShape, Packing};
+use crate::error::{bad, Error, Result};
+
+// SAFETY: bindgen's #[repr(C)] translations of kernels/params.h (bytemuck::Pod is derived,
+// which proves there is no padding); each is its kernel's only argument, by value.
+unsafe impl DeviceRepr for AttnFwdParams {}
+unsafe impl DeviceRepr for AttnBwdPrepParams {}
+unsafe impl DeviceRepr for AttnBwdParams {}
+unsafe impl DeviceRepr for AttnDqParams {}
+unsafe impl DeviceRepr for AttnDecodeParams {}
+
+// Tile sizes: keep in sync with the constants and instantiations in kernels/attention.cu
+// (each kernel traps if its dynamic shared memory is smaller than it needs).
+const FWD_BM: usize = 64;
+const FWD_BN: usize = 64;
+const FWD_THREADS: u32 = 128;
+const BWD_BM: usize = 64;
+const DEC_WARPS: usize = 4;
+const DEC_GROUP: usize = 8;
+const DEC_UNROLL: usize = 4;
+/// Launch grids' y and z limit.
+const GRID_YZ: usize = 65535;
+/// Shared memory a kernel may use without opting in.
+const SMEM_DEFAULT: usize = 48 * 1024;
+
+/// Which backward kernel runs. `Auto` takes `Large` when the GPU has the shared memory
+/// (A100, H100: up to 227 KB per block), else `Small` (RTX 30xx/40xx: 99 KB).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BwdVariant {
+    Auto,
+    /// 8 warps, 128 keys per block, double-buffered query tiles.
+    Large,
+    /// head_dim 128 only: 4 warps, 64 keys per block, single-buffered (74 KB).
+    Small,
+}
+
+struct BwdKernel {
+    name: &'static str,
+    warps: usize,
+    stages: usize,
+}
+
+impl BwdKernel {
+    fn keys(&self) -> usize {
+        16 * self.warps
+    }
+    /// Mirrors `bwd_smem_bytes` in kernels/attention.cu.
+    fn smem(&self, d: usize) -> usize {
+        let (bn, bm, st) = (self.keys(), BWD_BM, self.stages);
+        (2 * bn * d + 2 * st * bm * d + bn * bm) * 2 + 2 * st * bm * 4
+    }
+}
+
+fn bwd_kernel(d: usize, variant: BwdVariant) -> BwdKernel {
+    match (d, variant) {
+        (64, _) => BwdKernel {
+            name: "attention_bwd_bf16_d64",
+            warps: 8,
+            stages: 2,
+        },
+        (_, BwdVariant::Small) => BwdKernel {
+            name: "attention_bwd_small_bf16_d128",
+            warps: 4,
+            stages: 1,
+        },
+        _ => BwdKernel {
+            name: "attention_bwd_bf16_d128",
+            warps: 8,
+            stages: 2,
+        },
+    }
+}
+
+/// Where each sequence's rows are (host side, validated): sequence s is rows
+/// `starts[s] .. starts[s] + lens[s]` of `n_rows`.
+#[derive(Clone, Debug)]
+pub struct SeqSpec {
+    starts: Vec<usize>,
+    lens: Vec<usize>,
+    n_rows: usize,
+    /// Every row belongs to a sequence (no padding to zero).
+    dense: bool,
+}
+
+impl SeqSpec {
+    /// A packed batch from `cu_seqlens`-style offsets: sequence s is rows
+    /// `offsets[s]..offsets[s+1]` (offsets start at 0 and never decrease).
+    pub fn packed(offsets: &[usize]) -> Result<SeqSpec> {
+        if offsets.first() != Some(&0) {
+            return Err(bad("attention: sequence offsets must start with 0"));
+        }
+        if let Some(w) = offsets.windows(2).find(|w| w[1] < w[0]) {
+            return Err(bad(format!(
+                "attention: sequence offsets decrease ({} then {})",
+                w[0], w[1]
+            )));
+        }
+        let starts = offsets[..offsets.len() - 1].to_vec();
+        let lens = offsets.windows(2).map(|w| w[1] - w[0]).collect();
+        Self::new(starts, lens, offsets[offsets.len() - 1], true)
+    }
+
+    /// A right-padded `[B, T]` batch: sequence b is rows `b·T .. b·T + lens[b]`, the rest of
+    /// its T rows are padding (outputs there are zero).
+    pub fn padded(padded_len: usize, lens: &[usize]) -> Result<SeqSpec> {
+        if let Some((b, &l)) = lens.iter().enumerate().find(|(_, &l)| l > padded_len) {
+            return Err(bad(format!(
+                "attention: sequence {b} has {l} tokens, more than the padded length {padded_len}"
+            )));
+        }
+        let starts = (0..lens.len()).map(|b| b * padded_len).collect();
+        let dense = lens.iter().all(|&l| l == padded_len);
+        let rows = lens
+            .len()
+            .checked_mul(padded_len)
+            .ok_or_else(|| bad("attention: padded batch too large"))?;
+        Self::new(starts, lens.to_vec(), rows, dense)
+    }
+
+    fn new(starts: Vec<usize>, lens: Vec<usize>, n_rows: usize, dense: bool) -> Result<SeqSpec> {
+        if starts.is_empty() {
+            return Err(bad("attention: a batch needs at least one sequence"));
+        }
+        if n_rows > i32::MAX as usize {
+            return Err(bad(format!(
+                "attention: {n_rows} token rows exceed the kernels' i32 row index"
+            )));
+        }
+        let max_len = lens.iter().copied().max().unwrap_or(0);
+        if max_len.div_ceil(FWD_BM) > GRID_YZ {
+            return Err(bad(format!(
+                "attention: a sequence of {max_len} tokens is longer than the kernels support"
+            )));
+        }
+        Ok(SeqSpec {
+            starts,
+            lens,
+            n_rows,
+            dense,
+        })
+    }
+
+    pub fn n_seqs(&self) -> usize {
+        self.starts.len()
+    }
+    /// Token rows the tensors must have.
+    pub fn n_rows(&self) -> usize {
+        self.n_rows
+    }
+    pub fn max_len(&self) -> usize {
+        self.lens.iter().copied().max().unwrap_or(0)
+    }
+}
+
+/// A [`SeqSpec`] on the device. Build it once per batch and reuse it for every layer.
+pub struct SeqLayout {
+    starts: DeviceBuffer<u32>,
+    lens: DeviceBuffer<u32>,
+    n_rows: usize,
+    max_len: usize,
+    dense: bool,
+}
+
+impl SeqLayout {
+    pub fn new(gpu: &Gpu, spec: &SeqSpec) -> Result<SeqLayout> {
+        let to_u32 = |v: &[usize]| -> Vec<u32> { v.iter().map(|&x| x as u32).collect() };
+        Ok(SeqLayout {
+            starts: gpu.upload(&to_u32(&spec.starts))?,
+            lens: gpu.upload(&to_u32(&spec.lens))?,
+            n_rows: spec.n_rows,
+            max_len: spec.max_len(),
+            dense: spec.dense,
+        })
+    }
+
+    /// [`SeqSpec::packed`] on the device.
+    pub fn packed(gpu: &Gpu, offsets: &[usize]) -> Result<SeqLayout> {
+        Self::new(gpu, &SeqSpec::packed(offsets)?)
+    }
+
+    /// The CPU backend's packing of a batch.
+    pub fn from_packing(gpu: &Gpu, pack: &Packing) -> Result<SeqLayout> {
+        Self::packed(gpu, &pack.offsets)
+    }
+
+    /// [`SeqSpec::padded`] on the device.
+    pub fn padded(gpu: &Gpu, padded_len: usize, lens: &[usize]) -> Result<SeqLayout> {
+        Self::new(gpu, &SeqSpec::padded(padded_len, lens)?)
+    }
+
+    pub fn n_seqs(&self) -> usize {
+        self.starts.len()
+    }
+    pub fn n_rows(&self) -> usize {
+        self.n_rows
+    }
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+}
+
+/// Whether the CUDA kernels take this shape (head_dim 64 or 128, H a multiple of Hkv, a
+/// window of at least 1); every launcher checks it first.
+pub fn check_shape(shape: &AttnShape) -> Result<()> {
+    shape_params(shape).map(|_| ())
+}
+
+/// (H, Hkv, d, window or 0, scale) of a valid shape.
+fn shape_params(shape: &AttnShape) -> Result<(usize, usize, usize, i32, f32)> {
+    let AttnShape {
+        n_heads: h,
+        n_kv_heads: hkv,
+        head_dim: d,
+        window,
+    } = *shape;
+    if d != 64 && d != 128 {
+        return Err(bad(format!(
+            "attention: head_dim {d} is not supported by the CUDA kernels (64 or 128)"
+        )));
+    }
+    if hkv == 0 || h == 0 || !h.is_multiple_of(hkv) {
+        return Err(bad(format!(
+            "attention: {h} query heads are not a multiple of {hkv} KV heads"
+        )));
+    }
+    let w = match window {
+        Some(0) => return Err(bad("attention: a sliding window must be at least 1")),
+        // Windows past i32 mean "no window" for any sequence the kernels accept.
+        Some(w) => w.min(i32::MAX as usize) as i32,
+        None => 0,
+    };
+    if h.checked_mul(d).is_none_or(|x| x > i32::MAX as usize) {
+        return Err(bad(format!("attention: {h} heads of {d} are too many")));
+    }
+    Ok((h, hkv, d, w, 1.0 / (d as f32).sqrt()))
+}
+
+fn need<T: bytemuck::Pod>(buf: &DeviceBuffer<T>, n: usize, what: &str) -> Result<()> {
+    if buf.len() < n {
+        return Err(bad(format!(
+            "attention {what}: buffer holds {} elements, needs {n}",
+            buf.len()
+        )));
+    }
+    Ok(())
+}
+
+fn grid_x(n: usize, what: &str) -> Result<u32> {
+    u32::try_from(n)
+        .ok()
+        .filter(|&x| x <= i32::MAX as u32)
+        .ok_or_else(|| bad(format!("attention: {what} = {n} exceeds the launch grid")))
+}
+
+/// The largest dynamic shared memory a block may opt in to on this GPU.
+fn smem_optin(gpu: &Gpu) -> Result<usize> {
+    let v = gpu
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .map_err(cuda_err("max shared memory per block"))?;
+    Ok(v.max(0) as usize)
+}
+
+/// Kernels that have opted in to more than 48 KB (once per process, like nf4.rs).
+static OPTED_IN: [AtomicBool; 3] = [
+    AtomicBool::new(false),
+    AtomicBool::new(false),
+    AtomicBool::new(false),
+];
+
+fn launch<P: DeviceRepr>(
+    gpu: &Gpu,
+    name: &str,
+    grid: (u32, u32, u32),
+    block: u32,
+    smem: usize,
+    params: &P,
+) -> Result<()> {
+    if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(name)?;
+    if smem > SMEM_DEFAULT {
+        let slot = match name {
+            "attention_bwd_bf16_d64" => 0,
+            "attention_bwd_bf16_d128" => 1,
+            _ => 2,
+        };
+        if !OPTED_IN[slot].load(Ordering::Acquire) {
+            let max = smem_optin(gpu)?;
+            if smem > max {
+                return Err(Error::Cuda(format!(
+                    "{name} needs {smem} bytes of shared memory per block; {} allows {max}",
+                    gpu.name()
+                )));
+            }
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(cuda_err("cuFuncSetAttribute(max dynamic shared memory)"))?;
+            OPTED_IN[slot].store(true, Ordering::Release);
+        }
+    }
+    let cfg = LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let mut b = gpu.stream().launch_builder(f);
+    b.arg(params);
+    // SAFETY: every attention kernel takes exactly one argument, its params struct from
+    // kernels/params.h; the launchers check the buffers behind its pointers and the
+    // shared memory size (the kernels trap if it is too small).
+    unsafe { b.launch(cfg) }.map_err(cuda_err(name))?;
+    Ok(())
+}
+
+/// Forward: `out` (bf16 `[rows, H, d]`) and `lse` (f32 `[rows, H]`, natural log) from q,
+/// k, v. Padding rows of the layout are zero in both.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(
+    gpu: &Gpu,
+    q: &DeviceBuffer<bf16>,
+    k: &DeviceBuffer<bf16>,
+    v: &DeviceBuffer<bf16>,
+    layout: &SeqLayout,
+    shape: AttnShape,
+    out: &mut DeviceBuffer<bf16>,
+    lse: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    let (h, hkv, d, window, scale) = shape_params(&shape)?;
+    let rows = layout.n_rows;
+    need(q, rows * h * d, "q")?;
+    need(k, rows * hkv * d, "k")?;
+    need(v, rows * hkv * d, "v")?;
+    need(out, rows * h * d, "out")?;
+    need(lse, rows * h, "lse")?;
+    if !layout.dense {
+        gpu.memset_zero(out)?;
+        gpu.memset_zero(lse)?;
+    }
+    let p = AttnFwdParams {
+        o: out.ptr(),
+        lse: lse.ptr(),
+        q: q.ptr(),
+        k: k.ptr(),
+        v: v.ptr(),
+        seq_start: layout.starts.ptr(),
+        seq_len: layout.lens.ptr(),
+        n_seqs: layout.n_seqs() as i32,
+        n_heads: h as i32,
+        n_kv_heads: hkv as i32,
+        window,
+        scale,
+        _pad: 0,
+    };
+    let name = if d == 64 {
+        "attention_fwd_bf16_d64"
+    } else {
+        "attention_fwd_bf16_d128"
+    };
+    let grid = (
+        grid_x(h * layout.n_seqs(), "heads x sequences")?,
+        layout.max_len.div_ceil(FWD_BM) as u32,
+        1,
+    );
+    launch(
+        gpu,
+        name,
+        grid,
+        FWD_THREADS,
+        (FWD_BM + 2 * FWD_BN) * d * 2,
+        &p,
+    )
+}
+
+/// Saved forward tensors and the output gradient for [`attention_backward`].
+pub struct AttnGradInputs<'a> {
+    pub q: &'a DeviceBuffer<bf16>,
+    pub k: &'a DeviceBuffer<bf16>,
+    pub v: &'a DeviceBuffer<bf16>,
+    /// The forward's output.
+    pub o: &'a DeviceBuffer<bf16>,
+    /// Gradient of the loss with respect to `o`.
+    pub d_o: &'a DeviceBuffer<bf16>,
+    /// The forward's log-sum-exp.
+    pub lse: &'a DeviceBuffer<f32>,
+}
+
+/// The gradients [`attention_backward`] writes (all overwritten).
+pub struct AttnGrads<'a> {
+    pub dq: &'a mut DeviceBuffer<bf16>,
+    pub dk: &'a mut DeviceBuffer<bf16>,
+    pub dv: &'a mut DeviceBuffer<bf16>,
+}
+
+/// Backward: dQ, dK, dV (bf16) from the saved q, k, v, o, lse and dO. Padding rows are
+/// zero. Uses `rows·H·(d+1)` f32 of pool workspace.
+pub fn attention_backward(
+    gpu: &Gpu,
+    x: AttnGradInputs<'_>,
+    layout: &SeqLayout,
+    shape: AttnShape,
+    grads: AttnGrads<'_>,
+) -> Result<()> {
+    attention_backward_with(gpu, x, layout, shape, grads, BwdVariant::Auto)
+}
+
+/// [`attention_backward`] with a chosen kernel (tests run both on one GPU).
+pub fn attention_backward_with(
+    gpu: &Gpu,
+    x: AttnGradInputs<'_>,
+    layout: &SeqLayout,
+    shape: AttnShape,
+    grads: AttnGrads<'_>,
+    variant: BwdVariant,
+) -> Result<()> {
+    let (h, hkv, d, window, scale) = shape_params(&shape)?;
+    let rows = layout.n_rows;
+    let (nq, nkv) = (rows * h * d, rows * hkv * d);
+    need(x.q, nq, "q")?;
+    need(x.k, nkv, "k")?;
+    need(x.v, nkv, "v")?;
+    need(x.o, nq, "o")?;
+    need(x.d_o, nq, "d_o")?;
+    need(x.lse, rows * h, "lse")?;
+    need(grads.dq, nq, "dq")?;
+    need(grads.dk, nkv, "dk")?;
+    need(grads.dv, nkv, "dv")?;
+    if variant == BwdVariant::Small && d != 128 {
+        return Err(bad(
+            "attention backward: the small kernel is for head_dim 128",
+        ));
+    }
+    let mut kernel = bwd_kernel(d, variant);
+    if variant == BwdVariant::Auto && d == 128 && kernel.smem(d) > smem_optin(gpu)? {
+        kernel = bwd_kernel(d, BwdVariant::Small);
+    }
+
+    let delta = gpu.alloc::<f32>(rows * h)?;
+    let dq_accum = gpu.alloc::<f32>(nq)?;
+    let prep = AttnBwdPrepParams {
+        delta: delta.ptr(),
+        dq_accum: dq_accum.ptr(),
+        o: x.o.ptr(),
+        d_o: x.d_o.ptr(),
+        n_rows: rows as i32,
+        n_heads: h as i32,
+        head_dim: d as i32,
+        _pad: 0,
+    };
+    // One warp per (row, head), 8 per block.
+    let prep_grid = grid_x((rows * h).div_ceil(8), "rows x heads")?;
+    launch(
+        gpu,
+        "attention_bwd_prep_bf16",
+        (prep_grid, 1, 1),
+        256,
+        0,
+        &prep,
+    )?;
+    if !layout.dense {
+        gpu.memset_zero(grads.dk)?;
+        gpu.memset_zero(grads.dv)?;
+    }
+    let p = AttnBwdParams {
+        dq_accum: dq_accum.ptr(),
+        dk: grads.dk.ptr(),
+        dv: grads.dv.ptr(),
+        q: x.q.ptr(),
+        k: x.k.ptr(),
+        v: x.v.ptr(),
+        d_o: x.d_o.ptr(),
+        lse: x.lse.ptr(),
+        delta: delta.ptr(),
+        seq_start: layout.starts.ptr(),
+        seq_len: layout.lens.ptr(),
+        n_seqs: layout.n_seqs() as i32,
+        n_heads: h as i32,
+        n_kv_heads: hkv as i32,
+        window,
+        scale,
+        _pad: 0,
+    };
+    let grid = (
+        grid_x(hkv * layout.n_seqs(), "KV heads x sequences")?,
+        layout.max_len.div_ceil(kernel.keys()) as u32,
+        1,
+    );
+    launch(
+        gpu,
+        kernel.name,
+        grid,
+        32 * kernel.warps as u32,
+        kernel.smem(d),
+        &p,
+    )?;
+    let dq = AttnDqParams {
+        dq: grads.dq.ptr(),
+        dq_accum: dq_accum.ptr(),
+        n: nq as i64,
+        scale,
+        _pad: 0,
+    };
+    let dq_grid = (nq / 4).div_ceil(256).min(gpu.sm_count() as usize * 16) as u32;
+    launch(gpu, "attention_bwd_dq_bf16", (dq_grid, 1, 1), 256, 0, &dq)?;
+    // The workspaces go back to the pool; the stream orders their next use after ours.
+    drop((delta, dq_accum));
+    Ok(())
+}
+
+/// One decode step's sequences (host side, validated): for query i, cache position `pos` of
+/// its sequence is row `slot_starts[i] + pos % capacity` and `lens[i]` positions (the new
+/// token included) are stored; with a window W it sees positions `max(0, len − W) .. len`.
+/// `capacity` is the ring size per slot (`KvCache`: the window, or the longest sequence).
+#[derive(Clone, Debug)]
+pub struct DecodeSpec {
+    slot_starts: Vec<usize>,
+    lens: Vec<usize>,
+    capacity: usize,
+    window: Option<usize>,
+    cache_rows: usize,
+    max_visible: usize,
+}
+
+impl DecodeSpec {
+    pub fn new(
+        slot_starts: &[usize],
+        lens: &[usize],
+        capacity: usize,
+        window: Option<usize>,
+        cache_rows: usize,
+    ) -> Result<DecodeSpec> {
+        if slot_starts.len() != lens.len() || lens.is_empty() {
+            return Err(bad(format!(
+                "attention decode: {} slot starts for {} sequences",
+                slot_starts.len(),
+                lens.len()
+            )));
+        }
+        if lens.len() > GRID_YZ {
+            return Err(bad(format!(
+                "attention decode: {} sequences in one step (at most {GRID_YZ})",
+                lens.len()
+            )));
+        }
+        if capacity == 0 || capacity > i32::MAX as usize || cache_rows > i32::MAX as usize {
+            return Err(bad(format!(
+                "attention decode: capacity {capacity} / cache rows {cache_rows} out of range"
+            )));
+        }
+        if window == Some(0) {
+            return Err(bad("attention decode: a sliding window must be at least 1"));
+        }
+        let mut max_visible = 0;
+        for (i, (&start, &len)) in slot_starts.iter().zip(lens).enumerate() {
+            if len == 0 || len > i32::MAX as usize {
+                return Err(bad(format!(
+                    "attention decode: sequence {i} has {len} cached tokens (needs at least the new one)"
+                )));
+            }
+            let visible = window.map_or(len, |w| len.min(w));
+            if visible > capacity {
+                return Err(bad(format!(
+                    "attention decode: sequence {i} sees {visible} positions but its ring holds {capacity}"
+                )));
+            }
+            if start.saturating_add(len.min(capacity)) > cache_rows {
+                return Err(bad(format!(
+                    "attention decode: sequence {i} (rows from {start}) runs past the {cache_rows} cache rows"
+                )));
+            }
+            max_visible = max_visible.max(visible);
+        }
+        Ok(DecodeSpec {
+            slot_starts: slot_starts.to_vec(),
+            lens: lens.to_vec(),
+            capacity,
+            window,
+            cache_rows,
+            max_visible,
+        })
+    }
+}
+
+/// A [`DecodeSpec`] on the device (one per decode step, shared by the layers).
+pub struct DecodeBatch {
+    slot_start: DeviceBuffer<u32>,
+    seq_len: DeviceBuffer<u32>,
+    capacity: usize,
+    window: Option<usize>,
+    cache_rows: usize,
+    max_visible: usize,
+}
+
+impl DecodeBatch {
+    pub fn new(gpu: &Gpu, spec: &DecodeSpec) -> Result<DecodeBatch> {
+        let to_u32 = |v: &[usize]| -> Vec<u32> { v.iter().map(|&x| x as u32).collect() };
+        Ok(DecodeBatch {
+            slot_start: gpu.upload(&to_u32(&spec.slot_starts))?,
+            seq_len: gpu.upload(&to_u32(&spec.lens))?,
+            capacity: spec.capacity,
+            window: spec.window,
+            cache_rows: spec.cache_rows,
+            max_visible: spec.max_visible,
+        })
+    }
+
+    pub fn n(&self) -> usize {
+        self.seq_len.len()
+    }
+}
+
+/// The KV cache of one layer: k and v `[cache rows, Hkv, d]`.
+pub struct KvCacheView<'a> {
+    pub k: &'a DeviceBuffer<bf16>,
+    pub v: &'a DeviceBuffer<bf16>,
+}
+
+/// Decode attention: `out[i]` (bf16 `[n, H, d]`) for the new query `q[i]` (`[n, H, d]`)
+/// of each sequence of `batch` against the cache. Splits long caches over several blocks.
+pub fn attention_decode(
+    gpu: &Gpu,
+    q: &DeviceBuffer<bf16>,
+    cache: KvCacheView<'_>,
+    batch: &DecodeBatch,
+    shape: AttnShape,
+    out: &mut DeviceBuffer<bf16>,
+) -> Result<()> {
+    attention_decode_with(gpu, q, cache, batch, shape, out, None)
+}
+
+/// [`attention_decode`] with the number of splits of the cache positions chosen by the
+/// caller (`None`: enough blocks to fill the GPU, at least 128 positions each).
+pub fn attention_decode_with(
+    gpu: &Gpu,
+    q: &DeviceBuffer<bf16>,
+    cache: KvCacheView<'_>,
+    batch: &DecodeBatch,
+    shape: AttnShape,
+    out: &mut DeviceBuffer<bf16>,
+    splits: Option<usize>,
+) -> Result<()> {
+    let (h, hkv, d, window, scale) = shape_params(&shape)?;
+    if shape.window != batch.window {
+        return Err(bad(format!(
+            "attention decode: the batch was built for window {:?}, the shape has {:?}",
+            batch.window, shape.window
+        )));
+    }
+    let n = batch.n();
+    need(q, n * h * d, "q")?;
+    need(out, n * h * d, "out")?;
+    need(cache.k, batch.cache_rows * hkv * d, "k cache")?;
+    need(cache.v, batch.cache_rows * hkv * d, "v cache")?;
+    let group = h / hkv;
+    let head_chunks = group.div_ceil(DEC_GROUP);
+    let blocks = n * hkv * head_chunks;
+    let max_vis = batch.max_visible.max(1);
+    let want = match splits {
+        Some(0) => return Err(bad("attention decode: at least one split")),
+        Some(s) => s,
+        None if max_vis <= 256 => 1,
+        None => (2 * gpu.sm_count() as usize)
+            .div_ceil(blocks)
+            .min(max_vis.div_ceil(128)),
+    };
+    // Whole groups of DEC_WARPS·DEC_UNROLL positions per split.
+    let quantum = DEC_WARPS * DEC_UNROLL;
+    let split_size = max_vis.div_ceil(want.max(1)).div_ceil(quantum) * quantum;
+    let n_splits = max_vis.div_ceil(split_size);
+    let (part_o, part_ml) = if n_splits > 1 {
+        (
+            Some(gpu.alloc::<f32>(n * h * n_splits * d)?),
+            Some(gpu.alloc::<f32>(n * h * n_splits * 2)?),
+        )
+    } else {
+        (None, None)
+    };
+    let p = AttnDecodeParams {
+        out: out.ptr(),
+        part_o: part_o.as_ref().map_or(0, |b| b.ptr()),
+        part_ml: part_ml.as_ref().map_or(0, |b| b.ptr()),
+        q: q.ptr(),
+        k_cache: cache.k.ptr(),
+        v_cache: cache.v.ptr(),
+        slot_start: batch.slot_start.ptr(),
+        seq_len: batch.seq_len.ptr(),
+        n: n as i32,
+        n_heads: h as i32,
+        n_kv_heads: hkv as i32,
+        head_dim: d as i32,
+        window,
+        capacity: batch.capacity as i32,
+        n_splits: n_splits as i32,
+        split_size: split_size as i32,
+        head_chunks: head_chunks as i32,
+        scale,
+    };
+    let name = if d == 64 {
+        "attention_decode_bf16_d64"
+    } else {
+        "attention_decode_bf16_d128"
+    };
+    let grid = (
+        grid_x(n_splits, "splits")?,
+        u32::try_from(hkv * head_chunks)
+            .ok()
+            .filter(|&y| y as usize <= GRID_YZ)
+            .ok_or_else(|| bad(format!("attention decode: {hkv} KV heads are too many")))?,
+        n as u32,
+    );
+    launch(gpu, name, grid, 32 * DEC_WARPS as u32, 0, &p)?;
+    if n_splits > 1 {
+        let grid = (grid_x(n * h, "queries x heads")?, 1, 1);
+        launch(gpu, "attention_decode_combine_bf16", grid, 128, 0, &p)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backward_kernels_fit_their_targets() {
+        // A100/H100 opt-in limits are 163/227 KB, RTX 30xx/40xx 99 KB.
+        assert!(bwd_kernel(128, BwdVariant::Large).smem(128) <= 163 * 1024);
+        assert!(bwd_kernel(128, BwdVariant::Small).smem(128) <= 99 * 1024);
+        assert!(bwd_kernel(64, BwdVariant::Auto).smem(64) <= 99 * 1024);
+        assert!((FWD_BM + 2 * FWD_BN) * 128 * 2 <= SMEM_DEFAULT);
+    }
+}

@@ -1,0 +1,896 @@
+//! NF4 weights on the device and the kernels of kernels/nf4.cu (the math is written at
+//! the top of that file):
+//!
+//! - [`Nf4Weight`]: an `Nf4Tensor` uploaded as is (packed codes plus f32 absmax, or the
+//!   double-quant parts, decoded inside the kernels) or with its scales decoded to f32.
+//! - [`dequantize`]: NF4 → f32 (bit-exact against `Nf4Tensor::dequantize`) or → bf16.
+//! - [`gemv`]: `Y = X·Wᵀ` for M ≤ 16 rows, reading each weight byte once (decode).
+//! - [`gemm_fused`]: `Y = X·Wᵀ` ([`Nf4Op::Forward`]) or `dX = dY·W` ([`Nf4Op::Backward`])
+//!   on tensor cores, W unpacked to bf16 in shared memory only.
+//! - [`gemm_dequant_cublas`]: the classic path, dequantize to a bf16 scratch + cuBLAS.
+//! - [`Nf4Dispatcher`]: per shape, runs the fastest of those, measured once on this GPU
+//!   and cached on disk ([`DispatchCache`], JSON, keyed by GPU name).
+//!
+//! Every GEMM multiplies by `bf16(W)` (the bf16 dequantization) with f32 accumulation.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use cudarc::driver::{sys, DeviceRepr, LaunchConfig, PushKernelArg};
+use half::bf16;
+use serde::{Deserialize, Serialize};
+
+use super::blas::{self, Gemm};
+use super::device::cuda_err;
+use super::params::{Nf4DequantParams, Nf4GemmParams, Nf4GemvParams, Nf4WeightParams};
+use super::{DeviceBuffer, Gpu};
+use crate::error::{bad, Error, Result};
+use crate::quant::{check_blocksize, Absmax, Nf4Tensor};
+
+// SAFETY: bindgen's #[repr(C)] translations of kernels/params.h (u64/i64/i32/f32 fields,
+// no padding: bytemuck::Pod is derived, which checks it); each is its kernel's only
+// argument, passed by value.
+unsafe impl DeviceRepr for Nf4DequantParams {}
+unsafe impl DeviceRepr for Nf4GemvParams {}
+unsafe impl DeviceRepr for Nf4GemmParams {}
+
+/// The kernels of kernels/nf4.cu (all listed in `KERNEL_NAMES`).
+pub const KERNELS: &[&str] = &[
+    "nf4_dequantize",
+    "nf4_gemv_nt1",
+    "nf4_gemv_nt2",
+    "nf4_gemv_nt4",
+    "nf4_gemv_naive",
+    "nf4_gemm_fwd",
+    "nf4_gemm_bwd",
+];
+
+const THREADS: u32 = 256;
+/// Dynamic shared memory of the fused GEMM (GEMM_SMEM in kernels/nf4.cu, which
+/// static_asserts the same number and traps when launched with less).
+pub const NF4_GEMM_SMEM_BYTES: u32 = 73728;
+/// Tile of the fused GEMM: rows of X per block, output columns per block, reduction step.
+pub const GEMM_TILE: (usize, usize, usize) = (128, 128, 64);
+/// The GEMV's row limit (one m16 tensor-core tile).
+pub const GEMV_MAX_M: usize = 16;
+
+/// Which product of an NF4 weight W `[n, k]` (nn.Linear layout `[out, in]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Nf4Op {
+    /// `Y[m, n] = X[m, k] · Wᵀ`.
+    Forward,
+    /// `dX[m, k] = dY[m, n] · W` (the input gradient).
+    Backward,
+}
+
+impl Nf4Op {
+    pub fn name(self) -> &'static str {
+        match self {
+            Nf4Op::Forward => "fwd",
+            Nf4Op::Backward => "bwd",
+        }
+    }
+
+    /// (input row length, output row length) for a weight of shape `[n, k]`.
+    pub fn dims(self, w_shape: [usize; 2]) -> (usize, usize) {
+        let [n, k] = w_shape;
+        match self {
+            Nf4Op::Forward => (k, n),
+            Nf4Op::Backward => (n, k),
+        }
+    }
+}
+
+/// The kernels' shape limits for the fused GEMM: the reduction length is a multiple of
+/// 64 (K forward, N backward), backward also needs K % 64 == 0 (whole 32-code loads per
+/// output tile), and dims fit the kernels' i32.
+pub fn check_fused(op: Nf4Op, w_shape: [usize; 2]) -> Result<()> {
+    let [n, k] = w_shape;
+    check_dims(w_shape)?;
+    let (inner, _) = op.dims(w_shape);
+    if !inner.is_multiple_of(GEMM_TILE.2) || (op == Nf4Op::Backward && !k.is_multiple_of(64)) {
+        return Err(bad(format!(
+            "NF4 fused GEMM ({}): weight [{n}, {k}] needs {} a multiple of 64",
+            op.name(),
+            match op {
+                Nf4Op::Forward => "K",
+                Nf4Op::Backward => "N and K",
+            }
+        )));
+    }
+    Ok(())
+}
+
+/// The GEMV's limits: 1 ≤ m ≤ 16 and K % 32 == 0 (each lane loads 32 codes).
+pub fn check_gemv(m: usize, w_shape: [usize; 2]) -> Result<()> {
+    check_dims(w_shape)?;
+    if m == 0 || m > GEMV_MAX_M {
+        return Err(bad(format!(
+            "NF4 GEMV: {m} rows (1..={GEMV_MAX_M} supported; use the GEMM)"
+        )));
+    }
+    if !w_shape[1].is_multiple_of(32) {
+        return Err(bad(format!(
+            "NF4 GEMV: weight {w_shape:?} needs K a multiple of 32"
+        )));
+    }
+    Ok(())
+}
+
+fn check_dims(w_shape: [usize; 2]) -> Result<()> {
+    let [n, k] = w_shape;
+    if n == 0 || k == 0 || n > i32::MAX as usize || k > i32::MAX as usize {
+        return Err(bad(format!(
+            "NF4 weight shape {w_shape:?} is empty or exceeds the kernels' i32"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that the input holds `m` rows and the output room for `m` rows of `op`.
+fn check_io(op: Nf4Op, m: usize, w_shape: [usize; 2], x_len: usize, out_len: usize) -> Result<()> {
+    let (inner, outc) = op.dims(w_shape);
+    if m > i32::MAX as usize {
+        return Err(bad(format!("NF4 matmul: {m} rows exceed the kernels' i32")));
+    }
+    if x_len < m * inner || out_len < m * outc {
+        return Err(bad(format!(
+            "NF4 matmul ({}): weight {w_shape:?}, {m} rows need input {} and output {} \
+             elements (buffers hold {x_len} and {out_len})",
+            op.name(),
+            m * inner,
+            m * outc
+        )));
+    }
+    Ok(())
+}
+
+/// Checks an `Nf4Tensor`'s parts against its shape (the kernels trust them).
+pub fn check_tensor(t: &Nf4Tensor) -> Result<()> {
+    check_dims(t.shape)?;
+    check_blocksize(t.blocksize)?;
+    let numel = t.numel();
+    let nblocks = t.nblocks();
+    if t.packed.len() != numel.div_ceil(2) {
+        return Err(bad(format!(
+            "NF4 weight {:?}: {} packed bytes, expected {}",
+            t.shape,
+            t.packed.len(),
+            numel.div_ceil(2)
+        )));
+    }
+    match &t.absmax {
+        Absmax::Plain(a) if a.len() != nblocks => Err(bad(format!(
+            "NF4 weight {:?}: {} absmax values for {nblocks} blocks",
+            t.shape,
+            a.len()
+        ))),
+        Absmax::Plain(_) => Ok(()),
+        Absmax::Double(d) => {
+            if !d.blocksize2.is_power_of_two() || d.blocksize2 > 1 << 20 {
+                return Err(bad(format!(
+                    "NF4 nested blocksize {} is not a power of two",
+                    d.blocksize2
+                )));
+            }
+            if d.q.len() != nblocks
+                || d.code2.len() != 256
+                || d.absmax2.len() != nblocks.div_ceil(d.blocksize2)
+            {
+                return Err(bad(format!(
+                    "NF4 weight {:?}: double-quant parts have {} codes, {} map entries, \
+                     {} nested absmax (expected {nblocks}, 256, {})",
+                    t.shape,
+                    d.q.len(),
+                    d.code2.len(),
+                    d.absmax2.len(),
+                    nblocks.div_ceil(d.blocksize2)
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
+enum Scales {
+    Plain(DeviceBuffer<f32>),
+    Double {
+        q: DeviceBuffer<u8>,
+        code2: DeviceBuffer<f32>,
+        absmax2: DeviceBuffer<f32>,
+        offset: f32,
+        blocksize2: usize,
+    },
+}
+
+/// An NF4 weight `[n, k]` in device memory (see the module docs).
+pub struct Nf4Weight {
+    shape: [usize; 2],
+    blocksize: usize,
+    packed: DeviceBuffer<u8>,
+    scales: Scales,
+}
+
+impl Nf4Weight {
+    /// Uploads `t` in its own format: double-quantized scales stay 8-bit (≈4.13 bits
+    /// per weight in HBM) and are decoded inside the kernels.
+    pub fn upload(gpu: &Gpu, t: &Nf4Tensor) -> Result<Nf4Weight> {
+        check_tensor(t)?;
+        let scales = match &t.absmax {
+            Absmax::Plain(a) => Scales::Plain(gpu.upload(a)?),
+            Absmax::Double(d) => Scales::Double {
+                q: gpu.upload(&d.q)?,
+                code2: gpu.upload(&d.code2)?,
+                absmax2: gpu.upload(&d.absmax2)?,
+                offset: d.offset,
+                blocksize2: d.blocksize2,
+            },
+        };
+        Ok(Nf4Weight {
+            shape: t.shape,
+            blocksize: t.blocksize,
+            packed: gpu.upload(&t.packed)?,
+            scales,
+        })
+    }
+
+    /// Uploads `t` with every block scale decoded to f32 on the host (`block_scale`,
+    /// the same rounding as the kernels): 4.5 bits per weight, one load per scale.
+    pub fn upload_decoded(gpu: &Gpu, t: &Nf4Tensor) -> Result<Nf4Weight> {
+        check_tensor(t)?;
+        Ok(Nf4Weight {
+            shape: t.shape,
+            blocksize: t.blocksize,
+            packed: gpu.upload(&t.packed)?,
+            scales: Scales::Plain(gpu.upload(&t.scales())?),
+        })
+    }
+
+    /// `[n, k]` = `[out, in]`.
+    pub fn shape(&self) -> [usize; 2] {
+        self.shape
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape[0] * self.shape[1]
+    }
+
+    pub fn is_double_quant(&self) -> bool {
+        matches!(self.scales, Scales::Double { .. })
+    }
+
+    /// Bytes a pass over the weight reads (codes and scales).
+    pub fn device_bytes(&self) -> usize {
+        self.packed.bytes()
+            + match &self.scales {
+                Scales::Plain(a) => a.bytes(),
+                Scales::Double {
+                    q, code2, absmax2, ..
+                } => q.bytes() + code2.bytes() + absmax2.bytes(),
+            }
+    }
+
+    fn params(&self) -> Nf4WeightParams {
+        let (absmax, qabsmax, code2, absmax2, offset, bs2) = match &self.scales {
+            Scales::Plain(a) => (a.ptr(), 0, 0, 0, 0.0, 1),
+            Scales::Double {
+                q,
+                code2,
+                absmax2,
+                offset,
+                blocksize2,
+            } => (0, q.ptr(), code2.ptr(), absmax2.ptr(), *offset, *blocksize2),
+        };
+        Nf4WeightParams {
+            packed: self.packed.ptr(),
+            absmax,
+            qabsmax,
+            code2,
+            absmax2,
+            numel: self.numel() as i64,
+            rows: self.shape[0] as i32,
+            cols: self.shape[1] as i32,
+            log2_blocksize: self.blocksize.trailing_zeros() as i32,
+            log2_blocksize2: bs2.trailing_zeros() as i32,
+            offset,
+            _pad: 0,
+        }
+    }
+}
+
+/// An output buffer of a kernel that writes bf16 or f32.
+pub enum Out<'a> {
+    Bf16(&'a mut DeviceBuffer<bf16>),
+    F32(&'a mut DeviceBuffer<f32>),
+}
+
+impl Out<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Out::Bf16(b) => b.len(),
+            Out::F32(b) => b.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn is_f32(&self) -> bool {
+        matches!(self, Out::F32(_))
+    }
+    fn ptr(&self) -> u64 {
+        match self {
+            Out::Bf16(b) => b.ptr(),
+            Out::F32(b) => b.ptr(),
+        }
+    }
+    /// A shorter-lived copy of the borrow (to run several paths into one buffer).
+    pub fn reborrow(&mut self) -> Out<'_> {
+        match self {
+            Out::Bf16(b) => Out::Bf16(b),
+            Out::F32(b) => Out::F32(b),
+        }
+    }
+}
+
+fn launch<P: DeviceRepr>(
+    gpu: &Gpu,
+    name: &str,
+    grid: (u32, u32),
+    smem: u32,
+    params: &P,
+) -> Result<()> {
+    if grid.0 == 0 || grid.1 == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(name)?;
+    let cfg = LaunchConfig {
+        grid_dim: (grid.0, grid.1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem,
+    };
+    let mut b = gpu.stream().launch_builder(f);
+    b.arg(params);
+    // SAFETY: every NF4 kernel takes exactly one argument, its params struct from
+    // kernels/params.h; the callers check the buffers behind its pointers.
+    unsafe { b.launch(cfg) }.map_err(cuda_err(name))?;
+    Ok(())
+}
+
+/// Dequantizes the whole weight into `out` (≥ numel elements, row-major): f32 values
+/// equal `Nf4Tensor::dequantize` bit for bit, bf16 values are those rounded to nearest.
+pub fn dequantize(gpu: &Gpu, w: &Nf4Weight, out: Out<'_>) -> Result<()> {
+    if out.len() < w.numel() {
+        return Err(bad(format!(
+            "NF4 dequantize: output holds {} elements, weight {:?} has {}",
+            out.len(),
+            w.shape,
+            w.numel()
+        )));
+    }
+    let p = Nf4DequantParams {
+        out: out.ptr(),
+        w: w.params(),
+        out_f32: out.is_f32() as i32,
+        _pad: 0,
+    };
+    let groups = w.numel().div_ceil(16);
+    let grid = groups
+        .div_ceil(THREADS as usize)
+        .min(gpu.sm_count() as usize * 16);
+    launch(gpu, "nf4_dequantize", (grid as u32, 1), 0, &p)
+}
+
+fn gemv_params(
+    x: &DeviceBuffer<bf16>,
+    m: usize,
+    w: &Nf4Weight,
+    out: &Out<'_>,
+) -> Result<Nf4GemvParams> {
+    check_gemv(m, w.shape)?;
+    check_io(Nf4Op::Forward, m, w.shape, x.len(), out.len())?;
+    Ok(Nf4GemvParams {
+        y: out.ptr(),
+        x: x.ptr(),
+        w: w.params(),
+        m: m as i32,
+        out_f32: out.is_f32() as i32,
+    })
+}
+
+/// Output tiles per GEMV block (8 columns each): wide tiles share each X load among
+/// more columns, narrow ones keep enough blocks to fill the GPU.
+fn gemv_tiles(gpu: &Gpu, n: usize) -> usize {
+    let want = 2 * gpu.sm_count() as usize;
+    if n.div_ceil(32) >= want {
+        4
+    } else if n.div_ceil(16) >= want {
+        2
+    } else {
+        1
+    }
+}
+
+/// `Y[m, n] = X[m, k] · bf16(W)ᵀ` for 1 ≤ m ≤ 16 on tensor cores; each weight byte is
+/// read once. Needs K % 32 == 0.
+pub fn gemv(
+    gpu: &Gpu,
+    x: &DeviceBuffer<bf16>,
+    m: usize,
+    w: &Nf4Weight,
+    out: Out<'_>,
+) -> Result<()> {
+    let p = gemv_params(x, m, w, &out)?;
+    let nt = gemv_tiles(gpu, w.shape[0]);
+    let name = match nt {
+        4 => "nf4_gemv_nt4",
+        2 => "nf4_gemv_nt2",
+        _ => "nf4_gemv_nt1",
+    };
+    let grid = w.shape[0].div_ceil(8 * nt);
+    launch(gpu, name, (grid as u32, 1), 0, &p)
+}
+
+/// The same product with one warp per output column and f32 weights (bitsandbytes'
+/// inference-kernel layout): the baseline the benches compare [`gemv`] with.
+pub fn gemv_naive(
+    gpu: &Gpu,
+    x: &DeviceBuffer<bf16>,
+    m: usize,
+    w: &Nf4Weight,
+    out: Out<'_>,
+) -> Result<()> {
+    let p = gemv_params(x, m, w, &out)?;
+    let grid = w.shape[0].div_ceil(THREADS as usize / 32);
+    launch(gpu, "nf4_gemv_naive", (grid as u32, 1), 0, &p)
+}
+
+static SMEM_SET: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
+
+/// Fused dequant-GEMM on tensor cores: `Forward` computes `out[m, n] = a[m, k] ·
+/// bf16(W)ᵀ`, `Backward` computes `out[m, k] = a[m, n] · bf16(W)`. See [`check_fused`].
+pub fn gemm_fused(
+    gpu: &Gpu,
+    op: Nf4Op,
+    a: &DeviceBuffer<bf16>,
+    m: usize,
+    w: &Nf4Weight,
+    out: Out<'_>,
+) -> Result<()> {
+    check_fused(op, w.shape)?;
+    check_io(op, m, w.shape, a.len(), out.len())?;
+    let (_, outc) = op.dims(w.shape);
+    let grid_y = m.div_ceil(GEMM_TILE.0);
+    if grid_y > 65535 {
+        return Err(bad(format!(
+            "NF4 fused GEMM: {m} rows exceed the launch grid"
+        )));
+    }
+    let (name, slot) = match op {
+        Nf4Op::Forward => ("nf4_gemm_fwd", 0),
+        Nf4Op::Backward => ("nf4_gemm_bwd", 1),
+    };
+    if !SMEM_SET[slot].load(Ordering::Acquire) {
+        // Above 48 KiB of dynamic shared memory a kernel must opt in (once per process).
+        gpu.context()
+            .bind_to_thread()
+            .map_err(cuda_err("bind context"))?;
+        gpu.function(name)?
+            .set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                NF4_GEMM_SMEM_BYTES as i32,
+            )
+            .map_err(cuda_err("cuFuncSetAttribute(max dynamic shared memory)"))?;
+        SMEM_SET[slot].store(true, Ordering::Release);
+    }
+    let p = Nf4GemmParams {
+        out: out.ptr(),
+        a: a.ptr(),
+        w: w.params(),
+        m: m as i32,
+        out_f32: out.is_f32() as i32,
+    };
+    let grid_x = outc.div_ceil(GEMM_TILE.1);
+    launch(
+        gpu,
+        name,
+        (grid_x as u32, grid_y as u32),
+        NF4_GEMM_SMEM_BYTES,
+        &p,
+    )
+}
+
+/// The unfused path: dequantize W to a bf16 scratch (from the caching pool), then
+/// cuBLAS bf16 GEMM with f32 accumulation. Same product as [`gemm_fused`], bf16 out.
+pub fn gemm_dequant_cublas(
+    gpu: &Gpu,
+    op: Nf4Op,
+    a: &DeviceBuffer<bf16>,
+    m: usize,
+    w: &Nf4Weight,
+    out: &mut DeviceBuffer<bf16>,
+) -> Result<()> {
+    check_dims(w.shape)?;
+    check_io(op, m, w.shape, a.len(), out.len())?;
+    if m == 0 {
+        return Ok(());
+    }
+    let [n, k] = w.shape;
+    let mut dense = gpu.alloc::<bf16>(n * k)?;
+    dequantize(gpu, w, Out::Bf16(&mut dense))?;
+    let g = match op {
+        Nf4Op::Forward => Gemm::linear(m, n, k),
+        Nf4Op::Backward => Gemm {
+            m,
+            n: k,
+            k: n,
+            trans_a: false,
+            trans_b: false,
+            alpha: 1.0,
+            beta: 0.0,
+        },
+    };
+    blas::gemm_bf16(gpu, g, a, &dense, out)
+}
+
+// ------------------------------------------------------------------ dispatcher
+
+/// One way to compute an NF4 product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Nf4Path {
+    /// [`gemv`] (forward, M ≤ 16).
+    Gemv,
+    /// [`gemm_fused`].
+    Fused,
+    /// [`gemm_dequant_cublas`] (bf16 output).
+    DequantCublas,
+}
+
+impl Nf4Path {
+    pub fn name(self) -> &'static str {
+        match self {
+            Nf4Path::Gemv => "gemv",
+            Nf4Path::Fused => "fused",
+            Nf4Path::DequantCublas => "dequant_cublas",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Nf4Path> {
+        [Nf4Path::Gemv, Nf4Path::Fused, Nf4Path::DequantCublas]
+            .into_iter()
+            .find(|p| p.name() == s)
+    }
+}
+
+/// The paths that can compute `op` for `m` rows of a weight `w_shape`.
+pub fn candidates(op: Nf4Op, m: usize, w_shape: [usize; 2], out_f32: bool) -> Vec<Nf4Path> {
+    let mut v = Vec::new();
+    if op == Nf4Op::Forward && check_gemv(m, w_shape).is_ok() {
+        v.push(Nf4Path::Gemv);
+    }
+    if check_fused(op, w_shape).is_ok() {
+        v.push(Nf4Path::Fused);
+    }
+    if !out_f32 && check_dims(w_shape).is_ok() {
+        v.push(Nf4Path::DequantCublas);
+    }
+    v
+}
+
+/// The cache key of a product: rows up to 16 exactly (the GEMV range), above that the
+/// next power of two, so a training run with varying token counts measures few shapes.
+pub fn dispatch_key(op: Nf4Op, m: usize, w_shape: [usize; 2], out_f32: bool) -> String {
+    let bucket = if m <= GEMV_MAX_M {
+        m
+    } else {
+        m.next_power_of_two()
+    };
+    format!(
+        "{} m<={bucket} n={} k={} {}",
+        op.name(),
+        w_shape[0],
+        w_shape[1],
+        if out_f32 { "f32" } else { "bf16" }
+    )
+}
+
+/// A measured choice: the winner and each candidate's milliseconds per call.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DispatchEntry {
+    pub choice: Nf4Path,
+    pub ms: BTreeMap<String, f64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CacheFile {
+    format: String,
+    version: u32,
+    gpu: String,
+    entries: BTreeMap<String, DispatchEntry>,
+}
+
+const CACHE_FORMAT: &str = "palign-nf4-dispatch";
+const CACHE_VERSION: u32 = 1;
+
+/// Measured choices for one GPU, optionally backed by a JSON file.
+#[derive(Debug)]
+pub struct DispatchCache {
+    path: Option<PathBuf>,
+    gpu: String,
+    entries: BTreeMap<String, DispatchEntry>,
+}
+
+impl DispatchCache {
+    /// A cache that never touches the disk.
+    pub fn in_memory(gpu: &str) -> DispatchCache {
+        DispatchCache {
+            path: None,
+            gpu: gpu.to_string(),
+            entries: BTreeMap::new(),
+        }
+    }
+
+    /// The entries of `path` when it is a cache file for `gpu`; a missing, unreadable,
+    /// foreign or older file gives an empty cache (it is only a cache), which
+    /// [`save`](Self::save) later replaces.
+    pub fn load(path: &Path, gpu: &str) -> DispatchCache {
+        let entries = std::fs::read(path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<CacheFile>(&bytes).ok())
+            .filter(|f| f.format == CACHE_FORMAT && f.version == CACHE_VERSION && f.gpu == gpu)
+            .map(|f| f.entries)
+            .unwrap_or_default();
+        DispatchCache {
+            path: Some(path.to_path_buf()),
+            gpu: gpu.to_string(),
+            entries,
+        }
+    }
+
+    /// `$PALIGN_NF4_DISPATCH_CACHE` (a file; "off" disables), else
+    /// `$XDG_CACHE_HOME/palign/nf4-dispatch-<gpu>.json` or `~/.cache/palign/...`.
+    pub fn default_path(gpu: &str) -> Option<PathBuf> {
+        if let Some(p) = std::env::var_os("PALIGN_NF4_DISPATCH_CACHE") {
+            return (p != "off" && !p.is_empty()).then(|| PathBuf::from(p));
+        }
+        let base = match std::env::var_os("XDG_CACHE_HOME") {
+            Some(x) if !x.is_empty() => PathBuf::from(x),
+            _ => PathBuf::from(std::env::var_os("HOME")?).join(".cache"),
+        };
+        Some(
+            base.join("palign")
+                .join(format!("nf4-dispatch-{}.json", file_stem(gpu))),
+        )
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+    pub fn gpu(&self) -> &str {
+        &self.gpu
+    }
+    pub fn get(&self, key: &str) -> Option<&DispatchEntry> {
+        self.entries.get(key)
+    }
+    pub fn insert(&mut self, key: String, entry: DispatchEntry) {
+        self.entries.insert(key, entry);
+    }
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Writes the file atomically (a temporary beside it, then rename), so a reader never
+    /// sees half a file; concurrent writers each leave a whole one. No-op without a path.
+    pub fn save(&self) -> Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let io = |what: &str, e: std::io::Error| Error::Io {
+            context: format!("{what} {}", path.display()),
+            source: e,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| io("creating the folder of", e))?;
+        }
+        let file = CacheFile {
+            format: CACHE_FORMAT.into(),
+            version: CACHE_VERSION,
+            gpu: self.gpu.clone(),
+            entries: self.entries.clone(),
+        };
+        let text = serde_json::to_string_pretty(&file)
+            .map_err(|e| Error::Cuda(format!("encoding the NF4 dispatch cache: {e}")))?;
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".tmp{}", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        std::fs::write(&tmp, text + "\n").map_err(|e| io("writing", e))?;
+        std::fs::rename(&tmp, path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io("replacing", e)
+        })
+    }
+}
+
+/// A GPU name as a file-name part: lowercase ASCII letters and digits, '-' between.
+pub fn file_stem(gpu: &str) -> String {
+    let mut s = String::new();
+    for c in gpu.chars() {
+        if c.is_ascii_alphanumeric() {
+            s.push(c.to_ascii_lowercase());
+        } else if !s.ends_with('-') {
+            s.push('-');
+        }
+    }
+    let s = s.trim_matches('-');
+    if s.is_empty() {
+        "unknown".into()
+    } else {
+        s.into()
+    }
+}
+
+/// Runs each NF4 product on the path measured fastest for its shape on this GPU.
+pub struct Nf4Dispatcher {
+    cache: Mutex<DispatchCache>,
+    force: Option<Nf4Path>,
+}
+
+impl Nf4Dispatcher {
+    /// With the on-disk cache of this GPU ([`DispatchCache::default_path`]);
+    /// `PALIGN_NF4_PATH=gemv|fused|dequant_cublas` forces a path where it applies.
+    pub fn new(gpu: &Gpu) -> Result<Nf4Dispatcher> {
+        let cache = match DispatchCache::default_path(gpu.name()) {
+            Some(p) => DispatchCache::load(&p, gpu.name()),
+            None => DispatchCache::in_memory(gpu.name()),
+        };
+        let force = match std::env::var("PALIGN_NF4_PATH") {
+            Ok(v) if !v.is_empty() && v != "auto" => Some(Nf4Path::parse(&v).ok_or_else(|| {
+                bad(format!(
+                    "PALIGN_NF4_PATH={v:?}: expected auto, gemv, fused or dequant_cublas"
+                ))
+            })?),
+            _ => None,
+        };
+        Ok(Nf4Dispatcher::with_cache(cache, force))
+    }
+
+    pub fn with_cache(cache: DispatchCache, force: Option<Nf4Path>) -> Nf4Dispatcher {
+        Nf4Dispatcher {
+            cache: Mutex::new(cache),
+            force,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, DispatchCache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The cached choice for a key, if measured.
+    pub fn cached(&self, key: &str) -> Option<DispatchEntry> {
+        self.lock().get(key).cloned()
+    }
+
+    /// Runs one path (no choice involved).
+    pub fn run_path(
+        gpu: &Gpu,
+        path: Nf4Path,
+        op: Nf4Op,
+        a: &DeviceBuffer<bf16>,
+        m: usize,
+        w: &Nf4Weight,
+        out: Out<'_>,
+    ) -> Result<()> {
+        match (path, out) {
+            (Nf4Path::Gemv, out) if op == Nf4Op::Forward => gemv(gpu, a, m, w, out),
+            (Nf4Path::Fused, out) => gemm_fused(gpu, op, a, m, w, out),
+            (Nf4Path::DequantCublas, Out::Bf16(o)) => gemm_dequant_cublas(gpu, op, a, m, w, o),
+            (p, out) => Err(bad(format!(
+                "NF4 path {} cannot compute {} with {} output",
+                p.name(),
+                op.name(),
+                if out.is_f32() { "f32" } else { "bf16" }
+            ))),
+        }
+    }
+
+    /// `op` for `m` rows of `a` into `out`, on the fastest path; returns the path used.
+    /// The first call for a shape times every candidate (a few runs each, all writing
+    /// the same product into `out`), remembers the winner and saves the cache file.
+    pub fn matmul(
+        &self,
+        gpu: &Gpu,
+        op: Nf4Op,
+        a: &DeviceBuffer<bf16>,
+        m: usize,
+        w: &Nf4Weight,
+        mut out: Out<'_>,
+    ) -> Result<Nf4Path> {
+        check_io(op, m, w.shape, a.len(), out.len())?;
+        if m == 0 {
+            return Ok(Nf4Path::Fused);
+        }
+        let cands = candidates(op, m, w.shape, out.is_f32());
+        let Some(&first) = cands.first() else {
+            return Err(bad(format!(
+                "NF4 {}: no kernel supports weight {:?} with {} output",
+                op.name(),
+                w.shape,
+                if out.is_f32() { "f32" } else { "bf16" }
+            )));
+        };
+        let path = if let Some(f) = self.force.filter(|f| cands.contains(f)) {
+            f
+        } else if cands.len() == 1 {
+            first
+        } else {
+            let key = dispatch_key(op, m, w.shape, out.is_f32());
+            match self.cached(&key) {
+                Some(e) if cands.contains(&e.choice) => e.choice,
+                _ => match measure(gpu, &cands, op, a, m, w, &mut out)? {
+                    Some(entry) => {
+                        let choice = entry.choice;
+                        let mut cache = self.lock();
+                        cache.insert(key, entry);
+                        // Best effort: a read-only cache folder costs a re-measure later.
+                        let _ = cache.save();
+                        choice
+                    }
+                    // No event timing on this driver: the fused kernels, uncached.
+                    None => first,
+                },
+            }
+        };
+        Self::run_path(gpu, path, op, a, m, w, out)?;
+        Ok(path)
+    }
+}
+
+/// Milliseconds per call of each candidate (one warm-up, then 3 timed calls); None
+/// when the driver cannot time events.
+fn measure(
+    gpu: &Gpu,
+    cands: &[Nf4Path],
+    op: Nf4Op,
+    a: &DeviceBuffer<bf16>,
+    m: usize,
+    w: &Nf4Weight,
+    out: &mut Out<'_>,
+) -> Result<Option<DispatchEntry>> {
+    const REPS: usize = 3;
+    let mut ms = BTreeMap::new();
+    let mut best: Option<(Nf4Path, f64)> = None;
+    for &c in cands {
+        Nf4Dispatcher::run_path(gpu, c, op, a, m, w, out.reborrow())?;
+        let timer = gpu.timer()?;
+        for _ in 0..REPS {
+            Nf4Dispatcher::run_path(gpu, c, op, a, m, w, out.reborrow())?;
+        }
+        let t = match timer.elapsed_ms(gpu) {
+            Ok(t) => t as f64 / REPS as f64,
+            Err(_) => return Ok(None),
+        };
+        ms.insert(c.name().to_string(), t);
+        if best.is_none_or(|(_, b)| t < b) {
+            best = Some((c, t));
+        }
+    }
+    Ok(best.map(|(choice, _)| DispatchEntry { choice, ms }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_stems_are_plain() {
+        assert_eq!(file_stem("NVIDIA H100 80GB HBM3"), "nvidia-h100-80gb-hbm3");
+        assert_eq!(file_stem("  A100-SXM4-40GB  "), "a100-sxm4-40gb");
+        assert_eq!(file_stem("../../etc"), "etc");
+        assert_eq!(file_stem("///"), "unknown");
+    }
+}

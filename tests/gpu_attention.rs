@@ -1,0 +1,610 @@
+//! GPU-vs-CPU parity for flash attention (kernels/attention.cu against
+//! backend::cpu::ops::attention_{forward,backward,decode}).
+//!
+//! The GPU tests are `#[ignore = "needs a CUDA device"]` (tools/gpu-check.sh runs them with
+//! `--include-ignored`). Each compared output prints one line
+//! `PARITY <case>: max_abs_err=.. worst=.. rel_rms=..`; worst is the largest
+//! |got − want| / (atol + rtol·|want|) and a case passes when worst <= 1 and the relative
+//! RMS error is below 1e-2.
+//!
+//! Inputs are rounded to bf16 first and the CPU reference gets the same values, so the
+//! tolerances cover only the kernels' own roundings: P (and dS) as bf16 mma operands
+//! and the bf16 outputs, each a relative 2^-9. For the backward the CPU output O is
+//! rounded to bf16 and both sides get it and the CPU lse, isolating the backward kernel.
+//! Tolerances: O atol 2e-2 + rtol 2e-2; lse atol 1e-3; dQ/dK/dV atol 1e-2·max|ref| +
+//! rtol 2e-2 (gradients grow with the number of queries a key serves).
+//!
+//! The tests that always run check what can be checked without a device: the fatbin holds
+//! the kernels, and the shape/layout/decode validation rejects bad input with BadInput.
+
+use half::bf16;
+use palign::backend::cpu::ops::{self as cpu, AttnShape, Packing};
+use palign::backend::cuda::attention::{
+    self as attn, AttnGradInputs, AttnGrads, BwdVariant, DecodeBatch, DecodeSpec, KvCacheView,
+    SeqLayout, SeqSpec,
+};
+use palign::backend::cuda::{self, DeviceBuffer, Gpu};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::sync::Arc;
+
+const KERNELS: &[&str] = &[
+    "attention_fwd_bf16_d64",
+    "attention_fwd_bf16_d128",
+    "attention_bwd_prep_bf16",
+    "attention_bwd_bf16_d64",
+    "attention_bwd_bf16_d128",
+    "attention_bwd_small_bf16_d128",
+    "attention_bwd_dq_bf16",
+    "attention_decode_bf16_d64",
+    "attention_decode_bf16_d128",
+    "attention_decode_combine_bf16",
+];
+
+// ---------------------------------------------------------------- always run
+
+#[test]
+fn fatbin_holds_the_attention_kernels() {
+    for name in KERNELS {
+        assert!(
+            cuda::KERNEL_NAMES.contains(name),
+            "{name} missing from KERNEL_NAMES"
+        );
+        if cuda::kernels_compiled() {
+            let found = cuda::FATBIN
+                .windows(name.len())
+                .any(|w| w == name.as_bytes());
+            assert!(
+                found,
+                "{name} not in the embedded fatbin ({})",
+                cuda::TARGETS
+            );
+        }
+    }
+    if !cuda::kernels_compiled() {
+        eprintln!("kernels not compiled: {}", cuda::BUILD_NOTE);
+    }
+}
+
+fn shape(h: usize, hkv: usize, d: usize, window: Option<usize>) -> AttnShape {
+    AttnShape {
+        n_heads: h,
+        n_kv_heads: hkv,
+        head_dim: d,
+        window,
+    }
+}
+
+fn assert_bad<T: std::fmt::Debug>(r: palign::Result<T>, needle: &str) {
+    match r {
+        Err(palign::Error::BadInput(msg)) => {
+            assert!(msg.contains(needle), "message {msg:?} lacks {needle:?}")
+        }
+        other => panic!("expected BadInput containing {needle:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn shape_validation_rejects_what_the_kernels_cannot_do() {
+    assert!(attn::check_shape(&shape(32, 8, 128, None)).is_ok());
+    assert!(attn::check_shape(&shape(8, 1, 64, Some(4096))).is_ok());
+    assert_bad(attn::check_shape(&shape(8, 2, 96, None)), "head_dim 96");
+    assert_bad(attn::check_shape(&shape(8, 3, 64, None)), "not a multiple");
+    assert_bad(attn::check_shape(&shape(8, 0, 64, None)), "not a multiple");
+    assert_bad(attn::check_shape(&shape(8, 2, 64, Some(0))), "at least 1");
+}
+
+#[test]
+fn layout_validation() {
+    let p = SeqSpec::packed(&[0, 1, 38, 168, 425]).unwrap();
+    assert_eq!((p.n_seqs(), p.n_rows(), p.max_len()), (4, 425, 257));
+    let q = SeqSpec::padded(160, &[160, 37, 1]).unwrap();
+    assert_eq!((q.n_seqs(), q.n_rows(), q.max_len()), (3, 480, 160));
+    assert_bad(SeqSpec::packed(&[3, 5]), "start with 0");
+    assert_bad(SeqSpec::packed(&[0, 5, 4]), "decrease");
+    assert_bad(SeqSpec::packed(&[0]), "at least one sequence");
+    assert_bad(SeqSpec::padded(16, &[3, 17]), "more than the padded length");
+    assert_bad(SeqSpec::packed(&[0, 1 << 31]), "i32 row index");
+}
+
+#[test]
+fn decode_validation() {
+    // Two slots of a ring of 16 (window 16): 40 tokens stored, 16 visible.
+    assert!(DecodeSpec::new(&[0, 16], &[40, 3], 16, Some(16), 32).is_ok());
+    assert_bad(
+        DecodeSpec::new(&[0], &[0], 16, None, 16),
+        "at least the new one",
+    );
+    assert_bad(
+        DecodeSpec::new(&[0, 16], &[40], 16, None, 32),
+        "slot starts",
+    );
+    // Without a window, 40 positions do not fit a ring of 16.
+    assert_bad(DecodeSpec::new(&[0], &[40], 16, None, 16), "ring holds 16");
+    assert_bad(DecodeSpec::new(&[20], &[5], 16, None, 24), "runs past");
+    assert_bad(DecodeSpec::new(&[0], &[5], 0, None, 24), "out of range");
+    assert_bad(DecodeSpec::new(&[0], &[5], 8, Some(0), 24), "at least 1");
+}
+
+// ---------------------------------------------------------------- helpers
+
+fn gpu() -> Arc<Gpu> {
+    match Gpu::get() {
+        Ok(g) => g,
+        Err(e) => panic!("this test needs a CUDA device: {e}"),
+    }
+}
+
+/// n values uniform in [-scale, scale], rounded to bf16 (device and host copies).
+fn rand_bf16(r: &mut ChaCha8Rng, n: usize, scale: f32) -> (Vec<bf16>, Vec<f32>) {
+    let b: Vec<bf16> = (0..n)
+        .map(|_| bf16::from_f32(r.random_range(-scale..scale)))
+        .collect();
+    let f = b.iter().map(|x| x.to_f32()).collect();
+    (b, f)
+}
+
+fn to_f32(v: &[bf16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+fn round_bf16(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+/// Assert |got − want| <= atol + rtol·|want| and a relative RMS error < 1e-2 over the
+/// elements where `mask` is true; print the PARITY line.
+fn check(case: &str, got: &[f32], want: &[f32], mask: &[bool], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{case}: lengths");
+    let (mut max_abs, mut worst, mut worst_i, mut se, mut sr, mut n) =
+        (0.0f32, 0.0f32, 0usize, 0.0f64, 0.0f64, 0usize);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if !mask[i] {
+            continue;
+        }
+        n += 1;
+        let err = if g == w { 0.0 } else { (g - w).abs() };
+        let ratio = if err.is_nan() {
+            f32::INFINITY
+        } else {
+            err / (atol + rtol * w.abs())
+        };
+        max_abs = max_abs.max(err);
+        se += (err as f64).powi(2);
+        sr += (w as f64).powi(2);
+        if ratio > worst || ratio.is_infinite() {
+            worst = ratio;
+            worst_i = i;
+        }
+    }
+    let rel_rms = (se / sr.max(1e-30)).sqrt();
+    println!(
+        "PARITY {case}: max_abs_err={max_abs:.3e} worst={worst:.3} rel_rms={rel_rms:.2e} (atol={atol:.2e} rtol={rtol:e} n={n})"
+    );
+    assert!(
+        worst <= 1.0,
+        "{case}: element {worst_i}: got {} want {} (atol {atol}, rtol {rtol})",
+        got[worst_i],
+        want[worst_i]
+    );
+    assert!(rel_rms < 1e-2, "{case}: relative RMS error {rel_rms:.3e}");
+}
+
+fn max_abs(v: &[f32]) -> f32 {
+    v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
+}
+
+/// One parity case: sequences `lens`, packed (or right-padded to `padded` rows each).
+struct Case {
+    name: String,
+    lens: Vec<usize>,
+    shape: AttnShape,
+    padded: Option<usize>,
+    variant: BwdVariant,
+    seed: u64,
+}
+
+impl Case {
+    fn new(lens: &[usize], h: usize, hkv: usize, d: usize, window: Option<usize>) -> Case {
+        let w = window.map_or("causal".to_string(), |w| format!("W={w}"));
+        Case {
+            name: format!("d{d} H{h}/{hkv} {w} lens {lens:?}"),
+            lens: lens.to_vec(),
+            shape: shape(h, hkv, d, window),
+            padded: None,
+            variant: BwdVariant::Auto,
+            seed: 7 + lens.len() as u64 * 31 + d as u64 + h as u64 * 3 + window.unwrap_or(0) as u64,
+        }
+    }
+}
+
+/// Packed row of each (sequence, position) in the layout's row numbering.
+fn row_map(c: &Case) -> Vec<usize> {
+    let mut rows = Vec::new();
+    for (b, &l) in c.lens.iter().enumerate() {
+        let start = match c.padded {
+            Some(t) => b * t,
+            None => c.lens[..b].iter().sum(),
+        };
+        rows.extend(start..start + l);
+    }
+    rows
+}
+
+/// Scatter packed rows (`width` values each) into the layout's rows (zeros elsewhere).
+fn scatter<T: Copy + Default>(packed: &[T], width: usize, rows: &[usize], n_rows: usize) -> Vec<T> {
+    let mut out = vec![T::default(); n_rows * width];
+    for (i, &r) in rows.iter().enumerate() {
+        out[r * width..(r + 1) * width].copy_from_slice(&packed[i * width..(i + 1) * width]);
+    }
+    out
+}
+
+fn run_case(g: &Gpu, c: &Case) {
+    let AttnShape {
+        n_heads: h,
+        n_kv_heads: hkv,
+        head_dim: d,
+        ..
+    } = c.shape;
+    let pack = Packing::from_lengths(&c.lens);
+    let tokens = pack.n_tokens();
+    let mut r = ChaCha8Rng::seed_from_u64(c.seed);
+    // Q with a larger range than K so that some rows have peaked softmaxes.
+    let (qb, qf) = rand_bf16(&mut r, tokens * h * d, 2.0);
+    let (kb, kf) = rand_bf16(&mut r, tokens * hkv * d, 1.0);
+    let (vb, vf) = rand_bf16(&mut r, tokens * hkv * d, 1.0);
+    let (dob, dof) = rand_bf16(&mut r, tokens * h * d, 1.0);
+
+    // CPU reference, packed.
+    let mut o = vec![0.0f32; tokens * h * d];
+    let mut lse = vec![0.0f32; tokens * h];
+    cpu::attention_forward(&qf, &kf, &vf, &pack, c.shape, &mut o, &mut lse);
+    let ob = round_bf16(&o);
+    let of = to_f32(&ob);
+    let (mut dq, mut dk, mut dv) = (
+        vec![0.0f32; tokens * h * d],
+        vec![0.0f32; tokens * hkv * d],
+        vec![0.0f32; tokens * hkv * d],
+    );
+    cpu::attention_backward(
+        &qf, &kf, &vf, &of, &dof, &lse, &pack, c.shape, &mut dq, &mut dk, &mut dv,
+    );
+
+    // The GPU side in the layout's rows.
+    let (spec, rows) = match c.padded {
+        Some(t) => (SeqSpec::padded(t, &c.lens).unwrap(), row_map(c)),
+        None => (SeqSpec::packed(&pack.offsets).unwrap(), row_map(c)),
+    };
+    let n_rows = spec.n_rows();
+    let layout = SeqLayout::new(g, &spec).unwrap();
+    let up = |v: &[bf16], w: usize| g.upload(&scatter(v, w, &rows, n_rows)).unwrap();
+    let (q, k, v) = (up(&qb, h * d), up(&kb, hkv * d), up(&vb, hkv * d));
+    // Outputs start as garbage so that unwritten rows show.
+    let junk = |n: usize| g.upload(&vec![bf16::from_f32(777.0); n]).unwrap();
+    let mut out = junk(n_rows * h * d);
+    let mut lse_gpu = g.upload(&vec![777.0f32; n_rows * h]).unwrap();
+    attn::attention_forward(g, &q, &k, &v, &layout, c.shape, &mut out, &mut lse_gpu).unwrap();
+
+    let valid = |w: usize| -> Vec<bool> {
+        let mut m = vec![false; n_rows * w];
+        for &r in &rows {
+            m[r * w..(r + 1) * w].fill(true);
+        }
+        m
+    };
+    let (mq, mkv, ml) = (valid(h * d), valid(hkv * d), valid(h));
+    let want = |v: &[f32], w: usize| scatter(v, w, &rows, n_rows);
+    let got_o = to_f32(&g.download(&out).unwrap());
+    let got_lse = g.download(&lse_gpu).unwrap();
+    check(
+        &format!("{} fwd O", c.name),
+        &got_o,
+        &want(&o, h * d),
+        &mq,
+        2e-2,
+        2e-2,
+    );
+    check(
+        &format!("{} fwd lse", c.name),
+        &got_lse,
+        &want(&lse, h),
+        &ml,
+        1e-3,
+        0.0,
+    );
+    assert_padding_zero(&c.name, "O", &got_o, &mq);
+    assert_padding_zero(&c.name, "lse", &got_lse, &ml);
+
+    // Backward from the CPU's O (bf16) and lse.
+    let o_dev = up(&ob, h * d);
+    let do_dev = up(&dob, h * d);
+    let lse_dev = g.upload(&want(&lse, h)).unwrap();
+    let (mut gq, mut gk, mut gv) = (
+        junk(n_rows * h * d),
+        junk(n_rows * hkv * d),
+        junk(n_rows * hkv * d),
+    );
+    attn::attention_backward_with(
+        g,
+        AttnGradInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            o: &o_dev,
+            d_o: &do_dev,
+            lse: &lse_dev,
+        },
+        &layout,
+        c.shape,
+        AttnGrads {
+            dq: &mut gq,
+            dk: &mut gk,
+            dv: &mut gv,
+        },
+        c.variant,
+    )
+    .unwrap();
+    for (what, got, want_v, mask, w) in [
+        ("dQ", &gq, &dq, &mq, h * d),
+        ("dK", &gk, &dk, &mkv, hkv * d),
+        ("dV", &gv, &dv, &mkv, hkv * d),
+    ] {
+        let got = to_f32(&g.download(got).unwrap());
+        let atol = 1e-2 * max_abs(want_v).max(1e-3);
+        check(
+            &format!("{} bwd {what}", c.name),
+            &got,
+            &want(want_v, w),
+            mask,
+            atol,
+            2e-2,
+        );
+        assert_padding_zero(&c.name, what, &got, mask);
+    }
+}
+
+fn assert_padding_zero(case: &str, what: &str, got: &[f32], mask: &[bool]) {
+    if let Some(i) = (0..got.len()).find(|&i| !mask[i] && got[i] != 0.0) {
+        panic!("{case}: {what} padding element {i} is {} (want 0)", got[i]);
+    }
+}
+
+// ---------------------------------------------------------------- kernels
+
+/// Lengths that are not multiples of any tile (64 queries, 64/128 keys), one of length 1.
+const ODD: &[usize] = &[1, 37, 130, 257];
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn forward_backward_d128_gqa4_causal() {
+    run_case(&gpu(), &Case::new(ODD, 8, 2, 128, None));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn forward_backward_d128_gqa8_window16() {
+    run_case(&gpu(), &Case::new(ODD, 8, 1, 128, Some(16)));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn forward_backward_d64_gqa4_window100() {
+    run_case(&gpu(), &Case::new(ODD, 8, 2, 64, Some(100)));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn forward_backward_d64_gqa8_causal() {
+    run_case(&gpu(), &Case::new(&[300, 5], 16, 2, 64, None));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn forward_backward_long_window_skips_tiles() {
+    // 1100 tokens, window 256: most KV tiles are outside every query tile's window.
+    run_case(&gpu(), &Case::new(&[1100, 70], 4, 1, 128, Some(256)));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn forward_backward_right_padded_batch() {
+    let mut c = Case::new(&[160, 37, 1], 4, 1, 128, Some(100));
+    c.padded = Some(160);
+    c.name = format!("{} padded to 160", c.name);
+    run_case(&gpu(), &c);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn backward_small_smem_kernel() {
+    for window in [None, Some(16)] {
+        let mut c = Case::new(ODD, 8, 2, 128, window);
+        c.variant = BwdVariant::Small;
+        c.name = format!("{} small-bwd", c.name);
+        run_case(&gpu(), &c);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn decode_matches_the_last_row_of_the_forward() {
+    let g = gpu();
+    for (d, h, hkv, window) in [
+        (128, 8, 2, None),
+        (128, 8, 1, Some(100)),
+        (64, 16, 2, Some(16)),
+        (128, 32, 2, None), // group 16: two head chunks per KV head
+    ] {
+        let sh = shape(h, hkv, d, window);
+        let lens = [1usize, 37, 130, 257, 1100];
+        let pack = Packing::from_lengths(&lens);
+        let tokens = pack.n_tokens();
+        let mut r = ChaCha8Rng::seed_from_u64(99 + d as u64 + h as u64);
+        let (qb, qf) = rand_bf16(&mut r, tokens * h * d, 2.0);
+        let (kb, kf) = rand_bf16(&mut r, tokens * hkv * d, 1.0);
+        let (vb, vf) = rand_bf16(&mut r, tokens * hkv * d, 1.0);
+        let mut o = vec![0.0f32; tokens * h * d];
+        let mut lse = vec![0.0f32; tokens * h];
+        cpu::attention_forward(&qf, &kf, &vf, &pack, sh, &mut o, &mut lse);
+
+        // A ring per sequence as KvCache keeps it: capacity W (or the longest sequence),
+        // position p in row slot·cap + p % cap.
+        let cap = window.unwrap_or(*lens.iter().max().unwrap());
+        let kw = hkv * d;
+        let (mut kc, mut vc) = (
+            vec![bf16::ZERO; lens.len() * cap * kw],
+            vec![bf16::ZERO; lens.len() * cap * kw],
+        );
+        let (mut qd, mut want) = (Vec::new(), Vec::new());
+        for (s, &l) in lens.iter().enumerate() {
+            let r0 = pack.offsets[s];
+            for p in 0..l {
+                let row = s * cap + p % cap;
+                kc[row * kw..(row + 1) * kw].copy_from_slice(&kb[(r0 + p) * kw..(r0 + p + 1) * kw]);
+                vc[row * kw..(row + 1) * kw].copy_from_slice(&vb[(r0 + p) * kw..(r0 + p + 1) * kw]);
+            }
+            let last = r0 + l - 1;
+            qd.extend_from_slice(&qb[last * h * d..(last + 1) * h * d]);
+            want.extend_from_slice(&o[last * h * d..(last + 1) * h * d]);
+        }
+        let starts: Vec<usize> = (0..lens.len()).map(|s| s * cap).collect();
+        let spec = DecodeSpec::new(&starts, &lens, cap, window, lens.len() * cap).unwrap();
+        let batch = DecodeBatch::new(&g, &spec).unwrap();
+        let (q, k, v) = (
+            g.upload(&qd).unwrap(),
+            g.upload(&kc).unwrap(),
+            g.upload(&vc).unwrap(),
+        );
+        // The CPU decode on the same rings agrees with the forward's last rows too.
+        let visible: Vec<usize> = lens.iter().map(|&l| l.min(cap)).collect();
+        let mut cpu_dec = vec![0.0f32; lens.len() * h * d];
+        cpu::attention_decode(
+            &to_f32(&qd),
+            &to_f32(&kc),
+            &to_f32(&vc),
+            &starts,
+            &visible,
+            sh,
+            &mut cpu_dec,
+        );
+        let mask = vec![true; want.len()];
+        check(
+            &format!("decode cpu-vs-forward d{d} H{h}/{hkv} W={window:?}"),
+            &cpu_dec,
+            &want,
+            &mask,
+            1e-4,
+            1e-4,
+        );
+        for splits in [None, Some(1), Some(5)] {
+            let mut out: DeviceBuffer<bf16> = g.alloc(lens.len() * h * d).unwrap();
+            attn::attention_decode_with(
+                &g,
+                &q,
+                KvCacheView { k: &k, v: &v },
+                &batch,
+                sh,
+                &mut out,
+                splits,
+            )
+            .unwrap();
+            check(
+                &format!("decode d{d} H{h}/{hkv} W={window:?} splits={splits:?}"),
+                &to_f32(&g.download(&out).unwrap()),
+                &want,
+                &mask,
+                2e-2,
+                2e-2,
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn launchers_reject_short_buffers_and_mismatches() {
+    let g = gpu();
+    let sh = shape(4, 1, 64, None);
+    let layout = SeqLayout::packed(&g, &[0, 10, 30]).unwrap();
+    let q = g.zeros::<bf16>(30 * 4 * 64).unwrap();
+    let kv = g.zeros::<bf16>(30 * 64).unwrap();
+    let short = g.zeros::<bf16>(29 * 64).unwrap();
+    let mut out = g.zeros::<bf16>(30 * 4 * 64).unwrap();
+    let mut lse = g.zeros::<f32>(30 * 4).unwrap();
+    assert_bad(
+        attn::attention_forward(&g, &q, &short, &kv, &layout, sh, &mut out, &mut lse),
+        "attention k",
+    );
+    assert_bad(
+        attn::attention_forward(
+            &g,
+            &q,
+            &kv,
+            &kv,
+            &layout,
+            shape(4, 1, 80, None),
+            &mut out,
+            &mut lse,
+        ),
+        "head_dim 80",
+    );
+    let mut short_lse = g.zeros::<f32>(30 * 4 - 1).unwrap();
+    assert_bad(
+        attn::attention_forward(&g, &q, &kv, &kv, &layout, sh, &mut out, &mut short_lse),
+        "attention lse",
+    );
+    let (mut dq, mut dk, mut dv) = (
+        g.zeros::<bf16>(30 * 4 * 64).unwrap(),
+        g.zeros::<bf16>(30 * 64).unwrap(),
+        g.zeros::<bf16>(30 * 64).unwrap(),
+    );
+    let r = attn::attention_backward_with(
+        &g,
+        AttnGradInputs {
+            q: &q,
+            k: &kv,
+            v: &kv,
+            o: &out,
+            d_o: &out,
+            lse: &lse,
+        },
+        &layout,
+        sh,
+        AttnGrads {
+            dq: &mut dq,
+            dk: &mut dk,
+            dv: &mut dv,
+        },
+        BwdVariant::Small,
+    );
+    assert_bad(r, "head_dim 128");
+    let spec = DecodeSpec::new(&[0, 16], &[3, 5], 16, Some(16), 32).unwrap();
+    let batch = DecodeBatch::new(&g, &spec).unwrap();
+    let cache = g.zeros::<bf16>(32 * 64).unwrap();
+    let qd = g.zeros::<bf16>(2 * 4 * 64).unwrap();
+    let mut od = g.zeros::<bf16>(2 * 4 * 64).unwrap();
+    let view = || KvCacheView {
+        k: &cache,
+        v: &cache,
+    };
+    assert_bad(
+        attn::attention_decode(&g, &qd, view(), &batch, sh, &mut od),
+        "window",
+    );
+    assert!(
+        attn::attention_decode(&g, &qd, view(), &batch, shape(4, 1, 64, Some(16)), &mut od).is_ok()
+    );
+    assert_bad(
+        attn::attention_decode_with(
+            &g,
+            &qd,
+            view(),
+            &batch,
+            shape(4, 1, 64, Some(16)),
+            &mut od,
+            Some(0),
+        ),
+        "split",
+    );
+}

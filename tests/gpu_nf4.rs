@@ -1,0 +1,632 @@
+//! NF4 kernels (kernels/nf4.cu) against the CPU reference (src/quant).
+//!
+//! GPU tests are `#[ignore = "needs a CUDA device"]` (tools/gpu-check.sh runs them with
+//! `--ignored`). Each prints `PARITY <case>: ...` lines:
+//! - dequantization: f32 bit-exact against `Nf4Tensor::dequantize`, bf16 equal to
+//!   round-to-nearest-even of it (`mismatches` must be 0);
+//! - products: against an f64 reference on the f32-dequantized weight and the bf16 X,
+//!   with `|got − ref| <= atol + rtol·|ref|`, rtol = 1e-2 and atol = 1e-2·rms(ref). The
+//!   kernels multiply by bf16(W) (a relative 2^-9 rounding per weight, random in sign)
+//!   and accumulate in f32, so the error of a sum of K terms is about 2^-9·rms(ref),
+//!   a 5x margin; a wrong fragment, tile or chunk moves outputs by O(rms(ref)).
+//!   `worst` is the largest err / (atol + rtol·|ref|): a case passes when it is ≤ 1.
+//! - fused GEMM against dequant + cuBLAS (the same bf16 weight, only the summation
+//!   order differs): atol = 1e-3·rms(ref), rtol = 1e-2 (one bf16 output rounding).
+//!
+//! The tests that always run check what needs no GPU: kernel names in the fatbin, the
+//! shape checks (errors, not panics), and the dispatcher's cache file.
+
+use half::bf16;
+use palign::backend::cuda::nf4::{
+    self, DispatchCache, DispatchEntry, Nf4Op, Nf4Path, Nf4Weight, Out,
+};
+use palign::backend::cuda::{self, DeviceBuffer, Gpu};
+use palign::quant::{quantize_nf4, Absmax, Nf4Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+// ---------------------------------------------------------------- always run
+
+#[test]
+fn nf4_kernels_are_registered_and_in_the_fatbin() {
+    for k in nf4::KERNELS {
+        assert!(
+            cuda::KERNEL_NAMES.contains(k),
+            "{k} missing from KERNEL_NAMES"
+        );
+        if cuda::kernels_compiled() {
+            assert!(
+                cuda::FATBIN.windows(k.len()).any(|w| w == k.as_bytes()),
+                "{k} not in the embedded fatbin ({})",
+                cuda::TARGETS
+            );
+        }
+    }
+}
+
+fn is_bad_input<T: std::fmt::Debug>(r: palign::Result<T>) -> bool {
+    matches!(r, Err(palign::Error::BadInput(_)))
+}
+
+#[test]
+fn shape_checks_return_bad_input() {
+    use Nf4Op::{Backward, Forward};
+    assert!(
+        nf4::check_fused(Forward, [1000, 4096]).is_ok(),
+        "any N forward"
+    );
+    assert!(nf4::check_fused(Forward, [1024, 14336]).is_ok());
+    assert!(is_bad_input(nf4::check_fused(Forward, [1024, 100])));
+    assert!(is_bad_input(nf4::check_fused(Forward, [1024, 4096 + 32])));
+    assert!(nf4::check_fused(Backward, [1024, 4160]).is_ok());
+    assert!(is_bad_input(nf4::check_fused(Backward, [1000, 4096])));
+    assert!(is_bad_input(nf4::check_fused(Backward, [1024, 4096 + 32])));
+    assert!(is_bad_input(nf4::check_fused(Forward, [0, 64])));
+    assert!(is_bad_input(nf4::check_fused(Forward, [1 << 31, 64])));
+
+    assert!(nf4::check_gemv(1, [10, 64]).is_ok());
+    assert!(nf4::check_gemv(16, [10, 32]).is_ok());
+    assert!(is_bad_input(nf4::check_gemv(0, [10, 64])));
+    assert!(is_bad_input(nf4::check_gemv(17, [10, 64])));
+    assert!(is_bad_input(nf4::check_gemv(1, [10, 48])));
+}
+
+#[test]
+fn uploads_reject_inconsistent_tensors() {
+    let w: Vec<f32> = (0..8 * 128).map(|i| (i as f32 * 0.37).sin()).collect();
+    let good = quantize_nf4(&w, [8, 128], 64, true).unwrap();
+    assert!(nf4::check_tensor(&good).is_ok());
+    let plain = quantize_nf4(&w, [8, 128], 64, false).unwrap();
+    assert!(nf4::check_tensor(&plain).is_ok());
+
+    let mut t = good.clone();
+    t.packed.pop();
+    assert!(is_bad_input(nf4::check_tensor(&t)));
+    let mut t = good.clone();
+    t.blocksize = 48;
+    assert!(is_bad_input(nf4::check_tensor(&t)));
+    let mut t = good.clone();
+    if let Absmax::Double(d) = &mut t.absmax {
+        d.code2.truncate(255);
+    }
+    assert!(is_bad_input(nf4::check_tensor(&t)));
+    let mut t = good.clone();
+    if let Absmax::Double(d) = &mut t.absmax {
+        d.absmax2.push(1.0);
+    }
+    assert!(is_bad_input(nf4::check_tensor(&t)));
+    let mut t = plain.clone();
+    if let Absmax::Plain(a) = &mut t.absmax {
+        a.pop();
+    }
+    assert!(is_bad_input(nf4::check_tensor(&t)));
+}
+
+#[test]
+fn candidates_follow_the_kernel_limits() {
+    use Nf4Path::{DequantCublas, Fused, Gemv};
+    let fwd = Nf4Op::Forward;
+    let bwd = Nf4Op::Backward;
+    assert_eq!(
+        nf4::candidates(fwd, 1, [1024, 4096], false),
+        [Gemv, Fused, DequantCublas]
+    );
+    assert_eq!(nf4::candidates(fwd, 16, [1024, 4096], true), [Gemv, Fused]);
+    assert_eq!(
+        nf4::candidates(fwd, 17, [1024, 4096], false),
+        [Fused, DequantCublas]
+    );
+    assert_eq!(
+        nf4::candidates(bwd, 1, [1024, 4096], false),
+        [Fused, DequantCublas]
+    );
+    assert_eq!(nf4::candidates(fwd, 8, [1024, 100], false), [DequantCublas]);
+    assert!(nf4::candidates(fwd, 8, [1024, 100], true).is_empty());
+}
+
+#[test]
+fn dispatch_keys_bucket_rows_above_the_gemv_range() {
+    let key = |m| nf4::dispatch_key(Nf4Op::Forward, m, [4096, 4096], false);
+    for m in 1..=16 {
+        assert_eq!(key(m), format!("fwd m<={m} n=4096 k=4096 bf16"));
+    }
+    assert_eq!(key(17), key(32));
+    assert_ne!(key(32), key(33));
+    assert_eq!(key(8192), "fwd m<=8192 n=4096 k=4096 bf16");
+    assert_eq!(key(8193), key(16384));
+    assert_ne!(
+        nf4::dispatch_key(Nf4Op::Backward, 8192, [4096, 4096], false),
+        key(8192)
+    );
+    assert_ne!(
+        nf4::dispatch_key(Nf4Op::Forward, 8192, [4096, 4096], true),
+        key(8192)
+    );
+    assert_ne!(
+        nf4::dispatch_key(Nf4Op::Forward, 8192, [4096, 1024], false),
+        key(8192)
+    );
+}
+
+fn entry(choice: Nf4Path, times: &[(&str, f64)]) -> DispatchEntry {
+    DispatchEntry {
+        choice,
+        ms: times.iter().map(|&(k, v)| (k.to_string(), v)).collect(),
+    }
+}
+
+#[test]
+fn dispatch_cache_round_trips_through_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sub").join("nf4-dispatch-test-gpu.json");
+    let gpu = "Test GPU 80GB";
+
+    let mut c = DispatchCache::load(&path, gpu);
+    assert!(c.is_empty(), "a missing file is an empty cache");
+    let k1 = nf4::dispatch_key(Nf4Op::Forward, 8192, [4096, 4096], false);
+    let k2 = nf4::dispatch_key(Nf4Op::Backward, 1000, [14336, 4096], true);
+    let e1 = entry(Nf4Path::Fused, &[("fused", 1.25), ("dequant_cublas", 1.5)]);
+    let e2 = entry(
+        Nf4Path::DequantCublas,
+        &[("fused", 0.75), ("dequant_cublas", 0.5)],
+    );
+    c.insert(k1.clone(), e1.clone());
+    c.insert(k2.clone(), e2.clone());
+    c.save().unwrap();
+
+    let back = DispatchCache::load(&path, gpu);
+    assert_eq!(back.len(), 2);
+    assert_eq!(back.get(&k1), Some(&e1));
+    assert_eq!(back.get(&k2), Some(&e2));
+    assert_eq!(back.gpu(), gpu);
+
+    // Plain JSON that names its format and GPU.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["format"], "palign-nf4-dispatch");
+    assert_eq!(v["version"], 1);
+    assert_eq!(v["gpu"], gpu);
+    assert_eq!(v["entries"][&k1]["choice"], "fused");
+    assert_eq!(v["entries"][&k2]["ms"]["dequant_cublas"], 0.5);
+
+    // Atomic write: only the file itself is left in the folder.
+    let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+
+    // Another GPU's measurements are not used.
+    assert!(DispatchCache::load(&path, "Other GPU").is_empty());
+
+    // Overwrite with one entry changed.
+    let mut c = back;
+    c.insert(k1.clone(), e2.clone());
+    c.save().unwrap();
+    assert_eq!(DispatchCache::load(&path, gpu).get(&k1), Some(&e2));
+
+    // A damaged or foreign file is an empty cache, and saving replaces it.
+    for junk in ["{\"format\": \"palign-nf4-dispatch\", \"vers", "[1, 2]", ""] {
+        std::fs::write(&path, junk).unwrap();
+        let mut c = DispatchCache::load(&path, gpu);
+        assert!(c.is_empty(), "{junk:?}");
+        c.insert(k1.clone(), e1.clone());
+        c.save().unwrap();
+        assert_eq!(DispatchCache::load(&path, gpu).get(&k1), Some(&e1));
+    }
+
+    // In memory only: save does nothing.
+    let mut m = DispatchCache::in_memory(gpu);
+    m.insert(k1, e1);
+    assert!(m.save().is_ok() && m.path().is_none());
+}
+
+#[test]
+fn default_cache_path_names_the_gpu() {
+    if std::env::var_os("PALIGN_NF4_DISPATCH_CACHE").is_some() {
+        return; // the override is the user's choice; nothing to check
+    }
+    if let Some(p) = DispatchCache::default_path("NVIDIA H100 80GB HBM3") {
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(name, "nf4-dispatch-nvidia-h100-80gb-hbm3.json");
+        assert!(p.parent().unwrap().ends_with("palign"), "{}", p.display());
+    }
+}
+
+// ---------------------------------------------------------------- helpers
+
+fn gpu() -> Arc<Gpu> {
+    match Gpu::get() {
+        Ok(g) => g,
+        Err(e) => panic!("this test needs a CUDA device: {e}"),
+    }
+}
+
+fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// A weight with per-row magnitudes from 0.02 to 2, one all-zero block and one
+/// block with a large outlier, quantized on the CPU.
+fn weight(seed: u64, shape: [usize; 2], blocksize: usize, dq: bool) -> Nf4Tensor {
+    let mut r = rng(seed);
+    let [n, k] = shape;
+    let mut w: Vec<f32> = (0..n * k)
+        .map(|i| r.random_range(-1.0f32..1.0) * (0.02 + (i / k % 7) as f32 * 0.3))
+        .collect();
+    if w.len() > 3 * blocksize {
+        w[blocksize..2 * blocksize].fill(0.0);
+        w[2 * blocksize + 5] = 40.0;
+    }
+    quantize_nf4(&w, shape, blocksize, dq).unwrap()
+}
+
+fn rand_bf16(r: &mut ChaCha8Rng, n: usize) -> (Vec<bf16>, Vec<f32>) {
+    let b: Vec<bf16> = (0..n)
+        .map(|_| bf16::from_f32(r.random_range(-1.0f32..1.0)))
+        .collect();
+    let f = b.iter().map(|x| x.to_f32()).collect();
+    (b, f)
+}
+
+/// f64 reference: forward `x[m, k] · w[n, k]ᵀ`, backward `x[m, n] · w[n, k]`.
+fn reference(op: Nf4Op, x: &[f32], m: usize, w: &[f32], shape: [usize; 2]) -> Vec<f32> {
+    let k = shape[1];
+    let (inner, outc) = op.dims(shape);
+    let mut out = vec![0.0f32; m * outc];
+    out.par_chunks_mut(outc).enumerate().for_each(|(i, row)| {
+        let xr = &x[i * inner..(i + 1) * inner];
+        match op {
+            Nf4Op::Forward => {
+                for (j, o) in row.iter_mut().enumerate() {
+                    let wr = &w[j * k..(j + 1) * k];
+                    *o = xr
+                        .iter()
+                        .zip(wr)
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum::<f64>() as f32;
+                }
+            }
+            Nf4Op::Backward => {
+                let mut acc = vec![0.0f64; k];
+                for (r, &a) in xr.iter().enumerate() {
+                    for (s, &b) in acc.iter_mut().zip(&w[r * k..(r + 1) * k]) {
+                        *s += a as f64 * b as f64;
+                    }
+                }
+                for (o, s) in row.iter_mut().zip(acc) {
+                    *o = s as f32;
+                }
+            }
+        }
+    });
+    out
+}
+
+fn rms(v: &[f32]) -> f32 {
+    (v.iter().map(|&x| x as f64 * x as f64).sum::<f64>() / v.len().max(1) as f64).sqrt() as f32
+}
+
+/// Assert |got − want| <= atol + rtol·|want| everywhere; print the PARITY line.
+fn check(case: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{case}: lengths");
+    let (mut max_abs, mut worst, mut worst_i) = (0.0f32, 0.0f32, 0usize);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g - w).abs();
+        let ratio = if err.is_nan() {
+            f32::INFINITY
+        } else {
+            err / (atol + rtol * w.abs())
+        };
+        max_abs = max_abs.max(err);
+        if ratio > worst || ratio.is_infinite() {
+            worst = ratio;
+            worst_i = i;
+        }
+    }
+    println!(
+        "PARITY {case}: max_abs_err={max_abs:.3e} worst={worst:.3} (atol={atol:.3e} rtol={rtol:e} n={})",
+        got.len()
+    );
+    assert!(
+        worst <= 1.0,
+        "{case}: element {worst_i}: got {} want {} (worst ratio {worst})",
+        got[worst_i],
+        want[worst_i]
+    );
+}
+
+fn ok<T>(r: palign::Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn download_f32(g: &Gpu, out: &DeviceBuffer<f32>) -> Vec<f32> {
+    ok(g.download(out))
+}
+
+fn download_bf16(g: &Gpu, out: &DeviceBuffer<bf16>) -> Vec<f32> {
+    ok(g.download(out)).iter().map(|x| x.to_f32()).collect()
+}
+
+/// Runs `f` into a fresh f32 or bf16 output of `len` and returns it as f32.
+fn run_out(
+    g: &Gpu,
+    len: usize,
+    f32_out: bool,
+    f: impl FnOnce(Out<'_>) -> palign::Result<()>,
+) -> Vec<f32> {
+    if f32_out {
+        let mut o = ok(g.alloc::<f32>(len));
+        ok(f(Out::F32(&mut o)));
+        download_f32(g, &o)
+    } else {
+        let mut o = ok(g.alloc::<bf16>(len));
+        ok(f(Out::Bf16(&mut o)));
+        download_bf16(g, &o)
+    }
+}
+
+// ---------------------------------------------------------------- GPU
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn dequantize_is_bit_exact() {
+    let g = gpu();
+    // numel: below one 16-element group, odd, not a multiple of 64·256, large.
+    let cases: &[([usize; 2], usize, bool)] = &[
+        ([1, 30], 32, true),
+        ([7, 101], 64, false),
+        ([7, 101], 64, true),
+        ([33, 1000], 128, true),
+        ([257, 320], 64, true),
+        ([5, 4096], 4096, false),
+        ([1200, 1000], 64, true),
+        ([1024, 4096], 64, true),
+    ];
+    for (i, &(shape, bs, dq)) in cases.iter().enumerate() {
+        let t = weight(100 + i as u64, shape, bs, dq);
+        let want = t.dequantize();
+        let n = want.len();
+        let uploads: Vec<(&str, Nf4Weight)> = if dq {
+            vec![
+                ("dq", ok(Nf4Weight::upload(&g, &t))),
+                ("dq-decoded", ok(Nf4Weight::upload_decoded(&g, &t))),
+            ]
+        } else {
+            vec![("plain", ok(Nf4Weight::upload(&g, &t)))]
+        };
+        for (how, w) in &uploads {
+            // Outputs one element longer than needed, pre-filled: the kernel must not
+            // write past numel.
+            let mut o32 = ok(g.upload(&vec![7.0f32; n + 1]));
+            ok(nf4::dequantize(&g, w, Out::F32(&mut o32)));
+            let got = download_f32(&g, &o32);
+            let bad32 = got[..n]
+                .iter()
+                .zip(&want)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            let mut o16 = ok(g.upload(&vec![bf16::from_f32(7.0); n + 1]));
+            ok(nf4::dequantize(&g, w, Out::Bf16(&mut o16)));
+            let got16 = ok(g.download(&o16));
+            let bad16 = got16[..n]
+                .iter()
+                .zip(&want)
+                .filter(|(a, b)| a.to_bits() != bf16::from_f32(**b).to_bits())
+                .count();
+            println!(
+                "PARITY dequant {shape:?} bs={bs} {how}: f32_mismatches={bad32} bf16_mismatches={bad16} n={n}"
+            );
+            assert_eq!(bad32, 0, "f32 dequant {shape:?} {how}");
+            assert_eq!(bad16, 0, "bf16 dequant {shape:?} {how}");
+            assert_eq!(got[n], 7.0, "wrote past the end");
+            assert_eq!(got16[n].to_f32(), 7.0, "wrote past the end");
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gemv_matches_cpu() {
+    let g = gpu();
+    // (m, n, k, double quant, f32 out): odd N (partial tiles), K % 128 != 0 (partial
+    // chunk), K = 14336, and M across the m16 tile.
+    let cases: &[(usize, usize, usize, bool, bool)] = &[
+        (1, 1024, 4096, true, false),
+        (1, 4096, 4096, true, true),
+        (3, 1000, 14336, true, true),
+        (8, 1024, 4096, false, false),
+        (9, 333, 1056, true, false),
+        (16, 1024, 1056, false, true),
+        (16, 4096, 4096, true, false),
+        (16, 24, 64, true, true),
+    ];
+    for (i, &(m, n, k, dq, f32_out)) in cases.iter().enumerate() {
+        let t = weight(200 + i as u64, [n, k], 64, dq);
+        let wf = t.dequantize();
+        let (xb, xf) = rand_bf16(&mut rng(300 + i as u64), m * k);
+        let want = reference(Nf4Op::Forward, &xf, m, &wf, [n, k]);
+        let atol = 1e-2 * rms(&want);
+        let w = ok(Nf4Weight::upload(&g, &t));
+        let x = ok(g.upload(&xb));
+        let out = if f32_out { "f32" } else { "bf16" };
+        let got = run_out(&g, m * n, f32_out, |o| nf4::gemv(&g, &x, m, &w, o));
+        check(
+            &format!("gemv m={m} n={n} k={k} dq={dq} {out}"),
+            &got,
+            &want,
+            atol,
+            1e-2,
+        );
+        let got = run_out(&g, m * n, f32_out, |o| nf4::gemv_naive(&g, &x, m, &w, o));
+        check(
+            &format!("gemv_naive m={m} n={n} k={k} dq={dq} {out}"),
+            &got,
+            &want,
+            atol,
+            1e-2,
+        );
+    }
+}
+
+fn gemm_cases(op: Nf4Op) {
+    let g = gpu();
+    // (m, n, k, double quant, f32 out). Forward: N = 1000 leaves a partial output
+    // tile. Backward: K = 4160 leaves a partial output tile; N = 14336 is the long
+    // reduction. M = 130 and 1000 are not multiples of the 128-row tile.
+    let cases: &[(usize, usize, usize, bool, bool)] = match op {
+        Nf4Op::Forward => &[
+            (1, 1024, 4096, true, false),
+            (3, 1024, 4096, false, true),
+            (16, 1024, 4096, true, false),
+            (130, 1000, 4096, true, true),
+            (1000, 1024, 4096, true, false),
+            (130, 1024, 14336, true, false),
+        ],
+        Nf4Op::Backward => &[
+            (1, 1024, 4096, true, false),
+            (3, 1024, 4096, false, true),
+            (16, 1024, 4096, true, false),
+            (130, 1024, 4160, true, true),
+            (1000, 1024, 4096, true, false),
+            (130, 14336, 1024, true, false),
+        ],
+    };
+    for (i, &(m, n, k, dq, f32_out)) in cases.iter().enumerate() {
+        let t = weight(400 + i as u64, [n, k], 64, dq);
+        let wf = t.dequantize();
+        let (inner, outc) = op.dims([n, k]);
+        let (xb, xf) = rand_bf16(&mut rng(500 + i as u64), m * inner);
+        let want = reference(op, &xf, m, &wf, [n, k]);
+        let w = ok(Nf4Weight::upload(&g, &t));
+        let x = ok(g.upload(&xb));
+        let out = if f32_out { "f32" } else { "bf16" };
+        let name = op.name();
+        let got = run_out(&g, m * outc, f32_out, |o| {
+            nf4::gemm_fused(&g, op, &x, m, &w, o)
+        });
+        check(
+            &format!("gemm_fused {name} m={m} n={n} k={k} dq={dq} {out}"),
+            &got,
+            &want,
+            1e-2 * rms(&want),
+            1e-2,
+        );
+        // The same bf16 weight through dequant + cuBLAS: only the summation order differs.
+        let base = run_out(&g, m * outc, false, |o| match o {
+            Out::Bf16(o) => nf4::gemm_dequant_cublas(&g, op, &x, m, &w, o),
+            Out::F32(_) => unreachable!(),
+        });
+        check(
+            &format!("dequant_cublas {name} m={m} n={n} k={k} dq={dq} bf16"),
+            &base,
+            &want,
+            1e-2 * rms(&want),
+            1e-2,
+        );
+        let fused32 = run_out(&g, m * outc, true, |o| {
+            nf4::gemm_fused(&g, op, &x, m, &w, o)
+        });
+        check(
+            &format!("gemm_fused_vs_cublas {name} m={m} n={n} k={k}"),
+            &fused32,
+            &base,
+            1e-3 * rms(&want),
+            1e-2,
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn fused_gemm_forward_matches_cpu() {
+    gemm_cases(Nf4Op::Forward);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn fused_gemm_backward_matches_cpu() {
+    gemm_cases(Nf4Op::Backward);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn fused_gemm_rejects_bad_shapes_without_launching() {
+    let g = gpu();
+    let t = weight(9, [64, 96], 32, false);
+    let w = ok(Nf4Weight::upload(&g, &t));
+    let x = ok(g.upload(&vec![bf16::ZERO; 4 * 96]));
+    let mut o = ok(g.alloc::<f32>(4 * 96));
+    let r = nf4::gemm_fused(&g, Nf4Op::Forward, &x, 4, &w, Out::F32(&mut o));
+    assert!(is_bad_input(r), "K = 96 is not a multiple of 64");
+    let small = ok(g.upload(&[bf16::ZERO; 10]));
+    let r = nf4::gemv(&g, &small, 4, &w, Out::F32(&mut o));
+    assert!(is_bad_input(r), "input too short");
+    ok(g.synchronize());
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn dispatcher_measures_once_and_caches_on_disk() {
+    let g = gpu();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nf4-dispatch.json");
+    let (m, n, k) = (256, 1024, 4096);
+    let t = weight(11, [n, k], 64, true);
+    let (xb, xf) = rand_bf16(&mut rng(12), m * k);
+    let want = reference(Nf4Op::Forward, &xf, m, &t.dequantize(), [n, k]);
+    let w = ok(Nf4Weight::upload(&g, &t));
+    let x = ok(g.upload(&xb));
+    let key = nf4::dispatch_key(Nf4Op::Forward, m, [n, k], false);
+
+    let d = nf4::Nf4Dispatcher::with_cache(DispatchCache::load(&path, g.name()), None);
+    let mut used = None;
+    let got = run_out(&g, m * n, false, |o| {
+        used = Some(d.matmul(&g, Nf4Op::Forward, &x, m, &w, o)?);
+        Ok(())
+    });
+    check(
+        "dispatch fwd m=256 n=1024 k=4096",
+        &got,
+        &want,
+        1e-2 * rms(&want),
+        1e-2,
+    );
+    let e = d.cached(&key).expect("measured entry");
+    assert_eq!(Some(e.choice), used);
+    let timed: BTreeMap<_, _> = e.ms.clone();
+    assert!(
+        timed.contains_key("fused") && timed.contains_key("dequant_cublas"),
+        "{timed:?}"
+    );
+    println!(
+        "PARITY dispatch choice for {key}: {} {timed:?}",
+        e.choice.name()
+    );
+
+    // A second dispatcher reads the file and does not measure again.
+    let from_disk = DispatchCache::load(&path, g.name());
+    assert_eq!(from_disk.get(&key), Some(&e));
+    let d2 = nf4::Nf4Dispatcher::with_cache(from_disk, None);
+    let got = run_out(&g, m * n, false, |o| {
+        assert_eq!(Some(d2.matmul(&g, Nf4Op::Forward, &x, m, &w, o)?), used);
+        Ok(())
+    });
+    check(
+        "dispatch (cached) fwd m=256",
+        &got,
+        &want,
+        1e-2 * rms(&want),
+        1e-2,
+    );
+
+    // A forced path is used where it applies.
+    let d3 =
+        nf4::Nf4Dispatcher::with_cache(DispatchCache::in_memory(g.name()), Some(Nf4Path::Gemv));
+    let mut o = ok(g.alloc::<bf16>(m * n));
+    let p = ok(d3.matmul(&g, Nf4Op::Forward, &x, m, &w, Out::Bf16(&mut o)));
+    assert_ne!(p, Nf4Path::Gemv, "the GEMV does not apply to 256 rows");
+}
