@@ -41,6 +41,12 @@ if [ ${#tests[@]} -eq 0 ] && [ ${#benches[@]} -eq 0 ]; then
 fi
 
 export PALIGN_REQUIRE_KERNELS=1
+# The lent GPU machines are H100/H200 (sm_90a). Every staged binary embeds the whole
+# fatbin, and all five archs would push the stage past the 64 MiB carry limit, so the
+# stage holds sm_90a SASS only unless PALIGN_CUDA_ARCHS says otherwise. A separate
+# target dir keeps the everyday all-arch build from being rebuilt each time.
+export PALIGN_CUDA_ARCHS="${PALIGN_CUDA_ARCHS:-90a}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/gpu-stage}"
 json="$(mktemp)"
 trap 'rm -f "$json"' EXIT
 echo "gpu-check: building ${tests[*]} ${benches[*]}" >&2
@@ -102,6 +108,9 @@ dirty="$(git status --porcelain 2>/dev/null | grep -q . && echo ' (+ uncommitted
     echo "benches: $(ls "$STAGE/benches" | tr '\n' ' ')"
 } >"$STAGE/MANIFEST"
 rm -f "$STAGE/BUILD_NOTE"
+# ---- attention (issue 8): stage the PyTorch SDPA baseline ----
+cp tools/bench_torch_sdpa.py "$STAGE/"
+# ---- end attention ----
 
 cat >"$STAGE/run.sh" <<'EOF'
 #!/usr/bin/env bash
@@ -178,6 +187,21 @@ for b in "$HERE"/benches/*; do
         echo '```'
     } >>"$REPORT"
 done
+
+# ---- attention (issue 8): PyTorch SDPA flash baseline on the same shapes, then ratios ----
+if [ -f "$HERE/bench_torch_sdpa.py" ]; then
+    echo "==== bench_torch_sdpa" >>"$BLOG"
+    timeout 300 python3 "$HERE/bench_torch_sdpa.py" --compare "$BLOG" >>"$BLOG" 2>&1
+    rc=$?
+    {
+        echo
+        echo "### bench_torch_sdpa.py (exit $rc)"
+        echo '```'
+        sed -n '/^==== bench_torch_sdpa$/,$p' "$BLOG" | grep -E 'BENCH|RATIO|^sdpa on|^note|skipped|Error' || true
+        echo '```'
+    } >>"$REPORT"
+fi
+# ---- end attention ----
 
 echo >>"$REPORT"
 if [ $failed -eq 0 ]; then echo "RESULT: all tests passed" >>"$REPORT"; else echo "RESULT: SOME TESTS FAILED (see tests.log)" >>"$REPORT"; fi
