@@ -107,8 +107,8 @@ def jsonl_seeds():
         ("pref_text", ds / "jsonl" / "pref_text.jsonl", 0x08),
         ("pref_text_mistral", ds / "jsonl" / "pref_text.jsonl", 0x28),
         ("pref_ids", ds / "jsonl" / "pref_ids.jsonl", 0x08),
-        ("score_text", FIX / "data" / "score_text.jsonl", 0x08),
-        ("score_ids", FIX / "data" / "score_ids.jsonl", 0x08),
+        ("score_text", FIX / "data" / "score_text.jsonl", 0x00),
+        ("score_ids", FIX / "data" / "score_ids.jsonl", 0x00),
     ]
     for name, path, flags in plain:
         write(t, name, bytes([flags, 62, 31]) + path.read_bytes())

@@ -90,6 +90,14 @@ __device__ __forceinline__ void cp_async_wait_all() {
     asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
 
+// 2^x by the SFU alone (subnormal results flush to 0; 2^-inf = +0). exp2f adds a range
+// fix-up of three instructions per call, a visible cost in the softmax.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 __device__ __forceinline__ uint32_t dynamic_smem_bytes() {
     uint32_t n;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(n));
@@ -247,13 +255,13 @@ template <int D> __device__ void fwd(const AttnFwdParams &p) {
                 const float m_new = fmaxf(m_run[r], mx * sl2);
                 // A row with nothing visible yet keeps m = -inf; 0 avoids (-inf) - (-inf).
                 const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-                const float alpha = exp2f(m_run[r] - m_use);
+                const float alpha = fast_exp2(m_run[r] - m_use);
                 m_run[r] = m_new;
                 float sum = 0.0f;
 #pragma unroll
                 for (int nb = 0; nb < NB; nb++) {
-                    const float p0 = exp2f(fmaf(s[nb][2 * r], sl2, -m_use));
-                    const float p1 = exp2f(fmaf(s[nb][2 * r + 1], sl2, -m_use));
+                    const float p0 = fast_exp2(fmaf(s[nb][2 * r], sl2, -m_use));
+                    const float p1 = fast_exp2(fmaf(s[nb][2 * r + 1], sl2, -m_use));
                     s[nb][2 * r] = p0;
                     s[nb][2 * r + 1] = p1;
                     sum += p0 + p1;
@@ -461,7 +469,7 @@ template <int D, int WARPS, int BM, int STAGES> __device__ void bwd(const AttnBw
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
                         const int col = nq * 8 + (lane % 4) * 2 + (e & 1);
-                        float pv = exp2f(fmaf(s[nq][e], sl2, -cL[col]));
+                        float pv = fast_exp2(fmaf(s[nq][e], sl2, -cL[col]));
                         if (need_mask && !visible(q0 + col, key_a + (e >= 2 ? 8 : 0), W)) pv = 0.0f;
                         s[nq][e] = pv;
                     }
@@ -668,8 +676,8 @@ template <int D> __device__ void decode(const AttnDecodeParams &p) {
                 for (int e = 0; e < EPL; e++) s = fmaf(q[g][e], kf[u][e], s);
                 s = warp_sum(s);
                 const float m_new = fmaxf(m[g], s);
-                const float alpha = exp2f(m[g] - m_new);
-                const float pr = exp2f(s - m_new);
+                const float alpha = fast_exp2(m[g] - m_new);
+                const float pr = fast_exp2(s - m_new);
                 l[g] = l[g] * alpha + pr;
 #pragma unroll
                 for (int e = 0; e < EPL; e++) acc[g][e] = fmaf(acc[g][e], alpha, pr * vf[u][e]);
@@ -695,7 +703,7 @@ template <int D> __device__ void decode(const AttnDecodeParams &p) {
         const float mu = mx == -INFINITY ? 0.0f : mx;
         float o = 0.0f, lsum = 0.0f;
         for (int w = 0; w < NW; w++) {
-            const float f = exp2f(sm_m[w][g] - mu);
+            const float f = fast_exp2(sm_m[w][g] - mu);
             o += f * sm_o[w][g][d];
             lsum += f * sm_l[w][g];
         }
@@ -742,25 +750,16 @@ extern "C" __global__ void attention_bwd_prep_bf16(const AttnBwdPrepParams p) {
     for (int c = lane; c < D / 4; c += 32) dq[c] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 }
 
-#ifndef ATTN_BWD_CFG64
-#define ATTN_BWD_CFG64 64, 8, 64, 2
-#endif
-#ifndef ATTN_BWD_CFG128
-#define ATTN_BWD_CFG128 128, 8, 64, 2
-#endif
-#ifndef ATTN_BWD_CFGS
-#define ATTN_BWD_CFGS 128, 4, 64, 1
-#endif
 extern "C" __global__ void attention_bwd_bf16_d64(const AttnBwdParams p) {
-    palign::attention::bwd<ATTN_BWD_CFG64>(p);
+    palign::attention::bwd<64, 8, 64, 2>(p);
 }
 
 extern "C" __global__ void attention_bwd_bf16_d128(const AttnBwdParams p) {
-    palign::attention::bwd<ATTN_BWD_CFG128>(p);
+    palign::attention::bwd<128, 8, 64, 2>(p);
 }
 
 extern "C" __global__ void attention_bwd_small_bf16_d128(const AttnBwdParams p) {
-    palign::attention::bwd<ATTN_BWD_CFGS>(p);
+    palign::attention::bwd<128, 4, 64, 1>(p);
 }
 
 // dq = bf16(scale · dq_accum), 4 elements per thread (n is a multiple of 4).
@@ -792,11 +791,11 @@ extern "C" __global__ void attention_decode_combine_bf16(const AttnDecodeParams 
     for (int s = 0; s < S; s++) mx = fmaxf(mx, ml[2 * s]);
     const float mu = mx == -INFINITY ? 0.0f : mx;
     float lsum = 0.0f;
-    for (int s = 0; s < S; s++) lsum += exp2f(ml[2 * s] - mu) * ml[2 * s + 1];
+    for (int s = 0; s < S; s++) lsum += palign::attention::fast_exp2(ml[2 * s] - mu) * ml[2 * s + 1];
     const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         float o = 0.0f;
-        for (int s = 0; s < S; s++) o += exp2f(ml[2 * s] - mu) * p.part_o[(ih * S + s) * D + d];
+        for (int s = 0; s < S; s++) o += palign::attention::fast_exp2(ml[2 * s] - mu) * p.part_o[(ih * S + s) * D + d];
         p.out[ih * D + d] = palign::f2bf(o * inv);
     }
 }

@@ -407,7 +407,9 @@ impl BarGeo {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// Bar panels stacked top to bottom as one SVG document.
@@ -666,13 +668,20 @@ mod tests {
         let (a, b) = (rows_of(PALETTE[4]), rows_of(PALETTE[5]));
         let span = |v: &[usize]| v.last().unwrap() - v.first().unwrap();
         assert!(!a.is_empty() && !b.is_empty());
-        assert!(span(&a) > span(&b), "sft's bars span 2 above and 1 below zero");
+        assert!(
+            span(&a) > span(&b),
+            "sft's bars span 2 above and 1 below zero"
+        );
         let svg = bars_svg(&[p]);
         assert_eq!(
             svg.matches("<rect x=").count(),
             1 + 3 + 2,
             "frame + three bars + two legend keys"
         );
-        assert_eq!(svg.matches("<line x1").count(), 2, "zero line + one error bar");
+        assert_eq!(
+            svg.matches("<line x1").count(),
+            2,
+            "zero line + one error bar"
+        );
     }
 }

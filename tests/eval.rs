@@ -180,6 +180,102 @@ fn mmlu_matches_transformers_lm_eval_rule() {
 }
 
 #[test]
+fn mmlu_applies_adapter_and_nf4_like_score() {
+    // The adapter / NF4 base must reach the scoring forward: compare with `palign score`
+    // on the same ids (context ids + continuation ids from the transformers fixture).
+    let expected = read_jsonl(&fixtures().join("eval/mmlu/expected.jsonl"));
+    let rows: Vec<&Value> = expected
+        .iter()
+        .filter(|r| r["shots"] == 0 && r["subject"] == "astronomy" && r["index"].as_u64() < Some(2))
+        .collect();
+    let d = tempfile::tempdir().unwrap();
+    let mut lines = String::new();
+    for r in &rows {
+        for c in r["continuation_ids"].as_array().unwrap() {
+            lines += &serde_json::json!({"prompt_ids": r["context_ids"], "completion_ids": c})
+                .to_string();
+            lines.push('\n');
+        }
+    }
+    let ids = write(d.path(), "ids.jsonl", &lines);
+    let adapter = fixtures()
+        .join("train/tiny-llama/init_adapter")
+        .display()
+        .to_string();
+    let data = eval_data("mmlu");
+    let mut base_lp = vec![];
+    for (k, extra) in [
+        vec![],
+        vec!["--adapter", adapter.as_str()],
+        vec!["--quant", "nf4"],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let sout = d.path().join(format!("score{k}.jsonl"));
+        let o = palign(
+            &[
+                &[
+                    "score",
+                    "--model",
+                    &model(),
+                    "--data",
+                    &ids,
+                    "--out",
+                    sout.to_str().unwrap(),
+                ],
+                &extra[..],
+            ]
+            .concat(),
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let want: Vec<f64> = read_jsonl(&sout).iter().map(|r| f(&r["logp"])).collect();
+        let out = d.path().join(format!("eval{k}"));
+        let args = [
+            &[
+                "--data",
+                &data,
+                "--shots",
+                "0",
+                "--limit",
+                "2",
+                "--subjects",
+                "astronomy",
+            ][..],
+            &extra[..],
+        ]
+        .concat();
+        eval("mmlu", &out, &args);
+        let got = by_id(&samples(&out));
+        let mut all = vec![];
+        for (i, r) in rows.iter().enumerate() {
+            let g = &got[&format!("astronomy/{}", r["index"])];
+            for (j, lp) in g["logprobs"].as_array().unwrap().iter().enumerate() {
+                assert!(
+                    (f(lp) - want[4 * i + j]).abs() < 1e-4,
+                    "case {k}: {lp} vs {}",
+                    want[4 * i + j]
+                );
+                all.push(f(lp));
+            }
+        }
+        if k == 0 {
+            base_lp = all;
+        } else {
+            let diff = base_lp
+                .iter()
+                .zip(&all)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(
+                diff > 1e-3,
+                "case {k} must change the log-likelihoods (max diff {diff})"
+            );
+        }
+    }
+}
+
+#[test]
 fn mmlu_resumes_and_refuses_other_settings() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("mmlu");
@@ -439,6 +535,59 @@ fn continuation_logprob(model: &Model, tok: &Tokenizer, context: &str, cont: &st
         .iter()
         .map(|&x| x as f64)
         .sum()
+}
+
+#[test]
+fn choice_logprobs_match_one_sequence_at_a_time() {
+    let dir = fixtures().join("tiny-llama");
+    let lm = palign::eval::lm::Lm::load(&dir, None, None).unwrap();
+    let model = Model::load(&dir).unwrap();
+    let tok = Tokenizer::load(&dir, Some(1), Some(2)).unwrap();
+    // (context as given, choices, the context/continuations after lm-eval's whitespace move)
+    let cases: [(&str, &[&str], &str, &[&str]); 3] = [
+        (
+            "The cat sat on",
+            &[" the", " a", " is"],
+            "The cat sat on",
+            &[" the", " a", " is"],
+        ),
+        (
+            "Answer:",
+            &[" A", " B", " C"],
+            "Answer:",
+            &[" A", " B", " C"],
+        ),
+        (
+            "Trailing space \n",
+            &["x", "y"],
+            "Trailing space",
+            &[" \nx", " \ny"],
+        ),
+    ];
+    let items: Vec<_> = cases
+        .iter()
+        .map(|(c, ch, ..)| lm.choice_item(c, ch).unwrap())
+        .collect();
+    assert!(
+        items[0].choices.iter().all(|c| c.len() == 1),
+        "one-token path"
+    );
+    assert!(
+        items[1].choices.iter().any(|c| c.len() > 1),
+        "multi-token path"
+    );
+    // All three items in one packed forward.
+    let got = lm.choice_logprobs(&items).unwrap();
+    for ((_, _, ctx, conts), g) in cases.iter().zip(&got) {
+        for (cont, lp) in conts.iter().zip(g) {
+            let want = continuation_logprob(&model, &tok, ctx, cont);
+            let sum: f64 = lp.iter().map(|&x| x as f64).sum();
+            assert!(
+                (sum - want).abs() < 1e-4,
+                "{ctx:?} + {cont:?}: {sum} vs {want}"
+            );
+        }
+    }
 }
 
 #[test]

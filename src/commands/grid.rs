@@ -92,6 +92,10 @@ pub struct SlurmArgs {
     /// afterok (a stage starts when the ones it needs all succeeded) or afterany.
     #[arg(long)]
     pub dependency: Option<String>,
+    /// Most tasks per array job; larger stages are split (default 1000, Slurm's default
+    /// MaxArraySize is 1001).
+    #[arg(long)]
+    pub array_limit: Option<u64>,
     /// The palign binary as the cluster nodes see it (default: this binary).
     #[arg(long)]
     pub palign: Option<PathBuf>,
@@ -222,6 +226,7 @@ fn slurm_cmd(a: &SlurmArgs, common: &Common) -> Result<()> {
         extra: vec![],
         setup: vec![],
         dependency: a.dependency.clone(),
+        array_limit: a.array_limit,
         palign: a.palign.as_ref().map(|p| p.display().to_string()),
     };
     let mut runtime = vec![];

@@ -30,6 +30,7 @@ pub struct Args {
     /// Chain-of-Utterances prompt file with a `<question>` placeholder.
     #[arg(long)]
     pub cou_template: PathBuf,
+    /// Most tokens generated per prompt.
     #[arg(long, default_value_t = 500)]
     pub max_new_tokens: usize,
     /// Stop when the output contains this string (repeatable); it is cut off.

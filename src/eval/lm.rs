@@ -92,10 +92,13 @@ impl Lm {
         Ok((ctx, cont_ids))
     }
 
-    /// An item with one context and several continuations (lm-eval's rule for each).
+    /// An item with one context and several continuations (lm-eval's rule for each; the
+    /// context's ids are the same for every choice).
     pub fn choice_item(&self, context: &str, choices: &[&str]) -> Result<ChoiceItem> {
-        let mut ctx_ids = None;
-        let mut conts = Vec::with_capacity(choices.len());
+        let mut item = ChoiceItem {
+            context: Vec::new(),
+            choices: Vec::with_capacity(choices.len()),
+        };
         for c in choices {
             let (ctx, cont) = self.encode_continuation(context, c)?;
             if cont.is_empty() {
@@ -103,21 +106,15 @@ impl Lm {
                     "the continuation {c:?} encodes to no tokens after its context"
                 )));
             }
-            // The context's ids do not depend on the choice, except when trailing spaces
-            // moved (the same for every choice).
-            ctx_ids.get_or_insert(ctx);
-            conts.push(cont);
+            item.context = ctx;
+            item.choices.push(cont);
         }
-        let context = ctx_ids.unwrap_or_default();
-        if context.is_empty() {
+        if item.context.is_empty() {
             return Err(bad(
                 "a context encodes to no tokens (the tokenizer adds no BOS): nothing to condition on",
             ));
         }
-        Ok(ChoiceItem {
-            context,
-            choices: conts,
-        })
+        Ok(item)
     }
 
     /// Per-token log-probabilities of every choice of every item, in one packed forward.

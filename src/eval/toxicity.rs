@@ -34,11 +34,13 @@ pub struct Args {
     /// if the scorer's position table is smaller).
     #[arg(long)]
     pub scorer_max_length: Option<usize>,
+    /// Most tokens generated per prompt.
     #[arg(long, default_value_t = 20)]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
     /// Stop when the output contains this string (repeatable); it is cut off.

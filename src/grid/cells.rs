@@ -90,7 +90,10 @@ impl Cell {
             };
             m.insert("model".into(), spec.models[model].name.clone().into());
             if let Target::Run(r) = t {
-                m.insert("dataset".into(), spec.datasets[r.dataset].name.clone().into());
+                m.insert(
+                    "dataset".into(),
+                    spec.datasets[r.dataset].name.clone().into(),
+                );
                 m.insert("num_samples".into(), r.num_samples.into());
                 m.insert("method".into(), r.method.name().into());
                 m.insert("peft".into(), r.peft.name().into());
@@ -158,7 +161,9 @@ const TRAIN_RESERVED: [&str; 9] = [
     "template",
     "seed",
 ];
-const EVAL_RESERVED: [&str; 7] = ["model", "adapter", "quant", "data", "out", "template", "seed"];
+const EVAL_RESERVED: [&str; 7] = [
+    "model", "adapter", "quant", "data", "out", "template", "seed",
+];
 
 fn train_command(name: &'static str) -> clap::Command {
     crate::train::TrainArgs::augment_args(crate::commands::Common::augment_args(
@@ -205,7 +210,9 @@ fn push_flag(
     let is_path = arg.get_value_parser().type_id() == std::any::TypeId::of::<PathBuf>();
     let fix = |s: String| {
         if is_path {
-            super::spec::resolve_path(spec_dir, &s).display().to_string()
+            super::spec::resolve_path(spec_dir, &s)
+                .display()
+                .to_string()
         } else {
             s
         }
@@ -482,7 +489,11 @@ fn add_train(
     };
     let m = &spec.models[key.model];
     let ds = &spec.datasets[key.dataset];
-    let cmd_name = if key.method == Method::Sft { "sft" } else { "dpo" };
+    let cmd_name = if key.method == Method::Sft {
+        "sft"
+    } else {
+        "dpo"
+    };
     let mut args = vec![cmd_name.to_string(), "--model".into(), path.clone()];
     for d in &ds.data {
         args.push("--data".into());
@@ -639,12 +650,7 @@ fn eval_cell(
         Target::Base(m) | Target::Merge(m, _) => m,
         Target::Run(r) => r.model,
     };
-    let mut args = vec![
-        "eval".to_string(),
-        ed.task.clone(),
-        "--model".into(),
-        model,
-    ];
+    let mut args = vec!["eval".to_string(), ed.task.clone(), "--model".into(), model];
     if let Some(a) = adapter {
         args.extend(["--adapter".into(), a]);
     }

@@ -86,8 +86,7 @@ pub fn status(out: &Path, cells: &[Cell]) -> Vec<StatusRow> {
     for (i, c) in cells.iter().enumerate() {
         let st = state::state(out, c);
         blocked[i] = matches!(st, State::Pending | State::Partial)
-            && c
-                .deps
+            && c.deps
                 .iter()
                 .any(|&d| blocked[d] || matches!(states[d], State::Failed(_)));
         let name = if blocked[i] {
@@ -116,9 +115,8 @@ pub fn status_table(rows: &[StatusRow]) -> String {
     let w = rows.iter().map(|r| r.id.len()).max().unwrap_or(2).max(2);
     let mut s = format!("{:<w$}  {:<5}  {:<8}  metric\n", "id", "kind", "state");
     for r in rows {
-        s += &format!("{:<w$}  {:<5}  {:<8}  {}\n", r.id, r.kind, r.state, r.metric)
-            .trim_end()
-            .to_string();
+        let line = format!("{:<w$}  {:<5}  {:<8}  {}", r.id, r.kind, r.state, r.metric);
+        s += line.trim_end();
         s.push('\n');
     }
     let mut counts: Vec<(String, usize)> = vec![];

@@ -35,9 +35,8 @@ pub fn stat(xs: &[f64]) -> Option<Stat> {
     }
     let n = xs.len();
     let mean = xs.iter().sum::<f64>() / n as f64;
-    let std = (n > 1).then(|| {
-        (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
-    });
+    let std = (n > 1)
+        .then(|| (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt());
     Some(Stat { mean, std, n })
 }
 
@@ -172,7 +171,11 @@ impl Table {
             "|{}\n",
             head.iter()
                 .enumerate()
-                .map(|(i, _)| if i < self.heads.len() { "---|" } else { "---:|" })
+                .map(|(i, _)| if i < self.heads.len() {
+                    "---|"
+                } else {
+                    "---:|"
+                })
                 .collect::<String>()
         );
         let mut last: Vec<String> = vec![];
@@ -533,7 +536,8 @@ fn merges_table(cx: &Ctx) -> Table {
 
 /// Figure 3's data: rows model × dataset × method, columns benchmark × number of samples.
 fn samples_table(cx: &Ctx, peft: Peft, runs: &[RunKey]) -> (Table, Vec<usize>) {
-    let evals = cx.evals_with(|t| matches!(t, Target::Run(r) if r.peft == peft && r.num_samples.is_some()));
+    let evals =
+        cx.evals_with(|t| matches!(t, Target::Run(r) if r.peft == peft && r.num_samples.is_some()));
     let mut ns: Vec<usize> = runs.iter().filter_map(|r| r.num_samples).collect();
     ns.sort();
     ns.dedup();
@@ -637,7 +641,11 @@ fn bar_panels(
                 })
                 .collect(),
         })
-        .filter(|p| p.series.iter().any(|s| s.values.iter().any(Option::is_some)))
+        .filter(|p| {
+            p.series
+                .iter()
+                .any(|s| s.values.iter().any(Option::is_some))
+        })
         .collect()
 }
 
@@ -682,7 +690,11 @@ pub fn write(spec: &Spec, out: &Path, cells: &[Cell]) -> Result<Vec<PathBuf>> {
 
     for peft in cx.pefts() {
         let all: Vec<RunKey> = cx.runs.iter().copied().filter(|r| r.peft == peft).collect();
-        let main: Vec<RunKey> = all.iter().copied().filter(|r| r.num_samples.is_none()).collect();
+        let main: Vec<RunKey> = all
+            .iter()
+            .copied()
+            .filter(|r| r.num_samples.is_none())
+            .collect();
         if !main.is_empty() {
             tables.push(by_benchmark(&cx, peft, &main));
             tables.push(by_method(&cx, peft, &main));
@@ -694,7 +706,10 @@ pub fn write(spec: &Spec, out: &Path, cells: &[Cell]) -> Result<Vec<PathBuf>> {
             let mut keys = vec![];
             for m in Ctx::models_of(&main) {
                 for (d, n) in Ctx::variants(&main) {
-                    if main.iter().any(|r| r.model == m && r.dataset == d && r.num_samples == n) {
+                    if main
+                        .iter()
+                        .any(|r| r.model == m && r.dataset == d && r.num_samples == n)
+                    {
                         let r = RunKey {
                             model: m,
                             dataset: d,
@@ -721,7 +736,10 @@ pub fn write(spec: &Spec, out: &Path, cells: &[Cell]) -> Result<Vec<PathBuf>> {
                 let stem = format!("fig-methods-{}", peft.name());
                 figures.push((
                     stem.clone(),
-                    format!("Methods compared per model and dataset, {} (Figure 4)", peft.label()),
+                    format!(
+                        "Methods compared per model and dataset, {} (Figure 4)",
+                        peft.label()
+                    ),
                 ));
                 bar_figs.push((stem, panels));
             }
@@ -795,7 +813,8 @@ pub fn write(spec: &Spec, out: &Path, cells: &[Cell]) -> Result<Vec<PathBuf>> {
                         .iter()
                         .zip(&series_of)
                         .find(|((d, _), si)| {
-                            **si == s && (pref.is_none() || cx.spec.datasets[*d].preference == *pref)
+                            **si == s
+                                && (pref.is_none() || cx.spec.datasets[*d].preference == *pref)
                         })
                         .and_then(|(&(d, n), _)| {
                             cx.get(
@@ -879,7 +898,11 @@ pub fn write(spec: &Spec, out: &Path, cells: &[Cell]) -> Result<Vec<PathBuf>> {
             };
             if r.num_samples.is_none()
                 && !keys.contains(&k)
-                && pefts.iter().filter(|p| cx.runs.contains(&RunKey { peft: **p, ..k })).count() > 1
+                && pefts
+                    .iter()
+                    .filter(|p| cx.runs.contains(&RunKey { peft: **p, ..k }))
+                    .count()
+                    > 1
             {
                 keys.push(k);
             }
@@ -907,7 +930,10 @@ pub fn write(spec: &Spec, out: &Path, cells: &[Cell]) -> Result<Vec<PathBuf>> {
             )
         });
         if !panels.is_empty() {
-            figures.push(("fig-peft".into(), "QLoRA and LoRA compared (Figure 6)".into()));
+            figures.push((
+                "fig-peft".into(),
+                "QLoRA and LoRA compared (Figure 6)".into(),
+            ));
             bar_figs.push(("fig-peft".into(), panels));
         }
     }
@@ -918,13 +944,22 @@ pub fn write(spec: &Spec, out: &Path, cells: &[Cell]) -> Result<Vec<PathBuf>> {
         let mut models: Vec<usize> = spec.merges.iter().flat_map(|m| m.models.clone()).collect();
         models.sort();
         models.dedup();
-        let groups: Vec<String> = models.iter().map(|&m| cx.model_label(m).to_string()).collect();
+        let groups: Vec<String> = models
+            .iter()
+            .map(|&m| cx.model_label(m).to_string())
+            .collect();
         let series: Vec<String> = t.rows.iter().map(|(h, _)| h.join(" ")).collect();
         let inputs = merge_inputs(spec);
         let panels = bar_panels(&cx, &evals, &groups, &series, 1, |g, s, e| {
             let m = models[g];
             if s < inputs.len() {
-                cx.get(Target::Run(RunKey { model: m, ..inputs[s] }), e)
+                cx.get(
+                    Target::Run(RunKey {
+                        model: m,
+                        ..inputs[s]
+                    }),
+                    e,
+                )
             } else {
                 cx.get(Target::Merge(m, s - inputs.len()), e)
             }

@@ -77,7 +77,12 @@ fn failure_text(log: &Path, from: u64, status: &str) -> String {
         let _ = f.seek(SeekFrom::Start(from));
         let _ = f.take(1 << 20).read_to_string(&mut s);
     }
-    let lines: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    // Skip the grid's own `== ...` lines: only the command's output says why it failed.
+    let lines: Vec<&str> = s
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("== "))
+        .collect();
     let line = lines
         .iter()
         .rev()
@@ -388,9 +393,10 @@ pub fn run(spec: &Spec, out: &Path, cells: &[Cell], opts: &RunOpts) -> Result<Su
                     .find(|&&d| matches!(st[d], St::Failed | St::Skipped))
                 {
                     st[i] = St::Skipped;
-                    summary
-                        .skipped
-                        .push((cells[i].id.clone(), format!("dependency {} failed", cells[d].id)));
+                    summary.skipped.push((
+                        cells[i].id.clone(),
+                        format!("dependency {} failed", cells[d].id),
+                    ));
                 } else if !opts.only.is_empty() {
                     if let Some(&d) = cells[i].deps.iter().find(|&&d| st[d] != St::Done) {
                         st[i] = St::Skipped;

@@ -26,8 +26,9 @@ pub struct Stage {
 }
 
 /// The unfinished cells grouped into stages: a cell's depth is one more than its deepest
-/// unfinished dependency, and a stage is the cells of one kind at one depth.
-pub fn stages(out: &Path, cells: &[Cell]) -> Vec<Stage> {
+/// unfinished dependency, and a stage is the cells of one kind at one depth, split into
+/// parts of at most `limit` cells (one array job each).
+pub fn stages(out: &Path, cells: &[Cell], limit: usize) -> Vec<Stage> {
     let done: Vec<bool> = cells.iter().map(|c| state::marker_done(out, c)).collect();
     let mut depth = vec![0usize; cells.len()];
     for (i, c) in cells.iter().enumerate() {
@@ -72,11 +73,59 @@ pub fn stages(out: &Path, cells: &[Cell]) -> Vec<Stage> {
             }
         }
     }
-    for s in &mut out_stages {
-        s.after.sort();
+    // Split stages bigger than an array job may be.
+    let limit = limit.max(1);
+    let mut parts_of: Vec<Vec<usize>> = vec![];
+    let mut split: Vec<Stage> = vec![];
+    for s in &out_stages {
+        let chunks: Vec<&[usize]> = s.cells.chunks(limit).collect();
+        let mut ids = vec![];
+        for (p, ch) in chunks.iter().enumerate() {
+            ids.push(split.len());
+            split.push(Stage {
+                name: if chunks.len() == 1 {
+                    s.name.clone()
+                } else {
+                    format!("{}-{}", s.name, p + 1)
+                },
+                kind: s.kind,
+                cells: ch.to_vec(),
+                after: vec![],
+            });
+        }
+        parts_of.push(ids);
     }
-    out_stages
+    // Wait only for stages not already waited for through another (a merge needs the model
+    // stage, but its train stage waits for that already).
+    let n = out_stages.len();
+    let mut reach = vec![vec![false; n]; n]; // reach[a][b]: a waits for b, maybe indirectly
+    for a in 0..n {
+        // `after` only names earlier stages, so theirs are complete here.
+        for &b in &out_stages[a].after.clone() {
+            reach[a][b] = true;
+            let via = reach[b].clone();
+            for (c, r) in via.into_iter().enumerate() {
+                reach[a][c] |= r;
+            }
+        }
+    }
+    for s in out_stages.iter_mut() {
+        let direct = s.after.clone();
+        s.after
+            .retain(|&b| !direct.iter().any(|&o| o != b && reach[o][b]));
+    }
+    for (k, s) in out_stages.iter().enumerate() {
+        let after: Vec<usize> = s.after.iter().flat_map(|&a| parts_of[a].clone()).collect();
+        for &p in &parts_of[k] {
+            split[p].after = after.clone();
+            split[p].after.sort();
+        }
+    }
+    split
 }
+
+/// Slurm's default MaxArraySize is 1001 (task ids 0..=1000).
+pub const DEFAULT_ARRAY_LIMIT: u64 = 1000;
 
 /// Settings for one stage: the spec's `[slurm]`, its `[slurm.KIND]`, then the command line.
 pub fn settings_for(spec: &Spec, kind: Kind, cli: &SlurmSettings) -> SlurmSettings {
@@ -120,7 +169,11 @@ pub fn script(
     opt(&mut t, "qos", &s.qos);
     opt(&mut t, "gres", &s.gres);
     opt(&mut t, "time", &s.time);
-    opt(&mut t, "cpus-per-task", &s.cpus_per_task.map(|c| c.to_string()));
+    opt(
+        &mut t,
+        "cpus-per-task",
+        &s.cpus_per_task.map(|c| c.to_string()),
+    );
     opt(&mut t, "mem", &s.mem);
     for e in &s.extra {
         t += &format!("#SBATCH {e}\n");
@@ -139,7 +192,10 @@ pub fn script(
     }
     t += &format!(
         "CELL=$(sed -n \"$((SLURM_ARRAY_TASK_ID + 1))p\" {})\n",
-        sh(&dir.join(format!("{}.cells", stage.name)).display().to_string())
+        sh(&dir
+            .join(format!("{}.cells", stage.name))
+            .display()
+            .to_string())
     );
     let mut cmd = format!(
         "exec {} grid run {} --out {} --cell \"$CELL\"",
@@ -204,7 +260,13 @@ pub fn write(
 ) -> Result<(PathBuf, Vec<Stage>)> {
     let dir = out.join("slurm");
     std::fs::create_dir_all(dir.join("logs")).map_err(|e| Error::write(&dir, e))?;
-    let st = stages(out, cells);
+    let limit = spec
+        .slurm
+        .base
+        .overlay(cli)
+        .array_limit
+        .unwrap_or(DEFAULT_ARRAY_LIMIT);
+    let st = stages(out, cells, limit as usize);
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "palign".into());
@@ -212,7 +274,11 @@ pub fn write(
     for s in &st {
         let set = settings_for(spec, s.kind, cli);
         let palign = set.palign.clone().unwrap_or_else(|| exe.clone());
-        let ids: String = s.cells.iter().map(|&i| format!("{}\n", cells[i].id)).collect();
+        let ids: String = s
+            .cells
+            .iter()
+            .map(|&i| format!("{}\n", cells[i].id))
+            .collect();
         crate::fsio::write_bytes_atomic(&dir.join(format!("{}.cells", s.name)), ids.as_bytes())?;
         let text = script(s, &set, &dir, &spec.path, out, &palign, runtime);
         crate::fsio::write_bytes_atomic(&dir.join(format!("{}.sbatch", s.name)), text.as_bytes())?;

@@ -193,6 +193,9 @@ pub struct SlurmSettings {
     pub setup: Vec<String>,
     /// `afterok` (default) or `afterany`.
     pub dependency: Option<String>,
+    /// Most tasks in one array job (Slurm's MaxArraySize is 1001 by default): bigger
+    /// stages are split into parts.
+    pub array_limit: Option<u64>,
     /// The palign binary on the cluster (default: this binary's path).
     pub palign: Option<String>,
 }
@@ -221,6 +224,7 @@ impl SlurmSettings {
                 over.setup.clone()
             },
             dependency: pick(&self.dependency, &over.dependency),
+            array_limit: over.array_limit.or(self.array_limit),
             palign: pick(&self.palign, &over.palign),
         }
     }
@@ -373,14 +377,28 @@ fn nonempty<T>(v: Vec<T>, at: &str) -> Result<Vec<T>> {
     }
 }
 
-/// A user path, relative to the spec's folder.
+/// A user path, relative to the spec's folder, with `.` and `..` folded away.
 pub fn resolve_path(dir: &Path, p: &str) -> PathBuf {
+    use std::path::Component;
     let p = Path::new(p);
-    if p.is_absolute() {
+    let joined = if p.is_absolute() {
         p.to_path_buf()
     } else {
         dir.join(p)
+    };
+    let mut out = PathBuf::new();
+    for c in joined.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push(c);
+                }
+            }
+            other => out.push(other),
+        }
     }
+    out
 }
 
 /// A `--data` spec with its path made absolute (the PKU split stays after the last `:`).
@@ -489,7 +507,9 @@ impl Spec {
                         Some((a, s)) => (
                             a,
                             s.parse::<u64>().map_err(|_| {
-                                bad(format!("{at}.path: `{p}`: the seed after the arch must be an integer"))
+                                bad(format!(
+                                    "{at}.path: `{p}`: the seed after the arch must be an integer"
+                                ))
                             })?,
                         ),
                         None => (rest, 0),
@@ -585,7 +605,14 @@ impl Spec {
             let t = table(v, &at)?;
             check_keys(
                 t,
-                &["models", "datasets", "methods", "peft", "seeds", "num_samples"],
+                &[
+                    "models",
+                    "datasets",
+                    "methods",
+                    "peft",
+                    "seeds",
+                    "num_samples",
+                ],
                 &at,
             )?;
             let list = |k: &str| -> Result<Vec<String>> {
@@ -667,8 +694,17 @@ impl Spec {
             check_keys(
                 t,
                 &[
-                    "name", "label", "method", "models", "runs", "weights", "density", "t",
-                    "parameters", "dtype", "seeds",
+                    "name",
+                    "label",
+                    "method",
+                    "models",
+                    "runs",
+                    "weights",
+                    "density",
+                    "t",
+                    "parameters",
+                    "dtype",
+                    "seeds",
                 ],
                 &at,
             )?;
@@ -769,7 +805,13 @@ impl Spec {
             });
         }
 
-        const TASKS: [&str; 5] = ["mmlu", "bbh", "alpaca-eval", "real-toxicity", "dangerous-qa"];
+        const TASKS: [&str; 5] = [
+            "mmlu",
+            "bbh",
+            "alpaca-eval",
+            "real-toxicity",
+            "dangerous-qa",
+        ];
         for (name, v) in table(get("evals"), "evals")? {
             let at = format!("evals.{name}");
             check_name(name, &at)?;
@@ -842,12 +884,16 @@ impl Spec {
         const KINDS: [&str; 4] = ["model", "train", "merge", "eval"];
         for (k, v) in sl {
             if KINDS.contains(&k.as_str()) {
-                let s = slurm_settings(table(v, &format!("slurm.{k}"))?, &format!("slurm.{k}"), false)?;
+                let s = slurm_settings(
+                    table(v, &format!("slurm.{k}"))?,
+                    &format!("slurm.{k}"),
+                    false,
+                )?;
                 spec.slurm.per_kind.push((k.clone(), s));
             }
         }
         let mut top = sl.clone();
-        top.retain(|k, _| !KINDS.contains(&&k[..]));
+        top.retain(|k, _| !KINDS.contains(&k));
         spec.slurm.base = slurm_settings(&top, "slurm", true)?;
         Ok(spec)
     }
@@ -894,7 +940,7 @@ fn slurm_settings(t: &Table, at: &str, top: bool) -> Result<SlurmSettings> {
         "dependency",
     ];
     if top {
-        keys.push("palign");
+        keys.extend(["palign", "array_limit"]);
     }
     check_keys(t, &keys, at)?;
     let s = |k: &str| opt_string(t, k, at);
@@ -907,9 +953,7 @@ fn slurm_settings(t: &Table, at: &str, top: bool) -> Result<SlurmSettings> {
     let dependency = s("dependency")?;
     if let Some(d) = &dependency {
         if d != "afterok" && d != "afterany" {
-            return Err(bad(format!(
-                "{at}.dependency: `{d}` (afterok or afterany)"
-            )));
+            return Err(bad(format!("{at}.dependency: `{d}` (afterok or afterany)")));
         }
     }
     Ok(SlurmSettings {
@@ -930,6 +974,13 @@ fn slurm_settings(t: &Table, at: &str, top: bool) -> Result<SlurmSettings> {
         extra: list("extra")?,
         setup: list("setup")?,
         dependency,
+        array_limit: match t.get("array_limit") {
+            Some(v) => match uint(v, &format!("{at}.array_limit"))? {
+                0 => return Err(bad(format!("{at}.array_limit: must be at least 1"))),
+                n => Some(n),
+            },
+            None => None,
+        },
         palign: s("palign")?,
     })
 }

@@ -75,7 +75,11 @@ pub fn changed(rec: &Json, c: &Cell) -> Option<String> {
             .zip(&c.args)
             .position(|(a, b)| a != b)
             .unwrap_or(args.len().min(c.args.len()));
-        let show = |v: &[String]| v.get(i.saturating_sub(1)..(i + 1).min(v.len())).map(|s| s.join(" ")).unwrap_or_default();
+        let show = |v: &[String]| {
+            v.get(i.saturating_sub(1)..(i + 1).min(v.len()))
+                .map(|s| s.join(" "))
+                .unwrap_or_default()
+        };
         return Some(format!(
             "command was `… {} …`, the spec now gives `… {} …`",
             show(&args),
