@@ -599,6 +599,13 @@ methods = ["dpo"]
             .map(|t| t.lines().count() >= 10)
             .unwrap_or(false)
     });
+    let rows = status_rows(&spec, &out);
+    let train = rows.iter().find(|r| r["kind"] == "train").unwrap();
+    assert_eq!(train["state"], "running", "{train}");
+    assert!(
+        train["metric"].as_str().unwrap().contains(" step "),
+        "{train}"
+    );
     let lock: Value =
         serde_json::from_str(&std::fs::read_to_string(cell.join(".lock")).unwrap()).unwrap();
     let child = lock["child"]
