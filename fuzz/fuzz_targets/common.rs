@@ -9,7 +9,9 @@ use std::sync::OnceLock;
 pub fn scratch() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(1).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build_global();
         let shm = Path::new("/dev/shm");
         let root = if shm.is_dir() {
             shm.to_path_buf()

@@ -58,7 +58,11 @@ fuzz_target!(|data: &[u8]| {
         4 => ":harmless-loose",
         _ => "",
     };
-    let kind = if flags & 8 == 0 { Kind::Sft } else { Kind::Pref };
+    let kind = if flags & 8 == 0 {
+        Kind::Sft
+    } else {
+        Kind::Pref
+    };
     let template = match (flags >> 4) & 3 {
         1 => Template::Vicuna,
         2 => Template::Mistral,

@@ -52,9 +52,13 @@ fn check(t: &Nf4Tensor) {
     let [rows, cols] = t.shape;
     let mut row_wise = vec![0.0f32; n];
     t.dequantize_rows(0, rows, &mut row_wise).expect("all rows");
-    assert!(all.iter().zip(&row_wise).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(all
+        .iter()
+        .zip(&row_wise)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
     let mut one = vec![0.0f32; cols];
-    t.dequantize_rows(rows - 1, rows, &mut one).expect("last row");
+    t.dequantize_rows(rows - 1, rows, &mut one)
+        .expect("last row");
     assert!(t.dequantize_rows(0, rows + 1, &mut one).is_err());
     assert!(t.dequantize_into(&mut one[..0]).is_err());
 
