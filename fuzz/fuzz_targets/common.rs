@@ -18,10 +18,28 @@ pub fn scratch() -> &'static Path {
         } else {
             std::env::temp_dir()
         };
+        remove_stale(&root);
         let dir = root.join(format!("palign-fuzz-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("create the fuzz scratch folder");
         dir
     })
+}
+
+/// Removes the scratch folders of fuzz processes that have exited (libFuzzer ends a
+/// process without running destructors, so nobody else cleans them up).
+fn remove_stale(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let pid = name.to_str().and_then(|n| n.strip_prefix("palign-fuzz-"));
+        if let Some(pid) = pid.filter(|p| p.parse::<u32>().is_ok()) {
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
 }
 
 /// An empty folder `name` inside the scratch folder (files of the last input removed).
