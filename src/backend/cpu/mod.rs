@@ -3,3 +3,4 @@
 pub mod alloc;
 pub mod ops;
 pub mod optim;
+pub mod rng;
