@@ -102,8 +102,8 @@ fn write_sft_model(dir: &Path) {
 /// One SFT step as `train::runner` does it: forward with save, then the backward of
 /// loss = −mean log p over the completion tokens into fresh gradients.
 fn sft_step(model: &Model, adapter: &Adapter, b: &SeqBatch) -> Adapter {
-    let mut grads = adapter.zeros_like();
-    let (lp, trace) = model.forward(
+    let mut grads = ok(adapter.zeros_like());
+    let (lp, trace) = ok(model.forward(
         Some(adapter),
         &b.ids,
         &b.pack,
@@ -111,14 +111,14 @@ fn sft_step(model: &Model, adapter: &Adapter, b: &SeqBatch) -> Adapter {
         &b.targets,
         None,
         true,
-    );
+    ));
     let d = vec![-1.0 / lp.len() as f32; lp.len()];
-    model.backward(
+    ok(model.backward(
         adapter,
         &trace.expect("forward saved a trace"),
         &d,
         &mut grads,
-    );
+    ));
     grads
 }
 

@@ -41,6 +41,8 @@ enum Cmd {
     Eval(commands::eval::Args),
     /// Experiment grids from a TOML spec: run, status, report, slurm.
     Grid(commands::grid::Args),
+    /// Performance benchmarks: `bench train` times training steps of a 7B-shaped model.
+    Bench(commands::bench::Args),
 }
 
 fn main() {
@@ -58,6 +60,7 @@ fn main() {
         Cmd::Demo(a) => commands::demo::run(a, &cli.common),
         Cmd::InitTiny(a) => commands::init_tiny::run(a, &cli.common),
         Cmd::Score(a) => commands::score::run(a, &cli.common),
+        Cmd::Bench(a) => commands::bench::run(a, &cli.common),
         Cmd::Generate(a) => commands::generate::run(a, &cli.common),
         Cmd::Quantize(a) => commands::quantize::run(a, &cli.common),
         Cmd::MergeAdapter(a) => commands::merge_adapter::run(a, &cli.common),

@@ -1,19 +1,27 @@
-//! The ops the model is written in. Each dispatches on the tensors' storage: today the
-//! CPU reference (`backend::cpu::ops`); the CUDA backend adds its arm beside it.
+//! The ops the model is written in. Each dispatches on the tensors' storage: CPU tensors
+//! go to the f32 reference (`backend::cpu::ops`), device tensors to the CUDA arm
+//! (`backend::cuda::tensor_ops`, bf16 activations, f32 adapter gradients). Every op
+//! returns `Result`, since the device can fail (out of memory, a driver error).
 
 use crate::backend::cpu::ops::{self as cpu, MatRef};
 pub use crate::backend::cpu::ops::{AttnShape, Packing};
+use crate::backend::cuda::nf4::Nf4Weight;
+use crate::backend::cuda::tensor_ops as dev;
+use crate::error::Result;
 use crate::quant::Nf4Tensor;
 use crate::tensor::Tensor;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// A frozen projection weight `[out, in]` (PyTorch `nn.Linear` layout).
 #[derive(Clone, Debug)]
 pub enum LinearWeight {
-    /// Widened to f32 on the CPU; shared (`Arc`) so tied embeddings are not copied.
+    /// f32 on the CPU, bf16 on the device; shared (`Arc`) so tied embeddings are not
+    /// copied.
     Dense(Arc<Tensor>),
     /// bitsandbytes NF4; the CPU backend dequantizes it for each product (QLoRA base).
     Nf4(Arc<Nf4Tensor>),
+    /// bitsandbytes NF4 on the device, multiplied by the NF4 kernels.
+    Nf4Cuda(Arc<Nf4Weight>),
 }
 
 impl LinearWeight {
@@ -21,28 +29,45 @@ impl LinearWeight {
         match self {
             LinearWeight::Dense(t) => t.shape[0],
             LinearWeight::Nf4(q) => q.shape[0],
+            LinearWeight::Nf4Cuda(q) => q.shape()[0],
         }
     }
     pub fn in_features(&self) -> usize {
         match self {
             LinearWeight::Dense(t) => t.shape[1],
             LinearWeight::Nf4(q) => q.shape[1],
+            LinearWeight::Nf4Cuda(q) => q.shape()[1],
         }
     }
 
-    /// The weight as f32 (dequantized for NF4), borrowed when it already is.
+    pub fn is_cuda(&self) -> bool {
+        match self {
+            LinearWeight::Dense(t) => t.is_cuda(),
+            LinearWeight::Nf4(_) => false,
+            LinearWeight::Nf4Cuda(_) => true,
+        }
+    }
+
+    /// The weight as f32 (dequantized for NF4), borrowed when it already is (CPU only).
     fn with_f32<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R {
         match self {
             LinearWeight::Dense(t) => f(t.cpu()),
             LinearWeight::Nf4(q) => f(&q.dequantize()),
+            LinearWeight::Nf4Cuda(_) => unreachable!("CPU product with a device NF4 weight"),
         }
     }
 }
 
 /// `x · Wᵀ` for `x` of shape `[m, in]`.
-pub fn linear(x: &Tensor, w: &LinearWeight) -> Tensor {
+pub fn linear(x: &Tensor, w: &LinearWeight) -> Result<Tensor> {
+    if x.is_cuda() {
+        return dev::linear(x, w);
+    }
     let m = x.rows();
-    Tensor::from_vec(linear_rows(x.cpu(), m, w), &[m, w.out_features()])
+    Ok(Tensor::from_vec(
+        linear_rows(x.cpu(), m, w),
+        &[m, w.out_features()],
+    ))
 }
 
 /// `x · Wᵀ` for `m` rows of `in` values in a plain slice.
@@ -52,33 +77,78 @@ fn linear_rows(x: &[f32], m: usize, w: &LinearWeight) -> Vec<f32> {
 }
 
 /// Input gradient of a frozen projection: `dX = dY · W` (`[m, out]` → `[m, in]`).
-pub fn linear_backward(dy: &Tensor, w: &LinearWeight) -> Tensor {
+pub fn linear_backward(dy: &Tensor, w: &LinearWeight) -> Result<Tensor> {
+    if dy.is_cuda() {
+        return dev::linear_backward(dy, w);
+    }
     let (m, n, k) = (dy.rows(), w.out_features(), w.in_features());
     let out =
         w.with_f32(|wt| cpu::gemm_new(MatRef::new(dy.cpu(), m, n), MatRef::new(wt, n, k), 1.0));
-    Tensor::from_vec(out, &[m, k])
+    Ok(Tensor::from_vec(out, &[m, k]))
 }
 
 /// `x · aᵀ` for two plain tensors (`[m, k]`, `[n, k]`); the LoRA products.
-pub fn matmul_t(x: &Tensor, a: &Tensor) -> Tensor {
+pub fn matmul_t(x: &Tensor, a: &Tensor) -> Result<Tensor> {
+    if x.is_cuda() {
+        return dev::matmul_new(x, a, true);
+    }
     let (m, n, k) = (x.rows(), a.rows(), a.cols());
     let out = cpu::gemm_new(
         MatRef::new(x.cpu(), m, k),
         MatRef::new(a.cpu(), n, k).t(),
         1.0,
     );
-    Tensor::from_vec(out, &[m, n])
+    Ok(Tensor::from_vec(out, &[m, n]))
 }
 
 /// `x · a` for `[m, k]` and `[k, n]`.
-pub fn matmul(x: &Tensor, a: &Tensor) -> Tensor {
+pub fn matmul(x: &Tensor, a: &Tensor) -> Result<Tensor> {
+    if x.is_cuda() {
+        return dev::matmul_new(x, a, false);
+    }
     let (m, k, n) = (x.rows(), a.rows(), a.cols());
     let out = cpu::gemm_new(MatRef::new(x.cpu(), m, k), MatRef::new(a.cpu(), k, n), 1.0);
-    Tensor::from_vec(out, &[m, n])
+    Ok(Tensor::from_vec(out, &[m, n]))
 }
 
-/// `g += alpha · aᵀ · b` for `a` `[m, p]`, `b` `[m, q]`, `g` `[p, q]` (weight gradients).
-pub fn add_at_b_(g: &mut Tensor, a: &Tensor, b: &Tensor, alpha: f32) {
+/// `y += alpha · x · aᵀ` (the LoRA update added onto the base projection in one GEMM).
+pub fn matmul_t_acc_(y: &mut Tensor, x: &Tensor, a: &Tensor, alpha: f32) -> Result<()> {
+    if x.is_cuda() {
+        return dev::matmul_acc(y, x, a, true, alpha);
+    }
+    let (m, n, k) = (x.rows(), a.rows(), a.cols());
+    cpu::gemm(
+        MatRef::new(x.cpu(), m, k),
+        MatRef::new(a.cpu(), n, k).t(),
+        y.cpu_mut(),
+        alpha,
+        1.0,
+    );
+    Ok(())
+}
+
+/// `y += alpha · x · a` (the adapter's input gradient added onto the base one).
+pub fn matmul_acc_(y: &mut Tensor, x: &Tensor, a: &Tensor, alpha: f32) -> Result<()> {
+    if x.is_cuda() {
+        return dev::matmul_acc(y, x, a, false, alpha);
+    }
+    let (m, k, n) = (x.rows(), a.rows(), a.cols());
+    cpu::gemm(
+        MatRef::new(x.cpu(), m, k),
+        MatRef::new(a.cpu(), k, n),
+        y.cpu_mut(),
+        alpha,
+        1.0,
+    );
+    Ok(())
+}
+
+/// `g += alpha · aᵀ · b` for `a` `[m, p]`, `b` `[m, q]`, `g` `[p, q]` (weight gradients;
+/// `g` is f32 on both backends).
+pub fn add_at_b_(g: &mut Tensor, a: &Tensor, b: &Tensor, alpha: f32) -> Result<()> {
+    if a.is_cuda() {
+        return dev::add_at_b_(g, a, b, alpha);
+    }
     let (m, p, q) = (a.rows(), a.cols(), b.cols());
     cpu::gemm(
         MatRef::new(a.cpu(), m, p).t(),
@@ -87,46 +157,82 @@ pub fn add_at_b_(g: &mut Tensor, a: &Tensor, b: &Tensor, alpha: f32) {
         alpha,
         1.0,
     );
+    Ok(())
 }
 
 /// `y += alpha · x`.
-pub fn axpy_(y: &mut Tensor, alpha: f32, x: &Tensor) {
+pub fn axpy_(y: &mut Tensor, alpha: f32, x: &Tensor) -> Result<()> {
+    if y.is_cuda() {
+        return dev::axpy_(y, alpha, x);
+    }
     cpu::axpy(y.cpu_mut(), alpha, x.cpu());
+    Ok(())
 }
 
-/// `x ∘ m` elementwise (dropout masks).
-pub fn mul(x: &Tensor, m: &Tensor) -> Tensor {
-    Tensor::from_vec(
-        x.cpu().iter().zip(m.cpu()).map(|(a, b)| a * b).collect(),
-        &x.shape,
-    )
+/// Identifies one dropout mask: element `i` is kept iff
+/// `backend::cpu::rng::dropout_keep(stream, i, p)`. Both backends draw the same mask,
+/// and backward recomputes it from these two numbers instead of storing it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DropMask {
+    pub stream: u64,
+    pub p: f32,
+}
+
+/// `x ∘ mask / (1 − p)`: PEFT's `lora_dropout` on an adapter's input.
+pub fn dropout(x: &Tensor, mask: DropMask) -> Result<Tensor> {
+    if x.is_cuda() {
+        return dev::dropout(x, mask);
+    }
+    let keep = 1.0 / (1.0 - mask.p);
+    let v = x
+        .cpu()
+        .iter()
+        .enumerate()
+        .map(|(i, &a)| {
+            if crate::backend::cpu::rng::dropout_keep(mask.stream, i as u64, mask.p) {
+                a * keep
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, &x.shape))
 }
 
 /// Rows of an embedding table `[vocab, hidden]`.
-pub fn embedding(table: &Tensor, ids: &[u32]) -> Tensor {
+pub fn embedding(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
+    if table.is_cuda() {
+        return dev::embedding(table, ids);
+    }
     let h = table.cols();
     let mut out = vec![0.0; ids.len() * h];
     cpu::embedding(table.cpu(), h, ids, &mut out);
-    Tensor::from_vec(out, &[ids.len(), h])
+    Ok(Tensor::from_vec(out, &[ids.len(), h]))
 }
 
 /// RMSNorm over the last dimension; returns (output, rstd per row).
-pub fn rmsnorm(x: &Tensor, weight: &Tensor, eps: f32) -> (Tensor, Tensor) {
+pub fn rmsnorm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    if x.is_cuda() {
+        return dev::rmsnorm(x, weight, eps);
+    }
     let rows = x.numel() / weight.numel();
     let mut out = vec![0.0; x.numel()];
     let mut rstd = vec![0.0; rows];
     cpu::rmsnorm_forward(x.cpu(), weight.cpu(), eps, &mut out, &mut rstd);
-    (
+    Ok((
         Tensor::from_vec(out, &x.shape),
         Tensor::from_vec(rstd, &[rows]),
-    )
+    ))
 }
 
-/// Precomputed RoPE angles for the positions of one batch.
+/// Precomputed RoPE angles for the positions of one batch (device copies made on
+/// first use by a device op and kept for the batch's backward).
 pub struct Rope {
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
     pub positions: Vec<u32>,
+    pub head_dim: usize,
+    pub(crate) dev: OnceLock<dev::RopeDev>,
 }
 
 impl Rope {
@@ -137,20 +243,52 @@ impl Rope {
             cos,
             sin,
             positions,
+            head_dim,
+            dev: OnceLock::new(),
         }
+    }
+
+    /// New positions over the same tables (one decode step); drops stale device copies.
+    pub fn set_positions(&mut self, positions: Vec<u32>) {
+        self.positions = positions;
+        self.dev = OnceLock::new();
     }
 }
 
-/// Rotate-half RoPE in place on `[tokens, heads·head_dim]`.
-pub fn rope_(x: &mut Tensor, n_heads: usize, head_dim: usize, rope: &Rope) {
-    cpu::rope_forward(
-        x.cpu_mut(),
-        n_heads,
-        head_dim,
-        &rope.positions,
-        &rope.cos,
-        &rope.sin,
-    );
+/// Rotate-half RoPE in place on q `[tokens, Hq·d]` and k `[tokens, Hkv·d]`.
+pub fn rope_qk_(
+    q: &mut Tensor,
+    k: &mut Tensor,
+    n_heads: usize,
+    n_kv: usize,
+    rope: &Rope,
+) -> Result<()> {
+    if q.is_cuda() {
+        return dev::rope_qk(q, k, n_heads, n_kv, rope, false);
+    }
+    let d = rope.head_dim;
+    for (x, h) in [(q, n_heads), (k, n_kv)] {
+        cpu::rope_forward(x.cpu_mut(), h, d, &rope.positions, &rope.cos, &rope.sin);
+    }
+    Ok(())
+}
+
+/// RoPE backward in place (rotation by −angle) on dq and dk.
+pub fn rope_qk_backward_(
+    dq: &mut Tensor,
+    dk: &mut Tensor,
+    n_heads: usize,
+    n_kv: usize,
+    rope: &Rope,
+) -> Result<()> {
+    if dq.is_cuda() {
+        return dev::rope_qk(dq, dk, n_heads, n_kv, rope, true);
+    }
+    let d = rope.head_dim;
+    for (x, h) in [(dq, n_heads), (dk, n_kv)] {
+        cpu::rope_backward(x.cpu_mut(), h, d, &rope.positions, &rope.cos, &rope.sin);
+    }
+    Ok(())
 }
 
 /// Causal (optionally windowed) GQA attention over packed sequences; returns (out, lse).
@@ -160,15 +298,18 @@ pub fn attention(
     v: &Tensor,
     pack: &Packing,
     shape: AttnShape,
-) -> (Tensor, Tensor) {
+) -> Result<(Tensor, Tensor)> {
+    if q.is_cuda() {
+        return dev::attention(q, k, v, pack, shape);
+    }
     let t = q.rows();
     let mut out = vec![0.0; q.numel()];
     let mut lse = vec![0.0; t * shape.n_heads];
     cpu::attention_forward(q.cpu(), k.cpu(), v.cpu(), pack, shape, &mut out, &mut lse);
-    (
+    Ok((
         Tensor::from_vec(out, &q.shape),
         Tensor::from_vec(lse, &[t, shape.n_heads]),
-    )
+    ))
 }
 
 /// Decode attention: query row i (one new token of a sequence) against cache rows
@@ -181,7 +322,10 @@ pub fn attention_decode(
     starts: &[usize],
     lens: &[usize],
     shape: AttnShape,
-) -> Tensor {
+) -> Result<Tensor> {
+    if q.is_cuda() {
+        return dev::attention_decode(q, k_cache, v_cache, starts, lens, shape);
+    }
     let mut out = vec![0.0; q.numel()];
     cpu::attention_decode(
         q.cpu(),
@@ -192,35 +336,69 @@ pub fn attention_decode(
         shape,
         &mut out,
     );
-    Tensor::from_vec(out, &q.shape)
+    Ok(Tensor::from_vec(out, &q.shape))
 }
 
 /// `silu(gate) · up`.
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Tensor {
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.is_cuda() {
+        return dev::swiglu(gate, up);
+    }
     let mut out = vec![0.0; gate.numel()];
     cpu::swiglu_forward(gate.cpu(), up.cpu(), &mut out);
-    Tensor::from_vec(out, &gate.shape)
+    Ok(Tensor::from_vec(out, &gate.shape))
 }
 
 /// `y += x`.
-pub fn add_(y: &mut Tensor, x: &Tensor) {
+pub fn add_(y: &mut Tensor, x: &Tensor) -> Result<()> {
+    if y.is_cuda() {
+        return dev::axpy_(y, 1.0, x);
+    }
     cpu::add_inplace(y.cpu_mut(), x.cpu());
+    Ok(())
+}
+
+/// `x + y` as a new tensor (residual connections keep their input for backward).
+pub fn add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let mut out = x.try_clone()?;
+    add_(&mut out, y)?;
+    Ok(out)
+}
+
+/// Zeros with `like`'s shape and storage kind (gradient buffers).
+pub fn zeros_like(like: &Tensor) -> Result<Tensor> {
+    if like.is_cuda() {
+        return dev::zeros_like(like);
+    }
+    Ok(Tensor::zeros(&like.shape))
 }
 
 /// Select rows of a 2-D tensor.
-pub fn gather_rows(x: &Tensor, rows: &[usize]) -> Tensor {
+pub fn gather_rows(x: &Tensor, rows: &[usize]) -> Result<Tensor> {
+    if x.is_cuda() {
+        return dev::gather_rows(x, rows);
+    }
     let h = x.cols();
     let src = x.cpu();
     let mut out = Vec::with_capacity(rows.len() * h);
     for &r in rows {
         out.extend_from_slice(&src[r * h..(r + 1) * h]);
     }
-    Tensor::from_vec(out, &[rows.len(), h])
+    Ok(Tensor::from_vec(out, &[rows.len(), h]))
 }
 
 /// Log-probabilities of `targets[i]` under `softmax(hidden[i] · headᵀ)`, computed in
-/// chunks of rows so the full tokens × vocab logits never exist at once.
-pub fn target_logprobs(hidden: &Tensor, head: &LinearWeight, targets: &[u32]) -> Vec<f32> {
+/// chunks of rows so the full tokens × vocab logits never exist at once. Also returns
+/// the per-row log-sum-exp for the backward on the device (empty on the CPU, whose
+/// backward recomputes it).
+pub fn target_logprobs(
+    hidden: &Tensor,
+    head: &LinearWeight,
+    targets: &[u32],
+) -> Result<(Vec<f32>, Tensor)> {
+    if hidden.is_cuda() {
+        return dev::target_logprobs(hidden, head, targets);
+    }
     const CHUNK: usize = 256;
     let h = hidden.cols();
     let v = head.out_features();
@@ -231,26 +409,17 @@ pub fn target_logprobs(hidden: &Tensor, head: &LinearWeight, targets: &[u32]) ->
         let logits = linear_rows(rows, chunk.len(), head);
         cpu::log_softmax_rows_at(&logits, v, chunk, &mut out[start..start + chunk.len()]);
     }
-    out
+    Ok((out, Tensor::zeros(&[0])))
 }
 
 /// RMSNorm input gradient (weights frozen).
-pub fn rmsnorm_backward(dy: &Tensor, x: &Tensor, weight: &Tensor, rstd: &Tensor) -> Tensor {
+pub fn rmsnorm_backward(dy: &Tensor, x: &Tensor, weight: &Tensor, rstd: &Tensor) -> Result<Tensor> {
+    if dy.is_cuda() {
+        return dev::rmsnorm_backward(dy, x, weight, rstd);
+    }
     let mut dx = vec![0.0; x.numel()];
     cpu::rmsnorm_backward(dy.cpu(), x.cpu(), weight.cpu(), rstd.cpu(), &mut dx);
-    Tensor::from_vec(dx, &x.shape)
-}
-
-/// RoPE backward in place (rotation by −angle).
-pub fn rope_backward_(dx: &mut Tensor, n_heads: usize, head_dim: usize, rope: &Rope) {
-    cpu::rope_backward(
-        dx.cpu_mut(),
-        n_heads,
-        head_dim,
-        &rope.positions,
-        &rope.cos,
-        &rope.sin,
-    );
+    Ok(Tensor::from_vec(dx, &x.shape))
 }
 
 /// Attention backward: (dQ, dK, dV) from the forward's inputs, output and lse.
@@ -264,7 +433,10 @@ pub fn attention_backward(
     lse: &Tensor,
     pack: &Packing,
     shape: AttnShape,
-) -> (Tensor, Tensor, Tensor) {
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if q.is_cuda() {
+        return dev::attention_backward(q, k, v, o, d_o, lse, pack, shape);
+    }
     let (mut dq, mut dk, mut dv) = (
         vec![0.0; q.numel()],
         vec![0.0; k.numel()],
@@ -283,32 +455,39 @@ pub fn attention_backward(
         &mut dk,
         &mut dv,
     );
-    (
+    Ok((
         Tensor::from_vec(dq, &q.shape),
         Tensor::from_vec(dk, &k.shape),
         Tensor::from_vec(dv, &v.shape),
-    )
+    ))
 }
 
 /// SwiGLU backward: (d gate, d up).
-pub fn swiglu_backward(dout: &Tensor, gate: &Tensor, up: &Tensor) -> (Tensor, Tensor) {
+pub fn swiglu_backward(dout: &Tensor, gate: &Tensor, up: &Tensor) -> Result<(Tensor, Tensor)> {
+    if dout.is_cuda() {
+        return dev::swiglu_backward(dout, gate, up);
+    }
     let (mut dg, mut du) = (vec![0.0; gate.numel()], vec![0.0; up.numel()]);
     cpu::swiglu_backward(dout.cpu(), gate.cpu(), up.cpu(), &mut dg, &mut du);
-    (
+    Ok((
         Tensor::from_vec(dg, &gate.shape),
         Tensor::from_vec(du, &up.shape),
-    )
+    ))
 }
 
 /// Backward of `target_logprobs`: given `dlogp[i] = ∂L/∂ log p(targets[i])`, returns
 /// ∂L/∂hidden for those rows: `(dlogp_i · (onehot − softmax_i)) · head`. Logits are
-/// recomputed chunk by chunk, never stored whole.
+/// recomputed chunk by chunk, never stored whole. `lse` is what the forward returned.
 pub fn target_logprobs_backward(
     hidden: &Tensor,
     head: &LinearWeight,
     targets: &[u32],
+    lse: &Tensor,
     dlogp: &[f32],
-) -> Tensor {
+) -> Result<Tensor> {
+    if hidden.is_cuda() {
+        return dev::target_logprobs_backward(hidden, head, targets, lse, dlogp);
+    }
     const CHUNK: usize = 256;
     let h = hidden.cols();
     let v = head.out_features();
@@ -320,27 +499,39 @@ pub fn target_logprobs_backward(
         let g = &dlogp[start..start + chunk.len()];
         cpu::log_softmax_rows_at_backward(&mut logits, v, chunk, g);
         let logits = Tensor::from_vec(logits, &[chunk.len(), v]);
-        out.extend_from_slice(linear_backward(&logits, head).cpu());
+        out.extend_from_slice(linear_backward(&logits, head)?.cpu());
     }
-    Tensor::from_vec(out, &[targets.len(), h])
+    Ok(Tensor::from_vec(out, &[targets.len(), h]))
 }
 
 /// Copies row `src_rows[i]` of `src` into row `dst_rows[i]` of `dst` (KV-cache writes).
-pub fn copy_rows(dst: &mut Tensor, dst_rows: &[usize], src: &Tensor, src_rows: &[usize]) {
+pub fn copy_rows(
+    dst: &mut Tensor,
+    dst_rows: &[usize],
+    src: &Tensor,
+    src_rows: &[usize],
+) -> Result<()> {
+    if dst.is_cuda() {
+        return dev::copy_rows(dst, dst_rows, src, src_rows);
+    }
     let h = dst.cols();
     let (d, s) = (dst.cpu_mut(), src.cpu());
     for (&r, &sr) in dst_rows.iter().zip(src_rows) {
         d[r * h..(r + 1) * h].copy_from_slice(&s[sr * h..(sr + 1) * h]);
     }
+    Ok(())
 }
 
 /// The tensor's values in host memory (logits for sampling).
-pub fn to_host(x: &Tensor) -> Vec<f32> {
-    x.cpu().to_vec()
+pub fn to_host(x: &Tensor) -> Result<Vec<f32>> {
+    Ok(x.to_cpu()?.into_vec())
 }
 
-/// Adds rows of `src` into rows `rows` of `dst` (scatter-add).
-pub fn scatter_add_rows(dst: &mut Tensor, rows: &[usize], src: &Tensor) {
+/// Adds rows of `src` into rows `rows` of `dst` (scatter-add; `rows` distinct).
+pub fn scatter_add_rows(dst: &mut Tensor, rows: &[usize], src: &Tensor) -> Result<()> {
+    if dst.is_cuda() {
+        return dev::scatter_add_rows(dst, rows, src);
+    }
     let h = dst.cols();
     let d = dst.cpu_mut();
     for (i, &r) in rows.iter().enumerate() {
@@ -351,7 +542,11 @@ pub fn scatter_add_rows(dst: &mut Tensor, rows: &[usize], src: &Tensor) {
             *a += b;
         }
     }
+    Ok(())
 }
+
+// Encoder ops (the RoBERTa toxicity classifier), CPU only: that model never runs on the
+// device.
 
 /// `y[r] += bias` for every row of `y` (the bias of an `nn.Linear`).
 pub fn add_bias_(y: &mut Tensor, bias: &Tensor) {

@@ -3,7 +3,7 @@
 //! seven projections, a loss that weights every completion log-prob differently.
 
 use palign::lora::{Adapter, LoraConfig};
-use palign::model::llama::SeqBatch;
+use palign::model::llama::{Dropout, Recompute, SeqBatch};
 use palign::model::{Model, ScoreSeq};
 use std::path::Path;
 
@@ -19,7 +19,9 @@ fn lcg(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn check(model_name: &str) {
+/// The tiny model, a nonzero adapter on all seven projections, two sequences and a
+/// different weight per completion log-prob.
+fn setup(model_name: &str) -> (Model, Adapter, SeqBatch, Vec<f32>) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(model_name);
@@ -57,24 +59,35 @@ fn check(model_name: &str) {
     ];
     let b = SeqBatch::new(&seqs);
     let weights = lcg(b.targets.len(), 9);
+    (model, adapter, b, weights)
+}
+
+fn check(model_name: &str) {
+    let (model, adapter, b, weights) = setup(model_name);
     let loss = |a: &Adapter| -> f64 {
-        let (lp, _) = model.forward(Some(a), &b.ids, &b.pack, &b.rows, &b.targets, None, false);
+        let (lp, _) = model
+            .forward(Some(a), &b.ids, &b.pack, &b.rows, &b.targets, None, false)
+            .unwrap();
         lp.iter()
             .zip(&weights)
             .map(|(l, w)| *l as f64 * *w as f64)
             .sum()
     };
-    let (_, trace) = model.forward(
-        Some(&adapter),
-        &b.ids,
-        &b.pack,
-        &b.rows,
-        &b.targets,
-        None,
-        true,
-    );
-    let mut grads = adapter.zeros_like();
-    model.backward(&adapter, &trace.unwrap(), &weights, &mut grads);
+    let (_, trace) = model
+        .forward(
+            Some(&adapter),
+            &b.ids,
+            &b.pack,
+            &b.rows,
+            &b.targets,
+            None,
+            true,
+        )
+        .unwrap();
+    let mut grads = adapter.zeros_like().unwrap();
+    model
+        .backward(&adapter, &trace.unwrap(), &weights, &mut grads)
+        .unwrap();
 
     // Probe a spread of coordinates of every tensor (A and B of each projection and layer).
     let h = 1e-2f32;
@@ -98,9 +111,9 @@ fn check(model_name: &str) {
                     let t = if which == 0 { &mut p.a } else { &mut p.b };
                     t.cpu_mut()[idx] += d;
                 };
-                let mut ap = adapter.clone();
+                let mut ap = adapter.try_clone().unwrap();
                 bump(&mut ap, h);
-                let mut am = adapter.clone();
+                let mut am = adapter.try_clone().unwrap();
                 bump(&mut am, -h);
                 let num = (loss(&ap) - loss(&am)) / (2.0 * h as f64);
                 let g = grads.pairs().nth(pi).unwrap().2;
@@ -132,4 +145,65 @@ fn mistral_adapter_gradients_match_finite_differences() {
 #[test]
 fn llama_adapter_gradients_match_finite_differences() {
     check("tiny-llama");
+}
+
+/// Adapter gradients of one forward + backward under a memory plan, with dropout on.
+fn grads_with(
+    model: &mut Model,
+    plan: Recompute,
+    p: f32,
+    adapter: &Adapter,
+    b: &SeqBatch,
+    w: &[f32],
+) -> Vec<f32> {
+    model.recompute = plan;
+    let mut d = Dropout::new(p, 11, 3);
+    let (_, trace) = model
+        .forward(
+            Some(adapter),
+            &b.ids,
+            &b.pack,
+            &b.rows,
+            &b.targets,
+            Some(&mut d),
+            true,
+        )
+        .unwrap();
+    let mut grads = adapter.zeros_like().unwrap();
+    model
+        .backward(adapter, &trace.unwrap(), w, &mut grads)
+        .unwrap();
+    grads
+        .pairs()
+        .flat_map(|(_, _, p)| {
+            p.a.cpu()
+                .iter()
+                .chain(p.b.cpu())
+                .copied()
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn recompute_plans_give_the_same_gradients_with_dropout() {
+    for name in ["tiny-mistral", "tiny-llama"] {
+        let (mut model, adapter, b, w) = setup(name);
+        let none = grads_with(&mut model, Recompute::None, 0.1, &adapter, &b, &w);
+        let no_drop = grads_with(&mut model, Recompute::None, 0.0, &adapter, &b, &w);
+        // Dropout is really on (so the replayed masks are being compared).
+        assert!(none.iter().zip(&no_drop).any(|(a, b)| a != b), "{name}");
+        for plan in [Recompute::Attention, Recompute::Full] {
+            let g = grads_with(&mut model, plan, 0.1, &adapter, &b, &w);
+            let scale = none.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = none
+                .iter()
+                .zip(&g)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                worst <= 1e-6 * scale,
+                "{name} {plan:?}: worst {worst} of scale {scale}"
+            );
+        }
+    }
 }

@@ -266,13 +266,41 @@ const CASES: &[Case] = &[
         expect: "tpu",
     },
     Case {
-        name: "cuda without a CUDA path",
+        name: "cuda for a CPU-only command",
         setup: |d| {
-            let mut a = score_args(d);
-            a.extend(["--device".into(), "cuda".into()]);
-            a
+            vec![
+                "init-tiny".into(),
+                "--arch".into(),
+                "llama".into(),
+                "--out".into(),
+                d.join("tiny").to_string_lossy().into(),
+                "--device".into(),
+                "cuda".into(),
+            ]
         },
         expect: "--device cuda",
+    },
+    Case {
+        name: "unknown recompute plan",
+        setup: |d| {
+            let mut a = score_args(d);
+            a[0] = "sft".into();
+            a[4] = format!("jsonl:{}", d.join("rows.jsonl").display());
+            a[6] = d.join("run").to_string_lossy().into();
+            a.extend(["--recompute".into(), "some".into()]);
+            a
+        },
+        expect: "--recompute",
+    },
+    Case {
+        name: "bench shape",
+        setup: |_| {
+            ["bench", "train", "--shape", "gpt-9", "--device", "cpu"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        },
+        expect: "gpt-9",
     },
     Case {
         name: "unknown flag",

@@ -128,7 +128,7 @@ fn curve(rows: &[Value], key: &str) -> Vec<(f64, f64)> {
 }
 
 pub fn run(args: &Args, common: &Common) -> Result<()> {
-    common.setup()?;
+    common.setup_cpu_only("demo")?;
     let t0 = std::time::Instant::now();
     // Written in place (not staged under a temporary name) so that the paths recorded in
     // run.json and adapter_config.json are the final ones; every file is still atomic.

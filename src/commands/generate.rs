@@ -106,7 +106,7 @@ fn load_prompts(
 }
 
 pub fn run(args: &Args, common: &Common) -> Result<()> {
-    common.setup()?;
+    let device = common.setup()?;
     let template: Template = args.template.parse()?;
     if let Some(q) = args.quant.as_deref().filter(|&q| q != "nf4") {
         return Err(bad(format!("--quant: unknown quantization `{q}` (nf4)")));
@@ -127,10 +127,14 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     if args.quant.is_some() && !model.is_nf4() {
         model.quantize_nf4(crate::quant::DEFAULT_BLOCKSIZE, true)?;
     }
-    let adapter: Option<Adapter> = match &args.adapter {
+    let mut adapter: Option<Adapter> = match &args.adapter {
         Some(dir) => Some(crate::lora::peft::load(dir, &model.cfg)?),
         None => None,
     };
+    if device == super::Device::Cuda {
+        model.to_device()?;
+        adapter = adapter.map(|a| a.to_device_bf16()).transpose()?;
+    }
     let tok = load_tokenizer(&args.model, &model)?;
     let rows = load_prompts(&args.prompts, &tok, template, model.cfg.vocab_size)?;
     let cfg = GenConfig {

@@ -17,7 +17,7 @@ pub struct Args {
 }
 
 pub fn run(args: &Args, common: &Common) -> Result<()> {
-    common.setup()?;
+    common.setup_cpu_only("init-tiny")?;
     let arch = match args.arch.as_str() {
         "llama" => Arch::Llama,
         "mistral" => Arch::Mistral,

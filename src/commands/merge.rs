@@ -17,7 +17,7 @@ pub struct Args {
 }
 
 pub fn run(args: &Args, common: &Common) -> Result<()> {
-    common.setup()?;
+    common.setup_cpu_only("merge")?;
     let staged = StagedDir::new(&args.out)?;
     let plan = crate::merge::merge(&args.config, staged.path(), common.seed, common.progress())?;
     staged.commit()?;

@@ -23,7 +23,7 @@ pub struct Args {
 }
 
 pub fn run(args: &Args, common: &Common) -> Result<()> {
-    common.setup()?;
+    common.setup_cpu_only("merge-adapter")?;
     let cfg = ModelConfig::load(&args.model)?;
     let dtype = fold::output_dtype(args.dtype.as_deref(), &cfg)?;
     let adapter = peft::load(&args.adapter, &cfg)?;

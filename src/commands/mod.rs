@@ -1,5 +1,6 @@
 //! One module per CLI command; `main.rs` parses flags and calls `run` of these.
 
+pub mod bench;
 pub mod demo;
 pub mod eval;
 pub mod generate;
@@ -33,6 +34,7 @@ pub struct Common {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
     Cpu,
+    Cuda,
 }
 
 impl Common {
@@ -48,12 +50,33 @@ impl Common {
                 .build_global();
         }
         match self.device.as_str() {
-            "cpu" | "auto" => Ok(Device::Cpu),
-            "cuda" => Err(bad(
-                "--device cuda: this command has no CUDA path yet (the CUDA model backend is issue 10); use --device cpu",
-            )),
-            other => Err(bad(format!("--device: unknown device `{other}` (auto, cpu, cuda)"))),
+            "cpu" => Ok(Device::Cpu),
+            "auto" => Ok(match crate::backend::cuda::available() {
+                Ok(()) => Device::Cuda,
+                Err(_) => Device::Cpu,
+            }),
+            "cuda" => match crate::backend::cuda::available() {
+                Ok(()) => Ok(Device::Cuda),
+                Err(crate::Error::Cuda(m)) => Err(bad(format!("--device cuda: {m}"))),
+                Err(e) => Err(e),
+            },
+            other => Err(bad(format!(
+                "--device: unknown device `{other}` (auto, cpu, cuda)"
+            ))),
         }
+    }
+
+    /// `setup` for commands that only run on the CPU: `auto` means the CPU there, and an
+    /// explicit `--device cuda` is refused.
+    pub fn setup_cpu_only(&self, command: &str) -> Result<()> {
+        if self.device == "cuda" {
+            return Err(bad(format!(
+                "--device cuda: `{command}` runs on the CPU only; use --device cpu or auto"
+            )));
+        }
+        let mut cpu = self.clone();
+        cpu.device = "cpu".into();
+        cpu.setup().map(|_| ())
     }
 
     /// Whether to draw progress bars: not with --quiet, and only on a terminal.

@@ -199,7 +199,7 @@ fn check_not_quantized(dir: &Path, cfg: &ModelConfig, w: &Weights) -> Result<()>
 }
 
 pub fn run(args: &Args, common: &Common) -> Result<()> {
-    common.setup()?;
+    common.setup_cpu_only("quantize")?;
     quant::check_blocksize(args.blocksize).map_err(|e| bad(format!("--blocksize: {e}")))?;
     if args.max_shard_bytes == 0 {
         return Err(bad("--max-shard-bytes must be positive"));

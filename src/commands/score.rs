@@ -148,7 +148,7 @@ pub fn score_all(
 }
 
 pub fn run(args: &Args, common: &Common) -> Result<()> {
-    common.setup()?;
+    let device = common.setup()?;
     if args.batch_tokens == 0 {
         return Err(bad("--batch-tokens must be positive"));
     }
@@ -161,10 +161,14 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     if args.quant.is_some() && !model.is_nf4() {
         model.quantize_nf4(crate::quant::DEFAULT_BLOCKSIZE, true)?;
     }
-    let adapter = match &args.adapter {
+    let mut adapter = match &args.adapter {
         Some(dir) => Some(crate::lora::peft::load(dir, &model.cfg)?),
         None => None,
     };
+    if device == super::Device::Cuda {
+        model.to_device()?;
+        adapter = adapter.map(|a| a.to_device_bf16()).transpose()?;
+    }
     let seqs = load_rows(&data, &args.model, &model, template)?;
     let pb = super::progress_bar(seqs.len() as u64, common.progress(), "score");
     let t0 = std::time::Instant::now();

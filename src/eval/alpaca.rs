@@ -160,7 +160,7 @@ fn read_annotations(path: &std::path::Path) -> Result<Annotations> {
 }
 
 pub fn run(args: &Args, common: &Common) -> Result<()> {
-    common.setup()?;
+    common.setup_cpu_only("eval")?;
     let ev = &args.eval;
     let template = ev.check()?;
     let judge_template: Template = args.judge_template.parse().map_err(|_| {

@@ -208,7 +208,7 @@ fn list_tasks(data: &Path) -> Result<Vec<String>> {
 }
 
 pub fn run(args: &Args, common: &Common) -> Result<()> {
-    common.setup()?;
+    common.setup_cpu_only("eval")?;
     let ev = &args.eval;
     let template = ev.check()?;
     let cot = !args.no_cot;

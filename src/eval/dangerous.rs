@@ -104,7 +104,7 @@ fn label(v: &Value, key: &str, path: &std::path::Path) -> Result<bool> {
 }
 
 pub fn run(args: &Args, common: &Common) -> Result<()> {
-    common.setup()?;
+    common.setup_cpu_only("eval")?;
     let ev = &args.eval;
     let template = ev.check()?;
     let judge_template: Template = args.judge_template.parse().map_err(|_| {

@@ -162,7 +162,7 @@ impl Lm {
             &targets,
             None,
             false,
-        );
+        )?;
         let mut at = 0;
         Ok(items
             .iter()

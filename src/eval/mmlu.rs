@@ -141,7 +141,7 @@ struct Task {
 }
 
 pub fn run(args: &Args, common: &Common) -> Result<()> {
-    common.setup()?;
+    common.setup_cpu_only("eval")?;
     let ev = &args.eval;
     let template = ev.check()?;
     if args.max_length == 0 {

@@ -113,7 +113,7 @@ pub fn most_toxic(mut prompts: Vec<Prompt>, n: usize) -> Vec<Prompt> {
 }
 
 pub fn run(args: &Args, common: &Common) -> Result<()> {
-    common.setup()?;
+    common.setup_cpu_only("eval")?;
     let ev = &args.eval;
     let template = ev.check()?;
     if args.num_prompts == 0 {

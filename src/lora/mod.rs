@@ -77,14 +77,16 @@ impl LoraConfig {
 }
 
 /// One adapted projection: A `[r, in]`, B `[out, r]`.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct LoraPair {
     pub a: Tensor,
     pub b: Tensor,
 }
 
 /// Adapter weights for every layer; `layers[l][p]` is the pair on `PROJ_NAMES[p]`.
-#[derive(Clone, Debug)]
+/// On the CPU the pairs are f32; on the device the compute copies are bf16 and
+/// gradients (from [`Adapter::zeros_like`]) f32.
+#[derive(Debug)]
 pub struct Adapter {
     pub cfg: LoraConfig,
     pub layers: Vec<[Option<LoraPair>; 7]>,
@@ -165,14 +167,56 @@ impl Adapter {
         Ok(())
     }
 
-    /// Zeroed gradients with the same layout.
-    pub fn zeros_like(&self) -> Adapter {
-        let mut g = self.clone();
-        for (_, _, p) in g.pairs_mut() {
-            p.a.cpu_mut().fill(0.0);
-            p.b.cpu_mut().fill(0.0);
+    /// A copy with every pair mapped by `f` (e.g. moved to the device).
+    pub fn try_map(&self, mut f: impl FnMut(&Tensor) -> Result<Tensor>) -> Result<Adapter> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for slots in &self.layers {
+            let mut out: [Option<LoraPair>; 7] = Default::default();
+            for (o, s) in out.iter_mut().zip(slots) {
+                if let Some(p) = s {
+                    *o = Some(LoraPair {
+                        a: f(&p.a)?,
+                        b: f(&p.b)?,
+                    });
+                }
+            }
+            layers.push(out);
         }
-        g
+        Ok(Adapter {
+            cfg: self.cfg.clone(),
+            layers,
+        })
+    }
+
+    /// Zeroed f32 gradients with the same layout, where the adapter lives.
+    pub fn zeros_like(&self) -> Result<Adapter> {
+        self.try_map(|t| match t.is_cuda() {
+            false => Ok(Tensor::zeros(&t.shape)),
+            true => Ok(Tensor::cuda_f32(
+                crate::backend::cuda::Gpu::get()?.zeros(t.numel())?,
+                &t.shape,
+            )),
+        })
+    }
+
+    /// The bf16 device copy the model multiplies with on the GPU.
+    pub fn to_device_bf16(&self) -> Result<Adapter> {
+        self.try_map(Tensor::to_cuda_bf16)
+    }
+
+    /// An f32 copy on the device (master weights, optimizer moments).
+    pub fn to_device_f32(&self) -> Result<Adapter> {
+        self.try_map(Tensor::to_cuda_f32)
+    }
+
+    /// The values on the host as f32 (a download for device adapters).
+    pub fn to_cpu(&self) -> Result<Adapter> {
+        self.try_map(Tensor::to_cpu)
+    }
+
+    /// A copy (CPU adapters; device ones copy on the device).
+    pub fn try_clone(&self) -> Result<Adapter> {
+        self.try_map(Tensor::try_clone)
     }
 }
 

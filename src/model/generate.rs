@@ -215,49 +215,50 @@ struct Generator<'a> {
 impl Generator<'_> {
     /// Runs the decoder over one step's tokens, filling the cache; returns the logits
     /// `[last_rows.len(), vocab]`.
-    fn forward(&mut self, step: Step) -> Vec<f32> {
+    fn forward(&mut self, step: Step) -> Result<Vec<f32>> {
         let m = self.model;
-        self.rope.positions = step.positions.clone();
-        let mut x = ops::embedding(&m.embed, &step.ids);
+        self.rope.set_positions(step.positions.clone());
+        let mut x = ops::embedding(&m.embed, &step.ids)?;
         for li in 0..m.layers.len() {
-            x = self.layer(li, x, &step);
+            x = self.layer(li, x, &step)?;
         }
-        let last = ops::gather_rows(&x, &step.last_rows);
-        let (h, _) = ops::rmsnorm(&last, &m.norm, m.cfg.rms_norm_eps);
-        ops::to_host(&ops::linear(&h, &m.lm_head))
+        let last = ops::gather_rows(&x, &step.last_rows)?;
+        let (h, _) = ops::rmsnorm(&last, &m.norm, m.cfg.rms_norm_eps)?;
+        ops::to_host(&ops::linear(&h, &m.lm_head)?)
     }
 
     /// One decoder layer (as `Model::layer_forward`, no dropout, nothing saved), storing
     /// this step's post-RoPE K/V in the cache before attending.
-    fn layer(&mut self, li: usize, x: Tensor, step: &Step) -> Tensor {
+    fn layer(&mut self, li: usize, x: Tensor, step: &Step) -> Result<Tensor> {
         let (m, c) = (self.model, &self.model.cfg);
         let l = &m.layers[li];
         let lora = self.adapter.map(|a| (&a.layers[li], a.cfg.scale()));
         let proj = |x: &Tensor, w, p: usize| {
             let pair = lora.and_then(|(slots, s)| slots[p].as_ref().map(|pair| (pair, s)));
-            Model::proj(x, w, pair, None).0
+            Model::proj(x, w, pair, None).map(|(y, _)| y)
         };
-        let (n1, _) = ops::rmsnorm(&x, &l.input_norm, c.rms_norm_eps);
-        let mut q = proj(&n1, &l.q, 0);
-        let mut k = proj(&n1, &l.k, 1);
-        let v = proj(&n1, &l.v, 2);
-        ops::rope_(&mut q, c.num_heads, c.head_dim, &self.rope);
-        ops::rope_(&mut k, c.num_kv_heads, c.head_dim, &self.rope);
-        self.cache.store(li, &step.src, &step.dst, &k, &v);
+        let (n1, _) = ops::rmsnorm(&x, &l.input_norm, c.rms_norm_eps)?;
+        let mut q = proj(&n1, &l.q, 0)?;
+        let mut k = proj(&n1, &l.k, 1)?;
+        let v = proj(&n1, &l.v, 2)?;
+        ops::rope_qk_(&mut q, &mut k, c.num_heads, c.num_kv_heads, &self.rope)?;
+        self.cache.store(li, &step.src, &step.dst, &k, &v)?;
         let a = match &step.attn {
-            Attn::Prompts(pack) => ops::attention(&q, &k, &v, pack, m.attn_shape()).0,
-            Attn::Cached { slots, lens } => self.cache.attend(li, &q, slots, lens, m.attn_shape()),
+            Attn::Prompts(pack) => ops::attention(&q, &k, &v, pack, m.attn_shape())?.0,
+            Attn::Cached { slots, lens } => {
+                self.cache.attend(li, &q, slots, lens, m.attn_shape())?
+            }
         };
         let mut h = x;
-        ops::add_(&mut h, &proj(&a, &l.o, 3));
-        let (n2, _) = ops::rmsnorm(&h, &l.post_norm, c.rms_norm_eps);
-        let act = ops::swiglu(&proj(&n2, &l.gate, 4), &proj(&n2, &l.up, 5));
-        ops::add_(&mut h, &proj(&act, &l.down, 6));
-        h
+        ops::add_(&mut h, &proj(&a, &l.o, 3)?)?;
+        let (n2, _) = ops::rmsnorm(&h, &l.post_norm, c.rms_norm_eps)?;
+        let act = ops::swiglu(&proj(&n2, &l.gate, 4)?, &proj(&n2, &l.up, 5)?)?;
+        ops::add_(&mut h, &proj(&act, &l.down, 6)?)?;
+        Ok(h)
     }
 
     /// Prefill: the prompts of `seqs` (fresh, `len` 0) in one packed forward.
-    fn prefill(&mut self, seqs: &mut [Live], prompts: &[Vec<u32>]) -> Vec<f32> {
+    fn prefill(&mut self, seqs: &mut [Live], prompts: &[Vec<u32>]) -> Result<Vec<f32>> {
         let lens: Vec<usize> = seqs.iter().map(|s| prompts[s.row].len()).collect();
         let pack = Packing::from_lengths(&lens);
         let mut step = Step {
@@ -286,7 +287,7 @@ impl Generator<'_> {
     }
 
     /// Decode: each live sequence's newest token, one forward.
-    fn decode(&mut self, seqs: &mut [Live]) -> Vec<f32> {
+    fn decode(&mut self, seqs: &mut [Live]) -> Result<Vec<f32>> {
         let n = seqs.len();
         let step = Step {
             ids: seqs
@@ -361,7 +362,7 @@ pub fn generate(
     let mut g = Generator {
         model,
         adapter,
-        cache: KvCache::new(c, slots, max_len),
+        cache: KvCache::new(c, slots, max_len, model.embed.is_cuda())?,
         rope: Rope::new(c.head_dim, c.rope_theta, vec![max_len as u32]),
     };
     let mut results: Vec<Option<Generated>> = vec![None; prompts.len()];
@@ -385,10 +386,10 @@ pub fn generate(
                 })
                 .collect();
             next += n;
-            let logits = g.prefill(&mut fresh, prompts);
+            let logits = g.prefill(&mut fresh, prompts)?;
             (fresh, logits)
         } else {
-            let logits = g.decode(&mut live);
+            let logits = g.decode(&mut live)?;
             (std::mem::take(&mut live), logits)
         };
         let finished = advance(&mut seqs, &logits, cfg, stop)?;
@@ -485,7 +486,7 @@ mod tests {
         let mut g = Generator {
             model,
             adapter,
-            cache: KvCache::new(c, seqs.len(), max_len),
+            cache: KvCache::new(c, seqs.len(), max_len, false).unwrap(),
             rope: Rope::new(c.head_dim, c.rope_theta, vec![max_len as u32]),
         };
         let mut live: Vec<Live> = (0..seqs.len())
@@ -497,7 +498,7 @@ mod tests {
                 rng: ChaCha8Rng::seed_from_u64(0),
             })
             .collect();
-        g.prefill(&mut live, seqs)
+        g.prefill(&mut live, seqs).unwrap()
     }
 
     /// Decoding token by token through the cache (ring wrapping past Mistral's window of
@@ -531,7 +532,7 @@ mod tests {
             let mut g = Generator {
                 model: &model,
                 adapter: adapter.as_ref(),
-                cache: KvCache::new(c, 3, 32),
+                cache: KvCache::new(c, 3, 32, false).unwrap(),
                 rope: Rope::new(c.head_dim, c.rope_theta, vec![32]),
             };
             // slots 2 and 0: the slot index must not matter
@@ -546,7 +547,7 @@ mod tests {
                     rng: ChaCha8Rng::seed_from_u64(0),
                 })
                 .collect();
-            let mut logits = g.prefill(&mut live, &prompts);
+            let mut logits = g.prefill(&mut live, &prompts).unwrap();
             let vocab = c.vocab_size;
             for step in 0..14 {
                 let want: Vec<Vec<u32>> =
@@ -562,7 +563,7 @@ mod tests {
                 for s in live.iter_mut() {
                     s.out.push(seqs[s.row][s.len]);
                 }
-                logits = g.decode(&mut live);
+                logits = g.decode(&mut live).unwrap();
             }
         }
     }

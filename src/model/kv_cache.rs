@@ -6,6 +6,7 @@
 //! is the longest sequence the run can produce.
 
 use super::config::ModelConfig;
+use crate::error::Result;
 use crate::ops::{self, AttnShape};
 use crate::tensor::Tensor;
 
@@ -18,20 +19,33 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// A cache for `slots` sequences of at most `max_len` tokens each.
-    pub fn new(cfg: &ModelConfig, slots: usize, max_len: usize) -> Self {
+    /// A cache for `slots` sequences of at most `max_len` tokens each (bf16 on the
+    /// device when `cuda`, else f32 on the host).
+    pub fn new(cfg: &ModelConfig, slots: usize, max_len: usize, cuda: bool) -> Result<Self> {
         let capacity = match cfg.sliding_window {
             Some(w) => w.min(max_len),
             None => max_len,
         }
         .max(1);
         let shape = [slots * capacity, cfg.num_kv_heads * cfg.head_dim];
-        KvCache {
-            k: (0..cfg.num_layers).map(|_| Tensor::zeros(&shape)).collect(),
-            v: (0..cfg.num_layers).map(|_| Tensor::zeros(&shape)).collect(),
+        let zeros = || -> Result<Tensor> {
+            let t = Tensor::zeros(&shape);
+            if cuda {
+                t.to_cuda_bf16()
+            } else {
+                Ok(t)
+            }
+        };
+        Ok(KvCache {
+            k: (0..cfg.num_layers)
+                .map(|_| zeros())
+                .collect::<Result<_>>()?,
+            v: (0..cfg.num_layers)
+                .map(|_| zeros())
+                .collect::<Result<_>>()?,
             capacity,
             slots,
-        }
+        })
     }
 
     /// Rows kept per sequence.
@@ -55,9 +69,16 @@ impl KvCache {
     }
 
     /// Writes row `src[i]` of this step's `k` / `v` (one layer) into cache row `dst[i]`.
-    pub fn store(&mut self, layer: usize, src: &[usize], dst: &[usize], k: &Tensor, v: &Tensor) {
-        ops::copy_rows(&mut self.k[layer], dst, k, src);
-        ops::copy_rows(&mut self.v[layer], dst, v, src);
+    pub fn store(
+        &mut self,
+        layer: usize,
+        src: &[usize],
+        dst: &[usize],
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<()> {
+        ops::copy_rows(&mut self.k[layer], dst, k, src)?;
+        ops::copy_rows(&mut self.v[layer], dst, v, src)
     }
 
     /// Attention of query row i (the newest token of the sequence in `slots[i]`, whose
@@ -69,7 +90,7 @@ impl KvCache {
         slots: &[usize],
         lens: &[usize],
         shape: AttnShape,
-    ) -> Tensor {
+    ) -> Result<Tensor> {
         let starts: Vec<usize> = slots.iter().map(|&s| s * self.capacity).collect();
         let visible: Vec<usize> = lens.iter().map(|&n| n.min(self.capacity)).collect();
         ops::attention_decode(q, &self.k[layer], &self.v[layer], &starts, &visible, shape)

@@ -9,8 +9,6 @@ use crate::lora::{Adapter, LoraPair};
 use crate::ops::{self, AttnShape, LinearWeight, Packing, Rope};
 use crate::quant::{self, Nf4Tensor, SourceDtype};
 use crate::tensor::Tensor;
-use rand::Rng;
-use rand_chacha::ChaCha8Rng;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -44,6 +42,8 @@ pub struct Model {
     pub norm: Tensor,
     /// `lm_head`; with tied embeddings it shares `embed`'s storage.
     pub lm_head: LinearWeight,
+    /// What a saving forward keeps for backward (`--recompute`).
+    pub recompute: Recompute,
 }
 
 /// One sequence to score: all its ids and how many of them are prompt.
@@ -159,6 +159,7 @@ impl Model {
             layers,
             norm,
             lm_head,
+            recompute: Recompute::None,
         })
     }
 
@@ -197,11 +198,59 @@ impl Model {
         Ok(())
     }
 
+    /// Moves every weight to the device: dense weights and norms as bf16 (rounded to
+    /// nearest even, as `model.to(torch.bfloat16)` does), NF4 weights in their packed
+    /// form. A tied lm_head stays shared with the embedding.
+    pub fn to_device(&mut self) -> Result<()> {
+        let gpu = crate::backend::cuda::Gpu::get()?;
+        let tied = matches!(&self.lm_head, LinearWeight::Dense(t) if Arc::ptr_eq(t, &self.embed));
+        let embed = Arc::new(self.embed.to_cuda_bf16()?);
+        let move_w = |w: &LinearWeight| -> Result<LinearWeight> {
+            Ok(match w {
+                LinearWeight::Dense(t) if !t.is_cuda() => {
+                    LinearWeight::Dense(Arc::new(t.to_cuda_bf16()?))
+                }
+                LinearWeight::Nf4(q) => LinearWeight::Nf4Cuda(Arc::new(
+                    crate::backend::cuda::nf4::Nf4Weight::upload(&gpu, q)?,
+                )),
+                other => other.clone(),
+            })
+        };
+        for l in &mut self.layers {
+            l.input_norm = l.input_norm.to_cuda_bf16()?;
+            l.post_norm = l.post_norm.to_cuda_bf16()?;
+            for w in [
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                *w = move_w(w)?;
+            }
+        }
+        self.norm = self.norm.to_cuda_bf16()?;
+        self.lm_head = if tied {
+            LinearWeight::Dense(embed.clone())
+        } else {
+            move_w(&self.lm_head)?
+        };
+        self.embed = embed;
+        Ok(())
+    }
+
+    /// Whether the weights live on the device.
+    pub fn is_cuda(&self) -> bool {
+        self.embed.is_cuda()
+    }
+
     /// Whether the decoder projections are NF4 (a QLoRA base).
     pub fn is_nf4(&self) -> bool {
         self.layers
             .first()
-            .is_some_and(|l| matches!(l.q, LinearWeight::Nf4(_)))
+            .is_some_and(|l| matches!(l.q, LinearWeight::Nf4(_) | LinearWeight::Nf4Cuda(_)))
     }
 
     pub(crate) fn attn_shape(&self) -> AttnShape {
@@ -243,32 +292,44 @@ impl Model {
         targets: &[u32],
         mut dropout: Option<&mut Dropout>,
         save: bool,
-    ) -> (Vec<f32>, Option<Trace>) {
+    ) -> Result<(Vec<f32>, Option<Trace>)> {
         let c = &self.cfg;
         let rope = Rope::new(c.head_dim, c.rope_theta, pack.positions());
-        let mut x = ops::embedding(&self.embed, ids);
+        let mut x = ops::embedding(&self.embed, ids)?;
         let mut layers = Vec::new();
+        let drop_cfg = dropout.as_deref().map(|d| (d.p, d.seed, d.step));
         for (li, layer) in self.layers.iter().enumerate() {
             let lora = adapter.map(|a| (&a.layers[li], a.cfg.scale()));
+            if save && self.recompute == Recompute::Full {
+                let calls = dropout.as_deref().map_or(0, |d| d.calls);
+                let input = x.try_clone()?;
+                x = self
+                    .layer_forward(layer, lora, x, pack, &rope, dropout.as_deref_mut(), false)?
+                    .0;
+                layers.push(LayerSaved::Input { x: input, calls });
+                continue;
+            }
             let (out, trace) =
-                self.layer_forward(layer, lora, x, pack, &rope, dropout.as_deref_mut(), save);
+                self.layer_forward(layer, lora, x, pack, &rope, dropout.as_deref_mut(), save)?;
             x = out;
-            layers.extend(trace);
+            layers.extend(trace.map(LayerSaved::Trace));
         }
-        let (hn, rstd_final) = ops::rmsnorm(&x, &self.norm, c.rms_norm_eps);
-        let hidden_rows = ops::gather_rows(&hn, rows);
-        let lp = ops::target_logprobs(&hidden_rows, &self.lm_head, targets);
+        let (hn, rstd_final) = ops::rmsnorm(&x, &self.norm, c.rms_norm_eps)?;
+        let hidden_rows = ops::gather_rows(&hn, rows)?;
+        let (lp, lm_lse) = ops::target_logprobs(&hidden_rows, &self.lm_head, targets)?;
         let trace = save.then(|| Trace {
             pack: pack.clone(),
             rope,
             layers,
+            dropout: drop_cfg,
             x_final: x,
             rstd_final,
             hidden_rows,
+            lm_lse,
             rows: rows.to_vec(),
             targets: targets.to_vec(),
         });
-        (lp, trace)
+        Ok((lp, trace))
     }
 
     /// One projection `x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ`.
@@ -277,20 +338,32 @@ impl Model {
         w: &LinearWeight,
         lora: Option<(&LoraPair, f32)>,
         dropout: Option<&mut Dropout>,
-    ) -> (Tensor, Option<LoraSaved>) {
-        let mut y = ops::linear(x, w);
+    ) -> Result<(Tensor, Option<LoraSaved>)> {
+        let mask = match lora {
+            Some(_) => dropout.and_then(Dropout::draw),
+            None => None,
+        };
+        Self::proj_masked(x, w, lora, mask)
+    }
+
+    /// `proj` with a given dropout mask (drawn by the caller, or replayed when a
+    /// recompute runs the projection again).
+    fn proj_masked(
+        x: &Tensor,
+        w: &LinearWeight,
+        lora: Option<(&LoraPair, f32)>,
+        mask: Option<ops::DropMask>,
+    ) -> Result<(Tensor, Option<LoraSaved>)> {
+        let mut y = ops::linear(x, w)?;
         let Some((pair, s)) = lora else {
-            return (y, None);
+            return Ok((y, None));
         };
-        let mask = dropout
-            .filter(|d| d.p > 0.0)
-            .map(|d| d.mask(x.numel(), &x.shape));
-        let xa = match &mask {
-            Some(m) => ops::matmul_t(&ops::mul(x, m), &pair.a),
-            None => ops::matmul_t(x, &pair.a),
+        let xa = match mask {
+            Some(m) => ops::matmul_t(&ops::dropout(x, m)?, &pair.a)?,
+            None => ops::matmul_t(x, &pair.a)?,
         };
-        ops::axpy_(&mut y, s, &ops::matmul_t(&xa, &pair.b));
-        (y, Some(LoraSaved { xa, mask }))
+        ops::matmul_t_acc_(&mut y, &xa, &pair.b, s)?;
+        Ok((y, Some(LoraSaved { xa, mask })))
     }
 
     /// Backward of `proj`: returns dX and accumulates dA, dB into `grad`.
@@ -301,22 +374,25 @@ impl Model {
         lora: Option<(&LoraPair, f32)>,
         saved: Option<&LoraSaved>,
         grad: Option<&mut LoraPair>,
-    ) -> Tensor {
-        let mut dx = ops::linear_backward(dy, w);
+    ) -> Result<Tensor> {
+        let mut dx = ops::linear_backward(dy, w)?;
         if let (Some((pair, s)), Some(saved), Some(grad)) = (lora, saved, grad) {
-            let dyb = ops::matmul(dy, &pair.b); // dY·B, [m, r]
-            ops::add_at_b_(&mut grad.b, dy, &saved.xa, s); // dB += s·dYᵀ·(drop(x)·Aᵀ)
-            let mut dxa = ops::matmul(&dyb, &pair.a); // (dY·B)·A, [m, in]
-            match &saved.mask {
+            let dyb = ops::matmul(dy, &pair.b)?; // dY·B, [m, r]
+            ops::add_at_b_(&mut grad.b, dy, &saved.xa, s)?; // dB += s·dYᵀ·(drop(x)·Aᵀ)
+            match saved.mask {
+                // The mask is recomputed from its stream, not stored.
                 Some(m) => {
-                    ops::add_at_b_(&mut grad.a, &dyb, &ops::mul(x, m), s);
-                    dxa = ops::mul(&dxa, m);
+                    ops::add_at_b_(&mut grad.a, &dyb, &ops::dropout(x, m)?, s)?;
+                    let dxa = ops::matmul(&dyb, &pair.a)?; // (dY·B)·A, [m, in]
+                    ops::axpy_(&mut dx, s, &ops::dropout(&dxa, m)?)?;
                 }
-                None => ops::add_at_b_(&mut grad.a, &dyb, x, s),
+                None => {
+                    ops::add_at_b_(&mut grad.a, &dyb, x, s)?;
+                    ops::matmul_acc_(&mut dx, &dyb, &pair.a, s)?;
+                }
             }
-            ops::axpy_(&mut dx, s, &dxa);
         }
-        dx
+        Ok(dx)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -329,51 +405,73 @@ impl Model {
         rope: &Rope,
         mut dropout: Option<&mut Dropout>,
         save: bool,
-    ) -> (Tensor, Option<LayerTrace>) {
+    ) -> Result<(Tensor, Option<LayerTrace>)> {
         let c = &self.cfg;
         let pair = |p: usize| lora.and_then(|(slots, s)| slots[p].as_ref().map(|x| (x, s)));
-        let mut saved: [Option<LoraSaved>; 7] = Default::default();
-        let (n1, rstd1) = ops::rmsnorm(&x, &l.input_norm, c.rms_norm_eps);
-        let (mut q, s0) = Self::proj(&n1, &l.q, pair(0), dropout.as_deref_mut());
-        let (mut k, s1) = Self::proj(&n1, &l.k, pair(1), dropout.as_deref_mut());
-        let (v, s2) = Self::proj(&n1, &l.v, pair(2), dropout.as_deref_mut());
-        ops::rope_(&mut q, c.num_heads, c.head_dim, rope);
-        ops::rope_(&mut k, c.num_kv_heads, c.head_dim, rope);
-        let (a, lse) = ops::attention(&q, &k, &v, pack, self.attn_shape());
-        let (o, s3) = Self::proj(&a, &l.o, pair(3), dropout.as_deref_mut());
-        let mut h1 = x.clone();
-        ops::add_(&mut h1, &o);
-        let (n2, rstd2) = ops::rmsnorm(&h1, &l.post_norm, c.rms_norm_eps);
-        let (g, s4) = Self::proj(&n2, &l.gate, pair(4), dropout.as_deref_mut());
-        let (u, s5) = Self::proj(&n2, &l.up, pair(5), dropout.as_deref_mut());
-        let act = ops::swiglu(&g, &u);
-        let (d, s6) = Self::proj(&act, &l.down, pair(6), dropout);
-        let mut out = h1.clone();
-        ops::add_(&mut out, &d);
+        // Masks in projection order (q, k, v, o, gate, up, down), as a recompute replays.
+        let mut draw = |p: usize| match pair(p) {
+            Some(_) => dropout.as_deref_mut().and_then(Dropout::draw),
+            None => None,
+        };
+        let qkv_masks = [draw(0), draw(1), draw(2)];
+        let (attn, [s0, s1, s2]) = self.attention_block(l, lora, &x, pack, rope, qkv_masks)?;
+        let (o, s3) = Self::proj_masked(&attn.a, &l.o, pair(3), draw(3))?;
+        let h1 = ops::add(&x, &o)?;
+        drop(o);
+        let (n2, rstd2) = ops::rmsnorm(&h1, &l.post_norm, c.rms_norm_eps)?;
+        let (g, s4) = Self::proj_masked(&n2, &l.gate, pair(4), draw(4))?;
+        let (u, s5) = Self::proj_masked(&n2, &l.up, pair(5), draw(5))?;
+        let act = ops::swiglu(&g, &u)?;
+        let (d, s6) = Self::proj_masked(&act, &l.down, pair(6), draw(6))?;
+        let out = ops::add(&h1, &d)?;
         if !save {
-            return (out, None);
-        }
-        for (slot, s) in saved.iter_mut().zip([s0, s1, s2, s3, s4, s5, s6]) {
-            *slot = s;
+            return Ok((out, None));
         }
         let t = LayerTrace {
             x,
-            rstd1,
-            n1,
-            q,
-            k,
-            v,
-            a,
-            lse,
+            // `--recompute attention`: backward runs the attention block again.
+            attn: (self.recompute == Recompute::None).then_some(attn),
             h1,
             rstd2,
             n2,
             g,
             u,
             act,
-            lora: saved,
+            lora: [s0, s1, s2, s3, s4, s5, s6],
         };
-        (out, Some(t))
+        Ok((out, Some(t)))
+    }
+
+    /// `n1 = rmsnorm(x)`, q/k/v projections, RoPE, attention: the part of a layer that
+    /// `--recompute attention` runs again in backward (with the same dropout masks).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_block(
+        &self,
+        l: &Layer,
+        lora: Option<(&[Option<LoraPair>; 7], f32)>,
+        x: &Tensor,
+        pack: &Packing,
+        rope: &Rope,
+        masks: [Option<ops::DropMask>; 3],
+    ) -> Result<(AttnSaved, [Option<LoraSaved>; 3])> {
+        let c = &self.cfg;
+        let pair = |p: usize| lora.and_then(|(slots, s)| slots[p].as_ref().map(|x| (x, s)));
+        let (n1, rstd1) = ops::rmsnorm(x, &l.input_norm, c.rms_norm_eps)?;
+        let (mut q, s0) = Self::proj_masked(&n1, &l.q, pair(0), masks[0])?;
+        let (mut k, s1) = Self::proj_masked(&n1, &l.k, pair(1), masks[1])?;
+        let (v, s2) = Self::proj_masked(&n1, &l.v, pair(2), masks[2])?;
+        ops::rope_qk_(&mut q, &mut k, c.num_heads, c.num_kv_heads, rope)?;
+        let (a, lse) = ops::attention(&q, &k, &v, pack, self.attn_shape())?;
+        let saved = AttnSaved {
+            n1,
+            rstd1,
+            q,
+            k,
+            v,
+            a,
+            lse,
+        };
+        Ok((saved, [s0, s1, s2]))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -388,10 +486,20 @@ impl Model {
         pack: &Packing,
         rope: &Rope,
         grads: &mut [Option<LoraPair>; 7],
-    ) -> Tensor {
+    ) -> Result<Tensor> {
         let c = &self.cfg;
         let pair = |p: usize| lora.and_then(|(slots, s)| slots[p].as_ref().map(|x| (x, s)));
         let [g0, g1, g2, g3, g4, g5, g6] = grads;
+        let recomputed;
+        let at = match &t.attn {
+            Some(a) => a,
+            None => {
+                let mask = |p: usize| t.lora[p].as_ref().and_then(|s| s.mask);
+                let masks = [mask(0), mask(1), mask(2)];
+                recomputed = self.attention_block(l, lora, &t.x, pack, rope, masks)?.0;
+                &recomputed
+            }
+        };
         // MLP: out = h1 + down(swiglu(gate(n2), up(n2))), n2 = rmsnorm(h1)
         let d_act = Self::proj_backward(
             dout,
@@ -400,8 +508,8 @@ impl Model {
             pair(6),
             t.lora[6].as_ref(),
             g6.as_mut(),
-        );
-        let (dg, du) = ops::swiglu_backward(&d_act, &t.g, &t.u);
+        )?;
+        let (dg, du) = ops::swiglu_backward(&d_act, &t.g, &t.u)?;
         let mut dn2 = Self::proj_backward(
             &dg,
             &t.n2,
@@ -409,57 +517,100 @@ impl Model {
             pair(4),
             t.lora[4].as_ref(),
             g4.as_mut(),
-        );
+        )?;
         ops::add_(
             &mut dn2,
-            &Self::proj_backward(&du, &t.n2, &l.up, pair(5), t.lora[5].as_ref(), g5.as_mut()),
-        );
-        let mut dh1 = ops::rmsnorm_backward(&dn2, &t.h1, &l.post_norm, &t.rstd2);
-        ops::add_(&mut dh1, dout);
+            &Self::proj_backward(&du, &t.n2, &l.up, pair(5), t.lora[5].as_ref(), g5.as_mut())?,
+        )?;
+        let mut dh1 = ops::rmsnorm_backward(&dn2, &t.h1, &l.post_norm, &t.rstd2)?;
+        drop(dn2);
+        ops::add_(&mut dh1, dout)?;
         // Attention: h1 = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))), n1 = rmsnorm(x)
-        let da = Self::proj_backward(&dh1, &t.a, &l.o, pair(3), t.lora[3].as_ref(), g3.as_mut());
-        let (mut dq, mut dk, dv) =
-            ops::attention_backward(&t.q, &t.k, &t.v, &t.a, &da, &t.lse, pack, self.attn_shape());
-        ops::rope_backward_(&mut dq, c.num_heads, c.head_dim, rope);
-        ops::rope_backward_(&mut dk, c.num_kv_heads, c.head_dim, rope);
+        let da = Self::proj_backward(&dh1, &at.a, &l.o, pair(3), t.lora[3].as_ref(), g3.as_mut())?;
+        let (mut dq, mut dk, dv) = ops::attention_backward(
+            &at.q,
+            &at.k,
+            &at.v,
+            &at.a,
+            &da,
+            &at.lse,
+            pack,
+            self.attn_shape(),
+        )?;
+        ops::rope_qk_backward_(&mut dq, &mut dk, c.num_heads, c.num_kv_heads, rope)?;
         let mut dn1 =
-            Self::proj_backward(&dq, &t.n1, &l.q, pair(0), t.lora[0].as_ref(), g0.as_mut());
+            Self::proj_backward(&dq, &at.n1, &l.q, pair(0), t.lora[0].as_ref(), g0.as_mut())?;
         ops::add_(
             &mut dn1,
-            &Self::proj_backward(&dk, &t.n1, &l.k, pair(1), t.lora[1].as_ref(), g1.as_mut()),
-        );
+            &Self::proj_backward(&dk, &at.n1, &l.k, pair(1), t.lora[1].as_ref(), g1.as_mut())?,
+        )?;
         ops::add_(
             &mut dn1,
-            &Self::proj_backward(&dv, &t.n1, &l.v, pair(2), t.lora[2].as_ref(), g2.as_mut()),
-        );
-        let mut dx = ops::rmsnorm_backward(&dn1, &t.x, &l.input_norm, &t.rstd1);
-        ops::add_(&mut dx, &dh1);
-        dx
+            &Self::proj_backward(&dv, &at.n1, &l.v, pair(2), t.lora[2].as_ref(), g2.as_mut())?,
+        )?;
+        let mut dx = ops::rmsnorm_backward(&dn1, &t.x, &l.input_norm, &at.rstd1)?;
+        ops::add_(&mut dx, &dh1)?;
+        Ok(dx)
     }
 
     /// Gradients of the adapter weights, given `dlogp[i] = ∂L/∂ log p(targets[i])` for
     /// the targets of the forward that produced `trace`. Accumulates into `grads`
     /// (same layout as `adapter`), so micro-batches add up.
-    pub fn backward(&self, adapter: &Adapter, trace: &Trace, dlogp: &[f32], grads: &mut Adapter) {
-        let d_rows =
-            ops::target_logprobs_backward(&trace.hidden_rows, &self.lm_head, &trace.targets, dlogp);
-        let mut d_hidden = Tensor::zeros(&trace.x_final.shape);
-        ops::scatter_add_rows(&mut d_hidden, &trace.rows, &d_rows);
+    pub fn backward(
+        &self,
+        adapter: &Adapter,
+        trace: &Trace,
+        dlogp: &[f32],
+        grads: &mut Adapter,
+    ) -> Result<()> {
+        let d_rows = ops::target_logprobs_backward(
+            &trace.hidden_rows,
+            &self.lm_head,
+            &trace.targets,
+            &trace.lm_lse,
+            dlogp,
+        )?;
+        let mut d_hidden = ops::zeros_like(&trace.x_final)?;
+        ops::scatter_add_rows(&mut d_hidden, &trace.rows, &d_rows)?;
         let mut dx =
-            ops::rmsnorm_backward(&d_hidden, &trace.x_final, &self.norm, &trace.rstd_final);
+            ops::rmsnorm_backward(&d_hidden, &trace.x_final, &self.norm, &trace.rstd_final)?;
         let scale = adapter.cfg.scale();
         for (li, layer) in self.layers.iter().enumerate().rev() {
             let lora = Some((&adapter.layers[li], scale));
+            let recomputed;
+            let t = match &trace.layers[li] {
+                LayerSaved::Trace(t) => t,
+                LayerSaved::Input { x, calls } => {
+                    let mut d = trace.dropout.map(|(p, seed, step)| Dropout {
+                        p,
+                        seed,
+                        step,
+                        calls: *calls,
+                    });
+                    let (_, t) = self.layer_forward(
+                        layer,
+                        lora,
+                        x.try_clone()?,
+                        &trace.pack,
+                        &trace.rope,
+                        d.as_mut(),
+                        true,
+                    )?;
+                    recomputed = t.ok_or_else(|| bad("internal: recompute saved nothing"))?;
+                    &recomputed
+                }
+            };
             dx = self.layer_backward(
                 layer,
                 lora,
-                &trace.layers[li],
+                t,
                 &dx,
                 &trace.pack,
                 &trace.rope,
                 &mut grads.layers[li],
-            );
+            )?;
         }
+        Ok(())
     }
 
     /// Per-token log-probabilities of each sequence's completion (the ids after
@@ -478,7 +629,7 @@ impl Model {
             }
         }
         let b = SeqBatch::new(seqs);
-        let (lp, _) = self.forward(adapter, &b.ids, &b.pack, &b.rows, &b.targets, None, false);
+        let (lp, _) = self.forward(adapter, &b.ids, &b.pack, &b.rows, &b.targets, None, false)?;
         Ok(b.split(&lp))
     }
 }
@@ -531,25 +682,35 @@ impl SeqBatch {
 }
 
 /// Dropout on adapter inputs (PEFT's `lora_dropout`): keep with probability 1−p and
-/// scale kept values by 1/(1−p). Seeded, so runs and resumes repeat exactly.
+/// scale kept values by 1/(1−p). Mask `c` of step `step` is the counter-based stream
+/// `rng::dropout_stream(seed, step, c)`, so runs and resumes repeat exactly, the device
+/// draws the same masks as the CPU, and backward recomputes a mask from its stream.
 pub struct Dropout {
     pub p: f32,
-    pub rng: ChaCha8Rng,
+    pub seed: u64,
+    pub step: u64,
+    /// Masks drawn so far in this step.
+    pub calls: u64,
 }
 
 impl Dropout {
-    fn mask(&mut self, n: usize, shape: &[usize]) -> Tensor {
-        let keep = 1.0 / (1.0 - self.p);
-        let v = (0..n)
-            .map(|_| {
-                if self.rng.random::<f32>() < self.p {
-                    0.0
-                } else {
-                    keep
-                }
-            })
-            .collect();
-        Tensor::from_vec(v, shape)
+    pub fn new(p: f32, seed: u64, step: u64) -> Dropout {
+        Dropout {
+            p,
+            seed,
+            step,
+            calls: 0,
+        }
+    }
+
+    /// The next mask of this step (`None` when p is 0).
+    fn draw(&mut self) -> Option<ops::DropMask> {
+        if self.p <= 0.0 {
+            return None;
+        }
+        let stream = crate::backend::cpu::rng::dropout_stream(self.seed, self.step, self.calls);
+        self.calls += 1;
+        Some(ops::DropMask { stream, p: self.p })
     }
 }
 
@@ -557,20 +718,15 @@ impl Dropout {
 pub struct LoraSaved {
     /// `drop(x)·Aᵀ`, `[m, r]`.
     pub xa: Tensor,
-    /// The dropout mask (0 or 1/(1−p)); `None` without dropout.
-    pub mask: Option<Tensor>,
+    /// The dropout mask's stream; `None` without dropout.
+    pub mask: Option<ops::DropMask>,
 }
 
 /// What one layer saved in forward for its backward.
 pub struct LayerTrace {
     x: Tensor,
-    rstd1: Tensor,
-    n1: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    a: Tensor,
-    lse: Tensor,
+    /// `None` with `--recompute attention`.
+    attn: Option<AttnSaved>,
     h1: Tensor,
     rstd2: Tensor,
     n2: Tensor,
@@ -580,14 +736,66 @@ pub struct LayerTrace {
     lora: [Option<LoraSaved>; 7],
 }
 
+/// The attention block's saved tensors: its norm, q/k after RoPE, v, output and lse.
+struct AttnSaved {
+    n1: Tensor,
+    rstd1: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    lse: Tensor,
+}
+
+/// What forward kept of one layer.
+enum LayerSaved {
+    Trace(LayerTrace),
+    /// `--recompute full`: only the input and the dropout counter at the layer's start;
+    /// backward runs the layer forward again.
+    Input {
+        x: Tensor,
+        calls: u64,
+    },
+}
+
+/// Activation memory plan: what forward saves and backward recomputes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Recompute {
+    /// Save every layer's activations (fastest, most memory).
+    #[default]
+    None,
+    /// Recompute each layer's attention block (norm, q/k/v, RoPE, attention).
+    Attention,
+    /// Save only each layer's input; recompute the whole layer (≈ one extra forward).
+    Full,
+}
+
+impl std::str::FromStr for Recompute {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(Recompute::None),
+            "attention" => Ok(Recompute::Attention),
+            "full" => Ok(Recompute::Full),
+            _ => Err(bad(format!(
+                "--recompute: unknown plan `{s}` (none, attention, full)"
+            ))),
+        }
+    }
+}
+
 /// Everything a forward saved for `Model::backward`.
 pub struct Trace {
     pack: Packing,
     rope: Rope,
-    layers: Vec<LayerTrace>,
+    layers: Vec<LayerSaved>,
+    /// The step's dropout (p, seed, step), replayed by `--recompute full`.
+    dropout: Option<(f32, u64, u64)>,
     x_final: Tensor,
     rstd_final: Tensor,
     hidden_rows: Tensor,
+    /// The lm_head log-sum-exp per target row (device only; empty on the CPU).
+    lm_lse: Tensor,
     rows: Vec<usize>,
     targets: Vec<u32>,
 }

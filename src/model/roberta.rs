@@ -153,10 +153,10 @@ impl Dense {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let mut y = ops::linear(x, &self.w);
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = ops::linear(x, &self.w)?;
         ops::add_bias_(&mut y, &self.b);
-        y
+        Ok(y)
     }
 }
 
@@ -208,18 +208,18 @@ impl EncoderLayer {
     }
 
     /// Post-LN block (BERT/RoBERTa): `x = LN(x + attn(x))`, `x = LN(x + FFN(x))`.
-    fn forward(&self, x: &Tensor, pack: &Packing, n_heads: usize) -> Tensor {
+    fn forward(&self, x: &Tensor, pack: &Packing, n_heads: usize) -> Result<Tensor> {
         let d = x.cols() / n_heads;
-        let (q, k, v) = (self.q.forward(x), self.k.forward(x), self.v.forward(x));
+        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
         let a = ops::attention_bidir(&q, &k, &v, pack, n_heads, d);
-        let mut y = self.attn_out.forward(&a);
-        ops::add_(&mut y, x);
+        let mut y = self.attn_out.forward(&a)?;
+        ops::add_(&mut y, x)?;
         let x = self.attn_norm.forward(&y);
-        let mut hmid = self.inter.forward(&x);
+        let mut hmid = self.inter.forward(&x)?;
         ops::gelu_(&mut hmid);
-        let mut y = self.out.forward(&hmid);
-        ops::add_(&mut y, &x);
-        self.out_norm.forward(&y)
+        let mut y = self.out.forward(&hmid)?;
+        ops::add_(&mut y, &x)?;
+        Ok(self.out_norm.forward(&y))
     }
 }
 
@@ -396,22 +396,22 @@ impl RobertaClassifier {
         let pack = Packing::from_lengths(&seqs.iter().map(Vec::len).collect::<Vec<_>>());
 
         // Embeddings; token types are all 0 (the scorer's call passes none).
-        let mut x = ops::embedding(&self.word, &ids);
-        ops::add_(&mut x, &ops::embedding(&self.position, &positions));
+        let mut x = ops::embedding(&self.word, &ids)?;
+        ops::add_(&mut x, &ops::embedding(&self.position, &positions)?)?;
         ops::add_(
             &mut x,
-            &ops::embedding(&self.token_type, &vec![0; ids.len()]),
-        );
+            &ops::embedding(&self.token_type, &vec![0; ids.len()])?,
+        )?;
         let mut x = self.emb_norm.forward(&x);
         for layer in &self.layers {
-            x = layer.forward(&x, &pack, cfg.num_heads);
+            x = layer.forward(&x, &pack, cfg.num_heads)?;
         }
 
         // Head on the first token (`<s>`) of each sequence: dense → tanh → out_proj.
         let firsts: Vec<usize> = (0..pack.n_seqs()).map(|s| pack.range(s).start).collect();
-        let mut hcls = self.head_dense.forward(&ops::gather_rows(&x, &firsts));
+        let mut hcls = self.head_dense.forward(&ops::gather_rows(&x, &firsts)?)?;
         ops::tanh_(&mut hcls);
-        let logits = ops::to_host(&self.head_out.forward(&hcls));
+        let logits = ops::to_host(&self.head_out.forward(&hcls)?)?;
         Ok(logits.chunks(cfg.num_labels).map(<[f32]>::to_vec).collect())
     }
 }

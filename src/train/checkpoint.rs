@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// AdamW state: first and second moments in the adapter's layout, and the step count.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct AdamState {
     pub m: Adapter,
     pub v: Adapter,
@@ -27,7 +27,7 @@ pub struct State {
     /// Training examples consumed (the data position; the order is a function of
     /// `data_seed` and the epoch, so this fixes where the next batch starts).
     pub samples_seen: usize,
-    /// Dropout masks of step s come from ChaCha8(seed) on stream s, so the RNG state is
+    /// Dropout masks of step s are counter-based streams of (seed, s), so the RNG state is
     /// (seed, step) and needs nothing else stored.
     pub rng: String,
     pub settings: Settings,
@@ -113,8 +113,8 @@ pub fn load(out: &Path, model: &ModelConfig) -> Result<(Adapter, AdamState, Stat
         .map_err(|e| bad(format!("{}: unreadable checkpoint state: {e}", d.display())))?;
     let adapter = peft::load(&d, model)?;
     let w = Weights::open_files(&[d.join("optimizer.safetensors")])?;
-    let mut m = adapter.zeros_like();
-    let mut v = adapter.zeros_like();
+    let mut m = adapter.zeros_like()?;
+    let mut v = adapter.zeros_like()?;
     for (which, ad) in [("exp_avg", &mut m), ("exp_avg_sq", &mut v)] {
         for (l, p, pair) in ad.pairs_mut() {
             let a = w.f32(&moment_key(l, p, "A", which), &pair.a.shape)?;

@@ -2,6 +2,7 @@
 //! semantics pinned to peft + torch + TRL (CLI.md "Training options" and "Semantics").
 
 pub mod checkpoint;
+pub mod device;
 pub mod loss;
 pub mod runner;
 pub mod schedule;
@@ -99,6 +100,11 @@ pub struct TrainArgs {
     /// Log a metrics row every N steps.
     #[arg(long, default_value_t = 1)]
     pub log_every: usize,
+    /// Activation memory plan: `none` saves every layer's activations, `attention`
+    /// recomputes each attention block in backward, `full` saves only layer inputs and
+    /// recomputes each layer (about one extra forward). Results do not change.
+    #[arg(long, default_value = "none")]
+    pub recompute: String,
     /// Held-out data evaluated every --eval-every steps.
     #[arg(long)]
     pub eval_data: Vec<String>,

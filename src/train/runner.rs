@@ -2,10 +2,11 @@
 //! adapter gradients, `clip_grad_norm_`, AdamW, schedule, metrics, checkpoints, resume.
 
 use super::checkpoint::{self, AdamState, State};
+use super::device::DeviceTrainer;
 use super::loss::{dpo_pair, DpoCfg, DpoKind};
 use super::{Method, Settings, TrainArgs};
 use crate::backend::cpu::optim::{clip_grad_norm, AdamWScalars};
-use crate::commands::Common;
+use crate::commands::{Common, Device};
 use crate::data::examples::{
     pref_examples, sft_examples, Encoder, Limits, PrefExample, SftExample,
 };
@@ -14,14 +15,12 @@ use crate::error::{bad, Error, Result};
 use crate::lora::{peft, Adapter};
 use crate::model::llama::{Dropout, SeqBatch};
 use crate::model::{Model, ScoreSeq, Template, Tokenizer};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use std::io::Write;
 use std::path::Path;
 
 /// The examples of a run.
-enum Examples {
+pub(crate) enum Examples {
     Sft(Vec<SftExample>),
     Pref(Vec<PrefExample>),
 }
@@ -205,12 +204,12 @@ impl Ctx<'_> {
                     &b.targets,
                     dropout,
                     grads.is_some(),
-                );
+                )?;
                 out.loss = -lp.iter().map(|&x| x as f64).sum::<f64>() / norm;
                 out.tokens = b.ids.len();
                 if let (Some(g), Some(t)) = (grads, trace) {
                     let d = vec![(-1.0 / norm) as f32; lp.len()];
-                    self.model.backward(adapter, &t, &d, g);
+                    self.model.backward(adapter, &t, &d, g)?;
                 }
             }
             Examples::Pref(v) => {
@@ -231,7 +230,7 @@ impl Ctx<'_> {
                     &b.targets,
                     dropout,
                     grads.is_some(),
-                );
+                )?;
                 let per_seq = b.split(&lp);
                 let pol = seq_logps(&per_seq, Some(cfg.kind));
                 let mut dlogp = Vec::with_capacity(lp.len());
@@ -253,12 +252,53 @@ impl Ctx<'_> {
                 }
                 out.tokens = b.ids.len();
                 if let (Some(g), Some(t)) = (grads, trace) {
-                    self.model.backward(adapter, &t, &dlogp, g);
+                    self.model.backward(adapter, &t, &dlogp, g)?;
                 }
             }
         }
         Ok(out)
     }
+}
+
+/// One optimizer step over the examples `idx` (step number `step`, learning rate `lr`):
+/// micro-batches of forward + backward into fresh gradients, the NaN checks, clipping
+/// and AdamW. Returns the step's summed outputs and the gradient norm before clipping.
+/// A non-finite loss or gradient is `Error::Diverged` naming which, and changes nothing.
+fn train_step(
+    ctx: &Ctx,
+    weights: &mut TrainWeights,
+    ex: &Examples,
+    idx: &[usize],
+    step: usize,
+    lr: f64,
+) -> Result<(StepOut, f32)> {
+    let s = ctx.s;
+    let norm = step_norm(ex, idx);
+    let mut grads = weights.zero_grads()?;
+    let mut dropout = (s.dropout > 0.0).then(|| Dropout::new(s.dropout, s.seed, step as u64));
+    let mut acc = StepOut::default();
+    for chunk in idx.chunks(s.batch_size / s.grad_accum) {
+        add_out(
+            &mut acc,
+            ctx.micro_step(
+                weights.adapter(),
+                ex,
+                chunk,
+                norm,
+                dropout.as_mut(),
+                Some(&mut grads),
+            )?,
+        );
+    }
+    if !acc.loss.is_finite() {
+        return Err(Error::Diverged(format!("the loss is {}", acc.loss)));
+    }
+    let grad_norm = weights.grad_norm(&mut grads, s.max_grad_norm as f32)?;
+    if !grad_norm.is_finite() {
+        return Err(Error::Diverged(format!("the gradient norm is {grad_norm}")));
+    }
+    weights.apply(&grads, lr, s)?;
+    Ok((acc, grad_norm))
 }
 
 fn add_out(acc: &mut StepOut, o: StepOut) {
@@ -496,11 +536,13 @@ fn evaluate(ctx: &Ctx, adapter: &Adapter, ex: &Examples) -> Result<StepOut> {
 }
 
 pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
-    common.setup()?;
+    let device = common.setup()?;
     let mut s = Settings::resolve(args, method, common.seed)?;
     let out = args.out.as_path();
     prepare_out(out, args.resume, s.steps)?;
+    let recompute = args.recompute.parse()?;
     let mut model = Model::load(&args.model)?;
+    model.recompute = recompute;
     if s.peft == "qlora" && !model.is_nf4() {
         // QLoRA: the frozen base in bitsandbytes' NF4 (blocksize 64, double quant).
         model.quantize_nf4(crate::quant::DEFAULT_BLOCKSIZE, true)?;
@@ -529,8 +571,8 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
         eprintln!("data: {}", data_desc.lines().next().unwrap_or(""));
     }
     let mut opt = AdamState {
-        m: adapter.zeros_like(),
-        v: adapter.zeros_like(),
+        m: adapter.zeros_like()?,
+        v: adapter.zeros_like()?,
         step: 0,
     };
     let mut start = 0;
@@ -557,9 +599,16 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
     } else {
         write_run_json(out, &s, &data_desc, false, 0)?;
     }
-    let ref_adapter = match &args.ref_adapter {
+    let mut ref_adapter = match &args.ref_adapter {
         Some(d) => Some(peft::load(d, &model.cfg)?),
         None => None,
+    };
+    let mut weights = if device == Device::Cuda {
+        model.to_device()?;
+        ref_adapter = ref_adapter.map(|a| a.to_device_bf16()).transpose()?;
+        TrainWeights::Cuda(Box::new(DeviceTrainer::upload(&adapter, &opt)?))
+    } else {
+        TrainWeights::Cpu { adapter, opt }
     };
     let mut ctx = Ctx {
         model: &model,
@@ -573,7 +622,6 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
         ctx.ref_cache = Some(&ref_rows);
     }
     let n = ex.len();
-    let micro = s.batch_size / s.grad_accum;
     let sched = s.schedule();
     let metrics = out.join("metrics.jsonl");
     let pb = crate::commands::progress_bar(s.steps as u64, show, method_name(method));
@@ -586,82 +634,23 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
         let idx: Vec<usize> = (0..s.batch_size)
             .map(|k| sample_index(step * s.batch_size + k, n, &s, &mut order_cache))
             .collect();
-        let norm = step_norm(&ex, &idx);
-        let mut grads = adapter.zeros_like();
-        let mut dropout = (s.dropout > 0.0).then(|| {
-            let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
-            rng.set_stream(step as u64);
-            Dropout { p: s.dropout, rng }
-        });
-        let mut acc = StepOut::default();
-        for chunk in idx.chunks(micro) {
-            add_out(
-                &mut acc,
-                ctx.micro_step(
-                    &adapter,
-                    &ex,
-                    chunk,
-                    norm,
-                    dropout.as_mut(),
-                    Some(&mut grads),
-                )?,
-            );
-        }
-        if !acc.loss.is_finite() {
-            return Err(diverged(out, step, &format!("the loss is {}", acc.loss)));
-        }
-        let mut slices: Vec<&mut [f32]> = grads
-            .pairs_mut()
-            .flat_map(|(_, _, p)| [p.a.cpu_mut(), p.b.cpu_mut()])
-            .collect();
-        let grad_norm = clip_grad_norm(&mut slices, s.max_grad_norm as f32);
-        if !grad_norm.is_finite() {
-            return Err(diverged(
-                out,
-                step,
-                &format!("the gradient norm is {grad_norm}"),
-            ));
-        }
         let lr = sched.lr(s.lr, step, s.steps, s.warmup_steps);
-        opt.step += 1;
-        let sc = AdamWScalars::new(
-            opt.step,
-            lr,
-            s.adam_beta1,
-            s.adam_beta2,
-            s.adam_eps,
-            s.weight_decay,
-        )?;
-        let params = adapter
-            .pairs_mut()
-            .flat_map(|(_, _, p)| [p.a.cpu_mut(), p.b.cpu_mut()]);
-        let ms = opt
-            .m
-            .pairs_mut()
-            .flat_map(|(_, _, p)| [p.a.cpu_mut(), p.b.cpu_mut()]);
-        let vs = opt
-            .v
-            .pairs_mut()
-            .flat_map(|(_, _, p)| [p.a.cpu_mut(), p.b.cpu_mut()]);
-        for (((p, g), m), v) in params
-            .zip(grads.pairs().flat_map(|(_, _, p)| [p.a.cpu(), p.b.cpu()]))
-            .zip(ms)
-            .zip(vs)
-        {
-            for i in 0..p.len() {
-                sc.update(&mut p[i], g[i], &mut m[i], &mut v[i]);
-            }
-        }
+        let (acc, grad_norm) =
+            train_step(&ctx, &mut weights, &ex, &idx, step, lr).map_err(|e| match e {
+                Error::Diverged(what) => diverged(out, step, &what),
+                other => other,
+            })?;
         step += 1;
         let secs = t0.elapsed().as_secs_f64();
         if step % args.log_every == 0 || step == s.steps {
-            append(
-                &metrics,
-                &metrics_row(method, step, &acc, lr, grad_norm, secs),
-            )?;
+            let mut row = metrics_row(method, step, &acc, lr, grad_norm, secs);
+            if let Some(b) = weights.peak_bytes() {
+                row["peak_mem_gib"] = json!(b as f64 / (1u64 << 30) as f64);
+            }
+            append(&metrics, &row)?;
         }
         if let (Some(e), true) = (&eval, s.eval_every > 0 && step % s.eval_every.max(1) == 0) {
-            let r = evaluate(&ctx, &adapter, e)?;
+            let r = evaluate(&ctx, weights.adapter(), e)?;
             let mut row = json!({"step": step, "eval_loss": r.loss});
             if method == Method::Dpo {
                 row["eval_rewards/accuracies"] = json!(r.accuracies);
@@ -682,10 +671,10 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
             let state = State {
                 step,
                 samples_seen: step * s.batch_size,
-                rng: format!("chacha8 seed {} stream {step}", s.seed),
+                rng: format!("splitmix64 dropout streams, seed {} step {step}", s.seed),
                 settings: s.clone(),
             };
-            checkpoint::save(out, &adapter, &opt, &state)?;
+            weights.with_host(|a, o| checkpoint::save(out, a, o, &state))?;
         }
     }
     pb.finish_and_clear();
@@ -696,7 +685,7 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
         );
         return Ok(());
     }
-    peft::save(&adapter, out, &s.model)?;
+    weights.with_host(|a, _| peft::save(a, out, &s.model))?;
     write_run_json(out, &s, &data_desc, true, step)?;
     if !common.quiet {
         eprintln!(
@@ -705,8 +694,118 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
             step,
             out.display()
         );
+        if let Some(b) = weights.peak_bytes() {
+            eprintln!(
+                "peak device memory: {:.2} GiB (tensors from palign's pool; cuBLAS and the CUDA context come on top)",
+                b as f64 / (1u64 << 30) as f64
+            );
+        }
     }
     Ok(())
+}
+
+/// The adapter being trained and its optimizer, on the host (f32 reference) or on the
+/// device (`DeviceTrainer`).
+enum TrainWeights {
+    Cpu { adapter: Adapter, opt: AdamState },
+    Cuda(Box<DeviceTrainer>),
+}
+
+impl TrainWeights {
+    /// The adapter the model multiplies with.
+    fn adapter(&self) -> &Adapter {
+        match self {
+            TrainWeights::Cpu { adapter, .. } => adapter,
+            TrainWeights::Cuda(d) => &d.compute,
+        }
+    }
+
+    fn zero_grads(&self) -> Result<Adapter> {
+        match self {
+            TrainWeights::Cpu { adapter, .. } => adapter.zeros_like(),
+            TrainWeights::Cuda(d) => d.zero_grads(),
+        }
+    }
+
+    /// The total gradient norm before clipping (`clip_grad_norm_`'s return value); the
+    /// CPU clips `grads` in place here, the device folds the clip into AdamW.
+    fn grad_norm(&mut self, grads: &mut Adapter, max_norm: f32) -> Result<f32> {
+        match self {
+            TrainWeights::Cpu { .. } => {
+                let mut slices: Vec<&mut [f32]> = grads
+                    .pairs_mut()
+                    .flat_map(|(_, _, p)| [p.a.cpu_mut(), p.b.cpu_mut()])
+                    .collect();
+                Ok(clip_grad_norm(&mut slices, max_norm))
+            }
+            TrainWeights::Cuda(d) => d.grad_norm(grads, max_norm),
+        }
+    }
+
+    /// One AdamW step at learning rate `lr` with the (clipped) gradients.
+    fn apply(&mut self, grads: &Adapter, lr: f64, s: &Settings) -> Result<()> {
+        let step = match self {
+            TrainWeights::Cpu { opt, .. } => opt.step + 1,
+            TrainWeights::Cuda(d) => d.step + 1,
+        };
+        let sc = AdamWScalars::new(
+            step,
+            lr,
+            s.adam_beta1,
+            s.adam_beta2,
+            s.adam_eps,
+            s.weight_decay,
+        )?;
+        match self {
+            TrainWeights::Cpu { adapter, opt } => {
+                opt.step = step;
+                let params = adapter
+                    .pairs_mut()
+                    .flat_map(|(_, _, p)| [p.a.cpu_mut(), p.b.cpu_mut()]);
+                let ms = opt
+                    .m
+                    .pairs_mut()
+                    .flat_map(|(_, _, p)| [p.a.cpu_mut(), p.b.cpu_mut()]);
+                let vs = opt
+                    .v
+                    .pairs_mut()
+                    .flat_map(|(_, _, p)| [p.a.cpu_mut(), p.b.cpu_mut()]);
+                for (((p, g), m), v) in params
+                    .zip(grads.pairs().flat_map(|(_, _, p)| [p.a.cpu(), p.b.cpu()]))
+                    .zip(ms)
+                    .zip(vs)
+                {
+                    for i in 0..p.len() {
+                        sc.update(&mut p[i], g[i], &mut m[i], &mut v[i]);
+                    }
+                }
+                Ok(())
+            }
+            TrainWeights::Cuda(d) => d.apply(grads, &sc),
+        }
+    }
+
+    /// Peak bytes of device memory in use so far (None on the CPU).
+    fn peak_bytes(&self) -> Option<usize> {
+        match self {
+            TrainWeights::Cpu { .. } => None,
+            TrainWeights::Cuda(_) => crate::backend::cuda::Gpu::get()
+                .ok()
+                .map(|g| g.pool_stats().peak_in_use_bytes),
+        }
+    }
+
+    /// Runs `f` with the f32 adapter and optimizer state on the host (a download from
+    /// the device).
+    fn with_host(&self, f: impl FnOnce(&Adapter, &AdamState) -> Result<()>) -> Result<()> {
+        match self {
+            TrainWeights::Cpu { adapter, opt } => f(adapter, opt),
+            TrainWeights::Cuda(d) => {
+                let (a, o) = d.download()?;
+                f(&a, &o)
+            }
+        }
+    }
 }
 
 /// A non-finite loss or gradient stops the run before the optimizer step, so the last
@@ -731,4 +830,81 @@ fn method_name(m: Method) -> &'static str {
         Method::Sft => "sft",
         Method::Dpo => "dpo",
     }
+}
+
+/// What `palign bench train` measured: wall seconds of each timed step, the step's
+/// tokens, the peak device memory, the kernel-family breakdown of one profiled step (ms)
+/// and the loss of every step (warm-up included).
+pub(crate) struct BenchOut {
+    pub step_secs: Vec<f64>,
+    pub tokens: usize,
+    pub peak_bytes: Option<usize>,
+    pub families: std::collections::BTreeMap<&'static str, f64>,
+    pub profiled_secs: f64,
+    pub losses: Vec<f64>,
+}
+
+/// Runs `warmup` + `steps` real training steps (the same `train_step` as `palign sft` /
+/// `dpo`) over the whole of `ex` each time, then one profiled step on the device.
+pub(crate) fn bench(
+    model: &Model,
+    s: &Settings,
+    ex: &Examples,
+    device: Device,
+    warmup: usize,
+    steps: usize,
+) -> Result<BenchOut> {
+    let adapter = Adapter::init(&model.cfg, s.lora(), s.seed)?;
+    let opt = AdamState {
+        m: adapter.zeros_like()?,
+        v: adapter.zeros_like()?,
+        step: 0,
+    };
+    let gpu = match device {
+        Device::Cuda => Some(crate::backend::cuda::Gpu::get()?),
+        Device::Cpu => None,
+    };
+    let mut weights = match device {
+        Device::Cuda => TrainWeights::Cuda(Box::new(DeviceTrainer::upload(&adapter, &opt)?)),
+        Device::Cpu => TrainWeights::Cpu { adapter, opt },
+    };
+    let ctx = Ctx {
+        model,
+        s,
+        ref_adapter: None,
+        ref_cache: None,
+    };
+    let idx: Vec<usize> = (0..ex.len()).collect();
+    let sync = || gpu.as_ref().map_or(Ok(()), |g| g.synchronize());
+    let mut out = BenchOut {
+        step_secs: Vec::new(),
+        tokens: 0,
+        peak_bytes: None,
+        families: Default::default(),
+        profiled_secs: 0.0,
+        losses: Vec::new(),
+    };
+    for step in 0..warmup + steps + gpu.is_some() as usize {
+        let profiled = step == warmup + steps;
+        if profiled {
+            crate::backend::cuda::profile::start();
+        }
+        sync()?;
+        let t0 = std::time::Instant::now();
+        let (o, _) = train_step(&ctx, &mut weights, ex, &idx, step, s.lr)?;
+        sync()?;
+        let secs = t0.elapsed().as_secs_f64();
+        out.losses.push(o.loss);
+        out.tokens = o.tokens;
+        if profiled {
+            out.profiled_secs = secs;
+            if let Some(g) = &gpu {
+                out.families = crate::backend::cuda::profile::finish(g)?;
+            }
+        } else if step >= warmup {
+            out.step_secs.push(secs);
+        }
+    }
+    out.peak_bytes = weights.peak_bytes();
+    Ok(out)
 }

@@ -190,6 +190,18 @@ pub struct DeviceBuffer<T> {
     _t: PhantomData<T>,
 }
 
+impl<T> std::fmt::Debug for DeviceBuffer<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DeviceBuffer({} x {} at {:#x})",
+            self.len,
+            std::any::type_name::<T>(),
+            self.block.ptr()
+        )
+    }
+}
+
 impl<T: bytemuck::Pod> DeviceBuffer<T> {
     pub(crate) fn new(pool: &Arc<Pool>, len: usize) -> Result<Self> {
         let bytes = len

@@ -252,6 +252,35 @@ impl Gpu {
             .map_err(cuda_err("cuMemcpyHtoDAsync"))
     }
 
+    /// A new buffer holding a device-to-device copy of `src` (queued on the stream).
+    pub fn copy<T: Pod>(&self, src: &DeviceBuffer<T>) -> Result<DeviceBuffer<T>> {
+        let mut dst = self.alloc(src.len())?;
+        self.copy_device(src, &mut dst)?;
+        Ok(dst)
+    }
+
+    /// Copy `src` into `dst` (same length), device to device.
+    pub fn copy_device<T: Pod>(
+        &self,
+        src: &DeviceBuffer<T>,
+        dst: &mut DeviceBuffer<T>,
+    ) -> Result<()> {
+        if src.len() != dst.len() {
+            return Err(Error::Cuda(format!(
+                "device copy: {} elements into a buffer of {}",
+                src.len(),
+                dst.len()
+            )));
+        }
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: both ranges are their buffers' own allocations, of equal byte size.
+        unsafe { cu::memcpy_dtod_async(dst.ptr(), src.ptr(), src.bytes(), self.stream.cu_stream()) }
+            .map_err(cuda_err("cuMemcpyDtoDAsync"))
+    }
+
     /// Copy `src` to the host, waiting for all queued work first.
     pub fn download<T: Pod>(&self, src: &DeviceBuffer<T>) -> Result<Vec<T>> {
         let mut host = vec![T::zeroed(); src.len()];

@@ -16,6 +16,8 @@ pub mod device;
 pub mod nf4;
 pub mod ops;
 pub mod params;
+pub mod profile;
+pub mod tensor_ops;
 
 pub use alloc::{DeviceBuffer, PoolStats};
 pub use device::{Gpu, Timer};

@@ -194,6 +194,7 @@ pub fn check_tensor(t: &Nf4Tensor) -> Result<()> {
     }
 }
 
+#[derive(Debug)]
 enum Scales {
     Plain(DeviceBuffer<f32>),
     Double {
@@ -206,6 +207,7 @@ enum Scales {
 }
 
 /// An NF4 weight `[n, k]` in device memory (see the module docs).
+#[derive(Debug)]
 pub struct Nf4Weight {
     shape: [usize; 2],
     blocksize: usize,

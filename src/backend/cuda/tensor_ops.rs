@@ -1,0 +1,562 @@
+//! The CUDA arm of `crate::ops`: the same ops on device tensors, each a thin wrapper
+//! that allocates the output from the pool and calls one launcher (or cuBLAS).
+//!
+//! Storage: activations and frozen weights bf16, adapter gradients and per-row
+//! statistics (rstd, attention and lm_head log-sum-exp) f32. Index lists (token ids,
+//! rows, targets) come from the host and are uploaded per call; they are a few KiB.
+//! Every op charges its GPU time to a kernel family (`profile`), for the breakdown of
+//! `palign bench train`.
+
+use std::sync::OnceLock;
+
+use half::bf16;
+
+use super::attention::{
+    self as attn, AttnGradInputs, AttnGrads, DecodeBatch, DecodeSpec, KvCacheView, SeqLayout,
+};
+use super::blas::{self, Gemm};
+use super::nf4::{Nf4Dispatcher, Nf4Op, Out};
+use super::{elementwise as ew, logprob, ops as k, profile, DeviceBuffer, Gpu};
+use crate::error::{bad, Error, Result};
+use crate::ops::{AttnShape, DropMask, LinearWeight, Packing, Rope};
+use crate::tensor::Tensor;
+
+/// Kernel families of the breakdown.
+pub const GEMM: &str = "gemm (cuBLAS)";
+pub const NF4: &str = "nf4 gemm";
+pub const ATTENTION: &str = "attention";
+pub const LOGPROB: &str = "lm_head log-prob";
+pub const NORM: &str = "rmsnorm";
+pub const ROPE: &str = "rope";
+pub const SWIGLU: &str = "swiglu";
+pub const ELEMENTWISE: &str = "elementwise";
+
+fn gpu() -> Result<std::sync::Arc<Gpu>> {
+    Gpu::get()
+}
+
+/// The process's NF4 dispatcher (its per-shape path cache is loaded once).
+fn nf4() -> Result<&'static Nf4Dispatcher> {
+    static D: OnceLock<Nf4Dispatcher> = OnceLock::new();
+    if let Some(d) = D.get() {
+        return Ok(d);
+    }
+    let d = Nf4Dispatcher::new(&*gpu()?)?;
+    Ok(D.get_or_init(|| d))
+}
+
+/// Which lm_head log-prob path the device uses (`PALIGN_LOGPROB=chunked|fused`, default fused).
+fn logprob_path() -> logprob::LogprobPath {
+    match std::env::var("PALIGN_LOGPROB").as_deref() {
+        Ok("chunked") => logprob::LogprobPath::Chunked,
+        _ => logprob::LogprobPath::Fused,
+    }
+}
+
+fn new_bf16(g: &Gpu, shape: &[usize]) -> Result<Tensor> {
+    Ok(Tensor::cuda_bf16(g.alloc(shape.iter().product())?, shape))
+}
+
+fn new_f32(g: &Gpu, shape: &[usize]) -> Result<Tensor> {
+    Ok(Tensor::cuda_f32(g.alloc(shape.iter().product())?, shape))
+}
+
+fn upload_u32(g: &Gpu, v: impl Iterator<Item = usize>, what: &str) -> Result<DeviceBuffer<u32>> {
+    let h: Vec<u32> = v
+        .map(|x| u32::try_from(x).map_err(|_| bad(format!("{what}: index {x} exceeds u32"))))
+        .collect::<Result<_>>()?;
+    g.upload(&h)
+}
+
+fn dense_bf16(w: &LinearWeight) -> Result<&DeviceBuffer<bf16>> {
+    match w {
+        LinearWeight::Dense(t) => t.bf16_buf(),
+        _ => Err(Error::Cuda(
+            "internal: expected a dense bf16 device weight".into(),
+        )),
+    }
+}
+
+pub fn linear(x: &Tensor, w: &LinearWeight) -> Result<Tensor> {
+    let g = gpu()?;
+    let (m, n, kk) = (x.rows(), w.out_features(), w.in_features());
+    let mut y = new_bf16(&g, &[m, n])?;
+    match w {
+        LinearWeight::Nf4Cuda(q) => profile::scope(&g, NF4, || {
+            nf4()?
+                .matmul(
+                    &g,
+                    Nf4Op::Forward,
+                    x.bf16_buf()?,
+                    m,
+                    q,
+                    Out::Bf16(y.bf16_buf_mut()?),
+                )
+                .map(|_| ())
+        })?,
+        _ => profile::scope(&g, GEMM, || {
+            blas::gemm_bf16(
+                &g,
+                Gemm::linear(m, n, kk),
+                x.bf16_buf()?,
+                dense_bf16(w)?,
+                y.bf16_buf_mut()?,
+            )
+        })?,
+    }
+    Ok(y)
+}
+
+pub fn linear_backward(dy: &Tensor, w: &LinearWeight) -> Result<Tensor> {
+    let g = gpu()?;
+    let (m, n, kk) = (dy.rows(), w.out_features(), w.in_features());
+    let mut dx = new_bf16(&g, &[m, kk])?;
+    match w {
+        LinearWeight::Nf4Cuda(q) => profile::scope(&g, NF4, || {
+            nf4()?
+                .matmul(
+                    &g,
+                    Nf4Op::Backward,
+                    dy.bf16_buf()?,
+                    m,
+                    q,
+                    Out::Bf16(dx.bf16_buf_mut()?),
+                )
+                .map(|_| ())
+        })?,
+        _ => {
+            // dX[m, in] = dY[m, out] · W[out, in]
+            let gm = Gemm {
+                m,
+                n: kk,
+                k: n,
+                trans_a: false,
+                trans_b: false,
+                alpha: 1.0,
+                beta: 0.0,
+            };
+            profile::scope(&g, GEMM, || {
+                blas::gemm_bf16(&g, gm, dy.bf16_buf()?, dense_bf16(w)?, dx.bf16_buf_mut()?)
+            })?
+        }
+    }
+    Ok(dx)
+}
+
+/// `x · aᵀ` (`trans_b`) or `x · a`, both bf16.
+fn gemm_shape(x: &Tensor, a: &Tensor, trans_b: bool, alpha: f32, beta: f32) -> Gemm {
+    let (m, kk) = (x.rows(), x.cols());
+    let n = if trans_b { a.rows() } else { a.cols() };
+    Gemm {
+        m,
+        n,
+        k: kk,
+        trans_a: false,
+        trans_b,
+        alpha,
+        beta,
+    }
+}
+
+pub fn matmul_new(x: &Tensor, a: &Tensor, trans_b: bool) -> Result<Tensor> {
+    let g = gpu()?;
+    let gm = gemm_shape(x, a, trans_b, 1.0, 0.0);
+    let mut y = new_bf16(&g, &[gm.m, gm.n])?;
+    profile::scope(&g, GEMM, || {
+        blas::gemm_bf16(&g, gm, x.bf16_buf()?, a.bf16_buf()?, y.bf16_buf_mut()?)
+    })?;
+    Ok(y)
+}
+
+/// `y += alpha · x · op(a)` in one GEMM (beta = 1).
+pub fn matmul_acc(y: &mut Tensor, x: &Tensor, a: &Tensor, trans_b: bool, alpha: f32) -> Result<()> {
+    let g = gpu()?;
+    let gm = gemm_shape(x, a, trans_b, alpha, 1.0);
+    profile::scope(&g, GEMM, || {
+        blas::gemm_bf16(&g, gm, x.bf16_buf()?, a.bf16_buf()?, y.bf16_buf_mut()?)
+    })
+}
+
+/// `grad (f32) += alpha · aᵀ · b` with bf16 `a` `[m, p]`, `b` `[m, q]`.
+pub fn add_at_b_(grad: &mut Tensor, a: &Tensor, b: &Tensor, alpha: f32) -> Result<()> {
+    let g = gpu()?;
+    let gm = Gemm {
+        m: a.cols(),
+        n: b.cols(),
+        k: a.rows(),
+        trans_a: true,
+        trans_b: false,
+        alpha,
+        beta: 1.0,
+    };
+    profile::scope(&g, GEMM, || {
+        blas::gemm_bf16_f32out(&g, gm, a.bf16_buf()?, b.bf16_buf()?, grad.f32_buf_mut()?)
+    })
+}
+
+pub fn axpy_(y: &mut Tensor, alpha: f32, x: &Tensor) -> Result<()> {
+    let g = gpu()?;
+    profile::scope(&g, ELEMENTWISE, || {
+        if alpha == 1.0 {
+            ew::add_bf16(&g, x.bf16_buf()?, y.bf16_buf_mut()?)
+        } else {
+            ew::axpy_bf16(&g, alpha, x.bf16_buf()?, y.bf16_buf_mut()?)
+        }
+    })
+}
+
+pub fn dropout(x: &Tensor, mask: DropMask) -> Result<Tensor> {
+    let g = gpu()?;
+    let mut out = new_bf16(&g, &x.shape)?;
+    profile::scope(&g, ELEMENTWISE, || {
+        ew::dropout_bf16(&g, x.bf16_buf()?, mask.stream, mask.p, out.bf16_buf_mut()?)
+    })?;
+    Ok(out)
+}
+
+pub fn zeros_like(like: &Tensor) -> Result<Tensor> {
+    let g = gpu()?;
+    Ok(match like.storage {
+        crate::tensor::Storage::CudaF32(_) => Tensor::cuda_f32(g.zeros(like.numel())?, &like.shape),
+        _ => Tensor::cuda_bf16(g.zeros(like.numel())?, &like.shape),
+    })
+}
+
+pub fn embedding(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
+    let g = gpu()?;
+    let h = table.cols();
+    let ids_dev = g.upload(ids)?;
+    let mut out = new_bf16(&g, &[ids.len(), h])?;
+    profile::scope(&g, ELEMENTWISE, || {
+        k::embedding_forward(&g, table.bf16_buf()?, h, &ids_dev, out.bf16_buf_mut()?)
+    })?;
+    Ok(out)
+}
+
+pub fn rmsnorm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    let g = gpu()?;
+    let rows = x.numel() / weight.numel().max(1);
+    let mut y = new_bf16(&g, &x.shape)?;
+    let mut rstd = new_f32(&g, &[rows])?;
+    profile::scope(&g, NORM, || {
+        k::rmsnorm_forward(
+            &g,
+            x.bf16_buf()?,
+            weight.bf16_buf()?,
+            eps,
+            y.bf16_buf_mut()?,
+            Some(rstd.f32_buf_mut()?),
+        )
+    })?;
+    Ok((y, rstd))
+}
+
+pub fn rmsnorm_backward(dy: &Tensor, x: &Tensor, weight: &Tensor, rstd: &Tensor) -> Result<Tensor> {
+    let g = gpu()?;
+    let mut dx = new_bf16(&g, &x.shape)?;
+    profile::scope(&g, NORM, || {
+        k::rmsnorm_backward(
+            &g,
+            dy.bf16_buf()?,
+            x.bf16_buf()?,
+            weight.bf16_buf()?,
+            rstd.f32_buf()?,
+            dx.bf16_buf_mut()?,
+            false,
+        )
+    })?;
+    Ok(dx)
+}
+
+/// A batch's RoPE tables and positions on the device (kept in `ops::Rope`).
+pub struct RopeDev {
+    tables: k::RopeTables,
+    positions: DeviceBuffer<u32>,
+}
+
+impl std::fmt::Debug for RopeDev {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RopeDev({} positions)", self.positions.len())
+    }
+}
+
+fn rope_dev<'a>(g: &Gpu, rope: &'a Rope) -> Result<&'a RopeDev> {
+    if let Some(d) = rope.dev.get() {
+        return Ok(d);
+    }
+    let half = (rope.head_dim / 2).max(1);
+    let max_pos = rope.cos.len() / half;
+    if rope.positions.iter().any(|&p| p as usize >= max_pos) {
+        return Err(Error::Cuda(
+            "internal: a RoPE position is past the tables".into(),
+        ));
+    }
+    let d = RopeDev {
+        tables: k::RopeTables {
+            cos: g.upload(&rope.cos)?,
+            sin: g.upload(&rope.sin)?,
+            head_dim: rope.head_dim,
+            max_pos,
+        },
+        positions: g.upload(&rope.positions)?,
+    };
+    Ok(rope.dev.get_or_init(|| d))
+}
+
+/// RoPE (or its backward) on q and k in one launch.
+pub fn rope_qk(
+    q: &mut Tensor,
+    kt: &mut Tensor,
+    n_heads: usize,
+    n_kv: usize,
+    rope: &Rope,
+    backward: bool,
+) -> Result<()> {
+    let g = gpu()?;
+    let d = rope_dev(&g, rope)?;
+    profile::scope(&g, ROPE, || {
+        let args = k::RopeArgs {
+            q: q.bf16_buf_mut()?,
+            k: kt.bf16_buf_mut()?,
+            n_q_heads: n_heads,
+            n_kv_heads: n_kv,
+            positions: &d.positions,
+        };
+        if backward {
+            k::rope_backward(&g, args, &d.tables)
+        } else {
+            k::rope_forward(&g, args, &d.tables)
+        }
+    })
+}
+
+pub fn attention(
+    q: &Tensor,
+    kt: &Tensor,
+    v: &Tensor,
+    pack: &Packing,
+    shape: AttnShape,
+) -> Result<(Tensor, Tensor)> {
+    let g = gpu()?;
+    let layout = SeqLayout::from_packing(&g, pack)?;
+    let t = q.rows();
+    let mut out = new_bf16(&g, &q.shape)?;
+    let mut lse = new_f32(&g, &[t, shape.n_heads])?;
+    profile::scope(&g, ATTENTION, || {
+        attn::attention_forward(
+            &g,
+            q.bf16_buf()?,
+            kt.bf16_buf()?,
+            v.bf16_buf()?,
+            &layout,
+            shape,
+            out.bf16_buf_mut()?,
+            lse.f32_buf_mut()?,
+        )
+    })?;
+    Ok((out, lse))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    q: &Tensor,
+    kt: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    d_o: &Tensor,
+    lse: &Tensor,
+    pack: &Packing,
+    shape: AttnShape,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let g = gpu()?;
+    let layout = SeqLayout::from_packing(&g, pack)?;
+    let mut dq = new_bf16(&g, &q.shape)?;
+    let mut dk = new_bf16(&g, &kt.shape)?;
+    let mut dv = new_bf16(&g, &v.shape)?;
+    profile::scope(&g, ATTENTION, || {
+        attn::attention_backward(
+            &g,
+            AttnGradInputs {
+                q: q.bf16_buf()?,
+                k: kt.bf16_buf()?,
+                v: v.bf16_buf()?,
+                o: o.bf16_buf()?,
+                d_o: d_o.bf16_buf()?,
+                lse: lse.f32_buf()?,
+            },
+            &layout,
+            shape,
+            AttnGrads {
+                dq: dq.bf16_buf_mut()?,
+                dk: dk.bf16_buf_mut()?,
+                dv: dv.bf16_buf_mut()?,
+            },
+        )
+    })?;
+    Ok((dq, dk, dv))
+}
+
+/// The CPU semantics (query i sees cache rows `starts[i] .. starts[i] + lens[i]`) as a
+/// decode batch whose ring never wraps and whose window was applied by the caller.
+pub fn attention_decode(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    starts: &[usize],
+    lens: &[usize],
+    shape: AttnShape,
+) -> Result<Tensor> {
+    let g = gpu()?;
+    let cache_rows = k_cache.rows();
+    let capacity = lens.iter().copied().max().unwrap_or(1).max(1);
+    let spec = DecodeSpec::new(starts, lens, capacity, None, cache_rows)?;
+    let batch = DecodeBatch::new(&g, &spec)?;
+    let shape = AttnShape {
+        window: None,
+        ..shape
+    };
+    let mut out = new_bf16(&g, &q.shape)?;
+    profile::scope(&g, ATTENTION, || {
+        attn::attention_decode(
+            &g,
+            q.bf16_buf()?,
+            KvCacheView {
+                k: k_cache.bf16_buf()?,
+                v: v_cache.bf16_buf()?,
+            },
+            &batch,
+            shape,
+            out.bf16_buf_mut()?,
+        )
+    })?;
+    Ok(out)
+}
+
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let g = gpu()?;
+    let mut out = new_bf16(&g, &gate.shape)?;
+    profile::scope(&g, SWIGLU, || {
+        k::swiglu_forward(&g, gate.bf16_buf()?, up.bf16_buf()?, out.bf16_buf_mut()?)
+    })?;
+    Ok(out)
+}
+
+pub fn swiglu_backward(dout: &Tensor, gate: &Tensor, up: &Tensor) -> Result<(Tensor, Tensor)> {
+    let g = gpu()?;
+    let mut dg = new_bf16(&g, &gate.shape)?;
+    let mut du = new_bf16(&g, &up.shape)?;
+    profile::scope(&g, SWIGLU, || {
+        k::swiglu_backward(
+            &g,
+            dout.bf16_buf()?,
+            gate.bf16_buf()?,
+            up.bf16_buf()?,
+            dg.bf16_buf_mut()?,
+            du.bf16_buf_mut()?,
+        )
+    })?;
+    Ok((dg, du))
+}
+
+pub fn gather_rows(x: &Tensor, rows: &[usize]) -> Result<Tensor> {
+    let g = gpu()?;
+    let h = x.cols();
+    let idx = upload_u32(&g, rows.iter().copied(), "gather rows")?;
+    let mut out = new_bf16(&g, &[rows.len(), h])?;
+    profile::scope(&g, ELEMENTWISE, || {
+        ew::gather_rows_bf16(&g, x.bf16_buf()?, h, &idx, out.bf16_buf_mut()?)
+    })?;
+    Ok(out)
+}
+
+pub fn scatter_add_rows(dst: &mut Tensor, rows: &[usize], src: &Tensor) -> Result<()> {
+    let g = gpu()?;
+    let h = dst.cols();
+    let idx = upload_u32(&g, rows.iter().copied(), "scatter rows")?;
+    profile::scope(&g, ELEMENTWISE, || {
+        ew::scatter_add_rows_bf16(&g, src.bf16_buf()?, h, &idx, dst.bf16_buf_mut()?)
+    })
+}
+
+pub fn copy_rows(
+    dst: &mut Tensor,
+    dst_rows: &[usize],
+    src: &Tensor,
+    src_rows: &[usize],
+) -> Result<()> {
+    let g = gpu()?;
+    let h = dst.cols();
+    let d = upload_u32(&g, dst_rows.iter().copied(), "copy rows")?;
+    let s = upload_u32(&g, src_rows.iter().copied(), "copy rows")?;
+    profile::scope(&g, ELEMENTWISE, || {
+        ew::copy_rows_bf16(&g, src.bf16_buf()?, &s, dst.bf16_buf_mut()?, &d, h)
+    })
+}
+
+fn check_targets(targets: &[u32], vocab: usize) -> Result<()> {
+    match targets.iter().find(|&&t| t as usize >= vocab) {
+        Some(t) => Err(bad(format!(
+            "target id {t} is outside the vocabulary ({vocab})"
+        ))),
+        None => Ok(()),
+    }
+}
+
+pub fn target_logprobs(
+    hidden: &Tensor,
+    head: &LinearWeight,
+    targets: &[u32],
+) -> Result<(Vec<f32>, Tensor)> {
+    let g = gpu()?;
+    let (rows, h, v) = (hidden.rows(), hidden.cols(), head.out_features());
+    check_targets(targets, v)?;
+    let t = g.upload(targets)?;
+    let mut logp = g.alloc::<f32>(rows)?;
+    let mut lse = new_f32(&g, &[rows])?;
+    profile::scope(&g, LOGPROB, || {
+        logprob::target_logprobs(
+            &g,
+            hidden.bf16_buf()?,
+            rows,
+            dense_bf16(head)?,
+            v,
+            h,
+            &t,
+            &mut logp,
+            lse.f32_buf_mut()?,
+            logprob_path(),
+        )
+    })?;
+    Ok((g.download(&logp)?, lse))
+}
+
+pub fn target_logprobs_backward(
+    hidden: &Tensor,
+    head: &LinearWeight,
+    targets: &[u32],
+    lse: &Tensor,
+    dlogp: &[f32],
+) -> Result<Tensor> {
+    let g = gpu()?;
+    let (rows, h, v) = (hidden.rows(), hidden.cols(), head.out_features());
+    check_targets(targets, v)?;
+    let t = g.upload(targets)?;
+    let d = g.upload(dlogp)?;
+    let mut dh = new_bf16(&g, &[rows, h])?;
+    profile::scope(&g, LOGPROB, || {
+        logprob::target_logprobs_backward(
+            &g,
+            hidden.bf16_buf()?,
+            rows,
+            dense_bf16(head)?,
+            v,
+            h,
+            &t,
+            lse.f32_buf()?,
+            &d,
+            dh.bf16_buf_mut()?,
+            logprob_path(),
+        )
+    })?;
+    Ok(dh)
+}

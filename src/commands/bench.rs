@@ -1,0 +1,413 @@
+//! `palign bench train`: time real SFT / DPO training steps of a 7B-shaped model with
+//! random weights (no files), the number users choose palign for. The step is the one
+//! `palign sft` / `palign dpo` runs (`train::runner::bench`); `tools/bench_hf.py` times
+//! the same step with transformers + peft (+ bitsandbytes, TRL's loss) and prints the
+//! same `BENCH_TRAIN` line, so `tools/gpu-check.sh` can put the two side by side.
+//!
+//! Weights are drawn on the host per tensor (counter-based, in parallel) and uploaded one
+//! by one, so host memory stays at one tensor; NF4 bases get random codes and scales in
+//! bitsandbytes' double-quant layout (the speed of the kernels does not depend on them).
+
+use std::sync::Arc;
+
+use half::bf16;
+use rayon::prelude::*;
+
+use super::{Common, Device};
+use crate::backend::cpu::rng::splitmix64;
+use crate::backend::cuda::{nf4::Nf4Weight, Gpu};
+use crate::data::examples::{PrefExample, SftExample};
+use crate::error::{bad, Result};
+use crate::model::llama::{Layer, Recompute, PROJ_NAMES};
+use crate::model::{Model, ModelConfig};
+use crate::ops::LinearWeight;
+use crate::quant::{dynamic_map, Absmax, DoubleQuant, Nf4Tensor, SourceDtype};
+use crate::tensor::Tensor;
+use crate::train::runner::{self, Examples};
+use crate::train::{Method, Settings};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum What {
+    /// Training steps of a 7B-shaped model with random weights: tokens/s, MFU, peak
+    /// memory and the time per kernel family.
+    Train(TrainBench),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TrainBench {
+    /// llama-7b (LLaMA-2-7B), mistral-7b (Mistral-7B-v0.1), or tiny (for CPU checks).
+    #[arg(long, default_value = "mistral-7b")]
+    shape: String,
+    #[arg(long, default_value = "sft")]
+    method: String,
+    /// lora (bf16 base) or qlora (NF4 base).
+    #[arg(long, default_value = "qlora")]
+    peft: String,
+    /// Sequences (SFT) or pairs (DPO) per step.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// Default: 2 × rank.
+    #[arg(long)]
+    alpha: Option<f32>,
+    #[arg(long, default_value_t = 0.05)]
+    dropout: f32,
+    #[arg(long, default_value = "all")]
+    targets: String,
+    /// Micro-batches per step (gradient accumulation).
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    #[arg(long, default_value = "none")]
+    recompute: String,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+}
+
+/// (hidden, MLP, layers, heads, KV heads, vocab, sliding window) of a bench shape; the
+/// same table as tools/bench_hf.py (configs of LLaMA-2-7B and Mistral-7B-v0.1).
+fn shape(name: &str) -> Result<(usize, usize, usize, usize, usize, usize, Option<usize>)> {
+    Ok(match name {
+        "llama-7b" => (4096, 11008, 32, 32, 32, 32000, None),
+        "mistral-7b" => (4096, 14336, 32, 32, 8, 32000, Some(4096)),
+        "tiny" => (256, 688, 2, 4, 2, 512, None),
+        _ => {
+            return Err(bad(format!(
+                "--shape: unknown shape `{name}` (llama-7b, mistral-7b, tiny)"
+            )))
+        }
+    })
+}
+
+fn config(name: &str) -> Result<ModelConfig> {
+    let (h, mlp, layers, heads, kv, vocab, window) = shape(name)?;
+    let arch = if window.is_some() {
+        "MistralForCausalLM"
+    } else {
+        "LlamaForCausalLM"
+    };
+    ModelConfig::from_json(serde_json::json!({
+        "architectures": [arch],
+        "hidden_size": h,
+        "intermediate_size": mlp,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "vocab_size": vocab,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 4096,
+        "sliding_window": window,
+        "tie_word_embeddings": false,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }))
+}
+
+/// Uniform values in ±`bound` (std bound/√3), element i a function of (seed, i).
+fn random_values(n: usize, seed: u64, bound: f32) -> Vec<f32> {
+    (0..n)
+        .into_par_iter()
+        .map(|i| {
+            let u = (splitmix64(seed ^ splitmix64(i as u64)) >> 40) as f32 / 16_777_216.0;
+            (2.0 * u - 1.0) * bound
+        })
+        .collect()
+}
+
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    (0..n)
+        .into_par_iter()
+        .map(|i| splitmix64(seed ^ splitmix64(i as u64)) as u8)
+        .collect()
+}
+
+/// A dense weight: f32 on the CPU, bf16 on the device (std 0.02, like bench_hf.py).
+fn dense(shape: &[usize], seed: u64, cuda: bool, ones: bool) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v = if ones {
+        vec![1.0; n]
+    } else {
+        random_values(n, seed, 0.02 * 3f32.sqrt())
+    };
+    if !cuda {
+        return Ok(Tensor::from_vec(v, shape));
+    }
+    let h: Vec<bf16> = v.par_iter().map(|&x| bf16::from_f32(x)).collect();
+    Ok(Tensor::cuda_bf16(Gpu::get()?.upload(&h)?, shape))
+}
+
+/// A random NF4 weight in bitsandbytes' default layout (blocksize 64, double quant with
+/// 256-block groups), scaled so dequantized values are about ±0.05.
+fn nf4(shape: [usize; 2], seed: u64, cuda: bool) -> Result<LinearWeight> {
+    let numel = shape[0] * shape[1];
+    let blocks = numel.div_ceil(64);
+    let groups = blocks.div_ceil(256);
+    let t = Nf4Tensor {
+        shape,
+        blocksize: 64,
+        packed: random_bytes(numel.div_ceil(2), seed),
+        absmax: Absmax::Double(DoubleQuant {
+            q: random_bytes(blocks, seed ^ 0x5151),
+            code2: dynamic_map().to_vec(),
+            absmax2: vec![0.01; groups],
+            offset: 0.04,
+            blocksize2: 256,
+        }),
+        dtype: SourceDtype::BF16,
+    };
+    Ok(if cuda {
+        LinearWeight::Nf4Cuda(Arc::new(Nf4Weight::upload(&*Gpu::get()?, &t)?))
+    } else {
+        LinearWeight::Nf4(Arc::new(t))
+    })
+}
+
+fn random_model(cfg: ModelConfig, qlora: bool, cuda: bool) -> Result<Model> {
+    let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+    let mut seed = 1u64;
+    let mut next = || {
+        seed += 1;
+        seed
+    };
+    let embed = Arc::new(dense(&[v, h], next(), cuda, false)?);
+    let mut layers = Vec::with_capacity(cfg.num_layers);
+    for _ in 0..cfg.num_layers {
+        let mut proj = |name: &str| -> Result<LinearWeight> {
+            let s = Layer::proj_shape(&cfg, name);
+            if qlora {
+                nf4(s, next(), cuda)
+            } else {
+                Ok(LinearWeight::Dense(Arc::new(dense(
+                    &s,
+                    next(),
+                    cuda,
+                    false,
+                )?)))
+            }
+        };
+        let [q, k, vv, o, gate, up, down] = PROJ_NAMES.map(|p| proj(p));
+        layers.push(Layer {
+            input_norm: dense(&[h], 0, cuda, true)?,
+            q: q?,
+            k: k?,
+            v: vv?,
+            o: o?,
+            post_norm: dense(&[h], 0, cuda, true)?,
+            gate: gate?,
+            up: up?,
+            down: down?,
+        });
+    }
+    Ok(Model {
+        norm: dense(&[h], 0, cuda, true)?,
+        lm_head: LinearWeight::Dense(Arc::new(dense(&[v, h], next(), cuda, false)?)),
+        embed,
+        layers,
+        cfg,
+        recompute: Recompute::None,
+    })
+}
+
+/// Random token ids: SFT rows of `seq` tokens (the first is the prompt, so `seq − 1`
+/// predicted tokens, as HF's causal LM loss); DPO pairs sharing a `seq / 2` prompt.
+fn examples(method: Method, batch: usize, seq: usize, vocab: usize) -> Examples {
+    let ids = |seed: u64, n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|i| (splitmix64(seed ^ splitmix64(i as u64)) % vocab as u64) as u32)
+            .collect()
+    };
+    match method {
+        Method::Sft => Examples::Sft(
+            (0..batch)
+                .map(|b| SftExample {
+                    ids: ids(b as u64, seq),
+                    prompt_len: 1,
+                })
+                .collect(),
+        ),
+        Method::Dpo => Examples::Pref(
+            (0..batch)
+                .map(|b| {
+                    let prompt = ids(1000 + b as u64, seq / 2);
+                    let with = |seed: u64| {
+                        let mut v = prompt.clone();
+                        v.extend(ids(seed, seq - seq / 2));
+                        SftExample {
+                            ids: v,
+                            prompt_len: (seq / 2).max(1),
+                        }
+                    };
+                    PrefExample {
+                        chosen: with(2000 + b as u64),
+                        rejected: with(3000 + b as u64),
+                    }
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// The training settings of the bench, parsed from flags as `palign sft/dpo` would be
+/// (the paper's defaults for everything the bench does not set).
+fn settings(b: &TrainBench, method: Method) -> Result<Settings> {
+    #[derive(clap::Parser)]
+    struct P {
+        #[command(flatten)]
+        a: crate::train::TrainArgs,
+    }
+    use clap::Parser;
+    let alpha = b.alpha.unwrap_or(2.0 * b.rank as f32);
+    let mut argv: Vec<String> = [
+        "bench", "--model", "random", "--data", "random", "--out", "-", "--peft",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    argv.push(b.peft.clone());
+    for (flag, v) in [
+        ("--rank", b.rank.to_string()),
+        ("--alpha", alpha.to_string()),
+        ("--dropout", b.dropout.to_string()),
+        ("--targets", b.targets.clone()),
+        ("--batch-size", b.batch_size.to_string()),
+        ("--grad-accum", b.grad_accum.to_string()),
+        ("--lr", "1e-4".to_string()),
+        ("--steps", (b.warmup + b.steps + 1).to_string()),
+    ] {
+        argv.push(flag.into());
+        argv.push(v);
+    }
+    let p = P::try_parse_from(argv)
+        .map_err(|e| bad(e.to_string().lines().next().unwrap_or("").to_string()))?;
+    Settings::resolve(&p.a, method, 0)
+}
+
+/// bf16 dense peak TFLOP/s by GPU name (tools/bench_hf.py has the same table).
+pub fn peak_tflops(name: &str) -> Option<f64> {
+    if name.contains("H200") {
+        Some(989.0)
+    } else if name.contains("H100") {
+        Some(if name.contains("PCIe") { 756.0 } else { 989.0 })
+    } else if name.contains("A100") {
+        Some(312.0)
+    } else {
+        None
+    }
+}
+
+/// Model FLOPs of one step (DESIGN.md's 4N per token plus attention; the formula of
+/// tools/bench_hf.py): N = every linear layer incl. lm_head; attention forward per
+/// sequence and layer 2·S²·heads·head_dim (causal), backward 2.5×; DPO adds the
+/// reference forward (2N per token + forward attention).
+pub fn step_flops(cfg: &ModelConfig, method: Method, batch: usize, seq: usize) -> f64 {
+    let per_layer: usize = PROJ_NAMES
+        .iter()
+        .map(|p| {
+            let [o, i] = Layer::proj_shape(cfg, p);
+            o * i
+        })
+        .sum();
+    let n = (cfg.num_layers * per_layer + cfg.vocab_size * cfg.hidden_size) as f64;
+    let (s, l) = (seq as f64, cfg.num_layers as f64);
+    let attn_f = 2.0 * s * s * (cfg.num_heads * cfg.head_dim) as f64;
+    let b = batch as f64;
+    match method {
+        Method::Sft => b * s * 4.0 * n + b * l * 3.5 * attn_f,
+        Method::Dpo => {
+            let t = 2.0 * b * s;
+            t * 4.0 * n + 2.0 * b * l * 3.5 * attn_f + t * 2.0 * n + 2.0 * b * l * attn_f
+        }
+    }
+}
+
+pub fn run(args: &Args, common: &Common) -> Result<()> {
+    let What::Train(b) = &args.what;
+    let device = common.setup()?;
+    let cuda = device == Device::Cuda;
+    let method = match b.method.as_str() {
+        "sft" => Method::Sft,
+        "dpo" => Method::Dpo,
+        m => return Err(bad(format!("--method: unknown method `{m}` (sft, dpo)"))),
+    };
+    let cfg = config(&b.shape)?;
+    if b.shape != "tiny" && !cuda {
+        return Err(bad(format!(
+            "--shape {}: 7B shapes run on the GPU only (use --shape tiny on the CPU)",
+            b.shape
+        )));
+    }
+    if b.seq_len < 2 || b.steps == 0 {
+        return Err(bad("--seq-len must be at least 2 and --steps at least 1"));
+    }
+    let s = settings(b, method)?;
+    let recompute: Recompute = b.recompute.parse()?;
+    let mut model = random_model(cfg, s.peft == "qlora", cuda)?;
+    model.recompute = recompute;
+    let ex = examples(method, b.batch_size, b.seq_len, model.cfg.vocab_size);
+    let out = runner::bench(&model, &s, &ex, device, b.warmup, b.steps)?;
+
+    let mut sorted = out.step_secs.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let gpu_name = if cuda {
+        Gpu::get()?.name().to_string()
+    } else {
+        "cpu".to_string()
+    };
+    let flops = step_flops(&model.cfg, method, b.batch_size, b.seq_len);
+    let mfu = peak_tflops(&gpu_name).map(|p| flops / median / (p * 1e12));
+    let peak_gib = out.peak_bytes.map(|x| x as f64 / (1u64 << 30) as f64);
+    eprintln!(
+        "palign bench train: {} {} {} batch {} x {} tokens, rank {}, recompute {}, {} timed steps on {gpu_name}",
+        b.shape, b.method, s.peft, b.batch_size, b.seq_len, s.rank, b.recompute, b.steps
+    );
+    eprintln!(
+        "loss per step: {}",
+        out.losses
+            .iter()
+            .map(|l| format!("{l:.4}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    if !out.families.is_empty() {
+        let total_ms = out.profiled_secs * 1e3;
+        let kernels: f64 = out.families.values().sum();
+        for (family, ms) in &out.families {
+            println!(
+                "BREAKDOWN family=\"{family}\" ms={ms:.2} share={:.1}%",
+                100.0 * ms / total_ms
+            );
+        }
+        println!(
+            "BREAKDOWN family=\"other (optimizer, host, transfers)\" ms={:.2} share={:.1}%",
+            total_ms - kernels,
+            100.0 * (total_ms - kernels) / total_ms
+        );
+    }
+    let f = |x: Option<f64>, prec: usize| x.map_or("nan".to_string(), |v| format!("{v:.prec$}"));
+    println!(
+        "BENCH_TRAIN impl=palign shape={} method={} peft={} batch={} seq={} rank={} tokens_per_s={:.1} step_ms={:.2} peak_mem_gib={} mfu={} gpu=\"{gpu_name}\"",
+        b.shape,
+        b.method,
+        s.peft,
+        b.batch_size,
+        b.seq_len,
+        s.rank,
+        out.tokens as f64 / median,
+        median * 1e3,
+        f(peak_gib, 3),
+        f(mfu, 4),
+    );
+    Ok(())
+}

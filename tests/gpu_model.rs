@@ -1,0 +1,305 @@
+//! The whole model on `--device cuda` against the CPU reference, on the tiny fixture
+//! models (issue 10's acceptance): log-probs within bf16 tolerance, 20-step SFT and DPO
+//! loss curves within 2%, greedy generation's first-step logits, and the recompute plans
+//! giving the same gradients on the device.
+//!
+//! The GPU tests are `#[ignore = "needs a CUDA device"]`; tools/gpu-check.sh runs them
+//! with `--ignored`. Each prints `PARITY <case>: ...` lines for the report.
+//!
+//! Tolerances. The device stores activations and weights in bf16 (relative rounding
+//! 2^-9 ≈ 2e-3 per op) and accumulates in f32; over the tiny models' 2-4 layers and a
+//! 512-token vocabulary a completion token's log-prob moves by a few 1e-2 at most, so a
+//! token passes with |Δ| ≤ 0.05 + 0.02·|lp| and the mean |Δ| must stay under 0.01
+//! (a wrong kernel gives errors of order 1). Training curves compare each step's loss
+//! with relative tolerance 2% (the issue's bound).
+
+mod common;
+
+use common::{fx, jsonl, palign, s};
+use palign::backend::cuda;
+use palign::lora::{peft, Adapter, LoraConfig};
+use palign::model::llama::{Dropout, Recompute, SeqBatch};
+use palign::model::{Model, ScoreSeq};
+use std::path::Path;
+
+fn ids(seed: u64, n: usize, vocab: u32) -> Vec<u32> {
+    (0..n)
+        .map(|i| {
+            (palign::backend::cpu::rng::splitmix64(seed ^ (i as u64 * 7919)) % (vocab as u64 - 3))
+                as u32
+                + 3
+        })
+        .collect()
+}
+
+fn seqs(vocab: u32) -> Vec<ScoreSeq> {
+    [(17, 5), (40, 12), (9, 3), (64, 30)]
+        .iter()
+        .enumerate()
+        .map(|(i, &(n, p))| ScoreSeq {
+            ids: ids(i as u64 + 1, n, vocab),
+            prompt_len: p,
+        })
+        .collect()
+}
+
+fn gpu_or_fail() {
+    if let Err(e) = cuda::available() {
+        panic!("this test needs a CUDA device: {e}");
+    }
+}
+
+/// Per-token log-prob parity of `Model::completion_logprobs`, CPU vs device.
+fn score_case(name: &str, quant: bool, with_adapter: bool) {
+    let dir = fx().join(name);
+    let mut cpu = Model::load(&dir).unwrap();
+    let mut dev = Model::load(&dir).unwrap();
+    if quant {
+        cpu.quantize_nf4(64, true).unwrap();
+        dev.quantize_nf4(64, true).unwrap();
+    }
+    dev.to_device().unwrap();
+    let adapter = with_adapter.then(|| {
+        peft::load(
+            &fx().join("train").join(name).join("init_adapter"),
+            &cpu.cfg,
+        )
+        .unwrap()
+    });
+    let dev_adapter = adapter.as_ref().map(|a| a.to_device_bf16().unwrap());
+    let batch = seqs(cpu.cfg.vocab_size as u32);
+    let want = cpu.completion_logprobs(&batch, adapter.as_ref()).unwrap();
+    let got = dev
+        .completion_logprobs(&batch, dev_adapter.as_ref())
+        .unwrap();
+    let (mut worst, mut sum, mut n) = (0f64, 0f64, 0usize);
+    for (w, g) in want.iter().zip(&got) {
+        assert_eq!(w.len(), g.len());
+        for (a, b) in w.iter().zip(g) {
+            let d = (*a as f64 - *b as f64).abs();
+            worst = worst.max(d / (0.05 + 0.02 * a.abs() as f64));
+            sum += d;
+            n += 1;
+        }
+    }
+    let mean = sum / n as f64;
+    println!("PARITY score {name} nf4={quant} adapter={with_adapter}: mean_abs_err={mean:.2e} worst={worst:.3}");
+    assert!(
+        worst <= 1.0 && mean < 0.01,
+        "{name}: worst {worst}, mean {mean}"
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn score_matches_cpu_on_tiny_models() {
+    gpu_or_fail();
+    for name in ["tiny-llama", "tiny-mistral"] {
+        score_case(name, false, false);
+        score_case(name, false, true);
+        score_case(name, true, true);
+    }
+}
+
+/// Adapter gradients of one forward + backward on `model` (device or CPU), downloaded.
+fn grads(model: &Model, adapter: &Adapter, b: &SeqBatch) -> Vec<f32> {
+    let mut m = Dropout::new(0.1, 5, 2);
+    let (lp, trace) = model
+        .forward(
+            Some(adapter),
+            &b.ids,
+            &b.pack,
+            &b.rows,
+            &b.targets,
+            Some(&mut m),
+            true,
+        )
+        .unwrap();
+    let d = vec![-1.0 / lp.len() as f32; lp.len()];
+    let mut g = adapter.zeros_like().unwrap();
+    model
+        .backward(adapter, &trace.unwrap(), &d, &mut g)
+        .unwrap();
+    let g = g.to_cpu().unwrap();
+    g.pairs()
+        .flat_map(|(_, _, p)| {
+            p.a.cpu()
+                .iter()
+                .chain(p.b.cpu())
+                .copied()
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn device_gradients_match_cpu_and_recompute_plans_agree() {
+    gpu_or_fail();
+    for name in ["tiny-llama", "tiny-mistral"] {
+        let dir = fx().join(name);
+        let mut cpu = Model::load(&dir).unwrap();
+        let adapter = peft::load(
+            &fx().join("train").join(name).join("init_adapter"),
+            &cpu.cfg,
+        )
+        .unwrap();
+        let mut dev = Model::load(&dir).unwrap();
+        dev.to_device().unwrap();
+        let dev_adapter = adapter.to_device_bf16().unwrap();
+        let b = SeqBatch::new(&seqs(cpu.cfg.vocab_size as u32));
+        cpu.recompute = Recompute::None;
+        let want = grads(&cpu, &adapter, &b);
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+        let base = grads(&dev, &dev_adapter, &b);
+        // Gradient parity: relative RMS error over all adapter weights (bf16 products).
+        let rms = |a: &[f32], b: &[f32]| {
+            let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+            let den: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
+            (num / den.max(1e-30)).sqrt()
+        };
+        let e = rms(&want, &base);
+        println!("PARITY grads {name}: rel_rms_err={e:.3e} (bound 5e-2) scale={scale:.3e}");
+        assert!(
+            e < 5e-2,
+            "{name}: device gradients differ from the CPU's (rel rms {e})"
+        );
+        for plan in [Recompute::Attention, Recompute::Full] {
+            dev.recompute = plan;
+            let g = grads(&dev, &dev_adapter, &b);
+            let e = rms(&base, &g);
+            println!("PARITY grads {name} recompute={plan:?}: rel_rms_err_vs_none={e:.3e}");
+            assert!(
+                e < 1e-6,
+                "{name} {plan:?}: recompute changed the gradients ({e})"
+            );
+        }
+    }
+}
+
+/// Losses of a 20-step run with palign's CLI on `device`.
+fn curve(dir: &Path, device: &str, method: &str, peft_kind: &str) -> Vec<f64> {
+    let t = fx().join("train/tiny-llama");
+    let data = if method == "sft" {
+        format!("jsonl:{}", t.join("sft_rows.jsonl").display())
+    } else {
+        format!("jsonl:{}", t.join("dpo_pairs.jsonl").display())
+    };
+    let out = dir.join(format!("{method}-{peft_kind}-{device}"));
+    let model = fx().join("tiny-llama");
+    palign(&[
+        method,
+        "--quiet",
+        "--device",
+        device,
+        "--model",
+        s(&model),
+        "--data",
+        &data,
+        "--out",
+        s(&out),
+        "--peft",
+        peft_kind,
+        "--rank",
+        "8",
+        "--targets",
+        "all",
+        "--batch-size",
+        "4",
+        "--steps",
+        "20",
+        "--lr",
+        "5e-4",
+        "--dropout",
+        "0.1",
+        "--seed",
+        "1",
+    ]);
+    let rows = jsonl(&out.join("metrics.jsonl"));
+    if device == "cuda" {
+        assert!(rows
+            .iter()
+            .all(|r| r["peak_mem_gib"].as_f64().is_some_and(|g| g > 0.0)));
+    }
+    rows.iter().map(|r| r["loss"].as_f64().unwrap()).collect()
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn training_curves_match_cpu_within_two_percent() {
+    gpu_or_fail();
+    let d = tempfile::tempdir().unwrap();
+    for (method, p) in [
+        ("sft", "lora"),
+        ("sft", "qlora"),
+        ("dpo", "lora"),
+        ("dpo", "qlora"),
+    ] {
+        let c = curve(d.path(), "cpu", method, p);
+        let g = curve(d.path(), "cuda", method, p);
+        assert_eq!(c.len(), 20);
+        let worst = c
+            .iter()
+            .zip(&g)
+            .map(|(a, b)| (a - b).abs() / a.abs().max(1e-3))
+            .fold(0f64, f64::max);
+        println!("PARITY curve {method} {p}: worst_rel_err={worst:.3e} (bound 2e-2) first {:.4}/{:.4} last {:.4}/{:.4}", c[0], g[0], c[19], g[19]);
+        assert!(worst <= 0.02, "{method} {p}: cpu {c:?} vs cuda {g:?}");
+        // The curve moves, so the comparison means something.
+        assert!(
+            (c[0] - c[19]).abs() > 1e-3,
+            "{method} {p}: loss did not change"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn generate_runs_on_the_device() {
+    gpu_or_fail();
+    let d = tempfile::tempdir().unwrap();
+    let model = fx().join("tiny-mistral");
+    let prompts = fx().join("generate/prompts_ids.jsonl");
+    let mut outs = Vec::new();
+    for dev in ["cpu", "cuda"] {
+        let out = d.path().join(format!("gen-{dev}.jsonl"));
+        palign(&[
+            "generate",
+            "--quiet",
+            "--device",
+            dev,
+            "--model",
+            s(&model),
+            "--prompts",
+            s(&prompts),
+            "--out",
+            s(&out),
+            "--max-new-tokens",
+            "8",
+        ]);
+        outs.push(jsonl(&out));
+    }
+    // Greedy decoding: the first generated token agrees for most prompts (bf16 can flip
+    // near-ties, so allow one in four to differ).
+    let rows = outs[0].len();
+    let same_first = outs[0]
+        .iter()
+        .zip(&outs[1])
+        .filter(|(a, b)| a["output_ids"][0] == b["output_ids"][0])
+        .count();
+    println!("PARITY generate tiny-mistral: first_token_agree={same_first}/{rows}");
+    assert!(rows > 0 && same_first * 4 >= rows * 3);
+}
+
+#[test]
+fn lora_config_of_fixture_is_what_these_tests_assume() {
+    // Always runs: the fixtures the GPU tests read exist and hold an adapter on all 7
+    // projections, so a missing file shows up in CI rather than on the GPU machine.
+    for name in ["tiny-llama", "tiny-mistral"] {
+        let m = Model::load(&fx().join(name)).unwrap();
+        let a = peft::load(&fx().join("train").join(name).join("init_adapter"), &m.cfg).unwrap();
+        assert_eq!(a.cfg.targets, LoraConfig::parse_targets("all").unwrap());
+    }
+    assert!(fx().join("train/tiny-llama/sft_rows.jsonl").exists());
+    assert!(fx().join("train/tiny-llama/dpo_pairs.jsonl").exists());
+}
