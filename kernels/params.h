@@ -286,3 +286,72 @@ struct AttnDecodeParams {
     int32_t head_chunks;   // ceil(group / 8): blocks per KV head
     float scale;
 };
+
+/* ---- elementwise.cu ---- */
+// y = bf16(y + x), n elements.
+struct AddBf16Params {
+    bf16_ptr y;
+    cbf16_ptr x;
+    int64_t n;
+};
+
+// y = bf16(y + f32(alpha * x)), n elements (no FMA, as the CPU computes it).
+struct AxpyBf16Params {
+    bf16_ptr y;
+    cbf16_ptr x;
+    int64_t n;
+    float alpha;
+    int32_t _pad;
+};
+
+// out = bf16(a * b), n elements.
+struct MulBf16Params {
+    bf16_ptr out;
+    cbf16_ptr a;
+    cbf16_ptr b;
+    int64_t n;
+};
+
+// out[i] = keep(i) ? bf16(x[i] * scale) : 0 with keep = cpu/rng.rs dropout_keep(stream, i, p).
+struct DropoutBf16Params {
+    bf16_ptr out;
+    cbf16_ptr x;
+    int64_t n;
+    uint64_t stream;       // rng::dropout_stream(seed, step, call)
+    float p;
+    float scale;           // 1 / (1 - p), computed on the host in f32
+};
+
+// out[r, :] = x[rows[r], :]; rows[r] >= n_src gives a zero row.
+struct GatherRowsParams {
+    bf16_ptr out;          // [n_rows, cols]
+    cbf16_ptr x;           // [n_src, cols]
+    cu32_ptr rows;         // [n_rows]
+    int32_t n_rows;
+    int32_t cols;
+    int32_t n_src;
+    int32_t _pad;
+};
+
+// dst[rows[r], :] += src[r, :] (bf16 result); rows distinct, rows[r] >= n_dst skipped.
+struct ScatterAddRowsParams {
+    bf16_ptr dst;          // [n_dst, cols]
+    cbf16_ptr src;         // [n_rows, cols]
+    cu32_ptr rows;         // [n_rows]
+    int32_t n_rows;
+    int32_t cols;
+    int32_t n_dst;
+    int32_t _pad;
+};
+
+// dst[dst_rows[r], :] = src[src_rows[r], :]; out-of-range pairs skipped.
+struct CopyRowsParams {
+    bf16_ptr dst;          // [n_dst, cols]
+    cbf16_ptr src;         // [n_src, cols]
+    cu32_ptr dst_rows;     // [n_rows]
+    cu32_ptr src_rows;     // [n_rows]
+    int32_t n_rows;
+    int32_t cols;
+    int32_t n_dst;
+    int32_t n_src;
+};

@@ -633,3 +633,173 @@ const _: () = {
     ["Offset of field: AttnDecodeParams::scale"]
         [::std::mem::offset_of!(AttnDecodeParams, scale) - 100usize];
 };
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct AddBf16Params {
+    pub y: bf16_ptr,
+    pub x: cbf16_ptr,
+    pub n: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AddBf16Params"][::std::mem::size_of::<AddBf16Params>() - 24usize];
+    ["Alignment of AddBf16Params"][::std::mem::align_of::<AddBf16Params>() - 8usize];
+    ["Offset of field: AddBf16Params::y"][::std::mem::offset_of!(AddBf16Params, y) - 0usize];
+    ["Offset of field: AddBf16Params::x"][::std::mem::offset_of!(AddBf16Params, x) - 8usize];
+    ["Offset of field: AddBf16Params::n"][::std::mem::offset_of!(AddBf16Params, n) - 16usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct AxpyBf16Params {
+    pub y: bf16_ptr,
+    pub x: cbf16_ptr,
+    pub n: i64,
+    pub alpha: f32,
+    pub _pad: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AxpyBf16Params"][::std::mem::size_of::<AxpyBf16Params>() - 32usize];
+    ["Alignment of AxpyBf16Params"][::std::mem::align_of::<AxpyBf16Params>() - 8usize];
+    ["Offset of field: AxpyBf16Params::y"][::std::mem::offset_of!(AxpyBf16Params, y) - 0usize];
+    ["Offset of field: AxpyBf16Params::x"][::std::mem::offset_of!(AxpyBf16Params, x) - 8usize];
+    ["Offset of field: AxpyBf16Params::n"][::std::mem::offset_of!(AxpyBf16Params, n) - 16usize];
+    ["Offset of field: AxpyBf16Params::alpha"]
+        [::std::mem::offset_of!(AxpyBf16Params, alpha) - 24usize];
+    ["Offset of field: AxpyBf16Params::_pad"]
+        [::std::mem::offset_of!(AxpyBf16Params, _pad) - 28usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct MulBf16Params {
+    pub out: bf16_ptr,
+    pub a: cbf16_ptr,
+    pub b: cbf16_ptr,
+    pub n: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MulBf16Params"][::std::mem::size_of::<MulBf16Params>() - 32usize];
+    ["Alignment of MulBf16Params"][::std::mem::align_of::<MulBf16Params>() - 8usize];
+    ["Offset of field: MulBf16Params::out"][::std::mem::offset_of!(MulBf16Params, out) - 0usize];
+    ["Offset of field: MulBf16Params::a"][::std::mem::offset_of!(MulBf16Params, a) - 8usize];
+    ["Offset of field: MulBf16Params::b"][::std::mem::offset_of!(MulBf16Params, b) - 16usize];
+    ["Offset of field: MulBf16Params::n"][::std::mem::offset_of!(MulBf16Params, n) - 24usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct DropoutBf16Params {
+    pub out: bf16_ptr,
+    pub x: cbf16_ptr,
+    pub n: i64,
+    pub stream: u64,
+    pub p: f32,
+    pub scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of DropoutBf16Params"][::std::mem::size_of::<DropoutBf16Params>() - 40usize];
+    ["Alignment of DropoutBf16Params"][::std::mem::align_of::<DropoutBf16Params>() - 8usize];
+    ["Offset of field: DropoutBf16Params::out"]
+        [::std::mem::offset_of!(DropoutBf16Params, out) - 0usize];
+    ["Offset of field: DropoutBf16Params::x"]
+        [::std::mem::offset_of!(DropoutBf16Params, x) - 8usize];
+    ["Offset of field: DropoutBf16Params::n"]
+        [::std::mem::offset_of!(DropoutBf16Params, n) - 16usize];
+    ["Offset of field: DropoutBf16Params::stream"]
+        [::std::mem::offset_of!(DropoutBf16Params, stream) - 24usize];
+    ["Offset of field: DropoutBf16Params::p"]
+        [::std::mem::offset_of!(DropoutBf16Params, p) - 32usize];
+    ["Offset of field: DropoutBf16Params::scale"]
+        [::std::mem::offset_of!(DropoutBf16Params, scale) - 36usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct GatherRowsParams {
+    pub out: bf16_ptr,
+    pub x: cbf16_ptr,
+    pub rows: cu32_ptr,
+    pub n_rows: i32,
+    pub cols: i32,
+    pub n_src: i32,
+    pub _pad: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of GatherRowsParams"][::std::mem::size_of::<GatherRowsParams>() - 40usize];
+    ["Alignment of GatherRowsParams"][::std::mem::align_of::<GatherRowsParams>() - 8usize];
+    ["Offset of field: GatherRowsParams::out"]
+        [::std::mem::offset_of!(GatherRowsParams, out) - 0usize];
+    ["Offset of field: GatherRowsParams::x"][::std::mem::offset_of!(GatherRowsParams, x) - 8usize];
+    ["Offset of field: GatherRowsParams::rows"]
+        [::std::mem::offset_of!(GatherRowsParams, rows) - 16usize];
+    ["Offset of field: GatherRowsParams::n_rows"]
+        [::std::mem::offset_of!(GatherRowsParams, n_rows) - 24usize];
+    ["Offset of field: GatherRowsParams::cols"]
+        [::std::mem::offset_of!(GatherRowsParams, cols) - 28usize];
+    ["Offset of field: GatherRowsParams::n_src"]
+        [::std::mem::offset_of!(GatherRowsParams, n_src) - 32usize];
+    ["Offset of field: GatherRowsParams::_pad"]
+        [::std::mem::offset_of!(GatherRowsParams, _pad) - 36usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct ScatterAddRowsParams {
+    pub dst: bf16_ptr,
+    pub src: cbf16_ptr,
+    pub rows: cu32_ptr,
+    pub n_rows: i32,
+    pub cols: i32,
+    pub n_dst: i32,
+    pub _pad: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ScatterAddRowsParams"][::std::mem::size_of::<ScatterAddRowsParams>() - 40usize];
+    ["Alignment of ScatterAddRowsParams"][::std::mem::align_of::<ScatterAddRowsParams>() - 8usize];
+    ["Offset of field: ScatterAddRowsParams::dst"]
+        [::std::mem::offset_of!(ScatterAddRowsParams, dst) - 0usize];
+    ["Offset of field: ScatterAddRowsParams::src"]
+        [::std::mem::offset_of!(ScatterAddRowsParams, src) - 8usize];
+    ["Offset of field: ScatterAddRowsParams::rows"]
+        [::std::mem::offset_of!(ScatterAddRowsParams, rows) - 16usize];
+    ["Offset of field: ScatterAddRowsParams::n_rows"]
+        [::std::mem::offset_of!(ScatterAddRowsParams, n_rows) - 24usize];
+    ["Offset of field: ScatterAddRowsParams::cols"]
+        [::std::mem::offset_of!(ScatterAddRowsParams, cols) - 28usize];
+    ["Offset of field: ScatterAddRowsParams::n_dst"]
+        [::std::mem::offset_of!(ScatterAddRowsParams, n_dst) - 32usize];
+    ["Offset of field: ScatterAddRowsParams::_pad"]
+        [::std::mem::offset_of!(ScatterAddRowsParams, _pad) - 36usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct CopyRowsParams {
+    pub dst: bf16_ptr,
+    pub src: cbf16_ptr,
+    pub dst_rows: cu32_ptr,
+    pub src_rows: cu32_ptr,
+    pub n_rows: i32,
+    pub cols: i32,
+    pub n_dst: i32,
+    pub n_src: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of CopyRowsParams"][::std::mem::size_of::<CopyRowsParams>() - 48usize];
+    ["Alignment of CopyRowsParams"][::std::mem::align_of::<CopyRowsParams>() - 8usize];
+    ["Offset of field: CopyRowsParams::dst"][::std::mem::offset_of!(CopyRowsParams, dst) - 0usize];
+    ["Offset of field: CopyRowsParams::src"][::std::mem::offset_of!(CopyRowsParams, src) - 8usize];
+    ["Offset of field: CopyRowsParams::dst_rows"]
+        [::std::mem::offset_of!(CopyRowsParams, dst_rows) - 16usize];
+    ["Offset of field: CopyRowsParams::src_rows"]
+        [::std::mem::offset_of!(CopyRowsParams, src_rows) - 24usize];
+    ["Offset of field: CopyRowsParams::n_rows"]
+        [::std::mem::offset_of!(CopyRowsParams, n_rows) - 32usize];
+    ["Offset of field: CopyRowsParams::cols"]
+        [::std::mem::offset_of!(CopyRowsParams, cols) - 36usize];
+    ["Offset of field: CopyRowsParams::n_dst"]
+        [::std::mem::offset_of!(CopyRowsParams, n_dst) - 40usize];
+    ["Offset of field: CopyRowsParams::n_src"]
+        [::std::mem::offset_of!(CopyRowsParams, n_src) - 44usize];
+};
