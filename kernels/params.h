@@ -355,3 +355,76 @@ struct CopyRowsParams {
     int32_t n_dst;
     int32_t n_src;
 };
+
+/* ---- logprob.cu ---- */
+// One chunk of rows: lse and logp = X_i·W_t − lse from bf16 logits [rows, vocab].
+// Every pointer starts at the chunk's first row.
+struct LogsoftmaxGatherParams {
+    f32_ptr logp;          // [rows]
+    f32_ptr lse;           // [rows], natural log
+    cbf16_ptr logits;      // [rows, vocab]
+    cbf16_ptr x;           // [rows, hidden]: the hidden states
+    cbf16_ptr head;        // [vocab, hidden]: lm_head
+    cu32_ptr targets;      // [rows]; ids >= vocab give logp = NaN
+    int32_t rows;
+    int32_t vocab;
+    int32_t hidden;
+    int32_t _pad;
+};
+
+// logits (in place) = dlogp_i · (onehot(t_i) − exp(logits − lse_i)), bf16.
+struct LogsoftmaxBackwardParams {
+    bf16_ptr logits;       // [rows, vocab]
+    cu32_ptr targets;      // [rows]
+    cf32_ptr dlogp;        // [rows]
+    cf32_ptr lse;          // [rows], or 0: recomputed from the logits
+    int32_t rows;
+    int32_t vocab;
+};
+
+// Fused lm_head + log-softmax + gather (logprob_fused_fwd_bf16, then _combine).
+struct LogprobFusedParams {
+    f32_ptr logp;          // [rows] (combine)
+    f32_ptr lse;           // [rows] (combine)
+    f32_ptr part;          // [rows, n_splits, 2]: (max·log2 e, Σ 2^(x − max)) per split
+    f32_ptr tgt;           // [rows]: the target logits
+    cbf16_ptr hidden;      // [rows, hidden]
+    cbf16_ptr head;        // [vocab, hidden]
+    cu32_ptr targets;      // [rows]
+    int32_t rows;
+    int32_t vocab;
+    int32_t hidden_size;   // a multiple of 8
+    int32_t n_splits;
+    int32_t tiles_per_split; // vocab tiles of 128 per split
+    int32_t _pad;
+};
+
+// out[s] = Σ logp[offsets[s] .. offsets[s+1]] (÷ the count when mean != 0).
+struct SeqLogpSumParams {
+    f32_ptr out;           // [n_seqs]
+    cf32_ptr logp;         // [n_tokens]
+    cu32_ptr offsets;      // [n_seqs + 1], clamped to n_tokens
+    int32_t n_seqs;
+    int32_t n_tokens;
+    int32_t mean;
+    int32_t _pad;
+};
+
+// DPO per pair k (sequences 2k chosen, 2k+1 rejected), see dpo_loss_f32.
+struct DpoLossParams {
+    f32_ptr loss;            // [n_pairs]
+    f32_ptr reward_chosen;   // [n_pairs]: beta·(πc − rc)
+    f32_ptr reward_rejected; // [n_pairs]: beta·(πr − rr)
+    f32_ptr d_policy;        // [2 n_pairs]: ∂loss/∂π ÷ norm
+    f32_ptr dlogp;           // [n_tokens]: written for the tokens of every sequence
+    cf32_ptr policy;         // [2 n_pairs]
+    cf32_ptr reference;      // [2 n_pairs]
+    cu32_ptr offsets;        // [2 n_pairs + 1], clamped to n_tokens
+    double beta;
+    double label_smoothing;
+    double norm;             // the loss denominator (pairs in the step)
+    int32_t n_pairs;
+    int32_t n_tokens;
+    int32_t ipo;             // 0: sigmoid, 1: IPO
+    int32_t _pad;
+};

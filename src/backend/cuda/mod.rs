@@ -14,6 +14,7 @@ pub mod attention;
 pub mod blas;
 pub mod device;
 pub mod elementwise;
+pub mod logprob;
 pub mod nf4;
 pub mod ops;
 pub mod params;
@@ -68,6 +69,12 @@ pub const KERNEL_NAMES: &[&str] = &[
     "gather_rows_bf16",
     "scatter_add_rows_bf16",
     "copy_rows_bf16",
+    "logsoftmax_gather_bf16",
+    "logsoftmax_backward_bf16",
+    "logprob_fused_fwd_bf16",
+    "logprob_fused_combine",
+    "seq_logp_sum_f32",
+    "dpo_loss_f32",
 ];
 
 /// Whether build.rs compiled the kernels into this binary.
