@@ -286,3 +286,145 @@ struct AttnDecodeParams {
     int32_t head_chunks;   // ceil(group / 8): blocks per KV head
     float scale;
 };
+
+/* ---- elementwise.cu ---- */
+// y = bf16(y + x), n elements.
+struct AddBf16Params {
+    bf16_ptr y;
+    cbf16_ptr x;
+    int64_t n;
+};
+
+// y = bf16(y + f32(alpha * x)), n elements (no FMA, as the CPU computes it).
+struct AxpyBf16Params {
+    bf16_ptr y;
+    cbf16_ptr x;
+    int64_t n;
+    float alpha;
+    int32_t _pad;
+};
+
+// out = bf16(a * b), n elements.
+struct MulBf16Params {
+    bf16_ptr out;
+    cbf16_ptr a;
+    cbf16_ptr b;
+    int64_t n;
+};
+
+// out[i] = keep(i) ? bf16(x[i] * scale) : 0 with keep = cpu/rng.rs dropout_keep(stream, i, p).
+struct DropoutBf16Params {
+    bf16_ptr out;
+    cbf16_ptr x;
+    int64_t n;
+    uint64_t stream;       // rng::dropout_stream(seed, step, call)
+    float p;
+    float scale;           // 1 / (1 - p), computed on the host in f32
+};
+
+// out[r, :] = x[rows[r], :]; rows[r] >= n_src gives a zero row.
+struct GatherRowsParams {
+    bf16_ptr out;          // [n_rows, cols]
+    cbf16_ptr x;           // [n_src, cols]
+    cu32_ptr rows;         // [n_rows]
+    int32_t n_rows;
+    int32_t cols;
+    int32_t n_src;
+    int32_t _pad;
+};
+
+// dst[rows[r], :] += src[r, :] (bf16 result); rows distinct, rows[r] >= n_dst skipped.
+struct ScatterAddRowsParams {
+    bf16_ptr dst;          // [n_dst, cols]
+    cbf16_ptr src;         // [n_rows, cols]
+    cu32_ptr rows;         // [n_rows]
+    int32_t n_rows;
+    int32_t cols;
+    int32_t n_dst;
+    int32_t _pad;
+};
+
+// dst[dst_rows[r], :] = src[src_rows[r], :]; out-of-range pairs skipped.
+struct CopyRowsParams {
+    bf16_ptr dst;          // [n_dst, cols]
+    cbf16_ptr src;         // [n_src, cols]
+    cu32_ptr dst_rows;     // [n_rows]
+    cu32_ptr src_rows;     // [n_rows]
+    int32_t n_rows;
+    int32_t cols;
+    int32_t n_dst;
+    int32_t n_src;
+};
+
+/* ---- logprob.cu ---- */
+// One chunk of rows: lse and logp = X_i·W_t − lse from bf16 logits [rows, vocab].
+// Every pointer starts at the chunk's first row.
+struct LogsoftmaxGatherParams {
+    f32_ptr logp;          // [rows]
+    f32_ptr lse;           // [rows], natural log
+    cbf16_ptr logits;      // [rows, vocab]
+    cbf16_ptr x;           // [rows, hidden]: the hidden states
+    cbf16_ptr head;        // [vocab, hidden]: lm_head
+    cu32_ptr targets;      // [rows]; ids >= vocab give logp = NaN
+    int32_t rows;
+    int32_t vocab;
+    int32_t hidden;
+    int32_t _pad;
+};
+
+// logits (in place) = dlogp_i · (onehot(t_i) − exp(logits − lse_i)), bf16.
+struct LogsoftmaxBackwardParams {
+    bf16_ptr logits;       // [rows, vocab]
+    cu32_ptr targets;      // [rows]
+    cf32_ptr dlogp;        // [rows]
+    cf32_ptr lse;          // [rows], or 0: recomputed from the logits
+    int32_t rows;
+    int32_t vocab;
+};
+
+// Fused lm_head + log-softmax + gather (logprob_fused_fwd_bf16, then _combine).
+struct LogprobFusedParams {
+    f32_ptr logp;          // [rows] (combine)
+    f32_ptr lse;           // [rows] (combine)
+    f32_ptr part;          // [rows, n_splits, 2]: (max·log2 e, Σ 2^(x − max)) per split
+    f32_ptr tgt;           // [rows]: the target logits
+    cbf16_ptr hidden;      // [rows, hidden]
+    cbf16_ptr head;        // [vocab, hidden]
+    cu32_ptr targets;      // [rows]
+    int32_t rows;
+    int32_t vocab;
+    int32_t hidden_size;   // a multiple of 8
+    int32_t n_splits;
+    int32_t tiles_per_split; // vocab tiles of 128 per split
+    int32_t _pad;
+};
+
+// out[s] = Σ logp[offsets[s] .. offsets[s+1]] (÷ the count when mean != 0).
+struct SeqLogpSumParams {
+    f32_ptr out;           // [n_seqs]
+    cf32_ptr logp;         // [n_tokens]
+    cu32_ptr offsets;      // [n_seqs + 1], clamped to n_tokens
+    int32_t n_seqs;
+    int32_t n_tokens;
+    int32_t mean;
+    int32_t _pad;
+};
+
+// DPO per pair k (sequences 2k chosen, 2k+1 rejected), see dpo_loss_f32.
+struct DpoLossParams {
+    f32_ptr loss;            // [n_pairs]
+    f32_ptr reward_chosen;   // [n_pairs]: beta·(πc − rc)
+    f32_ptr reward_rejected; // [n_pairs]: beta·(πr − rr)
+    f32_ptr d_policy;        // [2 n_pairs]: ∂loss/∂π ÷ norm
+    f32_ptr dlogp;           // [n_tokens]: written for the tokens of every sequence
+    cf32_ptr policy;         // [2 n_pairs]
+    cf32_ptr reference;      // [2 n_pairs]
+    cu32_ptr offsets;        // [2 n_pairs + 1], clamped to n_tokens
+    double beta;
+    double label_smoothing;
+    double norm;             // the loss denominator (pairs in the step)
+    int32_t n_pairs;
+    int32_t n_tokens;
+    int32_t ipo;             // 0: sigmoid, 1: IPO
+    int32_t _pad;
+};

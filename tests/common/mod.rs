@@ -41,3 +41,65 @@ pub fn run(args: &[&str]) -> Output {
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+// ---------------------------------------------------------------- GPU tests
+// Shared by tests/gpu_*.rs (the older ones still carry their own copies).
+
+/// The device, or a panic naming why (GPU tests are `#[ignore = "needs a CUDA device"]`).
+pub fn gpu() -> std::sync::Arc<palign::backend::cuda::Gpu> {
+    palign::backend::cuda::Gpu::get()
+        .unwrap_or_else(|e| panic!("this test needs a CUDA device: {e}"))
+}
+
+pub fn rng(seed: u64) -> rand_chacha::ChaCha8Rng {
+    rand::SeedableRng::seed_from_u64(seed)
+}
+
+/// n values uniform in [-scale, scale], rounded to bf16: (the bf16s, the same as f32).
+pub fn rand_bf16(
+    r: &mut rand_chacha::ChaCha8Rng,
+    n: usize,
+    scale: f32,
+) -> (Vec<half::bf16>, Vec<f32>) {
+    use rand::Rng;
+    let b: Vec<half::bf16> = (0..n)
+        .map(|_| half::bf16::from_f32(r.random_range(-scale..scale)))
+        .collect();
+    let f = b.iter().map(|x| x.to_f32()).collect();
+    (b, f)
+}
+
+/// Assert |got − want| <= atol + rtol·|want| everywhere (NaN only where want is NaN);
+/// print `PARITY <case>: max_abs_err=.. worst=..` (worst: the largest err / bound).
+pub fn check(case: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{case}: lengths");
+    let (mut max_abs, mut worst, mut worst_i) = (0.0f32, 0.0f32, 0usize);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if g.is_nan() && w.is_nan() {
+            continue;
+        }
+        let err = if g == w { 0.0 } else { (g - w).abs() };
+        let ratio = if err.is_nan() {
+            f32::INFINITY
+        } else {
+            err / (atol + rtol * w.abs())
+        };
+        if !err.is_nan() {
+            max_abs = max_abs.max(err);
+        }
+        if ratio > worst || ratio.is_infinite() {
+            worst = ratio;
+            worst_i = i;
+        }
+    }
+    println!(
+        "PARITY {case}: max_abs_err={max_abs:.3e} worst={worst:.3} (atol={atol:e} rtol={rtol:e} n={})",
+        got.len()
+    );
+    assert!(
+        worst <= 1.0,
+        "{case}: element {worst_i}: got {} want {} (atol {atol}, rtol {rtol})",
+        got[worst_i],
+        want[worst_i]
+    );
+}

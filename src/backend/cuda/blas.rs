@@ -1,4 +1,4 @@
-//! bf16 GEMM through cuBLAS (`cublasGemmEx`, bf16 in/out, f32 accumulation).
+//! bf16 GEMM through cuBLAS (`cublasGemmEx`, bf16 in, bf16 or f32 out, f32 accumulation).
 //!
 //! Convention: every matrix is ROW-major, as everywhere in palign. cuBLAS is
 //! column-major, and a row-major `[r, c]` matrix is the column-major `[c, r]` matrix
@@ -114,7 +114,34 @@ pub fn gemm_bf16(
     b: &DeviceBuffer<bf16>,
     c: &mut DeviceBuffer<bf16>,
 ) -> Result<()> {
+    gemm_ex(gpu, g, a, b, c, cublas_sys::cudaDataType::CUDA_R_16BF)
+}
+
+/// Run `g` with bf16 `a`, `b` and an f32 `c` (same convention; f32 accumulation, no
+/// rounding of C to bf16). With `beta = 1` it accumulates into `c`: the LoRA weight
+/// gradients `dA += s·(dY·B)ᵀ·X` are summed over micro-batches this way, in f32.
+pub fn gemm_bf16_f32out(
+    gpu: &Gpu,
+    g: Gemm,
+    a: &DeviceBuffer<bf16>,
+    b: &DeviceBuffer<bf16>,
+    c: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    gemm_ex(gpu, g, a, b, c, cublas_sys::cudaDataType::CUDA_R_32F)
+}
+
+/// The shared body: shape and size checks, then the row-major → column-major swap of
+/// the module docs. `c_type` must be the cuBLAS type of `C` (bf16 or f32).
+fn gemm_ex<C: bytemuck::Pod>(
+    gpu: &Gpu,
+    g: Gemm,
+    a: &DeviceBuffer<bf16>,
+    b: &DeviceBuffer<bf16>,
+    c: &mut DeviceBuffer<C>,
+    c_type: cublas_sys::cudaDataType,
+) -> Result<()> {
     let (m, n, k) = (dim(g.m, "m")?, dim(g.n, "n")?, dim(g.k, "k")?);
+    // Each product fits: all three dims are below 2^31.
     if a.len() < g.m * g.k || b.len() < g.k * g.n || c.len() < g.m * g.n {
         return Err(bad(format!(
             "gemm: buffers too small for m={} n={} k={} (a {}, b {}, c {})",
@@ -140,7 +167,8 @@ pub fn gemm_bf16(
             .bind_to_thread()
             .map_err(|e| Error::Cuda(format!("bind context: {e}")))?;
         // SAFETY: the buffers hold at least the elements the shapes address (checked
-        // above); alpha/beta are host f32 as CUBLAS_COMPUTE_32F expects.
+        // above) and `c_type` is C's element type (the two callers pair them);
+        // alpha/beta are host f32 as CUBLAS_COMPUTE_32F expects.
         unsafe {
             cublas::gemm_ex(
                 blas.handle,
@@ -158,7 +186,7 @@ pub fn gemm_bf16(
                 ldb.max(1),
                 &g.beta as *const f32 as *const c_void,
                 c.ptr() as *mut c_void,
-                bf,
+                c_type,
                 n,
                 cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,

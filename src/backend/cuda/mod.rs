@@ -13,6 +13,8 @@ pub mod alloc;
 pub mod attention;
 pub mod blas;
 pub mod device;
+pub mod elementwise;
+pub mod logprob;
 pub mod nf4;
 pub mod ops;
 pub mod params;
@@ -62,6 +64,19 @@ pub const KERNEL_NAMES: &[&str] = &[
     "attention_decode_bf16_d64",
     "attention_decode_bf16_d128",
     "attention_decode_combine_bf16",
+    "add_bf16",
+    "axpy_bf16",
+    "mul_bf16",
+    "dropout_bf16",
+    "gather_rows_bf16",
+    "scatter_add_rows_bf16",
+    "copy_rows_bf16",
+    "logsoftmax_gather_bf16",
+    "logsoftmax_backward_bf16",
+    "logprob_fused_fwd_bf16",
+    "logprob_fused_combine",
+    "seq_logp_sum_f32",
+    "dpo_loss_f32",
 ];
 
 /// Whether build.rs compiled the kernels into this binary.

@@ -633,3 +633,370 @@ const _: () = {
     ["Offset of field: AttnDecodeParams::scale"]
         [::std::mem::offset_of!(AttnDecodeParams, scale) - 100usize];
 };
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct AddBf16Params {
+    pub y: bf16_ptr,
+    pub x: cbf16_ptr,
+    pub n: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AddBf16Params"][::std::mem::size_of::<AddBf16Params>() - 24usize];
+    ["Alignment of AddBf16Params"][::std::mem::align_of::<AddBf16Params>() - 8usize];
+    ["Offset of field: AddBf16Params::y"][::std::mem::offset_of!(AddBf16Params, y) - 0usize];
+    ["Offset of field: AddBf16Params::x"][::std::mem::offset_of!(AddBf16Params, x) - 8usize];
+    ["Offset of field: AddBf16Params::n"][::std::mem::offset_of!(AddBf16Params, n) - 16usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct AxpyBf16Params {
+    pub y: bf16_ptr,
+    pub x: cbf16_ptr,
+    pub n: i64,
+    pub alpha: f32,
+    pub _pad: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AxpyBf16Params"][::std::mem::size_of::<AxpyBf16Params>() - 32usize];
+    ["Alignment of AxpyBf16Params"][::std::mem::align_of::<AxpyBf16Params>() - 8usize];
+    ["Offset of field: AxpyBf16Params::y"][::std::mem::offset_of!(AxpyBf16Params, y) - 0usize];
+    ["Offset of field: AxpyBf16Params::x"][::std::mem::offset_of!(AxpyBf16Params, x) - 8usize];
+    ["Offset of field: AxpyBf16Params::n"][::std::mem::offset_of!(AxpyBf16Params, n) - 16usize];
+    ["Offset of field: AxpyBf16Params::alpha"]
+        [::std::mem::offset_of!(AxpyBf16Params, alpha) - 24usize];
+    ["Offset of field: AxpyBf16Params::_pad"]
+        [::std::mem::offset_of!(AxpyBf16Params, _pad) - 28usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct MulBf16Params {
+    pub out: bf16_ptr,
+    pub a: cbf16_ptr,
+    pub b: cbf16_ptr,
+    pub n: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of MulBf16Params"][::std::mem::size_of::<MulBf16Params>() - 32usize];
+    ["Alignment of MulBf16Params"][::std::mem::align_of::<MulBf16Params>() - 8usize];
+    ["Offset of field: MulBf16Params::out"][::std::mem::offset_of!(MulBf16Params, out) - 0usize];
+    ["Offset of field: MulBf16Params::a"][::std::mem::offset_of!(MulBf16Params, a) - 8usize];
+    ["Offset of field: MulBf16Params::b"][::std::mem::offset_of!(MulBf16Params, b) - 16usize];
+    ["Offset of field: MulBf16Params::n"][::std::mem::offset_of!(MulBf16Params, n) - 24usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct DropoutBf16Params {
+    pub out: bf16_ptr,
+    pub x: cbf16_ptr,
+    pub n: i64,
+    pub stream: u64,
+    pub p: f32,
+    pub scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of DropoutBf16Params"][::std::mem::size_of::<DropoutBf16Params>() - 40usize];
+    ["Alignment of DropoutBf16Params"][::std::mem::align_of::<DropoutBf16Params>() - 8usize];
+    ["Offset of field: DropoutBf16Params::out"]
+        [::std::mem::offset_of!(DropoutBf16Params, out) - 0usize];
+    ["Offset of field: DropoutBf16Params::x"]
+        [::std::mem::offset_of!(DropoutBf16Params, x) - 8usize];
+    ["Offset of field: DropoutBf16Params::n"]
+        [::std::mem::offset_of!(DropoutBf16Params, n) - 16usize];
+    ["Offset of field: DropoutBf16Params::stream"]
+        [::std::mem::offset_of!(DropoutBf16Params, stream) - 24usize];
+    ["Offset of field: DropoutBf16Params::p"]
+        [::std::mem::offset_of!(DropoutBf16Params, p) - 32usize];
+    ["Offset of field: DropoutBf16Params::scale"]
+        [::std::mem::offset_of!(DropoutBf16Params, scale) - 36usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct GatherRowsParams {
+    pub out: bf16_ptr,
+    pub x: cbf16_ptr,
+    pub rows: cu32_ptr,
+    pub n_rows: i32,
+    pub cols: i32,
+    pub n_src: i32,
+    pub _pad: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of GatherRowsParams"][::std::mem::size_of::<GatherRowsParams>() - 40usize];
+    ["Alignment of GatherRowsParams"][::std::mem::align_of::<GatherRowsParams>() - 8usize];
+    ["Offset of field: GatherRowsParams::out"]
+        [::std::mem::offset_of!(GatherRowsParams, out) - 0usize];
+    ["Offset of field: GatherRowsParams::x"][::std::mem::offset_of!(GatherRowsParams, x) - 8usize];
+    ["Offset of field: GatherRowsParams::rows"]
+        [::std::mem::offset_of!(GatherRowsParams, rows) - 16usize];
+    ["Offset of field: GatherRowsParams::n_rows"]
+        [::std::mem::offset_of!(GatherRowsParams, n_rows) - 24usize];
+    ["Offset of field: GatherRowsParams::cols"]
+        [::std::mem::offset_of!(GatherRowsParams, cols) - 28usize];
+    ["Offset of field: GatherRowsParams::n_src"]
+        [::std::mem::offset_of!(GatherRowsParams, n_src) - 32usize];
+    ["Offset of field: GatherRowsParams::_pad"]
+        [::std::mem::offset_of!(GatherRowsParams, _pad) - 36usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct ScatterAddRowsParams {
+    pub dst: bf16_ptr,
+    pub src: cbf16_ptr,
+    pub rows: cu32_ptr,
+    pub n_rows: i32,
+    pub cols: i32,
+    pub n_dst: i32,
+    pub _pad: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ScatterAddRowsParams"][::std::mem::size_of::<ScatterAddRowsParams>() - 40usize];
+    ["Alignment of ScatterAddRowsParams"][::std::mem::align_of::<ScatterAddRowsParams>() - 8usize];
+    ["Offset of field: ScatterAddRowsParams::dst"]
+        [::std::mem::offset_of!(ScatterAddRowsParams, dst) - 0usize];
+    ["Offset of field: ScatterAddRowsParams::src"]
+        [::std::mem::offset_of!(ScatterAddRowsParams, src) - 8usize];
+    ["Offset of field: ScatterAddRowsParams::rows"]
+        [::std::mem::offset_of!(ScatterAddRowsParams, rows) - 16usize];
+    ["Offset of field: ScatterAddRowsParams::n_rows"]
+        [::std::mem::offset_of!(ScatterAddRowsParams, n_rows) - 24usize];
+    ["Offset of field: ScatterAddRowsParams::cols"]
+        [::std::mem::offset_of!(ScatterAddRowsParams, cols) - 28usize];
+    ["Offset of field: ScatterAddRowsParams::n_dst"]
+        [::std::mem::offset_of!(ScatterAddRowsParams, n_dst) - 32usize];
+    ["Offset of field: ScatterAddRowsParams::_pad"]
+        [::std::mem::offset_of!(ScatterAddRowsParams, _pad) - 36usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct CopyRowsParams {
+    pub dst: bf16_ptr,
+    pub src: cbf16_ptr,
+    pub dst_rows: cu32_ptr,
+    pub src_rows: cu32_ptr,
+    pub n_rows: i32,
+    pub cols: i32,
+    pub n_dst: i32,
+    pub n_src: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of CopyRowsParams"][::std::mem::size_of::<CopyRowsParams>() - 48usize];
+    ["Alignment of CopyRowsParams"][::std::mem::align_of::<CopyRowsParams>() - 8usize];
+    ["Offset of field: CopyRowsParams::dst"][::std::mem::offset_of!(CopyRowsParams, dst) - 0usize];
+    ["Offset of field: CopyRowsParams::src"][::std::mem::offset_of!(CopyRowsParams, src) - 8usize];
+    ["Offset of field: CopyRowsParams::dst_rows"]
+        [::std::mem::offset_of!(CopyRowsParams, dst_rows) - 16usize];
+    ["Offset of field: CopyRowsParams::src_rows"]
+        [::std::mem::offset_of!(CopyRowsParams, src_rows) - 24usize];
+    ["Offset of field: CopyRowsParams::n_rows"]
+        [::std::mem::offset_of!(CopyRowsParams, n_rows) - 32usize];
+    ["Offset of field: CopyRowsParams::cols"]
+        [::std::mem::offset_of!(CopyRowsParams, cols) - 36usize];
+    ["Offset of field: CopyRowsParams::n_dst"]
+        [::std::mem::offset_of!(CopyRowsParams, n_dst) - 40usize];
+    ["Offset of field: CopyRowsParams::n_src"]
+        [::std::mem::offset_of!(CopyRowsParams, n_src) - 44usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct LogsoftmaxGatherParams {
+    pub logp: f32_ptr,
+    pub lse: f32_ptr,
+    pub logits: cbf16_ptr,
+    pub x: cbf16_ptr,
+    pub head: cbf16_ptr,
+    pub targets: cu32_ptr,
+    pub rows: i32,
+    pub vocab: i32,
+    pub hidden: i32,
+    pub _pad: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LogsoftmaxGatherParams"][::std::mem::size_of::<LogsoftmaxGatherParams>() - 64usize];
+    ["Alignment of LogsoftmaxGatherParams"]
+        [::std::mem::align_of::<LogsoftmaxGatherParams>() - 8usize];
+    ["Offset of field: LogsoftmaxGatherParams::logp"]
+        [::std::mem::offset_of!(LogsoftmaxGatherParams, logp) - 0usize];
+    ["Offset of field: LogsoftmaxGatherParams::lse"]
+        [::std::mem::offset_of!(LogsoftmaxGatherParams, lse) - 8usize];
+    ["Offset of field: LogsoftmaxGatherParams::logits"]
+        [::std::mem::offset_of!(LogsoftmaxGatherParams, logits) - 16usize];
+    ["Offset of field: LogsoftmaxGatherParams::x"]
+        [::std::mem::offset_of!(LogsoftmaxGatherParams, x) - 24usize];
+    ["Offset of field: LogsoftmaxGatherParams::head"]
+        [::std::mem::offset_of!(LogsoftmaxGatherParams, head) - 32usize];
+    ["Offset of field: LogsoftmaxGatherParams::targets"]
+        [::std::mem::offset_of!(LogsoftmaxGatherParams, targets) - 40usize];
+    ["Offset of field: LogsoftmaxGatherParams::rows"]
+        [::std::mem::offset_of!(LogsoftmaxGatherParams, rows) - 48usize];
+    ["Offset of field: LogsoftmaxGatherParams::vocab"]
+        [::std::mem::offset_of!(LogsoftmaxGatherParams, vocab) - 52usize];
+    ["Offset of field: LogsoftmaxGatherParams::hidden"]
+        [::std::mem::offset_of!(LogsoftmaxGatherParams, hidden) - 56usize];
+    ["Offset of field: LogsoftmaxGatherParams::_pad"]
+        [::std::mem::offset_of!(LogsoftmaxGatherParams, _pad) - 60usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct LogsoftmaxBackwardParams {
+    pub logits: bf16_ptr,
+    pub targets: cu32_ptr,
+    pub dlogp: cf32_ptr,
+    pub lse: cf32_ptr,
+    pub rows: i32,
+    pub vocab: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LogsoftmaxBackwardParams"]
+        [::std::mem::size_of::<LogsoftmaxBackwardParams>() - 40usize];
+    ["Alignment of LogsoftmaxBackwardParams"]
+        [::std::mem::align_of::<LogsoftmaxBackwardParams>() - 8usize];
+    ["Offset of field: LogsoftmaxBackwardParams::logits"]
+        [::std::mem::offset_of!(LogsoftmaxBackwardParams, logits) - 0usize];
+    ["Offset of field: LogsoftmaxBackwardParams::targets"]
+        [::std::mem::offset_of!(LogsoftmaxBackwardParams, targets) - 8usize];
+    ["Offset of field: LogsoftmaxBackwardParams::dlogp"]
+        [::std::mem::offset_of!(LogsoftmaxBackwardParams, dlogp) - 16usize];
+    ["Offset of field: LogsoftmaxBackwardParams::lse"]
+        [::std::mem::offset_of!(LogsoftmaxBackwardParams, lse) - 24usize];
+    ["Offset of field: LogsoftmaxBackwardParams::rows"]
+        [::std::mem::offset_of!(LogsoftmaxBackwardParams, rows) - 32usize];
+    ["Offset of field: LogsoftmaxBackwardParams::vocab"]
+        [::std::mem::offset_of!(LogsoftmaxBackwardParams, vocab) - 36usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct LogprobFusedParams {
+    pub logp: f32_ptr,
+    pub lse: f32_ptr,
+    pub part: f32_ptr,
+    pub tgt: f32_ptr,
+    pub hidden: cbf16_ptr,
+    pub head: cbf16_ptr,
+    pub targets: cu32_ptr,
+    pub rows: i32,
+    pub vocab: i32,
+    pub hidden_size: i32,
+    pub n_splits: i32,
+    pub tiles_per_split: i32,
+    pub _pad: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LogprobFusedParams"][::std::mem::size_of::<LogprobFusedParams>() - 80usize];
+    ["Alignment of LogprobFusedParams"][::std::mem::align_of::<LogprobFusedParams>() - 8usize];
+    ["Offset of field: LogprobFusedParams::logp"]
+        [::std::mem::offset_of!(LogprobFusedParams, logp) - 0usize];
+    ["Offset of field: LogprobFusedParams::lse"]
+        [::std::mem::offset_of!(LogprobFusedParams, lse) - 8usize];
+    ["Offset of field: LogprobFusedParams::part"]
+        [::std::mem::offset_of!(LogprobFusedParams, part) - 16usize];
+    ["Offset of field: LogprobFusedParams::tgt"]
+        [::std::mem::offset_of!(LogprobFusedParams, tgt) - 24usize];
+    ["Offset of field: LogprobFusedParams::hidden"]
+        [::std::mem::offset_of!(LogprobFusedParams, hidden) - 32usize];
+    ["Offset of field: LogprobFusedParams::head"]
+        [::std::mem::offset_of!(LogprobFusedParams, head) - 40usize];
+    ["Offset of field: LogprobFusedParams::targets"]
+        [::std::mem::offset_of!(LogprobFusedParams, targets) - 48usize];
+    ["Offset of field: LogprobFusedParams::rows"]
+        [::std::mem::offset_of!(LogprobFusedParams, rows) - 56usize];
+    ["Offset of field: LogprobFusedParams::vocab"]
+        [::std::mem::offset_of!(LogprobFusedParams, vocab) - 60usize];
+    ["Offset of field: LogprobFusedParams::hidden_size"]
+        [::std::mem::offset_of!(LogprobFusedParams, hidden_size) - 64usize];
+    ["Offset of field: LogprobFusedParams::n_splits"]
+        [::std::mem::offset_of!(LogprobFusedParams, n_splits) - 68usize];
+    ["Offset of field: LogprobFusedParams::tiles_per_split"]
+        [::std::mem::offset_of!(LogprobFusedParams, tiles_per_split) - 72usize];
+    ["Offset of field: LogprobFusedParams::_pad"]
+        [::std::mem::offset_of!(LogprobFusedParams, _pad) - 76usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct SeqLogpSumParams {
+    pub out: f32_ptr,
+    pub logp: cf32_ptr,
+    pub offsets: cu32_ptr,
+    pub n_seqs: i32,
+    pub n_tokens: i32,
+    pub mean: i32,
+    pub _pad: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of SeqLogpSumParams"][::std::mem::size_of::<SeqLogpSumParams>() - 40usize];
+    ["Alignment of SeqLogpSumParams"][::std::mem::align_of::<SeqLogpSumParams>() - 8usize];
+    ["Offset of field: SeqLogpSumParams::out"]
+        [::std::mem::offset_of!(SeqLogpSumParams, out) - 0usize];
+    ["Offset of field: SeqLogpSumParams::logp"]
+        [::std::mem::offset_of!(SeqLogpSumParams, logp) - 8usize];
+    ["Offset of field: SeqLogpSumParams::offsets"]
+        [::std::mem::offset_of!(SeqLogpSumParams, offsets) - 16usize];
+    ["Offset of field: SeqLogpSumParams::n_seqs"]
+        [::std::mem::offset_of!(SeqLogpSumParams, n_seqs) - 24usize];
+    ["Offset of field: SeqLogpSumParams::n_tokens"]
+        [::std::mem::offset_of!(SeqLogpSumParams, n_tokens) - 28usize];
+    ["Offset of field: SeqLogpSumParams::mean"]
+        [::std::mem::offset_of!(SeqLogpSumParams, mean) - 32usize];
+    ["Offset of field: SeqLogpSumParams::_pad"]
+        [::std::mem::offset_of!(SeqLogpSumParams, _pad) - 36usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct DpoLossParams {
+    pub loss: f32_ptr,
+    pub reward_chosen: f32_ptr,
+    pub reward_rejected: f32_ptr,
+    pub d_policy: f32_ptr,
+    pub dlogp: f32_ptr,
+    pub policy: cf32_ptr,
+    pub reference: cf32_ptr,
+    pub offsets: cu32_ptr,
+    pub beta: f64,
+    pub label_smoothing: f64,
+    pub norm: f64,
+    pub n_pairs: i32,
+    pub n_tokens: i32,
+    pub ipo: i32,
+    pub _pad: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of DpoLossParams"][::std::mem::size_of::<DpoLossParams>() - 104usize];
+    ["Alignment of DpoLossParams"][::std::mem::align_of::<DpoLossParams>() - 8usize];
+    ["Offset of field: DpoLossParams::loss"][::std::mem::offset_of!(DpoLossParams, loss) - 0usize];
+    ["Offset of field: DpoLossParams::reward_chosen"]
+        [::std::mem::offset_of!(DpoLossParams, reward_chosen) - 8usize];
+    ["Offset of field: DpoLossParams::reward_rejected"]
+        [::std::mem::offset_of!(DpoLossParams, reward_rejected) - 16usize];
+    ["Offset of field: DpoLossParams::d_policy"]
+        [::std::mem::offset_of!(DpoLossParams, d_policy) - 24usize];
+    ["Offset of field: DpoLossParams::dlogp"]
+        [::std::mem::offset_of!(DpoLossParams, dlogp) - 32usize];
+    ["Offset of field: DpoLossParams::policy"]
+        [::std::mem::offset_of!(DpoLossParams, policy) - 40usize];
+    ["Offset of field: DpoLossParams::reference"]
+        [::std::mem::offset_of!(DpoLossParams, reference) - 48usize];
+    ["Offset of field: DpoLossParams::offsets"]
+        [::std::mem::offset_of!(DpoLossParams, offsets) - 56usize];
+    ["Offset of field: DpoLossParams::beta"][::std::mem::offset_of!(DpoLossParams, beta) - 64usize];
+    ["Offset of field: DpoLossParams::label_smoothing"]
+        [::std::mem::offset_of!(DpoLossParams, label_smoothing) - 72usize];
+    ["Offset of field: DpoLossParams::norm"][::std::mem::offset_of!(DpoLossParams, norm) - 80usize];
+    ["Offset of field: DpoLossParams::n_pairs"]
+        [::std::mem::offset_of!(DpoLossParams, n_pairs) - 88usize];
+    ["Offset of field: DpoLossParams::n_tokens"]
+        [::std::mem::offset_of!(DpoLossParams, n_tokens) - 92usize];
+    ["Offset of field: DpoLossParams::ipo"][::std::mem::offset_of!(DpoLossParams, ipo) - 96usize];
+    ["Offset of field: DpoLossParams::_pad"]
+        [::std::mem::offset_of!(DpoLossParams, _pad) - 100usize];
+};

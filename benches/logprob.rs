@@ -1,0 +1,318 @@
+//! lm_head log-probs (criterion; `cargo bench --bench logprob`): time and extra device
+//! memory of `target_logprobs` (forward) and forward + `target_logprobs_backward`, for
+//! the fused and chunked paths against the unfused baseline (cuBLAS writes the full
+//! `[T, V]` bf16 logits, the log-softmax kernel runs on all rows at once; its backward
+//! turns those logits into dlogits in place with the saved lse and multiplies by the
+//! head, so it does not recompute them). Shape of issue 9: T = 8192 tokens (batch 16 ×
+//! 512), V = 32000, H = 4096.
+//!
+//! Time is GPU time between CUDA events around the launches. Extra memory is the pool's
+//! peak in-use bytes during one call minus what was in use before (inputs, outputs and
+//! cuBLAS's workspace). The pool's peak never goes down, so before each measured call a
+//! placeholder buffer lifts the bytes in use to the peak so far; any allocation of the
+//! call then raises the peak by exactly its own extra. Sizes are pool buckets (≤ 12.5%
+//! over the requested bytes).
+//!
+//! The summary prints one `BENCH logprob <path> <pass>` line per case and
+//! `RATIO logprob_fused_vs_unfused` / `RATIO logprob_chunked_vs_unfused` lines (time:
+//! unfused ms ÷ ms, memory: unfused extra ÷ extra; the issue's targets are ≥ 1.5× and
+//! ≥ 10×). Without a CUDA device it prints a skip line and exits 0.
+
+use std::cell::RefCell;
+use std::time::Duration;
+
+use criterion::Criterion;
+use half::bf16;
+use palign::backend::cuda::blas::{self, Gemm};
+use palign::backend::cuda::logprob::{self as lp, LogprobPath};
+use palign::backend::cuda::{DeviceBuffer, Gpu};
+
+const T: usize = 8192;
+const V: usize = 32000;
+const H: usize = 4096;
+
+type Launch<'a> = Box<dyn FnMut() + 'a>;
+
+fn ok<T>(r: palign::Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("benchmark setup failed: {e}"))
+}
+
+fn filled_bf16(gpu: &Gpu, n: usize, seed: u32, scale: f32) -> DeviceBuffer<bf16> {
+    // A cheap deterministic pattern in [-scale, scale): values do not change the timing.
+    let host: Vec<bf16> = (0..n)
+        .map(|i| {
+            let u = ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32;
+            bf16::from_f32((u / 8388608.0 - 1.0) * scale)
+        })
+        .collect();
+    ok(gpu.upload(&host))
+}
+
+/// GPU milliseconds per call: median of `reps` event-timed batches of 3 calls.
+fn gpu_ms(gpu: &Gpu, run: &mut Launch<'_>, reps: usize) -> f64 {
+    run();
+    let mut times: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = ok(gpu.timer());
+            for _ in 0..3 {
+                run();
+            }
+            ok(t.elapsed_ms(gpu)) as f64 / 3.0
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+struct Inputs {
+    hidden: DeviceBuffer<bf16>,
+    head: DeviceBuffer<bf16>,
+    targets: DeviceBuffer<u32>,
+    dlogp: DeviceBuffer<f32>,
+}
+
+struct Outputs {
+    logp: DeviceBuffer<f32>,
+    lse: DeviceBuffer<f32>,
+    d_hidden: DeviceBuffer<bf16>,
+}
+
+fn forward(g: &Gpu, x: &Inputs, o: &mut Outputs, path: LogprobPath) {
+    ok(lp::target_logprobs(
+        g,
+        &x.hidden,
+        T,
+        &x.head,
+        V,
+        H,
+        &x.targets,
+        &mut o.logp,
+        &mut o.lse,
+        path,
+    ));
+}
+
+fn backward(g: &Gpu, x: &Inputs, o: &mut Outputs, path: LogprobPath) {
+    ok(lp::target_logprobs_backward(
+        g,
+        &x.hidden,
+        T,
+        &x.head,
+        V,
+        H,
+        &x.targets,
+        &o.lse,
+        &x.dlogp,
+        &mut o.d_hidden,
+        path,
+    ));
+}
+
+/// The baseline: full logits, log-softmax over all rows; with `bwd`, dlogits in place
+/// from the saved lse and one GEMM into d_hidden.
+fn unfused(g: &Gpu, x: &Inputs, o: &mut Outputs, bwd: bool) {
+    let mut logits = ok(g.alloc::<bf16>(T * V));
+    ok(blas::gemm_bf16(
+        g,
+        Gemm::linear(T, V, H),
+        &x.hidden,
+        &x.head,
+        &mut logits,
+    ));
+    ok(lp::logsoftmax_gather(
+        g,
+        &logits,
+        T,
+        V,
+        H,
+        &x.hidden,
+        &x.head,
+        &x.targets,
+        &mut o.logp,
+        &mut o.lse,
+    ));
+    if bwd {
+        ok(lp::logsoftmax_backward(
+            g,
+            &mut logits,
+            T,
+            V,
+            &x.targets,
+            &x.dlogp,
+            Some(&o.lse),
+        ));
+        let back = Gemm {
+            m: T,
+            n: H,
+            k: V,
+            trans_a: false,
+            trans_b: false,
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        ok(blas::gemm_bf16(g, back, &logits, &x.head, &mut o.d_hidden));
+    }
+}
+
+struct Case<'a> {
+    path: &'static str,
+    pass: &'static str,
+    run: Launch<'a>,
+    /// Extra device bytes of one call.
+    extra: usize,
+}
+
+fn main() {
+    let gpu = match Gpu::get() {
+        Ok(g) => g,
+        Err(e) => {
+            println!("logprob: skipped (no usable CUDA device): {e}");
+            return;
+        }
+    };
+    let g = &*gpu;
+    println!(
+        "logprob on {} (sm_{}{}, {} SMs): T={T} V={V} H={H}",
+        g.name(),
+        g.compute_capability().0,
+        g.compute_capability().1,
+        g.sm_count()
+    );
+    let x = Inputs {
+        hidden: filled_bf16(g, T * H, 1, 1.0),
+        head: filled_bf16(g, V * H, 2, 0.05),
+        targets: ok(g.upload(&(0..T).map(|i| (i * 7919 % V) as u32).collect::<Vec<_>>())),
+        dlogp: ok(g.upload(&vec![-1.0f32 / T as f32; T])),
+    };
+    let outs = RefCell::new(Outputs {
+        logp: ok(g.zeros::<f32>(T)),
+        lse: ok(g.zeros::<f32>(T)),
+        d_hidden: ok(g.zeros::<bf16>(T * H)),
+    });
+    // Create cuBLAS (its workspace stays allocated) before the baseline is taken.
+    {
+        let a = ok(g.zeros::<bf16>(64 * 64));
+        let mut c = ok(g.zeros::<bf16>(64 * 64));
+        ok(blas::gemm_bf16(g, Gemm::linear(64, 64, 64), &a, &a, &mut c));
+        ok(g.synchronize());
+    }
+
+    let (xr, or) = (&x, &outs);
+    let mut cases: Vec<Case> = vec![
+        Case {
+            path: "fused",
+            pass: "fwd",
+            run: Box::new(move || forward(g, xr, &mut or.borrow_mut(), LogprobPath::Fused)),
+            extra: 0,
+        },
+        Case {
+            path: "chunked",
+            pass: "fwd",
+            run: Box::new(move || forward(g, xr, &mut or.borrow_mut(), LogprobPath::Chunked)),
+            extra: 0,
+        },
+        Case {
+            path: "fused",
+            pass: "fwd+bwd",
+            run: Box::new(move || {
+                let o = &mut or.borrow_mut();
+                forward(g, xr, o, LogprobPath::Fused);
+                backward(g, xr, o, LogprobPath::Fused);
+            }),
+            extra: 0,
+        },
+        Case {
+            path: "chunked",
+            pass: "fwd+bwd",
+            run: Box::new(move || {
+                let o = &mut or.borrow_mut();
+                forward(g, xr, o, LogprobPath::Chunked);
+                backward(g, xr, o, LogprobPath::Chunked);
+            }),
+            extra: 0,
+        },
+        Case {
+            path: "unfused",
+            pass: "fwd",
+            run: Box::new(move || unfused(g, xr, &mut or.borrow_mut(), false)),
+            extra: 0,
+        },
+        Case {
+            path: "unfused",
+            pass: "fwd+bwd",
+            run: Box::new(move || unfused(g, xr, &mut or.borrow_mut(), true)),
+            extra: 0,
+        },
+    ];
+
+    for case in cases.iter_mut() {
+        let st = g.pool_stats();
+        let lift = st.peak_in_use_bytes - st.in_use_bytes;
+        let placeholder = ok(g.alloc::<u8>(lift));
+        let level = g.pool_stats().in_use_bytes; // >= the peak so far
+        (case.run)();
+        ok(g.synchronize());
+        case.extra = g.pool_stats().peak_in_use_bytes.saturating_sub(level);
+        drop(placeholder);
+    }
+
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(10)
+        .configure_from_args();
+    {
+        let mut group = c.benchmark_group("logprob");
+        for case in cases.iter_mut() {
+            let run = &mut case.run;
+            group.bench_function(format!("{} {}", case.path, case.pass), |b| {
+                b.iter_custom(|iters| {
+                    let t = ok(g.timer());
+                    for _ in 0..iters {
+                        run();
+                    }
+                    Duration::from_secs_f64(ok(t.elapsed_ms(g)) as f64 / 1e3)
+                })
+            });
+        }
+        group.finish();
+    }
+    let summary: Vec<(&str, &str, f64, usize)> = cases
+        .iter_mut()
+        .map(|case| {
+            let ms = gpu_ms(g, &mut case.run, 7);
+            (case.path, case.pass, ms, case.extra)
+        })
+        .collect();
+    drop(cases);
+    c.final_summary();
+
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    println!("summary on {}:", g.name());
+    for &(path, pass, ms, extra) in &summary {
+        println!(
+            "BENCH logprob {path:<8} {pass:<8} {ms:>9.3} ms  extra {:>9.1} MiB",
+            mib(extra)
+        );
+    }
+    let find = |path: &str, pass: &str| {
+        summary
+            .iter()
+            .find(|s| s.0 == path && s.1 == pass)
+            .map(|s| (s.2, s.3))
+    };
+    for pass in ["fwd", "fwd+bwd"] {
+        let Some((base_ms, base_mem)) = find("unfused", pass) else {
+            continue;
+        };
+        for path in ["fused", "chunked"] {
+            if let Some((ms, mem)) = find(path, pass) {
+                println!(
+                    "RATIO logprob_{path}_vs_unfused {pass:<8} time {:.2}x  memory {:.1}x  (targets: >= 1.5x, >= 10x)",
+                    base_ms / ms,
+                    base_mem as f64 / mem.max(1) as f64
+                );
+            }
+        }
+    }
+}
