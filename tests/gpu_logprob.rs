@@ -362,7 +362,7 @@ fn check_grad(case: &str, got: &[f32], want: &[f32]) {
 fn run_problem(g: &Gpu, p: &Problem) {
     let d = upload(g, p);
     let tag = p.tag();
-    let want = ops::target_logprobs(&p.cpu_hidden(), &p.cpu_head(), &p.targets);
+    let (want, _) = ops::target_logprobs(&p.cpu_hidden(), &p.cpu_head(), &p.targets).unwrap();
     let (want_lse, max_z) = p.lse_f64();
     assert!(
         max_z < 9.0,
@@ -414,8 +414,15 @@ fn run_problem(g: &Gpu, p: &Problem) {
         0.0,
     );
 
-    let want_dh =
-        ops::target_logprobs_backward(&p.cpu_hidden(), &p.cpu_head(), &p.targets, &p.dlogp);
+    let no_lse = palign::tensor::Tensor::zeros(&[0]);
+    let want_dh = ops::target_logprobs_backward(
+        &p.cpu_hidden(),
+        &p.cpu_head(),
+        &p.targets,
+        &no_lse,
+        &p.dlogp,
+    )
+    .unwrap();
     let want_dh = want_dh.cpu();
     for chunk in [16, default_chunk] {
         let got = backward(g, p, &d, &c_lse, LogprobPath::Chunked, chunk);
@@ -470,7 +477,7 @@ fn logprobs_match_cpu_many_row_tiles() {
 fn target_ids_past_the_vocab_give_nan() {
     let g = gpu();
     let mut p = Problem::new(6, 37, 1000, 256);
-    let want = ops::target_logprobs(&p.cpu_hidden(), &p.cpu_head(), &p.targets);
+    let (want, _) = ops::target_logprobs(&p.cpu_hidden(), &p.cpu_head(), &p.targets).unwrap();
     p.targets[5] = 1000;
     p.targets[6] = u32::MAX;
     let d = upload(&g, &p);
