@@ -42,6 +42,19 @@
 //    Requires the reduction length % 64 == 0 (K fwd, N bwd) and, bwd, K % 64 == 0;
 //    output columns beyond the matrix are computed on zero weights and not stored.
 //    Shared memory: 3*128*72*2 + 128*72*2 = 73728 B (dynamic; 2 blocks/SM on A100).
+//
+// 4. nf4_gemm_fwd_lora / nf4_gemm_bwd_lora: the same GEMMs plus a LoRA adapter term as
+//    `rank` more reduction steps (src/backend/cuda/lora.rs computes the [M, rank] left
+//    factor first, with cuBLAS, s = alpha/r folded in):
+//      fwd:  Y  = [X  | s·drop(X)·Aᵀ] · [Wb | B]ᵀ  = X·Wbᵀ + s·(drop(X)·Aᵀ)·Bᵀ
+//      bwd:  dX = [dY | s·dY·B]       · [Wb ; A]   = dY·Wb + s·(dY·B)·A
+//    with A [rank, in] and B [out, rank] bf16. After the main K loop (As and Bs free)
+//    each 64-wide slice of the rank is copied with cp.async (left factor into A stage 0,
+//    B rows c0.. resp. A cols c0.. into Bs, zero-filled past rank/M/NOUT) and multiplied
+//    into the same f32 accumulators, so the output is rounded and written once. Its
+//    loads are not overlapped (one L2 round trip per block; the other block on the SM
+//    keeps the tensor cores busy). Needs rank % 16 == 0; the plain kernels are the
+//    HAS_LORA = false instances and are compiled exactly as before.
 #include "common.cuh"
 
 namespace palign {
@@ -241,7 +254,9 @@ constexpr int B_ELEMS = BN * BF_LD > BK * BB_LD ? BN * BF_LD : BK * BB_LD;
 constexpr int GEMM_SMEM = (STAGES * A_STAGE + B_ELEMS) * 2;
 static_assert(GEMM_SMEM == 73728, "keep NF4_GEMM_SMEM_BYTES in src/backend/cuda/nf4.rs in sync");
 
-template <bool BWD> __device__ __forceinline__ void gemm(const Nf4GemmParams &p) {
+template <bool BWD, bool HAS_LORA>
+__device__ __forceinline__ void gemm(const Nf4GemmParams &p, const __nv_bfloat16 *lora_left,
+                                     const __nv_bfloat16 *lora_right, int rank) {
     extern __shared__ __align__(16) uint8_t nf4_smem[];
     __shared__ float lut[16];
     if (dynamic_smem_bytes() < (uint32_t)GEMM_SMEM) __trap(); // launcher bug, not data
@@ -358,6 +373,71 @@ template <bool BWD> __device__ __forceinline__ void gemm(const Nf4GemmParams &p)
         if (kt + 1 < KT) store_w(wq, ws);
     }
     cp_async_wait<0>(); // nothing useful is pending; leave no copy in flight at exit
+
+    if constexpr (HAS_LORA) {
+        // The main loop's k16 step (copied, so the plain kernels stay as they were).
+        auto mma_k16 = [&](const __nv_bfloat16 *as, int kk) {
+            uint32_t af[4][4], bfr[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 4; mi++)
+                ldmatrix_x4(af[mi], as + (wm * 64 + mi * 16 + (lane & 15)) * A_LD + kk * 16 +
+                                        (lane >> 4) * 8);
+#pragma unroll
+            for (int nj = 0; nj < 2; nj++) {
+                uint32_t r[4];
+                if (BWD)
+                    ldmatrix_x4_trans(r, Bs + (kk * 16 + (lane & 15)) * BB_LD + wn * 32 +
+                                             nj * 16 + (lane >> 4) * 8);
+                else
+                    ldmatrix_x4(r, Bs + (wn * 32 + nj * 16 + (lane & 7) + ((lane >> 4) << 3)) *
+                                            BF_LD +
+                                        kk * 16 + ((lane >> 3) & 1) * 8);
+                bfr[2 * nj][0] = r[0];
+                bfr[2 * nj][1] = r[1];
+                bfr[2 * nj + 1][0] = r[2];
+                bfr[2 * nj + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < 4; mi++)
+#pragma unroll
+                for (int ni = 0; ni < 4; ni++)
+                    mma_bf16(acc[mi][ni], af[mi][0], af[mi][1], af[mi][2], af[mi][3],
+                             bfr[ni][0], bfr[ni][1]);
+        };
+        // The loop's last barrier is behind every warp and no copy is in flight, so A
+        // stage 0 and Bs are free. Rows/cols outside the matrices load as zeros.
+        for (int l0 = 0; l0 < rank; l0 += BK) {
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int c = tid + j * GEMM_THREADS;
+                {   // left factor [M, rank]: rows m0.., cols l0.. -> As [BM][A_LD]
+                    const int row = c >> 3, col = (c & 7) * 8;
+                    const bool ok = m0 + row < M && l0 + col < rank;
+                    const int64_t off = ok ? (int64_t)(m0 + row) * rank + l0 + col : 0;
+                    cp_async16(As + row * A_LD + col, lora_left + off, ok);
+                }
+                if (BWD) { // A [rank, NOUT]: rows l0.., cols c0.. -> Bs [BK][BB_LD]
+                    const int row = c >> 4, col = (c & 15) * 8;
+                    const bool ok = l0 + row < rank && c0 + col < NOUT;
+                    const int64_t off = ok ? (int64_t)(l0 + row) * NOUT + c0 + col : 0;
+                    cp_async16(Bs + row * BB_LD + col, lora_right + off, ok);
+                } else {   // B [NOUT, rank]: rows c0.., cols l0.. -> Bs [BN][BF_LD]
+                    const int row = c >> 3, col = (c & 7) * 8;
+                    const bool ok = c0 + row < NOUT && l0 + col < rank;
+                    const int64_t off = ok ? (int64_t)(c0 + row) * rank + l0 + col : 0;
+                    cp_async16(Bs + row * BF_LD + col, lora_right + off, ok);
+                }
+            }
+            cp_async_commit();
+            cp_async_wait<0>();
+            __syncthreads();
+            const int steps = min(BK, rank - l0) / 16; // rank % 16 == 0
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; kk++)
+                if (kk < steps) mma_k16(As, kk);
+            __syncthreads(); // every warp is done with the tiles before the next slice
+        }
+    }
 
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -485,8 +565,14 @@ extern "C" __global__ void __launch_bounds__(256) nf4_gemv_naive(Nf4GemvParams p
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemm_fwd(Nf4GemmParams p) {
-    palign::nf4::gemm<false>(p);
+    palign::nf4::gemm<false, false>(p, nullptr, nullptr, 0);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemm_bwd(Nf4GemmParams p) {
-    palign::nf4::gemm<true>(p);
+    palign::nf4::gemm<true, false>(p, nullptr, nullptr, 0);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemm_fwd_lora(Nf4GemmLoraParams p) {
+    palign::nf4::gemm<false, true>(p.base, p.left, p.right, p.rank);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemm_bwd_lora(Nf4GemmLoraParams p) {
+    palign::nf4::gemm<true, true>(p.base, p.left, p.right, p.rank);
 }

@@ -356,6 +356,19 @@ struct CopyRowsParams {
     int32_t n_src;
 };
 
+/* ---- nf4.cu: LoRA slab (nf4_gemm_fwd_lora, nf4_gemm_bwd_lora) ---- */
+// base's GEMM plus `rank` more reduction steps, all into one f32 accumulator:
+//   fwd: out[M, rows] = a·bf16(W)ᵀ + left[M, rank] · right[rows, rank]ᵀ   (right = B)
+//   bwd: out[M, cols] = a·bf16(W)  + left[M, rank] · right[rank, cols]    (right = A)
+// left carries the LoRA scale (s·drop(X)·Aᵀ fwd, s·dY·B bwd); rank % 16 == 0.
+struct Nf4GemmLoraParams {
+    struct Nf4GemmParams base;
+    cbf16_ptr left;
+    cbf16_ptr right;
+    int32_t rank;
+    int32_t _pad;
+};
+
 /* ---- logprob.cu ---- */
 // One chunk of rows: lse and logp = X_i·W_t − lse from bf16 logits [rows, vocab].
 // Every pointer starts at the chunk's first row.

@@ -183,7 +183,7 @@ for b in "$HERE"/benches/*; do
         echo
         echo "### $name (exit $rc)"
         echo '```'
-        sed -n "/^==== $name\$/,/^==== /p" "$BLOG" | grep -E 'BENCH|skipped|^small_kernels on|summary on|thrpt|error' || true
+        sed -n "/^==== $name\$/,/^==== /p" "$BLOG" | grep -E 'BENCH|RATIO|skipped|^small_kernels on|summary on|thrpt|error' || true
         echo '```'
     } >>"$REPORT"
 done

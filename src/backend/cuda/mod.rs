@@ -15,6 +15,7 @@ pub mod blas;
 pub mod device;
 pub mod elementwise;
 pub mod logprob;
+pub mod lora;
 pub mod nf4;
 pub mod ops;
 pub mod params;
@@ -54,6 +55,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "nf4_gemv_naive",
     "nf4_gemm_fwd",
     "nf4_gemm_bwd",
+    "nf4_gemm_fwd_lora",
+    "nf4_gemm_bwd_lora",
     "attention_fwd_bf16_d64",
     "attention_fwd_bf16_d128",
     "attention_bwd_prep_bf16",

@@ -274,7 +274,8 @@ impl Nf4Weight {
             }
     }
 
-    fn params(&self) -> Nf4WeightParams {
+    /// The kernels' view of the weight (also used by the LoRA launchers in lora.rs).
+    pub(crate) fn params(&self) -> Nf4WeightParams {
         let (absmax, qabsmax, code2, absmax2, offset, bs2) = match &self.scales {
             Scales::Plain(a) => (a.ptr(), 0, 0, 0, 0.0, 1),
             Scales::Double {
@@ -321,7 +322,7 @@ impl Out<'_> {
     pub fn is_f32(&self) -> bool {
         matches!(self, Out::F32(_))
     }
-    fn ptr(&self) -> u64 {
+    pub(crate) fn ptr(&self) -> u64 {
         match self {
             Out::Bf16(b) => b.ptr(),
             Out::F32(b) => b.ptr(),

@@ -805,6 +805,30 @@ const _: () = {
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct Nf4GemmLoraParams {
+    pub base: Nf4GemmParams,
+    pub left: cbf16_ptr,
+    pub right: cbf16_ptr,
+    pub rank: i32,
+    pub _pad: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of Nf4GemmLoraParams"][::std::mem::size_of::<Nf4GemmLoraParams>() - 120usize];
+    ["Alignment of Nf4GemmLoraParams"][::std::mem::align_of::<Nf4GemmLoraParams>() - 8usize];
+    ["Offset of field: Nf4GemmLoraParams::base"]
+        [::std::mem::offset_of!(Nf4GemmLoraParams, base) - 0usize];
+    ["Offset of field: Nf4GemmLoraParams::left"]
+        [::std::mem::offset_of!(Nf4GemmLoraParams, left) - 96usize];
+    ["Offset of field: Nf4GemmLoraParams::right"]
+        [::std::mem::offset_of!(Nf4GemmLoraParams, right) - 104usize];
+    ["Offset of field: Nf4GemmLoraParams::rank"]
+        [::std::mem::offset_of!(Nf4GemmLoraParams, rank) - 112usize];
+    ["Offset of field: Nf4GemmLoraParams::_pad"]
+        [::std::mem::offset_of!(Nf4GemmLoraParams, _pad) - 116usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
 pub struct LogsoftmaxGatherParams {
     pub logp: f32_ptr,
     pub lse: f32_ptr,
