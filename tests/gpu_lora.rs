@@ -317,16 +317,17 @@ fn reference_matches_the_cpu_model_ops() {
     let tb = Tensor::from_vec(p.b.clone(), &[out, r]);
     let tdy = Tensor::from_vec(p.dy.clone(), &[m, out]);
 
-    let xa = ops::matmul_t(&txd, &ta);
-    let mut y = ops::linear(&tx, &w);
-    ops::axpy_(&mut y, s, &ops::matmul_t(&xa, &tb));
-    let dyb = ops::matmul(&tdy, &tb);
-    let mut dx = ops::linear_backward(&tdy, &w);
-    ops::axpy_(&mut dx, s, &ops::matmul(&dyb, &ta));
+    // The model's own composition (Model::proj / proj_backward without dropout).
+    let xa = ops::matmul_t(&txd, &ta).unwrap();
+    let mut y = ops::linear(&tx, &w).unwrap();
+    ops::matmul_t_acc_(&mut y, &xa, &tb, s).unwrap();
+    let dyb = ops::matmul(&tdy, &tb).unwrap();
+    let mut dx = ops::linear_backward(&tdy, &w).unwrap();
+    ops::matmul_acc_(&mut dx, &dyb, &ta, s).unwrap();
     let mut ga = Tensor::zeros(&[r, inp]);
     let mut gb = Tensor::zeros(&[out, r]);
-    ops::add_at_b_(&mut gb, &tdy, &xa, s);
-    ops::add_at_b_(&mut ga, &dyb, &txd, s);
+    ops::add_at_b_(&mut gb, &tdy, &xa, s).unwrap();
+    ops::add_at_b_(&mut ga, &dyb, &txd, s).unwrap();
 
     // f32 (CPU) against f64 sums of at most 128 terms.
     let close =
