@@ -7,8 +7,13 @@
 # On the GPU machine (NVIDIA driver, nvcc, PyTorch; no Rust toolchain needed):
 #   bash gpu-stage/run.sh         # runs everything, writes the report
 #
-# From a palign session with the device tool, that second step is one call:
-#   run(command="bash gpu-stage/run.sh", carry=["gpu-stage"], timeout_s=480)
+# From a palign session with the device tool, that second step is one or two calls
+# (everything takes longer than one 600 s call; pick sections with PALIGN_GPU_SECTIONS,
+# any of: tests benches train):
+#   run(command="PALIGN_GPU_SECTIONS=tests bash gpu-stage/run.sh", carry=["gpu-stage"], timeout_s=480)
+#   run(command="PALIGN_GPU_SECTIONS='benches train' bash gpu-stage/run.sh", carry=["gpu-stage"], timeout_s=580)
+# The staged tests find the fixtures in the copied working tree (run from the repo root)
+# and the staged palign binary through PALIGN_FIXTURES / PALIGN_BIN.
 # The runner writes gpu-report.md (GPU name, driver, per-test pass/fail, every PARITY
 # max-error line, every BENCH figure) plus full logs under $OUT, which come back with
 # the call. Copy the figures into benches/RESULTS.md with the date, GPU and commit.
@@ -52,6 +57,8 @@ trap 'rm -f "$json"' EXIT
 echo "gpu-check: building ${tests[*]} ${benches[*]}" >&2
 [ ${#tests[@]} -gt 0 ] && cargo test --release --no-run --message-format=json "${tests[@]}" >>"$json"
 [ ${#benches[@]} -gt 0 ] && cargo bench --no-run --message-format=json "${benches[@]}" >>"$json"
+# The CLI itself: the GPU model tests run it, and `palign bench train` is the training bench.
+cargo build --release --bin palign
 
 rm -rf "$STAGE"
 mkdir -p "$STAGE/tests" "$STAGE/benches"
@@ -111,6 +118,11 @@ rm -f "$STAGE/BUILD_NOTE"
 # ---- attention (issue 8): stage the PyTorch SDPA baseline ----
 cp tools/bench_torch_sdpa.py "$STAGE/"
 # ---- end attention ----
+# ---- training step (issue 10): the CLI and the transformers + peft baseline ----
+cp "$CARGO_TARGET_DIR/release/palign" "$STAGE/palign"
+strip "$STAGE/palign"
+cp tools/bench_hf.py "$STAGE/"
+# ---- end training step ----
 
 cat >"$STAGE/run.sh" <<'EOF'
 #!/usr/bin/env bash
@@ -138,6 +150,10 @@ PY
 )"
 export LD_LIBRARY_PATH="${libdirs:+$libdirs:}/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export CRITERION_HOME="${TMPDIR:-/tmp}/palign-criterion"
+export PALIGN_BIN="$HERE/palign"
+[ -d "$PWD/tests/fixtures" ] && export PALIGN_FIXTURES="$PWD/tests/fixtures"
+SECTIONS="${PALIGN_GPU_SECTIONS:-tests benches train}"
+want() { case " $SECTIONS " in *" $1 "*) return 0 ;; esac; return 1; }
 
 {
     echo "# palign GPU check"
@@ -151,9 +167,10 @@ export CRITERION_HOME="${TMPDIR:-/tmp}/palign-criterion"
 } >"$REPORT"
 
 failed=0
+echo "sections: $SECTIONS" >>"$REPORT"
 echo >>"$REPORT"
-echo "## tests" >>"$REPORT"
-for t in "$HERE"/tests/*; do
+want tests && echo "## tests" >>"$REPORT"
+want tests && for t in "$HERE"/tests/*; do
     [ -x "$t" ] || continue
     name="$(basename "$t")"
     echo "==== $name" >>"$TLOG"
@@ -171,9 +188,8 @@ for t in "$HERE"/tests/*; do
     } >>"$REPORT"
 done
 
-echo >>"$REPORT"
-echo "## benches" >>"$REPORT"
-for b in "$HERE"/benches/*; do
+want benches && echo >>"$REPORT" && echo "## benches" >>"$REPORT"
+want benches && for b in "$HERE"/benches/*; do
     [ -x "$b" ] || continue
     name="$(basename "$b")"
     echo "==== $name" >>"$BLOG"
@@ -189,7 +205,7 @@ for b in "$HERE"/benches/*; do
 done
 
 # ---- attention (issue 8): PyTorch SDPA flash baseline on the same shapes, then ratios ----
-if [ -f "$HERE/bench_torch_sdpa.py" ]; then
+if want benches && [ -f "$HERE/bench_torch_sdpa.py" ]; then
     echo "==== bench_torch_sdpa" >>"$BLOG"
     timeout 300 python3 "$HERE/bench_torch_sdpa.py" --compare "$BLOG" >>"$BLOG" 2>&1
     rc=$?
@@ -202,6 +218,41 @@ if [ -f "$HERE/bench_torch_sdpa.py" ]; then
     } >>"$REPORT"
 fi
 # ---- end attention ----
+
+# ---- training step (issue 10): palign bench train vs tools/bench_hf.py, same GPU ----
+# Mistral-7B shape, batch 16 x 512, rank 16 on all 7 projections, dropout 0.05. DPO runs
+# palign with --recompute full and the Python stack with gradient checkpointing (both
+# trade a forward for memory); SFT runs both without.
+tps() { grep -o 'tokens_per_s=[0-9.]*' | tail -n 1 | cut -d= -f2; }
+if want train && [ -x "$HERE/palign" ]; then
+    echo >>"$REPORT"
+    echo "## training step (palign bench train vs tools/bench_hf.py)" >>"$REPORT"
+    for cfg in "sft qlora none" "dpo qlora full" "sft lora none" "dpo lora full"; do
+        set -- $cfg
+        m=$1 p=$2 r=$3
+        gc=""
+        [ "$r" = full ] && gc="--gradient-checkpointing"
+        echo "==== train $m $p" >>"$BLOG"
+        ours="$(timeout 300 "$HERE/palign" bench train --shape mistral-7b --method "$m" --peft "$p" --recompute "$r" --batch-size 16 --seq-len 512 2>>"$BLOG")"
+        echo "$ours" >>"$BLOG"
+        theirs="$(timeout 300 python3 "$HERE/bench_hf.py" --shape mistral-7b --method "$m" --peft "$p" --batch-size 16 --seq-len 512 $gc 2>>"$BLOG")"
+        echo "$theirs" >>"$BLOG"
+        a="$(echo "$ours" | tps)"
+        b="$(echo "$theirs" | tps)"
+        {
+            echo
+            echo "### $m $p (palign --recompute $r; hf ${gc:-no checkpointing})"
+            echo '```'
+            echo "$ours" | grep -E 'BENCH_TRAIN|BREAKDOWN' || echo "palign: no result (see benches.log)"
+            echo "$theirs" | grep -E 'BENCH_TRAIN|note' || echo "hf: no result (see benches.log)"
+            if [ -n "$a" ] && [ -n "$b" ]; then
+                echo "RATIO train_${m}_${p} palign/hf tokens_per_s = $(python3 -c "print(f'{$a/$b:.3f}')")"
+            fi
+            echo '```'
+        } >>"$REPORT"
+    done
+fi
+# ---- end training step ----
 
 echo >>"$REPORT"
 if [ $failed -eq 0 ]; then echo "RESULT: all tests passed" >>"$REPORT"; else echo "RESULT: SOME TESTS FAILED (see tests.log)" >>"$REPORT"; fi

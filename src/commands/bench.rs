@@ -74,9 +74,12 @@ pub struct TrainBench {
     steps: usize,
 }
 
-/// (hidden, MLP, layers, heads, KV heads, vocab, sliding window) of a bench shape; the
-/// same table as tools/bench_hf.py (configs of LLaMA-2-7B and Mistral-7B-v0.1).
-fn shape(name: &str) -> Result<(usize, usize, usize, usize, usize, usize, Option<usize>)> {
+/// (hidden, MLP, layers, heads, KV heads, vocab, sliding window) of a bench shape.
+type Shape = (usize, usize, usize, usize, usize, usize, Option<usize>);
+
+/// The bench shapes: the same table as tools/bench_hf.py (configs of LLaMA-2-7B and
+/// Mistral-7B-v0.1).
+fn shape(name: &str) -> Result<Shape> {
     Ok(match name {
         "llama-7b" => (4096, 11008, 32, 32, 32, 32000, None),
         "mistral-7b" => (4096, 14336, 32, 32, 8, 32000, Some(4096)),
@@ -196,7 +199,7 @@ fn random_model(cfg: ModelConfig, qlora: bool, cuda: bool) -> Result<Model> {
                 )?)))
             }
         };
-        let [q, k, vv, o, gate, up, down] = PROJ_NAMES.map(|p| proj(p));
+        let [q, k, vv, o, gate, up, down] = PROJ_NAMES.map(&mut proj);
         layers.push(Layer {
             input_norm: dense(&[h], 0, cuda, true)?,
             q: q?,

@@ -312,7 +312,7 @@ impl Model {
             let (out, trace) =
                 self.layer_forward(layer, lora, x, pack, &rope, dropout.as_deref_mut(), save)?;
             x = out;
-            layers.extend(trace.map(LayerSaved::Trace));
+            layers.extend(trace.map(|t| LayerSaved::Trace(Box::new(t))));
         }
         let (hn, rstd_final) = ops::rmsnorm(&x, &self.norm, c.rms_norm_eps)?;
         let hidden_rows = ops::gather_rows(&hn, rows)?;
@@ -749,7 +749,7 @@ struct AttnSaved {
 
 /// What forward kept of one layer.
 enum LayerSaved {
-    Trace(LayerTrace),
+    Trace(Box<LayerTrace>),
     /// `--recompute full`: only the input and the dropout counter at the layer's start;
     /// backward runs the layer forward again.
     Input {

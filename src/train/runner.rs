@@ -606,7 +606,7 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
     let mut weights = if device == Device::Cuda {
         model.to_device()?;
         ref_adapter = ref_adapter.map(|a| a.to_device_bf16()).transpose()?;
-        TrainWeights::Cuda(Box::new(DeviceTrainer::upload(&adapter, &opt)?))
+        TrainWeights::Cuda(DeviceTrainer::upload(&adapter, &opt)?)
     } else {
         TrainWeights::Cpu { adapter, opt }
     };
@@ -706,9 +706,10 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
 
 /// The adapter being trained and its optimizer, on the host (f32 reference) or on the
 /// device (`DeviceTrainer`).
+#[allow(clippy::large_enum_variant)] // one per run
 enum TrainWeights {
     Cpu { adapter: Adapter, opt: AdamState },
-    Cuda(Box<DeviceTrainer>),
+    Cuda(DeviceTrainer),
 }
 
 impl TrainWeights {
@@ -865,7 +866,7 @@ pub(crate) fn bench(
         Device::Cpu => None,
     };
     let mut weights = match device {
-        Device::Cuda => TrainWeights::Cuda(Box::new(DeviceTrainer::upload(&adapter, &opt)?)),
+        Device::Cuda => TrainWeights::Cuda(DeviceTrainer::upload(&adapter, &opt)?),
         Device::Cpu => TrainWeights::Cpu { adapter, opt },
     };
     let ctx = Ctx {

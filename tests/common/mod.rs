@@ -6,9 +6,13 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// `tests/fixtures`.
+/// `tests/fixtures` (or `$PALIGN_FIXTURES`: staged GPU test binaries run on another
+/// machine, where the compile-time path does not exist).
 pub fn fx() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    match std::env::var_os("PALIGN_FIXTURES") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
+    }
 }
 
 pub fn jsonl(p: &Path) -> Vec<Value> {
@@ -32,10 +36,15 @@ pub fn palign(args: &[&str]) -> Output {
 
 /// Runs palign, whatever the outcome.
 pub fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_palign"))
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new(bin()).args(args).output().unwrap()
+}
+
+/// The palign binary (`$PALIGN_BIN` for staged GPU runs, see `fx`).
+pub fn bin() -> PathBuf {
+    match std::env::var_os("PALIGN_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_palign")),
+    }
 }
 
 pub fn s(p: &Path) -> &str {
