@@ -303,3 +303,61 @@ fn lora_config_of_fixture_is_what_these_tests_assume() {
     assert!(fx().join("train/tiny-llama/sft_rows.jsonl").exists());
     assert!(fx().join("train/tiny-llama/dpo_pairs.jsonl").exists());
 }
+
+/// `palign bench train --shape tiny` (head_dim 64, so the flash-attention and NF4
+/// kernels run, unlike the fixtures' head_dim 16): the per-step losses on both devices.
+fn bench_losses(device: &str, method: &str, peft_kind: &str) -> Vec<f64> {
+    let o = palign(&[
+        "bench",
+        "train",
+        "--device",
+        device,
+        "--shape",
+        "tiny",
+        "--method",
+        method,
+        "--peft",
+        peft_kind,
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "96",
+        "--warmup",
+        "2",
+        "--steps",
+        "4",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    let line = err
+        .lines()
+        .find_map(|l| l.strip_prefix("loss per step: "))
+        .unwrap_or_else(|| panic!("no loss line in: {err}"));
+    line.split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect()
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn bench_train_tiny_losses_match_cpu() {
+    gpu_or_fail();
+    for (method, p) in [
+        ("sft", "lora"),
+        ("sft", "qlora"),
+        ("dpo", "lora"),
+        ("dpo", "qlora"),
+    ] {
+        let c = bench_losses("cpu", method, p);
+        let g = bench_losses("cuda", method, p);
+        // The CPU run has no profiled step; compare the steps both ran.
+        let n = c.len().min(g.len());
+        assert!(n >= 6, "{method} {p}: {c:?} / {g:?}");
+        let worst = c[..n]
+            .iter()
+            .zip(&g[..n])
+            .map(|(a, b)| (a - b).abs() / a.abs().max(1e-3))
+            .fold(0f64, f64::max);
+        println!("PARITY bench-train tiny {method} {p}: worst_rel_err={worst:.3e} (bound 2e-2)");
+        assert!(worst <= 0.02, "{method} {p}: cpu {c:?} vs cuda {g:?}");
+    }
+}

@@ -45,11 +45,13 @@ fn nf4() -> Result<&'static Nf4Dispatcher> {
     Ok(D.get_or_init(|| d))
 }
 
-/// Which lm_head log-prob path the device uses (`PALIGN_LOGPROB=chunked|fused`, default fused).
+/// Which lm_head log-prob path the device uses: `PALIGN_LOGPROB=fused|chunked`, default
+/// chunked (cuBLAS logits per 32 MiB chunk + one kernel) until the GPU report shows the
+/// fused tensor-core forward faster (benches/logprob.rs measures both).
 fn logprob_path() -> logprob::LogprobPath {
     match std::env::var("PALIGN_LOGPROB").as_deref() {
-        Ok("chunked") => logprob::LogprobPath::Chunked,
-        _ => logprob::LogprobPath::Fused,
+        Ok("fused") => logprob::LogprobPath::Fused,
+        _ => logprob::LogprobPath::Chunked,
     }
 }
 
@@ -330,6 +332,13 @@ pub fn rope_qk(
     })
 }
 
+/// Whether this shape runs the CPU reference: the flash kernels take head_dim 64 and
+/// 128 (LLaMA/Mistral); other sizes (the tiny test models use 16 and 32) run on
+/// downloaded copies, correct and slow, so every model runs on `--device cuda`.
+fn host_attention(shape: &AttnShape) -> bool {
+    !matches!(shape.head_dim, 64 | 128)
+}
+
 pub fn attention(
     q: &Tensor,
     kt: &Tensor,
@@ -337,6 +346,11 @@ pub fn attention(
     pack: &Packing,
     shape: AttnShape,
 ) -> Result<(Tensor, Tensor)> {
+    if host_attention(&shape) {
+        let (o, lse) =
+            crate::ops::attention(&q.to_cpu()?, &kt.to_cpu()?, &v.to_cpu()?, pack, shape)?;
+        return Ok((o.to_cuda_bf16()?, lse.to_cuda_f32()?));
+    }
     let g = gpu()?;
     let layout = SeqLayout::from_packing(&g, pack)?;
     let t = q.rows();
@@ -368,6 +382,19 @@ pub fn attention_backward(
     pack: &Packing,
     shape: AttnShape,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    if host_attention(&shape) {
+        let (dq, dk, dv) = crate::ops::attention_backward(
+            &q.to_cpu()?,
+            &kt.to_cpu()?,
+            &v.to_cpu()?,
+            &o.to_cpu()?,
+            &d_o.to_cpu()?,
+            &lse.to_cpu()?,
+            pack,
+            shape,
+        )?;
+        return Ok((dq.to_cuda_bf16()?, dk.to_cuda_bf16()?, dv.to_cuda_bf16()?));
+    }
     let g = gpu()?;
     let layout = SeqLayout::from_packing(&g, pack)?;
     let mut dq = new_bf16(&g, &q.shape)?;
@@ -406,6 +433,17 @@ pub fn attention_decode(
     lens: &[usize],
     shape: AttnShape,
 ) -> Result<Tensor> {
+    if host_attention(&shape) {
+        let o = crate::ops::attention_decode(
+            &q.to_cpu()?,
+            &k_cache.to_cpu()?,
+            &v_cache.to_cpu()?,
+            starts,
+            lens,
+            shape,
+        )?;
+        return o.to_cuda_bf16();
+    }
     let g = gpu()?;
     let cache_rows = k_cache.rows();
     let capacity = lens.iter().copied().max().unwrap_or(1).max(1);
