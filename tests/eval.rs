@@ -540,7 +540,7 @@ fn continuation_logprob(model: &Model, tok: &Tokenizer, context: &str, cont: &st
 #[test]
 fn choice_logprobs_match_one_sequence_at_a_time() {
     let dir = fixtures().join("tiny-llama");
-    let lm = palign::eval::lm::Lm::load(&dir, None, None).unwrap();
+    let lm = palign::eval::lm::Lm::load(&dir, None, None, palign::commands::Device::Cpu).unwrap();
     let model = Model::load(&dir).unwrap();
     let tok = Tokenizer::load(&dir, Some(1), Some(2)).unwrap();
     // (context as given, choices, the context/continuations after lm-eval's whitespace move)

@@ -160,7 +160,7 @@ fn read_annotations(path: &std::path::Path) -> Result<Annotations> {
 }
 
 pub fn run(args: &Args, common: &Common) -> Result<()> {
-    common.setup_cpu_only("eval")?;
+    let device = common.setup()?;
     let ev = &args.eval;
     let template = ev.check()?;
     let judge_template: Template = args.judge_template.parse().map_err(|_| {
@@ -220,7 +220,7 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         .collect();
     let (reused, computed) = (items.len() - todo.len(), todo.len());
     if !todo.is_empty() {
-        let lm = ev.load_model()?;
+        let lm = ev.load_model(device)?;
         let mut jobs = Vec::with_capacity(todo.len());
         for &i in &todo {
             let p = template.prompt(&items[i].instruction);
@@ -285,7 +285,7 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         judge_info = json!({"kind": "annotations", "path": super::canon(path)});
     }
     if let Some(dir) = &args.judge {
-        let judge = LocalJudge::load(dir, judge_template, ev.batch_size)?;
+        let judge = LocalJudge::load(dir, judge_template, ev.batch_size, device)?;
         let mut jlog = run.judgments()?;
         let pb = crate::commands::progress_bar(items.len() as u64, common.progress(), "judge");
         judged_now = judge::judge_all(

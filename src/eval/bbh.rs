@@ -208,7 +208,7 @@ fn list_tasks(data: &Path) -> Result<Vec<String>> {
 }
 
 pub fn run(args: &Args, common: &Common) -> Result<()> {
-    common.setup_cpu_only("eval")?;
+    let device = common.setup()?;
     let ev = &args.eval;
     let template = ev.check()?;
     let cot = !args.no_cot;
@@ -260,7 +260,7 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     let todo: Vec<_> = selected.iter().filter(|s| !log.contains(&s.0)).collect();
     let (reused, computed) = (selected.len() - todo.len(), todo.len());
     if !todo.is_empty() {
-        let lm = ev.load_model()?;
+        let lm = ev.load_model(device)?;
         let mut jobs = Vec::with_capacity(todo.len());
         for (id, task, i, input, target, p) in todo {
             jobs.push(GenJob {

@@ -20,8 +20,13 @@ pub struct LocalJudge {
 }
 
 impl LocalJudge {
-    pub fn load(dir: &Path, template: Template, batch: usize) -> Result<LocalJudge> {
-        let lm = Lm::load(dir, None, None)?;
+    pub fn load(
+        dir: &Path,
+        template: Template,
+        batch: usize,
+        device: crate::commands::Device,
+    ) -> Result<LocalJudge> {
+        let lm = Lm::load(dir, None, None, device)?;
         Ok(LocalJudge {
             lm,
             template,

@@ -41,16 +41,26 @@ pub fn check_quant(quant: Option<&str>) -> Result<()> {
 }
 
 impl Lm {
-    pub fn load(dir: &Path, adapter: Option<&Path>, quant: Option<&str>) -> Result<Lm> {
+    /// Loads a model (and adapter) for evaluation, moved to the GPU with `Device::Cuda`.
+    pub fn load(
+        dir: &Path,
+        adapter: Option<&Path>,
+        quant: Option<&str>,
+        device: crate::commands::Device,
+    ) -> Result<Lm> {
         check_quant(quant)?;
         let mut model = Model::load(dir)?;
         if quant.is_some() && !model.is_nf4() {
             model.quantize_nf4(crate::quant::DEFAULT_BLOCKSIZE, true)?;
         }
-        let adapter = match adapter {
+        let mut adapter = match adapter {
             Some(a) => Some(crate::lora::peft::load(a, &model.cfg)?),
             None => None,
         };
+        if device == crate::commands::Device::Cuda {
+            model.to_device()?;
+            adapter = adapter.map(|a| a.to_device_bf16()).transpose()?;
+        }
         let tok = Tokenizer::load(
             dir,
             model.cfg.bos_token_id,

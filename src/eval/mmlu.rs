@@ -141,7 +141,7 @@ struct Task {
 }
 
 pub fn run(args: &Args, common: &Common) -> Result<()> {
-    common.setup_cpu_only("eval")?;
+    let device = common.setup()?;
     let ev = &args.eval;
     let template = ev.check()?;
     if args.max_length == 0 {
@@ -197,7 +197,7 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     let (reused, computed) = (selected.len() - todo.len(), todo.len());
 
     if !todo.is_empty() {
-        let lm = ev.load_model()?;
+        let lm = ev.load_model(device)?;
         let pb = crate::commands::progress_bar(todo.len() as u64, common.progress(), "mmlu");
         for chunk in todo.chunks(ev.batch_size) {
             let mut items = Vec::with_capacity(chunk.len());

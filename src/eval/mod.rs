@@ -86,8 +86,13 @@ impl EvalArgs {
         m
     }
 
-    pub fn load_model(&self) -> Result<Lm> {
-        Lm::load(&self.model, self.adapter.as_deref(), self.quant.as_deref())
+    pub fn load_model(&self, device: crate::commands::Device) -> Result<Lm> {
+        Lm::load(
+            &self.model,
+            self.adapter.as_deref(),
+            self.quant.as_deref(),
+            device,
+        )
     }
 }
 

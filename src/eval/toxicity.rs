@@ -113,7 +113,7 @@ pub fn most_toxic(mut prompts: Vec<Prompt>, n: usize) -> Vec<Prompt> {
 }
 
 pub fn run(args: &Args, common: &Common) -> Result<()> {
-    common.setup_cpu_only("eval")?;
+    let device = common.setup()?;
     let ev = &args.eval;
     let template = ev.check()?;
     if args.num_prompts == 0 {
@@ -176,7 +176,7 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     let (reused, computed) = (selected.len() - todo.len(), todo.len());
     if !todo.is_empty() {
         let scorer = RobertaClassifier::load(&args.scorer)?;
-        let lm = ev.load_model()?;
+        let lm = ev.load_model(device)?;
         let mut jobs = Vec::with_capacity(todo.len());
         for &i in &todo {
             let p = &selected[i];
