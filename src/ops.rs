@@ -143,6 +143,36 @@ pub fn matmul_acc_(y: &mut Tensor, x: &Tensor, a: &Tensor, alpha: f32) -> Result
     Ok(())
 }
 
+/// The fused LoRA projection, where it applies (device tensors, an NF4 base, the fused
+/// kernel's shape limits, `PALIGN_FUSED_LORA` not `0`): `(x·Wᵀ + s·drop(x)·Aᵀ·Bᵀ,
+/// s·drop(x)·Aᵀ)`. `None` means: use the separate products.
+pub fn lora_fused_forward(
+    x: &Tensor,
+    dropped: Option<&Tensor>,
+    w: &LinearWeight,
+    pair: &crate::lora::LoraPair,
+    s: f32,
+) -> Result<Option<(Tensor, Tensor)>> {
+    if !x.is_cuda() {
+        return Ok(None);
+    }
+    dev::lora_fused_forward(x, dropped, w, &pair.a, &pair.b, s)
+}
+
+/// The fused LoRA input gradient, where it applies (see `lora_fused_forward`; no
+/// dropout): `(dY·W + s·dY·B·A, s·dY·B)`.
+pub fn lora_fused_backward(
+    dy: &Tensor,
+    w: &LinearWeight,
+    pair: &crate::lora::LoraPair,
+    s: f32,
+) -> Result<Option<(Tensor, Tensor)>> {
+    if !dy.is_cuda() {
+        return Ok(None);
+    }
+    dev::lora_fused_backward(dy, w, &pair.a, &pair.b, s)
+}
+
 /// `g += alpha · aᵀ · b` for `a` `[m, p]`, `b` `[m, q]`, `g` `[p, q]` (weight gradients;
 /// `g` is f32 on both backends).
 pub fn add_at_b_(g: &mut Tensor, a: &Tensor, b: &Tensor, alpha: f32) -> Result<()> {

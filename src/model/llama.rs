@@ -354,16 +354,29 @@ impl Model {
         lora: Option<(&LoraPair, f32)>,
         mask: Option<ops::DropMask>,
     ) -> Result<(Tensor, Option<LoraSaved>)> {
-        let mut y = ops::linear(x, w)?;
         let Some((pair, s)) = lora else {
-            return Ok((y, None));
+            return Ok((ops::linear(x, w)?, None));
         };
-        let xa = match mask {
-            Some(m) => ops::matmul_t(&ops::dropout(x, m)?, &pair.a)?,
-            None => ops::matmul_t(x, &pair.a)?,
-        };
+        let dropped = mask.map(|m| ops::dropout(x, m)).transpose()?;
+        // On the device with an NF4 base: one kernel, the adapter as an extra K slab.
+        if let Some((y, xa)) = ops::lora_fused_forward(x, dropped.as_ref(), w, pair, s)? {
+            let saved = LoraSaved {
+                xa,
+                xa_scaled: true,
+                mask,
+            };
+            return Ok((y, Some(saved)));
+        }
+        let mut y = ops::linear(x, w)?;
+        let xa = ops::matmul_t(dropped.as_ref().unwrap_or(x), &pair.a)?;
+        drop(dropped);
         ops::matmul_t_acc_(&mut y, &xa, &pair.b, s)?;
-        Ok((y, Some(LoraSaved { xa, mask })))
+        let saved = LoraSaved {
+            xa,
+            xa_scaled: false,
+            mask,
+        };
+        Ok((y, Some(saved)))
     }
 
     /// Backward of `proj`: returns dX and accumulates dA, dB into `grad`.
@@ -375,21 +388,31 @@ impl Model {
         saved: Option<&LoraSaved>,
         grad: Option<&mut LoraPair>,
     ) -> Result<Tensor> {
+        let (Some((pair, s)), Some(saved), Some(grad)) = (lora, saved, grad) else {
+            return ops::linear_backward(dy, w);
+        };
+        // dB += s·dYᵀ·(drop(x)·Aᵀ); the fused forward saved xa with s folded in.
+        let xa_alpha = if saved.xa_scaled { 1.0 } else { s };
+        ops::add_at_b_(&mut grad.b, dy, &saved.xa, xa_alpha)?;
+        if saved.mask.is_none() {
+            // dX = dY·W + (s·dY·B)·A in one NF4 kernel; dA += (s·dY·B)ᵀ·x.
+            if let Some((dx, dyb_s)) = ops::lora_fused_backward(dy, w, pair, s)? {
+                ops::add_at_b_(&mut grad.a, &dyb_s, x, 1.0)?;
+                return Ok(dx);
+            }
+        }
         let mut dx = ops::linear_backward(dy, w)?;
-        if let (Some((pair, s)), Some(saved), Some(grad)) = (lora, saved, grad) {
-            let dyb = ops::matmul(dy, &pair.b)?; // dY·B, [m, r]
-            ops::add_at_b_(&mut grad.b, dy, &saved.xa, s)?; // dB += s·dYᵀ·(drop(x)·Aᵀ)
-            match saved.mask {
-                // The mask is recomputed from its stream, not stored.
-                Some(m) => {
-                    ops::add_at_b_(&mut grad.a, &dyb, &ops::dropout(x, m)?, s)?;
-                    let dxa = ops::matmul(&dyb, &pair.a)?; // (dY·B)·A, [m, in]
-                    ops::axpy_(&mut dx, s, &ops::dropout(&dxa, m)?)?;
-                }
-                None => {
-                    ops::add_at_b_(&mut grad.a, &dyb, x, s)?;
-                    ops::matmul_acc_(&mut dx, &dyb, &pair.a, s)?;
-                }
+        let dyb = ops::matmul(dy, &pair.b)?; // dY·B, [m, r]
+        match saved.mask {
+            // The mask is recomputed from its stream, not stored.
+            Some(m) => {
+                ops::add_at_b_(&mut grad.a, &dyb, &ops::dropout(x, m)?, s)?;
+                let dxa = ops::matmul(&dyb, &pair.a)?; // (dY·B)·A, [m, in]
+                ops::axpy_(&mut dx, s, &ops::dropout(&dxa, m)?)?;
+            }
+            None => {
+                ops::add_at_b_(&mut grad.a, &dyb, x, s)?;
+                ops::matmul_acc_(&mut dx, &dyb, &pair.a, s)?;
             }
         }
         Ok(dx)
@@ -716,8 +739,10 @@ impl Dropout {
 
 /// What one LoRA saved in forward.
 pub struct LoraSaved {
-    /// `drop(x)·Aᵀ`, `[m, r]`.
+    /// `drop(x)·Aᵀ`, `[m, r]` (times s when `xa_scaled`).
     pub xa: Tensor,
+    /// The fused NF4 kernel saves `s·drop(x)·Aᵀ` (rounded to bf16 once, scale included).
+    pub xa_scaled: bool,
     /// The dropout mask's stream; `None` without dropout.
     pub mask: Option<ops::DropMask>,
 }

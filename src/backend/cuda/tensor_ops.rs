@@ -15,6 +15,7 @@ use super::attention::{
     self as attn, AttnGradInputs, AttnGrads, DecodeBatch, DecodeSpec, KvCacheView, SeqLayout,
 };
 use super::blas::{self, Gemm};
+use super::lora::{self, LoraBase, LoraDev};
 use super::nf4::{Nf4Dispatcher, Nf4Op, Out};
 use super::{elementwise as ew, logprob, ops as k, profile, DeviceBuffer, Gpu};
 use crate::error::{bad, Error, Result};
@@ -597,4 +598,95 @@ pub fn target_logprobs_backward(
         )
     })?;
     Ok(dh)
+}
+
+/// Whether the fused NF4 LoRA kernels may be used (`PALIGN_FUSED_LORA=0` turns them off,
+/// e.g. to compare against the separate products).
+fn fused_lora_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("PALIGN_FUSED_LORA").map_or(true, |v| v != "0"))
+}
+
+/// The NF4 base of `w` when the fused LoRA kernel takes `op` for `m` rows and rank `r`.
+fn fused_base(w: &LinearWeight, op: Nf4Op, m: usize, r: usize) -> Option<LoraBase<'_>> {
+    match w {
+        LinearWeight::Nf4Cuda(q) if fused_lora_enabled() => {
+            let base = LoraBase::Nf4(q);
+            lora::fused_applies(&base, op, m, r).then_some(base)
+        }
+        _ => None,
+    }
+}
+
+pub fn lora_fused_forward(
+    x: &Tensor,
+    dropped: Option<&Tensor>,
+    w: &LinearWeight,
+    a: &Tensor,
+    b: &Tensor,
+    s: f32,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let (m, r) = (x.rows(), a.rows());
+    let Some(base) = fused_base(w, Nf4Op::Forward, m, r) else {
+        return Ok(None);
+    };
+    let g = gpu()?;
+    let mut y = new_bf16(&g, &[m, w.out_features()])?;
+    let mut xa = new_bf16(&g, &[m, r])?;
+    let dev = LoraDev {
+        a: a.bf16_buf()?,
+        b: b.bf16_buf()?,
+        rank: r,
+        scale: s,
+    };
+    let dropped = dropped.map(|d| d.bf16_buf()).transpose()?;
+    profile::scope(&g, NF4, || {
+        lora::lora_forward(
+            &g,
+            base,
+            x.bf16_buf()?,
+            dropped,
+            m,
+            dev,
+            xa.bf16_buf_mut()?,
+            y.bf16_buf_mut()?,
+            true,
+        )
+    })?;
+    Ok(Some((y, xa)))
+}
+
+pub fn lora_fused_backward(
+    dy: &Tensor,
+    w: &LinearWeight,
+    a: &Tensor,
+    b: &Tensor,
+    s: f32,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let (m, r) = (dy.rows(), a.rows());
+    let Some(base) = fused_base(w, Nf4Op::Backward, m, r) else {
+        return Ok(None);
+    };
+    let g = gpu()?;
+    let mut dx = new_bf16(&g, &[m, w.in_features()])?;
+    let mut dyb = new_bf16(&g, &[m, r])?;
+    let dev = LoraDev {
+        a: a.bf16_buf()?,
+        b: b.bf16_buf()?,
+        rank: r,
+        scale: s,
+    };
+    profile::scope(&g, NF4, || {
+        lora::lora_backward_input(
+            &g,
+            base,
+            dy.bf16_buf()?,
+            m,
+            dev,
+            dyb.bf16_buf_mut()?,
+            dx.bf16_buf_mut()?,
+            true,
+        )
+    })?;
+    Ok(Some((dx, dyb)))
 }
