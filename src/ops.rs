@@ -10,7 +10,7 @@ use crate::backend::cuda::tensor_ops as dev;
 use crate::error::Result;
 use crate::quant::Nf4Tensor;
 use crate::tensor::Tensor;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 /// A frozen projection weight `[out, in]` (PyTorch `nn.Linear` layout).
 #[derive(Clone, Debug)]
@@ -262,7 +262,7 @@ pub struct Rope {
     pub sin: Vec<f32>,
     pub positions: Vec<u32>,
     pub head_dim: usize,
-    pub(crate) dev: OnceLock<dev::RopeDev>,
+    pub(crate) dev: dev::RopeDev,
 }
 
 impl Rope {
@@ -274,14 +274,15 @@ impl Rope {
             sin,
             positions,
             head_dim,
-            dev: OnceLock::new(),
+            dev: dev::RopeDev::default(),
         }
     }
 
-    /// New positions over the same tables (one decode step); drops stale device copies.
+    /// New positions over the same tables (one decode step); the device keeps its
+    /// copy of the tables and uploads only the positions.
     pub fn set_positions(&mut self, positions: Vec<u32>) {
         self.positions = positions;
-        self.dev = OnceLock::new();
+        self.dev.clear_positions();
     }
 }
 

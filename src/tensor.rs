@@ -40,6 +40,15 @@ impl Tensor {
         Self::from_vec(vec![0.0; shape.iter().product()], shape)
     }
 
+    /// Zeros on the host (f32) or, with `cuda`, on the device (bf16, no host copy).
+    pub fn zeros_on(shape: &[usize], cuda: bool) -> Result<Self> {
+        if !cuda {
+            return Ok(Self::zeros(shape));
+        }
+        let n = shape.iter().product();
+        Ok(Tensor::cuda_bf16(Gpu::get()?.zeros(n)?, shape))
+    }
+
     /// A bf16 device tensor over `buf` (which must hold exactly the shape's elements).
     pub fn cuda_bf16(buf: DeviceBuffer<bf16>, shape: &[usize]) -> Self {
         assert_eq!(buf.len(), shape.iter().product::<usize>(), "bf16 {shape:?}");

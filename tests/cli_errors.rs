@@ -383,6 +383,7 @@ const CASES: &[Case] = &[
         setup: |d| {
             let mut a = sft_args(d, &[]);
             let o = std::process::Command::new(env!("CARGO_BIN_EXE_palign"))
+                .env("PALIGN_DEVICE", "cpu")
                 .args(&a)
                 .output()
                 .unwrap();
@@ -505,6 +506,7 @@ fn every_bad_input_exits_2_with_one_line() {
         write_rows(d.path(), "{\"prompt_ids\":[5,6],\"completion_ids\":[7]}\n");
         let args = (case.setup)(d.path());
         let out = Command::new(env!("CARGO_BIN_EXE_palign"))
+            .env("PALIGN_DEVICE", "cpu")
             .args(&args)
             .env("RUST_BACKTRACE", "1")
             .output()

@@ -55,6 +55,7 @@ fn kill_9_at_random_moments_then_resume_gives_the_same_adapter() {
     let d = tempfile::tempdir().unwrap();
     let straight = d.path().join("straight");
     let st = Command::new(env!("CARGO_BIN_EXE_palign"))
+        .env("PALIGN_DEVICE", "cpu")
         .args(args(&straight, "30", &[]))
         .output()
         .unwrap();
@@ -72,6 +73,7 @@ fn kill_9_at_random_moments_then_resume_gives_the_same_adapter() {
     for attempt in 0..200 {
         let resume: &[&str] = if attempt == 0 { &[] } else { &["--resume"] };
         let mut child = Command::new(env!("CARGO_BIN_EXE_palign"))
+            .env("PALIGN_DEVICE", "cpu")
             .args(args(&out, "30", resume))
             .spawn()
             .unwrap();
@@ -98,6 +100,7 @@ fn kill_9_at_random_moments_then_resume_gives_the_same_adapter() {
     // Let a last resume finish whatever is left.
     if !out.join("adapter_model.safetensors").exists() {
         let st = Command::new(env!("CARGO_BIN_EXE_palign"))
+            .env("PALIGN_DEVICE", "cpu")
             .args(args(&out, "30", &["--resume"]))
             .output()
             .unwrap();
@@ -126,6 +129,7 @@ fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("run");
     let o = Command::new(env!("CARGO_BIN_EXE_palign"))
+        .env("PALIGN_DEVICE", "cpu")
         .args(args_lr(&out, "6", "1e30", &["--max-grad-norm", "1e30"]))
         .output()
         .unwrap();

@@ -8,6 +8,7 @@ fn demo_runs_end_to_end_and_learns() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("demo");
     let o = Command::new(env!("CARGO_BIN_EXE_palign"))
+        .env("PALIGN_DEVICE", "cpu")
         .args(["demo", "--out", out.to_str().unwrap()])
         .output()
         .unwrap();
@@ -49,6 +50,7 @@ fn demo_runs_end_to_end_and_learns() {
     );
     // a second run refuses to overwrite
     let o = Command::new(env!("CARGO_BIN_EXE_palign"))
+        .env("PALIGN_DEVICE", "cpu")
         .args(["demo", "--out", out.to_str().unwrap()])
         .output()
         .unwrap();

@@ -21,6 +21,7 @@ fn model() -> String {
 
 fn palign(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_palign"))
+        .env("PALIGN_DEVICE", "cpu")
         .arg("--quiet")
         .args(args)
         .output()

@@ -33,6 +33,7 @@ fn generate(args: &[&str]) -> Vec<Value> {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.jsonl");
     let st = Command::new(env!("CARGO_BIN_EXE_palign"))
+        .env("PALIGN_DEVICE", "cpu")
         .args(["generate", "--quiet"])
         .args(args)
         .arg("--out")
@@ -383,6 +384,7 @@ fn assert_bad(args: &[&str], rows: Option<&str>, expect: &str) {
     let out = dir.path().join("out.jsonl");
     let model = fixtures().join("tiny-llama");
     let st = Command::new(env!("CARGO_BIN_EXE_palign"))
+        .env("PALIGN_DEVICE", "cpu")
         .args(["generate", "--quiet", "--model", path(&model), "--prompts"])
         .arg(&prompts)
         .arg("--out")

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 fn palign(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_palign"))
+        .env("PALIGN_DEVICE", "cpu")
         .args(args)
         .output()
         .unwrap()
@@ -588,6 +589,7 @@ methods = ["dpo"]
     std::fs::write(&spec, text).unwrap();
     let out = d.path().join("out");
     let grid = Command::new(env!("CARGO_BIN_EXE_palign"))
+        .env("PALIGN_DEVICE", "cpu")
         .args(["grid", "run", s(&spec), "--out", s(&out), "--threads", "1"])
         .stderr(Stdio::piped())
         .spawn()
@@ -653,6 +655,7 @@ methods = ["dpo"]
         })
         .collect();
     let st = Command::new(env!("CARGO_BIN_EXE_palign"))
+        .env("PALIGN_DEVICE", "cpu")
         .args(&args)
         .args(["--threads", "1", "--quiet"])
         .current_dir(&out)
@@ -726,6 +729,7 @@ fn tiny_grid_killed_twice_then_rerun_equals_an_uninterrupted_run() {
     let mut kept = BTreeMap::new();
     for at in [20, total * 2 / 3] {
         let mut grid = Command::new(env!("CARGO_BIN_EXE_palign"))
+            .env("PALIGN_DEVICE", "cpu")
             .args([
                 "grid",
                 "run",
@@ -863,6 +867,7 @@ fn slurm_scripts_chain_stages_and_submit_through_sbatch() {
     std::fs::set_permissions(bin.join("sbatch"), std::fs::Permissions::from_mode(0o755)).unwrap();
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
     let o = Command::new(env!("CARGO_BIN_EXE_palign"))
+        .env("PALIGN_DEVICE", "cpu")
         .args(["grid", "slurm", s(&spec), "--out", s(&out)])
         .env("PATH", path)
         .output()

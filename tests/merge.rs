@@ -21,6 +21,7 @@ fn fx() -> PathBuf {
 fn run(args: &[&str]) -> Output {
     // Config paths are relative to the repository root, as mergekit read them.
     Command::new(env!("CARGO_BIN_EXE_palign"))
+        .env("PALIGN_DEVICE", "cpu")
         .args(args)
         .current_dir(root())
         .output()

@@ -133,6 +133,7 @@ fn bf16_output_and_existing_output_folder() {
     assert!(cfg.to_string().contains("\"bfloat16\""));
     assert!(out.join("tokenizer.json").exists());
     let o = Command::new(env!("CARGO_BIN_EXE_palign"))
+        .env("PALIGN_DEVICE", "cpu")
         .args([
             "merge-adapter",
             "--model",
@@ -146,6 +147,7 @@ fn bf16_output_and_existing_output_folder() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     let o = Command::new(env!("CARGO_BIN_EXE_palign"))
+        .env("PALIGN_DEVICE", "cpu")
         .args([
             "merge-adapter",
             "--model",

@@ -16,6 +16,7 @@ fn fixtures() -> PathBuf {
 
 fn palign(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_palign"))
+        .env("PALIGN_DEVICE", "cpu")
         .args(["--quiet", "--threads", "2"])
         .args(args)
         .output()

@@ -23,6 +23,7 @@ fn check(model: &str, data: &str, template: &str, expected: &str) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("scores.jsonl");
     let st = Command::new(env!("CARGO_BIN_EXE_palign"))
+        .env("PALIGN_DEVICE", "cpu")
         .args(["score", "--quiet", "--template", template, "--model"])
         .arg(fixtures().join(model))
         .arg("--data")

@@ -260,6 +260,7 @@ fn resume_continues_exactly() {
     }
     // a finished run is not overwritten
     let o = Command::new(env!("CARGO_BIN_EXE_palign"))
+        .env("PALIGN_DEVICE", "cpu")
         .args([
             "sft",
             "--model",

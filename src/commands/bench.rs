@@ -362,7 +362,13 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
 
     let mut sorted = out.step_secs.clone();
     sorted.sort_by(f64::total_cmp);
-    let median = sorted[sorted.len() / 2];
+    // statistics.median, as tools/bench_hf.py takes it.
+    let n = sorted.len();
+    let median = if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    };
     let gpu_name = if cuda {
         Gpu::get()?.name().to_string()
     } else {

@@ -49,7 +49,14 @@ impl Common {
                 .num_threads(n)
                 .build_global();
         }
-        match self.device.as_str() {
+        // `PALIGN_DEVICE` stands in for `--device auto` (the CPU-golden tests pin cpu with
+        // it, so they stay CPU tests on a GPU host; grid children inherit it).
+        let env = std::env::var("PALIGN_DEVICE").ok();
+        let device = match (self.device.as_str(), env.as_deref()) {
+            ("auto", Some(d)) if !d.is_empty() => d,
+            (d, _) => d,
+        };
+        match device {
             "cpu" => Ok(Device::Cpu),
             "auto" => Ok(match crate::backend::cuda::available() {
                 Ok(()) => Device::Cuda,

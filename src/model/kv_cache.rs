@@ -28,14 +28,7 @@ impl KvCache {
         }
         .max(1);
         let shape = [slots * capacity, cfg.num_kv_heads * cfg.head_dim];
-        let zeros = || -> Result<Tensor> {
-            let t = Tensor::zeros(&shape);
-            if cuda {
-                t.to_cuda_bf16()
-            } else {
-                Ok(t)
-            }
-        };
+        let zeros = || Tensor::zeros_on(&shape, cuda);
         Ok(KvCache {
             k: (0..cfg.num_layers)
                 .map(|_| zeros())

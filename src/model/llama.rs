@@ -452,8 +452,9 @@ impl Model {
         }
         let t = LayerTrace {
             x,
-            // `--recompute attention`: backward runs the attention block again.
-            attn: (self.recompute == Recompute::None).then_some(attn),
+            // `--recompute attention`: backward runs the attention block again. (With
+            // `full` this is the backward's replay, which keeps everything.)
+            attn: (self.recompute != Recompute::Attention).then_some(attn),
             h1,
             rstd2,
             n2,

@@ -35,8 +35,14 @@ pub fn palign(args: &[&str]) -> Output {
 }
 
 /// Runs palign, whatever the outcome.
+/// Without `--device`, palign runs on the CPU (`PALIGN_DEVICE=cpu`): these are CPU
+/// tests even on a machine with a GPU.
 pub fn run(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).output().unwrap()
+    Command::new(bin())
+        .env("PALIGN_DEVICE", "cpu")
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 /// The palign binary (`$PALIGN_BIN` for staged GPU runs, see `fx`).

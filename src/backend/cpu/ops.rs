@@ -318,6 +318,9 @@ pub fn swiglu_backward(dout: &[f32], gate: &[f32], up: &[f32], dgate: &mut [f32]
 #[derive(Clone, Debug)]
 pub struct Packing {
     pub offsets: Vec<usize>,
+    /// The device copy of the layout, made by the first device attention of the batch
+    /// and reused by every layer, forward and backward.
+    pub(crate) dev: crate::backend::cuda::tensor_ops::LayoutCache,
 }
 
 impl Packing {
@@ -327,7 +330,10 @@ impl Packing {
         for l in lengths {
             offsets.push(offsets.last().unwrap() + l);
         }
-        Packing { offsets }
+        Packing {
+            offsets,
+            dev: Default::default(),
+        }
     }
     pub fn n_seqs(&self) -> usize {
         self.offsets.len() - 1

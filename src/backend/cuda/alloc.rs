@@ -145,6 +145,12 @@ impl Pool {
         st.stats.reserved_bytes -= freed_bytes;
     }
 
+    /// Restart the peak at the bytes in use now (peak of a phase, e.g. timed steps).
+    pub fn reset_peak(&self) {
+        let mut st = self.lock();
+        st.stats.peak_in_use_bytes = st.stats.in_use_bytes;
+    }
+
     pub fn stats(&self) -> PoolStats {
         self.lock().stats
     }
@@ -290,6 +296,20 @@ mod tests {
             assert!(b >= bytes && (b - bytes) * 8 <= bytes, "{bytes} -> {b}");
             assert_eq!(b % 512, 0);
         }
+    }
+
+    #[test]
+    fn reset_peak_restarts_at_what_is_in_use() {
+        let pool = pool(usize::MAX);
+        let keep = DeviceBuffer::<f32>::new(&pool, 1000).unwrap();
+        let big = DeviceBuffer::<f32>::new(&pool, 100_000).unwrap();
+        drop(big);
+        assert!(pool.stats().peak_in_use_bytes >= 400_000);
+        pool.reset_peak();
+        let s = pool.stats();
+        assert_eq!(s.peak_in_use_bytes, s.in_use_bytes);
+        assert_eq!(s.in_use_bytes, bucket_size(4000));
+        drop(keep);
     }
 
     #[test]

@@ -315,6 +315,11 @@ impl Gpu {
         self.pool.stats()
     }
 
+    /// Restart the pool's peak-memory counter at the bytes in use now.
+    pub fn reset_peak(&self) {
+        self.pool.reset_peak();
+    }
+
     /// Give cached device memory back to the driver (e.g. before a phase with other sizes).
     pub fn empty_cache(&self) -> Result<()> {
         self.synchronize()?;

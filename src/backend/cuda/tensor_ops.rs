@@ -271,39 +271,55 @@ pub fn rmsnorm_backward(dy: &Tensor, x: &Tensor, weight: &Tensor, rstd: &Tensor)
     Ok(dx)
 }
 
-/// A batch's RoPE tables and positions on the device (kept in `ops::Rope`).
+/// RoPE's device copies, kept in `ops::Rope`: the tables (for the whole run of a
+/// generator) and the current positions (replaced each decode step).
+#[derive(Default)]
 pub struct RopeDev {
-    tables: k::RopeTables,
-    positions: DeviceBuffer<u32>,
+    tables: OnceLock<k::RopeTables>,
+    positions: OnceLock<DeviceBuffer<u32>>,
 }
 
 impl std::fmt::Debug for RopeDev {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "RopeDev({} positions)", self.positions.len())
+        write!(f, "RopeDev(on device: {})", self.tables.get().is_some())
     }
 }
 
-fn rope_dev<'a>(g: &Gpu, rope: &'a Rope) -> Result<&'a RopeDev> {
-    if let Some(d) = rope.dev.get() {
-        return Ok(d);
+impl RopeDev {
+    /// Forget the positions (new ones come with the next op); the tables stay.
+    pub fn clear_positions(&mut self) {
+        self.positions = OnceLock::new();
     }
+}
+
+fn rope_dev<'a>(g: &Gpu, rope: &'a Rope) -> Result<(&'a k::RopeTables, &'a DeviceBuffer<u32>)> {
     let half = (rope.head_dim / 2).max(1);
     let max_pos = rope.cos.len() / half;
-    if rope.positions.iter().any(|&p| p as usize >= max_pos) {
-        return Err(Error::Cuda(
-            "internal: a RoPE position is past the tables".into(),
-        ));
-    }
-    let d = RopeDev {
-        tables: k::RopeTables {
-            cos: g.upload(&rope.cos)?,
-            sin: g.upload(&rope.sin)?,
-            head_dim: rope.head_dim,
-            max_pos,
-        },
-        positions: g.upload(&rope.positions)?,
+    let tables = match rope.dev.tables.get() {
+        Some(t) => t,
+        None => {
+            let t = k::RopeTables {
+                cos: g.upload(&rope.cos)?,
+                sin: g.upload(&rope.sin)?,
+                head_dim: rope.head_dim,
+                max_pos,
+            };
+            rope.dev.tables.get_or_init(|| t)
+        }
     };
-    Ok(rope.dev.get_or_init(|| d))
+    let positions = match rope.dev.positions.get() {
+        Some(p) => p,
+        None => {
+            if rope.positions.iter().any(|&p| p as usize >= max_pos) {
+                return Err(Error::Cuda(
+                    "internal: a RoPE position is past the tables".into(),
+                ));
+            }
+            let p = g.upload(&rope.positions)?;
+            rope.dev.positions.get_or_init(|| p)
+        }
+    };
+    Ok((tables, positions))
 }
 
 /// RoPE (or its backward) on q and k in one launch.
@@ -316,21 +332,45 @@ pub fn rope_qk(
     backward: bool,
 ) -> Result<()> {
     let g = gpu()?;
-    let d = rope_dev(&g, rope)?;
+    let (tables, positions) = rope_dev(&g, rope)?;
     profile::scope(&g, ROPE, || {
         let args = k::RopeArgs {
             q: q.bf16_buf_mut()?,
             k: kt.bf16_buf_mut()?,
             n_q_heads: n_heads,
             n_kv_heads: n_kv,
-            positions: &d.positions,
+            positions,
         };
         if backward {
-            k::rope_backward(&g, args, &d.tables)
+            k::rope_backward(&g, args, tables)
         } else {
-            k::rope_forward(&g, args, &d.tables)
+            k::rope_forward(&g, args, tables)
         }
     })
+}
+
+/// A batch's sequence layout on the device (kept in `ops::Packing`; a clone starts empty).
+#[derive(Default)]
+pub struct LayoutCache(OnceLock<SeqLayout>);
+
+impl Clone for LayoutCache {
+    fn clone(&self) -> Self {
+        LayoutCache::default()
+    }
+}
+
+impl std::fmt::Debug for LayoutCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LayoutCache(on device: {})", self.0.get().is_some())
+    }
+}
+
+fn layout<'a>(g: &Gpu, pack: &'a Packing) -> Result<&'a SeqLayout> {
+    if let Some(l) = pack.dev.0.get() {
+        return Ok(l);
+    }
+    let l = SeqLayout::from_packing(g, pack)?;
+    Ok(pack.dev.0.get_or_init(|| l))
 }
 
 /// Whether this shape runs the CPU reference: the flash kernels take head_dim 64 and
@@ -353,7 +393,7 @@ pub fn attention(
         return Ok((o.to_cuda_bf16()?, lse.to_cuda_f32()?));
     }
     let g = gpu()?;
-    let layout = SeqLayout::from_packing(&g, pack)?;
+    let layout = layout(&g, pack)?;
     let t = q.rows();
     let mut out = new_bf16(&g, &q.shape)?;
     let mut lse = new_f32(&g, &[t, shape.n_heads])?;
@@ -363,7 +403,7 @@ pub fn attention(
             q.bf16_buf()?,
             kt.bf16_buf()?,
             v.bf16_buf()?,
-            &layout,
+            layout,
             shape,
             out.bf16_buf_mut()?,
             lse.f32_buf_mut()?,
@@ -397,7 +437,7 @@ pub fn attention_backward(
         return Ok((dq.to_cuda_bf16()?, dk.to_cuda_bf16()?, dv.to_cuda_bf16()?));
     }
     let g = gpu()?;
-    let layout = SeqLayout::from_packing(&g, pack)?;
+    let layout = layout(&g, pack)?;
     let mut dq = new_bf16(&g, &q.shape)?;
     let mut dk = new_bf16(&g, &kt.shape)?;
     let mut dv = new_bf16(&g, &v.shape)?;
@@ -412,7 +452,7 @@ pub fn attention_backward(
                 d_o: d_o.bf16_buf()?,
                 lse: lse.f32_buf()?,
             },
-            &layout,
+            layout,
             shape,
             AttnGrads {
                 dq: dq.bf16_buf_mut()?,
@@ -610,7 +650,10 @@ fn fused_lora_enabled() -> bool {
 /// The NF4 base of `w` when the fused LoRA kernel takes `op` for `m` rows and rank `r`.
 fn fused_base(w: &LinearWeight, op: Nf4Op, m: usize, r: usize) -> Option<LoraBase<'_>> {
     match w {
-        LinearWeight::Nf4Cuda(q) if fused_lora_enabled() => {
+        // Decode-sized m (≤ 16 rows) is the dispatcher's GEMV's, not a 128-row tile's.
+        LinearWeight::Nf4Cuda(q)
+            if fused_lora_enabled() && (op == Nf4Op::Backward || m > super::nf4::GEMV_MAX_M) =>
+        {
             let base = LoraBase::Nf4(q);
             lora::fused_applies(&base, op, m, r).then_some(base)
         }
