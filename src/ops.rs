@@ -213,10 +213,11 @@ pub fn dropout(x: &Tensor, mask: DropMask) -> Result<Tensor> {
     if x.is_cuda() {
         return dev::dropout(x, mask);
     }
+    use rayon::prelude::*;
     let keep = 1.0 / (1.0 - mask.p);
     let v = x
         .cpu()
-        .iter()
+        .par_iter()
         .enumerate()
         .map(|(i, &a)| {
             if crate::backend::cpu::rng::dropout_keep(mask.stream, i as u64, mask.p) {
