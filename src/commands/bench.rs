@@ -420,3 +420,40 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_flops_follow_the_published_parameter_counts() {
+        // Mistral-7B-v0.1 has 7.24B parameters, of which 2 × 32000 × 4096 are the
+        // embedding and lm_head; the linear layers including lm_head are then
+        // 7.24e9 − 131M ≈ 7.11e9 (the model card's total, config dims as in `shape`).
+        // One token: the step is 4N plus 32 layers' attention over one key.
+        let cfg = config("mistral-7b").unwrap();
+        let n = (step_flops(&cfg, Method::Sft, 1, 1) - 32.0 * 3.5 * 2.0 * 4096.0) / 4.0;
+        assert!((n / 7.11e9 - 1.0).abs() < 0.01, "N ≈ {n:e}");
+        // At 16 × 512 the causal attention adds 16·32·3.5·2·512²·4096 FLOPs.
+        let sft = step_flops(&cfg, Method::Sft, 16, 512);
+        let attn = 16.0 * 32.0 * 3.5 * 2.0 * 512.0 * 512.0 * 4096.0;
+        assert!((sft - (8192.0 * 4.0 * n + attn)).abs() < 1e-6 * sft);
+        // LLaMA-2-7B: 6.74B total, 6.61B without the embedding.
+        let llama = config("llama-7b").unwrap();
+        let n = step_flops(&llama, Method::Sft, 1, 1) / 4.0;
+        assert!((n / 6.61e9 - 1.0).abs() < 0.01, "N ≈ {n:e}");
+        // DPO: twice the policy tokens at 4N, plus the reference forward at 2N, plus
+        // attention; so between 3× and 3.2× the SFT step of the same batch.
+        let dpo = step_flops(&cfg, Method::Dpo, 16, 512);
+        assert!(dpo / sft > 2.99 && dpo / sft < 3.2, "{}", dpo / sft);
+    }
+
+    #[test]
+    fn peaks_by_gpu_name() {
+        assert_eq!(peak_tflops("NVIDIA H100 80GB HBM3"), Some(989.0));
+        assert_eq!(peak_tflops("NVIDIA H100 PCIe"), Some(756.0));
+        assert_eq!(peak_tflops("NVIDIA A100-SXM4-40GB"), Some(312.0));
+        assert_eq!(peak_tflops("NVIDIA H200"), Some(989.0));
+        assert_eq!(peak_tflops("Tesla T4"), None);
+    }
+}

@@ -1,0 +1,74 @@
+//! `palign bench train` on the CPU (`--shape tiny`): the machine line tools/gpu-check.sh
+//! parses, and losses that mean the real training step ran.
+
+mod common;
+
+use common::palign;
+
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+}
+
+fn bench(method: &str, peft: &str) -> (String, Vec<f64>) {
+    let o = palign(&[
+        "bench",
+        "train",
+        "--device",
+        "cpu",
+        "--shape",
+        "tiny",
+        "--method",
+        method,
+        "--peft",
+        peft,
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("BENCH_TRAIN "))
+        .unwrap_or_else(|| panic!("no BENCH_TRAIN line: {out}"))
+        .to_string();
+    let losses = err
+        .lines()
+        .find_map(|l| l.strip_prefix("loss per step: "))
+        .unwrap_or_else(|| panic!("no loss line: {err}"))
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    (line, losses)
+}
+
+#[test]
+fn bench_train_prints_the_line_and_trains() {
+    let (line, losses) = bench("sft", "lora");
+    assert_eq!(field(&line, "impl"), "palign");
+    assert_eq!(field(&line, "shape"), "tiny");
+    assert_eq!(field(&line, "batch"), "2");
+    assert_eq!(field(&line, "seq"), "32");
+    assert!(field(&line, "tokens_per_s").parse::<f64>().unwrap() > 0.0);
+    assert_eq!(field(&line, "mfu"), "nan");
+    assert_eq!(field(&line, "gpu"), "\"cpu\"");
+    // 1 warm-up + 2 timed steps; random weights on a 512-token vocabulary start near
+    // ln 512 and the loss moves with training.
+    assert_eq!(losses.len(), 3);
+    assert!((losses[0] - 512f64.ln()).abs() < 0.2, "{losses:?}");
+    assert!(losses[2] < losses[0], "{losses:?}");
+
+    // DPO on an NF4 base: the policy starts equal to the reference (B = 0), so the first
+    // loss is exactly ln 2.
+    let (line, losses) = bench("dpo", "qlora");
+    assert_eq!(field(&line, "peft"), "qlora");
+    assert!((losses[0] - 2f64.ln()).abs() < 1e-4, "{losses:?}");
+    assert!(losses[2] < losses[0], "{losses:?}");
+}
