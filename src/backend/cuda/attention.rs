@@ -264,13 +264,7 @@ fn shape_params(shape: &AttnShape) -> Result<(usize, usize, usize, i32, f32)> {
 }
 
 fn need<T: bytemuck::Pod>(buf: &DeviceBuffer<T>, n: usize, what: &str) -> Result<()> {
-    if buf.len() < n {
-        return Err(bad(format!(
-            "attention {what}: buffer holds {} elements, needs {n}",
-            buf.len()
-        )));
-    }
-    Ok(())
+    super::launch::need(buf, n, &format!("attention {what}"))
 }
 
 fn grid_x(n: usize, what: &str) -> Result<u32> {

@@ -10,6 +10,7 @@
 use cudarc::driver::DeviceRepr;
 use half::bf16;
 
+use super::launch::{flat_grid, need, rows_of, to_i32, FLAT_BLOCK as BLOCK};
 use super::params::*;
 use super::{DeviceBuffer, Gpu};
 use crate::error::{bad, Result};
@@ -25,33 +26,9 @@ unsafe impl DeviceRepr for GatherRowsParams {}
 unsafe impl DeviceRepr for ScatterAddRowsParams {}
 unsafe impl DeviceRepr for CopyRowsParams {}
 
-/// Threads per block of the flat kernels (8 elements per thread per step).
-const BLOCK: u32 = 256;
-
-fn to_i32(x: usize, what: &str) -> Result<i32> {
-    i32::try_from(x).map_err(|_| bad(format!("{what} = {x} does not fit the kernel's i32")))
-}
-
 fn to_i64(x: usize) -> i64 {
     // A buffer's element count is below 2^63 (it is a byte count divided by >= 2).
     x as i64
-}
-
-fn need<T: bytemuck::Pod>(buf: &DeviceBuffer<T>, n: usize, what: &str) -> Result<()> {
-    if buf.len() < n {
-        return Err(bad(format!(
-            "{what}: buffer holds {} elements, needs {n}",
-            buf.len()
-        )));
-    }
-    Ok(())
-}
-
-/// Blocks for a grid-stride flat kernel: enough for one step per thread, capped at 16
-/// per SM (the loop covers the rest).
-fn flat_grid(gpu: &Gpu, n: usize) -> u32 {
-    let want = n.div_ceil(8 * BLOCK as usize);
-    want.min(gpu.sm_count() as usize * 16) as u32
 }
 
 /// (blocks, threads) for a row kernel: one row per block per step, the threads across
@@ -71,16 +48,6 @@ fn row_launch(gpu: &Gpu, n_rows: usize, cols: usize) -> (u32, u32) {
 fn elems(rows: usize, cols: usize, what: &str) -> Result<usize> {
     rows.checked_mul(cols)
         .ok_or_else(|| bad(format!("{what}: {rows} rows of {cols} overflow")))
-}
-
-/// Rows of `cols` elements in a buffer of `len` elements.
-fn rows_of(len: usize, cols: usize, what: &str) -> Result<usize> {
-    if cols == 0 || !len.is_multiple_of(cols) {
-        return Err(bad(format!(
-            "{what}: {len} elements are not rows of {cols}"
-        )));
-    }
-    Ok(len / cols)
 }
 
 /// `y[i] = bf16(y[i] + x[i])` for `i < x.len()` (residual adds).

@@ -94,13 +94,7 @@ struct Dims {
 }
 
 fn need<T: bytemuck::Pod>(buf: &DeviceBuffer<T>, n: usize, what: &str) -> Result<()> {
-    if buf.len() < n {
-        return Err(bad(format!(
-            "logprob {what}: buffer holds {} elements, needs {n}",
-            buf.len()
-        )));
-    }
-    Ok(())
+    super::launch::need(buf, n, &format!("logprob {what}"))
 }
 
 fn to_i32(x: usize, what: &str) -> Result<i32> {

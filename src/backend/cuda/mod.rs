@@ -14,6 +14,7 @@ pub mod attention;
 pub mod blas;
 pub mod device;
 pub mod elementwise;
+mod launch;
 pub mod logprob;
 pub mod lora;
 pub mod nf4;

@@ -8,6 +8,7 @@
 use cudarc::driver::DeviceRepr;
 use half::bf16;
 
+use super::launch::{flat_grid, need, rows_of, to_i32, to_u32};
 use super::params::*;
 use super::{DeviceBuffer, Gpu};
 use crate::backend::cpu::optim::AdamWScalars;
@@ -27,35 +28,12 @@ unsafe impl DeviceRepr for GradNormParams {}
 unsafe impl DeviceRepr for CastBf16ToF32Params {}
 unsafe impl DeviceRepr for CastF32ToBf16Params {}
 
-/// Threads per block for every kernel here (a multiple of 32, as block_sum needs).
-const BLOCK: u32 = 256;
+/// Threads per block for every kernel here (a multiple of 32, as block_sum needs; the
+/// same as the flat kernels' `launch::FLAT_BLOCK`).
+const BLOCK: u32 = super::launch::FLAT_BLOCK;
 /// Elements per TensorChunk in the multi-tensor kernels (one block each). A multiple of
 /// 4, so chunk starts keep the 16-byte alignment of the tensors.
 pub const CHUNK: usize = 16384;
-
-fn to_i32(x: usize, what: &str) -> Result<i32> {
-    i32::try_from(x).map_err(|_| bad(format!("{what} = {x} does not fit the kernel's i32")))
-}
-
-fn to_u32(x: usize, what: &str) -> Result<u32> {
-    u32::try_from(x).map_err(|_| bad(format!("{what} = {x} does not fit a launch grid")))
-}
-
-fn need<T: bytemuck::Pod>(buf: &DeviceBuffer<T>, n: usize, what: &str) -> Result<()> {
-    if buf.len() < n {
-        return Err(bad(format!(
-            "{what}: buffer holds {} elements, needs {n}",
-            buf.len()
-        )));
-    }
-    Ok(())
-}
-
-/// Blocks for a grid-stride elementwise kernel where each thread takes 8 elements.
-fn elementwise_grid(gpu: &Gpu, n: usize) -> u32 {
-    let want = n.div_ceil(8 * BLOCK as usize);
-    want.min(gpu.sm_count() as usize * 16) as u32
-}
 
 /// `out[t, :] = table[ids[t], :]`; table is `[vocab, hidden]`, out `[ids.len(), hidden]`.
 pub fn embedding_forward(
@@ -87,15 +65,6 @@ pub fn embedding_forward(
         BLOCK,
         &p,
     )
-}
-
-fn rows_of(x_len: usize, cols: usize, what: &str) -> Result<usize> {
-    if cols == 0 || !x_len.is_multiple_of(cols) {
-        return Err(bad(format!(
-            "{what}: {x_len} elements are not rows of {cols}"
-        )));
-    }
-    Ok(x_len / cols)
 }
 
 /// RMSNorm forward over rows of `weight.len()`; saves f32 `rstd` per row when given.
@@ -242,7 +211,7 @@ pub fn swiglu_forward(
         up: up.ptr(),
         n: n as i64,
     };
-    gpu.launch("swiglu_forward_bf16", elementwise_grid(gpu, n), BLOCK, &p)
+    gpu.launch("swiglu_forward_bf16", flat_grid(gpu, n), BLOCK, &p)
 }
 
 /// SwiGLU backward: `dgate`, `dup` from `dout`, `gate`, `up`.
@@ -267,7 +236,7 @@ pub fn swiglu_backward(
         up: up.ptr(),
         n: n as i64,
     };
-    gpu.launch("swiglu_backward_bf16", elementwise_grid(gpu, n), BLOCK, &p)
+    gpu.launch("swiglu_backward_bf16", flat_grid(gpu, n), BLOCK, &p)
 }
 
 /// bf16 → f32 (exact), over `input.len()` elements.
@@ -283,7 +252,7 @@ pub fn cast_bf16_to_f32(
         in_: input.ptr(),
         n: n as i64,
     };
-    gpu.launch("cast_bf16_to_f32", elementwise_grid(gpu, n), BLOCK, &p)
+    gpu.launch("cast_bf16_to_f32", flat_grid(gpu, n), BLOCK, &p)
 }
 
 /// f32 → bf16, round to nearest even, over `input.len()` elements.
@@ -299,7 +268,7 @@ pub fn cast_f32_to_bf16(
         in_: input.ptr(),
         n: n as i64,
     };
-    gpu.launch("cast_f32_to_bf16", elementwise_grid(gpu, n), BLOCK, &p)
+    gpu.launch("cast_f32_to_bf16", flat_grid(gpu, n), BLOCK, &p)
 }
 
 /// The device copy of a TensorChunk table, re-uploaded only when the tensors change
