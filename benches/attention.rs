@@ -12,13 +12,14 @@
 //! tools/bench_torch_sdpa.py prints the same table for PyTorch's SDPA flash backend.
 //! Without a CUDA device it prints a skip line and exits 0.
 
-use std::time::Duration;
+#[path = "common/mod.rs"]
+mod common;
 
-use criterion::{Criterion, Throughput};
+use common::{bench_gpu, filled_bf16, gpu_ms, ok, Launch};
+use criterion::Throughput;
 use half::bf16;
 use palign::backend::cpu::ops::AttnShape;
 use palign::backend::cuda::attention::{self as attn, AttnGradInputs, AttnGrads, SeqLayout};
-use palign::backend::cuda::{DeviceBuffer, Gpu};
 
 const TOKENS: usize = 16384;
 const N_Q: usize = 32;
@@ -26,44 +27,11 @@ const N_KV: usize = 8;
 const HEAD_DIM: usize = 128;
 const SEQS: &[usize] = &[512, 1024, 2048, 4096];
 
-type Launch<'a> = Box<dyn FnMut() + 'a>;
-
-fn ok<T>(r: palign::Result<T>) -> T {
-    r.unwrap_or_else(|e| panic!("benchmark setup failed: {e}"))
-}
-
-fn filled_bf16(gpu: &Gpu, n: usize, seed: u32, scale: f32) -> DeviceBuffer<bf16> {
-    // A cheap deterministic pattern in [-scale, scale): values do not change the timing.
-    let host: Vec<bf16> = (0..n)
-        .map(|i| {
-            let u = ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32;
-            bf16::from_f32((u / 8388608.0 - 1.0) * scale)
-        })
-        .collect();
-    ok(gpu.upload(&host))
-}
-
 /// Visible (query, key) pairs of one causal sequence of `s` tokens with window `w`.
 fn visible_pairs(s: usize, w: Option<usize>) -> f64 {
     (0..s)
         .map(|i| w.map_or(i + 1, |w| (i + 1).min(w)) as f64)
         .sum()
-}
-
-/// GPU milliseconds per call: median of `reps` event-timed batches of 5 calls.
-fn gpu_ms(gpu: &Gpu, run: &mut Launch<'_>, reps: usize) -> f64 {
-    run();
-    let mut times: Vec<f64> = (0..reps)
-        .map(|_| {
-            let t = ok(gpu.timer());
-            for _ in 0..5 {
-                run();
-            }
-            ok(t.elapsed_ms(gpu)) as f64 / 5.0
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
 }
 
 struct Case<'a> {
@@ -73,21 +41,13 @@ struct Case<'a> {
 }
 
 fn main() {
-    let gpu = match Gpu::get() {
-        Ok(g) => g,
-        Err(e) => {
-            println!("attention: skipped (no usable CUDA device): {e}");
-            return;
-        }
+    let Some(gpu) = common::device_or_skip(
+        "attention",
+        &format!(": {TOKENS} tokens, {N_Q}/{N_KV} heads, d={HEAD_DIM}, causal"),
+    ) else {
+        return;
     };
     let g = &*gpu;
-    println!(
-        "attention on {} (sm_{}{}, {} SMs): {TOKENS} tokens, {N_Q}/{N_KV} heads, d={HEAD_DIM}, causal",
-        g.name(),
-        g.compute_capability().0,
-        g.compute_capability().1,
-        g.sm_count()
-    );
     let (nq, nkv) = (TOKENS * N_Q * HEAD_DIM, TOKENS * N_KV * HEAD_DIM);
     let q = filled_bf16(g, nq, 1, 2.0);
     let k = filled_bf16(g, nkv, 2, 1.0);
@@ -155,31 +115,18 @@ fn main() {
         });
     }
 
-    let mut c = Criterion::default()
-        .warm_up_time(Duration::from_millis(200))
-        .measurement_time(Duration::from_secs(1))
-        .sample_size(10)
-        .configure_from_args();
+    let mut c = common::criterion(200, 1000, 10);
     {
         let mut group = c.benchmark_group("attention");
         for case in cases.iter_mut() {
             group.throughput(Throughput::Elements(case.flops as u64));
-            let run = &mut case.run;
-            group.bench_function(case.name.as_str(), |b| {
-                b.iter_custom(|iters| {
-                    let t = ok(g.timer());
-                    for _ in 0..iters {
-                        run();
-                    }
-                    Duration::from_secs_f64(ok(t.elapsed_ms(g)) as f64 / 1e3)
-                })
-            });
+            bench_gpu(&mut group, g, &case.name, &mut case.run);
         }
         group.finish();
     }
     let mut summary = Vec::new();
     for case in cases.iter_mut() {
-        let ms = gpu_ms(g, &mut case.run, 7);
+        let ms = gpu_ms(g, &mut case.run, 7, 5);
         summary.push((case.name.clone(), case.flops, ms));
     }
     drop(cases);

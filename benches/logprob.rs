@@ -18,10 +18,12 @@
 //! unfused ms ÷ ms, memory: unfused extra ÷ extra; the targets are ≥ 1.5× and
 //! ≥ 10×). Without a CUDA device it prints a skip line and exits 0.
 
-use std::cell::RefCell;
-use std::time::Duration;
+#[path = "common/mod.rs"]
+mod common;
 
-use criterion::Criterion;
+use std::cell::RefCell;
+
+use common::{bench_gpu, filled_bf16, gpu_ms, ok, Launch};
 use half::bf16;
 use palign::backend::cuda::blas::{self, Gemm};
 use palign::backend::cuda::logprob::{self as lp, LogprobPath};
@@ -30,39 +32,6 @@ use palign::backend::cuda::{DeviceBuffer, Gpu};
 const T: usize = 8192;
 const V: usize = 32000;
 const H: usize = 4096;
-
-type Launch<'a> = Box<dyn FnMut() + 'a>;
-
-fn ok<T>(r: palign::Result<T>) -> T {
-    r.unwrap_or_else(|e| panic!("benchmark setup failed: {e}"))
-}
-
-fn filled_bf16(gpu: &Gpu, n: usize, seed: u32, scale: f32) -> DeviceBuffer<bf16> {
-    // A cheap deterministic pattern in [-scale, scale): values do not change the timing.
-    let host: Vec<bf16> = (0..n)
-        .map(|i| {
-            let u = ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32;
-            bf16::from_f32((u / 8388608.0 - 1.0) * scale)
-        })
-        .collect();
-    ok(gpu.upload(&host))
-}
-
-/// GPU milliseconds per call: median of `reps` event-timed batches of 3 calls.
-fn gpu_ms(gpu: &Gpu, run: &mut Launch<'_>, reps: usize) -> f64 {
-    run();
-    let mut times: Vec<f64> = (0..reps)
-        .map(|_| {
-            let t = ok(gpu.timer());
-            for _ in 0..3 {
-                run();
-            }
-            ok(t.elapsed_ms(gpu)) as f64 / 3.0
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
-}
 
 struct Inputs {
     hidden: DeviceBuffer<bf16>,
@@ -163,21 +132,10 @@ struct Case<'a> {
 }
 
 fn main() {
-    let gpu = match Gpu::get() {
-        Ok(g) => g,
-        Err(e) => {
-            println!("logprob: skipped (no usable CUDA device): {e}");
-            return;
-        }
+    let Some(gpu) = common::device_or_skip("logprob", &format!(": T={T} V={V} H={H}")) else {
+        return;
     };
     let g = &*gpu;
-    println!(
-        "logprob on {} (sm_{}{}, {} SMs): T={T} V={V} H={H}",
-        g.name(),
-        g.compute_capability().0,
-        g.compute_capability().1,
-        g.sm_count()
-    );
     let x = Inputs {
         hidden: filled_bf16(g, T * H, 1, 1.0),
         head: filled_bf16(g, V * H, 2, 0.05),
@@ -256,31 +214,23 @@ fn main() {
         drop(placeholder);
     }
 
-    let mut c = Criterion::default()
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(10)
-        .configure_from_args();
+    let mut c = common::criterion(300, 2000, 10);
     {
         let mut group = c.benchmark_group("logprob");
         for case in cases.iter_mut() {
-            let run = &mut case.run;
-            group.bench_function(format!("{} {}", case.path, case.pass), |b| {
-                b.iter_custom(|iters| {
-                    let t = ok(g.timer());
-                    for _ in 0..iters {
-                        run();
-                    }
-                    Duration::from_secs_f64(ok(t.elapsed_ms(g)) as f64 / 1e3)
-                })
-            });
+            bench_gpu(
+                &mut group,
+                g,
+                &format!("{} {}", case.path, case.pass),
+                &mut case.run,
+            );
         }
         group.finish();
     }
     let summary: Vec<(&str, &str, f64, usize)> = cases
         .iter_mut()
         .map(|case| {
-            let ms = gpu_ms(g, &mut case.run, 7);
+            let ms = gpu_ms(g, &mut case.run, 7, 3);
             (case.path, case.pass, ms, case.extra)
         })
         .collect();

@@ -20,128 +20,42 @@
 //! Without a CUDA device (or without compiled kernels) it prints a skip line and exits
 //! 0, so `cargo bench` works on every machine.
 
-use std::time::Duration;
+#[path = "common/mod.rs"]
+mod common;
 
+use common::{bench_gpu, filled_bf16, gpu_ms, ok, random_weight, Launch};
 use criterion::Criterion;
 use half::bf16;
 use palign::backend::cuda::lora::{self, LoraBase, LoraDev, LoraPath};
-use palign::backend::cuda::nf4::{self, Nf4Op, Nf4Weight, Out};
+use palign::backend::cuda::nf4::{self, Nf4Op, Out};
 use palign::backend::cuda::{DeviceBuffer, Gpu};
-use palign::quant::{dynamic_map, Absmax, DoubleQuant, Nf4Tensor, SourceDtype};
 
 const TOKENS: usize = 8192;
 const IN: usize = 4096;
 const OUTS: &[(&str, usize)] = &[("q_o", 4096), ("gate_up", 14336)];
 const RANKS: &[usize] = &[16, 64];
 
-type Launch<'a> = Box<dyn FnMut() + 'a>;
-
-fn ok<T>(r: palign::Result<T>) -> T {
-    r.unwrap_or_else(|e| panic!("benchmark setup failed: {e}"))
-}
-
-/// A cheap deterministic byte stream (xorshift): random codes without a slow RNG.
-fn bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 24) as u8
-        })
-        .collect()
-}
-
-/// A random NF4 weight [n, k], blocksize 64, double-quantized scales (QLoRA default).
-fn random_weight(gpu: &Gpu, n: usize, k: usize, seed: u64) -> Nf4Weight {
-    let numel = n * k;
-    let nblocks = numel.div_ceil(64);
-    let t = Nf4Tensor {
-        shape: [n, k],
-        blocksize: 64,
-        packed: bytes(numel.div_ceil(2), seed),
-        absmax: Absmax::Double(DoubleQuant {
-            q: bytes(nblocks, seed + 1),
-            code2: dynamic_map().to_vec(),
-            absmax2: vec![0.01; nblocks.div_ceil(256)],
-            offset: 0.02,
-            blocksize2: 256,
-        }),
-        dtype: SourceDtype::BF16,
-    };
-    ok(Nf4Weight::upload(gpu, &t))
-}
-
-fn filled_bf16(gpu: &Gpu, n: usize, seed: u32, scale: f32) -> DeviceBuffer<bf16> {
-    let host: Vec<bf16> = (0..n)
-        .map(|i| {
-            let u = ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32
-                / 8388608.0
-                - 1.0;
-            bf16::from_f32(u * scale)
-        })
-        .collect();
-    ok(gpu.upload(&host))
-}
-
-/// GPU milliseconds per call: median of `reps` event-timed batches of 5 calls.
-fn gpu_ms(gpu: &Gpu, run: &mut Launch<'_>, reps: usize) -> f64 {
-    run();
-    let mut times: Vec<f64> = (0..reps)
-        .map(|_| {
-            let t = ok(gpu.timer());
-            for _ in 0..5 {
-                run();
-            }
-            ok(t.elapsed_ms(gpu)) as f64 / 5.0
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
-}
-
 /// Criterion over `cases` (name, launch), then each one's summary time in ms.
 fn bench(c: &mut Criterion, g: &Gpu, group: &str, cases: &mut [(String, Launch<'_>)]) -> Vec<f64> {
     {
         let mut grp = c.benchmark_group(group);
         for (name, run) in cases.iter_mut() {
-            grp.bench_function(name.as_str(), |b| {
-                b.iter_custom(|iters| {
-                    let t = ok(g.timer());
-                    for _ in 0..iters {
-                        run();
-                    }
-                    Duration::from_secs_f64(ok(t.elapsed_ms(g)) as f64 / 1e3)
-                })
-            });
+            bench_gpu(&mut grp, g, name, run);
         }
         grp.finish();
     }
-    cases.iter_mut().map(|(_, run)| gpu_ms(g, run, 9)).collect()
+    cases
+        .iter_mut()
+        .map(|(_, run)| gpu_ms(g, run, 9, 5))
+        .collect()
 }
 
 fn main() {
-    let gpu = match Gpu::get() {
-        Ok(g) => g,
-        Err(e) => {
-            println!("lora: skipped (no usable CUDA device): {e}");
-            return;
-        }
+    let Some(gpu) = common::device_or_skip("lora", "") else {
+        return;
     };
     let g = &*gpu;
-    println!(
-        "lora on {} (sm_{}{}, {} SMs)",
-        g.name(),
-        g.compute_capability().0,
-        g.compute_capability().1,
-        g.sm_count()
-    );
-    let mut c = Criterion::default()
-        .warm_up_time(Duration::from_millis(200))
-        .measurement_time(Duration::from_millis(600))
-        .sample_size(10)
-        .configure_from_args();
+    let mut c = common::criterion(200, 600, 10);
     let mut lines = Vec::new();
     let mut ratios = Vec::new();
 

@@ -13,14 +13,15 @@
 //! Without a CUDA device (or without compiled kernels) it prints a skip line and
 //! exits 0, so `cargo bench` works on every machine.
 
-use std::time::Duration;
+#[path = "common/mod.rs"]
+mod common;
 
+use common::{bench_gpu, filled_bf16, gpu_ms, ok, random_weight, Launch};
 use criterion::{Criterion, Throughput};
 use half::bf16;
 use palign::backend::cuda::blas::{self, Gemm};
-use palign::backend::cuda::nf4::{self, Nf4Op, Nf4Weight, Out};
+use palign::backend::cuda::nf4::{self, Nf4Op, Out};
 use palign::backend::cuda::{DeviceBuffer, Gpu};
-use palign::quant::{dynamic_map, Absmax, DoubleQuant, Nf4Tensor, SourceDtype};
 
 const TOKENS: usize = 8192;
 /// (name, N, K) of Mistral-7B's linear layers.
@@ -31,78 +32,11 @@ const SHAPES: &[(&str, usize, usize)] = &[
     ("down", 4096, 14336),
 ];
 
-type Launch<'a> = Box<dyn FnMut() + 'a>;
-
 struct Case<'a> {
     name: String,
     amount: u64,
     flops: bool,
     run: Launch<'a>,
-}
-
-fn ok<T>(r: palign::Result<T>) -> T {
-    r.unwrap_or_else(|e| panic!("benchmark setup failed: {e}"))
-}
-
-/// A cheap deterministic byte stream (xorshift): random codes without a slow RNG.
-fn bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 24) as u8
-        })
-        .collect()
-}
-
-/// A random NF4 weight [n, k], blocksize 64, double-quantized scales.
-fn random_weight(gpu: &Gpu, n: usize, k: usize, seed: u64) -> Nf4Weight {
-    let numel = n * k;
-    let nblocks = numel.div_ceil(64);
-    let t = Nf4Tensor {
-        shape: [n, k],
-        blocksize: 64,
-        packed: bytes(numel.div_ceil(2), seed),
-        absmax: Absmax::Double(DoubleQuant {
-            q: bytes(nblocks, seed + 1),
-            code2: dynamic_map().to_vec(),
-            absmax2: vec![0.01; nblocks.div_ceil(256)],
-            offset: 0.02,
-            blocksize2: 256,
-        }),
-        dtype: SourceDtype::BF16,
-    };
-    ok(Nf4Weight::upload(gpu, &t))
-}
-
-fn filled_bf16(gpu: &Gpu, n: usize, seed: u32) -> DeviceBuffer<bf16> {
-    let host: Vec<bf16> = (0..n)
-        .map(|i| {
-            bf16::from_f32(
-                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 8388608.0
-                    - 1.0,
-            )
-        })
-        .collect();
-    ok(gpu.upload(&host))
-}
-
-/// GPU milliseconds per call: median of `reps` event-timed batches of 5 calls.
-fn gpu_ms(gpu: &Gpu, run: &mut Launch<'_>, reps: usize) -> f64 {
-    run();
-    let mut times: Vec<f64> = (0..reps)
-        .map(|_| {
-            let t = ok(gpu.timer());
-            for _ in 0..5 {
-                run();
-            }
-            ok(t.elapsed_ms(gpu)) as f64 / 5.0
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
 }
 
 /// Criterion over `cases`, then the summary time of each: (name, amount, flops, ms).
@@ -120,49 +54,25 @@ fn bench(
             } else {
                 Throughput::Bytes(case.amount)
             });
-            let run = &mut case.run;
-            grp.bench_function(case.name.as_str(), |b| {
-                b.iter_custom(|iters| {
-                    let t = ok(g.timer());
-                    for _ in 0..iters {
-                        run();
-                    }
-                    Duration::from_secs_f64(ok(t.elapsed_ms(g)) as f64 / 1e3)
-                })
-            });
+            bench_gpu(&mut grp, g, &case.name, &mut case.run);
         }
         grp.finish();
     }
     cases
         .iter_mut()
         .map(|case| {
-            let ms = gpu_ms(g, &mut case.run, 9);
+            let ms = gpu_ms(g, &mut case.run, 9, 5);
             (case.name.clone(), case.amount, case.flops, ms)
         })
         .collect()
 }
 
 fn main() {
-    let gpu = match Gpu::get() {
-        Ok(g) => g,
-        Err(e) => {
-            println!("nf4: skipped (no usable CUDA device): {e}");
-            return;
-        }
+    let Some(gpu) = common::device_or_skip("nf4", "") else {
+        return;
     };
     let g = &*gpu;
-    println!(
-        "nf4 on {} (sm_{}{}, {} SMs)",
-        g.name(),
-        g.compute_capability().0,
-        g.compute_capability().1,
-        g.sm_count()
-    );
-    let mut c = Criterion::default()
-        .warm_up_time(Duration::from_millis(200))
-        .measurement_time(Duration::from_millis(800))
-        .sample_size(10)
-        .configure_from_args();
+    let mut c = common::criterion(200, 800, 10);
     let mut lines = Vec::new();
 
     // Dequantization of the largest weight (gate_up).
@@ -197,7 +107,7 @@ fn main() {
     // Decode GEMV: tensor-core kernel vs one warp per row.
     for &(n, k) in &[(4096usize, 4096usize), (14336, 4096)] {
         let w = random_weight(g, n, k, 2);
-        let x = filled_bf16(g, 16 * k, 3);
+        let x = filled_bf16(g, 16 * k, 3, 1.0);
         let mut cases = Vec::new();
         for m in [1usize, 16] {
             let amount = (w.device_bytes() + 2 * m * (n + k)) as u64;
@@ -235,8 +145,8 @@ fn main() {
         let w = random_weight(g, n, k, 4);
         let mut dense = ok(g.alloc::<bf16>(n * k));
         ok(nf4::dequantize(g, &w, Out::Bf16(&mut dense)));
-        let x = filled_bf16(g, TOKENS * k, 5); // forward input [M, K]
-        let dy = filled_bf16(g, TOKENS * n, 6); // backward input [M, N]
+        let x = filled_bf16(g, TOKENS * k, 5, 1.0); // forward input [M, K]
+        let dy = filled_bf16(g, TOKENS * n, 6, 1.0); // backward input [M, N]
         let flops = 2 * (TOKENS * n * k) as u64;
         // One output per case (criterion keeps every closure alive at once).
         let mut ys: Vec<DeviceBuffer<bf16>> =

@@ -10,9 +10,11 @@
 //! Without a CUDA device (or without compiled kernels) it prints a skip line and
 //! exits 0, so `cargo bench` works on every machine.
 
-use std::time::Duration;
+#[path = "common/mod.rs"]
+mod common;
 
-use criterion::{Criterion, Throughput};
+use common::{bench_gpu, filled_bf16, gpu_ms, ok, Launch};
+use criterion::Throughput;
 use half::bf16;
 use palign::backend::cpu::optim::AdamWScalars;
 use palign::backend::cuda::{blas, ops, DeviceBuffer, Gpu};
@@ -27,31 +29,12 @@ const MLP: usize = 14336;
 const LORA_R: usize = 16;
 const LAYERS: usize = 32;
 
-type Launch<'a> = Box<dyn FnMut() + 'a>;
-
 /// One benchmark: a name, bytes (or FLOPs) per call, and the launch.
 struct Case<'a> {
     name: &'static str,
     amount: u64,
     flops: bool,
     run: Launch<'a>,
-}
-
-fn ok<T>(r: palign::Result<T>) -> T {
-    r.unwrap_or_else(|e| panic!("benchmark setup failed: {e}"))
-}
-
-fn filled_bf16(gpu: &Gpu, n: usize, seed: u32) -> DeviceBuffer<bf16> {
-    // A cheap deterministic pattern in [-1, 1): the values do not change the timing.
-    let host: Vec<bf16> = (0..n)
-        .map(|i| {
-            bf16::from_f32(
-                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 8388608.0
-                    - 1.0,
-            )
-        })
-        .collect();
-    ok(gpu.upload(&host))
 }
 
 fn filled_f32(gpu: &Gpu, n: usize, scale: f32) -> DeviceBuffer<f32> {
@@ -61,44 +44,17 @@ fn filled_f32(gpu: &Gpu, n: usize, scale: f32) -> DeviceBuffer<f32> {
     ok(gpu.upload(&host))
 }
 
-/// GPU milliseconds per call: median of `reps` event-timed batches of 10 calls.
-fn gpu_ms(gpu: &Gpu, run: &mut Launch<'_>, reps: usize) -> f64 {
-    run();
-    let mut times: Vec<f64> = (0..reps)
-        .map(|_| {
-            let t = ok(gpu.timer());
-            for _ in 0..10 {
-                run();
-            }
-            ok(t.elapsed_ms(gpu)) as f64 / 10.0
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
-}
-
 fn main() {
-    let gpu = match Gpu::get() {
-        Ok(g) => g,
-        Err(e) => {
-            println!("small_kernels: skipped (no usable CUDA device): {e}");
-            return;
-        }
+    let Some(gpu) = common::device_or_skip("small_kernels", "") else {
+        return;
     };
     let g = &*gpu;
-    println!(
-        "small_kernels on {} (sm_{}{}, {} SMs)",
-        g.name(),
-        g.compute_capability().0,
-        g.compute_capability().1,
-        g.sm_count()
-    );
 
     let bf = 2u64; // bytes per bf16
     let rows_x = (TOKENS * HIDDEN) as u64;
 
     // Embedding: read and write one row per token.
-    let table = filled_bf16(g, VOCAB * HIDDEN, 1);
+    let table = filled_bf16(g, VOCAB * HIDDEN, 1, 1.0);
     let ids: Vec<u32> = (0..TOKENS as u32)
         .map(|t| t.wrapping_mul(7919) % VOCAB as u32)
         .collect();
@@ -106,9 +62,9 @@ fn main() {
     let mut emb_out = ok(g.alloc::<bf16>(TOKENS * HIDDEN));
 
     // RMSNorm.
-    let x = filled_bf16(g, TOKENS * HIDDEN, 2);
-    let w = filled_bf16(g, HIDDEN, 3);
-    let dy = filled_bf16(g, TOKENS * HIDDEN, 4);
+    let x = filled_bf16(g, TOKENS * HIDDEN, 2, 1.0);
+    let w = filled_bf16(g, HIDDEN, 3, 1.0);
+    let dy = filled_bf16(g, TOKENS * HIDDEN, 4, 1.0);
     let mut y = ok(g.alloc::<bf16>(TOKENS * HIDDEN));
     let mut rstd = ok(g.zeros::<f32>(TOKENS));
     let mut dx = ok(g.alloc::<bf16>(TOKENS * HIDDEN));
@@ -118,17 +74,17 @@ fn main() {
     let tables = ok(ops::RopeTables::new(g, HEAD_DIM, 1e6, 8192));
     let pos: Vec<u32> = (0..TOKENS as u32).collect();
     let pos = ok(g.upload(&pos));
-    let mut q = filled_bf16(g, TOKENS * N_Q * HEAD_DIM, 5);
-    let mut k = filled_bf16(g, TOKENS * N_KV * HEAD_DIM, 6);
-    let mut dq = filled_bf16(g, TOKENS * N_Q * HEAD_DIM, 11);
-    let mut dk = filled_bf16(g, TOKENS * N_KV * HEAD_DIM, 12);
+    let mut q = filled_bf16(g, TOKENS * N_Q * HEAD_DIM, 5, 1.0);
+    let mut k = filled_bf16(g, TOKENS * N_KV * HEAD_DIM, 6, 1.0);
+    let mut dq = filled_bf16(g, TOKENS * N_Q * HEAD_DIM, 11, 1.0);
+    let mut dk = filled_bf16(g, TOKENS * N_KV * HEAD_DIM, 12, 1.0);
     let rope_bytes = 2 * bf * (TOKENS * (N_Q + N_KV) * HEAD_DIM) as u64;
 
     // SwiGLU.
     let n_mlp = TOKENS * MLP;
-    let gate = filled_bf16(g, n_mlp, 7);
-    let up = filled_bf16(g, n_mlp, 8);
-    let dout = filled_bf16(g, n_mlp, 9);
+    let gate = filled_bf16(g, n_mlp, 7, 1.0);
+    let up = filled_bf16(g, n_mlp, 8, 1.0);
+    let dout = filled_bf16(g, n_mlp, 9, 1.0);
     let mut h = ok(g.alloc::<bf16>(n_mlp));
     let mut dgate = ok(g.alloc::<bf16>(n_mlp));
     let mut dup = ok(g.alloc::<bf16>(n_mlp));
@@ -165,7 +121,7 @@ fn main() {
     let mut gn = ok(ops::GradNorm::new(g));
 
     // GEMM: Y[tokens, MLP] = X[tokens, hidden] · W[MLP, hidden]ᵀ.
-    let wg = filled_bf16(g, MLP * HIDDEN, 10);
+    let wg = filled_bf16(g, MLP * HIDDEN, 10, 1.0);
     let mut yg = ok(g.alloc::<bf16>(TOKENS * MLP));
 
     let mut cases: Vec<Case> = vec![
@@ -298,31 +254,18 @@ fn main() {
             }),
         },
     ];
-    let mut c = Criterion::default()
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(20)
-        .configure_from_args();
+    let mut c = common::criterion(300, 2000, 20);
     let mut summary = Vec::new();
     {
         let mut group = c.benchmark_group("small_kernels");
         for case in cases.iter_mut() {
             group.throughput(Throughput::Bytes(case.amount));
-            let run = &mut case.run;
-            group.bench_function(case.name, |b| {
-                b.iter_custom(|iters| {
-                    let t = ok(g.timer());
-                    for _ in 0..iters {
-                        run();
-                    }
-                    Duration::from_secs_f64(ok(t.elapsed_ms(g)) as f64 / 1e3)
-                })
-            });
+            bench_gpu(&mut group, g, case.name, &mut case.run);
         }
         group.finish();
     }
     for case in cases.iter_mut() {
-        let ms = gpu_ms(g, &mut case.run, 15);
+        let ms = gpu_ms(g, &mut case.run, 15, 10);
         summary.push((case.name, case.amount, case.flops, ms));
     }
     drop(cases);
@@ -341,22 +284,14 @@ fn main() {
     {
         let mut group = c.benchmark_group("small_kernels");
         group.throughput(Throughput::Bytes(adamw_bytes));
-        group.bench_function("adamw_step", |b| {
-            b.iter_custom(|iters| {
-                let t = ok(g.timer());
-                for _ in 0..iters {
-                    adamw_run();
-                }
-                Duration::from_secs_f64(ok(t.elapsed_ms(g)) as f64 / 1e3)
-            })
-        });
+        bench_gpu(&mut group, g, "adamw_step", &mut adamw_run);
         group.finish();
     }
     summary.push((
         "adamw_step",
         adamw_bytes,
         false,
-        gpu_ms(g, &mut adamw_run, 15),
+        gpu_ms(g, &mut adamw_run, 15, 10),
     ));
     c.final_summary();
 

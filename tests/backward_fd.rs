@@ -2,6 +2,9 @@
 //! Mistral (GQA 4:2, sliding window 8, tied head) and LLaMA, a nonzero adapter on all
 //! seven projections, a loss that weights every completion log-prob differently.
 
+mod common;
+
+use common::{flat_grads, step_grads};
 use palign::lora::{Adapter, LoraConfig};
 use palign::model::llama::{Dropout, Recompute, SeqBatch};
 use palign::model::{Model, ScoreSeq};
@@ -73,21 +76,7 @@ fn check(model_name: &str) {
             .map(|(l, w)| *l as f64 * *w as f64)
             .sum()
     };
-    let (_, trace) = model
-        .forward(
-            Some(&adapter),
-            &b.ids,
-            &b.pack,
-            &b.rows,
-            &b.targets,
-            None,
-            true,
-        )
-        .unwrap();
-    let mut grads = adapter.zeros_like().unwrap();
-    model
-        .backward(&adapter, &trace.unwrap(), &weights, &mut grads)
-        .unwrap();
+    let (_, grads) = step_grads(&model, &adapter, &b, None, Some(&weights));
 
     // Probe a spread of coordinates of every tensor (A and B of each projection and layer).
     let h = 1e-2f32;
@@ -158,31 +147,7 @@ fn grads_with(
 ) -> Vec<f32> {
     model.recompute = plan;
     let mut d = Dropout::new(p, 11, 3);
-    let (_, trace) = model
-        .forward(
-            Some(adapter),
-            &b.ids,
-            &b.pack,
-            &b.rows,
-            &b.targets,
-            Some(&mut d),
-            true,
-        )
-        .unwrap();
-    let mut grads = adapter.zeros_like().unwrap();
-    model
-        .backward(adapter, &trace.unwrap(), w, &mut grads)
-        .unwrap();
-    grads
-        .pairs()
-        .flat_map(|(_, _, p)| {
-            p.a.cpu()
-                .iter()
-                .chain(p.b.cpu())
-                .copied()
-                .collect::<Vec<_>>()
-        })
-        .collect()
+    flat_grads(&step_grads(model, adapter, b, Some(&mut d), Some(w)).1)
 }
 
 #[test]

@@ -17,6 +17,9 @@
 //! The tests that always run check what can be checked without a device: the fatbin holds
 //! the kernels, and the shape/layout/decode validation rejects bad input with BadInput.
 
+mod common;
+
+use common::{assert_kernels_registered, gpu, max_abs, rand_bf16, rng, to_f32};
 use half::bf16;
 use palign::backend::cpu::ops::{self as cpu, AttnShape, Packing};
 use palign::backend::cuda::attention::{
@@ -24,9 +27,6 @@ use palign::backend::cuda::attention::{
     SeqLayout, SeqSpec,
 };
 use palign::backend::cuda::{self, DeviceBuffer, Gpu};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use std::sync::Arc;
 
 const KERNELS: &[&str] = &[
     "attention_fwd_bf16_d64",
@@ -45,22 +45,7 @@ const KERNELS: &[&str] = &[
 
 #[test]
 fn fatbin_holds_the_attention_kernels() {
-    for name in KERNELS {
-        assert!(
-            cuda::KERNEL_NAMES.contains(name),
-            "{name} missing from KERNEL_NAMES"
-        );
-        if cuda::kernels_compiled() {
-            let found = cuda::FATBIN
-                .windows(name.len())
-                .any(|w| w == name.as_bytes());
-            assert!(
-                found,
-                "{name} not in the embedded fatbin ({})",
-                cuda::TARGETS
-            );
-        }
-    }
+    assert_kernels_registered(KERNELS);
     if !cuda::kernels_compiled() {
         eprintln!("kernels not compiled: {}", cuda::BUILD_NOTE);
     }
@@ -128,26 +113,6 @@ fn decode_validation() {
 
 // ---------------------------------------------------------------- helpers
 
-fn gpu() -> Arc<Gpu> {
-    match Gpu::get() {
-        Ok(g) => g,
-        Err(e) => panic!("this test needs a CUDA device: {e}"),
-    }
-}
-
-/// n values uniform in [-scale, scale], rounded to bf16 (device and host copies).
-fn rand_bf16(r: &mut ChaCha8Rng, n: usize, scale: f32) -> (Vec<bf16>, Vec<f32>) {
-    let b: Vec<bf16> = (0..n)
-        .map(|_| bf16::from_f32(r.random_range(-scale..scale)))
-        .collect();
-    let f = b.iter().map(|x| x.to_f32()).collect();
-    (b, f)
-}
-
-fn to_f32(v: &[bf16]) -> Vec<f32> {
-    v.iter().map(|x| x.to_f32()).collect()
-}
-
 fn round_bf16(v: &[f32]) -> Vec<bf16> {
     v.iter().map(|&x| bf16::from_f32(x)).collect()
 }
@@ -188,10 +153,6 @@ fn check(case: &str, got: &[f32], want: &[f32], mask: &[bool], atol: f32, rtol: 
         want[worst_i]
     );
     assert!(rel_rms < 1e-2, "{case}: relative RMS error {rel_rms:.3e}");
-}
-
-fn max_abs(v: &[f32]) -> f32 {
-    v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
 }
 
 /// One parity case: sequences `lens`, packed (or right-padded to `padded` rows each).
@@ -249,7 +210,7 @@ fn run_case(g: &Gpu, c: &Case) {
     } = c.shape;
     let pack = Packing::from_lengths(&c.lens);
     let tokens = pack.n_tokens();
-    let mut r = ChaCha8Rng::seed_from_u64(c.seed);
+    let mut r = rng(c.seed);
     // Q with a larger range than K so that some rows have peaked softmaxes.
     let (qb, qf) = rand_bf16(&mut r, tokens * h * d, 2.0);
     let (kb, kf) = rand_bf16(&mut r, tokens * hkv * d, 1.0);
@@ -440,7 +401,7 @@ fn decode_matches_the_last_row_of_the_forward() {
         let lens = [1usize, 37, 130, 257, 1100];
         let pack = Packing::from_lengths(&lens);
         let tokens = pack.n_tokens();
-        let mut r = ChaCha8Rng::seed_from_u64(99 + d as u64 + h as u64);
+        let mut r = rng(99 + d as u64 + h as u64);
         let (qb, qf) = rand_bf16(&mut r, tokens * h * d, 2.0);
         let (kb, kf) = rand_bf16(&mut r, tokens * hkv * d, 1.0);
         let (vb, vf) = rand_bf16(&mut r, tokens * hkv * d, 1.0);

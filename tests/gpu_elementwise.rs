@@ -14,13 +14,15 @@
 //! The test that always runs checks the kernel names: in KERNEL_NAMES, and in the
 //! embedded fatbin when the kernels were compiled.
 
+mod common;
+
+use common::{assert_kernels_registered, check_with, gpu, is_bad_input, rng, NonFinite};
 use half::bf16;
 use palign::backend::cpu::rng;
-use palign::backend::cuda::{self, blas, elementwise as ew, DeviceBuffer, Gpu};
+use palign::backend::cuda::{blas, elementwise as ew, DeviceBuffer, Gpu};
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use std::sync::Arc;
 
 const KERNELS: &[&str] = &[
     "add_bf16",
@@ -36,19 +38,7 @@ const KERNELS: &[&str] = &[
 
 #[test]
 fn elementwise_kernels_are_registered_and_in_the_fatbin() {
-    for k in KERNELS {
-        assert!(
-            cuda::KERNEL_NAMES.contains(k),
-            "{k} missing from KERNEL_NAMES"
-        );
-        if cuda::kernels_compiled() {
-            assert!(
-                cuda::FATBIN.windows(k.len()).any(|w| w == k.as_bytes()),
-                "{k} not in the embedded fatbin ({})",
-                cuda::TARGETS
-            );
-        }
-    }
+    assert_kernels_registered(KERNELS);
 }
 
 #[test]
@@ -100,22 +90,9 @@ fn device_splitmix64_has_the_cpu_constants() {
 
 // ---------------------------------------------------------------- helpers
 
-fn gpu() -> Arc<Gpu> {
-    match Gpu::get() {
-        Ok(g) => g,
-        Err(e) => panic!("this test needs a CUDA device: {e}"),
-    }
-}
-
-fn rng(seed: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed)
-}
-
 /// n values uniform in [-scale, scale], rounded to bf16.
 fn rand_bf16(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<bf16> {
-    (0..n)
-        .map(|_| bf16::from_f32(r.random_range(-scale..scale)))
-        .collect()
+    common::rand_bf16(r, n, scale).0
 }
 
 /// Assert the bf16 outputs are bit-identical; print the PARITY line.
@@ -143,33 +120,10 @@ fn same_bits(case: &str, got: &[bf16], want: &[bf16]) {
     }
 }
 
-/// Assert |got − want| <= atol + rtol·|want| everywhere; print the PARITY line.
+/// Assert |got − want| <= atol + rtol·|want| everywhere (any NaN or infinity fails);
+/// print the PARITY line.
 fn check(case: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
-    assert_eq!(got.len(), want.len(), "{case}: lengths");
-    let (mut max_abs, mut worst, mut worst_i) = (0.0f32, 0.0f32, 0usize);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = (g - w).abs();
-        let ratio = if err.is_nan() {
-            f32::INFINITY
-        } else {
-            err / (atol + rtol * w.abs())
-        };
-        max_abs = max_abs.max(err);
-        if ratio > worst || ratio.is_infinite() {
-            worst = ratio;
-            worst_i = i;
-        }
-    }
-    println!(
-        "PARITY {case}: max_abs_err={max_abs:.3e} worst={worst:.3} (atol={atol:e} rtol={rtol:e} n={})",
-        got.len()
-    );
-    assert!(
-        worst <= 1.0,
-        "{case}: element {worst_i}: got {} want {} (atol {atol}, rtol {rtol})",
-        got[worst_i],
-        want[worst_i]
-    );
+    check_with(case, got, want, atol, rtol, NonFinite::Fail, None);
 }
 
 fn up<T: bytemuck::Pod>(g: &Gpu, v: &[T]) -> DeviceBuffer<T> {
@@ -178,10 +132,6 @@ fn up<T: bytemuck::Pod>(g: &Gpu, v: &[T]) -> DeviceBuffer<T> {
 
 fn down<T: bytemuck::Pod>(g: &Gpu, b: &DeviceBuffer<T>) -> Vec<T> {
     g.download(b).unwrap()
-}
-
-fn is_bad_input<T: std::fmt::Debug>(r: palign::Result<T>) -> bool {
-    matches!(r, Err(palign::Error::BadInput(_)))
 }
 
 /// Lengths that hit the scalar tail (not a multiple of 8), the vector path, and (the
@@ -490,27 +440,7 @@ fn gemm_bf16_f32out_matches_f64_reference() {
             a.iter().map(|v| v.to_f32()).collect(),
             b.iter().map(|v| v.to_f32()).collect(),
         );
-        // op(A)[i, l] and op(B)[l, j] from the row-major storage.
-        let a_at = |i: usize, l: usize| {
-            if trans_a {
-                af[l * m + i]
-            } else {
-                af[i * k + l]
-            }
-        };
-        let b_at = |l: usize, j: usize| {
-            if trans_b {
-                bf[j * k + l]
-            } else {
-                bf[l * n + j]
-            }
-        };
-        let mut prod = vec![0.0f64; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                prod[i * n + j] = (0..k).map(|l| a_at(i, l) as f64 * b_at(l, j) as f64).sum();
-            }
-        }
+        let prod = common::gemm_ref_f64(&af, &bf, m, n, k, trans_a, trans_b);
         let spec = blas::Gemm {
             m,
             n,

@@ -26,13 +26,13 @@ use std::sync::Arc;
 
 use half::bf16;
 use palign::backend::cuda::logprob::{self as lp, DpoOut, LogprobPath};
-use palign::backend::cuda::{self, DeviceBuffer, Gpu};
+use palign::backend::cuda::{DeviceBuffer, Gpu};
 use palign::ops::{self, LinearWeight};
 use palign::tensor::Tensor;
 use palign::train::loss::{dpo_pair, DpoCfg, DpoKind};
 use rand::Rng;
 
-use common::{check, gpu, rand_bf16, rng};
+use common::{assert_kernels_registered, check, f32s, gpu, max_abs, rand_bf16, rng, to_f32};
 
 const KERNELS: &[&str] = &[
     "logsoftmax_gather_bf16",
@@ -47,18 +47,7 @@ const KERNELS: &[&str] = &[
 
 #[test]
 fn fatbin_holds_the_logprob_kernels() {
-    for name in KERNELS {
-        assert!(
-            cuda::KERNEL_NAMES.contains(name),
-            "{name} missing from KERNEL_NAMES"
-        );
-        if cuda::kernels_compiled() {
-            let found = cuda::FATBIN
-                .windows(name.len())
-                .any(|w| w == name.as_bytes());
-            assert!(found, "{name} not in the fatbin ({})", cuda::TARGETS);
-        }
-    }
+    assert_kernels_registered(KERNELS);
 }
 
 /// The DPO reference: per-sequence values (sums, or means for IPO) in f64, each pair
@@ -208,14 +197,6 @@ fn dpo_reference_matches_finite_differences() {
 }
 
 // ---------------------------------------------------------------- helpers
-
-fn to_f32(v: &[bf16]) -> Vec<f32> {
-    v.iter().map(|x| x.to_f32()).collect()
-}
-
-fn max_abs(v: &[f32]) -> f32 {
-    v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
-}
 
 fn rel_rms(got: &[f32], want: &[f32]) -> f64 {
     let num: f64 = got
@@ -578,10 +559,6 @@ fn f64s(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
 }
 
-fn f32s(v: &[f64]) -> Vec<f32> {
-    v.iter().map(|&x| x as f32).collect()
-}
-
 #[test]
 #[ignore = "needs a CUDA device"]
 fn dpo_kernels_match_dpo_pair() {
@@ -651,42 +628,22 @@ fn dpo_kernels_match_dpo_pair() {
         let r = dpo_reference(&cfg, norm, &f64s(&pol_h), &f64s(&ref_h), &offsets);
         assert_eq!(r.seq.len(), 2 * pairs);
         let (at, rt) = (1e-7, 1e-5);
-        check(
-            &format!("dpo loss {case}"),
-            &g.download(&loss).unwrap(),
-            &f32s(&r.loss),
-            at,
-            rt,
-        );
-        check(
-            &format!("dpo reward chosen {case}"),
-            &g.download(&rwc).unwrap(),
-            &f32s(&r.reward_c),
-            at,
-            rt,
-        );
-        check(
-            &format!("dpo reward rejected {case}"),
-            &g.download(&rwr).unwrap(),
-            &f32s(&r.reward_r),
-            at,
-            rt,
-        );
-        check(
-            &format!("dpo d_policy {case}"),
-            &g.download(&dpol).unwrap(),
-            &f32s(&r.d_policy),
-            at,
-            rt,
-        );
         let mut want_dlogp = f32s(&r.dlogp);
         want_dlogp.extend([0.0, 0.0]);
-        check(
-            &format!("dpo dlogp {case}"),
-            &g.download(&dlogp).unwrap(),
-            &want_dlogp,
-            at,
-            rt,
-        );
+        for (what, got, want) in [
+            ("loss", &loss, f32s(&r.loss)),
+            ("reward chosen", &rwc, f32s(&r.reward_c)),
+            ("reward rejected", &rwr, f32s(&r.reward_r)),
+            ("d_policy", &dpol, f32s(&r.d_policy)),
+            ("dlogp", &dlogp, want_dlogp),
+        ] {
+            check(
+                &format!("dpo {what} {case}"),
+                &g.download(got).unwrap(),
+                &want,
+                at,
+                rt,
+            );
+        }
     }
 }

@@ -24,14 +24,19 @@
 //! (`ops::linear`, `ops::matmul_t`, ... as `proj_backward` in src/model/llama.rs uses
 //! them).
 
+mod common;
+
+use common::{
+    assert_kernels_registered, check_with, f32s, gpu, is_bad_input, ok, rms, rng, NonFinite,
+};
 use half::bf16;
 use palign::backend::cuda::lora::{self, LoraBase, LoraDev, LoraPath};
 use palign::backend::cuda::nf4::{self, Nf4Op, Nf4Weight, Out};
-use palign::backend::cuda::{self, DeviceBuffer, Gpu};
+use palign::backend::cuda::{DeviceBuffer, Gpu};
 use palign::ops::{self, LinearWeight};
 use palign::quant::{quantize_nf4, Nf4Tensor};
 use palign::tensor::Tensor;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -95,10 +100,6 @@ fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     t
 }
 
-fn f32s(v: &[f64]) -> Vec<f32> {
-    v.iter().map(|&x| x as f32).collect()
-}
-
 fn reference(p: &Inputs) -> Reference {
     let (m, out, inp, r, s) = (p.m, p.out, p.inp, p.r, p.s as f64);
     let xa = mul_t(&p.xd, &p.a, m, r, inp);
@@ -136,10 +137,6 @@ fn reference(p: &Inputs) -> Reference {
 }
 
 // ---------------------------------------------------------------- inputs
-
-fn rng(seed: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed)
-}
 
 /// An NF4 weight as in tests/gpu_nf4.rs: per-row magnitudes 0.02 to 1.82, one zero
 /// block and one outlier.
@@ -197,37 +194,10 @@ fn inputs(seed: u64, m: usize, w: &[f32], shape: [usize; 2], r: usize, dropout: 
     }
 }
 
-fn rms(v: &[f32]) -> f32 {
-    (v.iter().map(|&x| x as f64 * x as f64).sum::<f64>() / v.len().max(1) as f64).sqrt() as f32
-}
-
-/// Assert |got − want| <= atol + rtol·|want| everywhere; print the PARITY line.
+/// Assert |got − want| <= atol + rtol·|want| everywhere (any NaN or infinity fails);
+/// print the PARITY line (atol to 3 digits: it is a multiple of rms(ref)).
 fn check(case: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
-    assert_eq!(got.len(), want.len(), "{case}: lengths");
-    let (mut max_abs, mut worst, mut worst_i) = (0.0f32, 0.0f32, 0usize);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = (g - w).abs();
-        let ratio = if err.is_nan() {
-            f32::INFINITY
-        } else {
-            err / (atol + rtol * w.abs())
-        };
-        max_abs = max_abs.max(err);
-        if ratio > worst || ratio.is_infinite() {
-            worst = ratio;
-            worst_i = i;
-        }
-    }
-    println!(
-        "PARITY {case}: max_abs_err={max_abs:.3e} worst={worst:.3} (atol={atol:.3e} rtol={rtol:e} n={})",
-        got.len()
-    );
-    assert!(
-        worst <= 1.0,
-        "{case}: element {worst_i}: got {} want {} (worst ratio {worst})",
-        got[worst_i],
-        want[worst_i]
-    );
+    check_with(case, got, want, atol, rtol, NonFinite::Fail, Some(3));
 }
 
 /// bf16 outputs (Y, dX) against the reference: see the module docs.
@@ -240,27 +210,11 @@ fn check_close(case: &str, got: &[f32], want: &[f32]) {
     check(case, got, want, 1e-2 * rms(want), 1e-2);
 }
 
-fn is_bad_input<T: std::fmt::Debug>(r: palign::Result<T>) -> bool {
-    matches!(r, Err(palign::Error::BadInput(_)))
-}
-
 // ---------------------------------------------------------------- always run
 
 #[test]
 fn lora_kernels_are_registered_and_in_the_fatbin() {
-    for k in lora::KERNELS {
-        assert!(
-            cuda::KERNEL_NAMES.contains(k),
-            "{k} missing from KERNEL_NAMES"
-        );
-        if cuda::kernels_compiled() {
-            assert!(
-                cuda::FATBIN.windows(k.len()).any(|w| w == k.as_bytes()),
-                "{k} not in the embedded fatbin ({})",
-                cuda::TARGETS
-            );
-        }
-    }
+    assert_kernels_registered(lora::KERNELS);
 }
 
 #[test]
@@ -343,17 +297,6 @@ fn reference_matches_the_cpu_model_ops() {
 }
 
 // ---------------------------------------------------------------- GPU helpers
-
-fn gpu() -> Arc<Gpu> {
-    match Gpu::get() {
-        Ok(g) => g,
-        Err(e) => panic!("this test needs a CUDA device: {e}"),
-    }
-}
-
-fn ok<T>(r: palign::Result<T>) -> T {
-    r.unwrap_or_else(|e| panic!("{e}"))
-}
 
 fn up(g: &Gpu, v: &[f32]) -> DeviceBuffer<bf16> {
     let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();

@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::{fx, jsonl, palign, s};
+use common::{flat_grads, fx, jsonl, palign, s, step_grads};
 use palign::backend::cuda;
 use palign::lora::{peft, Adapter, LoraConfig};
 use palign::model::llama::{Dropout, Recompute, SeqBatch};
@@ -104,32 +104,7 @@ fn score_matches_cpu_on_tiny_models() {
 /// Adapter gradients of one forward + backward on `model` (device or CPU), downloaded.
 fn grads(model: &Model, adapter: &Adapter, b: &SeqBatch) -> Vec<f32> {
     let mut m = Dropout::new(0.1, 5, 2);
-    let (lp, trace) = model
-        .forward(
-            Some(adapter),
-            &b.ids,
-            &b.pack,
-            &b.rows,
-            &b.targets,
-            Some(&mut m),
-            true,
-        )
-        .unwrap();
-    let d = vec![-1.0 / lp.len() as f32; lp.len()];
-    let mut g = adapter.zeros_like().unwrap();
-    model
-        .backward(adapter, &trace.unwrap(), &d, &mut g)
-        .unwrap();
-    let g = g.to_cpu().unwrap();
-    g.pairs()
-        .flat_map(|(_, _, p)| {
-            p.a.cpu()
-                .iter()
-                .chain(p.b.cpu())
-                .copied()
-                .collect::<Vec<_>>()
-        })
-        .collect()
+    flat_grads(&step_grads(model, adapter, b, Some(&mut m), None).1)
 }
 
 #[test]
@@ -422,24 +397,8 @@ fn qlora_gradients_with_the_fused_lora_kernels_match_cpu() {
     }
     let b = SeqBatch::new(&seqs(cpu.cfg.vocab_size as u32));
     let run = |m: &Model, a: &Adapter| -> (Vec<f32>, Vec<f32>) {
-        let (lp, trace) = m
-            .forward(Some(a), &b.ids, &b.pack, &b.rows, &b.targets, None, true)
-            .unwrap();
-        let d = vec![-1.0 / lp.len() as f32; lp.len()];
-        let mut g = a.zeros_like().unwrap();
-        m.backward(a, &trace.unwrap(), &d, &mut g).unwrap();
-        let g = g.to_cpu().unwrap();
-        let flat = g
-            .pairs()
-            .flat_map(|(_, _, p)| {
-                p.a.cpu()
-                    .iter()
-                    .chain(p.b.cpu())
-                    .copied()
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        (lp, flat)
+        let (lp, g) = step_grads(m, a, &b, None, None);
+        (lp, flat_grads(&g))
     };
     let (lp_c, g_c) = run(&cpu, &adapter);
     let (lp_d, g_d) = run(&dev, &adapter.to_device_bf16().unwrap());

@@ -16,39 +16,26 @@
 //! The tests that always run check what needs no GPU: kernel names in the fatbin, the
 //! shape checks (errors, not panics), and the dispatcher's cache file.
 
+mod common;
+
+use common::{
+    assert_kernels_registered, check_with, gpu, is_bad_input, ok, rand_bf16, rms, rng, NonFinite,
+};
 use half::bf16;
 use palign::backend::cuda::nf4::{
     self, DispatchCache, DispatchEntry, Nf4Op, Nf4Path, Nf4Weight, Out,
 };
-use palign::backend::cuda::{self, DeviceBuffer, Gpu};
+use palign::backend::cuda::{DeviceBuffer, Gpu};
 use palign::quant::{quantize_nf4, Absmax, Nf4Tensor};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::Rng;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 // ---------------------------------------------------------------- always run
 
 #[test]
 fn nf4_kernels_are_registered_and_in_the_fatbin() {
-    for k in nf4::KERNELS {
-        assert!(
-            cuda::KERNEL_NAMES.contains(k),
-            "{k} missing from KERNEL_NAMES"
-        );
-        if cuda::kernels_compiled() {
-            assert!(
-                cuda::FATBIN.windows(k.len()).any(|w| w == k.as_bytes()),
-                "{k} not in the embedded fatbin ({})",
-                cuda::TARGETS
-            );
-        }
-    }
-}
-
-fn is_bad_input<T: std::fmt::Debug>(r: palign::Result<T>) -> bool {
-    matches!(r, Err(palign::Error::BadInput(_)))
+    assert_kernels_registered(nf4::KERNELS);
 }
 
 #[test]
@@ -238,17 +225,6 @@ fn default_cache_path_names_the_gpu() {
 
 // ---------------------------------------------------------------- helpers
 
-fn gpu() -> Arc<Gpu> {
-    match Gpu::get() {
-        Ok(g) => g,
-        Err(e) => panic!("this test needs a CUDA device: {e}"),
-    }
-}
-
-fn rng(seed: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed)
-}
-
 /// A weight with per-row magnitudes from 0.02 to 2, one all-zero block and one
 /// block with a large outlier, quantized on the CPU.
 fn weight(seed: u64, shape: [usize; 2], blocksize: usize, dq: bool) -> Nf4Tensor {
@@ -262,14 +238,6 @@ fn weight(seed: u64, shape: [usize; 2], blocksize: usize, dq: bool) -> Nf4Tensor
         w[2 * blocksize + 5] = 40.0;
     }
     quantize_nf4(&w, shape, blocksize, dq).unwrap()
-}
-
-fn rand_bf16(r: &mut ChaCha8Rng, n: usize) -> (Vec<bf16>, Vec<f32>) {
-    let b: Vec<bf16> = (0..n)
-        .map(|_| bf16::from_f32(r.random_range(-1.0f32..1.0)))
-        .collect();
-    let f = b.iter().map(|x| x.to_f32()).collect();
-    (b, f)
 }
 
 /// f64 reference: forward `x[m, k] · w[n, k]ᵀ`, backward `x[m, n] · w[n, k]`.
@@ -306,41 +274,10 @@ fn reference(op: Nf4Op, x: &[f32], m: usize, w: &[f32], shape: [usize; 2]) -> Ve
     out
 }
 
-fn rms(v: &[f32]) -> f32 {
-    (v.iter().map(|&x| x as f64 * x as f64).sum::<f64>() / v.len().max(1) as f64).sqrt() as f32
-}
-
-/// Assert |got − want| <= atol + rtol·|want| everywhere; print the PARITY line.
+/// Assert |got − want| <= atol + rtol·|want| everywhere (any NaN or infinity fails);
+/// print the PARITY line (atol to 3 digits: it is a multiple of rms(ref)).
 fn check(case: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
-    assert_eq!(got.len(), want.len(), "{case}: lengths");
-    let (mut max_abs, mut worst, mut worst_i) = (0.0f32, 0.0f32, 0usize);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = (g - w).abs();
-        let ratio = if err.is_nan() {
-            f32::INFINITY
-        } else {
-            err / (atol + rtol * w.abs())
-        };
-        max_abs = max_abs.max(err);
-        if ratio > worst || ratio.is_infinite() {
-            worst = ratio;
-            worst_i = i;
-        }
-    }
-    println!(
-        "PARITY {case}: max_abs_err={max_abs:.3e} worst={worst:.3} (atol={atol:.3e} rtol={rtol:e} n={})",
-        got.len()
-    );
-    assert!(
-        worst <= 1.0,
-        "{case}: element {worst_i}: got {} want {} (worst ratio {worst})",
-        got[worst_i],
-        want[worst_i]
-    );
-}
-
-fn ok<T>(r: palign::Result<T>) -> T {
-    r.unwrap_or_else(|e| panic!("{e}"))
+    check_with(case, got, want, atol, rtol, NonFinite::Fail, Some(3));
 }
 
 fn download_f32(g: &Gpu, out: &DeviceBuffer<f32>) -> Vec<f32> {
@@ -447,7 +384,7 @@ fn gemv_matches_cpu() {
     for (i, &(m, n, k, dq, f32_out)) in cases.iter().enumerate() {
         let t = weight(200 + i as u64, [n, k], 64, dq);
         let wf = t.dequantize();
-        let (xb, xf) = rand_bf16(&mut rng(300 + i as u64), m * k);
+        let (xb, xf) = rand_bf16(&mut rng(300 + i as u64), m * k, 1.0);
         let want = reference(Nf4Op::Forward, &xf, m, &wf, [n, k]);
         let atol = 1e-2 * rms(&want);
         let w = ok(Nf4Weight::upload(&g, &t));
@@ -499,7 +436,7 @@ fn gemm_cases(op: Nf4Op) {
         let t = weight(400 + i as u64, [n, k], 64, dq);
         let wf = t.dequantize();
         let (inner, outc) = op.dims([n, k]);
-        let (xb, xf) = rand_bf16(&mut rng(500 + i as u64), m * inner);
+        let (xb, xf) = rand_bf16(&mut rng(500 + i as u64), m * inner, 1.0);
         let want = reference(op, &xf, m, &wf, [n, k]);
         let w = ok(Nf4Weight::upload(&g, &t));
         let x = ok(g.upload(&xb));
@@ -576,7 +513,7 @@ fn dispatcher_measures_once_and_caches_on_disk() {
     let path = dir.path().join("nf4-dispatch.json");
     let (m, n, k) = (256, 1024, 4096);
     let t = weight(11, [n, k], 64, true);
-    let (xb, xf) = rand_bf16(&mut rng(12), m * k);
+    let (xb, xf) = rand_bf16(&mut rng(12), m * k, 1.0);
     let want = reference(Nf4Op::Forward, &xf, m, &t.dequantize(), [n, k]);
     let w = ok(Nf4Weight::upload(&g, &t));
     let x = ok(g.upload(&xb));

@@ -13,12 +13,14 @@
 //! The tests that always run check what can be checked here: the embedded fatbin holds
 //! every kernel, and `available()` reports a missing driver as an error.
 
+mod common;
+
+use common::{check_with, gpu, rand_bf16, rng, to_f32, NonFinite};
 use half::bf16;
 use palign::backend::cpu::{ops as cpu, optim};
-use palign::backend::cuda::{self, blas, ops, DeviceBuffer, Gpu};
-use rand::{Rng, SeedableRng};
+use palign::backend::cuda::{self, blas, ops, DeviceBuffer};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use std::sync::Arc;
 
 // ---------------------------------------------------------------- always run
 
@@ -100,61 +102,14 @@ fn available_is_an_error_not_a_panic_without_a_driver() {
 
 // ---------------------------------------------------------------- helpers
 
-fn gpu() -> Arc<Gpu> {
-    match Gpu::get() {
-        Ok(g) => g,
-        Err(e) => panic!("this test needs a CUDA device: {e}"),
-    }
-}
-
-fn rng(seed: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed)
-}
-
-/// n values uniform in [-scale, scale], already rounded to bf16.
-fn rand_bf16(r: &mut ChaCha8Rng, n: usize, scale: f32) -> (Vec<bf16>, Vec<f32>) {
-    let b: Vec<bf16> = (0..n)
-        .map(|_| bf16::from_f32(r.random_range(-scale..scale)))
-        .collect();
-    let f = b.iter().map(|x| x.to_f32()).collect();
-    (b, f)
-}
-
 fn rand_f32(r: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
     (0..n).map(|_| r.random_range(lo..hi)).collect()
 }
 
-fn to_f32(v: &[bf16]) -> Vec<f32> {
-    v.iter().map(|x| x.to_f32()).collect()
-}
-
-/// Assert |got − want| <= atol + rtol·|want| everywhere; print the PARITY line.
+/// Assert |got − want| <= atol + rtol·|want| everywhere (equal values, infinities
+/// included, pass; any NaN fails); print the PARITY line.
 fn check(case: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
-    assert_eq!(got.len(), want.len(), "{case}: lengths");
-    let (mut max_abs, mut worst, mut worst_i) = (0.0f32, 0.0f32, 0usize);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = if g == w { 0.0 } else { (g - w).abs() };
-        let ratio = if err.is_nan() {
-            f32::INFINITY
-        } else {
-            err / (atol + rtol * w.abs())
-        };
-        max_abs = max_abs.max(err);
-        if ratio > worst || ratio.is_infinite() {
-            worst = ratio;
-            worst_i = i;
-        }
-    }
-    println!(
-        "PARITY {case}: max_abs_err={max_abs:.3e} worst={worst:.3} (atol={atol:e} rtol={rtol:e} n={})",
-        got.len()
-    );
-    assert!(
-        worst <= 1.0,
-        "{case}: element {worst_i}: got {} want {} (atol {atol}, rtol {rtol})",
-        got[worst_i],
-        want[worst_i]
-    );
+    check_with(case, got, want, atol, rtol, NonFinite::EqualPasses, None);
 }
 
 // ---------------------------------------------------------------- kernels
@@ -592,28 +547,12 @@ fn gemm_bf16_matches_f64_reference() {
         let (bb, bf) = rand_bf16(&mut r, k * n, 1.0);
         let (cb, cf) = rand_bf16(&mut r, m * n, 1.0);
         let (alpha, beta) = (0.75f32, 0.5f32);
-        // op(A)[i, l] and op(B)[l, j] from the row-major storage.
-        let a_at = |i: usize, l: usize| {
-            if trans_a {
-                af[l * m + i]
-            } else {
-                af[i * k + l]
-            }
-        };
-        let b_at = |l: usize, j: usize| {
-            if trans_b {
-                bf[j * k + l]
-            } else {
-                bf[l * n + j]
-            }
-        };
-        let mut want = vec![0.0f32; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                let dot: f64 = (0..k).map(|l| a_at(i, l) as f64 * b_at(l, j) as f64).sum();
-                want[i * n + j] = (alpha as f64 * dot + beta as f64 * cf[i * n + j] as f64) as f32;
-            }
-        }
+        let prod = common::gemm_ref_f64(&af, &bf, m, n, k, trans_a, trans_b);
+        let want: Vec<f32> = prod
+            .iter()
+            .zip(&cf)
+            .map(|(&dot, &c)| (alpha as f64 * dot + beta as f64 * c as f64) as f32)
+            .collect();
         let (a, b) = (g.upload(&ab).unwrap(), g.upload(&bb).unwrap());
         let mut c = g.upload(&cb).unwrap();
         let spec = blas::Gemm {

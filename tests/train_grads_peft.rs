@@ -42,26 +42,13 @@ fn check(base: &str) {
     let seqs = rows(&dir.join("sft_rows.jsonl"), 4);
     let b = SeqBatch::new(&seqs);
     let n = b.targets.len() as f32;
-    let (_, trace) = model
-        .forward(
-            Some(&adapter),
-            &b.ids,
-            &b.pack,
-            &b.rows,
-            &b.targets,
-            None,
-            true,
-        )
-        .unwrap();
-    let mut grads = adapter.zeros_like().unwrap();
-    model
-        .backward(
-            &adapter,
-            &trace.unwrap(),
-            &vec![-1.0 / n; b.targets.len()],
-            &mut grads,
-        )
-        .unwrap();
+    let (_, grads) = step_grads(
+        &model,
+        &adapter,
+        &b,
+        None,
+        Some(&vec![-1.0 / n; b.targets.len()]),
+    );
     let want = Weights::open_files(&[dir.join("expected/sft_grads_step1.safetensors")]).unwrap();
     let mut worst = 0.0f32;
     for (l, p, g) in grads.pairs() {

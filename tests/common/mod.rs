@@ -58,12 +58,43 @@ pub fn s(p: &Path) -> &str {
 }
 
 // ---------------------------------------------------------------- GPU tests
-// Shared by tests/gpu_*.rs (the older ones still carry their own copies).
+// Shared by tests/gpu_*.rs.
 
 /// The device, or a panic naming why (GPU tests are `#[ignore = "needs a CUDA device"]`).
 pub fn gpu() -> std::sync::Arc<palign::backend::cuda::Gpu> {
     palign::backend::cuda::Gpu::get()
         .unwrap_or_else(|e| panic!("this test needs a CUDA device: {e}"))
+}
+
+/// Unwraps a device call, panicking with its error message.
+pub fn ok<T>(r: palign::Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub fn is_bad_input<T: std::fmt::Debug>(r: palign::Result<T>) -> bool {
+    matches!(r, Err(palign::Error::BadInput(_)))
+}
+
+/// Asserts each kernel is in `KERNEL_NAMES` (so `Gpu::get` loads it) and, when the
+/// kernels were compiled, in the embedded fatbin.
+pub fn assert_kernels_registered(names: &[&str]) {
+    use palign::backend::cuda;
+    for name in names {
+        assert!(
+            cuda::KERNEL_NAMES.contains(name),
+            "{name} missing from KERNEL_NAMES"
+        );
+        if cuda::kernels_compiled() {
+            let found = cuda::FATBIN
+                .windows(name.len())
+                .any(|w| w == name.as_bytes());
+            assert!(
+                found,
+                "{name} not in the embedded fatbin ({})",
+                cuda::TARGETS
+            );
+        }
+    }
 }
 
 pub fn rng(seed: u64) -> rand_chacha::ChaCha8Rng {
@@ -84,37 +115,175 @@ pub fn rand_bf16(
     (b, f)
 }
 
+pub fn to_f32(v: &[half::bf16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+pub fn f32s(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
+}
+
+pub fn max_abs(v: &[f32]) -> f32 {
+    v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
+}
+
+/// Root mean square, accumulated in f64.
+pub fn rms(v: &[f32]) -> f32 {
+    (v.iter().map(|&x| x as f64 * x as f64).sum::<f64>() / v.len().max(1) as f64).sqrt() as f32
+}
+
+/// `op(A)·op(B)` in f64 for row-major A, B (op: transpose when `trans_*`), [m, n]:
+/// the reference of the bf16 GEMM tests.
+pub fn gemm_ref_f64(
+    af: &[f32],
+    bf: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+) -> Vec<f64> {
+    // op(A)[i, l] and op(B)[l, j] from the row-major storage.
+    let a_at = |i: usize, l: usize| {
+        if trans_a {
+            af[l * m + i]
+        } else {
+            af[i * k + l]
+        }
+    };
+    let b_at = |l: usize, j: usize| {
+        if trans_b {
+            bf[j * k + l]
+        } else {
+            bf[l * n + j]
+        }
+    };
+    let mut prod = vec![0.0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            prod[i * n + j] = (0..k).map(|l| a_at(i, l) as f64 * b_at(l, j) as f64).sum();
+        }
+    }
+    prod
+}
+
+/// How `check_with` treats elements that are not finite. The test files differ here on
+/// purpose, so each says which it wants.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum NonFinite {
+    /// Plain |got − want|: any NaN or infinity fails (∞ − ∞ is NaN).
+    Fail,
+    /// got == want passes (equal infinities too); any NaN fails.
+    EqualPasses,
+    /// As `EqualPasses`, and NaN passes where want is NaN too (the element is skipped).
+    NanMatches,
+}
+
 /// Assert |got − want| <= atol + rtol·|want| everywhere (NaN only where want is NaN);
 /// print `PARITY <case>: max_abs_err=.. worst=..` (worst: the largest err / bound).
 pub fn check(case: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    check_with(case, got, want, atol, rtol, NonFinite::NanMatches, None);
+}
+
+/// `check` with the non-finite policy explicit, and `atol_digits`: the digits after the
+/// point of atol in the PARITY line (`None`: all, as `{:e}` prints it).
+pub fn check_with(
+    case: &str,
+    got: &[f32],
+    want: &[f32],
+    atol: f32,
+    rtol: f32,
+    nonfinite: NonFinite,
+    atol_digits: Option<usize>,
+) {
     assert_eq!(got.len(), want.len(), "{case}: lengths");
     let (mut max_abs, mut worst, mut worst_i) = (0.0f32, 0.0f32, 0usize);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        if g.is_nan() && w.is_nan() {
+        if nonfinite == NonFinite::NanMatches && g.is_nan() && w.is_nan() {
             continue;
         }
-        let err = if g == w { 0.0 } else { (g - w).abs() };
+        let err = if nonfinite != NonFinite::Fail && g == w {
+            0.0
+        } else {
+            (g - w).abs()
+        };
         let ratio = if err.is_nan() {
             f32::INFINITY
         } else {
             err / (atol + rtol * w.abs())
         };
-        if !err.is_nan() {
-            max_abs = max_abs.max(err);
-        }
+        // f32::max ignores a NaN err; the ratio above already fails it.
+        max_abs = max_abs.max(err);
         if ratio > worst || ratio.is_infinite() {
             worst = ratio;
             worst_i = i;
         }
     }
+    let atol_s = match atol_digits {
+        Some(d) => format!("{atol:.d$e}"),
+        None => format!("{atol:e}"),
+    };
     println!(
-        "PARITY {case}: max_abs_err={max_abs:.3e} worst={worst:.3} (atol={atol:e} rtol={rtol:e} n={})",
+        "PARITY {case}: max_abs_err={max_abs:.3e} worst={worst:.3} (atol={atol_s} rtol={rtol:e} n={})",
         got.len()
     );
     assert!(
         worst <= 1.0,
-        "{case}: element {worst_i}: got {} want {} (atol {atol}, rtol {rtol})",
+        "{case}: element {worst_i}: got {} want {} (atol {atol}, rtol {rtol}, worst ratio {worst})",
         got[worst_i],
         want[worst_i]
     );
+}
+
+// ---------------------------------------------------------------- model gradients
+// Shared by tests/backward_fd.rs, tests/train_grads_peft.rs and tests/gpu_model.rs.
+
+/// One forward + backward of `b` through `model` with `adapter`: the completion
+/// log-probs and the adapter gradients of the loss whose gradient with respect to the
+/// log-probs is `dlogp` (`None`: −1/n each, the mean negative log-likelihood).
+pub fn step_grads(
+    model: &palign::model::Model,
+    adapter: &palign::lora::Adapter,
+    b: &palign::model::llama::SeqBatch,
+    dropout: Option<&mut palign::model::llama::Dropout>,
+    dlogp: Option<&[f32]>,
+) -> (Vec<f32>, palign::lora::Adapter) {
+    let (lp, trace) = model
+        .forward(
+            Some(adapter),
+            &b.ids,
+            &b.pack,
+            &b.rows,
+            &b.targets,
+            dropout,
+            true,
+        )
+        .unwrap();
+    let mean_nll;
+    let d = match dlogp {
+        Some(d) => d,
+        None => {
+            mean_nll = vec![-1.0 / lp.len() as f32; lp.len()];
+            &mean_nll
+        }
+    };
+    let mut grads = adapter.zeros_like().unwrap();
+    model
+        .backward(adapter, &trace.unwrap(), d, &mut grads)
+        .unwrap();
+    (lp, grads)
+}
+
+/// Every pair's A then B values, in pair order (downloaded first from the device).
+pub fn flat_grads(grads: &palign::lora::Adapter) -> Vec<f32> {
+    let g = grads.to_cpu().unwrap();
+    g.pairs()
+        .flat_map(|(_, _, p)| {
+            p.a.cpu()
+                .iter()
+                .chain(p.b.cpu())
+                .copied()
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
