@@ -158,6 +158,7 @@ export PALIGN_BIN="$HERE/palign"
 [ -d "$PWD/tests/fixtures" ] && export PALIGN_FIXTURES="$PWD/tests/fixtures"
 SECTIONS="${PALIGN_GPU_SECTIONS:-tests benches train}"
 want() { case " $SECTIONS " in *" $1 "*) return 0 ;; esac; return 1; }
+want_test() { case " ${PALIGN_GPU_TESTS:-} " in *" $1 "*) return 0 ;; esac; return 1; }
 
 {
     echo "# palign GPU check"
@@ -177,6 +178,8 @@ want tests && echo "## tests" >>"$REPORT"
 want tests && for t in "$HERE"/tests/*; do
     [ -x "$t" ] || continue
     name="$(basename "$t")"
+    # PALIGN_GPU_TESTS="gpu_model gpu_nf4" runs only those binaries.
+    if [ -n "${PALIGN_GPU_TESTS:-}" ] && ! want_test "$name"; then continue; fi
     echo "==== $name" >>"$TLOG"
     timeout 600 "$t" --include-ignored --test-threads=1 --show-output >>"$TLOG" 2>&1
     rc=$?
@@ -231,7 +234,9 @@ tps() { grep -o 'tokens_per_s=[0-9.]*' | tail -n 1 | cut -d= -f2; }
 if want train && [ -x "$HERE/palign" ]; then
     echo >>"$REPORT"
     echo "## training step (palign bench train vs tools/bench_hf.py)" >>"$REPORT"
-    for cfg in "sft qlora none" "dpo qlora full" "sft lora none" "dpo lora full"; do
+    # PALIGN_TRAIN_CONFIGS="sft qlora none,dpo qlora full" picks configs (method peft recompute).
+    IFS=, read -r -a configs <<<"${PALIGN_TRAIN_CONFIGS:-sft qlora none,dpo qlora full,sft lora none,dpo lora full}"
+    for cfg in "${configs[@]}"; do
         set -- $cfg
         m=$1 p=$2 r=$3
         gc=""

@@ -640,11 +640,14 @@ pub fn target_logprobs_backward(
     Ok(dh)
 }
 
-/// Whether the fused NF4 LoRA kernels may be used (`PALIGN_FUSED_LORA=0` turns them off,
-/// e.g. to compare against the separate products).
+/// Whether the fused NF4 LoRA kernels are used: only with `PALIGN_FUSED_LORA=1`. On an
+/// H200 (benches/RESULTS.md, 2026-11-27) the fused kernel is within 1.05× of its own
+/// NF4 GEMM, but that mma.sync GEMM runs at ~250 TFLOP/s while the dispatcher's
+/// dequant + cuBLAS path reaches ~700: a Mistral-7B QLoRA SFT step took 816 ms fused
+/// against 526 ms with the dispatcher. Worth it again once the NF4 GEMM uses wgmma.
 fn fused_lora_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("PALIGN_FUSED_LORA").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| std::env::var("PALIGN_FUSED_LORA").is_ok_and(|v| v == "1"))
 }
 
 /// The NF4 base of `w` when the fused LoRA kernel takes `op` for `m` rows and rank `r`.
