@@ -390,13 +390,6 @@ pub fn add_(y: &mut Tensor, x: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// `x + y` as a new tensor (residual connections keep their input for backward).
-pub fn add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
-    let mut out = x.try_clone()?;
-    add_(&mut out, y)?;
-    Ok(out)
-}
-
 /// Zeros with `like`'s shape and storage kind (gradient buffers).
 pub fn zeros_like(like: &Tensor) -> Result<Tensor> {
     if like.is_cuda() {

@@ -439,14 +439,16 @@ impl Model {
         let qkv_masks = [draw(0), draw(1), draw(2)];
         let (attn, [s0, s1, s2]) = self.attention_block(l, lora, &x, pack, rope, qkv_masks)?;
         let (o, s3) = Self::proj_masked(&attn.a, &l.o, pair(3), draw(3))?;
-        let h1 = ops::add(&x, &o)?;
-        drop(o);
+        // Residuals add into the fresh projection output: no copy of the saved input.
+        let mut h1 = o;
+        ops::add_(&mut h1, &x)?;
         let (n2, rstd2) = ops::rmsnorm(&h1, &l.post_norm, c.rms_norm_eps)?;
         let (g, s4) = Self::proj_masked(&n2, &l.gate, pair(4), draw(4))?;
         let (u, s5) = Self::proj_masked(&n2, &l.up, pair(5), draw(5))?;
         let act = ops::swiglu(&g, &u)?;
         let (d, s6) = Self::proj_masked(&act, &l.down, pair(6), draw(6))?;
-        let out = ops::add(&h1, &d)?;
+        let mut out = d;
+        ops::add_(&mut out, &h1)?;
         if !save {
             return Ok((out, None));
         }

@@ -20,6 +20,17 @@ pub struct AdamState {
     pub step: u64,
 }
 
+impl AdamState {
+    /// The state before the first step: zero moments where `adapter` lives.
+    pub fn zeros(adapter: &Adapter) -> Result<AdamState> {
+        Ok(AdamState {
+            m: adapter.zeros_like()?,
+            v: adapter.zeros_like()?,
+            step: 0,
+        })
+    }
+}
+
 #[derive(Serialize, Deserialize, Debug)]
 pub struct State {
     /// Optimizer steps done.

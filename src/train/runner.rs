@@ -570,11 +570,7 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
     if !common.quiet {
         eprintln!("data: {}", data_desc.lines().next().unwrap_or(""));
     }
-    let mut opt = AdamState {
-        m: adapter.zeros_like()?,
-        v: adapter.zeros_like()?,
-        step: 0,
-    };
+    let mut opt = AdamState::zeros(&adapter)?;
     let mut start = 0;
     checkpoint::remove_stale(out);
     if args.resume && checkpoint::exists(out) {
@@ -856,11 +852,7 @@ pub(crate) fn bench(
     steps: usize,
 ) -> Result<BenchOut> {
     let adapter = Adapter::init(&model.cfg, s.lora(), s.seed)?;
-    let opt = AdamState {
-        m: adapter.zeros_like()?,
-        v: adapter.zeros_like()?,
-        step: 0,
-    };
+    let opt = AdamState::zeros(&adapter)?;
     let gpu = match device {
         Device::Cuda => Some(crate::backend::cuda::Gpu::get()?),
         Device::Cpu => None,
