@@ -173,6 +173,91 @@ pub fn lora_fused_backward(
     dev::lora_fused_backward(dy, w, &pair.a, &pair.b, s)
 }
 
+/// Whether device projections take the fused NF4 LoRA kernels (`PALIGN_FUSED_LORA=1`);
+/// those take one adapter at a time, so the model then projects one head at a time.
+pub fn lora_fused_wanted(x: &Tensor) -> bool {
+    x.is_cuda() && dev::fused_lora_enabled()
+}
+
+/// One adapter of a group of projections that share their input (q/k/v; gate/up; or a
+/// single projection): its A `[r, in]` and the dropout mask on its input (`None`: none).
+/// Each adapter has its own mask, as PEFT gives each `lora_dropout` module its own draw.
+#[derive(Clone, Copy)]
+pub struct LoraHead<'a> {
+    pub a: &'a Tensor,
+    pub mask: Option<DropMask>,
+}
+
+/// `xa_i = drop_i(x)·A_iᵀ` `[m, r_i]` for every head. On the device one kernel reads `x`
+/// once for all heads and draws the masks on the fly (`PALIGN_LORA_DROP=unfused`: the
+/// dropout kernel and a GEMM per head, as before).
+pub fn lora_down(x: &Tensor, heads: &[LoraHead]) -> Result<Vec<Tensor>> {
+    if x.is_cuda() && dev::lora_drop_fused() {
+        return dev::lora_down(x, heads);
+    }
+    heads
+        .iter()
+        .map(|h| match h.mask {
+            Some(m) => matmul_t(&dropout(x, m)?, h.a),
+            None => matmul_t(x, h.a),
+        })
+        .collect()
+}
+
+/// `dA_i += alpha · dyb_iᵀ · drop_i(x)` for every head (`dyb_i = dY_i·B_i` `[m, r_i]`,
+/// `dA_i` f32 `[r_i, in]`): on the device one pass over `x`.
+pub fn lora_grad_a_(
+    grads: &mut [&mut Tensor],
+    x: &Tensor,
+    heads: &[LoraHead],
+    dybs: &[&Tensor],
+    alpha: f32,
+) -> Result<()> {
+    if grads.len() != heads.len() || dybs.len() != heads.len() {
+        return Err(crate::error::bad(
+            "internal: lora_grad_a_ head counts differ",
+        ));
+    }
+    if x.is_cuda() && dev::lora_drop_fused() {
+        return dev::lora_grad_a_(grads, x, heads, dybs, alpha);
+    }
+    for ((g, h), dyb) in grads.iter_mut().zip(heads).zip(dybs) {
+        match h.mask {
+            Some(m) => add_at_b_(g, dyb, &dropout(x, m)?, alpha)?,
+            None => add_at_b_(g, dyb, x, alpha)?,
+        }
+    }
+    Ok(())
+}
+
+/// `dx += alpha · Σ_i drop_i(dyb_i · A_i)`: the adapters' share of the input gradient
+/// (the mask of head i applies to its own term). On the device one pass over `dx`.
+pub fn lora_dx_acc_(
+    dx: &mut Tensor,
+    heads: &[LoraHead],
+    dybs: &[&Tensor],
+    alpha: f32,
+) -> Result<()> {
+    if dybs.len() != heads.len() {
+        return Err(crate::error::bad(
+            "internal: lora_dx_acc_ head counts differ",
+        ));
+    }
+    if dx.is_cuda() && dev::lora_drop_fused() {
+        return dev::lora_dx_acc_(dx, heads, dybs, alpha);
+    }
+    for (h, dyb) in heads.iter().zip(dybs) {
+        match h.mask {
+            Some(m) => {
+                let dxa = matmul(dyb, h.a)?; // [m, in]
+                axpy_(dx, alpha, &dropout(&dxa, m)?)?;
+            }
+            None => matmul_acc_(dx, dyb, h.a, alpha)?,
+        }
+    }
+    Ok(())
+}
+
 /// `g += alpha · aᵀ · b` for `a` `[m, p]`, `b` `[m, q]`, `g` `[p, q]` (weight gradients;
 /// `g` is f32 on both backends).
 pub fn add_at_b_(g: &mut Tensor, a: &Tensor, b: &Tensor, alpha: f32) -> Result<()> {

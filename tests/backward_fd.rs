@@ -65,18 +65,31 @@ fn setup(model_name: &str) -> (Model, Adapter, SeqBatch, Vec<f32>) {
     (model, adapter, b, weights)
 }
 
-fn check(model_name: &str) {
+/// `p` > 0: dropout on every adapter input, with the same masks in every evaluation (the
+/// loss stays a deterministic, smooth function of the adapter).
+fn check(model_name: &str, p: f32) {
     let (model, adapter, b, weights) = setup(model_name);
+    let drop = || (p > 0.0).then(|| Dropout::new(p, 11, 3));
     let loss = |a: &Adapter| -> f64 {
+        let mut d = drop();
         let (lp, _) = model
-            .forward(Some(a), &b.ids, &b.pack, &b.rows, &b.targets, None, false)
+            .forward(
+                Some(a),
+                &b.ids,
+                &b.pack,
+                &b.rows,
+                &b.targets,
+                d.as_mut(),
+                false,
+            )
             .unwrap();
         lp.iter()
             .zip(&weights)
             .map(|(l, w)| *l as f64 * *w as f64)
             .sum()
     };
-    let (_, grads) = step_grads(&model, &adapter, &b, None, Some(&weights));
+    let mut d = drop();
+    let (_, grads) = step_grads(&model, &adapter, &b, d.as_mut(), Some(&weights));
 
     // Probe a spread of coordinates of every tensor (A and B of each projection and layer).
     let h = 1e-2f32;
@@ -123,17 +136,25 @@ fn check(model_name: &str) {
         }
     }
     assert!(checked >= 6 * n_pairs);
-    eprintln!("{model_name}: {checked} coordinates, worst relative error {worst:.2e}");
+    eprintln!("{model_name} p {p}: {checked} coordinates, worst relative error {worst:.2e}");
 }
 
 #[test]
 fn mistral_adapter_gradients_match_finite_differences() {
-    check("tiny-mistral");
+    check("tiny-mistral", 0.0);
 }
 
 #[test]
 fn llama_adapter_gradients_match_finite_differences() {
-    check("tiny-llama");
+    check("tiny-llama", 0.0);
+}
+
+/// The dropout backward (each adapter's own mask on its input and on its share of dX,
+/// q/k/v and gate/up grouped) against finite differences of the masked forward.
+#[test]
+fn gradients_with_dropout_match_finite_differences() {
+    check("tiny-mistral", 0.3);
+    check("tiny-llama", 0.3);
 }
 
 /// Adapter gradients of one forward + backward under a memory plan, with dropout on.

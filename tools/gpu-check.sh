@@ -122,6 +122,22 @@ cp tools/bench_torch_sdpa.py "$STAGE/"
 cp "$CARGO_TARGET_DIR/release/palign" "$STAGE/palign"
 strip "$STAGE/palign"
 cp tools/bench_hf.py "$STAGE/"
+# The GPU machine's image has transformers and peft but no bitsandbytes and no TRL, so
+# the baseline would fall back to bf16 LoRA. Stage them as a trimmed site dir (only the
+# CUDA 13.0 and CPU builds of libbitsandbytes: the image's torch is cu130) from wheels
+# for Python 3.12, fetched once into ~/.cache/palign/wheels (tools/fetch-py-wheels.sh).
+WHEELS="${PALIGN_PY_WHEELS:-$HOME/.cache/palign/wheels}"
+[ -d "$WHEELS" ] || bash tools/fetch-py-wheels.sh "$WHEELS" || true
+if ls "$WHEELS"/bitsandbytes-*.whl >/dev/null 2>&1; then
+    site="$(mktemp -d)"
+    for w in "$WHEELS"/*.whl; do python3 -m zipfile -e "$w" "$site/site"; done
+    find "$site/site/bitsandbytes" -name 'libbitsandbytes_*' ! -name '*_cuda130.so' ! -name '*_cpu.so' -delete
+    tar -cJf "$STAGE/pylib.tar.xz" -C "$site" site
+    rm -rf "$site"
+    echo "gpu-check: staged Python extras: $(ls "$WHEELS" | tr '\n' ' ')" >&2
+else
+    echo "gpu-check: no wheels in $WHEELS: bench_hf.py will run without bitsandbytes/TRL" >&2
+fi
 # ---- end training step ----
 
 cat >"$STAGE/run.sh" <<'EOF'
@@ -231,6 +247,12 @@ fi
 # palign with --recompute full and the Python stack with gradient checkpointing (both
 # trade a forward for memory); SFT runs both without.
 tps() { grep -o 'tokens_per_s=[0-9.]*' | tail -n 1 | cut -d= -f2; }
+# bitsandbytes + TRL staged by gpu-check.sh (the image lacks them): first on the path.
+PYX=""
+if [ -f "$HERE/pylib.tar.xz" ]; then
+    pylib="${TMPDIR:-/tmp}/palign-pylib"
+    rm -rf "$pylib" && mkdir -p "$pylib" && tar -xJf "$HERE/pylib.tar.xz" -C "$pylib" && PYX="$pylib/site"
+fi
 if want train && [ -x "$HERE/palign" ]; then
     echo >>"$REPORT"
     echo "## training step (palign bench train vs tools/bench_hf.py)" >>"$REPORT"
@@ -244,7 +266,7 @@ if want train && [ -x "$HERE/palign" ]; then
         echo "==== train $m $p" >>"$BLOG"
         ours="$(timeout 300 "$HERE/palign" bench train --shape mistral-7b --method "$m" --peft "$p" --recompute "$r" --batch-size 16 --seq-len 512 2>>"$BLOG")"
         echo "$ours" >>"$BLOG"
-        theirs="$(timeout 300 python3 "$HERE/bench_hf.py" --shape mistral-7b --method "$m" --peft "$p" --batch-size 16 --seq-len 512 $gc 2>>"$BLOG")"
+        theirs="$(PYTHONPATH="${PYX:+$PYX:}${PYTHONPATH:-}" timeout 300 python3 "$HERE/bench_hf.py" --shape mistral-7b --method "$m" --peft "$p" --batch-size 16 --seq-len 512 $gc 2>>"$BLOG")"
         echo "$theirs" >>"$BLOG"
         a="$(echo "$ours" | tps)"
         b="$(echo "$theirs" | tps)"

@@ -403,17 +403,108 @@ impl Model {
         }
         let mut dx = ops::linear_backward(dy, w)?;
         let dyb = ops::matmul(dy, &pair.b)?; // dY·B, [m, r]
-        match saved.mask {
-            // The mask is recomputed from its stream, not stored.
-            Some(m) => {
-                ops::add_at_b_(&mut grad.a, &dyb, &ops::dropout(x, m)?, s)?;
-                let dxa = ops::matmul(&dyb, &pair.a)?; // (dY·B)·A, [m, in]
-                ops::axpy_(&mut dx, s, &ops::dropout(&dxa, m)?)?;
+                                             // The mask is recomputed from its stream, not stored.
+        let head = [ops::LoraHead {
+            a: &pair.a,
+            mask: saved.mask,
+        }];
+        ops::lora_grad_a_(&mut [&mut grad.a], x, &head, &[&dyb], s)?;
+        ops::lora_dx_acc_(&mut dx, &head, &[&dyb], s)?;
+        Ok(dx)
+    }
+
+    /// Projections of one shared input (q/k/v; gate/up):
+    /// `y_i = x·W_iᵀ + s·(drop_i(x)·A_iᵀ)·B_iᵀ`, each adapter with its own mask. The
+    /// adapters' down-projections are one `ops::lora_down` (one pass over x on the
+    /// device), not a dropout copy and a GEMM per adapter.
+    fn proj_group<const N: usize>(
+        x: &Tensor,
+        projs: [ProjIn; N],
+    ) -> Result<[(Tensor, Option<LoraSaved>); N]> {
+        let out: Vec<_> = if ops::lora_fused_wanted(x) {
+            // The fused NF4 kernels take one adapter at a time.
+            projs
+                .iter()
+                .map(|p| Self::proj_masked(x, p.w, p.lora, p.mask))
+                .collect::<Result<_>>()?
+        } else {
+            let heads: Vec<ops::LoraHead> = projs
+                .iter()
+                .filter_map(|p| {
+                    p.lora.map(|(pair, _)| ops::LoraHead {
+                        a: &pair.a,
+                        mask: p.mask,
+                    })
+                })
+                .collect();
+            let mut xas = ops::lora_down(x, &heads)?.into_iter();
+            projs
+                .iter()
+                .map(|p| {
+                    let mut y = ops::linear(x, p.w)?;
+                    let Some((pair, s)) = p.lora else {
+                        return Ok((y, None));
+                    };
+                    let xa = xas.next().ok_or_else(|| bad("internal: lora_down heads"))?;
+                    ops::matmul_t_acc_(&mut y, &xa, &pair.b, s)?;
+                    let saved = LoraSaved {
+                        xa,
+                        xa_scaled: false,
+                        mask: p.mask,
+                    };
+                    Ok((y, Some(saved)))
+                })
+                .collect::<Result<_>>()?
+        };
+        out.try_into()
+            .map_err(|_| bad("internal: projection group size"))
+    }
+
+    /// Backward of `proj_group`: dX summed over the group; each adapter's dA, dB
+    /// accumulated into its gradient. The adapters' shares of dX and dA take one pass
+    /// over dX and one over x for the whole group on the device.
+    fn proj_group_backward(x: &Tensor, projs: Vec<ProjGrad>) -> Result<Tensor> {
+        let mut dx: Option<Tensor> = None;
+        let mut add = |d: Tensor| -> Result<()> {
+            match dx.as_mut() {
+                None => dx = Some(d),
+                Some(acc) => ops::add_(acc, &d)?,
             }
-            None => {
-                ops::add_at_b_(&mut grad.a, &dyb, x, s)?;
-                ops::matmul_acc_(&mut dx, &dyb, &pair.a, s)?;
+            Ok(())
+        };
+        if ops::lora_fused_wanted(x) {
+            for p in projs {
+                add(Self::proj_backward(p.dy, x, p.w, p.lora, p.saved, p.grad)?)?;
             }
+            return dx.ok_or_else(|| bad("internal: empty projection group"));
+        }
+        for p in &projs {
+            add(ops::linear_backward(p.dy, p.w)?)?;
+        }
+        let mut dx = dx.ok_or_else(|| bad("internal: empty projection group"))?;
+        let (mut heads, mut dybs, mut grads_a, mut scale) = (vec![], vec![], vec![], None);
+        for p in projs {
+            let (Some((pair, s)), Some(saved), Some(grad)) = (p.lora, p.saved, p.grad) else {
+                continue;
+            };
+            if scale.is_some_and(|s0| s0 != s) {
+                return Err(bad("internal: adapters of one group with different scales"));
+            }
+            scale = Some(s);
+            // dB += s·dYᵀ·(drop(x)·Aᵀ); the fused forward saved xa with s folded in.
+            let xa_alpha = if saved.xa_scaled { 1.0 } else { s };
+            ops::add_at_b_(&mut grad.b, p.dy, &saved.xa, xa_alpha)?;
+            dybs.push(ops::matmul(p.dy, &pair.b)?); // dY·B, [m, r]
+            heads.push(ops::LoraHead {
+                a: &pair.a,
+                mask: saved.mask,
+            });
+            grads_a.push(&mut grad.a);
+        }
+        if let Some(s) = scale {
+            let dybs: Vec<&Tensor> = dybs.iter().collect();
+            ops::lora_grad_a_(&mut grads_a, x, &heads, &dybs, s)?;
+            ops::lora_dx_acc_(&mut dx, &heads, &dybs, s)?;
         }
         Ok(dx)
     }
@@ -443,8 +534,9 @@ impl Model {
         let mut h1 = o;
         ops::add_(&mut h1, &x)?;
         let (n2, rstd2) = ops::rmsnorm(&h1, &l.post_norm, c.rms_norm_eps)?;
-        let (g, s4) = Self::proj_masked(&n2, &l.gate, pair(4), draw(4))?;
-        let (u, s5) = Self::proj_masked(&n2, &l.up, pair(5), draw(5))?;
+        let gate = ProjIn::new(&l.gate, pair(4), draw(4));
+        let up = ProjIn::new(&l.up, pair(5), draw(5));
+        let [(g, s4), (u, s5)] = Self::proj_group(&n2, [gate, up])?;
         let act = ops::swiglu(&g, &u)?;
         let (d, s6) = Self::proj_masked(&act, &l.down, pair(6), draw(6))?;
         let mut out = d;
@@ -483,9 +575,14 @@ impl Model {
         let c = &self.cfg;
         let pair = |p: usize| lora.and_then(|(slots, s)| slots[p].as_ref().map(|x| (x, s)));
         let (n1, rstd1) = ops::rmsnorm(x, &l.input_norm, c.rms_norm_eps)?;
-        let (mut q, s0) = Self::proj_masked(&n1, &l.q, pair(0), masks[0])?;
-        let (mut k, s1) = Self::proj_masked(&n1, &l.k, pair(1), masks[1])?;
-        let (v, s2) = Self::proj_masked(&n1, &l.v, pair(2), masks[2])?;
+        let [(mut q, s0), (mut k, s1), (v, s2)] = Self::proj_group(
+            &n1,
+            [
+                ProjIn::new(&l.q, pair(0), masks[0]),
+                ProjIn::new(&l.k, pair(1), masks[1]),
+                ProjIn::new(&l.v, pair(2), masks[2]),
+            ],
+        )?;
         ops::rope_qk_(&mut q, &mut k, c.num_heads, c.num_kv_heads, rope)?;
         let (a, lse) = ops::attention(&q, &k, &v, pack, self.attn_shape())?;
         let saved = AttnSaved {
@@ -536,17 +633,12 @@ impl Model {
             g6.as_mut(),
         )?;
         let (dg, du) = ops::swiglu_backward(&d_act, &t.g, &t.u)?;
-        let mut dn2 = Self::proj_backward(
-            &dg,
+        let dn2 = Self::proj_group_backward(
             &t.n2,
-            &l.gate,
-            pair(4),
-            t.lora[4].as_ref(),
-            g4.as_mut(),
-        )?;
-        ops::add_(
-            &mut dn2,
-            &Self::proj_backward(&du, &t.n2, &l.up, pair(5), t.lora[5].as_ref(), g5.as_mut())?,
+            vec![
+                ProjGrad::new(&dg, &l.gate, pair(4), t.lora[4].as_ref(), g4.as_mut()),
+                ProjGrad::new(&du, &l.up, pair(5), t.lora[5].as_ref(), g5.as_mut()),
+            ],
         )?;
         let mut dh1 = ops::rmsnorm_backward(&dn2, &t.h1, &l.post_norm, &t.rstd2)?;
         drop(dn2);
@@ -564,15 +656,13 @@ impl Model {
             self.attn_shape(),
         )?;
         ops::rope_qk_backward_(&mut dq, &mut dk, c.num_heads, c.num_kv_heads, rope)?;
-        let mut dn1 =
-            Self::proj_backward(&dq, &at.n1, &l.q, pair(0), t.lora[0].as_ref(), g0.as_mut())?;
-        ops::add_(
-            &mut dn1,
-            &Self::proj_backward(&dk, &at.n1, &l.k, pair(1), t.lora[1].as_ref(), g1.as_mut())?,
-        )?;
-        ops::add_(
-            &mut dn1,
-            &Self::proj_backward(&dv, &at.n1, &l.v, pair(2), t.lora[2].as_ref(), g2.as_mut())?,
+        let dn1 = Self::proj_group_backward(
+            &at.n1,
+            vec![
+                ProjGrad::new(&dq, &l.q, pair(0), t.lora[0].as_ref(), g0.as_mut()),
+                ProjGrad::new(&dk, &l.k, pair(1), t.lora[1].as_ref(), g1.as_mut()),
+                ProjGrad::new(&dv, &l.v, pair(2), t.lora[2].as_ref(), g2.as_mut()),
+            ],
         )?;
         let mut dx = ops::rmsnorm_backward(&dn1, &t.x, &l.input_norm, &at.rstd1)?;
         ops::add_(&mut dx, &dh1)?;
@@ -826,4 +916,48 @@ pub struct Trace {
     lm_lse: Tensor,
     rows: Vec<usize>,
     targets: Vec<u32>,
+}
+
+/// One projection of a group that shares its input, for `Model::proj_group`.
+struct ProjIn<'a> {
+    w: &'a LinearWeight,
+    lora: Option<(&'a LoraPair, f32)>,
+    mask: Option<ops::DropMask>,
+}
+
+impl<'a> ProjIn<'a> {
+    fn new(
+        w: &'a LinearWeight,
+        lora: Option<(&'a LoraPair, f32)>,
+        mask: Option<ops::DropMask>,
+    ) -> Self {
+        ProjIn { w, lora, mask }
+    }
+}
+
+/// One projection of a group in backward, for `Model::proj_group_backward`.
+struct ProjGrad<'a> {
+    dy: &'a Tensor,
+    w: &'a LinearWeight,
+    lora: Option<(&'a LoraPair, f32)>,
+    saved: Option<&'a LoraSaved>,
+    grad: Option<&'a mut LoraPair>,
+}
+
+impl<'a> ProjGrad<'a> {
+    fn new(
+        dy: &'a Tensor,
+        w: &'a LinearWeight,
+        lora: Option<(&'a LoraPair, f32)>,
+        saved: Option<&'a LoraSaved>,
+        grad: Option<&'a mut LoraPair>,
+    ) -> Self {
+        ProjGrad {
+            dy,
+            w,
+            lora,
+            saved,
+            grad,
+        }
+    }
 }

@@ -645,7 +645,7 @@ pub fn target_logprobs_backward(
 /// NF4 GEMM, but that mma.sync GEMM runs at ~250 TFLOP/s while the dispatcher's
 /// dequant + cuBLAS path reaches ~700: a Mistral-7B QLoRA SFT step took 816 ms fused
 /// against 526 ms with the dispatcher. Worth it again once the NF4 GEMM uses wgmma.
-fn fused_lora_enabled() -> bool {
+pub fn fused_lora_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| std::env::var("PALIGN_FUSED_LORA").is_ok_and(|v| v == "1"))
 }
@@ -735,4 +735,30 @@ pub fn lora_fused_backward(
         )
     })?;
     Ok(Some((dx, dyb)))
+}
+
+// ---- LoRA heads with dropout fused (kernels/lora_drop.cu) ----
+// TEMPORARY until the kernels land this session: the unfused path.
+pub fn lora_drop_fused() -> bool {
+    false
+}
+pub fn lora_down(_x: &Tensor, _heads: &[crate::ops::LoraHead]) -> Result<Vec<Tensor>> {
+    unreachable!()
+}
+pub fn lora_grad_a_(
+    _grads: &mut [&mut Tensor],
+    _x: &Tensor,
+    _heads: &[crate::ops::LoraHead],
+    _dybs: &[&Tensor],
+    _alpha: f32,
+) -> Result<()> {
+    unreachable!()
+}
+pub fn lora_dx_acc_(
+    _dx: &mut Tensor,
+    _heads: &[crate::ops::LoraHead],
+    _dybs: &[&Tensor],
+    _alpha: f32,
+) -> Result<()> {
+    unreachable!()
 }
