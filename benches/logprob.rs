@@ -13,6 +13,10 @@
 //! call then raises the peak by exactly its own extra. Sizes are pool buckets (≤ 12.5%
 //! over the requested bytes).
 //!
+//! "ingrad" is the training forward that also writes each row's log-prob gradient
+//! (`target_logprobs_and_grad`), so its backward is a row scale: fwd+bwd costs two
+//! logits-sized GEMMs, like the unfused path, instead of the chunked path's three.
+//!
 //! The summary prints one `BENCH logprob <path> <pass>` line per case and
 //! `RATIO logprob_fused_vs_unfused` / `RATIO logprob_chunked_vs_unfused` lines (time:
 //! unfused ms ÷ ms, memory: unfused extra ÷ extra; the targets are ≥ 1.5× and
@@ -44,6 +48,28 @@ struct Outputs {
     logp: DeviceBuffer<f32>,
     lse: DeviceBuffer<f32>,
     d_hidden: DeviceBuffer<bf16>,
+    /// `∂logp_i/∂hidden_i` of the "ingrad" path (what a training forward saves instead
+    /// of the hidden rows, so it is an output here, not extra memory).
+    grad: DeviceBuffer<bf16>,
+}
+
+/// The training forward that also writes each row's log-prob gradient, then the
+/// backward as a row scale (`target_logprobs_and_grad` + `scale_rows`).
+fn ingrad(g: &Gpu, x: &Inputs, o: &mut Outputs) {
+    ok(lp::target_logprobs_and_grad(
+        g,
+        &x.hidden,
+        T,
+        &x.head,
+        V,
+        H,
+        &x.targets,
+        &mut o.logp,
+        &mut o.lse,
+        &mut o.grad,
+        lp::default_chunk_rows(V),
+    ));
+    ok(lp::scale_rows(g, &o.grad, &x.dlogp, T, H, &mut o.d_hidden));
 }
 
 fn forward(g: &Gpu, x: &Inputs, o: &mut Outputs, path: LogprobPath) {
@@ -146,6 +172,7 @@ fn main() {
         logp: ok(g.zeros::<f32>(T)),
         lse: ok(g.zeros::<f32>(T)),
         d_hidden: ok(g.zeros::<bf16>(T * H)),
+        grad: ok(g.zeros::<bf16>(T * H)),
     });
     // Create cuBLAS (its workspace stays allocated) before the baseline is taken.
     {
@@ -187,6 +214,12 @@ fn main() {
                 forward(g, xr, o, LogprobPath::Chunked);
                 backward(g, xr, o, LogprobPath::Chunked);
             }),
+            extra: 0,
+        },
+        Case {
+            path: "ingrad",
+            pass: "fwd+bwd",
+            run: Box::new(move || ingrad(g, xr, &mut or.borrow_mut())),
             extra: 0,
         },
         Case {
@@ -255,7 +288,7 @@ fn main() {
         let Some((base_ms, base_mem)) = find("unfused", pass) else {
             continue;
         };
-        for path in ["fused", "chunked"] {
+        for path in ["fused", "chunked", "ingrad"] {
             if let Some((ms, mem)) = find(path, pass) {
                 println!(
                     "RATIO logprob_{path}_vs_unfused {pass:<8} time {:.2}x  memory {:.1}x  (targets: >= 1.5x, >= 10x)",

@@ -16,6 +16,10 @@
 //                             rounding of up to 2^-9·|z|), logp = that − lse.
 //   logsoftmax_backward_bf16  in place on a bf16 logits chunk: z → ∂L/∂z (bf16). lse is
 //                             the forward's when given, else recomputed from the chunk.
+//   scale_rows_bf16           out_i = bf16(g_i · G_i): the training forward can save
+//                             G_i = ∂logp_i/∂X_i = (onehot − softmax_i)·W (the backward
+//                             kernel with g = 1, then cuBLAS), so the backward is this
+//                             row scale instead of a second logits GEMM.
 //   logprob_fused_fwd_bf16    tensor-core tiles of z (128 rows × 128 vocab, mma.sync
 //                             m16n8k16 bf16 → f32) folded at once into per-row running
 //                             (max, sum) and the target logit; z never reaches memory. The
@@ -451,6 +455,29 @@ extern "C" __global__ void __launch_bounds__(256) logsoftmax_backward_bf16(Logso
     }
     for (int64_t j = tail + threadIdx.x; j < V; j += blockDim.x)
         z[j] = f2bf((j == tg ? gr : 0.0f) - gr * expf(bf2f(z[j]) - lse));
+}
+
+// Grid-stride over rows, the block's threads across a row; 16-byte vectors when aligned.
+extern "C" __global__ void __launch_bounds__(256) scale_rows_bf16(ScaleRowsParams p) {
+    using namespace palign;
+    for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+        const float g = p.scale[row];
+        const int64_t C = p.cols;
+        const __nv_bfloat16 *x = p.x + row * C;
+        __nv_bfloat16 *out = p.out + row * C;
+        int64_t tail = 0;
+        if ((C & 7) == 0 && aligned16(x) && aligned16(out)) {
+            for (int64_t j = threadIdx.x * 8; j < C; j += blockDim.x * 8) {
+                float v[8];
+                load8(x + j, v);
+#pragma unroll
+                for (int e = 0; e < 8; e++) v[e] *= g;
+                store8(out + j, v);
+            }
+            tail = C;
+        }
+        for (int64_t j = tail + threadIdx.x; j < C; j += blockDim.x) out[j] = f2bf(g * bf2f(x[j]));
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) logprob_fused_fwd_bf16(LogprobFusedParams p) {

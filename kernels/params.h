@@ -395,6 +395,16 @@ struct LogsoftmaxBackwardParams {
     int32_t vocab;
 };
 
+// out[r, :] = bf16(scale[r] · x[r, :]) (out may be x): d_hidden from the per-row
+// gradient the training forward saved, times dlogp.
+struct ScaleRowsParams {
+    bf16_ptr out;          // [rows, cols]
+    cbf16_ptr x;           // [rows, cols]
+    cf32_ptr scale;        // [rows]
+    int32_t rows;
+    int32_t cols;
+};
+
 // Fused lm_head + log-softmax + gather (logprob_fused_fwd_bf16, then _combine).
 struct LogprobFusedParams {
     f32_ptr logp;          // [rows] (combine)

@@ -522,6 +522,40 @@ pub fn target_logprobs(
     Ok((out, Tensor::zeros(&[0])))
 }
 
+/// `target_logprobs` for a training forward, plus each row's gradient of its own
+/// log-prob, `∂logp_i/∂hidden_i = (onehot(t_i) − softmax_i)·head` `[rows, H]`: the
+/// backward is then `scale_rows(grad, dlogp)`, with no second pass through the lm_head.
+pub fn target_logprobs_and_grad(
+    hidden: &Tensor,
+    head: &LinearWeight,
+    targets: &[u32],
+) -> Result<(Vec<f32>, Tensor)> {
+    if hidden.is_cuda() {
+        return dev::target_logprobs_and_grad(hidden, head, targets);
+    }
+    let (lp, lse) = target_logprobs(hidden, head, targets)?;
+    let grad = target_logprobs_backward(hidden, head, targets, &lse, &vec![1.0; targets.len()])?;
+    Ok((lp, grad))
+}
+
+/// `out[r, :] = scale[r] · x[r, :]`.
+pub fn scale_rows(x: &Tensor, scale: &[f32]) -> Result<Tensor> {
+    if scale.len() != x.rows() {
+        return Err(crate::error::bad(
+            "internal: scale_rows needs one scale per row",
+        ));
+    }
+    if x.is_cuda() {
+        return dev::scale_rows(x, scale);
+    }
+    let c = x.cols();
+    let mut out = x.cpu().to_vec();
+    for (row, &g) in out.chunks_mut(c.max(1)).zip(scale) {
+        row.iter_mut().for_each(|v| *v *= g);
+    }
+    Ok(Tensor::from_vec(out, &x.shape))
+}
+
 /// RMSNorm input gradient (weights frozen).
 pub fn rmsnorm_backward(dy: &Tensor, x: &Tensor, weight: &Tensor, rstd: &Tensor) -> Result<Tensor> {
     if dy.is_cuda() {

@@ -193,3 +193,28 @@ fn recompute_plans_give_the_same_gradients_with_dropout() {
         }
     }
 }
+
+/// The lm_head gradient taken in the forward (`lm_grad_in_forward`) gives the backward's
+/// gradients: the same products, only rounded in another order.
+#[test]
+fn lm_grad_in_forward_gives_the_same_gradients() {
+    for name in ["tiny-mistral", "tiny-llama"] {
+        let (mut model, adapter, b, w) = setup(name);
+        model.lm_grad_in_forward = false;
+        let (lp0, g0) = step_grads(&model, &adapter, &b, None, Some(&w));
+        model.lm_grad_in_forward = true;
+        let (lp1, g1) = step_grads(&model, &adapter, &b, None, Some(&w));
+        assert_eq!(lp0, lp1, "{name}: the log-probs themselves are unchanged");
+        let (g0, g1) = (flat_grads(&g0), flat_grads(&g1));
+        let scale = g0.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0);
+        let worst = g0
+            .iter()
+            .zip(&g1)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            worst <= 1e-5 * scale,
+            "{name}: worst {worst} of scale {scale}"
+        );
+    }
+}

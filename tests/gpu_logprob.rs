@@ -421,6 +421,39 @@ fn run_problem(g: &Gpu, p: &Problem) {
             want_dh,
         );
     }
+    // The training forward's variant: logp, lse, and per row ∂logp_i/∂hidden_i; then
+    // d_hidden = dlogp_i · that row (scale_rows) against the CPU backward.
+    let dlogp_host = g.download(&d.dlogp).unwrap();
+    for chunk in [16, default_chunk] {
+        let mut logp = g.alloc::<f32>(p.rows).unwrap();
+        let mut lse = g.alloc::<f32>(p.rows).unwrap();
+        let mut grad = g.alloc::<bf16>(p.rows * p.h).unwrap();
+        lp::target_logprobs_and_grad(
+            g, &d.hidden, p.rows, &d.head, p.vocab, p.h, &d.targets, &mut logp, &mut lse,
+            &mut grad, chunk,
+        )
+        .unwrap();
+        let case = format!("and_grad {tag} chunk={chunk}");
+        check(
+            &format!("{case} logp"),
+            &g.download(&logp).unwrap(),
+            &want,
+            2e-2,
+            0.0,
+        );
+        let mut dh = g.alloc::<bf16>(p.rows * p.h).unwrap();
+        lp::scale_rows(g, &grad, &d.dlogp, p.rows, p.h, &mut dh).unwrap();
+        let got = to_f32(&g.download(&dh).unwrap());
+        check_grad(&format!("{case} d_hidden"), &got, want_dh);
+        // scale_rows alone: exactly bf16(dlogp_i · grad_i).
+        let grad_h = to_f32(&g.download(&grad).unwrap());
+        let want_scaled: Vec<f32> = grad_h
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| bf16::from_f32(dlogp_host[i / p.h] * v).to_f32())
+            .collect();
+        check(&format!("{case} scale_rows"), &got, &want_scaled, 0.0, 0.0);
+    }
 }
 
 // ---------------------------------------------------------------- kernels

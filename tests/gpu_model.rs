@@ -158,6 +158,17 @@ fn device_gradients_match_cpu_and_recompute_plans_agree() {
                 "{name} {plan:?}: recompute changed the gradients ({e})"
             );
         }
+        // The lm_head gradient taken in the forward: same bound against the CPU.
+        dev.recompute = Recompute::None;
+        dev.lm_grad_in_forward = true;
+        let g = grads(&dev, &dev_adapter, &b);
+        dev.lm_grad_in_forward = false;
+        let e = rms(&want, &g);
+        println!("PARITY grads {name} lm_grad_in_forward: rel_rms_err={e:.3e} (bound 5e-2)");
+        assert!(
+            e < 5e-2,
+            "{name}: lm_grad_in_forward gradients (rel rms {e})"
+        );
     }
 }
 

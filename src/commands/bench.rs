@@ -219,6 +219,7 @@ fn random_model(cfg: ModelConfig, qlora: bool, cuda: bool) -> Result<Model> {
         layers,
         cfg,
         recompute: Recompute::None,
+        lm_grad_in_forward: crate::model::llama::lm_grad_in_forward_default(),
     })
 }
 

@@ -44,6 +44,16 @@ pub struct Model {
     pub lm_head: LinearWeight,
     /// What a saving forward keeps for backward (`--recompute`).
     pub recompute: Recompute,
+    /// A saving forward also computes each target row's log-prob gradient with respect
+    /// to its hidden state, so the backward needs no second pass through the lm_head
+    /// (`PALIGN_LOGPROB_GRAD=forward`; see `ops::target_logprobs_and_grad`).
+    pub lm_grad_in_forward: bool,
+}
+
+/// The default of `Model::lm_grad_in_forward`: `PALIGN_LOGPROB_GRAD=forward` turns it on
+/// (off by default until a GPU run has measured it against the chunked backward).
+pub fn lm_grad_in_forward_default() -> bool {
+    std::env::var("PALIGN_LOGPROB_GRAD").is_ok_and(|v| v == "forward")
 }
 
 /// One sequence to score: all its ids and how many of them are prompt.
@@ -160,6 +170,7 @@ impl Model {
             norm,
             lm_head,
             recompute: Recompute::None,
+            lm_grad_in_forward: lm_grad_in_forward_default(),
         })
     }
 
@@ -316,7 +327,13 @@ impl Model {
         }
         let (hn, rstd_final) = ops::rmsnorm(&x, &self.norm, c.rms_norm_eps)?;
         let hidden_rows = ops::gather_rows(&hn, rows)?;
-        let (lp, lm_lse) = ops::target_logprobs(&hidden_rows, &self.lm_head, targets)?;
+        let (lp, lm) = if save && self.lm_grad_in_forward {
+            let (lp, grad) = ops::target_logprobs_and_grad(&hidden_rows, &self.lm_head, targets)?;
+            (lp, LmSaved::Grad(grad))
+        } else {
+            let (lp, lse) = ops::target_logprobs(&hidden_rows, &self.lm_head, targets)?;
+            (lp, LmSaved::Hidden { hidden_rows, lse })
+        };
         let trace = save.then(|| Trace {
             pack: pack.clone(),
             rope,
@@ -324,8 +341,7 @@ impl Model {
             dropout: drop_cfg,
             x_final: x,
             rstd_final,
-            hidden_rows,
-            lm_lse,
+            lm,
             rows: rows.to_vec(),
             targets: targets.to_vec(),
         });
@@ -402,8 +418,8 @@ impl Model {
             }
         }
         let mut dx = ops::linear_backward(dy, w)?;
-        let dyb = ops::matmul(dy, &pair.b)?; // dY·B, [m, r]
-                                             // The mask is recomputed from its stream, not stored.
+        // dY·B, [m, r]; the mask is recomputed from its stream, not stored.
+        let dyb = ops::matmul(dy, &pair.b)?;
         let head = [ops::LoraHead {
             a: &pair.a,
             mask: saved.mask,
@@ -679,13 +695,16 @@ impl Model {
         dlogp: &[f32],
         grads: &mut Adapter,
     ) -> Result<()> {
-        let d_rows = ops::target_logprobs_backward(
-            &trace.hidden_rows,
-            &self.lm_head,
-            &trace.targets,
-            &trace.lm_lse,
-            dlogp,
-        )?;
+        let d_rows = match &trace.lm {
+            LmSaved::Hidden { hidden_rows, lse } => ops::target_logprobs_backward(
+                hidden_rows,
+                &self.lm_head,
+                &trace.targets,
+                lse,
+                dlogp,
+            )?,
+            LmSaved::Grad(grad) => ops::scale_rows(grad, dlogp)?,
+        };
         let mut d_hidden = ops::zeros_like(&trace.x_final)?;
         ops::scatter_add_rows(&mut d_hidden, &trace.rows, &d_rows)?;
         let mut dx =
@@ -911,11 +930,18 @@ pub struct Trace {
     dropout: Option<(f32, u64, u64)>,
     x_final: Tensor,
     rstd_final: Tensor,
-    hidden_rows: Tensor,
-    /// The lm_head log-sum-exp per target row (device only; empty on the CPU).
-    lm_lse: Tensor,
+    lm: LmSaved,
     rows: Vec<usize>,
     targets: Vec<u32>,
+}
+
+/// What the forward keeps for the lm_head log-prob backward.
+enum LmSaved {
+    /// The target rows' final hidden states and their log-sum-exp (device only; empty
+    /// on the CPU): the backward recomputes the logits.
+    Hidden { hidden_rows: Tensor, lse: Tensor },
+    /// `∂logp_i/∂hidden_i` per target row (`Model::lm_grad_in_forward`).
+    Grad(Tensor),
 }
 
 /// One projection of a group that shares its input, for `Model::proj_group`.

@@ -40,6 +40,7 @@ unsafe impl DeviceRepr for LogsoftmaxBackwardParams {}
 unsafe impl DeviceRepr for LogprobFusedParams {}
 unsafe impl DeviceRepr for SeqLogpSumParams {}
 unsafe impl DeviceRepr for DpoLossParams {}
+unsafe impl DeviceRepr for ScaleRowsParams {}
 
 /// Which kernels compute the log-probs (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -263,6 +264,126 @@ pub fn target_logprobs_backward_with(
     backward_chunked(
         gpu, hidden, d, head, targets, saved, dlogp, d_hidden, chunk_rows,
     )
+}
+
+/// The training forward's variant of [`target_logprobs`]: also writes, per row, the
+/// gradient of its own log-prob, `grad_i = ∂logp_i/∂hidden_i = (onehot(t_i) − softmax_i)
+/// · head` (bf16 `[rows, hidden_size]`). The backward then is `d_hidden_i = dlogp_i ·
+/// grad_i` ([`scale_rows`]): two logits-sized GEMMs per training step instead of three
+/// (the chunked backward recomputes the logits), for `[rows, H]` saved in place of the
+/// hidden rows. Chunked; per chunk: logits GEMM, gather, the backward kernel with g = 1
+/// and the fresh lse, the product with the head.
+#[allow(clippy::too_many_arguments)]
+pub fn target_logprobs_and_grad(
+    gpu: &Gpu,
+    hidden: &DeviceBuffer<bf16>,
+    rows: usize,
+    head: &DeviceBuffer<bf16>,
+    vocab: usize,
+    hidden_size: usize,
+    targets: &DeviceBuffer<u32>,
+    logp: &mut DeviceBuffer<f32>,
+    lse: &mut DeviceBuffer<f32>,
+    grad: &mut DeviceBuffer<bf16>,
+    chunk_rows: usize,
+) -> Result<()> {
+    let d = dims(hidden, rows, head, vocab, hidden_size, targets)?;
+    need(logp, rows, "logp")?;
+    need(lse, rows, "lse")?;
+    need(grad, rows * hidden_size, "logprob grad")?;
+    if chunk_rows == 0 {
+        return Err(bad("logprob: chunk_rows must be at least 1"));
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let c = chunk_rows.min(d.rows);
+    let mut logits = gpu.alloc::<bf16>(c * d.vocab)?;
+    let ones = gpu.upload(&vec![1.0f32; c])?;
+    // As in the backward: the staging buffer holds the chunk's hidden rows for the
+    // logits GEMM, then its grad rows from the second GEMM.
+    let mut stage = if d.rows > c {
+        Some(gpu.alloc::<bf16>(c * d.h)?)
+    } else {
+        None
+    };
+    let back = |n: usize| Gemm {
+        m: n,
+        n: d.h,
+        k: d.vocab,
+        trans_a: false,
+        trans_b: false,
+        alpha: 1.0,
+        beta: 0.0,
+    };
+    for r0 in (0..d.rows).step_by(c) {
+        let n = c.min(d.rows - r0);
+        let x = chunk_input(gpu, hidden, &mut stage, r0, n, d.h)?;
+        gemm_bf16(gpu, Gemm::linear(n, d.vocab, d.h), x, head, &mut logits)?;
+        let p = LogsoftmaxGatherParams {
+            logp: logp.ptr_at(r0),
+            lse: lse.ptr_at(r0),
+            logits: logits.ptr(),
+            x: hidden.ptr_at(r0 * d.h),
+            head: head.ptr(),
+            targets: targets.ptr_at(r0),
+            rows: n as i32,
+            vocab: d.vocab as i32,
+            hidden: d.h as i32,
+            _pad: 0,
+        };
+        gpu.launch("logsoftmax_gather_bf16", n as u32, ROW_THREADS, &p)?;
+        let p = LogsoftmaxBackwardParams {
+            logits: logits.ptr(),
+            targets: targets.ptr_at(r0),
+            dlogp: ones.ptr(),
+            lse: lse.ptr_at(r0),
+            rows: n as i32,
+            vocab: d.vocab as i32,
+        };
+        gpu.launch("logsoftmax_backward_bf16", n as u32, ROW_THREADS, &p)?;
+        match (r0, stage.as_mut()) {
+            (0, _) => gemm_bf16(gpu, back(n), &logits, head, grad)?,
+            (_, Some(s)) => {
+                gemm_bf16(gpu, back(n), &logits, head, s)?;
+                copy_d2d(gpu, grad.ptr_at(r0 * d.h), s.ptr(), n * d.h * 2)?;
+            }
+            (_, None) => {
+                return Err(Error::Cuda(
+                    "logprob: internal error, no staging buffer".into(),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `out[r, :] = bf16(scale[r] · x[r, :])` for `x`, `out` `[rows, cols]`.
+pub fn scale_rows(
+    gpu: &Gpu,
+    x: &DeviceBuffer<bf16>,
+    scale: &DeviceBuffer<f32>,
+    rows: usize,
+    cols: usize,
+    out: &mut DeviceBuffer<bf16>,
+) -> Result<()> {
+    let n = rows
+        .checked_mul(cols)
+        .ok_or_else(|| bad("scale_rows: size overflows"))?;
+    need(x, n, "scale_rows input")?;
+    need(out, n, "scale_rows output")?;
+    need(scale, rows, "scale_rows scales")?;
+    if n == 0 {
+        return Ok(());
+    }
+    let p = ScaleRowsParams {
+        out: out.ptr(),
+        x: x.ptr(),
+        scale: scale.ptr(),
+        rows: to_i32(rows, "rows")?,
+        cols: to_i32(cols, "cols")?,
+    };
+    gpu.launch("scale_rows_bf16", rows.min(65535) as u32, ROW_THREADS, &p)
 }
 
 /// `bytes` from device address `src` to `dst` on the stream (callers check the ranges).

@@ -898,6 +898,29 @@ const _: () = {
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct ScaleRowsParams {
+    pub out: bf16_ptr,
+    pub x: cbf16_ptr,
+    pub scale: cf32_ptr,
+    pub rows: i32,
+    pub cols: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ScaleRowsParams"][::std::mem::size_of::<ScaleRowsParams>() - 32usize];
+    ["Alignment of ScaleRowsParams"][::std::mem::align_of::<ScaleRowsParams>() - 8usize];
+    ["Offset of field: ScaleRowsParams::out"]
+        [::std::mem::offset_of!(ScaleRowsParams, out) - 0usize];
+    ["Offset of field: ScaleRowsParams::x"][::std::mem::offset_of!(ScaleRowsParams, x) - 8usize];
+    ["Offset of field: ScaleRowsParams::scale"]
+        [::std::mem::offset_of!(ScaleRowsParams, scale) - 16usize];
+    ["Offset of field: ScaleRowsParams::rows"]
+        [::std::mem::offset_of!(ScaleRowsParams, rows) - 24usize];
+    ["Offset of field: ScaleRowsParams::cols"]
+        [::std::mem::offset_of!(ScaleRowsParams, cols) - 28usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
 pub struct LogprobFusedParams {
     pub logp: f32_ptr,
     pub lse: f32_ptr,

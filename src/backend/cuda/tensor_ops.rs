@@ -640,6 +640,53 @@ pub fn target_logprobs_backward(
     Ok(dh)
 }
 
+pub fn target_logprobs_and_grad(
+    hidden: &Tensor,
+    head: &LinearWeight,
+    targets: &[u32],
+) -> Result<(Vec<f32>, Tensor)> {
+    let g = gpu()?;
+    let (rows, h, v) = (hidden.rows(), hidden.cols(), head.out_features());
+    check_targets(targets, v)?;
+    let t = g.upload(targets)?;
+    let mut logp = g.alloc::<f32>(rows)?;
+    let mut lse = g.alloc::<f32>(rows)?;
+    let mut grad = new_bf16(&g, &[rows, h])?;
+    profile::scope(&g, LOGPROB, || {
+        logprob::target_logprobs_and_grad(
+            &g,
+            hidden.bf16_buf()?,
+            rows,
+            dense_bf16(head)?,
+            v,
+            h,
+            &t,
+            &mut logp,
+            &mut lse,
+            grad.bf16_buf_mut()?,
+            logprob::default_chunk_rows(v),
+        )
+    })?;
+    Ok((g.download(&logp)?, grad))
+}
+
+pub fn scale_rows(x: &Tensor, scale: &[f32]) -> Result<Tensor> {
+    let g = gpu()?;
+    let s = g.upload(scale)?;
+    let mut out = new_bf16(&g, &x.shape)?;
+    profile::scope(&g, LOGPROB, || {
+        logprob::scale_rows(
+            &g,
+            x.bf16_buf()?,
+            &s,
+            x.rows(),
+            x.cols(),
+            out.bf16_buf_mut()?,
+        )
+    })?;
+    Ok(out)
+}
+
 /// Whether the fused NF4 LoRA kernels are used: only with `PALIGN_FUSED_LORA=1`. On an
 /// H200 (benches/RESULTS.md, 2026-11-27) the fused kernel is within 1.05× of its own
 /// NF4 GEMM, but that mma.sync GEMM runs at ~250 TFLOP/s while the dispatcher's
