@@ -566,6 +566,22 @@ pub fn rmsnorm_backward(dy: &Tensor, x: &Tensor, weight: &Tensor, rstd: &Tensor)
     Ok(Tensor::from_vec(dx, &x.shape))
 }
 
+/// `dx += rmsnorm_backward(dy, x, weight, rstd)`: a residual stream's gradient (held in
+/// `dx`) plus the gradient through the norm on its branch.
+pub fn rmsnorm_backward_acc_(
+    dx: &mut Tensor,
+    dy: &Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    rstd: &Tensor,
+) -> Result<()> {
+    if dy.is_cuda() {
+        return dev::rmsnorm_backward_acc_(dx, dy, x, weight, rstd);
+    }
+    let d = rmsnorm_backward(dy, x, weight, rstd)?;
+    add_(dx, &d)
+}
+
 /// Attention backward: (dQ, dK, dV) from the forward's inputs, output and lse.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(

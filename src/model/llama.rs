@@ -621,7 +621,7 @@ impl Model {
         l: &Layer,
         lora: Option<(&[Option<LoraPair>; 7], f32)>,
         t: &LayerTrace,
-        dout: &Tensor,
+        dout: Tensor,
         pack: &Packing,
         rope: &Rope,
         grads: &mut [Option<LoraPair>; 7],
@@ -641,7 +641,7 @@ impl Model {
         };
         // MLP: out = h1 + down(swiglu(gate(n2), up(n2))), n2 = rmsnorm(h1)
         let d_act = Self::proj_backward(
-            dout,
+            &dout,
             &t.act,
             &l.down,
             pair(6),
@@ -656,9 +656,11 @@ impl Model {
                 ProjGrad::new(&du, &l.up, pair(5), t.lora[5].as_ref(), g5.as_mut()),
             ],
         )?;
-        let mut dh1 = ops::rmsnorm_backward(&dn2, &t.h1, &l.post_norm, &t.rstd2)?;
+        // The residual stream's gradient plus the norm branch's, summed by the norm's
+        // backward itself (no separate add pass).
+        let mut dh1 = dout;
+        ops::rmsnorm_backward_acc_(&mut dh1, &dn2, &t.h1, &l.post_norm, &t.rstd2)?;
         drop(dn2);
-        ops::add_(&mut dh1, dout)?;
         // Attention: h1 = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))), n1 = rmsnorm(x)
         let da = Self::proj_backward(&dh1, &at.a, &l.o, pair(3), t.lora[3].as_ref(), g3.as_mut())?;
         let (mut dq, mut dk, dv) = ops::attention_backward(
@@ -680,8 +682,8 @@ impl Model {
                 ProjGrad::new(&dv, &l.v, pair(2), t.lora[2].as_ref(), g2.as_mut()),
             ],
         )?;
-        let mut dx = ops::rmsnorm_backward(&dn1, &t.x, &l.input_norm, &at.rstd1)?;
-        ops::add_(&mut dx, &dh1)?;
+        let mut dx = dh1;
+        ops::rmsnorm_backward_acc_(&mut dx, &dn1, &t.x, &l.input_norm, &at.rstd1)?;
         Ok(dx)
     }
 
@@ -739,7 +741,7 @@ impl Model {
                 layer,
                 lora,
                 t,
-                &dx,
+                dx,
                 &trace.pack,
                 &trace.rope,
                 &mut grads.layers[li],

@@ -271,6 +271,29 @@ pub fn rmsnorm_backward(dy: &Tensor, x: &Tensor, weight: &Tensor, rstd: &Tensor)
     Ok(dx)
 }
 
+/// `dx += rmsnorm_backward(dy, ...)`: the kernel's accumulate mode (f32 sum, one
+/// rounding), which sums the residual stream's gradient without an add pass.
+pub fn rmsnorm_backward_acc_(
+    dx: &mut Tensor,
+    dy: &Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    rstd: &Tensor,
+) -> Result<()> {
+    let g = gpu()?;
+    profile::scope(&g, NORM, || {
+        k::rmsnorm_backward(
+            &g,
+            dy.bf16_buf()?,
+            x.bf16_buf()?,
+            weight.bf16_buf()?,
+            rstd.f32_buf()?,
+            dx.bf16_buf_mut()?,
+            true,
+        )
+    })
+}
+
 /// RoPE's device copies, kept in `ops::Rope`: the tables (for the whole run of a
 /// generator) and the current positions (replaced each decode step).
 #[derive(Default)]
