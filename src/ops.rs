@@ -87,6 +87,25 @@ pub fn linear_backward(dy: &Tensor, w: &LinearWeight) -> Result<Tensor> {
     Ok(Tensor::from_vec(out, &[m, k]))
 }
 
+/// `dx += dY · W`: the input gradient of one more projection of a shared input (k, v
+/// after q; up after gate) summed in the GEMM itself, with no separate add pass.
+pub fn linear_backward_acc_(dx: &mut Tensor, dy: &Tensor, w: &LinearWeight) -> Result<()> {
+    if dy.is_cuda() {
+        return dev::linear_backward_acc_(dx, dy, w);
+    }
+    let (m, n, k) = (dy.rows(), w.out_features(), w.in_features());
+    w.with_f32(|wt| {
+        cpu::gemm(
+            MatRef::new(dy.cpu(), m, n),
+            MatRef::new(wt, n, k),
+            dx.cpu_mut(),
+            1.0,
+            1.0,
+        )
+    });
+    Ok(())
+}
+
 /// `x · aᵀ` for two plain tensors (`[m, k]`, `[n, k]`); the LoRA products.
 pub fn matmul_t(x: &Tensor, a: &Tensor) -> Result<Tensor> {
     if x.is_cuda() {

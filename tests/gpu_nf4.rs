@@ -478,6 +478,19 @@ fn gemm_cases(op: Nf4Op) {
             BF16_W_ATOL * rms(&want),
             1e-2,
         );
+        // beta = 1 accumulates onto what the output holds (summed input gradients).
+        let mut acc = ok(g.upload(&base.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>()));
+        ok(nf4::gemm_dequant_cublas_beta(
+            &g, op, &x, m, &w, &mut acc, 1.0,
+        ));
+        let want2: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
+        check(
+            &format!("dequant_cublas beta=1 {name} m={m} n={n} k={k} dq={dq}"),
+            &download_bf16(&g, &acc),
+            &want2,
+            2.0 * BF16_W_ATOL * rms(&want),
+            1e-2,
+        );
         let fused32 = run_out(&g, m * outc, true, |o| {
             nf4::gemm_fused(&g, op, &x, m, &w, o)
         });

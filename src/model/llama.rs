@@ -480,24 +480,26 @@ impl Model {
     /// accumulated into its gradient. The adapters' shares of dX and dA take one pass
     /// over dX and one over x for the whole group on the device.
     fn proj_group_backward(x: &Tensor, projs: Vec<ProjGrad>) -> Result<Tensor> {
-        let mut dx: Option<Tensor> = None;
-        let mut add = |d: Tensor| -> Result<()> {
-            match dx.as_mut() {
-                None => dx = Some(d),
-                Some(acc) => ops::add_(acc, &d)?,
-            }
-            Ok(())
-        };
         if ops::lora_fused_wanted(x) {
+            // The fused NF4 kernels take one adapter at a time.
+            let mut dx: Option<Tensor> = None;
             for p in projs {
-                add(Self::proj_backward(p.dy, x, p.w, p.lora, p.saved, p.grad)?)?;
+                let d = Self::proj_backward(p.dy, x, p.w, p.lora, p.saved, p.grad)?;
+                match dx.as_mut() {
+                    None => dx = Some(d),
+                    Some(acc) => ops::add_(acc, &d)?,
+                }
             }
             return dx.ok_or_else(|| bad("internal: empty projection group"));
         }
-        for p in &projs {
-            add(ops::linear_backward(p.dy, p.w)?)?;
+        // The base products: the first makes dX, the others accumulate in their GEMMs.
+        let (first, rest) = projs
+            .split_first()
+            .ok_or_else(|| bad("internal: empty projection group"))?;
+        let mut dx = ops::linear_backward(first.dy, first.w)?;
+        for p in rest {
+            ops::linear_backward_acc_(&mut dx, p.dy, p.w)?;
         }
-        let mut dx = dx.ok_or_else(|| bad("internal: empty projection group"))?;
         let (mut heads, mut dybs, mut grads_a, mut scale) = (vec![], vec![], vec![], None);
         for p in projs {
             let (Some((pair, s)), Some(saved), Some(grad)) = (p.lora, p.saved, p.grad) else {

@@ -514,6 +514,20 @@ pub fn gemm_dequant_cublas(
     w: &Nf4Weight,
     out: &mut DeviceBuffer<bf16>,
 ) -> Result<()> {
+    gemm_dequant_cublas_beta(gpu, op, a, m, w, out, 0.0)
+}
+
+/// [`gemm_dequant_cublas`] with cuBLAS's `beta`: `out = A·op(W) + beta·out` (beta = 1
+/// accumulates: summed input gradients of projections that share an input).
+pub fn gemm_dequant_cublas_beta(
+    gpu: &Gpu,
+    op: Nf4Op,
+    a: &DeviceBuffer<bf16>,
+    m: usize,
+    w: &Nf4Weight,
+    out: &mut DeviceBuffer<bf16>,
+    beta: f32,
+) -> Result<()> {
     check_dims(w.shape)?;
     check_io(op, m, w.shape, a.len(), out.len())?;
     if m == 0 {
@@ -523,7 +537,10 @@ pub fn gemm_dequant_cublas(
     let mut dense = gpu.alloc::<bf16>(n * k)?;
     dequantize(gpu, w, Out::Bf16(&mut dense))?;
     let g = match op {
-        Nf4Op::Forward => Gemm::linear(m, n, k),
+        Nf4Op::Forward => Gemm {
+            beta,
+            ..Gemm::linear(m, n, k)
+        },
         Nf4Op::Backward => Gemm {
             m,
             n: k,
@@ -531,7 +548,7 @@ pub fn gemm_dequant_cublas(
             trans_a: false,
             trans_b: false,
             alpha: 1.0,
-            beta: 0.0,
+            beta,
         },
     };
     blas::gemm_bf16(gpu, g, a, &dense, out)

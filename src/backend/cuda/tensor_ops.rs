@@ -146,6 +146,45 @@ pub fn linear_backward(dy: &Tensor, w: &LinearWeight) -> Result<Tensor> {
     Ok(dx)
 }
 
+/// `dx += dY·W`. Dense: cuBLAS with beta = 1. NF4: the dequant + cuBLAS path with
+/// beta = 1 for training-sized products (the dispatcher's pick there on Hopper; the
+/// fused kernels write without reading); decode-sized ones take a temporary and an add.
+pub fn linear_backward_acc_(dx: &mut Tensor, dy: &Tensor, w: &LinearWeight) -> Result<()> {
+    let g = gpu()?;
+    let (m, n, kk) = (dy.rows(), w.out_features(), w.in_features());
+    match w {
+        LinearWeight::Nf4Cuda(q) if m > super::nf4::GEMV_MAX_M => profile::scope(&g, NF4, || {
+            super::nf4::gemm_dequant_cublas_beta(
+                &g,
+                Nf4Op::Backward,
+                dy.bf16_buf()?,
+                m,
+                q,
+                dx.bf16_buf_mut()?,
+                1.0,
+            )
+        }),
+        LinearWeight::Nf4Cuda(_) => {
+            let t = linear_backward(dy, w)?;
+            axpy_(dx, 1.0, &t)
+        }
+        _ => {
+            let gm = Gemm {
+                m,
+                n: kk,
+                k: n,
+                trans_a: false,
+                trans_b: false,
+                alpha: 1.0,
+                beta: 1.0,
+            };
+            profile::scope(&g, GEMM, || {
+                blas::gemm_bf16(&g, gm, dy.bf16_buf()?, dense_bf16(w)?, dx.bf16_buf_mut()?)
+            })
+        }
+    }
+}
+
 /// `x · aᵀ` (`trans_b`) or `x · a`, both bf16.
 fn gemm_shape(x: &Tensor, a: &Tensor, trans_b: bool, alpha: f32, beta: f32) -> Gemm {
     let (m, kk) = (x.rows(), x.cols());
