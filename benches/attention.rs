@@ -11,6 +11,13 @@
 //! The summary prints one `BENCH attention <pass> s=<seq> ...  TFLOP/s` line per case;
 //! tools/bench_torch_sdpa.py prints the same table for PyTorch's SDPA flash backend.
 //! Without a CUDA device it prints a skip line and exits 0.
+//!
+//! Then every kernel variant (attention::FWD_VARIANTS, BWD_VARIANTS) at the same shapes,
+//! each timed next to the default in the same run: `BENCH attention_variant fwd <name>
+//! ...` (forward alone, ratio to the default forward) and `BENCH attention_variant fwd+bwd
+//! <name>` (the default forward plus that backward, ratio to the default pair), then
+//! `fwd+bwd best=<fwd>+<bwd>`: the fastest of each together. The `attention_variant` lines
+//! do not match tools/bench_torch_sdpa.py's pattern, so its RATIO lines stay the defaults'.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -19,13 +26,24 @@ use common::{bench_gpu, filled_bf16, gpu_ms, ok, Launch};
 use criterion::Throughput;
 use half::bf16;
 use palign::backend::cpu::ops::AttnShape;
-use palign::backend::cuda::attention::{self as attn, AttnGradInputs, AttnGrads, SeqLayout};
+use palign::backend::cuda::attention::{
+    self as attn, AttnGradInputs, AttnGrads, BwdConfig, BwdVariant, FwdVariant, SeqLayout,
+    BWD_VARIANTS, FWD_VARIANTS,
+};
+use palign::backend::cuda::{DeviceBuffer, Gpu};
 
 const TOKENS: usize = 16384;
 const N_Q: usize = 32;
 const N_KV: usize = 8;
 const HEAD_DIM: usize = 128;
 const SEQS: &[usize] = &[512, 1024, 2048, 4096];
+
+/// (sequence length, window) of the cases: causal at every length, then one windowed.
+fn configs() -> Vec<(usize, Option<usize>)> {
+    let mut c: Vec<(usize, Option<usize>)> = SEQS.iter().map(|&s| (s, None)).collect();
+    c.push((4096, Some(1024)));
+    c
+}
 
 /// Visible (query, key) pairs of one causal sequence of `s` tokens with window `w`.
 fn visible_pairs(s: usize, w: Option<usize>) -> f64 {
@@ -62,8 +80,7 @@ fn main() {
         ok(g.zeros::<bf16>(nkv)),
     ));
 
-    let mut configs: Vec<(usize, Option<usize>)> = SEQS.iter().map(|&s| (s, None)).collect();
-    configs.push((4096, Some(1024)));
+    let configs = configs();
     let mut cases: Vec<Case> = Vec::new();
     for &(s, window) in &configs {
         let batch = TOKENS / s;
@@ -138,5 +155,164 @@ fn main() {
             "BENCH attention {name:<18} {ms:>9.3} ms  {:>7.1} TFLOP/s",
             flops / (ms / 1e3) / 1e12
         );
+    }
+    let mut outs = outs.into_inner();
+    variants(
+        g,
+        Inputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            d_o: &d_o,
+        },
+        &mut outs,
+    );
+}
+
+struct Inputs<'a> {
+    q: &'a DeviceBuffer<bf16>,
+    k: &'a DeviceBuffer<bf16>,
+    v: &'a DeviceBuffer<bf16>,
+    d_o: &'a DeviceBuffer<bf16>,
+}
+
+type Outs = (
+    DeviceBuffer<bf16>,
+    DeviceBuffer<f32>,
+    DeviceBuffer<bf16>,
+    DeviceBuffer<bf16>,
+    DeviceBuffer<bf16>,
+);
+
+/// One forward (and with `bwd`, backward) pass with the given kernels.
+fn pass(
+    g: &Gpu,
+    x: &Inputs,
+    outs: &mut Outs,
+    layout: &SeqLayout,
+    shape: AttnShape,
+    fwd: &'static FwdVariant,
+    bwd: Option<&'static BwdConfig>,
+) -> palign::Result<()> {
+    let (out, l, dq, dk, dv) = outs;
+    attn::attention_forward_with(g, x.q, x.k, x.v, layout, shape, out, l, fwd)?;
+    if let Some(b) = bwd {
+        let grads = AttnGradInputs {
+            q: x.q,
+            k: x.k,
+            v: x.v,
+            o: out,
+            d_o: x.d_o,
+            lse: l,
+        };
+        attn::attention_backward_with(
+            g,
+            grads,
+            layout,
+            shape,
+            AttnGrads { dq, dk, dv },
+            BwdVariant::Named(b),
+        )?;
+    }
+    Ok(())
+}
+
+/// GPU ms per pass (as `gpu_ms`), or the launch error (a variant this GPU cannot run).
+fn time_pass(
+    g: &Gpu,
+    x: &Inputs,
+    outs: &mut Outs,
+    layout: &SeqLayout,
+    shape: AttnShape,
+    fwd: &'static FwdVariant,
+    bwd: Option<&'static BwdConfig>,
+) -> Result<f64, String> {
+    pass(g, x, outs, layout, shape, fwd, bwd).map_err(|e| e.to_string())?;
+    let mut run: Launch = Box::new(|| ok(pass(g, x, outs, layout, shape, fwd, bwd)));
+    Ok(gpu_ms(g, &mut run, 7, 5))
+}
+
+/// Every forward and backward variant next to the default, per shape.
+fn variants(g: &Gpu, x: Inputs, outs: &mut Outs) {
+    println!(
+        "variants on {} (ratios against the default in the same run):",
+        g.name()
+    );
+    let line = |which: &str, name: &str, tag: &str, flops: f64, ms: f64, base: f64, vs: &str| {
+        println!(
+            "BENCH attention_variant {which:<7} {name:<20} {tag:<12} {ms:>9.3} ms  {:>7.1} TFLOP/s  {:.2}x {vs}",
+            flops / (ms / 1e3) / 1e12,
+            base / ms
+        )
+    };
+    for (s, window) in configs() {
+        let batch = TOKENS / s;
+        let offsets: Vec<usize> = (0..=batch).map(|b| b * s).collect();
+        let layout = ok(SeqLayout::packed(g, &offsets));
+        let shape = AttnShape {
+            n_heads: N_Q,
+            n_kv_heads: N_KV,
+            head_dim: HEAD_DIM,
+            window,
+        };
+        let flops = batch as f64 * visible_pairs(s, window) * 4.0 * (HEAD_DIM * N_Q) as f64;
+        let tag = window.map_or(format!("s={s}"), |w| format!("s={s} W={w}"));
+        let (f0, b0) = (&FWD_VARIANTS[0], &BWD_VARIANTS[0]);
+
+        // Forward alone.
+        let Ok(base) = time_pass(g, &x, outs, &layout, shape, f0, None) else {
+            println!("BENCH attention_variant fwd {tag}: the default forward failed");
+            continue;
+        };
+        let mut best_fwd = (f0, base);
+        for v in &FWD_VARIANTS {
+            match time_pass(g, &x, outs, &layout, shape, v, None) {
+                Ok(ms) => {
+                    line("fwd", v.name, &tag, flops, ms, base, f0.name);
+                    if ms < best_fwd.1 {
+                        best_fwd = (v, ms);
+                    }
+                }
+                Err(e) => println!(
+                    "BENCH attention_variant fwd {} {tag}: skipped ({e})",
+                    v.name
+                ),
+            }
+        }
+        // Forward (the default) + backward.
+        let Ok(base) = time_pass(g, &x, outs, &layout, shape, f0, Some(b0)) else {
+            println!("BENCH attention_variant fwd+bwd {tag}: the default backward failed");
+            continue;
+        };
+        let mut best_bwd = (b0, base);
+        for v in &BWD_VARIANTS {
+            if v.kernel(HEAD_DIM).is_none() {
+                continue;
+            }
+            match time_pass(g, &x, outs, &layout, shape, f0, Some(v)) {
+                Ok(ms) => {
+                    line("fwd+bwd", v.name, &tag, 3.5 * flops, ms, base, b0.name);
+                    if ms < best_bwd.1 {
+                        best_bwd = (v, ms);
+                    }
+                }
+                Err(e) => {
+                    println!(
+                        "BENCH attention_variant fwd+bwd {} {tag}: skipped ({e})",
+                        v.name
+                    )
+                }
+            }
+        }
+        // The fastest of each together, against the default pair timed again now.
+        let (bf, bb) = (best_fwd.0, best_bwd.0);
+        if let (Ok(base), Ok(ms)) = (
+            time_pass(g, &x, outs, &layout, shape, f0, Some(b0)),
+            time_pass(g, &x, outs, &layout, shape, bf, Some(bb)),
+        ) {
+            let name = format!("best={}+{}", bf.name, bb.name);
+            let vs = format!("{}+{}", f0.name, b0.name);
+            line("fwd+bwd", &name, &tag, 3.5 * flops, ms, base, &vs);
+        }
     }
 }

@@ -14,7 +14,9 @@
 // Facts used (no code copied): PTX ISA 8.x fragment layouts of mma.m16n8k16 (.bf16, f32
 // accumulate) and ldmatrix .m8n8 (.trans); the FA2 paper (Dao 2023) for the tiling,
 // the base-2 online softmax, dQ accumulated in f32 with atomics and the D = rowsum(dO∘O)
-// pre-pass; FA2's rule that KV tiles outside the window are skipped.
+// pre-pass; FA2's rule that KV tiles outside the window are skipped; FA2's d = 128
+// forward tile (128 query rows per 4-warp block, 64 keys, Q re-read from shared memory);
+// PTX ISA 8.1 red.global.add.v2.f32 (sm_90).
 //
 // Layout: token rows of q/o are [rows, H, d], k/v [rows, Hkv, d], lse/delta [rows, H].
 // Sequence s occupies rows seq_start[s] .. seq_start[s] + seq_len[s] (packed batches:
@@ -23,9 +25,13 @@
 //
 // Kernels (extern "C"):
 //   attention_fwd_bf16_d{64,128}       O, lse. Grid (H·n_seqs, q tiles), 128 threads.
+//   attention_fwd_<v>_bf16_d{64,128}   the same, tile variant v (w4m2n64s1, w4m2n64s2,
+//                                      w8m1n64s2: see "forward"), 128 or 256 threads.
 //   attention_bwd_prep_bf16            delta = rowsum(dO∘O); zeroes the f32 dQ accumulator.
 //   attention_bwd_bf16_d{64,128}       dK, dV (stored), dQ (f32 atomics). Grid (Hkv·n_seqs,
 //   attention_bwd_small_bf16_d128      KV tiles). "small": for GPUs with < 145 KB of smem.
+//   attention_bwd_<v>_bf16_d{64,128}   the same, variant v (w8q64s2a, w4q64s2a: see
+//                                      "backward").
 //   attention_bwd_dq_bf16              dQ = bf16(scale · accumulator).
 //   attention_decode_bf16_d{64,128}    one query per sequence against a KV cache, split-K.
 //   attention_decode_combine_bf16      merges the split-K partial results.
@@ -38,11 +44,9 @@ namespace attention {
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
-// Tile configuration. src/backend/cuda/attention.rs mirrors these (shared memory sizes,
-// grids); every kernel checks its dynamic shared memory size against its own need.
-constexpr int FWD_WARPS = 4;  // 16 query rows per warp
-constexpr int FWD_BM = 16 * FWD_WARPS;
-constexpr int FWD_BN = 64;    // keys per tile
+// Tile configuration. src/backend/cuda/attention.rs mirrors these and the template
+// arguments of the instantiations at the bottom (shared memory sizes, grids); every kernel
+// checks its dynamic shared memory size against its own need.
 constexpr int DEC_WARPS = 4;
 constexpr int DEC_GROUP = 8;  // query heads per decode block (one KV head)
 constexpr int DEC_UNROLL = 4; // keys per warp per step
@@ -154,23 +158,59 @@ __device__ __forceinline__ bool visible(int q, int key, int window) {
 
 // ------------------------------------------------------------------------- forward
 //
-// Block: FWD_BM query rows of one (sequence, head); warp w owns rows 16w..16w+15 and keeps
-// its Q fragments, running max/sum and O accumulator in registers. Per KV tile: S = Q·Kᵀ
-// (mma, K B-fragments by ldmatrix), mask, online softmax, P stays in registers as the A
-// operand of O += P·V (V B-fragments by ldmatrix.trans). K and V are single-buffered but
-// overlapped: V(t) loads during S(t), K(t+1) during P·V(t).
-template <int D> __device__ void fwd(const AttnFwdParams &p) {
-    constexpr int BM = FWD_BM, BN = FWD_BN, NT = 32 * FWD_WARPS;
+// Block: BM = 16·MT·WARPS query rows of one (sequence, head); warp w owns rows
+// 16·MT·w .. 16·MT·(w+1) - 1 (MT 16-row m-tiles) and keeps its running max/sum and O
+// accumulator in registers. Per KV tile of BN keys: S = Q·Kᵀ (mma, K B-fragments by
+// ldmatrix), mask, online softmax, P stays in registers as the A operand of O += P·V
+// (V B-fragments by ldmatrix.trans).
+// Why MT: every warp reads all of K and V of a tile from shared memory. With MT = 1 that is
+// 512 B per two mmas (256 B per 4096-FLOP mma); at 128 B/clk/SM of shared memory against
+// ~4096 dense bf16 FLOP/clk/SM (H100) the reads take twice as long as the math. MT = 2
+// feeds each fragment to two m-tiles: 160 B per mma counting the Q re-reads below.
+// Q A-fragments take MT·D/4 registers: kept for the whole block when that is at most 32
+// (MT·D <= 128), else re-read from shared memory at every KV tile (MT = 2 at d = 128,
+// where O alone takes 128 registers; FlashAttention-2 does the same there).
+// STAGES = 1: K and V single-buffered but overlapped: V(t) loads during S(t), K(t+1)
+// during P·V(t); two barriers per tile. STAGES = 2: K/V double-buffered, K(t+1) loads
+// during all of tile t, V(t+1) from its softmax on; one barrier per tile.
+// The default kernels are <4, 1, 64, 1> (48 KB of shared memory at d = 128, no opt-in).
+template <int D, int WARPS, int MT, int BN, int STAGES>
+__host__ __device__ constexpr int fwd_smem_bytes() {
+    return (16 * MT * WARPS + 2 * STAGES * BN) * D * 2;
+}
+
+// The loads at the top of KV tile t: STAGES = 1, V(t) (K(t) is already there); STAGES = 2,
+// K(t+1) into the other stage, which held tile t-1 (every warp finished it before the
+// barrier that ended the previous tile). A function of its own: an `if` at the top of the
+// loop body, even a constant one, changes the default kernel's code.
+template <int D, int BN, int NT, int STAGES>
+__device__ __forceinline__ void fwd_prefetch(__nv_bfloat16 *sK, __nv_bfloat16 *sV,
+                                             const __nv_bfloat16 *Kg, const __nv_bfloat16 *Vg,
+                                             int64_t kvs, int t, int stage, bool more, int len) {
+    if constexpr (STAGES == 1) {
+        load_tile<BN, D, NT>(sV, Vg, kvs, t * BN, len);
+        cp_async_commit();
+    } else if (more) {
+        load_tile<BN, D, NT>(sK + (stage ^ 1) * 2 * BN * D, Kg, kvs, (t + 1) * BN, len);
+        cp_async_commit();
+    }
+}
+
+template <int D, int WARPS, int MT, int BN, int STAGES> __device__ void fwd(const AttnFwdParams &p) {
+    constexpr int RW = 16 * MT, BM = RW * WARPS, NT = 32 * WARPS;
     constexpr int KS = D / 16; // k-steps over the head dim
     constexpr int NB = BN / 8; // 8-key column tiles of S
     constexpr int ND = D / 8;  // 8-wide column tiles of O
-    require_smem((BM + 2 * BN) * D * 2);
+    constexpr bool Q_REGS = MT * D <= 128;
+    constexpr int KV_STRIDE = 2 * BN * D; // elements between the K/V stages
+    static_assert((MT == 1 || MT == 2) && (STAGES == 1 || STAGES == 2) && BN % 16 == 0, "fwd tiles");
+    require_smem(fwd_smem_bytes<D, WARPS, MT, BN, STAGES>());
 
     const int H = p.n_heads, group = p.n_heads / p.n_kv_heads;
     const int seq = blockIdx.x / H, h = blockIdx.x % H;
     const int start = p.seq_start[seq], len = p.seq_len[seq];
-    const int mt = gridDim.y - 1 - blockIdx.y; // longest (last) query tiles first
-    const int q0 = mt * BM;
+    const int qt = gridDim.y - 1 - blockIdx.y; // longest (last) query tiles first
+    const int q0 = qt * BM;
     if (q0 >= len) return;
     const int W = p.window;
     const int kvh = h / group;
@@ -185,71 +225,105 @@ template <int D> __device__ void fwd(const AttnFwdParams &p) {
     const int t_lo = k_first / BN, t_hi = q_last / BN + 1;
 
     __nv_bfloat16 *sQ = reinterpret_cast<__nv_bfloat16 *>(smem);
-    __nv_bfloat16 *sK = sQ + BM * D;
+    __nv_bfloat16 *sK = sQ + BM * D; // stage s: sK + s·KV_STRIDE
     __nv_bfloat16 *sV = sK + BN * D;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
     load_tile<BM, D, NT>(sQ, Qg, qs, q0, len);
     load_tile<BN, D, NT>(sK, Kg, kvs, t_lo * BN, len);
+    if (STAGES == 2) load_tile<BN, D, NT>(sV, Vg, kvs, t_lo * BN, len);
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();
 
-    // A fragments of the warp's 16 query rows (matrices: rows 0-7/8-15 x cols 0-7/8-15).
-    uint32_t qf[KS][4];
+    // A fragments of the warp's query rows (matrices: rows 0-7/8-15 x cols 0-7/8-15 of
+    // m-tile mt, k-step ks).
+    uint32_t qf[Q_REGS ? MT * KS : 1][4];
+    if constexpr (Q_REGS) {
 #pragma unroll
-    for (int ks = 0; ks < KS; ks++)
-        ldsm_x4(qf[ks], sQ + swz<D>(warp * 16 + (lane % 16), ks * 16 + (lane / 16) * 8));
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int ks = 0; ks < KS; ks++)
+                ldsm_x4(qf[mt * KS + ks],
+                        sQ + swz<D>(warp * RW + mt * 16 + (lane % 16), ks * 16 + (lane / 16) * 8));
+    }
 
-    float o[ND][4];
+    float o[MT][ND][4];
 #pragma unroll
-    for (int nd = 0; nd < ND; nd++) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
-    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int nd = 0; nd < ND; nd++) o[mt][nd][0] = o[mt][nd][1] = o[mt][nd][2] = o[mt][nd][3] = 0.0f;
+    // Row r of the thread (0 .. 2·MT): m-tile r / 2, query row row_a + 8r.
+    float m_run[2 * MT], l_run[2 * MT];
+#pragma unroll
+    for (int r = 0; r < 2 * MT; r++) {
+        m_run[r] = -INFINITY;
+        l_run[r] = 0.0f;
+    }
     const float sl2 = p.scale * LOG2E;
-    const int wq0 = q0 + warp * 16, wq1 = wq0 + 15; // the warp's query rows
-    const int row_a = wq0 + lane / 4;               // this thread's rows: row_a, row_a + 8
+    const int wq0 = q0 + warp * RW, wq1 = wq0 + RW - 1; // the warp's query rows
+    const int row_a = wq0 + lane / 4;                   // this thread's rows: row_a + 8r
 
     for (int t = t_lo; t < t_hi; t++) {
         const int k0 = t * BN, k1 = k0 + BN - 1;
-        load_tile<BN, D, NT>(sV, Vg, kvs, k0, len);
-        cp_async_commit();
+        const int stage = STAGES == 2 ? (t - t_lo) & 1 : 0;
+        const __nv_bfloat16 *cK = sK + stage * KV_STRIDE, *cV = sV + stage * KV_STRIDE;
+        fwd_prefetch<D, BN, NT, STAGES>(sK, sV, Kg, Vg, kvs, t, stage, t + 1 < t_hi, len);
 
         // Whether any (row, key) pair of this warp is visible, and whether any is not.
         const bool active = wq0 < len && k0 <= wq1 && (W == 0 || wq0 - k1 < W);
         const bool need_mask = k1 > wq0 || (W > 0 && wq1 - k0 >= W);
-        uint32_t pf[BN / 16][4]; // P as bf16 A fragments (k = keys)
+        uint32_t pf[MT][BN / 16][4]; // P as bf16 A fragments (k = keys)
         if (active) {
-            float s[NB][4];
+            float s[MT][NB][4];
 #pragma unroll
-            for (int nb = 0; nb < NB; nb++) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+            for (int mt = 0; mt < MT; mt++)
 #pragma unroll
+                for (int nb = 0; nb < NB; nb++) s[mt][nb][0] = s[mt][nb][1] = s[mt][nb][2] = s[mt][nb][3] = 0.0f;
+            // Not unrolled when Q comes from shared memory: the unrolled loop's hoisted loads
+            // spill (MT = 2, d = 128).
+#pragma unroll(Q_REGS ? KS : 1)
             for (int ks = 0; ks < KS; ks++) {
+                uint32_t qa[Q_REGS ? 1 : MT][4];
+                if constexpr (!Q_REGS) {
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++)
+                        ldsm_x4(qa[mt], sQ + swz<D>(warp * RW + mt * 16 + (lane % 16),
+                                                    ks * 16 + (lane / 16) * 8));
+                }
 #pragma unroll
                 for (int nb2 = 0; nb2 < NB / 2; nb2++) {
                     // keys 16nb2 + 0-7 / 8-15, dims 16ks + 0-7 / 8-15
                     uint32_t kf[4];
-                    ldsm_x4(kf, sK + swz<D>(nb2 * 16 + (lane % 8) + (lane / 16) * 8,
+                    ldsm_x4(kf, cK + swz<D>(nb2 * 16 + (lane % 8) + (lane / 16) * 8,
                                             ks * 16 + ((lane / 8) % 2) * 8));
-                    mma_bf16(s[2 * nb2], qf[ks], kf[0], kf[1]);
-                    mma_bf16(s[2 * nb2 + 1], qf[ks], kf[2], kf[3]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        const uint32_t *a = Q_REGS ? qf[mt * KS + ks] : qa[Q_REGS ? 0 : mt];
+                        mma_bf16(s[mt][2 * nb2], a, kf[0], kf[1]);
+                        mma_bf16(s[mt][2 * nb2 + 1], a, kf[2], kf[3]);
+                    }
                 }
             }
             if (need_mask) {
 #pragma unroll
-                for (int nb = 0; nb < NB; nb++)
+                for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        const int key = k0 + nb * 8 + (lane % 4) * 2 + (e & 1);
-                        const int row = row_a + (e >= 2 ? 8 : 0);
-                        if (!visible(row, key, W)) s[nb][e] = -INFINITY;
-                    }
+                    for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            const int key = k0 + nb * 8 + (lane % 4) * 2 + (e & 1);
+                            const int row = row_a + mt * 16 + (e >= 2 ? 8 : 0);
+                            if (!visible(row, key, W)) s[mt][nb][e] = -INFINITY;
+                        }
             }
             // Online softmax; each row is spread over the 4 lanes of a quad.
 #pragma unroll
-            for (int r = 0; r < 2; r++) {
+            for (int r = 0; r < 2 * MT; r++) {
+                const int mt = r / 2, c = 2 * (r % 2); // the row's S/O elements: c, c + 1
                 float mx = -INFINITY;
 #pragma unroll
-                for (int nb = 0; nb < NB; nb++) mx = fmaxf(mx, fmaxf(s[nb][2 * r], s[nb][2 * r + 1]));
+                for (int nb = 0; nb < NB; nb++) mx = fmaxf(mx, fmaxf(s[mt][nb][c], s[mt][nb][c + 1]));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                 const float m_new = fmaxf(m_run[r], mx * sl2);
@@ -260,33 +334,41 @@ template <int D> __device__ void fwd(const AttnFwdParams &p) {
                 float sum = 0.0f;
 #pragma unroll
                 for (int nb = 0; nb < NB; nb++) {
-                    const float p0 = fast_exp2(fmaf(s[nb][2 * r], sl2, -m_use));
-                    const float p1 = fast_exp2(fmaf(s[nb][2 * r + 1], sl2, -m_use));
-                    s[nb][2 * r] = p0;
-                    s[nb][2 * r + 1] = p1;
+                    const float p0 = fast_exp2(fmaf(s[mt][nb][c], sl2, -m_use));
+                    const float p1 = fast_exp2(fmaf(s[mt][nb][c + 1], sl2, -m_use));
+                    s[mt][nb][c] = p0;
+                    s[mt][nb][c + 1] = p1;
                     sum += p0 + p1;
                 }
                 l_run[r] = l_run[r] * alpha + sum; // per-lane partial; quad-summed at the end
 #pragma unroll
                 for (int nd = 0; nd < ND; nd++) {
-                    o[nd][2 * r] *= alpha;
-                    o[nd][2 * r + 1] *= alpha;
+                    o[mt][nd][c] *= alpha;
+                    o[mt][nd][c + 1] *= alpha;
                 }
             }
             // The S accumulators of key tiles 2kk, 2kk+1 are exactly the A fragment of P
             // for keys 16kk..16kk+15.
 #pragma unroll
-            for (int kk = 0; kk < BN / 16; kk++) {
-                pf[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-                pf[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-                pf[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                pf[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-            }
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int kk = 0; kk < BN / 16; kk++) {
+                    pf[mt][kk][0] = pack_bf16(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                    pf[mt][kk][1] = pack_bf16(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                    pf[mt][kk][2] = pack_bf16(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                    pf[mt][kk][3] = pack_bf16(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                }
         }
-        cp_async_wait_all(); // V(t) landed (this thread's part) ...
-        __syncthreads();     // ... everyone's, and every warp is done reading K(t)
-        if (t + 1 < t_hi) {
-            load_tile<BN, D, NT>(sK, Kg, kvs, (t + 1) * BN, len);
+        if (STAGES == 1) {
+            cp_async_wait_all(); // V(t) landed (this thread's part) ...
+            __syncthreads();     // ... everyone's, and every warp is done reading K(t)
+            if (t + 1 < t_hi) {
+                load_tile<BN, D, NT>(sK, Kg, kvs, (t + 1) * BN, len);
+                cp_async_commit();
+            }
+        } else if (t + 1 < t_hi) {
+            // V(t+1) into the other stage here, where S is down to P (fewer live registers).
+            load_tile<BN, D, NT>(sV + (stage ^ 1) * KV_STRIDE, Vg, kvs, (t + 1) * BN, len);
             cp_async_commit();
         }
         if (active) {
@@ -296,51 +378,57 @@ template <int D> __device__ void fwd(const AttnFwdParams &p) {
                 for (int nd2 = 0; nd2 < ND / 2; nd2++) {
                     // keys 16kk + 0-7 / 8-15, dims 16nd2 + 0-7 / 8-15, transposed
                     uint32_t vf[4];
-                    ldsm_x4_t(vf, sV + swz<D>(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
+                    ldsm_x4_t(vf, cV + swz<D>(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
                                               nd2 * 16 + (lane / 16) * 8));
-                    mma_bf16(o[2 * nd2], pf[kk], vf[0], vf[1]);
-                    mma_bf16(o[2 * nd2 + 1], pf[kk], vf[2], vf[3]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        mma_bf16(o[mt][2 * nd2], pf[mt][kk], vf[0], vf[1]);
+                        mma_bf16(o[mt][2 * nd2 + 1], pf[mt][kk], vf[2], vf[3]);
+                    }
                 }
             }
         }
-        cp_async_wait_all(); // K(t+1) landed; every warp done with V(t)
-        __syncthreads();
+        cp_async_wait_all(); // the next tile landed (this thread's part) ...
+        __syncthreads();     // ... everyone's; every warp done with this tile's buffers
     }
 
-    // Normalize; stage the warp's 16 rows in its (no longer used) part of sQ, then write
+    // Normalize; stage the warp's rows in its (no longer used) part of sQ, then write
     // them with 16-byte stores.
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
+    for (int r = 0; r < 2 * MT; r++) {
         float l = l_run[r];
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);
         l_run[r] = l;
     }
-    const float inv[2] = {l_run[0] > 0.0f ? 1.0f / l_run[0] : 0.0f,
-                          l_run[1] > 0.0f ? 1.0f / l_run[1] : 0.0f};
+    float inv[2 * MT];
 #pragma unroll
-    for (int nd = 0; nd < ND; nd++) {
-        const int col = nd * 8 + (lane % 4) * 2;
-        const int r0 = warp * 16 + lane / 4;
-        *reinterpret_cast<uint32_t *>(sQ + swz<D>(r0, col)) =
-            pack_bf16(o[nd][0] * inv[0], o[nd][1] * inv[0]);
-        *reinterpret_cast<uint32_t *>(sQ + swz<D>(r0 + 8, col)) =
-            pack_bf16(o[nd][2] * inv[1], o[nd][3] * inv[1]);
-    }
+    for (int r = 0; r < 2 * MT; r++) inv[r] = l_run[r] > 0.0f ? 1.0f / l_run[r] : 0.0f;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int nd = 0; nd < ND; nd++) {
+            const int col = nd * 8 + (lane % 4) * 2;
+            const int r0 = warp * RW + mt * 16 + lane / 4;
+            *reinterpret_cast<uint32_t *>(sQ + swz<D>(r0, col)) =
+                pack_bf16(o[mt][nd][0] * inv[2 * mt], o[mt][nd][1] * inv[2 * mt]);
+            *reinterpret_cast<uint32_t *>(sQ + swz<D>(r0 + 8, col)) =
+                pack_bf16(o[mt][nd][2] * inv[2 * mt + 1], o[mt][nd][3] * inv[2 * mt + 1]);
+        }
     __syncwarp();
     constexpr int CPR = D / 8;
 #pragma unroll
-    for (int c = lane; c < 16 * CPR; c += 32) {
+    for (int c = lane; c < RW * CPR; c += 32) {
         const int r = c / CPR, ch = c % CPR;
         const int row = wq0 + r;
         if (row < len) {
-            const uint4 val = *reinterpret_cast<const uint4 *>(sQ + swz<D>(warp * 16 + r, ch * 8));
+            const uint4 val = *reinterpret_cast<const uint4 *>(sQ + swz<D>(warp * RW + r, ch * 8));
             *reinterpret_cast<uint4 *>(p.o + (int64_t)(start + row) * qs + h * D + ch * 8) = val;
         }
     }
     if (lane % 4 == 0) {
 #pragma unroll
-        for (int r = 0; r < 2; r++) {
+        for (int r = 0; r < 2 * MT; r++) {
             const int row = row_a + 8 * r;
             if (row < len)
                 p.lse[(int64_t)(start + row) * H + h] = (m_run[r] + log2f(l_run[r])) * LN2;
@@ -358,12 +446,75 @@ template <int D> __device__ void fwd(const AttnFwdParams &p) {
 //   dV_w += Pᵀ·dO, dK_w += dSᵀ·Q     (accumulators reused as A fragments)
 //   dSᵀ -> shared; dQ(BM x d) += dS·K split over the warps, f32 atomics to global.
 // STAGES = 2 double-buffers Q/dO/lse/D so the next step's loads overlap this one.
+// ASYNC = false (the default kernels): lse and D are read with plain loads inside the
+// prefetch, so the threads that read them wait out a global-memory latency there, and dQ
+// goes out as one f32 atomic per element. ASYNC = true: lse and D come by 4-byte cp.async
+// (lse scaled by log2e once landed) and, on sm_90, dQ as paired red.global.add.v2.f32
+// (half the atomic instructions).
 template <int D, int WARPS, int BM, int STAGES>
 __host__ __device__ constexpr int bwd_smem_bytes() {
     return (2 * 16 * WARPS * D + 2 * STAGES * BM * D + 16 * WARPS * BM) * 2 + 2 * STAGES * BM * 4;
 }
 
-template <int D, int WARPS, int BM, int STAGES> __device__ void bwd(const AttnBwdParams &p) {
+// 4 bytes global -> shared, asynchronous (cp.async.ca: the .cg form takes only 16).
+__device__ __forceinline__ void cp_async4(void *dst, const void *src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+
+// dst[0] += a, dst[1] += b in global memory (dst 8-byte aligned); PAIRED: one vector
+// reduction on sm_90+ (PTX ISA 8.1 red .v2.f32), else two scalar atomics.
+template <bool PAIRED>
+__device__ __forceinline__ void red_add2(float *dst, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    if constexpr (PAIRED) {
+        asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(a), "f"(b)
+                     : "memory");
+        return;
+    }
+#endif
+    atomicAdd(dst, a);
+    atomicAdd(dst + 1, b);
+}
+
+// lse (·log2e unless ASYNC) and delta of query rows q0 .. q0+BM of head h into stage
+// `stage` of sL, sDl. lse = +inf makes P = 0 for rows past the end (no NaN: Q, dO are
+// zero-filled).
+template <int BM, int NT, bool ASYNC>
+__device__ __forceinline__ void load_lse_delta(float *sL, float *sDl, int stage,
+                                               const AttnBwdParams &p, int start, int h, int q0,
+                                               int len) {
+    for (int r = threadIdx.x; r < BM; r += NT) {
+        const int row = q0 + r;
+        const bool ok = row < len;
+        const int64_t at = (int64_t)(start + row) * p.n_heads + h;
+        if constexpr (ASYNC) {
+            if (ok) { // scaled by log2e in scale_lse once it has landed
+                cp_async4(sL + stage * BM + r, p.lse + at);
+                cp_async4(sDl + stage * BM + r, p.delta + at);
+            } else {
+                sL[stage * BM + r] = INFINITY;
+                sDl[stage * BM + r] = 0.0f;
+            }
+        } else {
+            sL[stage * BM + r] = ok ? p.lse[at] * LOG2E : INFINITY;
+            sDl[stage * BM + r] = ok ? p.delta[at] : 0.0f;
+        }
+    }
+}
+
+// ASYNC: lse ← lse·log2e for the rows this thread's load_lse_delta copied into `stage`,
+// after its cp.async groups have completed and before the barrier that publishes them
+// (the same f32 product as the plain path, so the same bits).
+template <int BM, int NT, bool ASYNC>
+__device__ __forceinline__ void scale_lse(float *sL, int stage, bool loaded) {
+    if constexpr (ASYNC) {
+        if (loaded)
+            for (int r = threadIdx.x; r < BM; r += NT) sL[stage * BM + r] *= LOG2E;
+    }
+}
+
+template <int D, int WARPS, int BM, int STAGES, bool ASYNC>
+__device__ void bwd(const AttnBwdParams &p) {
     constexpr int BN = 16 * WARPS, NT = 32 * WARPS;
     constexpr int KS = D / 16; // k-steps over the head dim (Sᵀ, dPᵀ)
     constexpr int NQ = BM / 8; // 8-query column tiles of Sᵀ
@@ -395,7 +546,7 @@ template <int D, int WARPS, int BM, int STAGES> __device__ void bwd(const AttnBw
     __nv_bfloat16 *sQ = sV + BN * D;          // [STAGES][BM*D]
     __nv_bfloat16 *sdO = sQ + STAGES * BM * D; // [STAGES][BM*D]
     __nv_bfloat16 *sdS = sdO + STAGES * BM * D; // [BN][BM]: dSᵀ
-    float *sL = reinterpret_cast<float *>(sdS + BN * BM); // [STAGES][BM]: lse·log2e
+    float *sL = reinterpret_cast<float *>(sdS + BN * BM); // [STAGES][BM]: lse(·log2e)
     float *sDl = sL + STAGES * BM;                        // [STAGES][BM]: delta
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
@@ -404,14 +555,7 @@ template <int D, int WARPS, int BM, int STAGES> __device__ void bwd(const AttnBw
         load_tile<BM, D, NT>(sQ + stage * BM * D, p.q + (int64_t)start * qs + h * D, qs, q0, len);
         load_tile<BM, D, NT>(sdO + stage * BM * D, p.d_o + (int64_t)start * qs + h * D, qs, q0,
                              len);
-        for (int r = threadIdx.x; r < BM; r += NT) {
-            const int row = q0 + r;
-            const bool ok = row < len;
-            const int64_t at = (int64_t)(start + row) * H + h;
-            // lse = +inf makes P = 0 for rows past the end (no NaN: Q, dO are zero-filled).
-            sL[stage * BM + r] = ok ? p.lse[at] * LOG2E : INFINITY;
-            sDl[stage * BM + r] = ok ? p.delta[at] : 0.0f;
-        }
+        load_lse_delta<BM, NT, ASYNC>(sL, sDl, stage, p, start, h, q0, len);
     };
 
     load_tile<BN, D, NT>(sK, p.k + (int64_t)start * kvs + kvh * D, kvs, k0, len);
@@ -419,6 +563,7 @@ template <int D, int WARPS, int BM, int STAGES> __device__ void bwd(const AttnBw
     load_step(0, 0);
     cp_async_commit();
     cp_async_wait_all();
+    scale_lse<BM, NT, ASYNC>(sL, 0, true);
     __syncthreads();
 
     float dk[ND][4], dv[ND][4];
@@ -587,13 +732,13 @@ template <int D, int WARPS, int BM, int STAGES> __device__ void bwd(const AttnBw
                 const int row = qa + 8 * r;
                 if (row < len) {
                     float *dst = p.dq_accum + (int64_t)(start + row) * qs + h * D + col;
-                    atomicAdd(dst, acc[j][2 * r]);
-                    atomicAdd(dst + 1, acc[j][2 * r + 1]);
+                    red_add2<ASYNC>(dst, acc[j][2 * r], acc[j][2 * r + 1]);
                 }
             }
         }
         cp_async_wait_all(); // the next step's tiles landed ...
-        __syncthreads();     // ... for everyone; everyone done reading dSᵀ
+        scale_lse<BM, NT, ASYNC>(sL, STAGES == 2 ? stage ^ 1 : 0, it + 1 < n_it);
+        __syncthreads(); // ... for everyone; everyone done reading dSᵀ
     }
 
     const float c = p.scale;
@@ -723,12 +868,38 @@ template <int D> __device__ void decode(const AttnDecodeParams &p) {
 } // namespace attention
 } // namespace palign
 
+// Forward variants fwd<D, WARPS, MT, BN, STAGES>, named w<WARPS>m<MT>n<BN>s<STAGES> in
+// src/backend/cuda/attention.rs (FWD_VARIANTS). The unnamed kernels are the default.
 extern "C" __global__ void attention_fwd_bf16_d64(const AttnFwdParams p) {
-    palign::attention::fwd<64>(p);
+    palign::attention::fwd<64, 4, 1, 64, 1>(p);
 }
 
 extern "C" __global__ void attention_fwd_bf16_d128(const AttnFwdParams p) {
-    palign::attention::fwd<128>(p);
+    palign::attention::fwd<128, 4, 1, 64, 1>(p);
+}
+
+extern "C" __global__ void attention_fwd_w4m2n64s1_bf16_d64(const AttnFwdParams p) {
+    palign::attention::fwd<64, 4, 2, 64, 1>(p);
+}
+
+extern "C" __global__ void attention_fwd_w4m2n64s1_bf16_d128(const AttnFwdParams p) {
+    palign::attention::fwd<128, 4, 2, 64, 1>(p);
+}
+
+extern "C" __global__ void attention_fwd_w4m2n64s2_bf16_d64(const AttnFwdParams p) {
+    palign::attention::fwd<64, 4, 2, 64, 2>(p);
+}
+
+extern "C" __global__ void attention_fwd_w4m2n64s2_bf16_d128(const AttnFwdParams p) {
+    palign::attention::fwd<128, 4, 2, 64, 2>(p);
+}
+
+extern "C" __global__ void attention_fwd_w8m1n64s2_bf16_d64(const AttnFwdParams p) {
+    palign::attention::fwd<64, 8, 1, 64, 2>(p);
+}
+
+extern "C" __global__ void attention_fwd_w8m1n64s2_bf16_d128(const AttnFwdParams p) {
+    palign::attention::fwd<128, 8, 1, 64, 2>(p);
 }
 
 // delta[r, h] = Σ_d dO·O (f32); dq_accum[r, h, :] = 0. One warp per (row, head).
@@ -750,16 +921,35 @@ extern "C" __global__ void attention_bwd_prep_bf16(const AttnBwdPrepParams p) {
     for (int c = lane; c < D / 4; c += 32) dq[c] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 }
 
+// Backward variants bwd<D, WARPS, BM, STAGES, ASYNC>, named w<WARPS>q<BM>s<STAGES>[a] in
+// src/backend/cuda/attention.rs (BWD_VARIANTS): attention_bwd_bf16_d* are w8q64s2 (the
+// default), attention_bwd_small_bf16_d128 is w4q64s1 (GPUs with < 145 KB of smem).
 extern "C" __global__ void attention_bwd_bf16_d64(const AttnBwdParams p) {
-    palign::attention::bwd<64, 8, 64, 2>(p);
+    palign::attention::bwd<64, 8, 64, 2, false>(p);
 }
 
 extern "C" __global__ void attention_bwd_bf16_d128(const AttnBwdParams p) {
-    palign::attention::bwd<128, 8, 64, 2>(p);
+    palign::attention::bwd<128, 8, 64, 2, false>(p);
 }
 
 extern "C" __global__ void attention_bwd_small_bf16_d128(const AttnBwdParams p) {
-    palign::attention::bwd<128, 4, 64, 1>(p);
+    palign::attention::bwd<128, 4, 64, 1, false>(p);
+}
+
+extern "C" __global__ void attention_bwd_w8q64s2a_bf16_d64(const AttnBwdParams p) {
+    palign::attention::bwd<64, 8, 64, 2, true>(p);
+}
+
+extern "C" __global__ void attention_bwd_w8q64s2a_bf16_d128(const AttnBwdParams p) {
+    palign::attention::bwd<128, 8, 64, 2, true>(p);
+}
+
+extern "C" __global__ void attention_bwd_w4q64s2a_bf16_d64(const AttnBwdParams p) {
+    palign::attention::bwd<64, 4, 64, 2, true>(p);
+}
+
+extern "C" __global__ void attention_bwd_w4q64s2a_bf16_d128(const AttnBwdParams p) {
+    palign::attention::bwd<128, 4, 64, 2, true>(p);
 }
 
 // dq = bf16(scale · dq_accum), 4 elements per thread (n is a multiple of 4).

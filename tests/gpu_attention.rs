@@ -15,7 +15,12 @@
 //! rtol 2e-2 (gradients grow with the number of queries a key serves).
 //!
 //! The tests that always run check what can be checked without a device: the fatbin holds
-//! the kernels, and the shape/layout/decode validation rejects bad input with BadInput.
+//! the kernels, the shape/layout/decode validation rejects bad input with BadInput, and
+//! the launcher's variant tables agree with the kernel file (template arguments and the
+//! shared-memory formula, read from kernels/attention.cu).
+//!
+//! Every forward variant ([`attn::FWD_VARIANTS`]) runs the forward parity cases and every
+//! backward variant the forward+backward ones, at the same tolerances.
 
 mod common;
 
@@ -23,8 +28,8 @@ use common::{assert_kernels_registered, gpu, max_abs, rand_bf16, rng, to_f32};
 use half::bf16;
 use palign::backend::cpu::ops::{self as cpu, AttnShape, Packing};
 use palign::backend::cuda::attention::{
-    self as attn, AttnGradInputs, AttnGrads, BwdVariant, DecodeBatch, DecodeSpec, KvCacheView,
-    SeqLayout, SeqSpec,
+    self as attn, AttnGradInputs, AttnGrads, BwdVariant, DecodeBatch, DecodeSpec, FwdVariant,
+    KvCacheView, SeqLayout, SeqSpec, BWD_VARIANTS, FWD_VARIANTS,
 };
 use palign::backend::cuda::{self, DeviceBuffer, Gpu};
 
@@ -46,6 +51,12 @@ const KERNELS: &[&str] = &[
 #[test]
 fn fatbin_holds_the_attention_kernels() {
     assert_kernels_registered(KERNELS);
+    let variants: Vec<&str> = FWD_VARIANTS
+        .iter()
+        .flat_map(|v| v.kernels)
+        .chain(BWD_VARIANTS.iter().flat_map(|v| v.kernels).flatten())
+        .collect();
+    assert_kernels_registered(&variants);
     if !cuda::kernels_compiled() {
         eprintln!("kernels not compiled: {}", cuda::BUILD_NOTE);
     }
@@ -111,6 +122,258 @@ fn decode_validation() {
     assert_bad(DecodeSpec::new(&[0], &[5], 8, Some(0), 24), "at least 1");
 }
 
+// ---------------------------------------------------------------- variant tables
+
+/// kernels/attention.cu as compiled into the crate.
+fn kernel_source() -> String {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/attention.cu");
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// The parameter names of the template declared just before `decl` (`template <int D, ..>`).
+fn template_params(src: &str, decl: &str) -> Vec<String> {
+    let at = src
+        .find(decl)
+        .unwrap_or_else(|| panic!("{decl:?} not in attention.cu"));
+    let t = src[..at]
+        .rfind("template <")
+        .expect("template before the declaration");
+    let list = &src[t + "template <".len()..];
+    let list = &list[..list.find('>').unwrap()];
+    list.split(',')
+        .map(|p| p.split_whitespace().last().unwrap().to_string())
+        .collect()
+}
+
+/// The expression of the first `return ...;` after `decl`.
+fn returned_expr(src: &str, decl: &str) -> String {
+    let at = src
+        .find(decl)
+        .unwrap_or_else(|| panic!("{decl:?} not in attention.cu"));
+    let r = at + src[at..].find("return ").unwrap() + "return ".len();
+    src[r..r + src[r..].find(';').unwrap()].to_string()
+}
+
+/// Every `extern "C"` kernel whose body is `palign::attention::<func><ARGS>(p);`:
+/// (kernel name, template arguments as integers, bools as 0/1).
+fn instantiations(src: &str, func: &str) -> Vec<(String, Vec<i64>)> {
+    let lines: Vec<&str> = src.lines().collect();
+    let call = format!("palign::attention::{func}<");
+    let mut out = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let Some(rest) = l.strip_prefix("extern \"C\" __global__ void ") else {
+            continue;
+        };
+        let Some(body) = lines.get(i + 1).map(|b| b.trim()) else {
+            continue;
+        };
+        if let Some(args) = body.strip_prefix(call.as_str()) {
+            let args = &args[..args.find('>').unwrap()];
+            let vals = args
+                .split(',')
+                .map(|a| match a.trim() {
+                    "true" => 1,
+                    "false" => 0,
+                    n => n
+                        .parse()
+                        .unwrap_or_else(|_| panic!("argument {n:?} of {rest}")),
+                })
+                .collect();
+            out.push((rest[..rest.find('(').unwrap()].to_string(), vals));
+        }
+    }
+    out
+}
+
+/// Evaluates an integer C expression of + - * / and parentheses over named values.
+fn eval(expr: &str, vars: &[(String, i64)]) -> i64 {
+    fn tokens(s: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut cur = String::new();
+        for ch in s.chars() {
+            if ch.is_alphanumeric() || ch == '_' {
+                cur.push(ch);
+            } else {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+                if !ch.is_whitespace() {
+                    out.push(ch.to_string());
+                }
+            }
+        }
+        if !cur.is_empty() {
+            out.push(cur);
+        }
+        out
+    }
+    struct P<'a> {
+        t: Vec<String>,
+        i: usize,
+        vars: &'a [(String, i64)],
+    }
+    impl P<'_> {
+        fn peek(&self) -> Option<&str> {
+            self.t.get(self.i).map(|s| s.as_str())
+        }
+        fn next(&mut self) -> String {
+            self.i += 1;
+            self.t[self.i - 1].clone()
+        }
+        fn expr(&mut self) -> i64 {
+            let mut v = self.term();
+            while let Some(op @ ("+" | "-")) = self.peek() {
+                let add = op == "+";
+                self.next();
+                let r = self.term();
+                v = if add { v + r } else { v - r };
+            }
+            v
+        }
+        fn term(&mut self) -> i64 {
+            let mut v = self.factor();
+            while let Some(op @ ("*" | "/")) = self.peek() {
+                let mul = op == "*";
+                self.next();
+                let r = self.factor();
+                v = if mul { v * r } else { v / r };
+            }
+            v
+        }
+        fn factor(&mut self) -> i64 {
+            let t = self.next();
+            if t == "(" {
+                let v = self.expr();
+                assert_eq!(self.next(), ")");
+                return v;
+            }
+            t.parse().unwrap_or_else(|_| {
+                self.vars
+                    .iter()
+                    .find(|(n, _)| *n == t)
+                    .unwrap_or_else(|| panic!("unknown name {t:?}"))
+                    .1
+            })
+        }
+    }
+    let mut p = P {
+        t: tokens(expr),
+        i: 0,
+        vars,
+    };
+    let v = p.expr();
+    assert_eq!(p.i, p.t.len(), "trailing tokens in {expr:?}");
+    v
+}
+
+#[test]
+fn expression_evaluator() {
+    let vars = [("A".to_string(), 3), ("BM".to_string(), 64)];
+    assert_eq!(eval("(2 * A + 4) * BM / 2 - 1", &vars), 319);
+    assert_eq!(eval("2 * (16 * A + BM) * 4", &vars), 8 * 112);
+}
+
+/// Checks launcher rows (kernel, the template arguments it must have, the shared memory the
+/// launcher gives it) against the `func<..>` instantiations and `smem_fn` of the kernel
+/// file; returns the names of all `func<..>` kernels there.
+fn check_table(
+    src: &str,
+    func: &str,
+    smem_fn: &str,
+    rows: &[(&str, Vec<i64>, usize)],
+) -> Vec<String> {
+    let params = template_params(src, &format!("__device__ void {func}("));
+    let smem_params = template_params(src, &format!("constexpr int {smem_fn}()"));
+    let formula = returned_expr(src, &format!("constexpr int {smem_fn}()"));
+    let inst = instantiations(src, func);
+    for (kernel, want, smem) in rows {
+        let (_, args) = inst
+            .iter()
+            .find(|(n, _)| n == kernel)
+            .unwrap_or_else(|| panic!("{kernel} is not a {func}<..> kernel in attention.cu"));
+        assert_eq!(args, want, "{kernel}: template arguments {params:?}");
+        let vars: Vec<(String, i64)> = params.iter().cloned().zip(args.iter().copied()).collect();
+        assert!(smem_params.iter().all(|p| params.contains(p)));
+        let kernel_smem = eval(&formula, &vars);
+        assert_eq!(
+            kernel_smem, *smem as i64,
+            "{kernel}: {smem_fn} = {formula} gives {kernel_smem}, the launcher {smem}"
+        );
+    }
+    inst.into_iter().map(|(n, _)| n).collect()
+}
+
+#[test]
+fn variant_tables_match_the_kernels() {
+    let src = kernel_source();
+    let mut names: Vec<&str> = FWD_VARIANTS.iter().map(|v| v.name).collect();
+    names.extend(BWD_VARIANTS.iter().map(|v| v.name));
+    let n = names.len();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), n, "variant names are not unique");
+    assert_eq!(FWD_VARIANTS[0].name, "w4m1n64s1");
+    assert_eq!(FWD_VARIANTS[0].kernel(128), "attention_fwd_bf16_d128");
+    assert_eq!(BWD_VARIANTS[0].kernel(128), Some("attention_bwd_bf16_d128"));
+
+    let mut rows = Vec::new();
+    for v in &FWD_VARIANTS {
+        assert_eq!(attn::fwd_variant(v.name).unwrap(), v);
+        for d in [64, 128] {
+            let want = vec![
+                d as i64,
+                v.warps as i64,
+                v.mt as i64,
+                v.bn as i64,
+                v.stages as i64,
+            ];
+            rows.push((v.kernel(d), want, v.smem(d)));
+            assert!(v.smem(d) <= attn::SMEM_SM90, "{}: {} B", v.name, v.smem(d));
+            if v.sm86 {
+                assert!(v.smem(d) <= attn::SMEM_SM86, "{}: {} B", v.name, v.smem(d));
+            }
+        }
+    }
+    // The default forward runs without the shared-memory opt-in.
+    assert!(FWD_VARIANTS[0].smem(128) <= 48 * 1024);
+    let fwd_kernels = check_table(&src, "fwd", "fwd_smem_bytes", &rows);
+
+    let mut rows = Vec::new();
+    for v in &BWD_VARIANTS {
+        assert_eq!(attn::bwd_variant(v.name).unwrap(), v);
+        for d in [64, 128] {
+            let Some(k) = v.kernel(d) else { continue };
+            let want = vec![
+                d as i64,
+                v.warps as i64,
+                v.bm as i64,
+                v.stages as i64,
+                v.async_io as i64,
+            ];
+            rows.push((k, want, v.smem(d)));
+            assert!(v.smem(d) <= attn::SMEM_SM90, "{}: {} B", v.name, v.smem(d));
+            if v.sm86 {
+                assert!(v.smem(d) <= attn::SMEM_SM86, "{}: {} B", v.name, v.smem(d));
+            }
+        }
+    }
+    let bwd_kernels = check_table(&src, "bwd", "bwd_smem_bytes", &rows);
+
+    // No instantiation in the kernel file is missing from the tables.
+    let listed: Vec<&str> = FWD_VARIANTS
+        .iter()
+        .flat_map(|v| v.kernels)
+        .chain(BWD_VARIANTS.iter().flat_map(|v| v.kernels).flatten())
+        .collect();
+    for k in fwd_kernels.iter().chain(&bwd_kernels) {
+        assert!(listed.contains(&k.as_str()), "{k} is in no variant table");
+    }
+    let mut uniq = listed.clone();
+    uniq.sort();
+    uniq.dedup();
+    assert_eq!(uniq.len(), listed.len(), "a kernel is in two table rows");
+}
+
 // ---------------------------------------------------------------- helpers
 
 fn round_bf16(v: &[f32]) -> Vec<bf16> {
@@ -162,6 +425,10 @@ struct Case {
     shape: AttnShape,
     padded: Option<usize>,
     variant: BwdVariant,
+    /// The forward kernel (`None`: what `attention_forward` picks).
+    fwd: Option<&'static FwdVariant>,
+    /// Check the forward only.
+    fwd_only: bool,
     seed: u64,
 }
 
@@ -174,6 +441,8 @@ impl Case {
             shape: shape(h, hkv, d, window),
             padded: None,
             variant: BwdVariant::Auto,
+            fwd: None,
+            fwd_only: false,
             seed: 7 + lens.len() as u64 * 31 + d as u64 + h as u64 * 3 + window.unwrap_or(0) as u64,
         }
     }
@@ -228,9 +497,11 @@ fn run_case(g: &Gpu, c: &Case) {
         vec![0.0f32; tokens * hkv * d],
         vec![0.0f32; tokens * hkv * d],
     );
-    cpu::attention_backward(
-        &qf, &kf, &vf, &of, &dof, &lse, &pack, c.shape, &mut dq, &mut dk, &mut dv,
-    );
+    if !c.fwd_only {
+        cpu::attention_backward(
+            &qf, &kf, &vf, &of, &dof, &lse, &pack, c.shape, &mut dq, &mut dk, &mut dv,
+        );
+    }
 
     // The GPU side in the layout's rows.
     let (spec, rows) = match c.padded {
@@ -245,7 +516,21 @@ fn run_case(g: &Gpu, c: &Case) {
     let junk = |n: usize| g.upload(&vec![bf16::from_f32(777.0); n]).unwrap();
     let mut out = junk(n_rows * h * d);
     let mut lse_gpu = g.upload(&vec![777.0f32; n_rows * h]).unwrap();
-    attn::attention_forward(g, &q, &k, &v, &layout, c.shape, &mut out, &mut lse_gpu).unwrap();
+    match c.fwd {
+        Some(fv) => attn::attention_forward_with(
+            g,
+            &q,
+            &k,
+            &v,
+            &layout,
+            c.shape,
+            &mut out,
+            &mut lse_gpu,
+            fv,
+        ),
+        None => attn::attention_forward(g, &q, &k, &v, &layout, c.shape, &mut out, &mut lse_gpu),
+    }
+    .unwrap();
 
     let valid = |w: usize| -> Vec<bool> {
         let mut m = vec![false; n_rows * w];
@@ -276,6 +561,9 @@ fn run_case(g: &Gpu, c: &Case) {
     );
     assert_padding_zero(&c.name, "O", &got_o, &mq);
     assert_padding_zero(&c.name, "lse", &got_lse, &ml);
+    if c.fwd_only {
+        return;
+    }
 
     // Backward from the CPU's O (bf16) and lse.
     let o_dev = up(&ob, h * d);
@@ -333,47 +621,94 @@ fn assert_padding_zero(case: &str, what: &str, got: &[f32], mask: &[bool]) {
 
 // ---------------------------------------------------------------- kernels
 
-/// Lengths that are not multiples of any tile (64 queries, 64/128 keys), one of length 1.
+/// Lengths that are not multiples of any tile (64/128 queries, 64/128 keys), one of length 1.
 const ODD: &[usize] = &[1, 37, 130, 257];
+
+/// The parity cases of the tests below, in order; the variant tests run them all.
+fn kernel_cases() -> Vec<Case> {
+    let mut padded = Case::new(&[160, 37, 1], 4, 1, 128, Some(100));
+    padded.padded = Some(160);
+    padded.name = format!("{} padded to 160", padded.name);
+    vec![
+        Case::new(ODD, 8, 2, 128, None),
+        Case::new(ODD, 8, 1, 128, Some(16)),
+        Case::new(ODD, 8, 2, 64, Some(100)),
+        Case::new(&[300, 5], 16, 2, 64, None),
+        // 1100 tokens, window 256: most KV tiles are outside every query tile's window.
+        Case::new(&[1100, 70], 4, 1, 128, Some(256)),
+        padded,
+    ]
+}
+
+fn run_kernel_case(i: usize) {
+    run_case(&gpu(), &kernel_cases().swap_remove(i));
+}
 
 #[test]
 #[ignore = "needs a CUDA device"]
 fn forward_backward_d128_gqa4_causal() {
-    run_case(&gpu(), &Case::new(ODD, 8, 2, 128, None));
+    run_kernel_case(0);
 }
 
 #[test]
 #[ignore = "needs a CUDA device"]
 fn forward_backward_d128_gqa8_window16() {
-    run_case(&gpu(), &Case::new(ODD, 8, 1, 128, Some(16)));
+    run_kernel_case(1);
 }
 
 #[test]
 #[ignore = "needs a CUDA device"]
 fn forward_backward_d64_gqa4_window100() {
-    run_case(&gpu(), &Case::new(ODD, 8, 2, 64, Some(100)));
+    run_kernel_case(2);
 }
 
 #[test]
 #[ignore = "needs a CUDA device"]
 fn forward_backward_d64_gqa8_causal() {
-    run_case(&gpu(), &Case::new(&[300, 5], 16, 2, 64, None));
+    run_kernel_case(3);
 }
 
 #[test]
 #[ignore = "needs a CUDA device"]
 fn forward_backward_long_window_skips_tiles() {
-    // 1100 tokens, window 256: most KV tiles are outside every query tile's window.
-    run_case(&gpu(), &Case::new(&[1100, 70], 4, 1, 128, Some(256)));
+    run_kernel_case(4);
 }
 
 #[test]
 #[ignore = "needs a CUDA device"]
 fn forward_backward_right_padded_batch() {
-    let mut c = Case::new(&[160, 37, 1], 4, 1, 128, Some(100));
-    c.padded = Some(160);
-    c.name = format!("{} padded to 160", c.name);
-    run_case(&gpu(), &c);
+    run_kernel_case(5);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn forward_variants_match_cpu() {
+    let g = gpu();
+    for v in &FWD_VARIANTS {
+        for mut c in kernel_cases() {
+            c.name = format!("{} fwd={}", c.name, v.name);
+            c.fwd = Some(v);
+            c.fwd_only = true;
+            run_case(&g, &c);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn backward_variants_match_cpu() {
+    let g = gpu();
+    for v in &BWD_VARIANTS {
+        for mut c in kernel_cases() {
+            if v.kernel(c.shape.head_dim).is_none() {
+                continue;
+            }
+            c.name = format!("{} bwd={}", c.name, v.name);
+            c.fwd = Some(&FWD_VARIANTS[0]); // the forward is not under test here
+            c.variant = BwdVariant::Named(v);
+            run_case(&g, &c);
+        }
+    }
 }
 
 #[test]

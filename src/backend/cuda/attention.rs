@@ -15,8 +15,13 @@
 //! query-head group inside the kernel (each block owns a KV tile and loops over the group),
 //! so there is no reduction pass. `D = rowsum(dO∘O)` comes from a small pre-pass that also
 //! zeroes the dQ accumulator. Workspaces come from the device's caching pool.
+//!
+//! Tile configurations: the forward and the backward each come in a few variants (the
+//! tables [`FWD_VARIANTS`], [`BWD_VARIANTS`]; the first of each is the default) so that a
+//! GPU run can measure them side by side. `PALIGN_ATTN_FWD=<name>` / `PALIGN_ATTN_BWD=<name>`
+//! (read once) pick the ones [`attention_forward`] / [`attention_backward`] use.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use cudarc::driver::{sys, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -36,11 +41,11 @@ unsafe impl DeviceRepr for AttnDqParams {}
 unsafe impl DeviceRepr for AttnDecodeParams {}
 
 // Tile sizes: keep in sync with the constants and instantiations in kernels/attention.cu
-// (each kernel traps if its dynamic shared memory is smaller than it needs).
-const FWD_BM: usize = 64;
-const FWD_BN: usize = 64;
-const FWD_THREADS: u32 = 128;
-const BWD_BM: usize = 64;
+// (each kernel traps if its dynamic shared memory is smaller than it needs; the CPU test
+// `variant_tables_match_the_kernels` in tests/gpu_attention.rs compares the tables below
+// with the kernel file).
+/// The smallest tile of rows any forward or backward kernel takes (the launch grid's y).
+const MIN_TILE: usize = 64;
 const DEC_WARPS: usize = 4;
 const DEC_GROUP: usize = 8;
 const DEC_UNROLL: usize = 4;
@@ -48,55 +53,268 @@ const DEC_UNROLL: usize = 4;
 const GRID_YZ: usize = 65535;
 /// Shared memory a kernel may use without opting in.
 const SMEM_DEFAULT: usize = 48 * 1024;
-// The forward never needs the opt-in (it runs on every sm_80+ GPU as is).
-const _: () = assert!((FWD_BM + 2 * FWD_BN) * 128 * 2 <= SMEM_DEFAULT);
+/// Opt-in shared memory per block on sm_86/sm_89 (RTX 30xx/40xx); sm_80 163 KB, sm_90 227 KB.
+pub const SMEM_SM86: usize = 99 * 1024;
+pub const SMEM_SM90: usize = 227 * 1024;
 
-/// Which backward kernel runs. `Auto` takes `Large` when the GPU has the shared memory
-/// (A100, H100: up to 227 KB per block), else `Small` (RTX 30xx/40xx: 99 KB).
+/// One forward kernel configuration, `fwd<D, WARPS, MT, BN, STAGES>` in
+/// kernels/attention.cu: `warps` warps of `16·mt` query rows each, `bn` keys per KV tile,
+/// K/V single- (`stages` 1) or double-buffered (2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FwdVariant {
+    /// `w<warps>m<mt>n<bn>s<stages>`: what `PALIGN_ATTN_FWD` names.
+    pub name: &'static str,
+    pub warps: usize,
+    pub mt: usize,
+    pub bn: usize,
+    pub stages: usize,
+    /// The kernels for head_dim 64 and 128.
+    pub kernels: [&'static str; 2],
+    /// Offered on sm_86/sm_89 GPUs (fits their 99 KB per block at head_dim 128).
+    pub sm86: bool,
+}
+
+impl FwdVariant {
+    /// Query rows per block.
+    pub const fn rows(&self) -> usize {
+        16 * self.mt * self.warps
+    }
+    pub const fn threads(&self) -> usize {
+        32 * self.warps
+    }
+    /// Dynamic shared memory at head_dim `d`; mirrors `fwd_smem_bytes` in the kernel file.
+    pub const fn smem(&self, d: usize) -> usize {
+        (16 * self.mt * self.warps + 2 * self.stages * self.bn) * d * 2
+    }
+    pub fn kernel(&self, d: usize) -> &'static str {
+        self.kernels[usize::from(d != 64)]
+    }
+}
+
+/// The forward variants; the first is the default. Why these (per KV tile and warp at
+/// d = 128): `w4m1n64s1` reads all of K and V (32 KB) from shared memory for 16 query rows,
+/// 256 B per mma, about twice the time of the mmas themselves at 128 B/clk/SM;
+/// `w4m2n64s1` gives each warp 32 rows, so every K/V fragment feeds two mmas (160 B per
+/// mma with Q re-read from shared memory): FlashAttention-2's d = 128 forward tile;
+/// `w4m2n64s2` adds K/V double-buffering (one barrier per tile); `w8m1n64s2` keeps 16
+/// rows per warp with 8 warps and double-buffering (half the K/V loads per query).
+pub static FWD_VARIANTS: [FwdVariant; 4] = [
+    FwdVariant {
+        name: "w4m1n64s1",
+        warps: 4,
+        mt: 1,
+        bn: 64,
+        stages: 1,
+        kernels: ["attention_fwd_bf16_d64", "attention_fwd_bf16_d128"],
+        sm86: true,
+    },
+    FwdVariant {
+        name: "w4m2n64s1",
+        warps: 4,
+        mt: 2,
+        bn: 64,
+        stages: 1,
+        kernels: [
+            "attention_fwd_w4m2n64s1_bf16_d64",
+            "attention_fwd_w4m2n64s1_bf16_d128",
+        ],
+        sm86: true,
+    },
+    FwdVariant {
+        name: "w4m2n64s2",
+        warps: 4,
+        mt: 2,
+        bn: 64,
+        stages: 2,
+        kernels: [
+            "attention_fwd_w4m2n64s2_bf16_d64",
+            "attention_fwd_w4m2n64s2_bf16_d128",
+        ],
+        sm86: true,
+    },
+    FwdVariant {
+        name: "w8m1n64s2",
+        warps: 8,
+        mt: 1,
+        bn: 64,
+        stages: 2,
+        kernels: [
+            "attention_fwd_w8m1n64s2_bf16_d64",
+            "attention_fwd_w8m1n64s2_bf16_d128",
+        ],
+        sm86: true,
+    },
+];
+
+// The default forward never needs the opt-in (it runs on every sm_80+ GPU as is), and no
+// kernel takes a smaller tile than the grid limit in SeqSpec::new assumes.
+const _: () = {
+    assert!(FWD_VARIANTS[0].smem(128) <= SMEM_DEFAULT);
+    let mut i = 0;
+    while i < FWD_VARIANTS.len() {
+        assert!(FWD_VARIANTS[i].rows() >= MIN_TILE);
+        i += 1;
+    }
+    let mut i = 0;
+    while i < BWD_VARIANTS.len() {
+        assert!(BWD_VARIANTS[i].keys() >= MIN_TILE);
+        i += 1;
+    }
+};
+
+/// The forward variant called `name`.
+pub fn fwd_variant(name: &str) -> Result<&'static FwdVariant> {
+    FWD_VARIANTS.iter().find(|v| v.name == name).ok_or_else(|| {
+        let known: Vec<&str> = FWD_VARIANTS.iter().map(|v| v.name).collect();
+        bad(format!(
+            "no attention forward variant {name:?} (known: {})",
+            known.join(", ")
+        ))
+    })
+}
+
+/// One backward kernel configuration, `bwd<D, WARPS, BM, STAGES, ASYNC>` in
+/// kernels/attention.cu: `warps` warps of 16 keys each, `bm` queries per step, Q/dO/lse/D
+/// single- or double-buffered, and (`async_io`) lse/D by cp.async and paired dQ atomics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BwdConfig {
+    /// `w<warps>q<bm>s<stages>` plus `a` for `async_io`: what `PALIGN_ATTN_BWD` names.
+    pub name: &'static str,
+    pub warps: usize,
+    pub bm: usize,
+    pub stages: usize,
+    pub async_io: bool,
+    /// The kernels for head_dim 64 and 128, where there is one.
+    pub kernels: [Option<&'static str>; 2],
+    /// Offered on sm_86/sm_89 GPUs (fits their 99 KB per block at head_dim 128).
+    pub sm86: bool,
+}
+
+impl BwdConfig {
+    /// Keys per block.
+    pub const fn keys(&self) -> usize {
+        16 * self.warps
+    }
+    pub const fn threads(&self) -> usize {
+        32 * self.warps
+    }
+    /// Dynamic shared memory at head_dim `d`; mirrors `bwd_smem_bytes` in the kernel file.
+    pub const fn smem(&self, d: usize) -> usize {
+        let (bn, bm, st) = (self.keys(), self.bm, self.stages);
+        (2 * bn * d + 2 * st * bm * d + bn * bm) * 2 + 2 * st * bm * 4
+    }
+    pub fn kernel(&self, d: usize) -> Option<&'static str> {
+        self.kernels[usize::from(d != 64)]
+    }
+}
+
+/// The backward variants; the first is the default where it fits (the second where not).
+/// `w8q64s2a`, `w4q64s2a`: lse/D by cp.async instead of loads that stall two warps in every
+/// prefetch, dQ by paired atomics; `w4q64s2a` also runs two 4-warp blocks per H100 SM
+/// (105 KB each) instead of one 8-warp block, so one block's barriers overlap the other's
+/// work, at twice the dQ atomics per FLOP.
+pub static BWD_VARIANTS: [BwdConfig; 4] = [
+    BwdConfig {
+        name: "w8q64s2",
+        warps: 8,
+        bm: 64,
+        stages: 2,
+        async_io: false,
+        kernels: [
+            Some("attention_bwd_bf16_d64"),
+            Some("attention_bwd_bf16_d128"),
+        ],
+        sm86: false,
+    },
+    BwdConfig {
+        name: "w4q64s1",
+        warps: 4,
+        bm: 64,
+        stages: 1,
+        async_io: false,
+        kernels: [None, Some("attention_bwd_small_bf16_d128")],
+        sm86: true,
+    },
+    BwdConfig {
+        name: "w8q64s2a",
+        warps: 8,
+        bm: 64,
+        stages: 2,
+        async_io: true,
+        kernels: [
+            Some("attention_bwd_w8q64s2a_bf16_d64"),
+            Some("attention_bwd_w8q64s2a_bf16_d128"),
+        ],
+        sm86: false,
+    },
+    BwdConfig {
+        name: "w4q64s2a",
+        warps: 4,
+        bm: 64,
+        stages: 2,
+        async_io: true,
+        kernels: [
+            Some("attention_bwd_w4q64s2a_bf16_d64"),
+            Some("attention_bwd_w4q64s2a_bf16_d128"),
+        ],
+        sm86: false,
+    },
+];
+
+/// The backward variant called `name`.
+pub fn bwd_variant(name: &str) -> Result<&'static BwdConfig> {
+    BWD_VARIANTS.iter().find(|v| v.name == name).ok_or_else(|| {
+        let known: Vec<&str> = BWD_VARIANTS.iter().map(|v| v.name).collect();
+        bad(format!(
+            "no attention backward variant {name:?} (known: {})",
+            known.join(", ")
+        ))
+    })
+}
+
+/// The variant an environment variable names, read once per process (`None`: unset or
+/// empty). An unknown name is an error at every launch, not a silent fallback.
+fn env_variant<T: 'static>(
+    cell: &'static OnceLock<std::result::Result<Option<&'static T>, String>>,
+    var: &str,
+    find: fn(&str) -> Result<&'static T>,
+) -> Result<Option<&'static T>> {
+    cell.get_or_init(|| match std::env::var(var) {
+        Ok(v) if v.is_empty() => Ok(None),
+        Ok(v) => find(&v).map(Some).map_err(|e| format!("{var}: {e}")),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(e) => Err(format!("{var}: {e}")),
+    })
+    .clone()
+    .map_err(bad)
+}
+
+/// The forward variant [`attention_forward`] uses: `PALIGN_ATTN_FWD`, else the default.
+pub fn fwd_variant_from_env() -> Result<&'static FwdVariant> {
+    static CELL: OnceLock<std::result::Result<Option<&'static FwdVariant>, String>> =
+        OnceLock::new();
+    Ok(env_variant(&CELL, "PALIGN_ATTN_FWD", fwd_variant)?.unwrap_or(&FWD_VARIANTS[0]))
+}
+
+/// The backward variant `PALIGN_ATTN_BWD` names, if set.
+pub fn bwd_variant_from_env() -> Result<Option<&'static BwdConfig>> {
+    static CELL: OnceLock<std::result::Result<Option<&'static BwdConfig>, String>> =
+        OnceLock::new();
+    env_variant(&CELL, "PALIGN_ATTN_BWD", bwd_variant)
+}
+
+/// Which backward kernel runs. `Auto` takes `PALIGN_ATTN_BWD` when set, else `Large` when
+/// the GPU has the shared memory (A100, H100: up to 227 KB per block), else `Small` (RTX
+/// 30xx/40xx: 99 KB).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BwdVariant {
     Auto,
-    /// 8 warps, 128 keys per block, double-buffered query tiles.
+    /// 8 warps, 128 keys per block, double-buffered query tiles (`w8q64s2`).
     Large,
-    /// head_dim 128 only: 4 warps, 64 keys per block, single-buffered (74 KB).
+    /// head_dim 128 only: 4 warps, 64 keys per block, single-buffered, 74 KB (`w4q64s1`).
     Small,
-}
-
-struct BwdKernel {
-    name: &'static str,
-    warps: usize,
-    stages: usize,
-}
-
-impl BwdKernel {
-    fn keys(&self) -> usize {
-        16 * self.warps
-    }
-    /// Mirrors `bwd_smem_bytes` in kernels/attention.cu.
-    fn smem(&self, d: usize) -> usize {
-        let (bn, bm, st) = (self.keys(), BWD_BM, self.stages);
-        (2 * bn * d + 2 * st * bm * d + bn * bm) * 2 + 2 * st * bm * 4
-    }
-}
-
-fn bwd_kernel(d: usize, variant: BwdVariant) -> BwdKernel {
-    match (d, variant) {
-        (64, _) => BwdKernel {
-            name: "attention_bwd_bf16_d64",
-            warps: 8,
-            stages: 2,
-        },
-        (_, BwdVariant::Small) => BwdKernel {
-            name: "attention_bwd_small_bf16_d128",
-            warps: 4,
-            stages: 1,
-        },
-        _ => BwdKernel {
-            name: "attention_bwd_bf16_d128",
-            warps: 8,
-            stages: 2,
-        },
-    }
+    /// A row of [`BWD_VARIANTS`].
+    Named(&'static BwdConfig),
 }
 
 /// Where each sequence's rows are (host side, validated): sequence s is rows
@@ -155,7 +373,7 @@ impl SeqSpec {
             )));
         }
         let max_len = lens.iter().copied().max().unwrap_or(0);
-        if max_len.div_ceil(FWD_BM) > GRID_YZ {
+        if max_len.div_ceil(MIN_TILE) > GRID_YZ {
             return Err(bad(format!(
                 "attention: a sequence of {max_len} tokens is longer than the kernels support"
             )));
@@ -284,15 +502,11 @@ fn smem_optin(gpu: &Gpu) -> Result<usize> {
 }
 
 /// Kernels that have opted in to more than 48 KB (once per process, like nf4.rs).
-static OPTED_IN: [AtomicBool; 3] = [
-    AtomicBool::new(false),
-    AtomicBool::new(false),
-    AtomicBool::new(false),
-];
+static OPTED_IN: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
 
 fn launch<P: DeviceRepr>(
     gpu: &Gpu,
-    name: &str,
+    name: &'static str,
     grid: (u32, u32, u32),
     block: u32,
     smem: usize,
@@ -303,12 +517,10 @@ fn launch<P: DeviceRepr>(
     }
     let f = gpu.function(name)?;
     if smem > SMEM_DEFAULT {
-        let slot = match name {
-            "attention_bwd_bf16_d64" => 0,
-            "attention_bwd_bf16_d128" => 1,
-            _ => 2,
-        };
-        if !OPTED_IN[slot].load(Ordering::Acquire) {
+        // Held across the check and the attribute call so that no launch of this kernel
+        // sees the name before the attribute is set. Each kernel has one size (its d).
+        let mut opted = OPTED_IN.lock().unwrap_or_else(|e| e.into_inner());
+        if !opted.contains(&name) {
             let max = smem_optin(gpu)?;
             if smem > max {
                 return Err(Error::Cuda(format!(
@@ -321,7 +533,7 @@ fn launch<P: DeviceRepr>(
                 smem as i32,
             )
             .map_err(cuda_err("cuFuncSetAttribute(max dynamic shared memory)"))?;
-            OPTED_IN[slot].store(true, Ordering::Release);
+            opted.push(name);
         }
     }
     let cfg = LaunchConfig {
@@ -339,7 +551,7 @@ fn launch<P: DeviceRepr>(
 }
 
 /// Forward: `out` (bf16 `[rows, H, d]`) and `lse` (f32 `[rows, H]`, natural log) from q,
-/// k, v. Padding rows of the layout are zero in both.
+/// k, v. Padding rows of the layout are zero in both. Runs [`fwd_variant_from_env`].
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     gpu: &Gpu,
@@ -350,6 +562,23 @@ pub fn attention_forward(
     shape: AttnShape,
     out: &mut DeviceBuffer<bf16>,
     lse: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    let variant = fwd_variant_from_env()?;
+    attention_forward_with(gpu, q, k, v, layout, shape, out, lse, variant)
+}
+
+/// [`attention_forward`] with a chosen kernel variant (tests and benches run them all).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_with(
+    gpu: &Gpu,
+    q: &DeviceBuffer<bf16>,
+    k: &DeviceBuffer<bf16>,
+    v: &DeviceBuffer<bf16>,
+    layout: &SeqLayout,
+    shape: AttnShape,
+    out: &mut DeviceBuffer<bf16>,
+    lse: &mut DeviceBuffer<f32>,
+    variant: &'static FwdVariant,
 ) -> Result<()> {
     let (h, hkv, d, window, scale) = shape_params(&shape)?;
     let rows = layout.n_rows;
@@ -377,22 +606,17 @@ pub fn attention_forward(
         scale,
         _pad: 0,
     };
-    let name = if d == 64 {
-        "attention_fwd_bf16_d64"
-    } else {
-        "attention_fwd_bf16_d128"
-    };
     let grid = (
         grid_x(h * layout.n_seqs(), "heads x sequences")?,
-        layout.max_len.div_ceil(FWD_BM) as u32,
+        layout.max_len.div_ceil(variant.rows()) as u32,
         1,
     );
     launch(
         gpu,
-        name,
+        variant.kernel(d),
         grid,
-        FWD_THREADS,
-        (FWD_BM + 2 * FWD_BN) * d * 2,
+        variant.threads() as u32,
+        variant.smem(d),
         &p,
     )
 }
@@ -455,10 +679,22 @@ pub fn attention_backward_with(
             "attention backward: the small kernel is for head_dim 128",
         ));
     }
-    let mut kernel = bwd_kernel(d, variant);
-    if variant == BwdVariant::Auto && d == 128 && kernel.smem(d) > smem_optin(gpu)? {
-        kernel = bwd_kernel(d, BwdVariant::Small);
-    }
+    let config = match variant {
+        BwdVariant::Large => &BWD_VARIANTS[0],
+        BwdVariant::Small => &BWD_VARIANTS[1],
+        BwdVariant::Named(c) => c,
+        BwdVariant::Auto => match bwd_variant_from_env()? {
+            Some(c) => c,
+            None if d == 128 && BWD_VARIANTS[0].smem(d) > smem_optin(gpu)? => &BWD_VARIANTS[1],
+            None => &BWD_VARIANTS[0],
+        },
+    };
+    let kernel = config.kernel(d).ok_or_else(|| {
+        bad(format!(
+            "attention backward: variant {} has no head_dim {d} kernel",
+            config.name
+        ))
+    })?;
 
     let delta = gpu.alloc::<f32>(rows * h)?;
     let dq_accum = gpu.alloc::<f32>(nq)?;
@@ -507,15 +743,15 @@ pub fn attention_backward_with(
     };
     let grid = (
         grid_x(hkv * layout.n_seqs(), "KV heads x sequences")?,
-        layout.max_len.div_ceil(kernel.keys()) as u32,
+        layout.max_len.div_ceil(config.keys()) as u32,
         1,
     );
     launch(
         gpu,
-        kernel.name,
+        kernel,
         grid,
-        32 * kernel.warps as u32,
-        kernel.smem(d),
+        config.threads() as u32,
+        config.smem(d),
         &p,
     )?;
     let dq = AttnDqParams {
@@ -748,8 +984,18 @@ mod tests {
     #[test]
     fn backward_kernels_fit_their_targets() {
         // A100/H100 opt-in limits are 163/227 KB, RTX 30xx/40xx 99 KB.
-        assert!(bwd_kernel(128, BwdVariant::Large).smem(128) <= 163 * 1024);
-        assert!(bwd_kernel(128, BwdVariant::Small).smem(128) <= 99 * 1024);
-        assert!(bwd_kernel(64, BwdVariant::Auto).smem(64) <= 99 * 1024);
+        assert!(BWD_VARIANTS[0].smem(128) <= 163 * 1024);
+        assert!(BWD_VARIANTS[1].smem(128) <= SMEM_SM86);
+        assert!(BWD_VARIANTS[0].smem(64) <= SMEM_SM86);
+        assert_eq!(BWD_VARIANTS[1].kernel(64), None);
+    }
+
+    #[test]
+    fn variants_are_found_by_name() {
+        assert_eq!(fwd_variant("w4m2n64s2").unwrap().rows(), 128);
+        assert_eq!(bwd_variant("w4q64s2a").unwrap().keys(), 64);
+        let e = fwd_variant("w4m3").unwrap_err().to_string();
+        assert!(e.contains("w4m1n64s1") && e.contains("w4m3"), "{e}");
+        assert!(bwd_variant("").is_err());
     }
 }

@@ -82,6 +82,16 @@ pub const KERNEL_NAMES: &[&str] = &[
     "logprob_fused_combine",
     "seq_logp_sum_f32",
     "dpo_loss_f32",
+    "attention_fwd_w4m2n64s1_bf16_d64",
+    "attention_fwd_w4m2n64s1_bf16_d128",
+    "attention_fwd_w4m2n64s2_bf16_d64",
+    "attention_fwd_w4m2n64s2_bf16_d128",
+    "attention_fwd_w8m1n64s2_bf16_d64",
+    "attention_fwd_w8m1n64s2_bf16_d128",
+    "attention_bwd_w8q64s2a_bf16_d64",
+    "attention_bwd_w8q64s2a_bf16_d128",
+    "attention_bwd_w4q64s2a_bf16_d64",
+    "attention_bwd_w4q64s2a_bf16_d128",
 ];
 
 /// Whether build.rs compiled the kernels into this binary.
