@@ -12,10 +12,24 @@
 //! and the same three for the input gradient (`lora_backward_input`, dX = dY·W +
 //! s·(dY·B)·A). Issue 9's target is fused ≤ 1.05x base.
 //!
+//! Group `lora_drop` (kernels/lora_drop.cu): the adapter factors with dropout p = 0.05
+//! for 1 and 3 heads sharing X (q/k/v), in = 4096 and 14336, ranks 16 and 64, each
+//! against today's unfused path measured in the same run:
+//!
+//! - `down`:   fused `lora_drop::lora_down` vs, per head, `dropout_bf16` + cuBLAS X·Aᵀ;
+//! - `grad_a`: fused `lora_grad_a` vs, per head, `dropout_bf16` + cuBLAS dA += s·dybᵀ·X
+//!   (f32 out);
+//! - `dx`:     fused `lora_dx_acc` vs, per head, cuBLAS dyb·A [M, in] + `dropout_bf16` +
+//!   `axpy_bf16` into dX.
+//!
+//! GB/s is the least traffic of the operation (X or dX once, or read and written once,
+//! plus the factors) over the time, for both paths, so the two figures compare directly.
+//!
 //! Time is GPU time between CUDA events (median of 9 batches of 5 calls after
 //! criterion's run). Output: one `BENCH lora ...` line per shape, rank and direction,
-//! then `RATIO lora_fused_vs_base ...` and `RATIO lora_fused_vs_unfused ...` lines
-//! (tools/gpu-check.sh copies them into its report).
+//! then `RATIO lora_fused_vs_base ...` and `RATIO lora_fused_vs_unfused ...` lines, and
+//! `BENCH lora_drop ...` / `RATIO lora_drop_fused_vs_unfused ...` lines for the dropout
+//! group (tools/gpu-check.sh copies them into its report).
 //!
 //! Without a CUDA device (or without compiled kernels) it prints a skip line and exits
 //! 0, so `cargo bench` works on every machine.
@@ -26,7 +40,10 @@ mod common;
 use common::{bench_gpu, filled_bf16, gpu_ms, ok, random_weight, Launch};
 use criterion::Criterion;
 use half::bf16;
+use palign::backend::cuda::blas::{self, Gemm};
+use palign::backend::cuda::elementwise as ew;
 use palign::backend::cuda::lora::{self, LoraBase, LoraDev, LoraPath};
+use palign::backend::cuda::lora_drop::{self, DropHead};
 use palign::backend::cuda::nf4::{self, Nf4Op, Out};
 use palign::backend::cuda::{DeviceBuffer, Gpu};
 
@@ -34,6 +51,9 @@ const TOKENS: usize = 8192;
 const IN: usize = 4096;
 const OUTS: &[(&str, usize)] = &[("q_o", 4096), ("gate_up", 14336)];
 const RANKS: &[usize] = &[16, 64];
+const DROP_INS: &[usize] = &[4096, 14336];
+const DROP_HEADS: &[usize] = &[1, 3];
+const DROP_P: f32 = 0.05;
 
 /// Criterion over `cases` (name, launch), then each one's summary time in ms.
 fn bench(c: &mut Criterion, g: &Gpu, group: &str, cases: &mut [(String, Launch<'_>)]) -> Vec<f64> {
@@ -177,10 +197,146 @@ fn main() {
             }
         }
     }
+    bench_drop(&mut c, g, &mut lines, &mut ratios);
     c.final_summary();
 
     println!("lora summary on {} (M = {TOKENS}, NF4 base):", g.name());
     for l in lines.iter().chain(&ratios) {
         println!("{l}");
+    }
+}
+
+/// The `lora_drop` group: fused dropout factors vs today's unfused path (see the top).
+fn bench_drop(c: &mut Criterion, g: &Gpu, lines: &mut Vec<String>, ratios: &mut Vec<String>) {
+    let m = TOKENS;
+    for &k in DROP_INS {
+        let x = filled_bf16(g, m * k, 6, 1.0);
+        for &r in RANKS {
+            let s = 16.0 / r as f32;
+            for &nh in DROP_HEADS {
+                let a: Vec<DeviceBuffer<bf16>> = (0..nh)
+                    .map(|i| filled_bf16(g, r * k, 10 + i as u32, 0.02))
+                    .collect();
+                let dyb: Vec<DeviceBuffer<bf16>> = (0..nh)
+                    .map(|i| filled_bf16(g, m * r, 20 + i as u32, 1.0))
+                    .collect();
+                let heads: Vec<DropHead<'_>> = (0..nh)
+                    .map(|i| DropHead {
+                        a: &a[i],
+                        rank: r,
+                        stream: 1000 + i as u64,
+                        p: DROP_P,
+                    })
+                    .collect();
+                let dybs: Vec<&DeviceBuffer<bf16>> = dyb.iter().collect();
+                // Separate outputs per case (criterion keeps every closure alive at once).
+                let alloc_bf16 = |n: usize| -> Vec<DeviceBuffer<bf16>> {
+                    (0..nh).map(|_| ok(g.alloc::<bf16>(n))).collect()
+                };
+                let alloc_f32 = || -> Vec<DeviceBuffer<f32>> {
+                    (0..nh).map(|_| ok(g.zeros::<f32>(r * k))).collect()
+                };
+                let (mut xa_f, mut xa_u) = (alloc_bf16(m * r), alloc_bf16(m * r));
+                let (mut ga_f, mut ga_u) = (alloc_f32(), alloc_f32());
+                let mut dx_f = filled_bf16(g, m * k, 7, 1.0);
+                let mut dx_u = filled_bf16(g, m * k, 7, 1.0);
+                let mut xd1 = ok(g.alloc::<bf16>(m * k));
+                let mut xd2 = ok(g.alloc::<bf16>(m * k));
+                let mut dxa = ok(g.alloc::<bf16>(m * k));
+                let mut dropped = ok(g.alloc::<bf16>(m * k));
+                let (x, heads, dybs) = (&x, &heads[..], &dybs[..]);
+                let tag = format!("k={k} r={r} heads={nh}");
+                let mut cases: Vec<(String, Launch<'_>)> = vec![
+                    (
+                        format!("down {tag} fused"),
+                        Box::new(move || {
+                            let mut o: Vec<&mut DeviceBuffer<bf16>> = xa_f.iter_mut().collect();
+                            ok(lora_drop::lora_down(g, x, m, k, heads, &mut o))
+                        }),
+                    ),
+                    (
+                        format!("down {tag} unfused"),
+                        Box::new(move || {
+                            for (h, o) in heads.iter().zip(xa_u.iter_mut()) {
+                                ok(ew::dropout_bf16(g, x, h.stream, h.p, &mut xd1));
+                                ok(blas::gemm_bf16(g, Gemm::linear(m, r, k), &xd1, h.a, o));
+                            }
+                        }),
+                    ),
+                    (
+                        format!("grad_a {tag} fused"),
+                        Box::new(move || {
+                            let mut o: Vec<&mut DeviceBuffer<f32>> = ga_f.iter_mut().collect();
+                            ok(lora_drop::lora_grad_a(g, x, m, k, heads, dybs, s, &mut o))
+                        }),
+                    ),
+                    (
+                        format!("grad_a {tag} unfused"),
+                        Box::new(move || {
+                            let at_b = Gemm {
+                                m: r,
+                                n: k,
+                                k: m,
+                                trans_a: true,
+                                trans_b: false,
+                                alpha: s,
+                                beta: 1.0,
+                            };
+                            for ((h, d), o) in heads.iter().zip(dybs).zip(ga_u.iter_mut()) {
+                                ok(ew::dropout_bf16(g, x, h.stream, h.p, &mut xd2));
+                                ok(blas::gemm_bf16_f32out(g, at_b, d, &xd2, o));
+                            }
+                        }),
+                    ),
+                    (
+                        format!("dx {tag} fused"),
+                        Box::new(move || {
+                            ok(lora_drop::lora_dx_acc(g, &mut dx_f, m, k, heads, dybs, s))
+                        }),
+                    ),
+                    (
+                        format!("dx {tag} unfused"),
+                        Box::new(move || {
+                            let plain = Gemm {
+                                trans_b: false,
+                                ..Gemm::linear(m, k, r)
+                            };
+                            for (h, d) in heads.iter().zip(dybs) {
+                                ok(blas::gemm_bf16(g, plain, d, h.a, &mut dxa));
+                                ok(ew::dropout_bf16(g, &dxa, h.stream, h.p, &mut dropped));
+                                ok(ew::axpy_bf16(g, s, &dropped, &mut dx_u));
+                            }
+                        }),
+                    ),
+                ];
+                let t = bench(c, g, "lora_drop", &mut cases);
+                // The least traffic of each operation (bytes), whichever path runs it.
+                let (big, fac, w) = (
+                    (m * k * 2) as f64,
+                    (nh * m * r * 2) as f64,
+                    (nh * r * k) as f64,
+                );
+                let bytes = [
+                    ("down", big + fac + 2.0 * w),
+                    ("grad_a", big + fac + 8.0 * w),
+                    ("dx", 2.0 * big + fac + 2.0 * w),
+                ];
+                for (i, (kernel, b)) in bytes.iter().enumerate() {
+                    let (f, u) = (t[2 * i], t[2 * i + 1]);
+                    let gbs = |ms: f64| b / (ms / 1e3) / 1e9;
+                    lines.push(format!(
+                        "BENCH lora_drop {kernel:<6} m={m} k={k:<5} r={r:<2} heads={nh} p={DROP_P}  \
+                         fused {f:>8.4} ms ({:>6.0} GB/s)  unfused {u:>8.4} ms ({:>6.0} GB/s)",
+                        gbs(f),
+                        gbs(u)
+                    ));
+                    ratios.push(format!(
+                        "RATIO lora_drop_fused_vs_unfused {kernel} {tag}: {:.3}x ({:.2}x faster)",
+                        f / u,
+                        u / f
+                    ));
+                }
+            }
+        }
     }
 }

@@ -451,3 +451,33 @@ struct DpoLossParams {
     int32_t ipo;             // 0: sigmoid, 1: IPO
     int32_t _pad;
 };
+
+/* ---- lora_drop.cu: LoRA factors with dropout, up to 3 heads sharing one X ---- */
+// One head: keep(e) = rng::dropout_keep(stream, e, p) as hi32(mix) >= thresh.
+struct LoraDropHeadParams {
+    cbf16_ptr a;           // A [rank, k]: lora_down, lora_dx_acc
+    cbf16_ptr dyb;         // [m, rank]: lora_grad_a, lora_dx_acc
+    bf16_ptr xa;           // [m, rank] out: lora_down
+    f32_ptr grad;          // [rank, k] (+=): lora_grad_a
+    uint64_t stream;       // rng::dropout_stream(seed, step, call)
+    int32_t rank;          // a multiple of 8, 8..=128
+    uint32_t thresh;       // ceil(p·2^24) << 8; 0: no dropout (p = 0)
+    float scale;           // 1 / (1 - p) in f32
+    float coef;            // lora_dx_acc: alpha · scale
+};
+
+// xa_i = bf16(drop_i(x)·A_iᵀ); grad_i += alpha·dyb_iᵀ·drop_i(x); dx = bf16(dx + Σ coef_i·mask_i∘(dyb_i·A_i)).
+struct LoraDropParams {
+    struct LoraDropHeadParams head[3];
+    cbf16_ptr x;           // [m, k]: lora_down, lora_grad_a
+    bf16_ptr dx;           // [m, k], in place: lora_dx_acc
+    f32_ptr partial;       // lora_grad_a: [splits][Σ rank][k], or 0: add into grad directly
+    int32_t m;
+    int32_t k;             // a multiple of 8
+    int32_t n_heads;       // 1..=3
+    int32_t row_warps;     // lora_down: warps along rows per block (2 or 4)
+    int32_t rows_per_split; // lora_grad_a, lora_dx_acc: rows per blockIdx.y
+    int32_t splits;        // lora_grad_a(_finish): gridDim.y
+    float alpha;           // lora_grad_a
+    int32_t _pad;
+};

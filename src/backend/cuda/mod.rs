@@ -17,6 +17,7 @@ pub mod elementwise;
 mod launch;
 pub mod logprob;
 pub mod lora;
+pub mod lora_drop;
 pub mod nf4;
 pub mod ops;
 pub mod params;
@@ -92,6 +93,16 @@ pub const KERNEL_NAMES: &[&str] = &[
     "attention_bwd_w8q64s2a_bf16_d128",
     "attention_bwd_w4q64s2a_bf16_d64",
     "attention_bwd_w4q64s2a_bf16_d128",
+    "lora_down_nt4",
+    "lora_down_nt8",
+    "lora_down_nt16",
+    "lora_down_nt24",
+    "lora_grad_a_nt4",
+    "lora_grad_a_nt8",
+    "lora_grad_a_nt16",
+    "lora_grad_a_nt24",
+    "lora_grad_a_finish",
+    "lora_dx_acc",
 ];
 
 /// Whether build.rs compiled the kernels into this binary.

@@ -1047,3 +1047,80 @@ const _: () = {
     ["Offset of field: DpoLossParams::_pad"]
         [::std::mem::offset_of!(DpoLossParams, _pad) - 100usize];
 };
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct LoraDropHeadParams {
+    pub a: cbf16_ptr,
+    pub dyb: cbf16_ptr,
+    pub xa: bf16_ptr,
+    pub grad: f32_ptr,
+    pub stream: u64,
+    pub rank: i32,
+    pub thresh: u32,
+    pub scale: f32,
+    pub coef: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LoraDropHeadParams"][::std::mem::size_of::<LoraDropHeadParams>() - 56usize];
+    ["Alignment of LoraDropHeadParams"][::std::mem::align_of::<LoraDropHeadParams>() - 8usize];
+    ["Offset of field: LoraDropHeadParams::a"]
+        [::std::mem::offset_of!(LoraDropHeadParams, a) - 0usize];
+    ["Offset of field: LoraDropHeadParams::dyb"]
+        [::std::mem::offset_of!(LoraDropHeadParams, dyb) - 8usize];
+    ["Offset of field: LoraDropHeadParams::xa"]
+        [::std::mem::offset_of!(LoraDropHeadParams, xa) - 16usize];
+    ["Offset of field: LoraDropHeadParams::grad"]
+        [::std::mem::offset_of!(LoraDropHeadParams, grad) - 24usize];
+    ["Offset of field: LoraDropHeadParams::stream"]
+        [::std::mem::offset_of!(LoraDropHeadParams, stream) - 32usize];
+    ["Offset of field: LoraDropHeadParams::rank"]
+        [::std::mem::offset_of!(LoraDropHeadParams, rank) - 40usize];
+    ["Offset of field: LoraDropHeadParams::thresh"]
+        [::std::mem::offset_of!(LoraDropHeadParams, thresh) - 44usize];
+    ["Offset of field: LoraDropHeadParams::scale"]
+        [::std::mem::offset_of!(LoraDropHeadParams, scale) - 48usize];
+    ["Offset of field: LoraDropHeadParams::coef"]
+        [::std::mem::offset_of!(LoraDropHeadParams, coef) - 52usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct LoraDropParams {
+    pub head: [LoraDropHeadParams; 3usize],
+    pub x: cbf16_ptr,
+    pub dx: bf16_ptr,
+    pub partial: f32_ptr,
+    pub m: i32,
+    pub k: i32,
+    pub n_heads: i32,
+    pub row_warps: i32,
+    pub rows_per_split: i32,
+    pub splits: i32,
+    pub alpha: f32,
+    pub _pad: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LoraDropParams"][::std::mem::size_of::<LoraDropParams>() - 224usize];
+    ["Alignment of LoraDropParams"][::std::mem::align_of::<LoraDropParams>() - 8usize];
+    ["Offset of field: LoraDropParams::head"]
+        [::std::mem::offset_of!(LoraDropParams, head) - 0usize];
+    ["Offset of field: LoraDropParams::x"][::std::mem::offset_of!(LoraDropParams, x) - 168usize];
+    ["Offset of field: LoraDropParams::dx"][::std::mem::offset_of!(LoraDropParams, dx) - 176usize];
+    ["Offset of field: LoraDropParams::partial"]
+        [::std::mem::offset_of!(LoraDropParams, partial) - 184usize];
+    ["Offset of field: LoraDropParams::m"][::std::mem::offset_of!(LoraDropParams, m) - 192usize];
+    ["Offset of field: LoraDropParams::k"][::std::mem::offset_of!(LoraDropParams, k) - 196usize];
+    ["Offset of field: LoraDropParams::n_heads"]
+        [::std::mem::offset_of!(LoraDropParams, n_heads) - 200usize];
+    ["Offset of field: LoraDropParams::row_warps"]
+        [::std::mem::offset_of!(LoraDropParams, row_warps) - 204usize];
+    ["Offset of field: LoraDropParams::rows_per_split"]
+        [::std::mem::offset_of!(LoraDropParams, rows_per_split) - 208usize];
+    ["Offset of field: LoraDropParams::splits"]
+        [::std::mem::offset_of!(LoraDropParams, splits) - 212usize];
+    ["Offset of field: LoraDropParams::alpha"]
+        [::std::mem::offset_of!(LoraDropParams, alpha) - 216usize];
+    ["Offset of field: LoraDropParams::_pad"]
+        [::std::mem::offset_of!(LoraDropParams, _pad) - 220usize];
+};

@@ -16,6 +16,7 @@ use super::attention::{
 };
 use super::blas::{self, Gemm};
 use super::lora::{self, LoraBase, LoraDev};
+use super::lora_drop;
 use super::nf4::{Nf4Dispatcher, Nf4Op, Out};
 use super::{elementwise as ew, logprob, ops as k, profile, DeviceBuffer, Gpu};
 use crate::error::{bad, Error, Result};
@@ -847,27 +848,110 @@ pub fn lora_fused_backward(
 }
 
 // ---- LoRA heads with dropout fused (kernels/lora_drop.cu) ----
-// TEMPORARY until the kernels land this session: the unfused path.
+
+/// Profile family of the adapter kernels with dropout fused.
+pub const LORA: &str = "lora (dropout fused)";
+
+/// Whether the adapters' down-projection, dA and dX shares take kernels/lora_drop.cu
+/// (default) or the dropout copy + cuBLAS per adapter (`PALIGN_LORA_DROP=unfused`).
 pub fn lora_drop_fused() -> bool {
-    false
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("PALIGN_LORA_DROP").is_ok_and(|v| v == "unfused"))
 }
-pub fn lora_down(_x: &Tensor, _heads: &[crate::ops::LoraHead]) -> Result<Vec<Tensor>> {
-    unreachable!()
+
+/// Whether kernels/lora_drop.cu takes these heads over an input of `k` columns (ranks a
+/// multiple of 8 up to 128, at most 3 heads, k a multiple of 8); other shapes (e.g. the
+/// tiny fixtures' ranks) take the unfused path.
+pub fn lora_drop_applies(k: usize, heads: &[crate::ops::LoraHead]) -> bool {
+    lora_drop_fused()
+        && !heads.is_empty()
+        && heads.len() <= lora_drop::MAX_HEADS
+        && k.is_multiple_of(lora_drop::K_MULTIPLE)
+        && heads.iter().all(|h| {
+            let r = h.a.rows();
+            r.is_multiple_of(lora_drop::RANK_MULTIPLE) && (1..=lora_drop::MAX_RANK).contains(&r)
+        })
 }
+
+fn drop_heads<'a>(heads: &[crate::ops::LoraHead<'a>]) -> Result<Vec<lora_drop::DropHead<'a>>> {
+    heads
+        .iter()
+        .map(|h| {
+            Ok(lora_drop::DropHead {
+                a: h.a.bf16_buf()?,
+                rank: h.a.rows(),
+                stream: h.mask.map_or(0, |m| m.stream),
+                p: h.mask.map_or(0.0, |m| m.p),
+            })
+        })
+        .collect()
+}
+
+pub fn lora_down(x: &Tensor, heads: &[crate::ops::LoraHead]) -> Result<Vec<Tensor>> {
+    let g = gpu()?;
+    let (m, k) = (x.rows(), x.cols());
+    let mut outs = heads
+        .iter()
+        .map(|h| new_bf16(&g, &[m, h.a.rows()]))
+        .collect::<Result<Vec<_>>>()?;
+    if heads.is_empty() {
+        return Ok(outs);
+    }
+    let dh = drop_heads(heads)?;
+    let mut bufs = outs
+        .iter_mut()
+        .map(|t| t.bf16_buf_mut())
+        .collect::<Result<Vec<_>>>()?;
+    profile::scope(&g, LORA, || {
+        lora_drop::lora_down(&g, x.bf16_buf()?, m, k, &dh, &mut bufs)
+    })?;
+    drop(bufs);
+    Ok(outs)
+}
+
 pub fn lora_grad_a_(
-    _grads: &mut [&mut Tensor],
-    _x: &Tensor,
-    _heads: &[crate::ops::LoraHead],
-    _dybs: &[&Tensor],
-    _alpha: f32,
+    grads: &mut [&mut Tensor],
+    x: &Tensor,
+    heads: &[crate::ops::LoraHead],
+    dybs: &[&Tensor],
+    alpha: f32,
 ) -> Result<()> {
-    unreachable!()
+    if heads.is_empty() {
+        return Ok(());
+    }
+    let g = gpu()?;
+    let (m, k) = (x.rows(), x.cols());
+    let dh = drop_heads(heads)?;
+    let dyb = dybs
+        .iter()
+        .map(|t| t.bf16_buf())
+        .collect::<Result<Vec<_>>>()?;
+    let mut gb = grads
+        .iter_mut()
+        .map(|t| t.f32_buf_mut())
+        .collect::<Result<Vec<_>>>()?;
+    profile::scope(&g, LORA, || {
+        lora_drop::lora_grad_a(&g, x.bf16_buf()?, m, k, &dh, &dyb, alpha, &mut gb)
+    })
 }
+
 pub fn lora_dx_acc_(
-    _dx: &mut Tensor,
-    _heads: &[crate::ops::LoraHead],
-    _dybs: &[&Tensor],
-    _alpha: f32,
+    dx: &mut Tensor,
+    heads: &[crate::ops::LoraHead],
+    dybs: &[&Tensor],
+    alpha: f32,
 ) -> Result<()> {
-    unreachable!()
+    if heads.is_empty() {
+        return Ok(());
+    }
+    let g = gpu()?;
+    let (m, k) = (dx.rows(), dx.cols());
+    let dh = drop_heads(heads)?;
+    let dyb = dybs
+        .iter()
+        .map(|t| t.bf16_buf())
+        .collect::<Result<Vec<_>>>()?;
+    profile::scope(&g, LORA, || {
+        lora_drop::lora_dx_acc(&g, dx.bf16_buf_mut()?, m, k, &dh, &dyb, alpha)
+    })
 }
