@@ -16,7 +16,8 @@
 // the base-2 online softmax, dQ accumulated in f32 with atomics and the D = rowsum(dO∘O)
 // pre-pass; FA2's rule that KV tiles outside the window are skipped; FA2's d = 128
 // forward tile (128 query rows per 4-warp block, 64 keys, Q re-read from shared memory);
-// PTX ISA 8.1 red.global.add.v2.f32 (sm_90).
+// PTX ISA 8.1 red.global.add.v2.f32 (sm_90); the FA2 paper's backward warp layout (Sᵀ/dPᵀ,
+// dK/dV and dQ each tiled over the warps, P and dS passed through shared memory).
 //
 // Layout: token rows of q/o are [rows, H, d], k/v [rows, Hkv, d], lse/delta [rows, H].
 // Sequence s occupies rows seq_start[s] .. seq_start[s] + seq_len[s] (packed batches:
@@ -31,7 +32,8 @@
 //   attention_bwd_bf16_d{64,128}       dK, dV (stored), dQ (f32 atomics). Grid (Hkv·n_seqs,
 //   attention_bwd_small_bf16_d128      KV tiles). "small": for GPUs with < 145 KB of smem.
 //   attention_bwd_<v>_bf16_d{64,128}   the same, variant v (w8q64s2a, w4q64s2a: see
-//                                      "backward").
+//                                      "backward"; w8q64s2g, w4q64s2g: see "backward,
+//                                      warp-grid variant").
 //   attention_bwd_dq_bf16              dQ = bf16(scale · accumulator).
 //   attention_decode_bf16_d{64,128}    one query per sequence against a KV cache, split-K.
 //   attention_decode_combine_bf16      merges the split-K partial results.
@@ -758,6 +760,328 @@ __device__ void bwd(const AttnBwdParams &p) {
     }
 }
 
+// ------------------------------------------------------ backward, warp-grid variant
+//
+// Same block (BN = 16·WARPS keys of one (sequence, KV head), looping over the group's query
+// heads and the query tiles that see them) and the same math as bwd, but each product of a
+// step (BM = 64 queries) is tiled over the warps as a grid, with Pᵀ and dSᵀ passed through
+// shared memory (the FA2 paper's backward). With WK = WARPS / 2 row groups of 32 keys:
+//   Sᵀ, dPᵀ (BN x 64):  warp w owns keys 32·(w % WK) .. +31 x queries 32·(w / WK) .. +31:
+//                       Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ; Pᵀ, dSᵀ = Pᵀ∘(dPᵀ - D) (bf16) -> shared.
+//   ---- barrier: Pᵀ, dSᵀ complete ----
+//   dV, dK (BN x d):    warp w owns keys 32·(w % WK) .. +31 x dims (d/2)·(w / WK) ..:
+//                       dV += Pᵀ·dO, dK += dSᵀ·Q (A fragments from shared, accumulators
+//                       in registers for the whole block: 2·32·(d/2) f32 per warp).
+//   dQ (64 x d):        warp w owns queries 32·(w % 2) .. +31 x dims (d/WK)·(w / 2) ..:
+//                       dS·K, added to global with paired f32 atomics (sm_90), as bwd ASYNC.
+//   ---- barrier: next Q/dO/lse/D landed; Pᵀ, dSᵀ free ----
+// Why: in bwd every warp's Q and dO fragments feed 2 mmas (16 keys), 301 B of shared-memory
+// reads+writes per 4096-FLOP mma at d = 128. A 32 x 32 warp tile feeds each ldmatrix.x4 to 4+
+// mmas. Per step at d = 128, 8 warps: 1152 ldmatrix.x4 (512 B) + 32 KB of Pᵀ/dSᵀ stores
+// for 2560 mmas, 243 B per mma (-19%); 4 warps: 243 B (bwd: 294 B). At d = 64 the dQ and
+// dK/dV tiles are thinner: 307 B (bwd: 320 B) with 8 warps, 282 B (307 B) with 4.
+// Two barriers per step, as bwd; lse/D by cp.async, so neither waits on a global load.
+// STAGES must be 2: Q and dO are still read after the mid-step barrier.
+template <int D, int WARPS, int BM, int STAGES>
+__host__ __device__ constexpr int bwdg_smem_bytes() {
+    return (2 * 16 * WARPS * D + 2 * STAGES * BM * D + 2 * 16 * WARPS * BM) * 2 + 2 * STAGES * BM * 4;
+}
+
+template <int D, int WARPS, int BM, int STAGES>
+__device__ void bwdg(const AttnBwdParams &p) {
+    constexpr int BN = 16 * WARPS, NT = 32 * WARPS;
+    constexpr int WK = WARPS / 2;  // 32-key row groups of the Sᵀ/dPᵀ and dK/dV grids
+    constexpr int KS = D / 16;     // k-steps over the head dim (Sᵀ, dPᵀ)
+    constexpr int DH = D / 2;      // dK/dV columns per warp
+    constexpr int NDH = DH / 8;    // their 8-wide tiles
+    constexpr int DQW = D / WK;    // dQ columns per warp ...
+    constexpr int DQC = DQW < 32 ? DQW : 32; // ... in passes of at most 32 (accumulator size)
+    constexpr int NDQ = DQC / 8;
+    static_assert(BM == 64 && (WARPS == 4 || WARPS == 8) && STAGES == 2, "bwdg tiles");
+    static_assert(NDH % 2 == 0 && NDQ % 2 == 0 && DQW % DQC == 0, "bwdg column split");
+    require_smem(bwdg_smem_bytes<D, WARPS, BM, STAGES>());
+
+    const int H = p.n_heads, Hkv = p.n_kv_heads, group = H / Hkv;
+    const int seq = blockIdx.x / Hkv, kvh = blockIdx.x % Hkv;
+    const int start = p.seq_start[seq], len = p.seq_len[seq];
+    const int k0 = blockIdx.y * BN; // longest (first) key tiles first
+    if (k0 >= len) return;
+    const int W = p.window;
+    const int64_t qs = (int64_t)H * D, kvs = (int64_t)Hkv * D;
+
+    // Query tiles that see any key of the block.
+    const int q_end = W > 0 ? imin(len, k0 + BN - 1 + W) : len;
+    const int qt_lo = k0 / BM, n_qt = (q_end - 1) / BM + 1 - qt_lo;
+    const int n_it = group * n_qt;
+
+    __nv_bfloat16 *sK = reinterpret_cast<__nv_bfloat16 *>(smem);
+    __nv_bfloat16 *sV = sK + BN * D;
+    __nv_bfloat16 *sQ = sV + BN * D;            // [STAGES][BM*D]
+    __nv_bfloat16 *sdO = sQ + STAGES * BM * D;  // [STAGES][BM*D]
+    __nv_bfloat16 *sP = sdO + STAGES * BM * D;  // [BN][BM]: Pᵀ
+    __nv_bfloat16 *sdS = sP + BN * BM;          // [BN][BM]: dSᵀ
+    float *sL = reinterpret_cast<float *>(sdS + BN * BM); // [STAGES][BM]: lse·log2e
+    float *sDl = sL + STAGES * BM;                        // [STAGES][BM]: delta
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+    auto load_step = [&](int it, int stage) {
+        const int h = kvh * group + it / n_qt, q0 = (qt_lo + it % n_qt) * BM;
+        load_tile<BM, D, NT>(sQ + stage * BM * D, p.q + (int64_t)start * qs + h * D, qs, q0, len);
+        load_tile<BM, D, NT>(sdO + stage * BM * D, p.d_o + (int64_t)start * qs + h * D, qs, q0,
+                             len);
+        load_lse_delta<BM, NT, true>(sL, sDl, stage, p, start, h, q0, len);
+    };
+
+    load_tile<BN, D, NT>(sK, p.k + (int64_t)start * kvs + kvh * D, kvs, k0, len);
+    load_tile<BN, D, NT>(sV, p.v + (int64_t)start * kvs + kvh * D, kvs, k0, len);
+    load_step(0, 0);
+    cp_async_commit();
+    cp_async_wait_all();
+    scale_lse<BM, NT, true>(sL, 0, true);
+    __syncthreads();
+
+    // The warp's places in the three grids.
+    const int wk = warp % WK, wq = warp / WK; // Sᵀ/dPᵀ: keys 32wk.., queries 32wq..
+    const int wd = warp / WK;                 // dK/dV: keys 32wk.., dims DH·wd..
+    const int wq2 = warp % 2, wn = warp / 2;  // dQ: queries 32wq2.., dims DQW·wn..
+    float dk[2][NDH][4], dv[2][NDH][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int nd = 0; nd < NDH; nd++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) dk[mt][nd][e] = dv[mt][nd][e] = 0.0f;
+    const float sl2 = p.scale * LOG2E;
+    const int kw0 = k0 + 32 * wk; // the warp's keys kw0 .. kw0+31 (Sᵀ and dK/dV)
+
+    for (int it = 0; it < n_it; it++) {
+        const int stage = it & 1;
+        if (it + 1 < n_it) {
+            load_step(it + 1, stage ^ 1);
+            cp_async_commit();
+        }
+        const int h = kvh * group + it / n_qt, q0 = (qt_lo + it % n_qt) * BM;
+        const __nv_bfloat16 *cQ = sQ + stage * BM * D, *cdO = sdO + stage * BM * D;
+        const float *cL = sL + stage * BM, *cDl = sDl + stage * BM;
+
+        const int qw0 = q0 + 32 * wq; // the warp's Sᵀ queries qw0 .. qw0+31
+        const bool active = kw0 < len && qw0 + 31 >= kw0 && (W == 0 || qw0 - (kw0 + 31) < W);
+        if (active) {
+            const bool need_mask = qw0 < kw0 + 31 || (W > 0 && qw0 + 31 - kw0 >= W);
+            // Pᵀ as bf16 pairs (m-tile, 8-query tile, row half): kept for dSᵀ.
+            uint32_t pb[2][4][2];
+            {
+                float s[2][4][4];
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                    for (int nq = 0; nq < 4; nq++) s[mt][nq][0] = s[mt][nq][1] = s[mt][nq][2] = s[mt][nq][3] = 0.0f;
+#pragma unroll 1
+                for (int ks = 0; ks < KS; ks++) {
+                    uint32_t ka[2][4];
+#pragma unroll
+                    for (int mt = 0; mt < 2; mt++)
+                        ldsm_x4(ka[mt], sK + swz<D>(32 * wk + 16 * mt + (lane % 16),
+                                                    ks * 16 + (lane / 16) * 8));
+#pragma unroll
+                    for (int nq2 = 0; nq2 < 2; nq2++) {
+                        uint32_t b[4];
+                        ldsm_x4(b, cQ + swz<D>(32 * wq + nq2 * 16 + (lane % 8) + (lane / 16) * 8,
+                                               ks * 16 + ((lane / 8) % 2) * 8));
+#pragma unroll
+                        for (int mt = 0; mt < 2; mt++) {
+                            mma_bf16(s[mt][2 * nq2], ka[mt], b[0], b[1]);
+                            mma_bf16(s[mt][2 * nq2 + 1], ka[mt], b[2], b[3]);
+                        }
+                    }
+                }
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                    for (int nq = 0; nq < 4; nq++) {
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            const int col = 32 * wq + nq * 8 + (lane % 4) * 2 + (e & 1);
+                            const int key = kw0 + 16 * mt + lane / 4 + (e >= 2 ? 8 : 0);
+                            float pv = fast_exp2(fmaf(s[mt][nq][e], sl2, -cL[col]));
+                            if (need_mask && !visible(q0 + col, key, W)) pv = 0.0f;
+                            s[mt][nq][e] = pv;
+                        }
+                        pb[mt][nq][0] = pack_bf16(s[mt][nq][0], s[mt][nq][1]);
+                        pb[mt][nq][1] = pack_bf16(s[mt][nq][2], s[mt][nq][3]);
+                    }
+            }
+            // Pᵀ -> shared [key][query].
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int nq = 0; nq < 4; nq++)
+#pragma unroll
+                    for (int half = 0; half < 2; half++) {
+                        const int r = 32 * wk + 16 * mt + 8 * half + lane / 4;
+                        const int col = 32 * wq + nq * 8 + (lane % 4) * 2;
+                        *reinterpret_cast<uint32_t *>(sP + swz<BM>(r, col)) = pb[mt][nq][half];
+                    }
+            // dPᵀ = V·dOᵀ, dSᵀ = Pᵀ∘(dPᵀ - D) with the bf16 P (as the dV product uses).
+            {
+                float dp[2][4][4];
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                    for (int nq = 0; nq < 4; nq++) dp[mt][nq][0] = dp[mt][nq][1] = dp[mt][nq][2] = dp[mt][nq][3] = 0.0f;
+#pragma unroll 1
+                for (int ks = 0; ks < KS; ks++) {
+                    uint32_t va[2][4];
+#pragma unroll
+                    for (int mt = 0; mt < 2; mt++)
+                        ldsm_x4(va[mt], sV + swz<D>(32 * wk + 16 * mt + (lane % 16),
+                                                    ks * 16 + (lane / 16) * 8));
+#pragma unroll
+                    for (int nq2 = 0; nq2 < 2; nq2++) {
+                        uint32_t b[4];
+                        ldsm_x4(b, cdO + swz<D>(32 * wq + nq2 * 16 + (lane % 8) + (lane / 16) * 8,
+                                                ks * 16 + ((lane / 8) % 2) * 8));
+#pragma unroll
+                        for (int mt = 0; mt < 2; mt++) {
+                            mma_bf16(dp[mt][2 * nq2], va[mt], b[0], b[1]);
+                            mma_bf16(dp[mt][2 * nq2 + 1], va[mt], b[2], b[3]);
+                        }
+                    }
+                }
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                    for (int nq = 0; nq < 4; nq++)
+#pragma unroll
+                        for (int half = 0; half < 2; half++) {
+                            const int col = 32 * wq + nq * 8 + (lane % 4) * 2;
+                            const int r = 32 * wk + 16 * mt + 8 * half + lane / 4;
+                            const float2 pf = unpack_bf16(pb[mt][nq][half]);
+                            *reinterpret_cast<uint32_t *>(sdS + swz<BM>(r, col)) =
+                                pack_bf16(pf.x * (dp[mt][nq][2 * half] - cDl[col]),
+                                          pf.y * (dp[mt][nq][2 * half + 1] - cDl[col + 1]));
+                        }
+            }
+        } else {
+            // Nothing visible in the warp's tile: its Pᵀ and dSᵀ are zero.
+#pragma unroll
+            for (int c = lane; c < 32 * 4; c += 32) {
+                const int r = 32 * wk + c / 4, col = 32 * wq + (c % 4) * 8;
+                *reinterpret_cast<uint4 *>(sP + swz<BM>(r, col)) = make_uint4(0, 0, 0, 0);
+                *reinterpret_cast<uint4 *>(sdS + swz<BM>(r, col)) = make_uint4(0, 0, 0, 0);
+            }
+        }
+        __syncthreads(); // Pᵀ and dSᵀ complete
+
+        // dV += Pᵀ·dO, dK += dSᵀ·Q: keys 32wk.., dims DH·wd.. (B fragments: queries x dims,
+        // transposed).
+#pragma unroll
+        for (int kq = 0; kq < BM / 16; kq++) {
+            uint32_t a[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+                ldsm_x4(a[mt], sP + swz<BM>(32 * wk + 16 * mt + (lane % 16), kq * 16 + (lane / 16) * 8));
+#pragma unroll
+            for (int nd2 = 0; nd2 < NDH / 2; nd2++) {
+                uint32_t b[4];
+                ldsm_x4_t(b, cdO + swz<D>(kq * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
+                                          DH * wd + nd2 * 16 + (lane / 16) * 8));
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    mma_bf16(dv[mt][2 * nd2], a[mt], b[0], b[1]);
+                    mma_bf16(dv[mt][2 * nd2 + 1], a[mt], b[2], b[3]);
+                }
+            }
+        }
+#pragma unroll
+        for (int kq = 0; kq < BM / 16; kq++) {
+            uint32_t a[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+                ldsm_x4(a[mt], sdS + swz<BM>(32 * wk + 16 * mt + (lane % 16), kq * 16 + (lane / 16) * 8));
+#pragma unroll
+            for (int nd2 = 0; nd2 < NDH / 2; nd2++) {
+                uint32_t b[4];
+                ldsm_x4_t(b, cQ + swz<D>(kq * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
+                                         DH * wd + nd2 * 16 + (lane / 16) * 8));
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    mma_bf16(dk[mt][2 * nd2], a[mt], b[0], b[1]);
+                    mma_bf16(dk[mt][2 * nd2 + 1], a[mt], b[2], b[3]);
+                }
+            }
+        }
+
+        // dQ rows q0 + 32wq2 .. +31, columns DQW·wn .. +DQW in passes of DQC: dS·K.
+#pragma unroll
+        for (int c = 0; c < DQW / DQC; c++) {
+            const int n0 = DQW * wn + DQC * c;
+            float acc[2][NDQ][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int j = 0; j < NDQ; j++) acc[mt][j][0] = acc[mt][j][1] = acc[mt][j][2] = acc[mt][j][3] = 0.0f;
+            // Unrolled by 4, not fully: the fully unrolled loop's hoisted loads spill (d = 128).
+#pragma unroll 4
+            for (int kk = 0; kk < BN / 16; kk++) {
+                // A = dS (queries x keys) from dSᵀ [key][query]: transposed load.
+                uint32_t a[2][4];
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++)
+                    ldsm_x4_t(a[mt], sdS + swz<BM>(kk * 16 + (lane % 8) + (lane / 16) * 8,
+                                                   32 * wq2 + 16 * mt + ((lane / 8) % 2) * 8));
+#pragma unroll
+                for (int j2 = 0; j2 < NDQ / 2; j2++) {
+                    uint32_t b[4];
+                    ldsm_x4_t(b, sK + swz<D>(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
+                                             n0 + 16 * j2 + (lane / 16) * 8));
+#pragma unroll
+                    for (int mt = 0; mt < 2; mt++) {
+                        mma_bf16(acc[mt][2 * j2], a[mt], b[0], b[1]);
+                        mma_bf16(acc[mt][2 * j2 + 1], a[mt], b[2], b[3]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int j = 0; j < NDQ; j++) {
+                    const int col = n0 + 8 * j + (lane % 4) * 2;
+#pragma unroll
+                    for (int r = 0; r < 2; r++) {
+                        const int row = q0 + 32 * wq2 + 16 * mt + 8 * r + lane / 4;
+                        if (row < len) {
+                            float *dst = p.dq_accum + (int64_t)(start + row) * qs + h * D + col;
+                            red_add2<true>(dst, acc[mt][j][2 * r], acc[mt][j][2 * r + 1]);
+                        }
+                    }
+                }
+        }
+        cp_async_wait_all(); // the next step's tiles landed ...
+        scale_lse<BM, NT, true>(sL, stage ^ 1, it + 1 < n_it);
+        __syncthreads(); // ... for everyone; everyone done with this step's buffers
+    }
+
+    const float c = p.scale;
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int nd = 0; nd < NDH; nd++) {
+            const int col = DH * wd + nd * 8 + (lane % 4) * 2;
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const int key = kw0 + 16 * mt + 8 * r + lane / 4;
+                if (key < len) {
+                    const int64_t at = (int64_t)(start + key) * kvs + kvh * D + col;
+                    *reinterpret_cast<uint32_t *>(p.dk + at) =
+                        pack_bf16(dk[mt][nd][2 * r] * c, dk[mt][nd][2 * r + 1] * c);
+                    *reinterpret_cast<uint32_t *>(p.dv + at) =
+                        pack_bf16(dv[mt][nd][2 * r], dv[mt][nd][2 * r + 1]);
+                }
+            }
+        }
+}
+
 // -------------------------------------------------------------------------- decode
 //
 // Block: one query (sequence), one KV head and up to DEC_GROUP of its query heads, one
@@ -950,6 +1274,23 @@ extern "C" __global__ void attention_bwd_w4q64s2a_bf16_d64(const AttnBwdParams p
 
 extern "C" __global__ void attention_bwd_w4q64s2a_bf16_d128(const AttnBwdParams p) {
     palign::attention::bwd<128, 4, 64, 2, true>(p);
+}
+
+// Warp-grid backward variants bwdg<D, WARPS, BM, STAGES>, named w<WARPS>q<BM>s<STAGES>g.
+extern "C" __global__ void attention_bwd_w8q64s2g_bf16_d64(const AttnBwdParams p) {
+    palign::attention::bwdg<64, 8, 64, 2>(p);
+}
+
+extern "C" __global__ void attention_bwd_w8q64s2g_bf16_d128(const AttnBwdParams p) {
+    palign::attention::bwdg<128, 8, 64, 2>(p);
+}
+
+extern "C" __global__ void attention_bwd_w4q64s2g_bf16_d64(const AttnBwdParams p) {
+    palign::attention::bwdg<64, 4, 64, 2>(p);
+}
+
+extern "C" __global__ void attention_bwd_w4q64s2g_bf16_d128(const AttnBwdParams p) {
+    palign::attention::bwdg<128, 4, 64, 2>(p);
 }
 
 // dq = bf16(scale · dq_accum), 4 elements per thread (n is a multiple of 4).

@@ -338,26 +338,42 @@ fn variant_tables_match_the_kernels() {
     assert!(FWD_VARIANTS[0].smem(128) <= 48 * 1024);
     let fwd_kernels = check_table(&src, "fwd", "fwd_smem_bytes", &rows);
 
-    let mut rows = Vec::new();
+    // bwd<D, WARPS, BM, STAGES, ASYNC> rows, and bwdg<D, WARPS, BM, STAGES> (always async) rows.
+    let (mut rows, mut grid_rows) = (Vec::new(), Vec::new());
     for v in &BWD_VARIANTS {
         assert_eq!(attn::bwd_variant(v.name).unwrap(), v);
+        let suffix = match (v.warp_grid, v.async_io) {
+            (true, _) => "g",
+            (false, true) => "a",
+            (false, false) => "",
+        };
+        assert_eq!(
+            v.name,
+            format!("w{}q{}s{}{suffix}", v.warps, v.bm, v.stages),
+            "backward variant name"
+        );
+        assert!(
+            !v.warp_grid || v.async_io,
+            "{}: bwdg is always async",
+            v.name
+        );
         for d in [64, 128] {
             let Some(k) = v.kernel(d) else { continue };
-            let want = vec![
-                d as i64,
-                v.warps as i64,
-                v.bm as i64,
-                v.stages as i64,
-                v.async_io as i64,
-            ];
-            rows.push((k, want, v.smem(d)));
+            let mut want = vec![d as i64, v.warps as i64, v.bm as i64, v.stages as i64];
+            if v.warp_grid {
+                grid_rows.push((k, want, v.smem(d)));
+            } else {
+                want.push(v.async_io as i64);
+                rows.push((k, want, v.smem(d)));
+            }
             assert!(v.smem(d) <= attn::SMEM_SM90, "{}: {} B", v.name, v.smem(d));
             if v.sm86 {
                 assert!(v.smem(d) <= attn::SMEM_SM86, "{}: {} B", v.name, v.smem(d));
             }
         }
     }
-    let bwd_kernels = check_table(&src, "bwd", "bwd_smem_bytes", &rows);
+    let mut bwd_kernels = check_table(&src, "bwd", "bwd_smem_bytes", &rows);
+    bwd_kernels.extend(check_table(&src, "bwdg", "bwdg_smem_bytes", &grid_rows));
 
     // No instantiation in the kernel file is missing from the tables.
     let listed: Vec<&str> = FWD_VARIANTS

@@ -176,6 +176,9 @@ pub fn fwd_variant(name: &str) -> Result<&'static FwdVariant> {
 /// One backward kernel configuration, `bwd<D, WARPS, BM, STAGES, ASYNC>` in
 /// kernels/attention.cu: `warps` warps of 16 keys each, `bm` queries per step, Q/dO/lse/D
 /// single- or double-buffered, and (`async_io`) lse/D by cp.async and paired dQ atomics.
+/// With `warp_grid`, `bwdg<D, WARPS, BM, STAGES>` instead: the same block of `16·warps`
+/// keys, each product tiled over the warps as a grid, Pᵀ and dSᵀ through shared memory
+/// (always `async_io`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BwdConfig {
     /// `w<warps>q<bm>s<stages>` plus `a` for `async_io`: what `PALIGN_ATTN_BWD` names.
@@ -184,6 +187,8 @@ pub struct BwdConfig {
     pub bm: usize,
     pub stages: usize,
     pub async_io: bool,
+    /// `bwdg` (warp-grid tiling) rather than `bwd` (16 keys per warp).
+    pub warp_grid: bool,
     /// The kernels for head_dim 64 and 128, where there is one.
     pub kernels: [Option<&'static str>; 2],
     /// Offered on sm_86/sm_89 GPUs (fits their 99 KB per block at head_dim 128).
@@ -198,10 +203,12 @@ impl BwdConfig {
     pub const fn threads(&self) -> usize {
         32 * self.warps
     }
-    /// Dynamic shared memory at head_dim `d`; mirrors `bwd_smem_bytes` in the kernel file.
+    /// Dynamic shared memory at head_dim `d`; mirrors `bwd_smem_bytes` (`bwdg_smem_bytes`
+    /// with `warp_grid`: Pᵀ as well as dSᵀ) in the kernel file.
     pub const fn smem(&self, d: usize) -> usize {
         let (bn, bm, st) = (self.keys(), self.bm, self.stages);
-        (2 * bn * d + 2 * st * bm * d + bn * bm) * 2 + 2 * st * bm * 4
+        let staged = if self.warp_grid { 2 } else { 1 }; // [keys][queries] bf16 tiles
+        (2 * bn * d + 2 * st * bm * d + staged * bn * bm) * 2 + 2 * st * bm * 4
     }
     pub fn kernel(&self, d: usize) -> Option<&'static str> {
         self.kernels[usize::from(d != 64)]
@@ -213,13 +220,18 @@ impl BwdConfig {
 /// prefetch, dQ by paired atomics; `w4q64s2a` also runs two 4-warp blocks per H100 SM
 /// (105 KB each) instead of one 8-warp block, so one block's barriers overlap the other's
 /// work, at twice the dQ atomics per FLOP.
-pub static BWD_VARIANTS: [BwdConfig; 4] = [
+/// `w8q64s2g`, `w4q64s2g`: FlashAttention-2's backward warp layout (a 32 x 32 tile of Sᵀ
+/// and dPᵀ per warp, 32 keys x d/2 of dK/dV, Pᵀ/dSᵀ through shared memory): each ldmatrix
+/// fragment feeds 2-4 mmas instead of 2, 243 B of shared-memory traffic per mma at d = 128
+/// instead of 301; `w4q64s2g` fits two blocks per H100 SM (113 KB each).
+pub static BWD_VARIANTS: [BwdConfig; 6] = [
     BwdConfig {
         name: "w8q64s2",
         warps: 8,
         bm: 64,
         stages: 2,
         async_io: false,
+        warp_grid: false,
         kernels: [
             Some("attention_bwd_bf16_d64"),
             Some("attention_bwd_bf16_d128"),
@@ -232,6 +244,7 @@ pub static BWD_VARIANTS: [BwdConfig; 4] = [
         bm: 64,
         stages: 1,
         async_io: false,
+        warp_grid: false,
         kernels: [None, Some("attention_bwd_small_bf16_d128")],
         sm86: true,
     },
@@ -241,6 +254,7 @@ pub static BWD_VARIANTS: [BwdConfig; 4] = [
         bm: 64,
         stages: 2,
         async_io: true,
+        warp_grid: false,
         kernels: [
             Some("attention_bwd_w8q64s2a_bf16_d64"),
             Some("attention_bwd_w8q64s2a_bf16_d128"),
@@ -253,9 +267,36 @@ pub static BWD_VARIANTS: [BwdConfig; 4] = [
         bm: 64,
         stages: 2,
         async_io: true,
+        warp_grid: false,
         kernels: [
             Some("attention_bwd_w4q64s2a_bf16_d64"),
             Some("attention_bwd_w4q64s2a_bf16_d128"),
+        ],
+        sm86: false,
+    },
+    BwdConfig {
+        name: "w8q64s2g",
+        warps: 8,
+        bm: 64,
+        stages: 2,
+        async_io: true,
+        warp_grid: true,
+        kernels: [
+            Some("attention_bwd_w8q64s2g_bf16_d64"),
+            Some("attention_bwd_w8q64s2g_bf16_d128"),
+        ],
+        sm86: false,
+    },
+    BwdConfig {
+        name: "w4q64s2g",
+        warps: 4,
+        bm: 64,
+        stages: 2,
+        async_io: true,
+        warp_grid: true,
+        kernels: [
+            Some("attention_bwd_w4q64s2g_bf16_d64"),
+            Some("attention_bwd_w4q64s2g_bf16_d128"),
         ],
         sm86: false,
     },
@@ -988,12 +1029,17 @@ mod tests {
         assert!(BWD_VARIANTS[1].smem(128) <= SMEM_SM86);
         assert!(BWD_VARIANTS[0].smem(64) <= SMEM_SM86);
         assert_eq!(BWD_VARIANTS[1].kernel(64), None);
+        // The warp-grid kernels fit an A100 at d = 128, and two w4q64s2g blocks fit one H100
+        // SM (228 KB of shared memory, 1 KB reserved per block).
+        assert!(bwd_variant("w8q64s2g").unwrap().smem(128) <= 163 * 1024);
+        assert!(2 * (bwd_variant("w4q64s2g").unwrap().smem(128) + 1024) <= 228 * 1024);
     }
 
     #[test]
     fn variants_are_found_by_name() {
         assert_eq!(fwd_variant("w4m2n64s2").unwrap().rows(), 128);
         assert_eq!(bwd_variant("w4q64s2a").unwrap().keys(), 64);
+        assert_eq!(bwd_variant("w8q64s2g").unwrap().keys(), 128);
         let e = fwd_variant("w4m3").unwrap_err().to_string();
         assert!(e.contains("w4m1n64s1") && e.contains("w4m3"), "{e}");
         assert!(bwd_variant("").is_err());

@@ -103,6 +103,10 @@ pub const KERNEL_NAMES: &[&str] = &[
     "lora_grad_a_nt24",
     "lora_grad_a_finish",
     "lora_dx_acc",
+    "attention_bwd_w8q64s2g_bf16_d64",
+    "attention_bwd_w8q64s2g_bf16_d128",
+    "attention_bwd_w4q64s2g_bf16_d64",
+    "attention_bwd_w4q64s2g_bf16_d128",
 ];
 
 /// Whether build.rs compiled the kernels into this binary.
