@@ -429,7 +429,7 @@ impl Model {
         Ok(dx)
     }
 
-    /// Projections of one shared input (q/k/v; gate/up):
+    /// Projections of one shared input (q/k/v; gate/up; o or down alone):
     /// `y_i = x·W_iᵀ + s·(drop_i(x)·A_iᵀ)·B_iᵀ`, each adapter with its own mask. The
     /// adapters' down-projections are one `ops::lora_down` (one pass over x on the
     /// device), not a dropout copy and a GEMM per adapter.
@@ -547,7 +547,7 @@ impl Model {
         };
         let qkv_masks = [draw(0), draw(1), draw(2)];
         let (attn, [s0, s1, s2]) = self.attention_block(l, lora, &x, pack, rope, qkv_masks)?;
-        let (o, s3) = Self::proj_masked(&attn.a, &l.o, pair(3), draw(3))?;
+        let [(o, s3)] = Self::proj_group(&attn.a, [ProjIn::new(&l.o, pair(3), draw(3))])?;
         // Residuals add into the fresh projection output: no copy of the saved input.
         let mut h1 = o;
         ops::add_(&mut h1, &x)?;
@@ -556,7 +556,7 @@ impl Model {
         let up = ProjIn::new(&l.up, pair(5), draw(5));
         let [(g, s4), (u, s5)] = Self::proj_group(&n2, [gate, up])?;
         let act = ops::swiglu(&g, &u)?;
-        let (d, s6) = Self::proj_masked(&act, &l.down, pair(6), draw(6))?;
+        let [(d, s6)] = Self::proj_group(&act, [ProjIn::new(&l.down, pair(6), draw(6))])?;
         let mut out = d;
         ops::add_(&mut out, &h1)?;
         if !save {
