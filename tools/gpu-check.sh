@@ -12,6 +12,8 @@
 # any of: tests benches train):
 #   run(command="PALIGN_GPU_SECTIONS=tests bash gpu-stage/run.sh", carry=["gpu-stage"], timeout_s=480)
 #   run(command="PALIGN_GPU_SECTIONS='benches train' bash gpu-stage/run.sh", carry=["gpu-stage"], timeout_s=580)
+# PALIGN_GPU_TESTS / PALIGN_GPU_BENCHES (space-separated names) narrow the tests and
+# benches; PALIGN_TRAIN_CONFIGS picks the training configs (see run.sh below).
 # The staged tests find the fixtures in the copied working tree (run from the repo root)
 # and the staged palign binary through PALIGN_FIXTURES / PALIGN_BIN.
 # The runner writes gpu-report.md (GPU name, driver, per-test pass/fail, every PARITY
@@ -175,6 +177,7 @@ export PALIGN_BIN="$HERE/palign"
 SECTIONS="${PALIGN_GPU_SECTIONS:-tests benches train}"
 want() { case " $SECTIONS " in *" $1 "*) return 0 ;; esac; return 1; }
 want_test() { case " ${PALIGN_GPU_TESTS:-} " in *" $1 "*) return 0 ;; esac; return 1; }
+want_bench() { case " ${PALIGN_GPU_BENCHES:-} " in *" $1 "*) return 0 ;; esac; return 1; }
 
 {
     echo "# palign GPU check"
@@ -215,6 +218,8 @@ want benches && echo >>"$REPORT" && echo "## benches" >>"$REPORT"
 want benches && for b in "$HERE"/benches/*; do
     [ -x "$b" ] || continue
     name="$(basename "$b")"
+    # PALIGN_GPU_BENCHES="attention lora" runs only those benches.
+    if [ -n "${PALIGN_GPU_BENCHES:-}" ] && ! want_bench "$name"; then continue; fi
     echo "==== $name" >>"$BLOG"
     timeout 600 "$b" --bench >>"$BLOG" 2>&1
     rc=$?
@@ -228,7 +233,7 @@ want benches && for b in "$HERE"/benches/*; do
 done
 
 # ---- attention (issue 8): PyTorch SDPA flash baseline on the same shapes, then ratios ----
-if want benches && [ -f "$HERE/bench_torch_sdpa.py" ]; then
+if want benches && [ -f "$HERE/bench_torch_sdpa.py" ] && { [ -z "${PALIGN_GPU_BENCHES:-}" ] || want_bench attention; }; then
     echo "==== bench_torch_sdpa" >>"$BLOG"
     timeout 300 python3 "$HERE/bench_torch_sdpa.py" --compare "$BLOG" >>"$BLOG" 2>&1
     rc=$?
