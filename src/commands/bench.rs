@@ -355,9 +355,24 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         return Err(bad("--seq-len must be at least 2 and --steps at least 1"));
     }
     let s = settings(b, method)?;
-    let recompute: Recompute = b.recompute.parse()?;
+    if b.recompute != "auto" {
+        b.recompute.parse::<Recompute>()?; // a bad name fails before the weights are made
+    }
     let mut model = random_model(cfg, s.peft == "qlora", cuda)?;
-    model.recompute = recompute;
+    let available = if cuda {
+        Some(Gpu::get()?.available_bytes()? as u64)
+    } else {
+        None
+    };
+    let seqs = (b.batch_size / b.grad_accum.max(1)) * if method == Method::Dpo { 2 } else { 1 };
+    model.recompute = crate::train::memplan::resolve(
+        &b.recompute,
+        &model.cfg,
+        seqs * b.seq_len,
+        s.rank * s.targets.len(),
+        available,
+        common.quiet,
+    )?;
     let ex = examples(method, b.batch_size, b.seq_len, model.cfg.vocab_size);
     let out = runner::bench(&model, &s, &ex, device, b.warmup, b.steps)?;
 
@@ -380,7 +395,7 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     let peak_gib = out.peak_bytes.map(|x| x as f64 / (1u64 << 30) as f64);
     eprintln!(
         "palign bench train: {} {} {} batch {} x {} tokens, rank {}, recompute {}, {} timed steps on {gpu_name}",
-        b.shape, b.method, s.peft, b.batch_size, b.seq_len, s.rank, b.recompute, b.steps
+        b.shape, b.method, s.peft, b.batch_size, b.seq_len, s.rank, model.recompute.name(), b.steps
     );
     eprintln!(
         "loss per step: {}",

@@ -911,6 +911,17 @@ pub enum Recompute {
     Full,
 }
 
+impl Recompute {
+    /// The `--recompute` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Recompute::None => "none",
+            Recompute::Attention => "attention",
+            Recompute::Full => "full",
+        }
+    }
+}
+
 impl std::str::FromStr for Recompute {
     type Err = crate::Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -919,7 +930,7 @@ impl std::str::FromStr for Recompute {
             "attention" => Ok(Recompute::Attention),
             "full" => Ok(Recompute::Full),
             _ => Err(bad(format!(
-                "--recompute: unknown plan `{s}` (none, attention, full)"
+                "--recompute: unknown plan `{s}` (auto, none, attention, full)"
             ))),
         }
     }

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod device;
 pub mod loss;
+pub mod memplan;
 pub mod runner;
 pub mod schedule;
 
@@ -102,8 +103,9 @@ pub struct TrainArgs {
     pub log_every: usize,
     /// Activation memory plan: `none` saves every layer's activations, `attention`
     /// recomputes each attention block in backward, `full` saves only layer inputs and
-    /// recomputes each layer (about one extra forward). Results do not change.
-    #[arg(long, default_value = "none")]
+    /// recomputes each layer (about one extra forward); `auto` takes the first of these
+    /// whose estimated peak fits the device (`none` on the CPU). Results do not change.
+    #[arg(long, default_value = "auto")]
     pub recompute: String,
     /// Held-out data evaluated every --eval-every steps.
     #[arg(long)]

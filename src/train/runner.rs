@@ -4,6 +4,7 @@
 use super::checkpoint::{self, AdamState, State};
 use super::device::DeviceTrainer;
 use super::loss::{dpo_pair, DpoCfg, DpoKind};
+use super::memplan;
 use super::{Method, Settings, TrainArgs};
 use crate::backend::cpu::optim::{clip_grad_norm, AdamWScalars};
 use crate::commands::{Common, Device};
@@ -13,7 +14,7 @@ use crate::data::examples::{
 use crate::data::sources::{self, Kind, LoadOptions};
 use crate::error::{bad, Error, Result};
 use crate::lora::{peft, Adapter};
-use crate::model::llama::{Dropout, SeqBatch};
+use crate::model::llama::{Dropout, Recompute, SeqBatch};
 use crate::model::{Model, ScoreSeq, Template, Tokenizer};
 use serde_json::json;
 use std::io::Write;
@@ -540,9 +541,10 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
     let mut s = Settings::resolve(args, method, common.seed)?;
     let out = args.out.as_path();
     prepare_out(out, args.resume, s.steps)?;
-    let recompute = args.recompute.parse()?;
+    if args.recompute != "auto" {
+        args.recompute.parse::<Recompute>()?; // a bad name fails before any loading
+    }
     let mut model = Model::load(&args.model)?;
-    model.recompute = recompute;
     if s.peft == "qlora" && !model.is_nf4() {
         // QLoRA: the frozen base in bitsandbytes' NF4 (blocksize 64, double quant).
         model.quantize_nf4(crate::quant::DEFAULT_BLOCKSIZE, true)?;
@@ -606,6 +608,21 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
     } else {
         TrainWeights::Cpu { adapter, opt }
     };
+    // The plan, once the weights are on the device (`auto` looks at what is left), for the
+    // longest micro-batch the settings allow (DPO: chosen + rejected).
+    let available = match device {
+        Device::Cuda => Some(crate::backend::cuda::Gpu::get()?.available_bytes()? as u64),
+        Device::Cpu => None,
+    };
+    let seqs = (s.batch_size / s.grad_accum) * if method == Method::Dpo { 2 } else { 1 };
+    model.recompute = memplan::resolve(
+        &args.recompute,
+        &model.cfg,
+        seqs * s.max_length,
+        s.rank * s.targets.len(),
+        available,
+        common.quiet,
+    )?;
     let mut ctx = Ctx {
         model: &model,
         s: &s,

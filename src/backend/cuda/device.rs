@@ -168,6 +168,15 @@ impl Gpu {
         &self.ctx
     }
 
+    /// Device memory this process could still take, in bytes: what the driver reports
+    /// free plus what the caching pool holds unused.
+    pub fn available_bytes(&self) -> Result<usize> {
+        self.bind()?;
+        let (free, _total) = cu::mem_get_info().map_err(cuda_err("cuMemGetInfo"))?;
+        let st = self.pool.stats();
+        Ok(free + st.reserved_bytes.saturating_sub(st.in_use_bytes))
+    }
+
     fn bind(&self) -> Result<()> {
         self.ctx.bind_to_thread().map_err(cuda_err("bind context"))
     }
