@@ -7,6 +7,8 @@
 //! Every op charges its GPU time to a kernel family (`profile`), for the breakdown of
 //! `palign bench train`.
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::OnceLock;
 
 use half::bf16;
@@ -527,6 +529,12 @@ pub fn attention_backward(
     Ok((dq, dk, dv))
 }
 
+thread_local! {
+    /// The last decode step's (starts, lens, cache rows) and its batch on the device.
+    static LAST_DECODE: RefCell<Option<DecodeKey>> = const { RefCell::new(None) };
+}
+type DecodeKey = (Vec<usize>, Vec<usize>, usize, Rc<DecodeBatch>);
+
 /// The CPU semantics (query i sees cache rows `starts[i] .. starts[i] + lens[i]`) as a
 /// decode batch whose ring never wraps and whose window was applied by the caller.
 pub fn attention_decode(
@@ -550,9 +558,20 @@ pub fn attention_decode(
     }
     let g = gpu()?;
     let cache_rows = k_cache.rows();
-    let capacity = lens.iter().copied().max().unwrap_or(1).max(1);
-    let spec = DecodeSpec::new(starts, lens, capacity, None, cache_rows)?;
-    let batch = DecodeBatch::new(&g, &spec)?;
+    // Every layer of a decode step asks for the same batch: upload it once per step.
+    let batch = LAST_DECODE.with(|last| -> Result<Rc<DecodeBatch>> {
+        let mut last = last.borrow_mut();
+        if let Some((s, l, r, b)) = last.as_ref() {
+            if s == starts && l == lens && *r == cache_rows {
+                return Ok(b.clone());
+            }
+        }
+        let capacity = lens.iter().copied().max().unwrap_or(1).max(1);
+        let spec = DecodeSpec::new(starts, lens, capacity, None, cache_rows)?;
+        let b = Rc::new(DecodeBatch::new(&g, &spec)?);
+        *last = Some((starts.to_vec(), lens.to_vec(), cache_rows, b.clone()));
+        Ok(b)
+    })?;
     let shape = AttnShape {
         window: None,
         ..shape
