@@ -10,6 +10,12 @@
 //! ratios the issue asks for (fused vs cuBLAS bf16 and vs dequant + cuBLAS, GEMV vs the
 //! one-warp-per-row kernel).
 //!
+//! On an sm_90 GPU (with sm_90a kernels) a last section times the wgmma forward GEMM
+//! (`nf4::gemm_wgmma`) on the same shapes and prints its `BENCH fwd <shape> wgmma` lines
+//! with the ratios to cuBLAS bf16, dequant + cuBLAS and the fused kernel measured above
+//! in the same run; it runs after the other lines are printed, so a failure there loses
+//! nothing else.
+//!
 //! Without a CUDA device (or without compiled kernels) it prints a skip line and
 //! exits 0, so `cargo bench` works on every machine.
 
@@ -140,7 +146,8 @@ fn main() {
         }
     }
 
-    // Training GEMMs at 8192 tokens.
+    // Training GEMMs at 8192 tokens. fwd_ms: (label, n, k, fused, dequant+cublas, cublas).
+    let mut fwd_ms = Vec::new();
     for &(label, n, k) in SHAPES {
         let w = random_weight(g, n, k, 4);
         let mut dense = ok(g.alloc::<bf16>(n * k));
@@ -246,6 +253,7 @@ fn main() {
             },
         ];
         let rows = bench(&mut c, g, "nf4_gemm", &mut cases);
+        fwd_ms.push((label, n, k, rows[0].3, rows[1].3, rows[2].3));
         for dir in rows.chunks(3) {
             let (name, amount, _, ms) = &dir[0];
             let (t_dq, t_dense) = (dir[1].3, dir[2].3);
@@ -266,5 +274,37 @@ fn main() {
     println!("nf4 summary on {} (M = {TOKENS} for the GEMMs):", g.name());
     for l in lines {
         println!("{l}");
+    }
+
+    // The wgmma forward GEMM (sm_90a), against the forward times measured above.
+    if !nf4::wgmma_supported(g.compute_capability(), palign::backend::cuda::TARGETS) {
+        println!(
+            "BENCH wgmma: skipped (needs compute capability 9.0 and sm_90a kernels; built for {})",
+            palign::backend::cuda::TARGETS
+        );
+        return;
+    }
+    for (label, n, k, t_fused, t_dq, t_dense) in fwd_ms {
+        let w = random_weight(g, n, k, 4);
+        let x = filled_bf16(g, TOKENS * k, 5, 1.0);
+        let mut y = ok(g.alloc::<bf16>(TOKENS * n));
+        let (w, x, y) = (&w, &x, &mut y);
+        let mut run: Launch = Box::new(move || ok(nf4::gemm_wgmma(g, x, TOKENS, w, Out::Bf16(y))));
+        let ms = gpu_ms(g, &mut run, 9, 5);
+        let flops = 2.0 * (TOKENS * n * k) as f64;
+        let tflops = |ms: f64| flops / (ms / 1e3) / 1e12;
+        println!(
+            "BENCH {:<28} {ms:>9.4} ms  {:>6.1} TFLOP/s  m={TOKENS} n={n} k={k}  \
+             vs cublas_bf16 {:.2}x ({:.1} TFLOP/s)  vs dequant+cublas {:.2}x ({:.1} TFLOP/s)  \
+             vs fused {:.2}x ({:.1} TFLOP/s)",
+            format!("fwd {label} wgmma"),
+            tflops(ms),
+            t_dense / ms,
+            tflops(t_dense),
+            t_dq / ms,
+            tflops(t_dq),
+            t_fused / ms,
+            tflops(t_fused)
+        );
     }
 }

@@ -576,3 +576,263 @@ extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemm_fwd_lora(Nf4GemmLo
 extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemm_bwd_lora(Nf4GemmLoraParams p) {
     palign::nf4::gemm<true, true>(p.base, p.left, p.right, p.rank);
 }
+
+// ================================================================== Hopper (sm_90a)
+//
+// 5. nf4_gemm_fwd_wgmma: Y[M, N] = X[M, K] · Wbᵀ (W [N, K]), the forward product of 3.
+//    with warpgroup MMAs (wgmma.mma_async, sm_90a only). Same Wb bits as every kernel
+//    above (the same LUT, scale formula and decode_pair), f32 accumulation, bf16 or f32
+//    out. Needs K % 64 == 0 and N % 8 == 0 (the launcher checks; rows >= M and output
+//    columns >= N are computed on zeros and not stored). Other archs get a stub that traps.
+//
+//    Block tile 128 (rows of X) x 128 (output cols) x 64 (k), 256 threads = 2 warpgroups;
+//    warpgroup wg owns rows 64wg..64wg+63 of the tile and issues, per k16 step, one
+//      wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16  acc[64], descA, descB
+//    that reads A (its 64 x 16 slice of X) and B (128 x 16 of Wb) straight from shared
+//    memory through two 64-bit matrix descriptors (PTX ISA, "Matrix Descriptor Format"):
+//      bits  0-13  start address >> 4
+//      bits 16-29  leading-dimension byte offset >> 4: unused for a K-major swizzled
+//                  operand whose k16 slice lies inside one 128-byte row (we set 1)
+//      bits 32-45  stride-dimension byte offset >> 4: from one 8-row group to the next,
+//                  8 rows x 128 B = 1024 B
+//      bits 49-51  base offset: 0, every tile starts on a 1024-byte boundary
+//      bits 62-63  swizzle mode: 1 = 128-byte swizzle
+//    Layout ("K-major, 128B swizzle"): a tile is [128 rows][64 k] bf16, one 128-byte row
+//    per m (A) or n (B); 8 rows make a 1024-byte atom in which 16-byte chunk c (k 8c..8c+7)
+//    of row r sits at chunk c ^ (r % 8). The hardware applies that XOR to address bits
+//    [4:6] ^= [7:9], so the k16 step kk is addressed by adding 32·kk bytes to the start
+//    address (the swizzle then finds the chunks of every row). The XOR spreads the 8 rows
+//    of a column of chunks over all 32 banks.
+//    Transpose flags 0, 0: A is M x K K-major, B is N x K K-major (W's own layout).
+//    Accumulator fragment (PTX ISA, wgmma D layout for m64nNk16, f32): warp q (0..3) of
+//    the warpgroup holds rows 16q..16q+15; lane (g = lane/4, t = lane%4) holds acc[4j+i]
+//    at row 16q + g + 8·(i/2), col 8j + 2t + (i%2) for j = 0..15 — mma.sync's C fragment
+//    repeated along N.
+//
+//    Pipeline (4 shared stages of A and of B, 128 KiB + 1 KiB for the alignment):
+//      X:  cp.async 16 B straight into the swizzled layout, 2 tiles ahead; rows >= M zero.
+//      W:  each thread loads one 16-byte word (32 codes of one row) plus the raw scale
+//          parts for tile t+2 into registers (two register sets, by parity) and, one
+//          iteration later, decodes tile t+1 into its B stage with st.shared.
+//    Iteration t: wait for X tile t (own cp.async group), fence.proxy.async (this thread's
+//    generic-proxy writes — cp.async and st.shared — become visible to the async proxy
+//    the wgmma reads through), __syncthreads (everyone's), then wgmma.fence, 4 wgmmas,
+//    commit; while they run: X tile t+2 -> stage (t+2)%4, decode W tile t+1 -> stage
+//    (t+1)%4, load W tile t+3; finally wgmma.wait_group 1 (this warpgroup's tile t-1 is
+//    done). So after the barrier of iteration t every warpgroup's wgmmas up to t-2 are
+//    complete and stages (t-2)%4 = (t+2)%4 and (t-3)%4 = (t+1)%4 are free to overwrite.
+//    The accumulators stay in flight between iterations: wgmmas of one shape chained on
+//    the same registers are ordered by the hardware (PTX ISA, wgmma.fence).
+//    Shared memory: 4 x (16 KiB A + 16 KiB B) + 1 KiB = 132096 B (1 block per SM).
+
+namespace palign {
+namespace nf4 {
+
+constexpr int WG_BM = 128, WG_BN = 128, WG_BK = 64, WG_STAGES = 4, WG_THREADS = 256;
+constexpr int WG_TILE_BYTES = 128 * WG_BK * 2;                   // one A or B stage
+constexpr int WG_SMEM = 2 * WG_STAGES * WG_TILE_BYTES + 1024;    // + room to align to 1024
+static_assert(WG_SMEM == 132096, "keep NF4_WGMMA_SMEM_BYTES in src/backend/cuda/nf4.rs in sync");
+static_assert(WG_BM == 2 * 64 && WG_BN == 128 && WG_THREADS == 2 * 128, "two m64n128 warpgroups");
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// K-major, 128-byte-swizzled operand at shared address `saddr` (see the comment above).
+__device__ __forceinline__ uint64_t wg_desc(uint32_t saddr) {
+    return (uint64_t)((saddr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) |
+           ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
+}
+
+__device__ __forceinline__ void wg_fence() {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wg_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N> __device__ __forceinline__ void wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Orders this thread's generic-proxy shared-memory writes before later async-proxy reads.
+__device__ __forceinline__ void fence_proxy_async_smem() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// Keeps the compiler from moving accumulator reads/writes across a wgmma wait or fence.
+__device__ __forceinline__ void wg_pin(float (&d)[64]) {
+#pragma unroll
+    for (int i = 0; i < 64; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// d[64] += A(64 x 16) · B(128 x 16)ᵀ, both from shared memory (scale-d = 1, no negation,
+// no transpose).
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t da, uint64_t db) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
+        "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "
+        "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "
+        "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, p, 1, 1, 0, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+          "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+          "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+          "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+          "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+          "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
+          "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+          "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(1));
+}
+
+// One thread's share of a W tile, loaded a tile ahead: the 16-byte code word and the
+// raw parts of its block scale (absmax, or qabsmax code and absmax2), combined only at
+// decode time so no load waits on another while the wgmmas run.
+struct WgWord {
+    uint4 q;
+    float a;     // absmax[b] (plain) or absmax2[b >> log2_bs2] (double)
+    uint32_t c;  // qabsmax[b] (double)
+};
+
+__device__ __forceinline__ void gemm_wgmma(const Nf4GemmParams &p) {
+    extern __shared__ __align__(16) uint8_t nf4_wg_smem[];
+    __shared__ float lut[16];
+    if (dynamic_smem_bytes() < (uint32_t)WG_SMEM) __trap(); // launcher bug, not data
+    load_lut(lut);
+    // 128B-swizzle atoms (and the descriptors' base offset 0) need 1024-byte alignment.
+    const uint32_t raw = smem_addr(nf4_wg_smem);
+    const uint32_t base = (raw + 1023u) & ~1023u;
+    uint8_t *sm = nf4_wg_smem + (base - raw);
+    auto a_stage = [&](int s) { return s * WG_TILE_BYTES; };               // byte offsets
+    auto b_stage = [&](int s) { return (WG_STAGES + s) * WG_TILE_BYTES; };
+
+    const int tid = threadIdx.x, wg = tid >> 7, wq = (tid >> 5) & 3, lane = tid & 31;
+    const int M = p.m, N = p.w.rows, K = p.w.cols;
+    const int m0 = blockIdx.y * WG_BM, c0 = blockIdx.x * WG_BN;
+    const int KT = K / WG_BK;
+
+    // X tile: 128 rows x 8 chunks of 16 B, 4 per thread; chunk ch of row r -> ch ^ (r % 8).
+    auto load_a = [&](int kt, int s) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int c = tid + j * WG_THREADS;
+            const int row = c >> 3, ch = c & 7;
+            const bool ok = m0 + row < M;
+            const __nv_bfloat16 *src =
+                p.a + (int64_t)(ok ? m0 + row : 0) * K + kt * WG_BK + ch * 8;
+            cp_async16(sm + a_stage(s) + row * 128 + ((ch ^ (row & 7)) << 4), src, ok);
+        }
+    };
+    // W tile: row c0 + tid/2 of W, codes k0 + 32·(tid%2) .. +32 (one scale block: >= 32).
+    const int w_r = tid >> 1, w_h = tid & 1;
+    auto load_w = [&](int kt, WgWord &w) {
+        const int row = c0 + w_r, col = kt * WG_BK + w_h * 32;
+        w.q = make_uint4(0, 0, 0, 0);
+        w.a = 0.0f;
+        w.c = 0;
+        if (row < N) {
+            const int64_t e = (int64_t)row * K + col;
+            const int64_t b = e >> p.w.log2_blocksize;
+            w.q = __ldg(reinterpret_cast<const uint4 *>(p.w.packed + e / 2));
+            if (p.w.absmax) {
+                w.a = __ldg(p.w.absmax + b);
+            } else {
+                w.c = __ldg(p.w.qabsmax + b);
+                w.a = __ldg(p.w.absmax2 + (b >> p.w.log2_blocksize2));
+            }
+        }
+    };
+    // Decode 32 codes to bf16 (block_scale's formula: the same bits as every NF4 kernel)
+    // and store them as chunks 4·w_h .. 4·w_h+3 of row w_r, swizzled. Rows >= N decode
+    // to zeros (q = 0, scale 0).
+    auto store_w = [&](const WgWord &w, int s) {
+        float sc = w.a;
+        if (!p.w.absmax && c0 + w_r < N)
+            sc = __fadd_rn(__fmul_rn(__ldg(p.w.code2 + w.c), w.a), p.w.offset);
+        uint8_t *dst = sm + b_stage(s) + w_r * 128;
+#pragma unroll
+        for (int v = 0; v < 4; v++) {
+            uint4 o;
+            o.x = decode_pair(lut, byte_of(w.q, 4 * v), sc);
+            o.y = decode_pair(lut, byte_of(w.q, 4 * v + 1), sc);
+            o.z = decode_pair(lut, byte_of(w.q, 4 * v + 2), sc);
+            o.w = decode_pair(lut, byte_of(w.q, 4 * v + 3), sc);
+            const int ch = 4 * w_h + v;
+            *reinterpret_cast<uint4 *>(dst + ((ch ^ (w_r & 7)) << 4)) = o;
+        }
+    };
+
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; i++) acc[i] = 0.0f;
+
+    // Prologue: X tiles 0 and 1 in flight, W tile 0 decoded, W tiles 1 and 2 in registers
+    // (set (t & 1) holds tile t).
+    load_a(0, 0);
+    cp_async_commit();
+    if (1 < KT) load_a(1, 1);
+    cp_async_commit();
+    WgWord w0, w1;
+    load_w(0, w0);
+    store_w(w0, 0);
+    if (1 < KT) load_w(1, w1);
+    if (2 < KT) load_w(2, w0);
+
+    // One iteration; `nx` holds W tile kt+1 on entry and W tile kt+3 on exit.
+    auto step = [&](int kt, WgWord &nx) {
+        cp_async_wait<1>(); // X tile kt (tile kt+1 may still fly)
+        fence_proxy_async_smem();
+        __syncthreads();
+        const int s = kt % WG_STAGES;
+        const uint32_t a_addr = base + a_stage(s) + wg * 64 * 128; // this warpgroup's rows
+        const uint32_t b_addr = base + b_stage(s);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < WG_BK / 16; kk++)
+            wgmma_m64n128k16(acc, wg_desc(a_addr + 32 * kk), wg_desc(b_addr + 32 * kk));
+        wg_commit();
+        if (kt + 2 < KT) load_a(kt + 2, (kt + 2) % WG_STAGES);
+        cp_async_commit(); // one group per iteration, empty ones included
+        if (kt + 1 < KT) store_w(nx, (kt + 1) % WG_STAGES);
+        if (kt + 3 < KT) load_w(kt + 3, nx);
+        wg_wait<1>();
+    };
+    for (int kt = 0; kt < KT; kt += 2) {
+        step(kt, w1);
+        if (kt + 1 < KT) step(kt + 1, w0);
+    }
+    wg_wait<0>();
+    wg_pin(acc);
+    cp_async_wait<0>(); // only empty groups remain; leave no copy in flight at exit
+
+    const int g = lane >> 2, t = lane & 3;
+    const int row = m0 + wg * 64 + wq * 16 + g;
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+        const int col = c0 + 8 * j + 2 * t; // N % 8 == 0: col < N implies col + 1 < N
+        if (col >= N) continue;
+        if (row < M)
+            store2(p.out, p.out_f32, (int64_t)row * N + col, acc[4 * j], acc[4 * j + 1]);
+        if (row + 8 < M)
+            store2(p.out, p.out_f32, (int64_t)(row + 8) * N + col, acc[4 * j + 2],
+                   acc[4 * j + 3]);
+    }
+}
+
+#endif // __CUDA_ARCH_FEAT_SM90_ALL
+
+} // namespace nf4
+} // namespace palign
+
+// Only the sm_90a image runs it (the launcher refuses other GPUs); elsewhere it traps.
+extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemm_fwd_wgmma(Nf4GemmParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    palign::nf4::gemm_wgmma(p);
+#else
+    __trap();
+#endif
+}

@@ -12,6 +12,10 @@
 //!   `worst` is the largest err / (atol + rtol·|ref|): a case passes when it is ≤ 1.
 //! - fused GEMM against dequant + cuBLAS (the same bf16 weight, only the summation
 //!   order differs): atol = 1e-3·rms(ref), rtol = 1e-2 (one bf16 output rounding).
+//! - the wgmma GEMM (sm_90 only; elsewhere it must refuse with BadInput): one-hot rows
+//!   of X make Y = Wbᵀ exactly (every decoded weight, swizzle and fragment position
+//!   checked bit for bit), then products against the CPU (all rows, or for the large
+//!   shapes 48 sampled rows) and against the fused GEMM on every element.
 //!
 //! The tests that always run check what needs no GPU: kernel names in the fatbin, the
 //! shape checks (errors, not panics), and the dispatcher's cache file.
@@ -112,6 +116,130 @@ fn candidates_follow_the_kernel_limits() {
     );
     assert_eq!(nf4::candidates(fwd, 8, [1024, 100], false), [DequantCublas]);
     assert!(nf4::candidates(fwd, 8, [1024, 100], true).is_empty());
+}
+
+#[test]
+fn wgmma_limits_and_gating() {
+    use Nf4Path::{DequantCublas, Fused, Gemv, Wgmma};
+    // Shapes: K % 64 == 0 and N % 8 == 0.
+    assert!(nf4::check_wgmma([4096, 4096]).is_ok());
+    assert!(nf4::check_wgmma([1000, 14336]).is_ok());
+    assert!(nf4::check_wgmma([8, 64]).is_ok());
+    assert!(is_bad_input(nf4::check_wgmma([1004, 4096])));
+    assert!(is_bad_input(nf4::check_wgmma([1024, 4096 + 32])));
+    assert!(is_bad_input(nf4::check_wgmma([0, 64])));
+    assert!(is_bad_input(nf4::check_wgmma([1 << 31, 64])));
+
+    // Only compute capability 9.0 with sm_90a SASS in the fatbin.
+    let all = "sm_80 sm_86 sm_89 sm_90a compute_80";
+    assert!(nf4::wgmma_supported((9, 0), all));
+    assert!(nf4::wgmma_supported((9, 0), "sm_90a"));
+    assert!(!nf4::wgmma_supported((9, 0), "sm_80 sm_90 compute_80"));
+    assert!(!nf4::wgmma_supported((9, 0), "sm_80 compute_80"));
+    assert!(!nf4::wgmma_supported((9, 0), "sm_90ab"));
+    assert!(!nf4::wgmma_supported((8, 0), all));
+    assert!(!nf4::wgmma_supported((8, 9), all));
+    assert!(!nf4::wgmma_supported((10, 0), all));
+    assert!(!nf4::wgmma_supported((12, 0), all));
+
+    // The dispatcher's gate: exactly PALIGN_NF4_WGMMA=1, and a supported GPU.
+    assert_eq!(nf4::WGMMA_ENV, "PALIGN_NF4_WGMMA");
+    assert!(nf4::wgmma_gate(Some("1"), (9, 0), all));
+    for off in [
+        None,
+        Some(""),
+        Some("0"),
+        Some("true"),
+        Some("yes"),
+        Some(" 1"),
+    ] {
+        assert!(!nf4::wgmma_gate(off, (9, 0), all), "{off:?}");
+    }
+    assert!(!nf4::wgmma_gate(Some("1"), (8, 0), all));
+    assert!(!nf4::wgmma_gate(Some("1"), (9, 0), "sm_80 compute_80"));
+
+    // Candidates: the gate off gives today's list exactly; on, wgmma comes last, forward
+    // only, where its shape limits hold.
+    let (fwd, bwd) = (Nf4Op::Forward, Nf4Op::Backward);
+    for &(op, m, shape, f32_out) in &[
+        (fwd, 1, [1024, 4096], false),
+        (fwd, 16, [1024, 4096], true),
+        (fwd, 8192, [4096, 4096], false),
+        (fwd, 8, [1024, 100], false),
+        (bwd, 8192, [4096, 4096], false),
+    ] {
+        assert_eq!(
+            nf4::candidates_with(op, m, shape, f32_out, false),
+            nf4::candidates(op, m, shape, f32_out)
+        );
+    }
+    assert_eq!(
+        nf4::candidates_with(fwd, 8192, [4096, 4096], false, true),
+        [Fused, DequantCublas, Wgmma]
+    );
+    assert_eq!(
+        nf4::candidates_with(fwd, 1, [1024, 4096], true, true),
+        [Gemv, Fused, Wgmma]
+    );
+    assert_eq!(
+        nf4::candidates_with(bwd, 8192, [4096, 4096], false, true),
+        [Fused, DequantCublas]
+    );
+    assert_eq!(
+        nf4::candidates_with(fwd, 8192, [1004, 4096], false, true),
+        [Fused, DequantCublas]
+    );
+    assert_eq!(
+        nf4::candidates_with(fwd, 8, [1024, 100], false, true),
+        [DequantCublas]
+    );
+}
+
+#[test]
+fn wgmma_path_names_are_stable_and_old_entries_are_remeasured() {
+    use Nf4Path::{DequantCublas, Fused, Gemv, Wgmma};
+    for (p, name) in [
+        (Gemv, "gemv"),
+        (Fused, "fused"),
+        (DequantCublas, "dequant_cublas"),
+        (Wgmma, "wgmma"),
+    ] {
+        assert_eq!(p.name(), name);
+        assert_eq!(Nf4Path::parse(name), Some(p));
+        assert_eq!(serde_json::to_value(p).unwrap(), name);
+        let back: Nf4Path = serde_json::from_value(serde_json::json!(name)).unwrap();
+        assert_eq!(back, p);
+    }
+    assert_eq!(Nf4Path::parse("auto"), None);
+
+    // A cache file written before the wgmma path existed still loads.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.json");
+    let old = r#"{"format": "palign-nf4-dispatch", "version": 1, "gpu": "G",
+        "entries": {"fwd m<=8192 n=4096 k=4096 bf16":
+            {"choice": "dequant_cublas", "ms": {"dequant_cublas": 1.0, "fused": 2.0}}}}"#;
+    std::fs::write(&path, old).unwrap();
+    let c = DispatchCache::load(&path, "G");
+    let e = c
+        .get("fwd m<=8192 n=4096 k=4096 bf16")
+        .expect("old entry")
+        .clone();
+    assert_eq!(e.choice, DequantCublas);
+    // It answers while the candidates are today's; with wgmma enabled it is re-timed.
+    assert!(nf4::entry_covers(&e, &[Fused, DequantCublas]));
+    assert!(!nf4::entry_covers(&e, &[Fused, DequantCublas, Wgmma]));
+    // An entry that chose wgmma is not used once wgmma is off again.
+    let w = entry(
+        Wgmma,
+        &[("fused", 2.0), ("dequant_cublas", 1.0), ("wgmma", 0.5)],
+    );
+    assert!(nf4::entry_covers(&w, &[Fused, DequantCublas, Wgmma]));
+    assert!(!nf4::entry_covers(&w, &[Fused, DequantCublas]));
+
+    // A dispatcher built without the env var never has wgmma on.
+    let d = nf4::Nf4Dispatcher::with_cache(DispatchCache::in_memory("G"), None);
+    assert!(!d.wgmma_enabled());
+    assert!(d.with_wgmma(true).wgmma_enabled());
 }
 
 #[test]
@@ -272,6 +400,52 @@ fn reference(op: Nf4Op, x: &[f32], m: usize, w: &[f32], shape: [usize; 2]) -> Ve
         }
     });
     out
+}
+
+/// The forward reference for rows `rows` of x ([m, k]) only: [rows.len(), n].
+fn reference_rows(x: &[f32], rows: &[usize], w: &[f32], shape: [usize; 2]) -> Vec<f32> {
+    let k = shape[1];
+    let xs: Vec<f32> = rows
+        .iter()
+        .flat_map(|&r| x[r * k..(r + 1) * k].iter().copied())
+        .collect();
+    reference(Nf4Op::Forward, &xs, rows.len(), w, shape)
+}
+
+/// A weight of random codes and random scales (fast to build at 14336 x 4096, unlike
+/// quantizing): double-quantized with bitsandbytes' map, or plain absmax.
+fn random_nf4(seed: u64, shape: [usize; 2], dq: bool) -> Nf4Tensor {
+    let mut r = rng(seed);
+    let numel = shape[0] * shape[1];
+    let nblocks = numel.div_ceil(64);
+    let mut packed = vec![0u8; numel.div_ceil(2)];
+    r.fill(&mut packed[..]);
+    let absmax = if dq {
+        let mut q = vec![0u8; nblocks];
+        r.fill(&mut q[..]);
+        Absmax::Double(palign::quant::DoubleQuant {
+            q,
+            code2: palign::quant::dynamic_map().to_vec(),
+            absmax2: (0..nblocks.div_ceil(256))
+                .map(|_| r.random_range(0.005f32..0.02))
+                .collect(),
+            offset: 0.02,
+            blocksize2: 256,
+        })
+    } else {
+        Absmax::Plain(
+            (0..nblocks)
+                .map(|_| r.random_range(0.01f32..0.05))
+                .collect(),
+        )
+    };
+    Nf4Tensor {
+        shape,
+        blocksize: 64,
+        packed,
+        absmax,
+        dtype: palign::quant::SourceDtype::BF16,
+    }
 }
 
 /// Assert |got − want| <= atol + rtol·|want| everywhere (any NaN or infinity fails);
@@ -593,4 +767,225 @@ fn dispatcher_measures_once_and_caches_on_disk() {
     let mut o = ok(g.alloc::<bf16>(m * n));
     let p = ok(d3.matmul(&g, Nf4Op::Forward, &x, m, &w, Out::Bf16(&mut o)));
     assert_ne!(p, Nf4Path::Gemv, "the GEMV does not apply to 256 rows");
+}
+
+/// The device and whether it runs the wgmma GEMM; elsewhere the launcher must refuse
+/// with BadInput (checked here) and the wgmma tests stop.
+fn wgmma_gpu() -> Option<std::sync::Arc<Gpu>> {
+    let g = gpu();
+    if nf4::wgmma_supported(g.compute_capability(), palign::backend::cuda::TARGETS) {
+        return Some(g);
+    }
+    let w = ok(Nf4Weight::upload(&g, &weight(1, [128, 128], 64, true)));
+    let x = ok(g.upload(&vec![bf16::ZERO; 128 * 128]));
+    let mut o = ok(g.alloc::<f32>(128 * 128));
+    assert!(is_bad_input(nf4::gemm_wgmma(
+        &g,
+        &x,
+        128,
+        &w,
+        Out::F32(&mut o)
+    )));
+    println!(
+        "PARITY wgmma: not run on {} (compute capability {:?}, kernels {}): BadInput as expected",
+        g.name(),
+        g.compute_capability(),
+        palign::backend::cuda::TARGETS
+    );
+    None
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn wgmma_gemm_reproduces_the_bf16_weight() {
+    let Some(g) = wgmma_gpu() else { return };
+    // X = [I_K ; 0]: row i < K is one-hot at k = i, so Y[i, n] = Wb[n, i] with a single
+    // nonzero product (exact in f32, and a bf16 value survives the bf16 output). Rows
+    // K.. are zero (the M tail); N = 264 and 1000 leave partial output tiles.
+    let cases: &[([usize; 2], bool, bool)] = &[
+        ([264, 256], true, true),
+        ([264, 256], false, false),
+        ([8, 64], true, true),
+        ([1000, 4096], true, true),
+        ([1024, 4096], false, false),
+    ];
+    for (i, &(shape, dq, f32_out)) in cases.iter().enumerate() {
+        let [n, k] = shape;
+        let m = k + 3;
+        let t = weight(600 + i as u64, shape, 64, dq);
+        let wb = bf16_round(&t.dequantize());
+        let mut xb = vec![bf16::ZERO; m * k];
+        for r in 0..k {
+            xb[r * k + r] = bf16::ONE;
+        }
+        let w = ok(Nf4Weight::upload(&g, &t));
+        let x = ok(g.upload(&xb));
+        let got = run_out(&g, m * n, f32_out, |o| nf4::gemm_wgmma(&g, &x, m, &w, o));
+        let mut bad = 0usize;
+        let mut first = None;
+        for r in 0..m {
+            for c in 0..n {
+                let want = if r < k { wb[c * k + r] } else { 0.0 };
+                // == (not bits): a -0.0 weight sums to +0.0.
+                if got[r * n + c] != want {
+                    bad += 1;
+                    first.get_or_insert((r, c, got[r * n + c], want));
+                }
+            }
+        }
+        let out = if f32_out { "f32" } else { "bf16" };
+        println!(
+            "PARITY wgmma one-hot {shape:?} dq={dq} {out}: mismatches={bad} n={}",
+            m * n
+        );
+        assert_eq!(bad, 0, "first (row, col, got, want): {first:?}");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn wgmma_gemm_matches_cpu_and_fused() {
+    let Some(g) = wgmma_gpu() else { return };
+    // (m, n, k, double quant, f32 out). K = 64, 128, 192: one to three k-tiles (the
+    // pipeline's prologue and tail); M = 1, 5, 77, 130, 1000: partial row tiles;
+    // N = 136, 264, 1000: partial column tiles; then the Mistral-7B shapes at M = 8192.
+    let cases: &[(usize, usize, usize, bool, bool)] = &[
+        (5, 256, 64, true, true),
+        (130, 136, 128, false, false),
+        (77, 264, 192, true, true),
+        (1, 1024, 4096, true, false),
+        (1, 4096, 4096, false, true),
+        (130, 1024, 4096, true, true),
+        (130, 1000, 4096, true, false),
+        (1000, 4096, 4096, true, false),
+        (1000, 14336, 4096, true, true),
+        (8192, 1024, 4096, true, true),
+        (8192, 4096, 4096, true, false),
+        (8192, 14336, 4096, true, false),
+        (8192, 4096, 14336, true, true),
+    ];
+    for (i, &(m, n, k, dq, f32_out)) in cases.iter().enumerate() {
+        let t = if n * k <= 1 << 22 {
+            weight(700 + i as u64, [n, k], 64, dq)
+        } else {
+            random_nf4(700 + i as u64, [n, k], dq)
+        };
+        let wf = bf16_round(&t.dequantize());
+        let (xb, xf) = rand_bf16(&mut rng(800 + i as u64), m * k, 1.0);
+        let w = ok(Nf4Weight::upload(&g, &t));
+        let x = ok(g.upload(&xb));
+        let out = if f32_out { "f32" } else { "bf16" };
+        let got = run_out(&g, m * n, f32_out, |o| nf4::gemm_wgmma(&g, &x, m, &w, o));
+        // All rows against the CPU when that is cheap; else 48 rows: both ends, both
+        // sides of a 128-row tile boundary, and random ones.
+        let rows: Vec<usize> = if m * n * k <= 1 << 31 {
+            (0..m).collect()
+        } else {
+            let mut r = rng(900 + i as u64);
+            let mut v: Vec<usize> = (0..8).chain(m - 8..m).chain(120..136).collect();
+            v.extend((0..16).map(|_| r.random_range(0..m)));
+            v
+        };
+        let want = reference_rows(&xf, &rows, &wf, [n, k]);
+        let got_rows: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| got[r * n..(r + 1) * n].iter().copied())
+            .collect();
+        check(
+            &format!(
+                "gemm_wgmma m={m} n={n} k={k} dq={dq} {out} rows={}",
+                rows.len()
+            ),
+            &got_rows,
+            &want,
+            BF16_W_ATOL * rms(&want),
+            1e-2,
+        );
+        // Every element against the fused kernel (same weight bits, f32 out both): only
+        // the summation order and the output rounding differ.
+        let fused = run_out(&g, m * n, true, |o| {
+            nf4::gemm_fused(&g, Nf4Op::Forward, &x, m, &w, o)
+        });
+        check(
+            &format!("gemm_wgmma_vs_fused m={m} n={n} k={k} {out}"),
+            &got,
+            &fused,
+            1e-3 * rms(&want),
+            1e-2,
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn wgmma_gemm_rejects_bad_shapes_without_launching() {
+    let g = gpu();
+    let x = ok(g.upload(&vec![bf16::ZERO; 4 * 4096]));
+    let mut o = ok(g.alloc::<f32>(4 * 4096));
+    let w = ok(Nf4Weight::upload(&g, &weight(13, [1004, 4096], 64, true)));
+    let r = nf4::gemm_wgmma(&g, &x, 4, &w, Out::F32(&mut o));
+    assert!(is_bad_input(r), "N = 1004 is not a multiple of 8");
+    let w = ok(Nf4Weight::upload(&g, &weight(14, [64, 96], 32, false)));
+    let r = nf4::gemm_wgmma(&g, &x, 4, &w, Out::F32(&mut o));
+    assert!(is_bad_input(r), "K = 96 is not a multiple of 64");
+    let w = ok(Nf4Weight::upload(&g, &weight(15, [128, 4096], 64, true)));
+    let mut small = ok(g.alloc::<f32>(10));
+    let r = nf4::gemm_wgmma(&g, &x, 4, &w, Out::F32(&mut small));
+    assert!(is_bad_input(r), "output too short");
+    ok(g.synchronize());
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn dispatcher_times_wgmma_only_when_enabled() {
+    let g = gpu();
+    let (m, n, k) = (512, 1024, 4096);
+    let t = weight(16, [n, k], 64, true);
+    let (xb, xf) = rand_bf16(&mut rng(17), m * k, 1.0);
+    let want = reference(Nf4Op::Forward, &xf, m, &bf16_round(&t.dequantize()), [n, k]);
+    let w = ok(Nf4Weight::upload(&g, &t));
+    let x = ok(g.upload(&xb));
+    let key = nf4::dispatch_key(Nf4Op::Forward, m, [n, k], false);
+    let cache = |d: &nf4::Nf4Dispatcher| d.cached(&key).expect("measured entry");
+
+    // Off (the default): never timed, never chosen.
+    let d = nf4::Nf4Dispatcher::with_cache(DispatchCache::in_memory(g.name()), None);
+    let got = run_out(&g, m * n, false, |o| {
+        assert_ne!(d.matmul(&g, Nf4Op::Forward, &x, m, &w, o)?, Nf4Path::Wgmma);
+        Ok(())
+    });
+    check(
+        "dispatch wgmma-off fwd m=512",
+        &got,
+        &want,
+        BF16_W_ATOL * rms(&want),
+        1e-2,
+    );
+    let e = cache(&d);
+    assert!(!e.ms.contains_key("wgmma"), "{:?}", e.ms);
+
+    // On: timed too on sm_90 (the earlier entry lacks it, so it is measured again);
+    // ignored on any other GPU.
+    let mut c = DispatchCache::in_memory(g.name());
+    c.insert(key.clone(), e);
+    let d = nf4::Nf4Dispatcher::with_cache(c, None).with_wgmma(true);
+    let got = run_out(&g, m * n, false, |o| {
+        d.matmul(&g, Nf4Op::Forward, &x, m, &w, o)?;
+        Ok(())
+    });
+    check(
+        "dispatch wgmma-on fwd m=512",
+        &got,
+        &want,
+        BF16_W_ATOL * rms(&want),
+        1e-2,
+    );
+    let e = cache(&d);
+    let sm90 = nf4::wgmma_supported(g.compute_capability(), palign::backend::cuda::TARGETS);
+    assert_eq!(e.ms.contains_key("wgmma"), sm90, "{:?}", e.ms);
+    println!(
+        "PARITY dispatch wgmma-on choice for {key}: {} {:?}",
+        e.choice.name(),
+        e.ms
+    );
 }

@@ -8,6 +8,8 @@
 //! - [`gemm_fused`]: `Y = X·Wᵀ` ([`Nf4Op::Forward`]) or `dX = dY·W` ([`Nf4Op::Backward`])
 //!   on tensor cores, W unpacked to bf16 in shared memory only.
 //! - [`gemm_dequant_cublas`]: the classic path, dequantize to a bf16 scratch + cuBLAS.
+//! - [`gemm_wgmma`]: the forward product with Hopper warpgroup MMAs (sm_90a only; new
+//!   and unmeasured, so the dispatcher times it only with `PALIGN_NF4_WGMMA=1`).
 //! - [`Nf4Dispatcher`]: per shape, runs the fastest of those, measured once on this GPU
 //!   and cached on disk ([`DispatchCache`], JSON, keyed by GPU name).
 //!
@@ -25,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use super::blas::{self, Gemm};
 use super::device::cuda_err;
 use super::params::{Nf4DequantParams, Nf4GemmParams, Nf4GemvParams, Nf4WeightParams};
-use super::{DeviceBuffer, Gpu};
+use super::{DeviceBuffer, Gpu, TARGETS};
 use crate::error::{bad, Error, Result};
 use crate::quant::{check_blocksize, Absmax, Nf4Tensor};
 
@@ -45,6 +47,7 @@ pub const KERNELS: &[&str] = &[
     "nf4_gemv_naive",
     "nf4_gemm_fwd",
     "nf4_gemm_bwd",
+    "nf4_gemm_fwd_wgmma",
 ];
 
 const THREADS: u32 = 256;
@@ -53,6 +56,13 @@ const THREADS: u32 = 256;
 pub const NF4_GEMM_SMEM_BYTES: u32 = 73728;
 /// Tile of the fused GEMM: rows of X per block, output columns per block, reduction step.
 pub const GEMM_TILE: (usize, usize, usize) = (128, 128, 64);
+/// Dynamic shared memory of the wgmma GEMM (WG_SMEM in kernels/nf4.cu: 4 stages of
+/// 16 KiB A + 16 KiB B, plus 1 KiB to align the 128-byte-swizzle atoms).
+pub const NF4_WGMMA_SMEM_BYTES: u32 = 132096;
+/// Tile of the wgmma GEMM (rows of X, output columns, reduction step).
+pub const WGMMA_TILE: (usize, usize, usize) = (128, 128, 64);
+/// Set to 1 to let the dispatcher time (and so pick) the wgmma GEMM on sm_90.
+pub const WGMMA_ENV: &str = "PALIGN_NF4_WGMMA";
 /// The GEMV's row limit (one m16 tensor-core tile).
 pub const GEMV_MAX_M: usize = 16;
 
@@ -101,6 +111,33 @@ pub fn check_fused(op: Nf4Op, w_shape: [usize; 2]) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The wgmma GEMM's limits (it computes the forward product only): K % 64 == 0 (whole
+/// k-tiles), N % 8 == 0 (its paired output stores stay in the row and aligned), and
+/// dims fit the kernel's i32.
+pub fn check_wgmma(w_shape: [usize; 2]) -> Result<()> {
+    let [n, k] = w_shape;
+    check_dims(w_shape)?;
+    if !k.is_multiple_of(WGMMA_TILE.2) || !n.is_multiple_of(8) {
+        return Err(bad(format!(
+            "NF4 wgmma GEMM: weight [{n}, {k}] needs K a multiple of 64 and N a multiple of 8"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a GPU of compute capability `cc` can run the wgmma GEMM from a fatbin built
+/// for `targets` ([`TARGETS`]): only compute capability 9.0 with sm_90a SASS (every
+/// other image of the kernel is a stub that traps).
+pub fn wgmma_supported(cc: (i32, i32), targets: &str) -> bool {
+    cc == (9, 0) && targets.split_whitespace().any(|t| t == "sm_90a")
+}
+
+/// Whether the dispatcher may time the wgmma GEMM: `env` (the value of [`WGMMA_ENV`])
+/// is "1" and the GPU is supported. Timing alone never picks an unverified kernel.
+pub fn wgmma_gate(env: Option<&str>, cc: (i32, i32), targets: &str) -> bool {
+    env == Some("1") && wgmma_supported(cc, targets)
 }
 
 /// The GEMV's limits: 1 ≤ m ≤ 16 and K % 32 == 0 (each lane loads 32 codes).
@@ -504,6 +541,64 @@ pub fn gemm_fused(
     )
 }
 
+static WGMMA_SMEM_SET: AtomicBool = AtomicBool::new(false);
+
+/// `out[m, n] = a[m, k] · bf16(W)ᵀ` with Hopper warpgroup MMAs (kernels/nf4.cu §5): the
+/// product of [`gemm_fused`] `Forward`, the same bf16 weight. BadInput off sm_90, on a
+/// build without sm_90a, or outside [`check_wgmma`].
+pub fn gemm_wgmma(
+    gpu: &Gpu,
+    a: &DeviceBuffer<bf16>,
+    m: usize,
+    w: &Nf4Weight,
+    out: Out<'_>,
+) -> Result<()> {
+    let cc = gpu.compute_capability();
+    if !wgmma_supported(cc, TARGETS) {
+        return Err(bad(format!(
+            "NF4 wgmma GEMM: needs compute capability 9.0 and sm_90a kernels; this GPU \
+             is {}.{} and the kernels were built for [{TARGETS}]",
+            cc.0, cc.1
+        )));
+    }
+    check_wgmma(w.shape)?;
+    check_io(Nf4Op::Forward, m, w.shape, a.len(), out.len())?;
+    let grid_y = m.div_ceil(WGMMA_TILE.0);
+    if grid_y > 65535 {
+        return Err(bad(format!(
+            "NF4 wgmma GEMM: {m} rows exceed the launch grid"
+        )));
+    }
+    let name = "nf4_gemm_fwd_wgmma";
+    if !WGMMA_SMEM_SET.load(Ordering::Acquire) {
+        gpu.context()
+            .bind_to_thread()
+            .map_err(cuda_err("bind context"))?;
+        gpu.function(name)?
+            .set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                NF4_WGMMA_SMEM_BYTES as i32,
+            )
+            .map_err(cuda_err("cuFuncSetAttribute(max dynamic shared memory)"))?;
+        WGMMA_SMEM_SET.store(true, Ordering::Release);
+    }
+    let p = Nf4GemmParams {
+        out: out.ptr(),
+        a: a.ptr(),
+        w: w.params(),
+        m: m as i32,
+        out_f32: out.is_f32() as i32,
+    };
+    let grid_x = w.shape[0].div_ceil(WGMMA_TILE.1);
+    launch(
+        gpu,
+        name,
+        (grid_x as u32, grid_y as u32),
+        NF4_WGMMA_SMEM_BYTES,
+        &p,
+    )
+}
+
 /// The unfused path: dequantize W to a bf16 scratch (from the caching pool), then
 /// cuBLAS bf16 GEMM with f32 accumulation. Same product as [`gemm_fused`], bf16 out.
 pub fn gemm_dequant_cublas(
@@ -566,6 +661,8 @@ pub enum Nf4Path {
     Fused,
     /// [`gemm_dequant_cublas`] (bf16 output).
     DequantCublas,
+    /// [`gemm_wgmma`] (forward, sm_90, only with `PALIGN_NF4_WGMMA=1`).
+    Wgmma,
 }
 
 impl Nf4Path {
@@ -574,18 +671,37 @@ impl Nf4Path {
             Nf4Path::Gemv => "gemv",
             Nf4Path::Fused => "fused",
             Nf4Path::DequantCublas => "dequant_cublas",
+            Nf4Path::Wgmma => "wgmma",
         }
     }
 
     pub fn parse(s: &str) -> Option<Nf4Path> {
-        [Nf4Path::Gemv, Nf4Path::Fused, Nf4Path::DequantCublas]
-            .into_iter()
-            .find(|p| p.name() == s)
+        [
+            Nf4Path::Gemv,
+            Nf4Path::Fused,
+            Nf4Path::DequantCublas,
+            Nf4Path::Wgmma,
+        ]
+        .into_iter()
+        .find(|p| p.name() == s)
     }
 }
 
-/// The paths that can compute `op` for `m` rows of a weight `w_shape`.
+/// The paths that can compute `op` for `m` rows of a weight `w_shape` (without the
+/// opt-in wgmma GEMM; see [`candidates_with`]).
 pub fn candidates(op: Nf4Op, m: usize, w_shape: [usize; 2], out_f32: bool) -> Vec<Nf4Path> {
+    candidates_with(op, m, w_shape, out_f32, false)
+}
+
+/// [`candidates`], plus [`Nf4Path::Wgmma`] (after the others) where `wgmma` is true
+/// ([`wgmma_gate`]) and the shape fits it.
+pub fn candidates_with(
+    op: Nf4Op,
+    m: usize,
+    w_shape: [usize; 2],
+    out_f32: bool,
+    wgmma: bool,
+) -> Vec<Nf4Path> {
     let mut v = Vec::new();
     if op == Nf4Op::Forward && check_gemv(m, w_shape).is_ok() {
         v.push(Nf4Path::Gemv);
@@ -595,6 +711,9 @@ pub fn candidates(op: Nf4Op, m: usize, w_shape: [usize; 2], out_f32: bool) -> Ve
     }
     if !out_f32 && check_dims(w_shape).is_ok() {
         v.push(Nf4Path::DequantCublas);
+    }
+    if wgmma && op == Nf4Op::Forward && check_wgmma(w_shape).is_ok() {
+        v.push(Nf4Path::Wgmma);
     }
     v
 }
@@ -758,11 +877,13 @@ pub fn file_stem(gpu: &str) -> String {
 pub struct Nf4Dispatcher {
     cache: Mutex<DispatchCache>,
     force: Option<Nf4Path>,
+    wgmma: bool,
 }
 
 impl Nf4Dispatcher {
     /// With the on-disk cache of this GPU ([`DispatchCache::default_path`]);
-    /// `PALIGN_NF4_PATH=gemv|fused|dequant_cublas` forces a path where it applies.
+    /// `PALIGN_NF4_PATH=gemv|fused|dequant_cublas|wgmma` forces a path where it applies;
+    /// `PALIGN_NF4_WGMMA=1` adds the wgmma GEMM to the candidates on sm_90 ([`wgmma_gate`]).
     pub fn new(gpu: &Gpu) -> Result<Nf4Dispatcher> {
         let cache = match DispatchCache::default_path(gpu.name()) {
             Some(p) => DispatchCache::load(&p, gpu.name()),
@@ -771,19 +892,34 @@ impl Nf4Dispatcher {
         let force = match std::env::var("PALIGN_NF4_PATH") {
             Ok(v) if !v.is_empty() && v != "auto" => Some(Nf4Path::parse(&v).ok_or_else(|| {
                 bad(format!(
-                    "PALIGN_NF4_PATH={v:?}: expected auto, gemv, fused or dequant_cublas"
+                    "PALIGN_NF4_PATH={v:?}: expected auto, gemv, fused, dequant_cublas or wgmma"
                 ))
             })?),
             _ => None,
         };
-        Ok(Nf4Dispatcher::with_cache(cache, force))
+        let env = std::env::var(WGMMA_ENV).ok();
+        let wgmma = wgmma_gate(env.as_deref(), gpu.compute_capability(), TARGETS);
+        Ok(Nf4Dispatcher::with_cache(cache, force).with_wgmma(wgmma))
     }
 
+    /// Without the wgmma GEMM (see [`with_wgmma`](Self::with_wgmma)).
     pub fn with_cache(cache: DispatchCache, force: Option<Nf4Path>) -> Nf4Dispatcher {
         Nf4Dispatcher {
             cache: Mutex::new(cache),
             force,
+            wgmma: false,
         }
+    }
+
+    /// Whether the wgmma GEMM is a candidate (still only on a GPU that
+    /// [`wgmma_supported`] accepts).
+    pub fn with_wgmma(mut self, on: bool) -> Nf4Dispatcher {
+        self.wgmma = on;
+        self
+    }
+
+    pub fn wgmma_enabled(&self) -> bool {
+        self.wgmma
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, DispatchCache> {
@@ -809,6 +945,7 @@ impl Nf4Dispatcher {
             (Nf4Path::Gemv, out) if op == Nf4Op::Forward => gemv(gpu, a, m, w, out),
             (Nf4Path::Fused, out) => gemm_fused(gpu, op, a, m, w, out),
             (Nf4Path::DequantCublas, Out::Bf16(o)) => gemm_dequant_cublas(gpu, op, a, m, w, o),
+            (Nf4Path::Wgmma, out) if op == Nf4Op::Forward => gemm_wgmma(gpu, a, m, w, out),
             (p, out) => Err(bad(format!(
                 "NF4 path {} cannot compute {} with {} output",
                 p.name(),
@@ -834,7 +971,8 @@ impl Nf4Dispatcher {
         if m == 0 {
             return Ok(Nf4Path::Fused);
         }
-        let cands = candidates(op, m, w.shape, out.is_f32());
+        let wgmma = self.wgmma && wgmma_supported(gpu.compute_capability(), TARGETS);
+        let cands = candidates_with(op, m, w.shape, out.is_f32(), wgmma);
         let Some(&first) = cands.first() else {
             return Err(bad(format!(
                 "NF4 {}: no kernel supports weight {:?} with {} output",
@@ -850,7 +988,9 @@ impl Nf4Dispatcher {
         } else {
             let key = dispatch_key(op, m, w.shape, out.is_f32());
             match self.cached(&key) {
-                Some(e) if cands.contains(&e.choice) => e.choice,
+                // An entry timed without one of today's candidates (the opt-in wgmma
+                // GEMM) is measured again.
+                Some(e) if entry_covers(&e, &cands) => e.choice,
                 _ => match measure(gpu, &cands, op, a, m, w, &mut out)? {
                     Some(entry) => {
                         let choice = entry.choice;
@@ -868,6 +1008,11 @@ impl Nf4Dispatcher {
         Self::run_path(gpu, path, op, a, m, w, out)?;
         Ok(path)
     }
+}
+
+/// Whether a cached entry chose one of `cands` and timed all of them.
+pub fn entry_covers(e: &DispatchEntry, cands: &[Nf4Path]) -> bool {
+    cands.contains(&e.choice) && cands.iter().all(|c| e.ms.contains_key(c.name()))
 }
 
 /// Milliseconds per call of each candidate (one warm-up, then 3 timed calls); None
