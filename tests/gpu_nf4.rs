@@ -116,6 +116,16 @@ fn candidates_follow_the_kernel_limits() {
     );
     assert_eq!(nf4::candidates(fwd, 8, [1024, 100], false), [DequantCublas]);
     assert!(nf4::candidates(fwd, 8, [1024, 100], true).is_empty());
+    // An odd output width: the fused GEMM's paired stores would cross into the next row.
+    assert_eq!(
+        nf4::candidates(fwd, 17, [1001, 4096], false),
+        [DequantCublas]
+    );
+    assert_eq!(
+        nf4::candidates(fwd, 4, [1001, 4096], false),
+        [Gemv, DequantCublas]
+    );
+    assert!(is_bad_input(nf4::check_fused(fwd, [1001, 4096])));
 }
 
 #[test]

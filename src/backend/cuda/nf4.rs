@@ -110,6 +110,13 @@ pub fn check_fused(op: Nf4Op, w_shape: [usize; 2]) -> Result<()> {
             }
         )));
     }
+    // The epilogue stores column pairs (col, col + 1): an odd output width would write
+    // one element into the next row and misalign the paired store.
+    if op == Nf4Op::Forward && !n.is_multiple_of(2) {
+        return Err(bad(format!(
+            "NF4 fused GEMM (forward): weight [{n}, {k}] needs an even N"
+        )));
+    }
     Ok(())
 }
 
