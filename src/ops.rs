@@ -224,6 +224,23 @@ pub fn lora_down(x: &Tensor, heads: &[LoraHead]) -> Result<Vec<Tensor>> {
         .collect()
 }
 
+/// The adapter's up-projection backward: `dB += alpha·dYᵀ·xa` and returns `dY·B`
+/// `[m, r]`. Both read dY; on the device `PALIGN_LORA_UP=fused` takes one kernel that
+/// reads it once (off until a GPU run has checked it).
+pub fn lora_up_backward_(
+    grad_b: &mut Tensor,
+    dy: &Tensor,
+    xa: &Tensor,
+    b: &Tensor,
+    alpha: f32,
+) -> Result<Tensor> {
+    if dy.is_cuda() && dev::lora_up_applies(dy, b) {
+        return dev::lora_up_backward_(grad_b, dy, xa, b, alpha);
+    }
+    add_at_b_(grad_b, dy, xa, alpha)?;
+    matmul(dy, b)
+}
+
 /// `dA_i += alpha · dyb_iᵀ · drop_i(x)` for every head (`dyb_i = dY_i·B_i` `[m, r_i]`,
 /// `dA_i` f32 `[r_i, in]`): on the device one pass over `x`.
 pub fn lora_grad_a_(

@@ -395,7 +395,8 @@ impl Model {
         Ok((y, Some(saved)))
     }
 
-    /// Backward of `proj`: returns dX and accumulates dA, dB into `grad`.
+    /// Backward of `proj` one adapter at a time, for the fused NF4 LoRA kernels
+    /// (`PALIGN_FUSED_LORA=1`): returns dX and accumulates dA, dB into `grad`.
     fn proj_backward(
         dy: &Tensor,
         x: &Tensor,
@@ -509,10 +510,16 @@ impl Model {
                 return Err(bad("internal: adapters of one group with different scales"));
             }
             scale = Some(s);
-            // dB += s·dYᵀ·(drop(x)·Aᵀ); the fused forward saved xa with s folded in.
+            // dB += s·dYᵀ·(drop(x)·Aᵀ) (the fused forward saved xa with s folded in), and
+            // dY·B [m, r] for dA and dX.
             let xa_alpha = if saved.xa_scaled { 1.0 } else { s };
-            ops::add_at_b_(&mut grad.b, p.dy, &saved.xa, xa_alpha)?;
-            dybs.push(ops::matmul(p.dy, &pair.b)?); // dY·B, [m, r]
+            dybs.push(ops::lora_up_backward_(
+                &mut grad.b,
+                p.dy,
+                &saved.xa,
+                &pair.b,
+                xa_alpha,
+            )?);
             heads.push(ops::LoraHead {
                 a: &pair.a,
                 mask: saved.mask,
@@ -642,13 +649,15 @@ impl Model {
             }
         };
         // MLP: out = h1 + down(swiglu(gate(n2), up(n2))), n2 = rmsnorm(h1)
-        let d_act = Self::proj_backward(
-            &dout,
+        let d_act = Self::proj_group_backward(
             &t.act,
-            &l.down,
-            pair(6),
-            t.lora[6].as_ref(),
-            g6.as_mut(),
+            vec![ProjGrad::new(
+                &dout,
+                &l.down,
+                pair(6),
+                t.lora[6].as_ref(),
+                g6.as_mut(),
+            )],
         )?;
         let (dg, du) = ops::swiglu_backward(&d_act, &t.g, &t.u)?;
         let dn2 = Self::proj_group_backward(
@@ -664,7 +673,16 @@ impl Model {
         ops::rmsnorm_backward_acc_(&mut dh1, &dn2, &t.h1, &l.post_norm, &t.rstd2)?;
         drop(dn2);
         // Attention: h1 = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))), n1 = rmsnorm(x)
-        let da = Self::proj_backward(&dh1, &at.a, &l.o, pair(3), t.lora[3].as_ref(), g3.as_mut())?;
+        let da = Self::proj_group_backward(
+            &at.a,
+            vec![ProjGrad::new(
+                &dh1,
+                &l.o,
+                pair(3),
+                t.lora[3].as_ref(),
+                g3.as_mut(),
+            )],
+        )?;
         let (mut dq, mut dk, dv) = ops::attention_backward(
             &at.q,
             &at.k,

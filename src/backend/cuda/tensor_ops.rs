@@ -974,3 +974,21 @@ pub fn lora_dx_acc_(
         lora_drop::lora_dx_acc(&g, dx.bf16_buf_mut()?, m, k, &dh, &dyb, alpha)
     })
 }
+
+/// Whether `ops::lora_up_backward_` takes the one-pass kernel: `PALIGN_LORA_UP=fused`
+/// and shapes it takes.
+pub fn lora_up_applies(_dy: &Tensor, _b: &Tensor) -> bool {
+    false
+}
+
+pub fn lora_up_backward_(
+    _grad_b: &mut Tensor,
+    _dy: &Tensor,
+    _xa: &Tensor,
+    _b: &Tensor,
+    _alpha: f32,
+) -> Result<Tensor> {
+    Err(crate::error::bad(
+        "internal: lora_up_backward kernel not built",
+    ))
+}
