@@ -21,6 +21,8 @@
 //!   (f32 out);
 //! - `dx`:     fused `lora_dx_acc` vs, per head, cuBLAS dyb·A [M, in] + `dropout_bf16` +
 //!   `axpy_bf16` into dX.
+//! - `up`:     fused `lora_up_backward` (dyb = dY·B and dB += s·dYᵀ·xa from one read of
+//!   dY [M, out], out = 4096 and 14336) vs the model's two cuBLAS products.
 //!
 //! GB/s is the least traffic of the operation (X or dX once, or read and written once,
 //! plus the factors) over the time, for both paths, so the two figures compare directly.
@@ -337,6 +339,78 @@ fn bench_drop(c: &mut Criterion, g: &Gpu, lines: &mut Vec<String>, ratios: &mut 
                     ));
                 }
             }
+        }
+    }
+    bench_up_backward(c, g, lines, ratios);
+}
+
+/// `up`: `lora_drop::lora_up_backward` (dyb = dY·B and dB += s·dYᵀ·xa, one pass over dY)
+/// vs the two cuBLAS products the model runs (ops::matmul, ops::add_at_b_).
+fn bench_up_backward(
+    c: &mut Criterion,
+    g: &Gpu,
+    lines: &mut Vec<String>,
+    ratios: &mut Vec<String>,
+) {
+    let m = TOKENS;
+    for &(_, n) in OUTS {
+        let dy = filled_bf16(g, m * n, 30, 1.0);
+        for &r in RANKS {
+            let s = 16.0 / r as f32;
+            let b = filled_bf16(g, n * r, 31, 0.02);
+            let xa = filled_bf16(g, m * r, 32, 1.0);
+            let mut dyb_f = ok(g.alloc::<bf16>(m * r));
+            let mut dyb_u = ok(g.alloc::<bf16>(m * r));
+            let mut gb_f = ok(g.zeros::<f32>(n * r));
+            let mut gb_u = ok(g.zeros::<f32>(n * r));
+            let (dy, b, xa) = (&dy, &b, &xa);
+            let tag = format!("n={n} r={r}");
+            let mut cases: Vec<(String, Launch<'_>)> = vec![
+                (
+                    format!("up {tag} fused"),
+                    Box::new(move || {
+                        ok(lora_drop::lora_up_backward(
+                            g, dy, m, n, b, xa, r, s, &mut dyb_f, &mut gb_f,
+                        ))
+                    }),
+                ),
+                (
+                    format!("up {tag} unfused"),
+                    Box::new(move || {
+                        let at_b = Gemm {
+                            m: n,
+                            n: r,
+                            k: m,
+                            trans_a: true,
+                            trans_b: false,
+                            alpha: s,
+                            beta: 1.0,
+                        };
+                        ok(blas::gemm_bf16_f32out(g, at_b, dy, xa, &mut gb_u));
+                        let mm = Gemm {
+                            trans_b: false,
+                            ..Gemm::linear(m, r, n)
+                        };
+                        ok(blas::gemm_bf16(g, mm, dy, b, &mut dyb_u));
+                    }),
+                ),
+            ];
+            let t = bench(c, g, "lora_drop", &mut cases);
+            // dY once, xa and dyb, B, dB read and written.
+            let bytes = (m * n * 2 + 2 * m * r * 2 + n * r * 2 + 8 * n * r) as f64;
+            let (f, u) = (t[0], t[1]);
+            let gbs = |ms: f64| bytes / (ms / 1e3) / 1e9;
+            lines.push(format!(
+                "BENCH lora_drop up     m={m} n={n:<5} r={r:<2}  \
+                 fused {f:>8.4} ms ({:>6.0} GB/s)  unfused {u:>8.4} ms ({:>6.0} GB/s)",
+                gbs(f),
+                gbs(u)
+            ));
+            ratios.push(format!(
+                "RATIO lora_drop_fused_vs_unfused up {tag}: {:.3}x ({:.2}x faster)",
+                f / u,
+                u / f
+            ));
         }
     }
 }

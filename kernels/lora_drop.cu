@@ -15,6 +15,11 @@
 //                                 in split order and added (deterministic, no atomics)
 //   3. lora_dx_acc:               dX[m, k] = bf16( dX + Σ_i alpha·scale_i·mask_i ∘ (dyb_i·A_i) )
 //                                 f32 math, one rounding, one read-modify-write of dX
+//   4. lora_up_backward_nt{4,8,16}: for the up projection B [n, r] (no dropout, one head):
+//                                 dyb[m, r]  = bf16( dY · B )             f32 sums
+//                                 dB[n, r]  += alpha · dYᵀ · xa           f32
+//      lora_up_backward_finish:   dyb's partials over 128-column blocks (and dB's over row
+//                                 splits) summed in block order: deterministic, no atomics
 //
 // The mask is evaluated once per element and per head, never stored. `ntN` instances hold
 // N accumulator tiles of 8 ranks (Σ r_i <= 8N); src/backend/cuda/lora_drop.rs picks the
@@ -71,6 +76,13 @@
 //    (2 x 4 of them) tile 16 rows x 32 columns: per head acc = dyb_i·A_i (ldmatrix, ranks
 //    zero-padded to 16), then sum += coef_i · keep ? acc : 0 with each element's mask
 //    computed once; dX is updated in shared memory and written back in 16-byte stores.
+// 4. lora_up_backward: block = 128 columns x a range of rows, B [128 x r] resident in shared
+//    memory, 32-row steps of dY and xa through a 3-stage cp.async ring: one read of dY for
+//    both products. dB as in lora_grad_a (warp = 16 columns, dYᵀ by ldmatrix.trans, xa as
+//    B). dY·B: warp = 16 rows x rank tiles ≡ warp/2 (mod 4) over all 128 columns, so each
+//    partial element has one owner; it is stored in f32 per column block and the finish
+//    kernel sums the n/128 partials in order. That partial costs r/32 of dY's bytes
+//    (write + read), so the fusion only pays for small ranks (see benches/lora.rs).
 #include "common.cuh"
 
 namespace palign {
@@ -619,6 +631,151 @@ __device__ __forceinline__ void dx_acc(const LoraDropParams &p) {
     cp_async_wait<0>();
 }
 
+// ------------------------------------------------------------------ 4. lora_up_backward
+
+// Block = 128 columns of n x a range of rows (blockIdx.y); B [128 x r] stays in shared
+// memory, steps of 32 rows bring dY [32 x 128] and xa [32 x r] (3-stage cp.async ring).
+template <int NT> __device__ __forceinline__ void up_backward(const LoraUpParams &p) {
+    extern __shared__ __align__(16) uint8_t dyn_smem[];
+    __nv_bfloat16 *sm = reinterpret_cast<__nv_bfloat16 *>(dyn_smem);
+    const int r = p.rank, ld = rank_ld(r), nt = r / 8;
+    const int b_elems = BN * ld, stage_elems = TILE_ELEMS + BR * ld;
+    if (dynamic_smem_bytes() < 2u * (b_elems + GA_STAGES * stage_elems)) __trap();
+    const __nv_bfloat16 *bs = sm;
+    __nv_bfloat16 *stages = sm + b_elems;
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int N = p.n, M = p.m;
+    const int c_block = blockIdx.x * BN;
+    const int64_t row_begin = (int64_t)blockIdx.y * p.rows_per_split;
+    const int64_t row_end = min((int64_t)M, row_begin + p.rows_per_split);
+    const int steps = row_end > row_begin ? (int)((row_end - row_begin + BR - 1) / BR) : 0;
+
+    // B rows of this block's columns (zeros past n); in the same group as step 0.
+    for (int q = tid; q < BN * nt; q += THREADS) {
+        const int row = q / nt, cc = q % nt, col = c_block + row;
+        const bool ok = col < N;
+        cp_async16(sm + row * ld + 8 * cc, ok ? p.b + (int64_t)col * r + 8 * cc : p.b, ok);
+    }
+    auto issue = [&](int s) {
+        if (s < steps) {
+            __nv_bfloat16 *st = stages + (s % GA_STAGES) * stage_elems;
+            const int64_t r0 = row_begin + (int64_t)s * BR;
+            for (int q = tid; q < BR * 16; q += THREADS) {
+                const int row = q >> 4, cc = q & 15, col = c_block + 8 * cc;
+                const bool ok = r0 + row < row_end && col < N;
+                cp_async16(st + row * TILE_LD + 8 * cc, ok ? p.dy + (r0 + row) * N + col : p.dy,
+                           ok);
+            }
+            for (int q = tid; q < BR * nt; q += THREADS) {
+                const int row = q / nt, cc = q % nt;
+                const bool ok = r0 + row < row_end;
+                cp_async16(st + TILE_ELEMS + row * ld + 8 * cc,
+                           ok ? p.xa + (r0 + row) * r + 8 * cc : p.xa, ok);
+            }
+        }
+        cp_async_commit();
+    };
+
+    float acc[NT][4]; // dBᵀ partial: this warp's 16 columns x the ranks
+#pragma unroll
+    for (int j = 0; j < NT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    // dY·B: warp = rows 16rt.. of the step x rank tiles jq, jq + 4, ... over all 128 columns,
+    // so each output element has one owner and no reduction inside the block.
+    constexpr int YT = NT / 4;
+    const int rt = warp & 1, jq = warp >> 1;
+
+#pragma unroll
+    for (int s = 0; s < GA_STAGES - 1; s++) issue(s);
+    for (int s = 0; s < steps; s++) {
+        cp_async_wait<GA_STAGES - 2>();
+        __syncthreads(); // step s visible; everyone is done with step s-1's stage
+        issue(s + GA_STAGES - 1);
+        const __nv_bfloat16 *st = stages + (s % GA_STAGES) * stage_elems;
+        const __nv_bfloat16 *xs = st + TILE_ELEMS;
+        const int64_t r0 = row_begin + (int64_t)s * BR;
+
+        // dBᵀ[16 cols x r] += dYᵀ·xa: A = dYᵀ by ldmatrix.trans (k = the 32 rows), B = xa.
+#pragma unroll
+        for (int kk = 0; kk < BR / 16; kk++) {
+            uint32_t a[4];
+            ldsm_x4_t(a, st + (16 * kk + ((lane >> 4) << 3) + (lane & 7)) * TILE_LD + 16 * warp +
+                             (((lane >> 3) & 1) << 3));
+            const __nv_bfloat16 *ds = xs + (16 * kk + (lane & 15)) * ld;
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                if (j >= nt) continue;
+                uint32_t b[2];
+                ldsm_x2_t(b, ds + 8 * j);
+                mma(acc[j], a[0], a[1], a[2], a[3], b[0], b[1]);
+            }
+        }
+
+        // Partial dyb[16 rows x this warp's rank tiles] = dY·B over the block's 128 columns.
+        float y[YT][4];
+#pragma unroll
+        for (int i = 0; i < YT; i++) y[i][0] = y[i][1] = y[i][2] = y[i][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; kk++) {
+            uint32_t a[4];
+            ldsm_x4(a, st + (16 * rt + (lane & 15)) * TILE_LD + 16 * kk + ((lane >> 4) << 3));
+            const __nv_bfloat16 *bp = bs + (16 * kk + (lane & 15)) * ld;
+#pragma unroll
+            for (int i = 0; i < YT; i++) {
+                const int j = jq + 4 * i;
+                if (j >= nt) continue;
+                uint32_t b[2];
+                ldsm_x2_t(b, bp + 8 * j);
+                mma(y[i], a[0], a[1], a[2], a[3], b[0], b[1]);
+            }
+        }
+        // y[i]: c0,c1 (row g, ranks 8j+2t, +1), c2,c3 (row g+8, ..): plain 8-byte stores.
+        const int64_t row0 = r0 + 16 * rt + g;
+        float *yp = p.dyb_partial + ((int64_t)blockIdx.x * M + row0) * r;
+#pragma unroll
+        for (int i = 0; i < YT; i++) {
+            const int j = jq + 4 * i;
+            if (j >= nt) continue;
+            const int rank = 8 * j + 2 * t;
+            if (row0 < row_end)
+                *reinterpret_cast<float2 *>(yp + rank) = make_float2(y[i][0], y[i][1]);
+            if (row0 + 8 < row_end)
+                *reinterpret_cast<float2 *>(yp + 8 * r + rank) = make_float2(y[i][2], y[i][3]);
+        }
+    }
+    cp_async_wait<0>();
+
+    // acc[j]: c0 (col g, rank 8j+2t), c1 (col g, rank 8j+2t+1), c2/c3 the same for col g+8;
+    // dB is [n, r] row-major, so the pair is one 8-byte access.
+    const int col0 = c_block + 16 * warp + g, col1 = col0 + 8;
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+        if (j >= nt) continue;
+        const int rank = 8 * j + 2 * t;
+        if (p.db_partial) { // every block writes its whole partial, even over no rows
+            float *d = p.db_partial + (int64_t)blockIdx.y * N * r;
+            if (col0 < N)
+                *reinterpret_cast<float2 *>(d + (int64_t)col0 * r + rank) =
+                    make_float2(acc[j][0], acc[j][1]);
+            if (col1 < N)
+                *reinterpret_cast<float2 *>(d + (int64_t)col1 * r + rank) =
+                    make_float2(acc[j][2], acc[j][3]);
+        } else { // the only block of these columns: add in place
+            const float al = p.alpha;
+            if (col0 < N) {
+                float2 *d = reinterpret_cast<float2 *>(p.grad_b + (int64_t)col0 * r + rank);
+                const float2 v = *d;
+                *d = make_float2(v.x + al * acc[j][0], v.y + al * acc[j][1]);
+            }
+            if (col1 < N) {
+                float2 *d = reinterpret_cast<float2 *>(p.grad_b + (int64_t)col1 * r + rank);
+                const float2 v = *d;
+                *d = make_float2(v.x + al * acc[j][2], v.y + al * acc[j][3]);
+            }
+        }
+    }
+}
+
 } // namespace lora_drop
 } // namespace palign
 
@@ -676,4 +833,45 @@ extern "C" __global__ void __launch_bounds__(256) lora_grad_a_finish(LoraDropPar
 
 extern "C" __global__ void __launch_bounds__(256, 2) lora_dx_acc(LoraDropParams p) {
     palign::lora_drop::dx_acc(p);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) lora_up_backward_nt4(LoraUpParams p) {
+    palign::lora_drop::up_backward<4>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) lora_up_backward_nt8(LoraUpParams p) {
+    palign::lora_drop::up_backward<8>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 1) lora_up_backward_nt16(LoraUpParams p) {
+    palign::lora_drop::up_backward<16>(p);
+}
+
+// dyb[i] = bf16(Σ_c dyb_partial[c][i]) for i < m·r, then grad_b[i] += alpha·Σ_s db_partial[s][i]
+// for i < n·r (when split), each summed in block order. 4 floats per thread per step.
+extern "C" __global__ void __launch_bounds__(256) lora_up_backward_finish(LoraUpParams p) {
+    const int64_t my = (int64_t)p.m * p.rank; // both multiples of 8 (r is)
+    const int64_t ny = (int64_t)p.n * p.rank;
+    const int64_t first = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * 4;
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x * 4;
+    for (int64_t i = first; i < my; i += stride) {
+        float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (int c = 0; c < p.col_blocks; c++) {
+            const float4 v = __ldg(reinterpret_cast<const float4 *>(p.dyb_partial + c * my + i));
+            s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
+        }
+        __nv_bfloat162 *d = reinterpret_cast<__nv_bfloat162 *>(p.dyb + i);
+        d[0] = __floats2bfloat162_rn(s.x, s.y);
+        d[1] = __floats2bfloat162_rn(s.z, s.w);
+    }
+    if (!p.db_partial) return;
+    for (int64_t i = first; i < ny; i += stride) {
+        float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (int sp = 0; sp < p.splits; sp++) {
+            const float4 v = __ldg(reinterpret_cast<const float4 *>(p.db_partial + sp * ny + i));
+            s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
+        }
+        float4 *d = reinterpret_cast<float4 *>(p.grad_b + i);
+        float4 gv = *d;
+        gv.x += p.alpha * s.x, gv.y += p.alpha * s.y, gv.z += p.alpha * s.z, gv.w += p.alpha * s.w;
+        *d = gv;
+    }
 }

@@ -481,3 +481,22 @@ struct LoraDropParams {
     float alpha;           // lora_grad_a
     int32_t _pad;
 };
+
+/* ---- lora_drop.cu: lora_up_backward, dyb = dY·B and dB += alpha·dYᵀ·xa in one pass ---- */
+struct LoraUpParams {
+    cbf16_ptr dy;          // [m, n]
+    cbf16_ptr b;           // B [n, rank]
+    cbf16_ptr xa;          // [m, rank] (saved in forward)
+    bf16_ptr dyb;          // [m, rank] out (written by the finish kernel)
+    f32_ptr grad_b;        // dB [n, rank] (+=)
+    f32_ptr dyb_partial;   // [col_blocks][m][rank]: per 128-column block partial dY·B
+    f32_ptr db_partial;    // [splits][n][rank], or 0: add into grad_b directly
+    int32_t m;
+    int32_t n;             // a multiple of 8
+    int32_t rank;          // a multiple of 8, 8..=128
+    int32_t rows_per_split; // rows per blockIdx.y (a multiple of 32)
+    int32_t splits;        // gridDim.y of the main kernel
+    int32_t col_blocks;    // gridDim.x of the main kernel: ceil(n / 128)
+    float alpha;
+    int32_t _pad;
+};

@@ -919,3 +919,323 @@ fn bad_inputs_are_errors() {
     let r = lora_drop::lora_dx_acc(&g, &mut dx, 16, 64, &[head(16, 0.1)], &[], 1.0);
     assert!(is_bad_input(r), "no dyb");
 }
+
+// ---------------------------------------------------------------- lora_up_backward
+//
+// dyb = bf16(dY·B) and dB += alpha·dYᵀ·xa from one pass over dY. Tolerances, against the
+// f64 reference on the same bf16 inputs:
+// - dyb (bf16): rtol = 2^-8 (one rounding), atol = 1e-3·rms(ref); the f32 sums over
+//   n <= 14336 products (128-column partials, then the block-ordered sum) err by
+//   ~2^-24·sqrt(n)·rms, a 100x margin.
+// - dB (f32, accumulated onto a nonzero start): atol = 1e-3·rms(update), rtol = 1e-4.
+// - vs the cuBLAS pair as the model calls it (ops::matmul, ops::add_at_b_): dyb may differ
+//   by one bf16 rounding step on each side, so rtol = 2^-7; dB as above.
+
+struct UpIn {
+    m: usize,
+    n: usize,
+    r: usize,
+    alpha: f32,
+    dy: Vec<f32>, // [m, n], bf16 values
+    dy_b: Vec<bf16>,
+    b: Vec<f32>, // [n, r]
+    b_b: Vec<bf16>,
+    xa: Vec<f32>, // [m, r]
+    xa_b: Vec<bf16>,
+    g0: Vec<f32>, // [n, r]: dB before the call
+}
+
+fn up_inputs(seed: u64, m: usize, n: usize, r: usize) -> UpIn {
+    let mut g = rng(seed);
+    let (dy_b, dy) = common::rand_bf16(&mut g, m * n, 1.0);
+    let (b_b, b) = common::rand_bf16(&mut g, n * r, 0.05);
+    let (xa_b, xa) = common::rand_bf16(&mut g, m * r, 1.0);
+    let g0 = (0..n * r).map(|_| g.random_range(-1.0f32..1.0)).collect();
+    UpIn {
+        m,
+        n,
+        r,
+        alpha: 16.0 / r as f32,
+        dy,
+        dy_b,
+        b,
+        b_b,
+        xa,
+        xa_b,
+        g0,
+    }
+}
+
+/// `(dY·B` for `rows` `[rows.len(), r]`, `alpha·dYᵀ·xa` for `cols` `[cols.len(), r])`, f64.
+fn ref_up(u: &UpIn, rows: &[usize], cols: &[usize]) -> (Vec<f64>, Vec<f64>) {
+    let (m, n, r) = (u.m, u.n, u.r);
+    let dyb = rows
+        .par_iter()
+        .flat_map_iter(|&row| {
+            let d = &u.dy[row * n..(row + 1) * n];
+            (0..r).map(move |j| {
+                d.iter()
+                    .enumerate()
+                    .map(|(c, &v)| v as f64 * u.b[c * r + j] as f64)
+                    .sum::<f64>()
+            })
+        })
+        .collect();
+    let db = cols
+        .par_iter()
+        .flat_map_iter(|&c| {
+            let mut s = vec![0.0f64; r];
+            for row in 0..m {
+                let d = u.dy[row * n + c] as f64;
+                for (j, sj) in s.iter_mut().enumerate() {
+                    *sj += d * u.xa[row * r + j] as f64;
+                }
+            }
+            s.into_iter().map(|v| u.alpha as f64 * v)
+        })
+        .collect();
+    (dyb, db)
+}
+
+struct UpDev {
+    dy: DeviceBuffer<bf16>,
+    b: DeviceBuffer<bf16>,
+    xa: DeviceBuffer<bf16>,
+}
+
+fn up_upload(g: &Gpu, u: &UpIn) -> UpDev {
+    UpDev {
+        dy: ok(g.upload(&u.dy_b)),
+        b: ok(g.upload(&u.b_b)),
+        xa: ok(g.upload(&u.xa_b)),
+    }
+}
+
+/// The fused kernel: (dyb, dB after accumulating onto g0).
+fn up_fused(g: &Gpu, u: &UpIn, d: &UpDev) -> (Vec<f32>, Vec<f32>) {
+    let mut dyb = ok(g.alloc::<bf16>(u.m * u.r));
+    let mut gb = ok(g.upload(&u.g0));
+    ok(lora_drop::lora_up_backward(
+        g, &d.dy, u.m, u.n, &d.b, &d.xa, u.r, u.alpha, &mut dyb, &mut gb,
+    ));
+    (common::to_f32(&ok(g.download(&dyb))), ok(g.download(&gb)))
+}
+
+/// The two cuBLAS products as the model runs them (ops::matmul, ops::add_at_b_).
+fn up_cublas(g: &Gpu, u: &UpIn, d: &UpDev) -> (Vec<f32>, Vec<f32>) {
+    let (m, n, r) = (u.m, u.n, u.r);
+    let mut dyb = ok(g.alloc::<bf16>(m * r));
+    let mm = blas::Gemm {
+        m,
+        n: r,
+        k: n,
+        trans_a: false,
+        trans_b: false,
+        alpha: 1.0,
+        beta: 0.0,
+    };
+    ok(blas::gemm_bf16(g, mm, &d.dy, &d.b, &mut dyb));
+    let mut gb = ok(g.upload(&u.g0));
+    let atb = blas::Gemm {
+        m: n,
+        n: r,
+        k: m,
+        trans_a: true,
+        trans_b: false,
+        alpha: u.alpha,
+        beta: 1.0,
+    };
+    ok(blas::gemm_bf16_f32out(g, atb, &d.dy, &d.xa, &mut gb));
+    (common::to_f32(&ok(g.download(&dyb))), ok(g.download(&gb)))
+}
+
+fn up_parity(g: &Gpu, u: &UpIn) {
+    let (m, n, r) = (u.m, u.n, u.r);
+    let name = format!("up_backward m={m} n={n} r={r}");
+    let d = up_upload(g, u);
+    let (dyb, gb) = up_fused(g, u, &d);
+    let rows = subset(m, 2048, 7);
+    let cols = subset(n, 4096, 29);
+    let (want_y, want_db) = ref_up(u, &rows, &cols);
+    let sel: Vec<f32> = rows
+        .iter()
+        .flat_map(|&row| dyb[row * r..(row + 1) * r].iter().copied())
+        .collect();
+    let wy = f32v(&want_y);
+    check(
+        &format!("{name} dyb"),
+        &sel,
+        &wy,
+        BF16_ATOL * rms(&wy),
+        BF16_RTOL,
+    );
+    let sel: Vec<f32> = cols
+        .iter()
+        .flat_map(|&c| gb[c * r..(c + 1) * r].iter().copied())
+        .collect();
+    let want_db_ref = &want_db;
+    let w: Vec<f32> = cols
+        .iter()
+        .enumerate()
+        .flat_map(|(ci, &c)| {
+            (0..r).map(move |j| (u.g0[c * r + j] as f64 + want_db_ref[ci * r + j]) as f32)
+        })
+        .collect();
+    let upd = rms(&f32v(&want_db));
+    check(&format!("{name} dB"), &sel, &w, GRAD_ATOL * upd, GRAD_RTOL);
+
+    let (cy, cb) = up_cublas(g, u, &d);
+    check(
+        &format!("{name} dyb vs cuBLAS"),
+        &dyb,
+        &cy,
+        BF16_ATOL * rms(&cy),
+        1.0 / 128.0,
+    );
+    check(
+        &format!("{name} dB vs cuBLAS"),
+        &gb,
+        &cb,
+        GRAD_ATOL * upd,
+        GRAD_RTOL,
+    );
+}
+
+#[test]
+fn up_backward_buckets_and_shared_memory() {
+    // One instance per rank range: nt4 <= 32, nt8 <= 64, nt16 <= 128.
+    for (r, nt) in [(8, 4), (32, 4), (40, 8), (64, 8), (72, 16), (128, 16)] {
+        assert_eq!(lora_drop::up_bucket(r), Some(nt), "r = {r}");
+    }
+    assert_eq!(lora_drop::up_bucket(136), None);
+    // Counted by hand from the kernel layout: B [128][ld] + 3 x (dY [32][136] + xa [32][ld]),
+    // bf16, with ld = 8·(odd number of 16-byte chunks >= r/8): r = 64 -> 72, 16 -> 24.
+    assert_eq!(
+        lora_drop::up_backward_smem_bytes(64),
+        2 * (128 * 72 + 3 * (32 * 136 + 32 * 72))
+    );
+    assert_eq!(
+        lora_drop::up_backward_smem_bytes(16),
+        2 * (128 * 24 + 3 * (32 * 136 + 32 * 24))
+    );
+    // r = 128 -> ld 136; two blocks per SM (228 KiB) fit at every rank.
+    assert_eq!(
+        lora_drop::up_backward_smem_bytes(128),
+        2 * (128 * 136 + 3 * (32 * 136 + 32 * 136))
+    );
+    for r in (8..=128).step_by(8) {
+        assert!(
+            2 * lora_drop::up_backward_smem_bytes(r) <= 228 << 10,
+            "r = {r}"
+        );
+    }
+    // Scratch: a partial dY·B per 128-column block; dB partials only when m is split.
+    assert_eq!(
+        lora_drop::up_backward_scratch(1000, 4096, 16, 8),
+        (32 * 1000 * 16, 8 * 4096 * 16)
+    );
+    assert_eq!(
+        lora_drop::up_backward_scratch(33, 136, 8, 1),
+        (2 * 33 * 8, 0)
+    );
+}
+
+#[test]
+fn up_reference_matches_the_cpu_model_ops() {
+    // ops::matmul and ops::add_at_b_ on CPU tensors: the model's own path, in f32.
+    let (m, n, r) = (13, 40, 16);
+    let u = up_inputs(900, m, n, r);
+    let rows: Vec<usize> = (0..m).collect();
+    let cols: Vec<usize> = (0..n).collect();
+    let (want_y, want_db) = ref_up(&u, &rows, &cols);
+    let dy = Tensor::from_vec(u.dy.clone(), &[m, n]);
+    let y = ops::matmul(&dy, &Tensor::from_vec(u.b.clone(), &[n, r])).unwrap();
+    for (i, (&a, &b)) in y.cpu().iter().zip(&want_y).enumerate() {
+        assert!(
+            (a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs()),
+            "dyb[{i}]: {a} vs {b}"
+        );
+    }
+    let mut gb = Tensor::from_vec(vec![0.0; n * r], &[n, r]);
+    ops::add_at_b_(
+        &mut gb,
+        &dy,
+        &Tensor::from_vec(u.xa.clone(), &[m, r]),
+        u.alpha,
+    )
+    .unwrap();
+    for (i, (&a, &b)) in gb.cpu().iter().zip(&want_db).enumerate() {
+        assert!(
+            (a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs()),
+            "dB[{i}]: {a} vs {b}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn up_backward_parity_m1000() {
+    let g = gpu();
+    for (i, &n) in [1024, 4096].iter().enumerate() {
+        for (j, &r) in [8, 16, 64, 128].iter().enumerate() {
+            up_parity(&g, &up_inputs(1000 + 10 * i as u64 + j as u64, 1000, n, r));
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn up_backward_parity_m8229() {
+    let g = gpu();
+    for (i, &(n, r)) in [(14336, 16), (14336, 64), (4096, 128), (1024, 8)]
+        .iter()
+        .enumerate()
+    {
+        up_parity(&g, &up_inputs(1100 + i as u64, 8192 + 37, n, r));
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn up_backward_parity_small_and_ragged() {
+    // n not a multiple of 128, rank tiles not a multiple of 4, m below one 32-row step.
+    let g = gpu();
+    for (i, &(m, n, r)) in [
+        (1, 8, 8),
+        (31, 120, 24),
+        (33, 136, 40),
+        (100, 1032, 72),
+        (257, 4104, 120),
+    ]
+    .iter()
+    .enumerate()
+    {
+        up_parity(&g, &up_inputs(1200 + i as u64, m, n, r));
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn up_backward_bad_inputs_are_errors() {
+    let g = gpu();
+    let u = up_inputs(1300, 16, 64, 16);
+    let d = up_upload(&g, &u);
+    let mut dyb = ok(g.alloc::<bf16>(16 * 128));
+    let mut gb = ok(g.zeros::<f32>(64 * 128));
+    let mut call = |m: usize, n: usize, r: usize, alpha: f32| {
+        lora_drop::lora_up_backward(&g, &d.dy, m, n, &d.b, &d.xa, r, alpha, &mut dyb, &mut gb)
+    };
+    assert!(is_bad_input(call(16, 60, 8, 1.0)), "n % 8 != 0");
+    assert!(is_bad_input(call(16, 0, 8, 1.0)), "n = 0");
+    assert!(is_bad_input(call(16, 64, 12, 1.0)), "rank % 8 != 0");
+    assert!(is_bad_input(call(16, 64, 136, 1.0)), "rank > 128");
+    assert!(is_bad_input(call(16, 64, 16, f32::NAN)), "alpha NaN");
+    assert!(is_bad_input(call(32, 64, 16, 1.0)), "dy too short");
+    assert!(is_bad_input(call(16, 64, 32, 1.0)), "B too short");
+    assert!(call(0, 64, 16, 1.0).is_ok(), "m = 0 is a no-op");
+    let mut short = ok(g.zeros::<f32>(10));
+    let r = lora_drop::lora_up_backward(
+        &g, &d.dy, 16, 64, &d.b, &d.xa, 16, 1.0, &mut dyb, &mut short,
+    );
+    assert!(is_bad_input(r), "grad_b too short");
+}

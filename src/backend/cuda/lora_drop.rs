@@ -8,6 +8,9 @@
 //! lora_dx_acc  dX[m, k]      = bf16( dX + Σ_i alpha·scale_i·mask_i ∘ (dyb_i·A_i) )
 //! ```
 //!
+//! and, for the up projection B `[n, r]`, [`lora_up_backward`]: `dyb = bf16(dY·B)` and
+//! `dB += alpha·dYᵀ·xa` in one pass over dY `[m, n]`.
+//!
 //! `drop_i(X)[e] = keep ? bf16(X[e]·scale_i) : 0` with `scale_i = 1/(1 − p_i)` and
 //! `keep = cpu::rng::dropout_keep(stream_i, e, p_i)`, `e = row·k + col`: the operand
 //! [`super::elementwise::dropout_bf16`] materialises, so the factors equal the unfused
@@ -27,13 +30,15 @@ use cudarc::driver::{sys, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::device::cuda_err;
-use super::params::{LoraDropHeadParams, LoraDropParams};
+use super::params::{LoraDropHeadParams, LoraDropParams, LoraUpParams};
 use super::{DeviceBuffer, Gpu};
 use crate::error::{bad, Error, Result};
 
 // SAFETY: bindgen's #[repr(C)] translation of kernels/params.h (bytemuck::Pod is
 // derived, which rules out padding); the kernels' only argument, passed by value.
 unsafe impl DeviceRepr for LoraDropParams {}
+// SAFETY: as above, for lora_up_backward's kernels.
+unsafe impl DeviceRepr for LoraUpParams {}
 
 /// The kernels of kernels/lora_drop.cu (all listed in `KERNEL_NAMES`).
 pub const KERNELS: &[&str] = &[
@@ -47,6 +52,10 @@ pub const KERNELS: &[&str] = &[
     "lora_grad_a_nt24",
     "lora_grad_a_finish",
     "lora_dx_acc",
+    "lora_up_backward_nt4",
+    "lora_up_backward_nt8",
+    "lora_up_backward_nt16",
+    "lora_up_backward_finish",
 ];
 
 /// Heads per call.
@@ -325,9 +334,15 @@ fn smem_optin(gpu: &Gpu) -> Result<usize> {
 
 /// The dynamic shared memory each kernel (by index in [`KERNELS`]) has opted in to so
 /// far; raised when a launch needs more.
-static OPTED_IN: Mutex<[usize; 10]> = Mutex::new([0; 10]);
+static OPTED_IN: Mutex<[usize; KERNELS.len()]> = Mutex::new([0; KERNELS.len()]);
 
-fn launch(gpu: &Gpu, name: &str, grid: (u32, u32), smem: usize, p: &LoraDropParams) -> Result<()> {
+fn launch<P: DeviceRepr>(
+    gpu: &Gpu,
+    name: &str,
+    grid: (u32, u32),
+    smem: usize,
+    p: &P,
+) -> Result<()> {
     if grid.0 == 0 || grid.1 == 0 {
         return Ok(());
     }
@@ -545,5 +560,120 @@ pub fn lora_dx_acc(
             &p,
         )?;
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- lora_up_backward
+
+/// The instances `lora_up_backward_ntN` (N accumulator tiles of 8 ranks).
+const UP_BUCKETS: [usize; 3] = [4, 8, 16];
+
+/// The `lora_up_backward_ntN` instance for a rank: the fewest tiles that hold it.
+pub fn up_bucket(rank: usize) -> Option<usize> {
+    UP_BUCKETS
+        .iter()
+        .copied()
+        .find(|&n| rank <= n * RANK_MULTIPLE)
+}
+
+/// Dynamic shared memory of `lora_up_backward_nt*`: B `[128][ld]` resident, then
+/// `GA_STAGES` x (dY `[32][TILE_LD]`, xa `[32][ld]`), bf16.
+pub fn up_backward_smem_bytes(rank: usize) -> usize {
+    let ld = rank_ld(rank);
+    2 * (BN * ld + GA_STAGES * (TILE_ELEMS + BR * ld))
+}
+
+/// f32 scratch of [`lora_up_backward`]: `(dyb partial, dB partial)` elements, i.e.
+/// `ceil(n/128)·m·r` and `splits·n·r` (0 when m is not split).
+pub fn up_backward_scratch(m: usize, n: usize, rank: usize, splits: usize) -> (usize, usize) {
+    let db = if splits > 1 { splits * n * rank } else { 0 };
+    (n.div_ceil(BN) * m * rank, db)
+}
+
+/// `dyb = bf16(dY·B)` and `dB += alpha·dYᵀ·xa` in one pass over dY `[m, n]`.
+///
+/// `b` is B `[n, rank]`, `xa` `[m, rank]`, `dyb` `[m, rank]` (overwritten), `grad_b`
+/// `[n, rank]` f32 (accumulated). Limits: `n` a multiple of 8, `rank` a multiple of 8 in
+/// 8..=128, 16-byte aligned buffers. Deterministic: both reductions go through per-block
+/// f32 partials summed in a fixed order by `lora_up_backward_finish`.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_up_backward(
+    gpu: &Gpu,
+    dy: &DeviceBuffer<bf16>,
+    m: usize,
+    n: usize,
+    b: &DeviceBuffer<bf16>,
+    xa: &DeviceBuffer<bf16>,
+    rank: usize,
+    alpha: f32,
+    dyb: &mut DeviceBuffer<bf16>,
+    grad_b: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    const WHAT: &str = "lora_up_backward";
+    if n == 0 || !n.is_multiple_of(K_MULTIPLE) {
+        return Err(bad(format!(
+            "{WHAT}: n = {n} must be a positive multiple of {K_MULTIPLE} (16-byte rows)"
+        )));
+    }
+    if rank == 0 || rank > MAX_RANK || !rank.is_multiple_of(RANK_MULTIPLE) {
+        return Err(bad(format!(
+            "{WHAT}: rank {rank}; ranks are multiples of {RANK_MULTIPLE} from \
+             {RANK_MULTIPLE} to {MAX_RANK}"
+        )));
+    }
+    if i32::try_from(m).is_err() || i32::try_from(n).is_err() || m.checked_mul(n).is_none() {
+        return Err(bad(format!(
+            "{WHAT}: m = {m}, n = {n} exceed the kernels' i32 dims"
+        )));
+    }
+    if !alpha.is_finite() {
+        return Err(bad(format!("{WHAT}: alpha = {alpha} is not finite")));
+    }
+    need(WHAT, "dy", dy, m * n)?;
+    need(WHAT, "B", b, n * rank)?;
+    need(WHAT, "xa", xa, m * rank)?;
+    need(WHAT, "dyb", dyb, m * rank)?;
+    need(WHAT, "grad_b", grad_b, n * rank)?;
+    if m == 0 {
+        return Ok(());
+    }
+    let nt = up_bucket(rank)
+        .ok_or_else(|| bad(format!("{WHAT}: rank {rank} has no kernel instance")))?;
+    let smem = up_backward_smem_bytes(rank);
+    let (splits, rows) = split_rows(m, n, gpu.sm_count() as usize);
+    let col_blocks = n.div_ceil(BN);
+    let (y_len, db_len) = up_backward_scratch(m, n, rank, splits);
+    let y_part = gpu.alloc::<f32>(y_len)?;
+    let db_part = if db_len > 0 {
+        Some(gpu.alloc::<f32>(db_len)?)
+    } else {
+        None
+    };
+    let p = LoraUpParams {
+        dy: dy.ptr(),
+        b: b.ptr(),
+        xa: xa.ptr(),
+        dyb: dyb.ptr(),
+        grad_b: grad_b.ptr(),
+        dyb_partial: y_part.ptr(),
+        db_partial: db_part.as_ref().map_or(0, |d| d.ptr()),
+        m: m as i32,
+        n: n as i32,
+        rank: rank as i32,
+        rows_per_split: rows as i32,
+        splits: splits as i32,
+        col_blocks: col_blocks as i32,
+        alpha,
+        _pad: 0,
+    };
+    let name = format!("lora_up_backward_nt{nt}");
+    launch(gpu, &name, (col_blocks as u32, splits as u32), smem, &p)?;
+    let vec4 = (m * rank).max(db_len / splits.max(1)) / 4;
+    let blocks = vec4
+        .div_ceil(THREADS as usize)
+        .min(gpu.sm_count() as usize * 16);
+    launch(gpu, "lora_up_backward_finish", (blocks as u32, 1), 0, &p)?;
+    // The partials return to the pool here; the single stream orders their reuse after
+    // the kernels above.
     Ok(())
 }

@@ -1124,3 +1124,48 @@ const _: () = {
     ["Offset of field: LoraDropParams::_pad"]
         [::std::mem::offset_of!(LoraDropParams, _pad) - 220usize];
 };
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct LoraUpParams {
+    pub dy: cbf16_ptr,
+    pub b: cbf16_ptr,
+    pub xa: cbf16_ptr,
+    pub dyb: bf16_ptr,
+    pub grad_b: f32_ptr,
+    pub dyb_partial: f32_ptr,
+    pub db_partial: f32_ptr,
+    pub m: i32,
+    pub n: i32,
+    pub rank: i32,
+    pub rows_per_split: i32,
+    pub splits: i32,
+    pub col_blocks: i32,
+    pub alpha: f32,
+    pub _pad: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LoraUpParams"][::std::mem::size_of::<LoraUpParams>() - 88usize];
+    ["Alignment of LoraUpParams"][::std::mem::align_of::<LoraUpParams>() - 8usize];
+    ["Offset of field: LoraUpParams::dy"][::std::mem::offset_of!(LoraUpParams, dy) - 0usize];
+    ["Offset of field: LoraUpParams::b"][::std::mem::offset_of!(LoraUpParams, b) - 8usize];
+    ["Offset of field: LoraUpParams::xa"][::std::mem::offset_of!(LoraUpParams, xa) - 16usize];
+    ["Offset of field: LoraUpParams::dyb"][::std::mem::offset_of!(LoraUpParams, dyb) - 24usize];
+    ["Offset of field: LoraUpParams::grad_b"]
+        [::std::mem::offset_of!(LoraUpParams, grad_b) - 32usize];
+    ["Offset of field: LoraUpParams::dyb_partial"]
+        [::std::mem::offset_of!(LoraUpParams, dyb_partial) - 40usize];
+    ["Offset of field: LoraUpParams::db_partial"]
+        [::std::mem::offset_of!(LoraUpParams, db_partial) - 48usize];
+    ["Offset of field: LoraUpParams::m"][::std::mem::offset_of!(LoraUpParams, m) - 56usize];
+    ["Offset of field: LoraUpParams::n"][::std::mem::offset_of!(LoraUpParams, n) - 60usize];
+    ["Offset of field: LoraUpParams::rank"][::std::mem::offset_of!(LoraUpParams, rank) - 64usize];
+    ["Offset of field: LoraUpParams::rows_per_split"]
+        [::std::mem::offset_of!(LoraUpParams, rows_per_split) - 68usize];
+    ["Offset of field: LoraUpParams::splits"]
+        [::std::mem::offset_of!(LoraUpParams, splits) - 72usize];
+    ["Offset of field: LoraUpParams::col_blocks"]
+        [::std::mem::offset_of!(LoraUpParams, col_blocks) - 76usize];
+    ["Offset of field: LoraUpParams::alpha"][::std::mem::offset_of!(LoraUpParams, alpha) - 80usize];
+    ["Offset of field: LoraUpParams::_pad"][::std::mem::offset_of!(LoraUpParams, _pad) - 84usize];
+};
