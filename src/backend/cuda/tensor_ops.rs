@@ -975,20 +975,40 @@ pub fn lora_dx_acc_(
     })
 }
 
-/// Whether `ops::lora_up_backward_` takes the one-pass kernel: `PALIGN_LORA_UP=fused`
-/// and shapes it takes.
-pub fn lora_up_applies(_dy: &Tensor, _b: &Tensor) -> bool {
-    false
+/// Whether `ops::lora_up_backward_` takes the one-pass kernel (kernels/lora_drop.cu
+/// `lora_up_backward`): only with `PALIGN_LORA_UP=fused`, until a GPU run measures it. Its
+/// dY·B is reduced through an f32 partial per 128 output columns, (n/128)·m·r·4 bytes,
+/// which at rank 64 costs about what the single pass over dY saves.
+pub fn lora_up_applies(dy: &Tensor, b: &Tensor) -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("PALIGN_LORA_UP").is_ok_and(|v| v == "fused"));
+    let (n, r) = (dy.cols(), b.cols());
+    on && n.is_multiple_of(8) && r.is_multiple_of(8) && (8..=lora_drop::MAX_RANK).contains(&r)
 }
 
 pub fn lora_up_backward_(
-    _grad_b: &mut Tensor,
-    _dy: &Tensor,
-    _xa: &Tensor,
-    _b: &Tensor,
-    _alpha: f32,
+    grad_b: &mut Tensor,
+    dy: &Tensor,
+    xa: &Tensor,
+    b: &Tensor,
+    alpha: f32,
 ) -> Result<Tensor> {
-    Err(crate::error::bad(
-        "internal: lora_up_backward kernel not built",
-    ))
+    let g = gpu()?;
+    let (m, n, r) = (dy.rows(), dy.cols(), b.cols());
+    let mut dyb = new_bf16(&g, &[m, r])?;
+    profile::scope(&g, LORA, || {
+        lora_drop::lora_up_backward(
+            &g,
+            dy.bf16_buf()?,
+            m,
+            n,
+            b.bf16_buf()?,
+            xa.bf16_buf()?,
+            r,
+            alpha,
+            dyb.bf16_buf_mut()?,
+            grad_b.f32_buf_mut()?,
+        )
+    })?;
+    Ok(dyb)
 }
