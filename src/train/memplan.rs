@@ -157,6 +157,28 @@ mod tests {
     }
 
     #[test]
+    fn resolve_reads_names_and_keeps_none_on_the_cpu() {
+        let cfg = mistral();
+        assert_eq!(
+            resolve("auto", &cfg, 8192, 112, None, true).unwrap(),
+            Recompute::None
+        );
+        assert_eq!(
+            resolve("full", &cfg, 8192, 112, None, true).unwrap(),
+            Recompute::Full
+        );
+        let small = Some(8u64 << 30);
+        assert_eq!(
+            resolve("auto", &cfg, 8192, 112, small, true).unwrap(),
+            Recompute::Full
+        );
+        let e = resolve("some", &cfg, 8192, 112, None, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--recompute") && e.contains("auto"), "{e}");
+    }
+
+    #[test]
     fn plans_are_ordered_and_auto_picks_the_cheapest_that_fits() {
         let cfg = mistral();
         let r = 7 * 16;
