@@ -32,7 +32,9 @@ use palign::tensor::Tensor;
 use palign::train::loss::{dpo_pair, DpoCfg, DpoKind};
 use rand::Rng;
 
-use common::{assert_kernels_registered, check, f32s, gpu, max_abs, rand_bf16, rng, to_f32};
+use common::{
+    assert_kernels_registered, check, f32s, gpu, max_abs, rand_bf16, rel_rms, rng, to_f32,
+};
 
 const KERNELS: &[&str] = &[
     "logsoftmax_gather_bf16",
@@ -197,16 +199,6 @@ fn dpo_reference_matches_finite_differences() {
 }
 
 // ---------------------------------------------------------------- helpers
-
-fn rel_rms(got: &[f32], want: &[f32]) -> f64 {
-    let num: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(&g, &w)| ((g - w) as f64).powi(2))
-        .sum();
-    let den: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
-}
 
 /// One problem: bf16-rounded hidden [rows, h] in [-1, 1], head [v, h] in [-0.25, 0.25]
 /// (logits of std ≈ 1.3 at h = 256), targets with 0 and v − 1, dlogp in [-1, 1].

@@ -16,7 +16,7 @@
 
 mod common;
 
-use common::{flat_grads, fx, jsonl, palign, s, step_grads};
+use common::{flat_grads, fx, jsonl, palign, rel_rms, s, step_grads};
 use palign::backend::cuda;
 use palign::lora::{peft, Adapter, LoraConfig};
 use palign::model::llama::{Dropout, Recompute, SeqBatch};
@@ -137,12 +137,7 @@ fn device_gradients_match_cpu_and_recompute_plans_agree() {
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
         let base = grads(&dev, &dev_adapter, &b);
         // Gradient parity: relative RMS error over all adapter weights (bf16 products).
-        let rms = |a: &[f32], b: &[f32]| {
-            let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-            let den: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
-            (num / den.max(1e-30)).sqrt()
-        };
-        let e = rms(&want, &base);
+        let e = rel_rms(&base, &want);
         println!("PARITY grads {name}: rel_rms_err={e:.3e} (bound 5e-2) scale={scale:.3e}");
         assert!(
             e < 5e-2,
@@ -151,7 +146,7 @@ fn device_gradients_match_cpu_and_recompute_plans_agree() {
         for plan in [Recompute::Attention, Recompute::Full] {
             dev.recompute = plan;
             let g = grads(&dev, &dev_adapter, &b);
-            let e = rms(&base, &g);
+            let e = rel_rms(&g, &base);
             println!("PARITY grads {name} recompute={plan:?}: rel_rms_err_vs_none={e:.3e}");
             assert!(
                 e < 1e-6,
@@ -163,13 +158,35 @@ fn device_gradients_match_cpu_and_recompute_plans_agree() {
         dev.lm_grad_in_forward = true;
         let g = grads(&dev, &dev_adapter, &b);
         dev.lm_grad_in_forward = false;
-        let e = rms(&want, &g);
+        let e = rel_rms(&g, &want);
         println!("PARITY grads {name} lm_grad_in_forward: rel_rms_err={e:.3e} (bound 5e-2)");
         assert!(
             e < 5e-2,
             "{name}: lm_grad_in_forward gradients (rel rms {e})"
         );
     }
+}
+
+/// A rank-16 adapter (alpha 32) on all 7 projections with B filled in [-amp, amp), so
+/// the adapter terms are not zero as at PEFT's init.
+fn rank16_adapter(model: &Model, dropout: f32, amp: f32) -> Adapter {
+    let cfg = LoraConfig {
+        r: 16,
+        alpha: 32.0,
+        dropout,
+        targets: LoraConfig::parse_targets("all").unwrap(),
+        use_rslora: false,
+    };
+    let mut adapter = Adapter::init(&model.cfg, cfg, 3).unwrap();
+    for (i, (_, _, p)) in adapter.pairs_mut().enumerate() {
+        let n = p.b.numel();
+        let v: Vec<f32> = ids(50 + i as u64, n, 1000)
+            .iter()
+            .map(|&x| (x as f32 / 500.0 - 1.0) * amp)
+            .collect();
+        p.b.cpu_mut().copy_from_slice(&v);
+    }
+    adapter
 }
 
 /// The fixtures' adapters have rank 4, which kernels/lora_drop.cu does not take (ranks
@@ -183,22 +200,7 @@ fn device_gradients_through_the_grouped_lora_kernels_match_cpu() {
     for name in ["tiny-llama", "tiny-mistral"] {
         let dir = fx().join(name);
         let cpu = Model::load(&dir).unwrap();
-        let cfg = LoraConfig {
-            r: 16,
-            alpha: 32.0,
-            dropout: 0.1,
-            targets: LoraConfig::parse_targets("all").unwrap(),
-            use_rslora: false,
-        };
-        let mut adapter = Adapter::init(&cpu.cfg, cfg, 3).unwrap();
-        for (i, (_, _, p)) in adapter.pairs_mut().enumerate() {
-            let n = p.b.numel();
-            let v: Vec<f32> = ids(50 + i as u64, n, 1000)
-                .iter()
-                .map(|&x| (x as f32 / 1000.0 - 0.5) * 0.2)
-                .collect();
-            p.b.cpu_mut().copy_from_slice(&v);
-        }
+        let adapter = rank16_adapter(&cpu, 0.1, 0.1);
         assert!(
             cpu.cfg.hidden_size.is_multiple_of(8),
             "{name}: the grouped kernels need hidden % 8 == 0"
@@ -208,13 +210,7 @@ fn device_gradients_through_the_grouped_lora_kernels_match_cpu() {
         let b = SeqBatch::new(&seqs(cpu.cfg.vocab_size as u32));
         let want = grads(&cpu, &adapter, &b);
         let got = grads(&dev, &adapter.to_device_bf16().unwrap(), &b);
-        let num: f64 = want
-            .iter()
-            .zip(&got)
-            .map(|(x, y)| ((x - y) as f64).powi(2))
-            .sum();
-        let den: f64 = want.iter().map(|x| (*x as f64).powi(2)).sum();
-        let e = (num / den.max(1e-30)).sqrt();
+        let e = rel_rms(&got, &want);
         println!("PARITY grads grouped-lora r16 {name}: rel_rms_err={e:.3e} (bound 5e-2)");
         assert!(e < 5e-2, "{name}: rel rms {e}");
     }
@@ -447,22 +443,7 @@ fn qlora_gradients_with_the_fused_lora_kernels_match_cpu() {
     let mut dev = Model::load(&dir).unwrap();
     dev.quantize_nf4(64, true).unwrap();
     dev.to_device().unwrap();
-    let cfg = LoraConfig {
-        r: 16,
-        alpha: 32.0,
-        dropout: 0.0,
-        targets: LoraConfig::parse_targets("all").unwrap(),
-        use_rslora: false,
-    };
-    let mut adapter = Adapter::init(&cpu.cfg, cfg, 3).unwrap();
-    for (i, (_, _, p)) in adapter.pairs_mut().enumerate() {
-        let n = p.b.numel();
-        let v: Vec<f32> = ids(50 + i as u64, n, 1000)
-            .iter()
-            .map(|&x| (x as f32 / 500.0 - 1.0) * 0.05)
-            .collect();
-        p.b.cpu_mut().copy_from_slice(&v);
-    }
+    let adapter = rank16_adapter(&cpu, 0.0, 0.05);
     let b = SeqBatch::new(&seqs(cpu.cfg.vocab_size as u32));
     let run = |m: &Model, a: &Adapter| -> (Vec<f32>, Vec<f32>) {
         let (lp, g) = step_grads(m, a, &b, None, None);
@@ -475,13 +456,7 @@ fn qlora_gradients_with_the_fused_lora_kernels_match_cpu() {
         .zip(&lp_d)
         .map(|(a, b)| (a - b).abs() as f64 / (0.05 + 0.02 * a.abs() as f64))
         .fold(0f64, f64::max);
-    let num: f64 = g_c
-        .iter()
-        .zip(&g_d)
-        .map(|(x, y)| ((x - y) as f64).powi(2))
-        .sum();
-    let den: f64 = g_c.iter().map(|x| (*x as f64).powi(2)).sum();
-    let e = (num / den).sqrt();
+    let e = rel_rms(&g_d, &g_c);
     println!("PARITY qlora fused-lora tiny-llama: logp worst={worst_lp:.3} grads rel_rms_err={e:.3e} (bound 5e-2)");
     assert!(worst_lp <= 1.0 && e < 5e-2);
 }

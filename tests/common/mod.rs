@@ -287,3 +287,15 @@ pub fn flat_grads(grads: &palign::lora::Adapter) -> Vec<f32> {
         })
         .collect()
 }
+
+/// `‖got − want‖ / ‖want‖` over all elements (f64 sums): the parity measure of gradient
+/// and log-prob tensors.
+pub fn rel_rms(got: &[f32], want: &[f32]) -> f64 {
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| ((g - w) as f64).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
