@@ -21,16 +21,16 @@
 //! GPU run can measure them side by side. `PALIGN_ATTN_FWD=<name>` / `PALIGN_ATTN_BWD=<name>`
 //! (read once) pick the ones [`attention_forward`] / [`attention_backward`] use.
 
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
-use cudarc::driver::{sys, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::device::cuda_err;
 use super::params::*;
 use super::{DeviceBuffer, Gpu};
 use crate::backend::cpu::ops::{AttnShape, Packing};
-use crate::error::{bad, Error, Result};
+use crate::error::{bad, Result};
 
 // SAFETY: bindgen's #[repr(C)] translations of kernels/params.h (bytemuck::Pod is derived,
 // which proves there is no padding); each is its kernel's only argument, by value.
@@ -533,18 +533,6 @@ fn grid_x(n: usize, what: &str) -> Result<u32> {
         .ok_or_else(|| bad(format!("attention: {what} = {n} exceeds the launch grid")))
 }
 
-/// The largest dynamic shared memory a block may opt in to on this GPU.
-fn smem_optin(gpu: &Gpu) -> Result<usize> {
-    let v = gpu
-        .context()
-        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        .map_err(cuda_err("max shared memory per block"))?;
-    Ok(v.max(0) as usize)
-}
-
-/// Kernels that have opted in to more than 48 KB (once per process, like nf4.rs).
-static OPTED_IN: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
-
 fn launch<P: DeviceRepr>(
     gpu: &Gpu,
     name: &'static str,
@@ -558,24 +546,7 @@ fn launch<P: DeviceRepr>(
     }
     let f = gpu.function(name)?;
     if smem > SMEM_DEFAULT {
-        // Held across the check and the attribute call so that no launch of this kernel
-        // sees the name before the attribute is set. Each kernel has one size (its d).
-        let mut opted = OPTED_IN.lock().unwrap_or_else(|e| e.into_inner());
-        if !opted.contains(&name) {
-            let max = smem_optin(gpu)?;
-            if smem > max {
-                return Err(Error::Cuda(format!(
-                    "{name} needs {smem} bytes of shared memory per block; {} allows {max}",
-                    gpu.name()
-                )));
-            }
-            f.set_attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .map_err(cuda_err("cuFuncSetAttribute(max dynamic shared memory)"))?;
-            opted.push(name);
-        }
+        gpu.opt_in_smem(name, smem)?;
     }
     let cfg = LaunchConfig {
         grid_dim: grid,
@@ -726,7 +697,7 @@ pub fn attention_backward_with(
         BwdVariant::Named(c) => c,
         BwdVariant::Auto => match bwd_variant_from_env()? {
             Some(c) => c,
-            None if d == 128 && BWD_VARIANTS[0].smem(d) > smem_optin(gpu)? => &BWD_VARIANTS[1],
+            None if d == 128 && BWD_VARIANTS[0].smem(d) > gpu.max_smem_optin()? => &BWD_VARIANTS[1],
             None => &BWD_VARIANTS[0],
         },
     };

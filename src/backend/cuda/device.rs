@@ -31,6 +31,8 @@ pub struct Gpu {
     functions: HashMap<&'static str, CudaFunction>,
     pool: Arc<Pool>,
     blas: Mutex<Option<Blas>>,
+    /// Dynamic shared memory each kernel has opted in to so far (`opt_in_smem`).
+    smem_opt_in: Mutex<HashMap<String, usize>>,
     name: String,
     compute_capability: (i32, i32),
     sm_count: u32,
@@ -140,6 +142,7 @@ impl Gpu {
             functions,
             pool,
             blas: Mutex::new(None),
+            smem_opt_in: Mutex::new(HashMap::new()),
             name,
             compute_capability: cc,
             sm_count,
@@ -166,6 +169,46 @@ impl Gpu {
     }
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
+    }
+
+    /// The most dynamic shared memory a block may opt in to on this device.
+    pub fn max_smem_optin(&self) -> Result<usize> {
+        let v = self
+            .ctx
+            .attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(cuda_err("max shared memory per block"))?;
+        Ok(v.max(0) as usize)
+    }
+
+    /// Lets kernel `name` launch with `bytes` of dynamic shared memory: above 48 KiB a
+    /// kernel must opt in, once per size (the largest asked so far is kept). Held under
+    /// one lock so no launch sees the kernel before its attribute is set.
+    pub fn opt_in_smem(&self, name: &str, bytes: usize) -> Result<()> {
+        let mut set = self
+            .smem_opt_in
+            .lock()
+            .map_err(|_| Error::Cuda("shared-memory opt-in lock poisoned".into()))?;
+        if set.get(name).is_some_and(|&b| b >= bytes) {
+            return Ok(());
+        }
+        let max = self.max_smem_optin()?;
+        if bytes > max {
+            return Err(Error::Cuda(format!(
+                "{name} needs {bytes} bytes of shared memory per block; {} allows {max}",
+                self.name
+            )));
+        }
+        self.bind()?;
+        self.function(name)?
+            .set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+            .map_err(cuda_err("cuFuncSetAttribute(max dynamic shared memory)"))?;
+        set.insert(name.to_string(), bytes);
+        Ok(())
     }
 
     /// Device memory this process could still take, in bytes: what the driver reports

@@ -21,9 +21,7 @@
 //! after the first copy their hidden rows into (and their d_hidden rows out of) a
 //! `[chunk, H]` staging buffer; the copies are ~1% of the GEMMs' time.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use cudarc::driver::{result as cu, sys, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{result as cu, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::blas::{gemm_bf16, Gemm};
@@ -297,63 +295,13 @@ pub fn target_logprobs_and_grad(
     if rows == 0 {
         return Ok(());
     }
-    let c = chunk_rows.min(d.rows);
-    let mut logits = gpu.alloc::<bf16>(c * d.vocab)?;
-    let ones = gpu.upload(&vec![1.0f32; c])?;
-    // As in the backward: the staging buffer holds the chunk's hidden rows for the
-    // logits GEMM, then its grad rows from the second GEMM.
-    let mut stage = if d.rows > c {
-        Some(gpu.alloc::<bf16>(c * d.h)?)
-    } else {
-        None
-    };
-    let back = |n: usize| Gemm {
-        m: n,
-        n: d.h,
-        k: d.vocab,
-        trans_a: false,
-        trans_b: false,
-        alpha: 1.0,
-        beta: 0.0,
-    };
-    for r0 in (0..d.rows).step_by(c) {
-        let n = c.min(d.rows - r0);
-        let x = chunk_input(gpu, hidden, &mut stage, r0, n, d.h)?;
-        gemm_bf16(gpu, Gemm::linear(n, d.vocab, d.h), x, head, &mut logits)?;
-        let p = LogsoftmaxGatherParams {
-            logp: logp.ptr_at(r0),
-            lse: lse.ptr_at(r0),
-            logits: logits.ptr(),
-            x: hidden.ptr_at(r0 * d.h),
-            head: head.ptr(),
-            targets: targets.ptr_at(r0),
-            rows: n as i32,
-            vocab: d.vocab as i32,
-            hidden: d.h as i32,
-            _pad: 0,
-        };
-        gpu.launch("logsoftmax_gather_bf16", n as u32, ROW_THREADS, &p)?;
-        let p = LogsoftmaxBackwardParams {
-            logits: logits.ptr(),
-            targets: targets.ptr_at(r0),
-            dlogp: ones.ptr(),
-            lse: lse.ptr_at(r0),
-            rows: n as i32,
-            vocab: d.vocab as i32,
-        };
-        gpu.launch("logsoftmax_backward_bf16", n as u32, ROW_THREADS, &p)?;
-        match (r0, stage.as_mut()) {
-            (0, _) => gemm_bf16(gpu, back(n), &logits, head, grad)?,
-            (_, Some(s)) => {
-                gemm_bf16(gpu, back(n), &logits, head, s)?;
-                copy_d2d(gpu, grad.ptr_at(r0 * d.h), s.ptr(), n * d.h * 2)?;
-            }
-            (_, None) => {
-                return Err(Error::Cuda(
-                    "logprob: internal error, no staging buffer".into(),
-                ))
-            }
-        }
+    let mut ch = Chunks::new(gpu, d, chunk_rows)?;
+    let ones = gpu.upload(&vec![1.0f32; ch.rows])?;
+    for r0 in (0..d.rows).step_by(ch.rows) {
+        let n = ch.logits_of(gpu, hidden, head, r0)?;
+        ch.gather(gpu, hidden, head, targets, logp, lse, r0, n)?;
+        ch.make_dlogits(gpu, targets, ones.ptr(), lse.ptr_at(r0), r0, n)?;
+        ch.rows_from_dlogits(gpu, head, grad, r0, n)?;
     }
     Ok(())
 }
@@ -397,27 +345,138 @@ fn copy_d2d(gpu: &Gpu, dst: u64, src: u64, bytes: usize) -> Result<()> {
         .map_err(cuda_err("cuMemcpyDtoDAsync"))
 }
 
-/// The rows `r0 .. r0 + n` of `hidden` as a buffer cuBLAS can start at: `hidden` itself
-/// for the first chunk, else a copy in `stage`.
-fn chunk_input<'a>(
-    gpu: &Gpu,
-    hidden: &'a DeviceBuffer<bf16>,
-    stage: &'a mut Option<DeviceBuffer<bf16>>,
-    r0: usize,
-    n: usize,
-    h: usize,
-) -> Result<&'a DeviceBuffer<bf16>> {
-    if r0 == 0 {
-        return Ok(hidden);
+fn no_stage() -> Error {
+    Error::Cuda("logprob: internal error, no staging buffer".into())
+}
+
+/// The workspace of the chunked paths: one chunk's bf16 logits `[rows, V]`, and a
+/// `[rows, H]` staging buffer (when there is more than one chunk: cuBLAS takes whole
+/// buffers) that holds a chunk's hidden rows for the logits GEMM and then its output
+/// rows from the second GEMM, after the first is done.
+struct Chunks {
+    d: Dims,
+    rows: usize,
+    logits: DeviceBuffer<bf16>,
+    stage: Option<DeviceBuffer<bf16>>,
+}
+
+impl Chunks {
+    fn new(gpu: &Gpu, d: Dims, chunk_rows: usize) -> Result<Chunks> {
+        let rows = chunk_rows.min(d.rows);
+        let stage = if d.rows > rows {
+            Some(gpu.alloc::<bf16>(rows * d.h)?)
+        } else {
+            None
+        };
+        Ok(Chunks {
+            d,
+            rows,
+            logits: gpu.alloc::<bf16>(rows * d.vocab)?,
+            stage,
+        })
     }
-    match stage {
-        Some(s) => {
-            copy_d2d(gpu, s.ptr(), hidden.ptr_at(r0 * h), n * h * 2)?;
-            Ok(s)
+
+    /// Logits of the chunk starting at row `r0`; returns its row count.
+    fn logits_of(
+        &mut self,
+        gpu: &Gpu,
+        hidden: &DeviceBuffer<bf16>,
+        head: &DeviceBuffer<bf16>,
+        r0: usize,
+    ) -> Result<usize> {
+        let Chunks {
+            d,
+            rows,
+            logits,
+            stage,
+        } = self;
+        let n = (*rows).min(d.rows - r0);
+        let x = if r0 == 0 {
+            hidden
+        } else {
+            let s = stage.as_mut().ok_or_else(no_stage)?;
+            copy_d2d(gpu, s.ptr(), hidden.ptr_at(r0 * d.h), n * d.h * 2)?;
+            &*s
+        };
+        gemm_bf16(gpu, Gemm::linear(n, d.vocab, d.h), x, head, logits)?;
+        Ok(n)
+    }
+
+    /// lse and logp of the chunk's rows (the target logit in f32 from `hidden`).
+    #[allow(clippy::too_many_arguments)]
+    fn gather(
+        &self,
+        gpu: &Gpu,
+        hidden: &DeviceBuffer<bf16>,
+        head: &DeviceBuffer<bf16>,
+        targets: &DeviceBuffer<u32>,
+        logp: &mut DeviceBuffer<f32>,
+        lse: &mut DeviceBuffer<f32>,
+        r0: usize,
+        n: usize,
+    ) -> Result<()> {
+        let p = LogsoftmaxGatherParams {
+            logp: logp.ptr_at(r0),
+            lse: lse.ptr_at(r0),
+            logits: self.logits.ptr(),
+            x: hidden.ptr_at(r0 * self.d.h),
+            head: head.ptr(),
+            targets: targets.ptr_at(r0),
+            rows: n as i32,
+            vocab: self.d.vocab as i32,
+            hidden: self.d.h as i32,
+            _pad: 0,
+        };
+        gpu.launch("logsoftmax_gather_bf16", n as u32, ROW_THREADS, &p)
+    }
+
+    /// The chunk's logits, in place, into `dlogp_i · (onehot − softmax_i)`; `dlogp` and
+    /// `lse` are device addresses of the chunk's first row (`lse` 0: recomputed).
+    fn make_dlogits(
+        &mut self,
+        gpu: &Gpu,
+        targets: &DeviceBuffer<u32>,
+        dlogp: u64,
+        lse: u64,
+        r0: usize,
+        n: usize,
+    ) -> Result<()> {
+        let p = LogsoftmaxBackwardParams {
+            logits: self.logits.ptr(),
+            targets: targets.ptr_at(r0),
+            dlogp,
+            lse,
+            rows: n as i32,
+            vocab: self.d.vocab as i32,
+        };
+        gpu.launch("logsoftmax_backward_bf16", n as u32, ROW_THREADS, &p)
+    }
+
+    /// `out` rows `r0 .. r0 + n` = dlogits · head (a plain, not transposed, product).
+    fn rows_from_dlogits(
+        &mut self,
+        gpu: &Gpu,
+        head: &DeviceBuffer<bf16>,
+        out: &mut DeviceBuffer<bf16>,
+        r0: usize,
+        n: usize,
+    ) -> Result<()> {
+        let d = self.d;
+        let back = Gemm {
+            m: n,
+            n: d.h,
+            k: d.vocab,
+            trans_a: false,
+            trans_b: false,
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        if r0 == 0 {
+            return gemm_bf16(gpu, back, &self.logits, head, out);
         }
-        None => Err(Error::Cuda(
-            "logprob: internal error, no staging buffer".into(),
-        )),
+        let s = self.stage.as_mut().ok_or_else(no_stage)?;
+        gemm_bf16(gpu, back, &self.logits, head, s)?;
+        copy_d2d(gpu, out.ptr_at(r0 * d.h), s.ptr(), n * d.h * 2)
     }
 }
 
@@ -432,30 +491,10 @@ fn forward_chunked(
     lse: &mut DeviceBuffer<f32>,
     chunk_rows: usize,
 ) -> Result<()> {
-    let c = chunk_rows.min(d.rows);
-    let mut logits = gpu.alloc::<bf16>(c * d.vocab)?;
-    let mut stage = if d.rows > c {
-        Some(gpu.alloc::<bf16>(c * d.h)?)
-    } else {
-        None
-    };
-    for r0 in (0..d.rows).step_by(c) {
-        let n = c.min(d.rows - r0);
-        let x = chunk_input(gpu, hidden, &mut stage, r0, n, d.h)?;
-        gemm_bf16(gpu, Gemm::linear(n, d.vocab, d.h), x, head, &mut logits)?;
-        let p = LogsoftmaxGatherParams {
-            logp: logp.ptr_at(r0),
-            lse: lse.ptr_at(r0),
-            logits: logits.ptr(),
-            x: hidden.ptr_at(r0 * d.h),
-            head: head.ptr(),
-            targets: targets.ptr_at(r0),
-            rows: n as i32,
-            vocab: d.vocab as i32,
-            hidden: d.h as i32,
-            _pad: 0,
-        };
-        gpu.launch("logsoftmax_gather_bf16", n as u32, ROW_THREADS, &p)?;
+    let mut ch = Chunks::new(gpu, d, chunk_rows)?;
+    for r0 in (0..d.rows).step_by(ch.rows) {
+        let n = ch.logits_of(gpu, hidden, head, r0)?;
+        ch.gather(gpu, hidden, head, targets, logp, lse, r0, n)?;
     }
     Ok(())
 }
@@ -472,50 +511,12 @@ fn backward_chunked(
     d_hidden: &mut DeviceBuffer<bf16>,
     chunk_rows: usize,
 ) -> Result<()> {
-    let c = chunk_rows.min(d.rows);
-    let mut logits = gpu.alloc::<bf16>(c * d.vocab)?;
-    // One staging buffer serves both the chunk's hidden rows (read by the logits GEMM)
-    // and its d_hidden rows (written by the second GEMM, after the first is done).
-    let mut stage = if d.rows > c {
-        Some(gpu.alloc::<bf16>(c * d.h)?)
-    } else {
-        None
-    };
-    // dlogits[n, V] · head[V, H]: a plain (not transposed) product.
-    let back = |n: usize| Gemm {
-        m: n,
-        n: d.h,
-        k: d.vocab,
-        trans_a: false,
-        trans_b: false,
-        alpha: 1.0,
-        beta: 0.0,
-    };
-    for r0 in (0..d.rows).step_by(c) {
-        let n = c.min(d.rows - r0);
-        let x = chunk_input(gpu, hidden, &mut stage, r0, n, d.h)?;
-        gemm_bf16(gpu, Gemm::linear(n, d.vocab, d.h), x, head, &mut logits)?;
-        let p = LogsoftmaxBackwardParams {
-            logits: logits.ptr(),
-            targets: targets.ptr_at(r0),
-            dlogp: dlogp.ptr_at(r0),
-            lse: lse.map_or(0, |l| l.ptr_at(r0)),
-            rows: n as i32,
-            vocab: d.vocab as i32,
-        };
-        gpu.launch("logsoftmax_backward_bf16", n as u32, ROW_THREADS, &p)?;
-        match (r0, stage.as_mut()) {
-            (0, _) => gemm_bf16(gpu, back(n), &logits, head, d_hidden)?,
-            (_, Some(s)) => {
-                gemm_bf16(gpu, back(n), &logits, head, s)?;
-                copy_d2d(gpu, d_hidden.ptr_at(r0 * d.h), s.ptr(), n * d.h * 2)?;
-            }
-            (_, None) => {
-                return Err(Error::Cuda(
-                    "logprob: internal error, no staging buffer".into(),
-                ))
-            }
-        }
+    let mut ch = Chunks::new(gpu, d, chunk_rows)?;
+    for r0 in (0..d.rows).step_by(ch.rows) {
+        let n = ch.logits_of(gpu, hidden, head, r0)?;
+        let lse_at = lse.map_or(0, |l| l.ptr_at(r0));
+        ch.make_dlogits(gpu, targets, dlogp.ptr_at(r0), lse_at, r0, n)?;
+        ch.rows_from_dlogits(gpu, head, d_hidden, r0, n)?;
     }
     Ok(())
 }
@@ -561,33 +562,10 @@ fn forward_fused(
     Ok(())
 }
 
-/// Whether the fused kernel has opted in to its dynamic shared memory (> 48 KB).
-static FUSED_OPTED_IN: AtomicBool = AtomicBool::new(false);
-
 fn launch_fused(gpu: &Gpu, blocks: u32, p: &LogprobFusedParams) -> Result<()> {
     const NAME: &str = "logprob_fused_fwd_bf16";
     let f = gpu.function(NAME)?;
-    if !FUSED_OPTED_IN.load(Ordering::Acquire) {
-        let max = gpu
-            .context()
-            .attribute(
-                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-            )
-            .map_err(cuda_err("max shared memory per block"))?
-            .max(0) as usize;
-        if FUSED_SMEM > max {
-            return Err(Error::Cuda(format!(
-                "{NAME} needs {FUSED_SMEM} bytes of shared memory per block; {} allows {max}",
-                gpu.name()
-            )));
-        }
-        f.set_attribute(
-            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            FUSED_SMEM as i32,
-        )
-        .map_err(cuda_err("cuFuncSetAttribute(max dynamic shared memory)"))?;
-        FUSED_OPTED_IN.store(true, Ordering::Release);
-    }
+    gpu.opt_in_smem(NAME, FUSED_SMEM)?;
     let cfg = LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (FUSED_THREADS, 1, 1),

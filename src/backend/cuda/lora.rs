@@ -27,9 +27,7 @@
 //! with one accumulator; [`lora_backward_input_parts`] returns the two terms
 //! separately for the caller's elementwise kernels.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use cudarc::driver::{sys, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::blas::{self, Gemm};
@@ -120,8 +118,6 @@ fn aligned(ptr: u64, bytes: u64) -> bool {
     ptr.is_multiple_of(bytes)
 }
 
-static SMEM_SET: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
-
 /// The fused kernel alone: `Forward` computes `out[m, n] = a[m, k]·bf16(W)ᵀ +
 /// left[m, r]·right[n, r]ᵀ`, `Backward` computes `out[m, k] = a[m, n]·bf16(W) +
 /// left[m, r]·right[r, k]` for W `[n, k]`. Any scale belongs in `left`. See
@@ -176,23 +172,11 @@ pub fn gemm_fused_lora(
     if m == 0 {
         return Ok(());
     }
-    let (name, slot) = match op {
-        Nf4Op::Forward => ("nf4_gemm_fwd_lora", 0),
-        Nf4Op::Backward => ("nf4_gemm_bwd_lora", 1),
+    let name = match op {
+        Nf4Op::Forward => "nf4_gemm_fwd_lora",
+        Nf4Op::Backward => "nf4_gemm_bwd_lora",
     };
-    if !SMEM_SET[slot].load(Ordering::Acquire) {
-        // Above 48 KiB of dynamic shared memory a kernel must opt in (once per process).
-        gpu.context()
-            .bind_to_thread()
-            .map_err(cuda_err("bind context"))?;
-        gpu.function(name)?
-            .set_attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                NF4_GEMM_SMEM_BYTES as i32,
-            )
-            .map_err(cuda_err("cuFuncSetAttribute(max dynamic shared memory)"))?;
-        SMEM_SET[slot].store(true, Ordering::Release);
-    }
+    gpu.opt_in_smem(name, NF4_GEMM_SMEM_BYTES as usize)?;
     let p = Nf4GemmLoraParams {
         base: Nf4GemmParams {
             out: out.ptr(),

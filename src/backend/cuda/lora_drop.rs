@@ -24,9 +24,8 @@
 //! with per-block partial sums that `lora_grad_a_finish` adds in a fixed order.
 
 use std::ops::Range;
-use std::sync::Mutex;
 
-use cudarc::driver::{sys, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::device::cuda_err;
@@ -324,18 +323,6 @@ fn empty_head() -> LoraDropHeadParams {
     bytemuck::Zeroable::zeroed()
 }
 
-fn smem_optin(gpu: &Gpu) -> Result<usize> {
-    let v = gpu
-        .context()
-        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        .map_err(cuda_err("max shared memory per block"))?;
-    Ok(v.max(0) as usize)
-}
-
-/// The dynamic shared memory each kernel (by index in [`KERNELS`]) has opted in to so
-/// far; raised when a launch needs more.
-static OPTED_IN: Mutex<[usize; KERNELS.len()]> = Mutex::new([0; KERNELS.len()]);
-
 fn launch<P: DeviceRepr>(
     gpu: &Gpu,
     name: &str,
@@ -349,28 +336,15 @@ fn launch<P: DeviceRepr>(
     let f = gpu.function(name)?;
     // The 48 KiB default covers static and dynamic shared memory together.
     if smem + STATIC_SMEM_MARGIN > SMEM_DEFAULT {
-        let slot = KERNELS.iter().position(|&n| n == name).unwrap_or(0);
-        let mut opted = OPTED_IN
-            .lock()
-            .map_err(|_| Error::Cuda("lora_drop: shared-memory opt-in lock poisoned".into()))?;
-        if opted[slot] < smem {
-            let max = smem_optin(gpu)?;
-            if smem + STATIC_SMEM_MARGIN > max {
-                return Err(Error::Cuda(format!(
-                    "{name} needs {smem} bytes of shared memory per block; {} allows {max}",
-                    gpu.name()
-                )));
-            }
-            gpu.context()
-                .bind_to_thread()
-                .map_err(cuda_err("bind context"))?;
-            f.set_attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .map_err(cuda_err("cuFuncSetAttribute(max dynamic shared memory)"))?;
-            opted[slot] = smem;
+        // The device limit covers static and dynamic shared memory together.
+        let max = gpu.max_smem_optin()?;
+        if smem + STATIC_SMEM_MARGIN > max {
+            return Err(Error::Cuda(format!(
+                "{name} needs {smem} bytes of shared memory per block; {} allows {max}",
+                gpu.name()
+            )));
         }
+        gpu.opt_in_smem(name, smem)?;
     }
     let cfg = LaunchConfig {
         grid_dim: (grid.0, grid.1, 1),
@@ -470,7 +444,7 @@ pub fn lora_grad_a(
         return Ok(());
     }
     let ranks = ranks_of(heads);
-    let budget = smem_optin(gpu)?.saturating_sub(STATIC_SMEM_MARGIN);
+    let budget = gpu.max_smem_optin()?.saturating_sub(STATIC_SMEM_MARGIN);
     let (splits, rows) = split_rows(m, k, gpu.sm_count() as usize);
     let col_blocks = k.div_ceil(BN);
     for group in plan_launches(&ranks, |g| grad_a_smem_bytes(g) <= budget)? {
@@ -538,7 +512,7 @@ pub fn lora_dx_acc(
         return Ok(());
     }
     let ranks = ranks_of(heads);
-    let budget = smem_optin(gpu)?.saturating_sub(STATIC_SMEM_MARGIN);
+    let budget = gpu.max_smem_optin()?.saturating_sub(STATIC_SMEM_MARGIN);
     let (splits, rows) = split_rows(m, k, gpu.sm_count() as usize);
     let col_blocks = k.div_ceil(BN);
     for group in plan_launches(&ranks, |g| dx_acc_smem_bytes(g) <= budget)? {

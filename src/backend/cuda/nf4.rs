@@ -17,10 +17,9 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use cudarc::driver::{sys, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 use serde::{Deserialize, Serialize};
 
@@ -493,8 +492,6 @@ pub fn gemv_naive(
     launch(gpu, "nf4_gemv_naive", (grid as u32, 1), 0, &p)
 }
 
-static SMEM_SET: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
-
 /// Fused dequant-GEMM on tensor cores: `Forward` computes `out[m, n] = a[m, k] ·
 /// bf16(W)ᵀ`, `Backward` computes `out[m, k] = a[m, n] · bf16(W)`. See [`check_fused`].
 pub fn gemm_fused(
@@ -514,23 +511,11 @@ pub fn gemm_fused(
             "NF4 fused GEMM: {m} rows exceed the launch grid"
         )));
     }
-    let (name, slot) = match op {
-        Nf4Op::Forward => ("nf4_gemm_fwd", 0),
-        Nf4Op::Backward => ("nf4_gemm_bwd", 1),
+    let name = match op {
+        Nf4Op::Forward => "nf4_gemm_fwd",
+        Nf4Op::Backward => "nf4_gemm_bwd",
     };
-    if !SMEM_SET[slot].load(Ordering::Acquire) {
-        // Above 48 KiB of dynamic shared memory a kernel must opt in (once per process).
-        gpu.context()
-            .bind_to_thread()
-            .map_err(cuda_err("bind context"))?;
-        gpu.function(name)?
-            .set_attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                NF4_GEMM_SMEM_BYTES as i32,
-            )
-            .map_err(cuda_err("cuFuncSetAttribute(max dynamic shared memory)"))?;
-        SMEM_SET[slot].store(true, Ordering::Release);
-    }
+    gpu.opt_in_smem(name, NF4_GEMM_SMEM_BYTES as usize)?;
     let p = Nf4GemmParams {
         out: out.ptr(),
         a: a.ptr(),
@@ -547,8 +532,6 @@ pub fn gemm_fused(
         &p,
     )
 }
-
-static WGMMA_SMEM_SET: AtomicBool = AtomicBool::new(false);
 
 /// `out[m, n] = a[m, k] · bf16(W)ᵀ` with Hopper warpgroup MMAs (kernels/nf4.cu §5): the
 /// product of [`gemm_fused`] `Forward`, the same bf16 weight. BadInput off sm_90, on a
@@ -577,18 +560,7 @@ pub fn gemm_wgmma(
         )));
     }
     let name = "nf4_gemm_fwd_wgmma";
-    if !WGMMA_SMEM_SET.load(Ordering::Acquire) {
-        gpu.context()
-            .bind_to_thread()
-            .map_err(cuda_err("bind context"))?;
-        gpu.function(name)?
-            .set_attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                NF4_WGMMA_SMEM_BYTES as i32,
-            )
-            .map_err(cuda_err("cuFuncSetAttribute(max dynamic shared memory)"))?;
-        WGMMA_SMEM_SET.store(true, Ordering::Release);
-    }
+    gpu.opt_in_smem(name, NF4_WGMMA_SMEM_BYTES as usize)?;
     let p = Nf4GemmParams {
         out: out.ptr(),
         a: a.ptr(),

@@ -115,7 +115,7 @@ pub fn linear(x: &Tensor, w: &LinearWeight) -> Result<Tensor> {
 
 pub fn linear_backward(dy: &Tensor, w: &LinearWeight) -> Result<Tensor> {
     let g = gpu()?;
-    let (m, n, kk) = (dy.rows(), w.out_features(), w.in_features());
+    let (m, kk) = (dy.rows(), w.in_features());
     let mut dx = new_bf16(&g, &[m, kk])?;
     match w {
         LinearWeight::Nf4Cuda(q) => profile::scope(&g, NF4, || {
@@ -130,23 +130,32 @@ pub fn linear_backward(dy: &Tensor, w: &LinearWeight) -> Result<Tensor> {
                 )
                 .map(|_| ())
         })?,
-        _ => {
-            // dX[m, in] = dY[m, out] · W[out, in]
-            let gm = Gemm {
-                m,
-                n: kk,
-                k: n,
-                trans_a: false,
-                trans_b: false,
-                alpha: 1.0,
-                beta: 0.0,
-            };
-            profile::scope(&g, GEMM, || {
-                blas::gemm_bf16(&g, gm, dy.bf16_buf()?, dense_bf16(w)?, dx.bf16_buf_mut()?)
-            })?
-        }
+        _ => dense_backward(&g, dy, w, &mut dx, 0.0)?,
     }
     Ok(dx)
+}
+
+/// `dX = dY·W + beta·dX` for a dense bf16 weight: `[m, out] · [out, in]`, a plain (not
+/// transposed) product.
+fn dense_backward(
+    g: &Gpu,
+    dy: &Tensor,
+    w: &LinearWeight,
+    dx: &mut Tensor,
+    beta: f32,
+) -> Result<()> {
+    let gm = Gemm {
+        m: dy.rows(),
+        n: w.in_features(),
+        k: w.out_features(),
+        trans_a: false,
+        trans_b: false,
+        alpha: 1.0,
+        beta,
+    };
+    profile::scope(g, GEMM, || {
+        blas::gemm_bf16(g, gm, dy.bf16_buf()?, dense_bf16(w)?, dx.bf16_buf_mut()?)
+    })
 }
 
 /// `dx += dY·W`. Dense: cuBLAS with beta = 1. NF4: the dequant + cuBLAS path with
@@ -154,7 +163,7 @@ pub fn linear_backward(dy: &Tensor, w: &LinearWeight) -> Result<Tensor> {
 /// fused kernels write without reading); decode-sized ones take a temporary and an add.
 pub fn linear_backward_acc_(dx: &mut Tensor, dy: &Tensor, w: &LinearWeight) -> Result<()> {
     let g = gpu()?;
-    let (m, n, kk) = (dy.rows(), w.out_features(), w.in_features());
+    let m = dy.rows();
     match w {
         LinearWeight::Nf4Cuda(q) if m > super::nf4::GEMV_MAX_M => profile::scope(&g, NF4, || {
             super::nf4::gemm_dequant_cublas_beta(
@@ -171,20 +180,7 @@ pub fn linear_backward_acc_(dx: &mut Tensor, dy: &Tensor, w: &LinearWeight) -> R
             let t = linear_backward(dy, w)?;
             axpy_(dx, 1.0, &t)
         }
-        _ => {
-            let gm = Gemm {
-                m,
-                n: kk,
-                k: n,
-                trans_a: false,
-                trans_b: false,
-                alpha: 1.0,
-                beta: 1.0,
-            };
-            profile::scope(&g, GEMM, || {
-                blas::gemm_bf16(&g, gm, dy.bf16_buf()?, dense_bf16(w)?, dx.bf16_buf_mut()?)
-            })
-        }
+        _ => dense_backward(&g, dy, w, dx, 1.0),
     }
 }
 
