@@ -359,120 +359,85 @@ impl Model {
             Some(_) => dropout.and_then(Dropout::draw),
             None => None,
         };
-        Self::proj_masked(x, w, lora, mask)
-    }
-
-    /// `proj` with a given dropout mask (drawn by the caller, or replayed when a
-    /// recompute runs the projection again).
-    fn proj_masked(
-        x: &Tensor,
-        w: &LinearWeight,
-        lora: Option<(&LoraPair, f32)>,
-        mask: Option<ops::DropMask>,
-    ) -> Result<(Tensor, Option<LoraSaved>)> {
-        let Some((pair, s)) = lora else {
-            return Ok((ops::linear(x, w)?, None));
-        };
-        let dropped = mask.map(|m| ops::dropout(x, m)).transpose()?;
-        // On the device with an NF4 base: one kernel, the adapter as an extra K slab.
-        if let Some((y, xa)) = ops::lora_fused_forward(x, dropped.as_ref(), w, pair, s)? {
-            let saved = LoraSaved {
-                xa,
-                xa_scaled: true,
-                mask,
-            };
-            return Ok((y, Some(saved)));
-        }
-        let mut y = ops::linear(x, w)?;
-        let xa = ops::matmul_t(dropped.as_ref().unwrap_or(x), &pair.a)?;
-        drop(dropped);
-        ops::matmul_t_acc_(&mut y, &xa, &pair.b, s)?;
-        let saved = LoraSaved {
-            xa,
-            xa_scaled: false,
-            mask,
-        };
-        Ok((y, Some(saved)))
-    }
-
-    /// Backward of `proj` one adapter at a time, for the fused NF4 LoRA kernels
-    /// (`PALIGN_FUSED_LORA=1`): returns dX and accumulates dA, dB into `grad`.
-    fn proj_backward(
-        dy: &Tensor,
-        x: &Tensor,
-        w: &LinearWeight,
-        lora: Option<(&LoraPair, f32)>,
-        saved: Option<&LoraSaved>,
-        grad: Option<&mut LoraPair>,
-    ) -> Result<Tensor> {
-        let (Some((pair, s)), Some(saved), Some(grad)) = (lora, saved, grad) else {
-            return ops::linear_backward(dy, w);
-        };
-        // dB += s·dYᵀ·(drop(x)·Aᵀ); the fused forward saved xa with s folded in.
-        let xa_alpha = if saved.xa_scaled { 1.0 } else { s };
-        ops::add_at_b_(&mut grad.b, dy, &saved.xa, xa_alpha)?;
-        if saved.mask.is_none() {
-            // dX = dY·W + (s·dY·B)·A in one NF4 kernel; dA += (s·dY·B)ᵀ·x.
-            if let Some((dx, dyb_s)) = ops::lora_fused_backward(dy, w, pair, s)? {
-                ops::add_at_b_(&mut grad.a, &dyb_s, x, 1.0)?;
-                return Ok(dx);
-            }
-        }
-        let mut dx = ops::linear_backward(dy, w)?;
-        // dY·B, [m, r]; the mask is recomputed from its stream, not stored.
-        let dyb = ops::matmul(dy, &pair.b)?;
-        let head = [ops::LoraHead {
-            a: &pair.a,
-            mask: saved.mask,
-        }];
-        ops::lora_grad_a_(&mut [&mut grad.a], x, &head, &[&dyb], s)?;
-        ops::lora_dx_acc_(&mut dx, &head, &[&dyb], s)?;
-        Ok(dx)
+        let [out] = Self::proj_group(x, [ProjIn::new(w, lora, mask)])?;
+        Ok(out)
     }
 
     /// Projections of one shared input (q/k/v; gate/up; o or down alone):
-    /// `y_i = x·W_iᵀ + s·(drop_i(x)·A_iᵀ)·B_iᵀ`, each adapter with its own mask. The
+    /// `y_i = x·W_iᵀ + s·(drop_i(x)·A_iᵀ)·B_iᵀ`, each adapter with its own mask (drawn by
+    /// the caller, or replayed when a recompute runs the projections again). The
     /// adapters' down-projections are one `ops::lora_down` (one pass over x on the
     /// device), not a dropout copy and a GEMM per adapter.
     fn proj_group<const N: usize>(
         x: &Tensor,
         projs: [ProjIn; N],
     ) -> Result<[(Tensor, Option<LoraSaved>); N]> {
-        let out: Vec<_> = if ops::lora_fused_wanted(x) {
-            // The fused NF4 kernels take one adapter at a time.
-            projs
-                .iter()
-                .map(|p| Self::proj_masked(x, p.w, p.lora, p.mask))
-                .collect::<Result<_>>()?
-        } else {
-            let heads: Vec<ops::LoraHead> = projs
-                .iter()
-                .filter_map(|p| {
-                    p.lora.map(|(pair, _)| ops::LoraHead {
-                        a: &pair.a,
-                        mask: p.mask,
-                    })
-                })
-                .collect();
-            let mut xas = ops::lora_down(x, &heads)?.into_iter();
-            projs
-                .iter()
-                .map(|p| {
-                    let mut y = ops::linear(x, p.w)?;
-                    let Some((pair, s)) = p.lora else {
-                        return Ok((y, None));
-                    };
-                    let xa = xas.next().ok_or_else(|| bad("internal: lora_down heads"))?;
-                    ops::matmul_t_acc_(&mut y, &xa, &pair.b, s)?;
-                    let saved = LoraSaved {
-                        xa,
-                        xa_scaled: false,
-                        mask: p.mask,
-                    };
-                    Ok((y, Some(saved)))
-                })
-                .collect::<Result<_>>()?
+        if !ops::lora_fused_wanted(x) {
+            return Self::proj_group_unfused(x, projs);
+        }
+        // The fused NF4 kernels take one adapter at a time; what they don't take goes
+        // the unfused way, alone.
+        let out: Vec<_> = projs
+            .into_iter()
+            .map(|p| match Self::proj_fused(x, &p)? {
+                Some(done) => Ok(done),
+                None => Self::proj_group_unfused(x, [p]).map(|[r]| r),
+            })
+            .collect::<Result<_>>()?;
+        out.try_into()
+            .map_err(|_| bad("internal: projection group size"))
+    }
+
+    /// One adapted projection through the fused NF4 LoRA kernel (the adapter as an
+    /// extra K slab of the base GEMM), where it applies.
+    fn proj_fused(x: &Tensor, p: &ProjIn) -> Result<Option<(Tensor, Option<LoraSaved>)>> {
+        let Some((pair, s)) = p.lora else {
+            return Ok(None);
         };
+        let dropped = p.mask.map(|m| ops::dropout(x, m)).transpose()?;
+        Ok(
+            ops::lora_fused_forward(x, dropped.as_ref(), p.w, pair, s)?.map(|(y, xa)| {
+                let saved = LoraSaved {
+                    xa,
+                    xa_scaled: true,
+                    mask: p.mask,
+                };
+                (y, Some(saved))
+            }),
+        )
+    }
+
+    fn proj_group_unfused<const N: usize>(
+        x: &Tensor,
+        projs: [ProjIn; N],
+    ) -> Result<[(Tensor, Option<LoraSaved>); N]> {
+        let heads: Vec<ops::LoraHead> = projs
+            .iter()
+            .filter_map(|p| {
+                p.lora.map(|(pair, _)| ops::LoraHead {
+                    a: &pair.a,
+                    mask: p.mask,
+                })
+            })
+            .collect();
+        let mut xas = ops::lora_down(x, &heads)?.into_iter();
+        let out: Vec<_> = projs
+            .iter()
+            .map(|p| {
+                let mut y = ops::linear(x, p.w)?;
+                let Some((pair, s)) = p.lora else {
+                    return Ok((y, None));
+                };
+                let xa = xas.next().ok_or_else(|| bad("internal: lora_down heads"))?;
+                ops::matmul_t_acc_(&mut y, &xa, &pair.b, s)?;
+                let saved = LoraSaved {
+                    xa,
+                    xa_scaled: false,
+                    mask: p.mask,
+                };
+                Ok((y, Some(saved)))
+            })
+            .collect::<Result<_>>()?;
         out.try_into()
             .map_err(|_| bad("internal: projection group size"))
     }
@@ -481,18 +446,49 @@ impl Model {
     /// accumulated into its gradient. The adapters' shares of dX and dA take one pass
     /// over dX and one over x for the whole group on the device.
     fn proj_group_backward(x: &Tensor, projs: Vec<ProjGrad>) -> Result<Tensor> {
-        if ops::lora_fused_wanted(x) {
-            // The fused NF4 kernels take one adapter at a time.
-            let mut dx: Option<Tensor> = None;
-            for p in projs {
-                let d = Self::proj_backward(p.dy, x, p.w, p.lora, p.saved, p.grad)?;
-                match dx.as_mut() {
-                    None => dx = Some(d),
-                    Some(acc) => ops::add_(acc, &d)?,
-                }
-            }
-            return dx.ok_or_else(|| bad("internal: empty projection group"));
+        if !ops::lora_fused_wanted(x) {
+            return Self::proj_group_backward_unfused(x, projs);
         }
+        // The fused NF4 kernels take one adapter at a time (no dropout); the others go
+        // the unfused way, alone.
+        let mut dx: Option<Tensor> = None;
+        for p in projs {
+            let d = match Self::proj_fused_backward(x, p)? {
+                Ok(d) => d,
+                Err(p) => Self::proj_group_backward_unfused(x, vec![p])?,
+            };
+            match dx.as_mut() {
+                None => dx = Some(d),
+                Some(acc) => ops::add_(acc, &d)?,
+            }
+        }
+        dx.ok_or_else(|| bad("internal: empty projection group"))
+    }
+
+    /// dX = dY·W + (s·dY·B)·A in one NF4 kernel, dA += (s·dY·B)ᵀ·x, dB += s·dYᵀ·xa,
+    /// where the fused kernel applies (an adapter, no dropout); else `p` back.
+    fn proj_fused_backward<'a>(
+        x: &Tensor,
+        p: ProjGrad<'a>,
+    ) -> Result<std::result::Result<Tensor, ProjGrad<'a>>> {
+        let (Some((pair, s)), Some(saved)) = (p.lora, p.saved) else {
+            return Ok(Err(p));
+        };
+        if saved.mask.is_some() || p.grad.is_none() {
+            return Ok(Err(p));
+        }
+        let Some((dx, dyb_s)) = ops::lora_fused_backward(p.dy, p.w, pair, s)? else {
+            return Ok(Err(p));
+        };
+        let grad = p.grad.ok_or_else(|| bad("internal: no gradient"))?;
+        ops::add_at_b_(&mut grad.a, &dyb_s, x, 1.0)?;
+        // The fused forward saved xa with s folded in.
+        let xa_alpha = if saved.xa_scaled { 1.0 } else { s };
+        ops::add_at_b_(&mut grad.b, p.dy, &saved.xa, xa_alpha)?;
+        Ok(Ok(dx))
+    }
+
+    fn proj_group_backward_unfused(x: &Tensor, projs: Vec<ProjGrad>) -> Result<Tensor> {
         // The base products: the first makes dX, the others accumulate in their GEMMs.
         let (first, rest) = projs
             .split_first()
