@@ -21,6 +21,7 @@ use palign::lora::{Adapter, LoraConfig};
 use palign::model::llama::{Layer, SeqBatch, PROJ_NAMES};
 use palign::model::weights::{self, FloatDtype, TensorOut};
 use palign::model::{tiny, Arch, Model, ModelConfig, ScoreSeq};
+use palign::tensor::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -112,7 +113,8 @@ fn sft_step(model: &Model, adapter: &Adapter, b: &SeqBatch) -> Adapter {
         None,
         true,
     ));
-    let d = vec![-1.0 / lp.len() as f32; lp.len()];
+    let n = lp.numel();
+    let d = Tensor::from_vec(vec![-1.0 / n as f32; n], &[n]);
     ok(model.backward(
         adapter,
         &trace.expect("forward saved a trace"),

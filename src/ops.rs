@@ -10,6 +10,7 @@ use crate::backend::cuda::tensor_ops as dev;
 use crate::error::Result;
 use crate::quant::Nf4Tensor;
 use crate::tensor::Tensor;
+use crate::train::loss::{dpo_pair, DpoCfg, DpoKind};
 use std::sync::Arc;
 
 /// A frozen projection weight `[out, in]` (PyTorch `nn.Linear` layout).
@@ -534,15 +535,15 @@ pub fn gather_rows(x: &Tensor, rows: &[usize]) -> Result<Tensor> {
     Ok(Tensor::from_vec(out, &[rows.len(), h]))
 }
 
-/// Log-probabilities of `targets[i]` under `softmax(hidden[i] · headᵀ)`, computed in
-/// chunks of rows so the full tokens × vocab logits never exist at once. Also returns
-/// the per-row log-sum-exp for the backward on the device (empty on the CPU, whose
-/// backward recomputes it).
+/// Log-probabilities of `targets[i]` under `softmax(hidden[i] · headᵀ)` (f32
+/// `[targets]`, on the device for device inputs), computed in chunks of rows so the full
+/// tokens × vocab logits never exist at once. Also returns the per-row log-sum-exp for
+/// the backward on the device (empty on the CPU, whose backward recomputes it).
 pub fn target_logprobs(
     hidden: &Tensor,
     head: &LinearWeight,
     targets: &[u32],
-) -> Result<(Vec<f32>, Tensor)> {
+) -> Result<(Tensor, Tensor)> {
     if hidden.is_cuda() {
         return dev::target_logprobs(hidden, head, targets);
     }
@@ -556,7 +557,7 @@ pub fn target_logprobs(
         let logits = linear_rows(rows, chunk.len(), head);
         cpu::log_softmax_rows_at(&logits, v, chunk, &mut out[start..start + chunk.len()]);
     }
-    Ok((out, Tensor::zeros(&[0])))
+    Ok((Tensor::from_vec(out, &[targets.len()]), Tensor::zeros(&[0])))
 }
 
 /// `target_logprobs` for a training forward, plus each row's gradient of its own
@@ -566,18 +567,19 @@ pub fn target_logprobs_and_grad(
     hidden: &Tensor,
     head: &LinearWeight,
     targets: &[u32],
-) -> Result<(Vec<f32>, Tensor)> {
+) -> Result<(Tensor, Tensor)> {
     if hidden.is_cuda() {
         return dev::target_logprobs_and_grad(hidden, head, targets);
     }
     let (lp, lse) = target_logprobs(hidden, head, targets)?;
-    let grad = target_logprobs_backward(hidden, head, targets, &lse, &vec![1.0; targets.len()])?;
+    let ones = Tensor::from_vec(vec![1.0; targets.len()], &[targets.len()]);
+    let grad = target_logprobs_backward(hidden, head, targets, &lse, &ones)?;
     Ok((lp, grad))
 }
 
-/// `out[r, :] = scale[r] · x[r, :]`.
-pub fn scale_rows(x: &Tensor, scale: &[f32]) -> Result<Tensor> {
-    if scale.len() != x.rows() {
+/// `out[r, :] = scale[r] · x[r, :]` (`scale`: f32 `[rows]`, host or device).
+pub fn scale_rows(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    if scale.numel() != x.rows() {
         return Err(crate::error::bad(
             "internal: scale_rows needs one scale per row",
         ));
@@ -587,7 +589,7 @@ pub fn scale_rows(x: &Tensor, scale: &[f32]) -> Result<Tensor> {
     }
     let c = x.cols();
     let mut out = x.cpu().to_vec();
-    for (row, &g) in out.chunks_mut(c.max(1)).zip(scale) {
+    for (row, &g) in out.chunks_mut(c.max(1)).zip(scale.cpu()) {
         row.iter_mut().for_each(|v| *v *= g);
     }
     Ok(Tensor::from_vec(out, &x.shape))
@@ -672,16 +674,22 @@ pub fn swiglu_backward(dout: &Tensor, gate: &Tensor, up: &Tensor) -> Result<(Ten
     ))
 }
 
-/// Backward of `target_logprobs`: given `dlogp[i] = ∂L/∂ log p(targets[i])`, returns
-/// ∂L/∂hidden for those rows: `(dlogp_i · (onehot − softmax_i)) · head`. Logits are
-/// recomputed chunk by chunk, never stored whole. `lse` is what the forward returned.
+/// Backward of `target_logprobs`: given `dlogp[i] = ∂L/∂ log p(targets[i])` (f32
+/// `[targets]`, host or device), returns ∂L/∂hidden for those rows:
+/// `(dlogp_i · (onehot − softmax_i)) · head`. Logits are recomputed chunk by chunk, never
+/// stored whole. `lse` is what the forward returned.
 pub fn target_logprobs_backward(
     hidden: &Tensor,
     head: &LinearWeight,
     targets: &[u32],
     lse: &Tensor,
-    dlogp: &[f32],
+    dlogp: &Tensor,
 ) -> Result<Tensor> {
+    if dlogp.numel() != targets.len() {
+        return Err(crate::error::bad(
+            "internal: target_logprobs_backward needs one dlogp per target",
+        ));
+    }
     if hidden.is_cuda() {
         return dev::target_logprobs_backward(hidden, head, targets, lse, dlogp);
     }
@@ -693,12 +701,98 @@ pub fn target_logprobs_backward(
         let start = ci * CHUNK;
         let rows = &hidden.cpu()[start * h..(start + chunk.len()) * h];
         let mut logits = linear_rows(rows, chunk.len(), head);
-        let g = &dlogp[start..start + chunk.len()];
+        let g = &dlogp.cpu()[start..start + chunk.len()];
         cpu::log_softmax_rows_at_backward(&mut logits, v, chunk, g);
         let logits = Tensor::from_vec(logits, &[chunk.len(), v]);
         out.extend_from_slice(linear_backward(&logits, head)?.cpu());
     }
     Ok(Tensor::from_vec(out, &[targets.len(), h]))
+}
+
+/// Per-segment sums of `x` (f32 `[Σ counts]`, segments in order), accumulated in f64 and
+/// stored f32 on `x`'s device; with `mean`, divided by the count (an empty segment gives
+/// 0). Sequence log-probs from per-token ones: sums for SFT and DPO, means for IPO.
+pub fn segment_sums(x: &Tensor, counts: &[usize], mean: bool) -> Result<Tensor> {
+    if x.numel() != counts.iter().sum::<usize>() {
+        return Err(crate::error::bad(
+            "internal: segment_sums counts do not cover the values",
+        ));
+    }
+    if x.is_cuda() {
+        return dev::segment_sums(x, counts, mean);
+    }
+    let mut at = 0;
+    let out = counts
+        .iter()
+        .map(|&n| {
+            let s: f64 = x.cpu()[at..at + n].iter().map(|&v| v as f64).sum();
+            at += n;
+            (if mean && n > 0 { s / n as f64 } else { s }) as f32
+        })
+        .collect();
+    Ok(Tensor::from_vec(out, &[counts.len()]))
+}
+
+/// What [`dpo_loss`] gives: per pair, the loss and the rewards `β·(π − r)` (not divided
+/// by `norm`), on the host for the metrics; and `dlogp`, ∂(Σ loss ÷ norm)/∂logp for
+/// every policy token, on the policy's device for the backward.
+pub struct DpoLoss {
+    pub loss: Vec<f32>,
+    pub reward_chosen: Vec<f32>,
+    pub reward_rejected: Vec<f32>,
+    pub dlogp: Tensor,
+}
+
+/// TRL's DPO loss (`train::loss::dpo_pair`, f64) for the pairs of sequences (chosen,
+/// rejected, chosen, ...) whose policy and reference values are `policy`/`reference`
+/// `[2·pairs]` (as [`segment_sums`] makes them) and whose tokens number `counts`. On the
+/// device the loss and its per-token gradient never leave it; only the per-pair numbers
+/// come back. `norm` is the step's loss denominator (its pairs).
+pub fn dpo_loss(
+    cfg: &DpoCfg,
+    norm: f64,
+    policy: &Tensor,
+    reference: &Tensor,
+    counts: &[usize],
+) -> Result<DpoLoss> {
+    let n = counts.len();
+    if !n.is_multiple_of(2) || policy.numel() != n || reference.numel() != n {
+        return Err(crate::error::bad(
+            "internal: dpo_loss needs one policy and reference value per sequence of each pair",
+        ));
+    }
+    if policy.is_cuda() {
+        return dev::dpo_loss(cfg, norm, policy, reference, counts);
+    }
+    let (pol, refs) = (policy.cpu(), reference.cpu());
+    let mut out = DpoLoss {
+        loss: Vec::with_capacity(n / 2),
+        reward_chosen: Vec::with_capacity(n / 2),
+        reward_rejected: Vec::with_capacity(n / 2),
+        dlogp: Tensor::zeros(&[0]),
+    };
+    let mut dlogp = Vec::with_capacity(counts.iter().sum());
+    for k in 0..n / 2 {
+        let [pc, pr, rc, rr] =
+            [pol[2 * k], pol[2 * k + 1], refs[2 * k], refs[2 * k + 1]].map(|v| v as f64);
+        let pl = dpo_pair(cfg, pc, pr, rc, rr);
+        out.loss.push(pl.loss as f32);
+        out.reward_chosen.push((cfg.beta * (pc - rc)) as f32);
+        out.reward_rejected.push((cfg.beta * (pr - rr)) as f32);
+        for (which, d) in [(2 * k, pl.d_chosen), (2 * k + 1, pl.d_rejected)] {
+            // IPO's π are per-token means, so each token gets 1/count of the gradient.
+            let c = counts[which];
+            let per_token = if cfg.kind == DpoKind::Ipo {
+                d / c as f64
+            } else {
+                d
+            } / norm;
+            dlogp.extend(std::iter::repeat_n(per_token as f32, c));
+        }
+    }
+    let len = dlogp.len();
+    out.dlogp = Tensor::from_vec(dlogp, &[len]);
+    Ok(out)
 }
 
 /// Copies row `src_rows[i]` of `src` into row `dst_rows[i]` of `dst` (KV-cache writes).
@@ -780,4 +874,85 @@ pub fn attention_bidir(
     let mut out = vec![0.0; q.numel()];
     cpu::attention_bidir_forward(q.cpu(), k.cpu(), v.cpu(), pack, n_heads, head_dim, &mut out);
     Tensor::from_vec(out, &q.shape)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Σ loss ÷ norm of `dpo_loss` over token log-probs `lp`, through `segment_sums`.
+    fn total(cfg: &DpoCfg, lp: &[f32], refs: &Tensor, counts: &[usize], norm: f64) -> f64 {
+        let mean = cfg.kind == DpoKind::Ipo;
+        let pol = segment_sums(&Tensor::from_vec(lp.to_vec(), &[lp.len()]), counts, mean).unwrap();
+        let d = dpo_loss(cfg, norm, &pol, refs, counts).unwrap();
+        d.loss.iter().map(|&l| l as f64).sum::<f64>() / norm
+    }
+
+    /// The per-token gradient `dpo_loss` hands the backward is the derivative of the step's
+    /// loss through the sequence reduction: central differences per token, for sigmoid
+    /// (with label smoothing) and IPO (per-token means, so each token gets 1/count).
+    #[test]
+    fn dpo_token_gradient_matches_finite_differences() {
+        let counts = [3usize, 5, 1, 4];
+        let n: usize = counts.iter().sum();
+        let lp: Vec<f32> = (0..n).map(|i| -0.5 - 0.37 * ((i * 7) % 5) as f32).collect();
+        let refs = Tensor::from_vec(vec![-2.0, -3.5, -1.25, -1.5], &[4]);
+        let norm = 2.0;
+        let cases = [
+            (DpoKind::Sigmoid, 0.3, 0.0),
+            (DpoKind::Sigmoid, 0.1, 0.2),
+            (DpoKind::Ipo, 0.5, 0.0),
+        ];
+        for (kind, beta, label_smoothing) in cases {
+            let cfg = DpoCfg {
+                beta,
+                label_smoothing,
+                kind,
+            };
+            let pol = segment_sums(
+                &Tensor::from_vec(lp.clone(), &[n]),
+                &counts,
+                kind == DpoKind::Ipo,
+            )
+            .unwrap();
+            let d = dpo_loss(&cfg, norm, &pol, &refs, &counts).unwrap();
+            assert_eq!(d.dlogp.numel(), n);
+            // f32 sequence values: a step well above their rounding.
+            let h = 1e-2f32;
+            for i in 0..n {
+                let (mut up, mut down) = (lp.clone(), lp.clone());
+                up[i] += h;
+                down[i] -= h;
+                let fd = (total(&cfg, &up, &refs, &counts, norm)
+                    - total(&cfg, &down, &refs, &counts, norm))
+                    / (2.0 * h as f64);
+                let got = d.dlogp.cpu()[i] as f64;
+                assert!(
+                    (fd - got).abs() < 1e-4 + 1e-3 * fd.abs(),
+                    "{kind:?} β {beta} ls {label_smoothing} token {i}: {got} vs {fd}"
+                );
+            }
+            // Rewards as TRL logs them: β·(π − r) per pair.
+            let p = pol.cpu();
+            assert!((d.reward_chosen[1] as f64 - beta * (p[2] as f64 + 1.25)).abs() < 1e-5);
+            assert!((d.reward_rejected[0] as f64 - beta * (p[1] as f64 + 3.5)).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn segment_sums_reduce_each_segment_and_refuse_a_mismatch() {
+        let x = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[6]);
+        let s = segment_sums(&x, &[2, 0, 4], false).unwrap();
+        assert_eq!(s.cpu(), &[3.0, 0.0, 18.0]);
+        let m = segment_sums(&x, &[2, 0, 4], true).unwrap();
+        assert_eq!(m.cpu(), &[1.5, 0.0, 4.5]);
+        assert!(segment_sums(&x, &[2, 3], false).is_err());
+        let one = Tensor::from_vec(vec![0.0; 3], &[3]);
+        let cfg = DpoCfg {
+            beta: 0.1,
+            label_smoothing: 0.0,
+            kind: DpoKind::Sigmoid,
+        };
+        assert!(dpo_loss(&cfg, 1.0, &one, &one, &[1, 1, 1]).is_err());
+    }
 }

@@ -83,7 +83,9 @@ fn check(model_name: &str, p: f32) {
                 false,
             )
             .unwrap();
-        lp.iter()
+        palign::ops::to_host(&lp)
+            .unwrap()
+            .iter()
             .zip(&weights)
             .map(|(l, w)| *l as f64 * *w as f64)
             .sum()

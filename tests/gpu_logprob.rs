@@ -335,7 +335,10 @@ fn check_grad(case: &str, got: &[f32], want: &[f32]) {
 fn run_problem(g: &Gpu, p: &Problem) {
     let d = upload(g, p);
     let tag = p.tag();
-    let (want, _) = ops::target_logprobs(&p.cpu_hidden(), &p.cpu_head(), &p.targets).unwrap();
+    let want = ops::target_logprobs(&p.cpu_hidden(), &p.cpu_head(), &p.targets)
+        .unwrap()
+        .0
+        .into_vec();
     let (want_lse, max_z) = p.lse_f64();
     assert!(
         max_z < 9.0,
@@ -393,7 +396,7 @@ fn run_problem(g: &Gpu, p: &Problem) {
         &p.cpu_head(),
         &p.targets,
         &no_lse,
-        &p.dlogp,
+        &palign::tensor::Tensor::from_vec(p.dlogp.clone(), &[p.dlogp.len()]),
     )
     .unwrap();
     let want_dh = want_dh.cpu();
@@ -483,7 +486,10 @@ fn logprobs_match_cpu_many_row_tiles() {
 fn target_ids_past_the_vocab_give_nan() {
     let g = gpu();
     let mut p = Problem::new(6, 37, 1000, 256);
-    let (want, _) = ops::target_logprobs(&p.cpu_hidden(), &p.cpu_head(), &p.targets).unwrap();
+    let want = ops::target_logprobs(&p.cpu_hidden(), &p.cpu_head(), &p.targets)
+        .unwrap()
+        .0
+        .into_vec();
     p.targets[5] = 1000;
     p.targets[6] = u32::MAX;
     let d = upload(&g, &p);
@@ -670,5 +676,77 @@ fn dpo_kernels_match_dpo_pair() {
                 rt,
             );
         }
+    }
+}
+
+/// The trainer's DPO ops (`ops::segment_sums` + `ops::dpo_loss`) on device tensors
+/// against the same ops on host tensors: the per-pair numbers that come back and the
+/// per-token gradient that stays on the device.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn dpo_ops_on_the_device_match_the_host_ops() {
+    let g = gpu();
+    let pairs = 23;
+    let (logp, offsets, ref_logp) = dpo_batch(13, pairs);
+    let counts: Vec<usize> = offsets.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
+    let n = logp.len();
+    let host = Tensor::from_vec(logp.clone(), &[n]);
+    let dev = Tensor::cuda_f32(g.upload(&logp).unwrap(), &[n]);
+    let norm = 16.0;
+    for cfg in dpo_cases() {
+        let case = format!(
+            "{:?} beta={} ls={}",
+            cfg.kind, cfg.beta, cfg.label_smoothing
+        );
+        let mean = cfg.kind == DpoKind::Ipo;
+        let refs = Tensor::from_vec(f32s(&seq_values(&ref_logp, &offsets, mean)), &[2 * pairs]);
+        let want_pol = ops::segment_sums(&host, &counts, mean).unwrap();
+        let got_pol = ops::segment_sums(&dev, &counts, mean).unwrap();
+        assert!(got_pol.is_cuda(), "{case}: sequence values left the device");
+        let got_pol_h = ops::to_host(&got_pol).unwrap();
+        check(
+            &format!("ops seq values {case}"),
+            &got_pol_h,
+            want_pol.cpu(),
+            1e-6,
+            1e-6,
+        );
+        // Both sides from the device's sequence values, so only the loss math differs.
+        let pol_h = Tensor::from_vec(got_pol_h, &[2 * pairs]);
+        let want = ops::dpo_loss(&cfg, norm, &pol_h, &refs, &counts).unwrap();
+        let got = ops::dpo_loss(&cfg, norm, &got_pol, &refs, &counts).unwrap();
+        assert!(
+            got.dlogp.is_cuda(),
+            "{case}: the token gradient left the device"
+        );
+        let (at, rt) = (1e-7, 1e-5);
+        check(
+            &format!("ops dpo loss {case}"),
+            &got.loss,
+            &want.loss,
+            at,
+            rt,
+        );
+        check(
+            &format!("ops dpo reward chosen {case}"),
+            &got.reward_chosen,
+            &want.reward_chosen,
+            at,
+            rt,
+        );
+        check(
+            &format!("ops dpo reward rejected {case}"),
+            &got.reward_rejected,
+            &want.reward_rejected,
+            at,
+            rt,
+        );
+        check(
+            &format!("ops dpo dlogp {case}"),
+            &ops::to_host(&got.dlogp).unwrap(),
+            want.dlogp.cpu(),
+            at,
+            rt,
+        );
     }
 }

@@ -5,7 +5,7 @@ use crate::error::{bad, Result};
 use crate::lora::Adapter;
 use crate::model::generate::{self, cut_at_stop, GenConfig, Stopper};
 use crate::model::{Model, Tokenizer};
-use crate::ops::Packing;
+use crate::ops::{self, Packing};
 use std::path::{Path, PathBuf};
 
 pub struct Lm {
@@ -173,6 +173,7 @@ impl Lm {
             None,
             false,
         )?;
+        let lp = ops::to_host(&lp)?;
         let mut at = 0;
         Ok(items
             .iter()

@@ -303,7 +303,7 @@ impl Model {
         targets: &[u32],
         mut dropout: Option<&mut Dropout>,
         save: bool,
-    ) -> Result<(Vec<f32>, Option<Trace>)> {
+    ) -> Result<(Tensor, Option<Trace>)> {
         let c = &self.cfg;
         let rope = Rope::new(c.head_dim, c.rope_theta, pack.positions());
         let mut x = ops::embedding(&self.embed, ids)?;
@@ -703,14 +703,14 @@ impl Model {
         Ok(dx)
     }
 
-    /// Gradients of the adapter weights, given `dlogp[i] = ∂L/∂ log p(targets[i])` for
-    /// the targets of the forward that produced `trace`. Accumulates into `grads`
-    /// (same layout as `adapter`), so micro-batches add up.
+    /// Gradients of the adapter weights, given `dlogp[i] = ∂L/∂ log p(targets[i])` (f32
+    /// `[targets]`, host or device) for the targets of the forward that produced `trace`.
+    /// Accumulates into `grads` (same layout as `adapter`), so micro-batches add up.
     pub fn backward(
         &self,
         adapter: &Adapter,
         trace: &Trace,
-        dlogp: &[f32],
+        dlogp: &Tensor,
         grads: &mut Adapter,
     ) -> Result<()> {
         let d_rows = match &trace.lm {
@@ -773,6 +773,27 @@ impl Model {
         seqs: &[ScoreSeq],
         adapter: Option<&Adapter>,
     ) -> Result<Vec<Vec<f32>>> {
+        let (b, lp) = self.completion_forward(seqs, adapter)?;
+        Ok(b.split(&ops::to_host(&lp)?))
+    }
+
+    /// Each sequence's completion log-prob, summed (or, with `mean`, averaged over its
+    /// completion tokens), reduced where the model runs: f32 `[seqs]`.
+    pub fn sequence_logprobs(
+        &self,
+        seqs: &[ScoreSeq],
+        adapter: Option<&Adapter>,
+        mean: bool,
+    ) -> Result<Tensor> {
+        let (b, lp) = self.completion_forward(seqs, adapter)?;
+        ops::segment_sums(&lp, &b.counts, mean)
+    }
+
+    fn completion_forward(
+        &self,
+        seqs: &[ScoreSeq],
+        adapter: Option<&Adapter>,
+    ) -> Result<(SeqBatch, Tensor)> {
         for s in seqs {
             self.check_ids(&s.ids)?;
             if s.prompt_len == 0 || s.prompt_len >= s.ids.len() {
@@ -783,7 +804,7 @@ impl Model {
         }
         let b = SeqBatch::new(seqs);
         let (lp, _) = self.forward(adapter, &b.ids, &b.pack, &b.rows, &b.targets, None, false)?;
-        Ok(b.split(&lp))
+        Ok((b, lp))
     }
 }
 

@@ -3,7 +3,7 @@
 
 use super::checkpoint::{self, AdamState, State};
 use super::device::DeviceTrainer;
-use super::loss::{dpo_pair, DpoCfg, DpoKind};
+use super::loss::{DpoCfg, DpoKind};
 use super::memplan;
 use super::{Method, Settings, TrainArgs};
 use crate::backend::cpu::optim::{clip_grad_norm, AdamWScalars};
@@ -16,6 +16,8 @@ use crate::error::{bad, Error, Result};
 use crate::lora::{peft, Adapter};
 use crate::model::llama::{Dropout, Recompute, SeqBatch};
 use crate::model::{Model, ScoreSeq, Template, Tokenizer};
+use crate::ops;
+use crate::tensor::Tensor;
 use serde_json::json;
 use std::io::Write;
 use std::path::Path;
@@ -143,20 +145,6 @@ struct StepOut {
     logps_r: f64,
 }
 
-/// Summed (or, for IPO, mean) completion log-prob of each sequence.
-fn seq_logps(lp: &[Vec<f32>], kind: Option<DpoKind>) -> Vec<f64> {
-    lp.iter()
-        .map(|v| {
-            let s: f64 = v.iter().map(|&x| x as f64).sum();
-            if kind == Some(DpoKind::Ipo) {
-                s / v.len() as f64
-            } else {
-                s
-            }
-        })
-        .collect()
-}
-
 struct Ctx<'a> {
     model: &'a Model,
     s: &'a Settings,
@@ -174,11 +162,11 @@ impl Ctx<'_> {
             .iter()
             .flat_map(|(_, p)| [seq(&p.chosen), seq(&p.rejected)])
             .collect();
-        let lp = seq_logps(
-            &self.model.completion_logprobs(&seqs, self.ref_adapter)?,
-            Some(kind),
-        );
-        Ok(lp.chunks(2).map(|c| (c[0], c[1])).collect())
+        let lp = self
+            .model
+            .sequence_logprobs(&seqs, self.ref_adapter, kind == DpoKind::Ipo)?;
+        let lp = ops::to_host(&lp)?;
+        Ok(lp.chunks(2).map(|c| (c[0] as f64, c[1] as f64)).collect())
     }
 
     /// Forward + backward of one micro-batch; `norm` is the step's loss denominator
@@ -206,10 +194,11 @@ impl Ctx<'_> {
                     dropout,
                     grads.is_some(),
                 )?;
-                out.loss = -lp.iter().map(|&x| x as f64).sum::<f64>() / norm;
+                let n = lp.numel();
+                out.loss = -ops::to_host(&lp)?.iter().map(|&x| x as f64).sum::<f64>() / norm;
                 out.tokens = b.ids.len();
                 if let (Some(g), Some(t)) = (grads, trace) {
-                    let d = vec![(-1.0 / norm) as f32; lp.len()];
+                    let d = Tensor::from_vec(vec![(-1.0 / norm) as f32; n], &[n]);
                     self.model.backward(adapter, &t, &d, g)?;
                 }
             }
@@ -232,28 +221,28 @@ impl Ctx<'_> {
                     dropout,
                     grads.is_some(),
                 )?;
-                let per_seq = b.split(&lp);
-                let pol = seq_logps(&per_seq, Some(cfg.kind));
-                let mut dlogp = Vec::with_capacity(lp.len());
-                for (k, (rc, rr)) in refs.iter().enumerate() {
-                    let (pc, pr) = (pol[2 * k], pol[2 * k + 1]);
-                    let pl = dpo_pair(&cfg, pc, pr, *rc, *rr);
-                    out.loss += pl.loss / norm;
-                    let (rwc, rwr) = (cfg.beta * (pc - rc), cfg.beta * (pr - rr));
+                // Sequence values, loss and per-token gradient stay where the model
+                // runs; only per-pair numbers come back for the metrics.
+                let pol = ops::segment_sums(&lp, &b.counts, cfg.kind == DpoKind::Ipo)?;
+                let refv: Vec<f32> = refs
+                    .iter()
+                    .flat_map(|&(c, r)| [c as f32, r as f32])
+                    .collect();
+                let refv = Tensor::from_vec(refv, &[2 * refs.len()]);
+                let d = ops::dpo_loss(&cfg, norm, &pol, &refv, &b.counts)?;
+                let pol = ops::to_host(&pol)?;
+                for k in 0..refs.len() {
+                    let (rwc, rwr) = (d.reward_chosen[k] as f64, d.reward_rejected[k] as f64);
+                    out.loss += d.loss[k] as f64 / norm;
                     out.rewards_c += rwc / norm;
                     out.rewards_r += rwr / norm;
                     out.accuracies += if rwc > rwr { 1.0 } else { 0.0 } / norm;
-                    out.logps_c += pc / norm;
-                    out.logps_r += pr / norm;
-                    for (which, d) in [(2 * k, pl.d_chosen), (2 * k + 1, pl.d_rejected)] {
-                        let n = per_seq[which].len() as f64;
-                        let per_token = if cfg.kind == DpoKind::Ipo { d / n } else { d } / norm;
-                        dlogp.extend(std::iter::repeat_n(per_token as f32, per_seq[which].len()));
-                    }
+                    out.logps_c += pol[2 * k] as f64 / norm;
+                    out.logps_r += pol[2 * k + 1] as f64 / norm;
                 }
                 out.tokens = b.ids.len();
                 if let (Some(g), Some(t)) = (grads, trace) {
-                    self.model.backward(adapter, &t, &dlogp, g)?;
+                    self.model.backward(adapter, &t, &d.dlogp, g)?;
                 }
             }
         }

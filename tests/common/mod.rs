@@ -259,19 +259,17 @@ pub fn step_grads(
             true,
         )
         .unwrap();
-    let mean_nll;
+    let n = lp.numel();
     let d = match dlogp {
-        Some(d) => d,
-        None => {
-            mean_nll = vec![-1.0 / lp.len() as f32; lp.len()];
-            &mean_nll
-        }
+        Some(d) => d.to_vec(),
+        None => vec![-1.0 / n as f32; n],
     };
+    let d = palign::tensor::Tensor::from_vec(d, &[n]);
     let mut grads = adapter.zeros_like().unwrap();
     model
-        .backward(adapter, &trace.unwrap(), d, &mut grads)
+        .backward(adapter, &trace.unwrap(), &d, &mut grads)
         .unwrap();
-    (lp, grads)
+    (palign::ops::to_host(&lp).unwrap(), grads)
 }
 
 /// Every pair's A then B values, in pair order (downloaded first from the device).

@@ -22,8 +22,9 @@ use super::lora_drop;
 use super::nf4::{Nf4Dispatcher, Nf4Op, Out};
 use super::{elementwise as ew, logprob, ops as k, profile, DeviceBuffer, Gpu};
 use crate::error::{bad, Error, Result};
-use crate::ops::{AttnShape, DropMask, LinearWeight, Packing, Rope};
+use crate::ops::{AttnShape, DpoLoss, DropMask, LinearWeight, Packing, Rope};
 use crate::tensor::Tensor;
+use crate::train::loss::DpoCfg;
 
 /// Kernel families of the breakdown.
 pub const GEMM: &str = "gemm (cuBLAS)";
@@ -663,7 +664,7 @@ pub fn target_logprobs(
     hidden: &Tensor,
     head: &LinearWeight,
     targets: &[u32],
-) -> Result<(Vec<f32>, Tensor)> {
+) -> Result<(Tensor, Tensor)> {
     let g = gpu()?;
     let (rows, h, v) = (hidden.rows(), hidden.cols(), head.out_features());
     check_targets(targets, v)?;
@@ -684,7 +685,7 @@ pub fn target_logprobs(
             logprob_path(),
         )
     })?;
-    Ok((g.download(&logp)?, lse))
+    Ok((Tensor::cuda_f32(logp, &[rows]), lse))
 }
 
 pub fn target_logprobs_backward(
@@ -692,13 +693,14 @@ pub fn target_logprobs_backward(
     head: &LinearWeight,
     targets: &[u32],
     lse: &Tensor,
-    dlogp: &[f32],
+    dlogp: &Tensor,
 ) -> Result<Tensor> {
     let g = gpu()?;
     let (rows, h, v) = (hidden.rows(), hidden.cols(), head.out_features());
     check_targets(targets, v)?;
     let t = g.upload(targets)?;
-    let d = g.upload(dlogp)?;
+    let mut slot = None;
+    let d = f32_on_device(&g, dlogp, &mut slot)?;
     let mut dh = new_bf16(&g, &[rows, h])?;
     profile::scope(&g, LOGPROB, || {
         logprob::target_logprobs_backward(
@@ -710,7 +712,7 @@ pub fn target_logprobs_backward(
             h,
             &t,
             lse.f32_buf()?,
-            &d,
+            d,
             dh.bf16_buf_mut()?,
             logprob_path(),
         )
@@ -722,7 +724,7 @@ pub fn target_logprobs_and_grad(
     hidden: &Tensor,
     head: &LinearWeight,
     targets: &[u32],
-) -> Result<(Vec<f32>, Tensor)> {
+) -> Result<(Tensor, Tensor)> {
     let g = gpu()?;
     let (rows, h, v) = (hidden.rows(), hidden.cols(), head.out_features());
     check_targets(targets, v)?;
@@ -745,18 +747,99 @@ pub fn target_logprobs_and_grad(
             logprob::default_chunk_rows(v),
         )
     })?;
-    Ok((g.download(&logp)?, grad))
+    Ok((Tensor::cuda_f32(logp, &[rows]), grad))
 }
 
-pub fn scale_rows(x: &Tensor, scale: &[f32]) -> Result<Tensor> {
+/// `t`'s f32 device buffer; host values (a per-target vector made by the trainer) are
+/// uploaded into `slot` first.
+fn f32_on_device<'a>(
+    g: &Gpu,
+    t: &'a Tensor,
+    slot: &'a mut Option<DeviceBuffer<f32>>,
+) -> Result<&'a DeviceBuffer<f32>> {
+    if t.is_cuda() {
+        return t.f32_buf();
+    }
+    Ok(slot.insert(g.upload(t.cpu())?))
+}
+
+/// Prefix sums of `counts` as the u32 offsets `[counts.len() + 1]` the sequence kernels
+/// take.
+fn segment_offsets(g: &Gpu, counts: &[usize]) -> Result<DeviceBuffer<u32>> {
+    let mut at = 0usize;
+    let offsets = std::iter::once(0).chain(counts.iter().map(|&n| {
+        at += n;
+        at
+    }));
+    upload_u32(g, offsets, "sequence offset")
+}
+
+pub fn segment_sums(x: &Tensor, counts: &[usize], mean: bool) -> Result<Tensor> {
     let g = gpu()?;
-    let s = g.upload(scale)?;
+    let mut slot = None;
+    let xs = f32_on_device(&g, x, &mut slot)?;
+    let offsets = segment_offsets(&g, counts)?;
+    let mut out = g.alloc::<f32>(counts.len())?;
+    profile::scope(&g, LOGPROB, || {
+        logprob::seq_logp_sums(&g, xs, &offsets, mean, &mut out)
+    })?;
+    Ok(Tensor::cuda_f32(out, &[counts.len()]))
+}
+
+pub fn dpo_loss(
+    cfg: &DpoCfg,
+    norm: f64,
+    policy: &Tensor,
+    reference: &Tensor,
+    counts: &[usize],
+) -> Result<DpoLoss> {
+    let g = gpu()?;
+    let (mut pslot, mut rslot) = (None, None);
+    let pol = f32_on_device(&g, policy, &mut pslot)?;
+    let refs = f32_on_device(&g, reference, &mut rslot)?;
+    let offsets = segment_offsets(&g, counts)?;
+    let pairs = counts.len() / 2;
+    let mut loss = g.alloc::<f32>(pairs)?;
+    let mut reward_chosen = g.alloc::<f32>(pairs)?;
+    let mut reward_rejected = g.alloc::<f32>(pairs)?;
+    let mut d_policy = g.alloc::<f32>(counts.len())?;
+    let mut dlogp = g.alloc::<f32>(counts.iter().sum())?;
+    profile::scope(&g, LOGPROB, || {
+        logprob::dpo_loss(
+            &g,
+            cfg,
+            norm,
+            pol,
+            refs,
+            &offsets,
+            logprob::DpoOut {
+                loss: &mut loss,
+                reward_chosen: &mut reward_chosen,
+                reward_rejected: &mut reward_rejected,
+                d_policy: &mut d_policy,
+                dlogp: &mut dlogp,
+            },
+        )
+    })?;
+    let n = dlogp.len();
+    Ok(DpoLoss {
+        loss: g.download(&loss)?,
+        reward_chosen: g.download(&reward_chosen)?,
+        reward_rejected: g.download(&reward_rejected)?,
+        dlogp: Tensor::cuda_f32(dlogp, &[n]),
+    })
+}
+
+pub fn scale_rows(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let g = gpu()?;
+    let mut slot = None;
+    let s = f32_on_device(&g, scale, &mut slot)?;
     let mut out = new_bf16(&g, &x.shape)?;
     profile::scope(&g, LOGPROB, || {
         logprob::scale_rows(
             &g,
             x.bf16_buf()?,
-            &s,
+            s,
             x.rows(),
             x.cols(),
             out.bf16_buf_mut()?,
