@@ -55,47 +55,6 @@ constexpr int DEC_UNROLL = 4; // keys per warp per step
 
 extern __shared__ __align__(16) unsigned char smem[];
 
-// ---- PTX primitives (sm_80+) ----
-__device__ __forceinline__ uint32_t smem_addr(const void *p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i. Lane l gets
-// in r[i] the pair (row l/4, cols 2(l%4), 2(l%4)+1) of matrix i.
-__device__ __forceinline__ void ldsm_x4(uint32_t r[4], const void *p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-}
-
-// Transposed: lane l gets (rows 2(l%4), 2(l%4)+1; col l/4) of matrix i.
-__device__ __forceinline__ void ldsm_x4_t(uint32_t r[4], const void *p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-}
-
-// c[16x8] += a[16x16] · b[16x8], bf16 inputs, f32 accumulators.
-__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0,
-                                         uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// 16 bytes global -> shared, asynchronous; !valid writes 16 zero bytes (reads nothing).
-__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-                 "l"(src), "r"(valid ? 16 : 0));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-__device__ __forceinline__ void cp_async_wait_all() {
-    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-}
-
 // 2^x by the SFU alone (subnormal results flush to 0; 2^-inf = +0). exp2f adds a range
 // fix-up of three instructions per call, a visible cost in the softmax.
 __device__ __forceinline__ float fast_exp2(float x) {
@@ -103,13 +62,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
-
-__device__ __forceinline__ uint32_t dynamic_smem_bytes() {
-    uint32_t n;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(n));
-    return n;
-}
-// ---- end PTX primitives ----
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
@@ -235,7 +187,7 @@ template <int D, int WARPS, int MT, int BN, int STAGES> __device__ void fwd(cons
     load_tile<BN, D, NT>(sK, Kg, kvs, t_lo * BN, len);
     if (STAGES == 2) load_tile<BN, D, NT>(sV, Vg, kvs, t_lo * BN, len);
     cp_async_commit();
-    cp_async_wait_all();
+    cp_async_wait<0>();
     __syncthreads();
 
     // A fragments of the warp's query rows (matrices: rows 0-7/8-15 x cols 0-7/8-15 of
@@ -362,7 +314,7 @@ template <int D, int WARPS, int MT, int BN, int STAGES> __device__ void fwd(cons
                 }
         }
         if (STAGES == 1) {
-            cp_async_wait_all(); // V(t) landed (this thread's part) ...
+            cp_async_wait<0>(); // V(t) landed (this thread's part) ...
             __syncthreads();     // ... everyone's, and every warp is done reading K(t)
             if (t + 1 < t_hi) {
                 load_tile<BN, D, NT>(sK, Kg, kvs, (t + 1) * BN, len);
@@ -390,7 +342,7 @@ template <int D, int WARPS, int MT, int BN, int STAGES> __device__ void fwd(cons
                 }
             }
         }
-        cp_async_wait_all(); // the next tile landed (this thread's part) ...
+        cp_async_wait<0>(); // the next tile landed (this thread's part) ...
         __syncthreads();     // ... everyone's; every warp done with this tile's buffers
     }
 
@@ -564,7 +516,7 @@ __device__ void bwd(const AttnBwdParams &p) {
     load_tile<BN, D, NT>(sV, p.v + (int64_t)start * kvs + kvh * D, kvs, k0, len);
     load_step(0, 0);
     cp_async_commit();
-    cp_async_wait_all();
+    cp_async_wait<0>();
     scale_lse<BM, NT, ASYNC>(sL, 0, true);
     __syncthreads();
 
@@ -738,7 +690,7 @@ __device__ void bwd(const AttnBwdParams &p) {
                 }
             }
         }
-        cp_async_wait_all(); // the next step's tiles landed ...
+        cp_async_wait<0>(); // the next step's tiles landed ...
         scale_lse<BM, NT, ASYNC>(sL, STAGES == 2 ? stage ^ 1 : 0, it + 1 < n_it);
         __syncthreads(); // ... for everyone; everyone done reading dSᵀ
     }
@@ -836,7 +788,7 @@ __device__ void bwdg(const AttnBwdParams &p) {
     load_tile<BN, D, NT>(sV, p.v + (int64_t)start * kvs + kvh * D, kvs, k0, len);
     load_step(0, 0);
     cp_async_commit();
-    cp_async_wait_all();
+    cp_async_wait<0>();
     scale_lse<BM, NT, true>(sL, 0, true);
     __syncthreads();
 
@@ -1057,7 +1009,7 @@ __device__ void bwdg(const AttnBwdParams &p) {
                     }
                 }
         }
-        cp_async_wait_all(); // the next step's tiles landed ...
+        cp_async_wait<0>(); // the next step's tiles landed ...
         scale_lse<BM, NT, true>(sL, stage ^ 1, it + 1 < n_it);
         __syncthreads(); // ... for everyone; everyone done with this step's buffers
     }

@@ -1,4 +1,5 @@
-// Shared device helpers: bf16 <-> f32, 16-byte vector loads, warp/block sums.
+// Shared device helpers: bf16 <-> f32, 16-byte vector loads, warp/block sums, and the
+// PTX primitives of the tensor-core kernels (cp.async, ldmatrix, mma.sync).
 //
 // build.rs compiles every kernels/*.cu as ONE translation unit (a generated file that
 // #includes them all), so the runtime loads a single module. Consequence for authors:
@@ -64,6 +65,68 @@ __device__ __forceinline__ float block_sum(float v) {
     __syncthreads();
     v = lane < n_warps ? partial[lane] : 0.0f;
     return warp_sum(v);
+}
+
+// ---------------------------------------------------------------- PTX primitives
+// The tensor-core kernels' building blocks (sm_80+; PTX ISA: cp.async, ldmatrix, mma).
+
+// The dynamic shared memory this launch got (kernels trap if the launcher gave too little).
+__device__ __forceinline__ uint32_t dynamic_smem_bytes() {
+    uint32_t n;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(n));
+    return n;
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, asynchronous; !valid writes 16 zero bytes and reads nothing.
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
+                 "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+// Wait until at most N of this thread's committed groups are still in flight.
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, lane l gets
+// in r[i] the pair (row l/4, cols 2(l%4), 2(l%4)+1) of matrix i.
+__device__ __forceinline__ void ldsm_x4(uint32_t r[4], const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+// Transposed: lane l gets (rows 2(l%4), 2(l%4)+1; col l/4) of matrix i.
+__device__ __forceinline__ void ldsm_x4_t(uint32_t r[4], const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x2_t(uint32_t r[2], const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(smem_addr(p)));
+}
+
+// c[16x8] += a[16x16] · b[16x8], bf16 inputs, f32 accumulators. Fragments (g = lane/4,
+// t = lane%4): a = (g, 2t..) (g+8, 2t..) (g, 2t+8..) (g+8, 2t+8..); b = (k 2t.., n g),
+// (k 2t+8.., n g); c = (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1).
+__device__ __forceinline__ void mma_bf16(float c[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0,
+                                         uint32_t b1) {
+    mma_bf16(c, a[0], a[1], a[2], a[3], b0, b1);
 }
 
 } // namespace palign

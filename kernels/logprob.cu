@@ -153,48 +153,6 @@ static_assert(FBM == FBN, "the stage loader fills both operands in one loop");
 static_assert(FUSED_SMEM == 82432, "keep FUSED_SMEM in src/backend/cuda/logprob.rs in sync");
 static_assert(4 * FBM * 2 * 4 <= FSTAGES * F_STAGE * 2, "the final merge reuses the ring");
 
-__device__ __forceinline__ uint32_t smem_addr(const void *p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, asynchronous; !valid writes 16 zero bytes and reads nothing.
-__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-                 "l"(src), "r"(valid ? 16 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, lane l gets
-// (row l/4, cols 2(l%4), 2(l%4)+1) of each (PTX ISA, ldmatrix).
-__device__ __forceinline__ void ldsm_x4(uint32_t r[4], const void *p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-}
-
-// c[16x8] += a[16x16] · b[16x8], bf16 inputs, f32 accumulators. Fragments (g = lane/4,
-// t = lane%4): a = (g, 2t..) (g+8, 2t..) (g, 2t+8..) (g+8, 2t+8..); b = (k 2t.., n g),
-// (k 2t+8.., n g); c = (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1).
-__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0,
-                                         uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t dynamic_smem_bytes() {
-    uint32_t n;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(n));
-    return n;
-}
-
 __device__ __forceinline__ void fused_fwd(const LogprobFusedParams &p) {
     extern __shared__ __align__(16) unsigned char logprob_smem[];
     if (dynamic_smem_bytes() < (uint32_t)FUSED_SMEM) __trap(); // launcher bug, not data

@@ -117,50 +117,6 @@ constexpr int GA_STAGES = 3, DX_STAGES = 2;
 __device__ __forceinline__ int rank_ld(int r) { return 8 * ((r / 8) | 1); }
 __device__ __forceinline__ int round16(int r) { return (r + 15) & ~15; }
 
-// ---- PTX primitives (sm_80+) ----
-__device__ __forceinline__ uint32_t smem_addr(const void *p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// 16 bytes global -> shared without registers; ok = false writes 16 zero bytes.
-__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool ok) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-                 "l"(src), "r"(ok ? 16 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ void ldsm_x4(uint32_t r[4], const void *p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldsm_x4_t(uint32_t r[4], const void *p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldsm_x2_t(uint32_t r[2], const void *p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-                 : "=r"(r[0]), "=r"(r[1])
-                 : "r"(smem_addr(p)));
-}
-// c += a·b, m16n8k16, bf16 in, f32 accumulators.
-__device__ __forceinline__ void mma(float c[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                    uint32_t a3, uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ uint32_t dynamic_smem_bytes() {
-    uint32_t r;
-    asm volatile("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(r));
-    return r;
-}
 __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t *>(&h);
@@ -296,8 +252,8 @@ template <int NT> __device__ __forceinline__ void down(const LoraDropParams &p) 
                 uint4 b = make_uint4(0, 0, 0, 0);
                 if (kin)
                     b = __ldg(reinterpret_cast<const uint4 *>(ap + (int64_t)(8 * (j - jlo)) * K));
-                mma(acc[j], a0.x, a1.x, a0.y, a1.y, b.x, b.y); // physical k 8t..8t+3
-                mma(acc[j], a0.z, a1.z, a0.w, a1.w, b.z, b.w); // physical k 8t+4..8t+7
+                mma_bf16(acc[j], a0.x, a1.x, a0.y, a1.y, b.x, b.y); // physical k 8t..8t+3
+                mma_bf16(acc[j], a0.z, a1.z, a0.w, a1.w, b.z, b.w); // physical k 8t+4..8t+7
             }
         }
     }
@@ -439,7 +395,7 @@ template <int NT> __device__ __forceinline__ void grad_a(const LoraDropParams &p
                     if (j < jlo || j >= jhi) continue;
                     uint32_t b[2];
                     ldsm_x2_t(b, ds + 8 * (j - jlo));
-                    mma(acc[j], a[0], a[1], a[2], a[3], b[0], b[1]);
+                    mma_bf16(acc[j], a, b[0], b[1]);
                 }
             }
         }
@@ -581,8 +537,8 @@ __device__ __forceinline__ void dx_acc(const LoraDropParams &p) {
                 for (int jp = 0; jp < 2; jp++) {
                     uint32_t b[4];
                     ldsm_x4_t(b, as + 16 * kk * TILE_LD + 16 * jp + ((lane >> 4) << 3));
-                    mma(acc[2 * jp], a[0], a[1], a[2], a[3], b[0], b[1]);
-                    mma(acc[2 * jp + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
+                    mma_bf16(acc[2 * jp], a, b[0], b[1]);
+                    mma_bf16(acc[2 * jp + 1], a, b[2], b[3]);
                 }
             }
             const LoraDropHeadParams &hd = p.head[h];
@@ -707,7 +663,7 @@ template <int NT> __device__ __forceinline__ void up_backward(const LoraUpParams
                 if (j >= nt) continue;
                 uint32_t b[2];
                 ldsm_x2_t(b, ds + 8 * j);
-                mma(acc[j], a[0], a[1], a[2], a[3], b[0], b[1]);
+                mma_bf16(acc[j], a, b[0], b[1]);
             }
         }
 
@@ -726,7 +682,7 @@ template <int NT> __device__ __forceinline__ void up_backward(const LoraUpParams
                 if (j >= nt) continue;
                 uint32_t b[2];
                 ldsm_x2_t(b, bp + 8 * j);
-                mma(y[i], a[0], a[1], a[2], a[3], b[0], b[1]);
+                mma_bf16(y[i], a, b[0], b[1]);
             }
         }
         // y[i]: c0,c1 (row g, ranks 8j+2t, +1), c2,c3 (row g+8, ..): plain 8-byte stores.

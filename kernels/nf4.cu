@@ -109,49 +109,6 @@ __device__ __forceinline__ uint32_t byte_of(const uint4 &q, int j) {
     return (w >> (8 * (j & 3))) & 255;
 }
 
-// D = A·B + D, m16n8k16, bf16 inputs, f32 accumulators (PTX ISA fragment layouts).
-__device__ __forceinline__ void mma_bf16(float c[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                         uint32_t a3, uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t smem_addr(const void *p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared without registers; pred = false writes 16 zero bytes.
-__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool pred) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-                 "l"(src), "r"(pred ? 16 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void *p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void *p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-}
-
-__device__ __forceinline__ uint32_t dynamic_smem_bytes() {
-    uint32_t r;
-    asm volatile("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(r));
-    return r;
-}
-
 // Two adjacent outputs (cols col, col+1) of row `row`.
 __device__ __forceinline__ void store2(void *out, bool f32, int64_t idx, float a, float b) {
     if (f32) {
@@ -345,16 +302,16 @@ __device__ __forceinline__ void gemm(const Nf4GemmParams &p, const __nv_bfloat16
             uint32_t af[4][4], bfr[4][2];
 #pragma unroll
             for (int mi = 0; mi < 4; mi++)
-                ldmatrix_x4(af[mi], as + (wm * 64 + mi * 16 + (lane & 15)) * A_LD + kk * 16 +
+                ldsm_x4(af[mi], as + (wm * 64 + mi * 16 + (lane & 15)) * A_LD + kk * 16 +
                                         (lane >> 4) * 8);
 #pragma unroll
             for (int nj = 0; nj < 2; nj++) {
                 uint32_t r[4];
                 if (BWD)
-                    ldmatrix_x4_trans(r, Bs + (kk * 16 + (lane & 15)) * BB_LD + wn * 32 +
+                    ldsm_x4_t(r, Bs + (kk * 16 + (lane & 15)) * BB_LD + wn * 32 +
                                              nj * 16 + (lane >> 4) * 8);
                 else
-                    ldmatrix_x4(r, Bs + (wn * 32 + nj * 16 + (lane & 7) + ((lane >> 4) << 3)) *
+                    ldsm_x4(r, Bs + (wn * 32 + nj * 16 + (lane & 7) + ((lane >> 4) << 3)) *
                                             BF_LD +
                                         kk * 16 + ((lane >> 3) & 1) * 8);
                 bfr[2 * nj][0] = r[0];
@@ -366,8 +323,7 @@ __device__ __forceinline__ void gemm(const Nf4GemmParams &p, const __nv_bfloat16
             for (int mi = 0; mi < 4; mi++)
 #pragma unroll
                 for (int ni = 0; ni < 4; ni++)
-                    mma_bf16(acc[mi][ni], af[mi][0], af[mi][1], af[mi][2], af[mi][3],
-                             bfr[ni][0], bfr[ni][1]);
+                    mma_bf16(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
         }
         __syncthreads(); // all warps are done reading Bs
         if (kt + 1 < KT) store_w(wq, ws);
@@ -380,16 +336,16 @@ __device__ __forceinline__ void gemm(const Nf4GemmParams &p, const __nv_bfloat16
             uint32_t af[4][4], bfr[4][2];
 #pragma unroll
             for (int mi = 0; mi < 4; mi++)
-                ldmatrix_x4(af[mi], as + (wm * 64 + mi * 16 + (lane & 15)) * A_LD + kk * 16 +
+                ldsm_x4(af[mi], as + (wm * 64 + mi * 16 + (lane & 15)) * A_LD + kk * 16 +
                                         (lane >> 4) * 8);
 #pragma unroll
             for (int nj = 0; nj < 2; nj++) {
                 uint32_t r[4];
                 if (BWD)
-                    ldmatrix_x4_trans(r, Bs + (kk * 16 + (lane & 15)) * BB_LD + wn * 32 +
+                    ldsm_x4_t(r, Bs + (kk * 16 + (lane & 15)) * BB_LD + wn * 32 +
                                              nj * 16 + (lane >> 4) * 8);
                 else
-                    ldmatrix_x4(r, Bs + (wn * 32 + nj * 16 + (lane & 7) + ((lane >> 4) << 3)) *
+                    ldsm_x4(r, Bs + (wn * 32 + nj * 16 + (lane & 7) + ((lane >> 4) << 3)) *
                                             BF_LD +
                                         kk * 16 + ((lane >> 3) & 1) * 8);
                 bfr[2 * nj][0] = r[0];
@@ -401,8 +357,7 @@ __device__ __forceinline__ void gemm(const Nf4GemmParams &p, const __nv_bfloat16
             for (int mi = 0; mi < 4; mi++)
 #pragma unroll
                 for (int ni = 0; ni < 4; ni++)
-                    mma_bf16(acc[mi][ni], af[mi][0], af[mi][1], af[mi][2], af[mi][3],
-                             bfr[ni][0], bfr[ni][1]);
+                    mma_bf16(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
         };
         // The loop's last barrier is behind every warp and no copy is in flight, so A
         // stage 0 and Bs are free. Rows/cols outside the matrices load as zeros.
