@@ -277,10 +277,10 @@ fn dispatch_keys_bucket_rows_above_the_gemv_range() {
 }
 
 fn entry(choice: Nf4Path, times: &[(&str, f64)]) -> DispatchEntry {
-    DispatchEntry {
+    DispatchEntry::new(
         choice,
-        ms: times.iter().map(|&(k, v)| (k.to_string(), v)).collect(),
-    }
+        times.iter().map(|&(k, v)| (k.to_string(), v)).collect(),
+    )
 }
 
 #[test]

@@ -23,6 +23,7 @@ pub mod ops;
 pub mod params;
 pub mod profile;
 pub mod tensor_ops;
+pub mod tune;
 
 pub use alloc::{DeviceBuffer, PoolStats};
 pub use device::{Gpu, Timer};

@@ -11,12 +11,11 @@
 //! - [`gemm_wgmma`]: the forward product with Hopper warpgroup MMAs (sm_90a only; new
 //!   and unmeasured, so the dispatcher times it only with `PALIGN_NF4_WGMMA=1`).
 //! - [`Nf4Dispatcher`]: per shape, runs the fastest of those, measured once on this GPU
-//!   and cached on disk ([`DispatchCache`], JSON, keyed by GPU name).
+//!   and cached on disk ([`DispatchCache`], a [`super::tune`] file keyed by GPU name).
 //!
 //! Every GEMM multiplies by `bf16(W)` (the bf16 dequantization) with f32 accumulation.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -26,8 +25,9 @@ use serde::{Deserialize, Serialize};
 use super::blas::{self, Gemm};
 use super::device::cuda_err;
 use super::params::{Nf4DequantParams, Nf4GemmParams, Nf4GemvParams, Nf4WeightParams};
+use super::tune::{Choice, TuneCache, TuneEntry};
 use super::{DeviceBuffer, Gpu, TARGETS};
-use crate::error::{bad, Error, Result};
+use crate::error::{bad, Result};
 use crate::quant::{check_blocksize, Absmax, Nf4Tensor};
 
 // SAFETY: bindgen's #[repr(C)] translations of kernels/params.h (u64/i64/i32/f32 fields,
@@ -714,143 +714,17 @@ pub fn dispatch_key(op: Nf4Op, m: usize, w_shape: [usize; 2], out_f32: bool) -> 
     )
 }
 
-/// A measured choice: the winner and each candidate's milliseconds per call.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct DispatchEntry {
-    pub choice: Nf4Path,
-    pub ms: BTreeMap<String, f64>,
+impl Choice for Nf4Path {
+    const FORMAT: &'static str = "palign-nf4-dispatch";
+    const PREFIX: &'static str = "nf4-dispatch";
+    const ENV: &'static str = "PALIGN_NF4_DISPATCH_CACHE";
 }
 
-#[derive(Serialize, Deserialize)]
-struct CacheFile {
-    format: String,
-    version: u32,
-    gpu: String,
-    entries: BTreeMap<String, DispatchEntry>,
-}
-
-const CACHE_FORMAT: &str = "palign-nf4-dispatch";
-const CACHE_VERSION: u32 = 1;
-
-/// Measured choices for one GPU, optionally backed by a JSON file.
-#[derive(Debug)]
-pub struct DispatchCache {
-    path: Option<PathBuf>,
-    gpu: String,
-    entries: BTreeMap<String, DispatchEntry>,
-}
-
-impl DispatchCache {
-    /// A cache that never touches the disk.
-    pub fn in_memory(gpu: &str) -> DispatchCache {
-        DispatchCache {
-            path: None,
-            gpu: gpu.to_string(),
-            entries: BTreeMap::new(),
-        }
-    }
-
-    /// The entries of `path` when it is a cache file for `gpu`; a missing, unreadable,
-    /// foreign or older file gives an empty cache (it is only a cache), which
-    /// [`save`](Self::save) later replaces.
-    pub fn load(path: &Path, gpu: &str) -> DispatchCache {
-        let entries = std::fs::read(path)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice::<CacheFile>(&bytes).ok())
-            .filter(|f| f.format == CACHE_FORMAT && f.version == CACHE_VERSION && f.gpu == gpu)
-            .map(|f| f.entries)
-            .unwrap_or_default();
-        DispatchCache {
-            path: Some(path.to_path_buf()),
-            gpu: gpu.to_string(),
-            entries,
-        }
-    }
-
-    /// `$PALIGN_NF4_DISPATCH_CACHE` (a file; "off" disables), else
-    /// `$XDG_CACHE_HOME/palign/nf4-dispatch-<gpu>.json` or `~/.cache/palign/...`.
-    pub fn default_path(gpu: &str) -> Option<PathBuf> {
-        if let Some(p) = std::env::var_os("PALIGN_NF4_DISPATCH_CACHE") {
-            return (p != "off" && !p.is_empty()).then(|| PathBuf::from(p));
-        }
-        let base = match std::env::var_os("XDG_CACHE_HOME") {
-            Some(x) if !x.is_empty() => PathBuf::from(x),
-            _ => PathBuf::from(std::env::var_os("HOME")?).join(".cache"),
-        };
-        Some(
-            base.join("palign")
-                .join(format!("nf4-dispatch-{}.json", file_stem(gpu))),
-        )
-    }
-
-    pub fn path(&self) -> Option<&Path> {
-        self.path.as_deref()
-    }
-    pub fn gpu(&self) -> &str {
-        &self.gpu
-    }
-    pub fn get(&self, key: &str) -> Option<&DispatchEntry> {
-        self.entries.get(key)
-    }
-    pub fn insert(&mut self, key: String, entry: DispatchEntry) {
-        self.entries.insert(key, entry);
-    }
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// Writes the file atomically (a temporary beside it, then rename), so a reader never
-    /// sees half a file; concurrent writers each leave a whole one. No-op without a path.
-    pub fn save(&self) -> Result<()> {
-        let Some(path) = &self.path else {
-            return Ok(());
-        };
-        let io = |what: &str, e: std::io::Error| Error::Io {
-            context: format!("{what} {}", path.display()),
-            source: e,
-        };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| io("creating the folder of", e))?;
-        }
-        let file = CacheFile {
-            format: CACHE_FORMAT.into(),
-            version: CACHE_VERSION,
-            gpu: self.gpu.clone(),
-            entries: self.entries.clone(),
-        };
-        let text = serde_json::to_string_pretty(&file)
-            .map_err(|e| Error::Cuda(format!("encoding the NF4 dispatch cache: {e}")))?;
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(format!(".tmp{}", std::process::id()));
-        let tmp = PathBuf::from(tmp);
-        std::fs::write(&tmp, text + "\n").map_err(|e| io("writing", e))?;
-        std::fs::rename(&tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io("replacing", e)
-        })
-    }
-}
-
-/// A GPU name as a file-name part: lowercase ASCII letters and digits, '-' between.
-pub fn file_stem(gpu: &str) -> String {
-    let mut s = String::new();
-    for c in gpu.chars() {
-        if c.is_ascii_alphanumeric() {
-            s.push(c.to_ascii_lowercase());
-        } else if !s.ends_with('-') {
-            s.push('-');
-        }
-    }
-    let s = s.trim_matches('-');
-    if s.is_empty() {
-        "unknown".into()
-    } else {
-        s.into()
-    }
-}
+/// A measured NF4 choice: the winner and each candidate's milliseconds per call.
+pub type DispatchEntry = TuneEntry<Nf4Path>;
+/// The NF4 dispatcher's measured choices for one GPU
+/// (`~/.cache/palign/nf4-dispatch-<gpu>.json`).
+pub type DispatchCache = TuneCache<Nf4Path>;
 
 /// Runs each NF4 product on the path measured fastest for its shape on this GPU.
 pub struct Nf4Dispatcher {
@@ -864,10 +738,7 @@ impl Nf4Dispatcher {
     /// `PALIGN_NF4_PATH=gemv|fused|dequant_cublas|wgmma` forces a path where it applies;
     /// `PALIGN_NF4_WGMMA=1` adds the wgmma GEMM to the candidates on sm_90 ([`wgmma_gate`]).
     pub fn new(gpu: &Gpu) -> Result<Nf4Dispatcher> {
-        let cache = match DispatchCache::default_path(gpu.name()) {
-            Some(p) => DispatchCache::load(&p, gpu.name()),
-            None => DispatchCache::in_memory(gpu.name()),
-        };
+        let cache = DispatchCache::for_gpu(gpu.name());
         let force = match std::env::var("PALIGN_NF4_PATH") {
             Ok(v) if !v.is_empty() && v != "auto" => Some(Nf4Path::parse(&v).ok_or_else(|| {
                 bad(format!(
@@ -991,7 +862,8 @@ impl Nf4Dispatcher {
 
 /// Whether a cached entry chose one of `cands` and timed all of them.
 pub fn entry_covers(e: &DispatchEntry, cands: &[Nf4Path]) -> bool {
-    cands.contains(&e.choice) && cands.iter().all(|c| e.ms.contains_key(c.name()))
+    let names: Vec<&str> = cands.iter().map(|c| c.name()).collect();
+    e.covers(e.choice.name(), &names)
 }
 
 /// Milliseconds per call of each candidate (one warm-up, then 3 timed calls); None
@@ -1023,18 +895,5 @@ fn measure(
             best = Some((c, t));
         }
     }
-    Ok(best.map(|(choice, _)| DispatchEntry { choice, ms }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn file_stems_are_plain() {
-        assert_eq!(file_stem("NVIDIA H100 80GB HBM3"), "nvidia-h100-80gb-hbm3");
-        assert_eq!(file_stem("  A100-SXM4-40GB  "), "a100-sxm4-40gb");
-        assert_eq!(file_stem("../../etc"), "etc");
-        assert_eq!(file_stem("///"), "unknown");
-    }
+    Ok(best.map(|(choice, _)| DispatchEntry::new(choice, ms)))
 }
