@@ -31,6 +31,8 @@ use palign::backend::cuda::attention::{
     self as attn, AttnGradInputs, AttnGrads, BwdVariant, DecodeBatch, DecodeSpec, FwdVariant,
     KvCacheView, SeqLayout, SeqSpec, BWD_VARIANTS, FWD_VARIANTS,
 };
+use palign::backend::cuda::attn_tune::{AttnTuner, TuneMode};
+use palign::backend::cuda::tune::TuneCache;
 use palign::backend::cuda::{self, DeviceBuffer, Gpu};
 
 const KERNELS: &[&str] = &[
@@ -445,6 +447,8 @@ struct Case {
     fwd: Option<&'static FwdVariant>,
     /// Check the forward only.
     fwd_only: bool,
+    /// Run forward and backward through this tuner instead (`fwd`/`variant` unused).
+    tuner: Option<&'static AttnTuner>,
     seed: u64,
 }
 
@@ -459,6 +463,7 @@ impl Case {
             variant: BwdVariant::Auto,
             fwd: None,
             fwd_only: false,
+            tuner: None,
             seed: 7 + lens.len() as u64 * 31 + d as u64 + h as u64 * 3 + window.unwrap_or(0) as u64,
         }
     }
@@ -532,8 +537,11 @@ fn run_case(g: &Gpu, c: &Case) {
     let junk = |n: usize| g.upload(&vec![bf16::from_f32(777.0); n]).unwrap();
     let mut out = junk(n_rows * h * d);
     let mut lse_gpu = g.upload(&vec![777.0f32; n_rows * h]).unwrap();
-    match c.fwd {
-        Some(fv) => attn::attention_forward_with(
+    match (c.fwd, c.tuner) {
+        (_, Some(t)) => t
+            .forward(g, &q, &k, &v, &layout, c.shape, &mut out, &mut lse_gpu)
+            .map(|_| ()),
+        (Some(fv), None) => attn::attention_forward_with(
             g,
             &q,
             &k,
@@ -544,7 +552,9 @@ fn run_case(g: &Gpu, c: &Case) {
             &mut lse_gpu,
             fv,
         ),
-        None => attn::attention_forward(g, &q, &k, &v, &layout, c.shape, &mut out, &mut lse_gpu),
+        (None, None) => {
+            attn::attention_forward(g, &q, &k, &v, &layout, c.shape, &mut out, &mut lse_gpu)
+        }
     }
     .unwrap();
 
@@ -590,25 +600,23 @@ fn run_case(g: &Gpu, c: &Case) {
         junk(n_rows * hkv * d),
         junk(n_rows * hkv * d),
     );
-    attn::attention_backward_with(
-        g,
-        AttnGradInputs {
-            q: &q,
-            k: &k,
-            v: &v,
-            o: &o_dev,
-            d_o: &do_dev,
-            lse: &lse_dev,
-        },
-        &layout,
-        c.shape,
-        AttnGrads {
-            dq: &mut gq,
-            dk: &mut gk,
-            dv: &mut gv,
-        },
-        c.variant,
-    )
+    let inputs = AttnGradInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        o: &o_dev,
+        d_o: &do_dev,
+        lse: &lse_dev,
+    };
+    let grads = AttnGrads {
+        dq: &mut gq,
+        dk: &mut gk,
+        dv: &mut gv,
+    };
+    match c.tuner {
+        Some(t) => t.backward(g, inputs, &layout, c.shape, grads).map(|_| ()),
+        None => attn::attention_backward_with(g, inputs, &layout, c.shape, grads, c.variant),
+    }
     .unwrap();
     for (what, got, want_v, mask, w) in [
         ("dQ", &gq, &dq, &mq, h * d),
@@ -723,6 +731,39 @@ fn backward_variants_match_cpu() {
             c.fwd = Some(&FWD_VARIANTS[0]); // the forward is not under test here
             c.variant = BwdVariant::Named(v);
             run_case(&g, &c);
+        }
+    }
+}
+
+/// The tuner over every variant (`PALIGN_ATTN_TUNE=all`) on the parity cases: what it
+/// runs matches the CPU, each shape is measured once (an entry per pass and shape, kept
+/// on the second run), and the choices name variants that were timed, not rejected.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn the_tuner_measures_once_and_its_choice_matches_cpu() {
+    let g = gpu();
+    let tuner: &'static AttnTuner = Box::leak(Box::new(AttnTuner::new(
+        TuneCache::in_memory(g.name()),
+        TuneMode::All,
+    )));
+    let mut first = Vec::new();
+    for round in 0..2 {
+        for mut c in kernel_cases() {
+            c.name = format!("{} tuned (round {round})", c.name);
+            c.tuner = Some(tuner);
+            run_case(&g, &c);
+        }
+        let summary = tuner.summary();
+        println!("TUNED round {round}: {summary:#?}");
+        // Fwd and bwd per distinct (d, heads, window, length bucket) of the six cases,
+        // except where only one candidate fits (nothing to measure).
+        assert!(summary.len() >= 6, "{summary:?}");
+        // The second round reads the first round's measurements (a new measurement would
+        // show other times).
+        if round == 0 {
+            first = summary;
+        } else {
+            assert_eq!(summary, first);
         }
     }
 }

@@ -420,6 +420,13 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
             100.0 * (total_ms - kernels) / total_ms
         );
     }
+    if cuda {
+        // Which attention tiles the steps ran (measured on this GPU, or read from its cache).
+        let tuner = crate::backend::cuda::attn_tune::AttnTuner::global(&*Gpu::get()?)?;
+        for line in tuner.summary() {
+            eprintln!("attention tuned ({:?}): {line}", tuner.mode());
+        }
+    }
     let f = |x: Option<f64>, prec: usize| x.map_or("nan".to_string(), |v| format!("{v:.prec$}"));
     println!(
         "BENCH_TRAIN impl=palign shape={} method={} peft={} batch={} seq={} rank={} tokens_per_s={:.1} step_ms={:.2} peak_mem_gib={} mfu={} gpu=\"{gpu_name}\"",

@@ -17,15 +17,17 @@
 //! zeroes the dQ accumulator. Workspaces come from the device's caching pool.
 //!
 //! Tile configurations: the forward and the backward each come in a few variants (the
-//! tables [`FWD_VARIANTS`], [`BWD_VARIANTS`]; the first of each is the default) so that a
-//! GPU run can measure them side by side. `PALIGN_ATTN_FWD=<name>` / `PALIGN_ATTN_BWD=<name>`
-//! (read once) pick the ones [`attention_forward`] / [`attention_backward`] use.
+//! tables [`FWD_VARIANTS`], [`BWD_VARIANTS`]; the first of each is the default).
+//! [`attention_forward`] / [`attention_backward`] run the one measured fastest for the
+//! shape on this GPU ([`super::attn_tune`], cached on disk), or the one
+//! `PALIGN_ATTN_FWD=<name>` / `PALIGN_ATTN_BWD=<name>` (read once) names.
 
 use std::sync::OnceLock;
 
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
+use super::attn_tune::AttnTuner;
 use super::device::cuda_err;
 use super::params::*;
 use super::{DeviceBuffer, Gpu};
@@ -72,6 +74,9 @@ pub struct FwdVariant {
     pub kernels: [&'static str; 2],
     /// Offered on sm_86/sm_89 GPUs (fits their 99 KB per block at head_dim 128).
     pub sm86: bool,
+    /// Its GPU parity tests have passed (tests/gpu_attention.rs, benches/RESULTS.md), so
+    /// the tuner ([`super::attn_tune`]) tries it by default.
+    pub verified: bool,
 }
 
 impl FwdVariant {
@@ -107,6 +112,7 @@ pub static FWD_VARIANTS: [FwdVariant; 4] = [
         stages: 1,
         kernels: ["attention_fwd_bf16_d64", "attention_fwd_bf16_d128"],
         sm86: true,
+        verified: true,
     },
     FwdVariant {
         name: "w4m2n64s1",
@@ -119,6 +125,7 @@ pub static FWD_VARIANTS: [FwdVariant; 4] = [
             "attention_fwd_w4m2n64s1_bf16_d128",
         ],
         sm86: true,
+        verified: false,
     },
     FwdVariant {
         name: "w4m2n64s2",
@@ -131,6 +138,7 @@ pub static FWD_VARIANTS: [FwdVariant; 4] = [
             "attention_fwd_w4m2n64s2_bf16_d128",
         ],
         sm86: true,
+        verified: false,
     },
     FwdVariant {
         name: "w8m1n64s2",
@@ -143,6 +151,7 @@ pub static FWD_VARIANTS: [FwdVariant; 4] = [
             "attention_fwd_w8m1n64s2_bf16_d128",
         ],
         sm86: true,
+        verified: false,
     },
 ];
 
@@ -193,6 +202,8 @@ pub struct BwdConfig {
     pub kernels: [Option<&'static str>; 2],
     /// Offered on sm_86/sm_89 GPUs (fits their 99 KB per block at head_dim 128).
     pub sm86: bool,
+    /// Its GPU parity tests have passed, so the tuner tries it by default.
+    pub verified: bool,
 }
 
 impl BwdConfig {
@@ -237,6 +248,7 @@ pub static BWD_VARIANTS: [BwdConfig; 6] = [
             Some("attention_bwd_bf16_d128"),
         ],
         sm86: false,
+        verified: true,
     },
     BwdConfig {
         name: "w4q64s1",
@@ -247,6 +259,7 @@ pub static BWD_VARIANTS: [BwdConfig; 6] = [
         warp_grid: false,
         kernels: [None, Some("attention_bwd_small_bf16_d128")],
         sm86: true,
+        verified: true,
     },
     BwdConfig {
         name: "w8q64s2a",
@@ -260,6 +273,7 @@ pub static BWD_VARIANTS: [BwdConfig; 6] = [
             Some("attention_bwd_w8q64s2a_bf16_d128"),
         ],
         sm86: false,
+        verified: false,
     },
     BwdConfig {
         name: "w4q64s2a",
@@ -273,6 +287,7 @@ pub static BWD_VARIANTS: [BwdConfig; 6] = [
             Some("attention_bwd_w4q64s2a_bf16_d128"),
         ],
         sm86: false,
+        verified: false,
     },
     BwdConfig {
         name: "w8q64s2g",
@@ -286,6 +301,7 @@ pub static BWD_VARIANTS: [BwdConfig; 6] = [
             Some("attention_bwd_w8q64s2g_bf16_d128"),
         ],
         sm86: false,
+        verified: false,
     },
     BwdConfig {
         name: "w4q64s2g",
@@ -299,6 +315,7 @@ pub static BWD_VARIANTS: [BwdConfig; 6] = [
             Some("attention_bwd_w4q64s2g_bf16_d128"),
         ],
         sm86: false,
+        verified: false,
     },
 ];
 
@@ -563,7 +580,9 @@ fn launch<P: DeviceRepr>(
 }
 
 /// Forward: `out` (bf16 `[rows, H, d]`) and `lse` (f32 `[rows, H]`, natural log) from q,
-/// k, v. Padding rows of the layout are zero in both. Runs [`fwd_variant_from_env`].
+/// k, v. Padding rows of the layout are zero in both. Runs the variant
+/// `PALIGN_ATTN_FWD` names, else the one measured fastest for this shape on this GPU
+/// ([`AttnTuner`]).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     gpu: &Gpu,
@@ -575,8 +594,10 @@ pub fn attention_forward(
     out: &mut DeviceBuffer<bf16>,
     lse: &mut DeviceBuffer<f32>,
 ) -> Result<()> {
-    let variant = fwd_variant_from_env()?;
-    attention_forward_with(gpu, q, k, v, layout, shape, out, lse, variant)
+    check_shape(&shape)?;
+    AttnTuner::global(gpu)?
+        .forward(gpu, q, k, v, layout, shape, out, lse)
+        .map(|_| ())
 }
 
 /// [`attention_forward`] with a chosen kernel variant (tests and benches run them all).
@@ -634,6 +655,7 @@ pub fn attention_forward_with(
 }
 
 /// Saved forward tensors and the output gradient for [`attention_backward`].
+#[derive(Clone, Copy)]
 pub struct AttnGradInputs<'a> {
     pub q: &'a DeviceBuffer<bf16>,
     pub k: &'a DeviceBuffer<bf16>,
@@ -654,7 +676,8 @@ pub struct AttnGrads<'a> {
 }
 
 /// Backward: dQ, dK, dV (bf16) from the saved q, k, v, o, lse and dO. Padding rows are
-/// zero. Uses `rows·H·(d+1)` f32 of pool workspace.
+/// zero. Uses `rows·H·(d+1)` f32 of pool workspace. Runs the variant `PALIGN_ATTN_BWD`
+/// names, else the one measured fastest for this shape on this GPU ([`AttnTuner`]).
 pub fn attention_backward(
     gpu: &Gpu,
     x: AttnGradInputs<'_>,
@@ -662,7 +685,10 @@ pub fn attention_backward(
     shape: AttnShape,
     grads: AttnGrads<'_>,
 ) -> Result<()> {
-    attention_backward_with(gpu, x, layout, shape, grads, BwdVariant::Auto)
+    check_shape(&shape)?;
+    AttnTuner::global(gpu)?
+        .backward(gpu, x, layout, shape, grads)
+        .map(|_| ())
 }
 
 /// [`attention_backward`] with a chosen kernel (tests run both on one GPU).

@@ -11,6 +11,7 @@
 
 pub mod alloc;
 pub mod attention;
+pub mod attn_tune;
 pub mod blas;
 pub mod device;
 pub mod elementwise;

@@ -138,6 +138,10 @@ impl<C: Choice> TuneCache<C> {
     pub fn len(&self) -> usize {
         self.entries.len()
     }
+    /// The entries, by key.
+    pub fn entries(&self) -> impl Iterator<Item = (&String, &TuneEntry<C>)> {
+        self.entries.iter()
+    }
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
