@@ -24,6 +24,13 @@
 //! - `up`:     fused `lora_up_backward` (dyb = dY·B and dB += s·dYᵀ·xa from one read of
 //!   dY [M, out], out = 4096 and 14336) vs the model's two cuBLAS products.
 //!
+//! Group `proj`: the projections as the trainer runs them (`Model::proj_group` and
+//! `proj_group_backward` on device tensors: the NF4 dispatcher's base products, the
+//! grouped dropout factors, cuBLAS for the rank-r products), Mistral-7B's groups (q/k/v,
+//! o, gate/up, down) at ranks 16 and 64 with dropout 0.05, against the same base products
+//! without adapters. Backward includes dA and dB. Issue 9's target, as training sees it:
+//! `RATIO proj_lora_vs_base ... ≤ 1.05x`.
+//!
 //! GB/s is the least traffic of the operation (X or dX once, or read and written once,
 //! plus the factors) over the time, for both paths, so the two figures compare directly.
 //!
@@ -48,6 +55,12 @@ use palign::backend::cuda::lora::{self, LoraBase, LoraDev, LoraPath};
 use palign::backend::cuda::lora_drop::{self, DropHead};
 use palign::backend::cuda::nf4::{self, Nf4Op, Out};
 use palign::backend::cuda::{DeviceBuffer, Gpu};
+use palign::lora::LoraPair;
+use palign::model::llama::{LoraSaved, ProjGrad, ProjIn};
+use palign::model::Model;
+use palign::ops::{DropMask, LinearWeight};
+use palign::tensor::Tensor;
+use std::sync::Arc;
 
 const TOKENS: usize = 8192;
 const IN: usize = 4096;
@@ -200,6 +213,7 @@ fn main() {
         }
     }
     bench_drop(&mut c, g, &mut lines, &mut ratios);
+    bench_proj(&mut c, g, &mut lines, &mut ratios);
     c.final_summary();
 
     println!("lora summary on {} (M = {TOKENS}, NF4 base):", g.name());
@@ -411,6 +425,145 @@ fn bench_up_backward(
                 f / u,
                 u / f
             ));
+        }
+    }
+}
+
+/// Mistral-7B's projection groups: (name, in features, out features of each projection).
+const PROJ_GROUPS: &[(&str, usize, &[usize])] = &[
+    ("qkv", 4096, &[4096, 1024, 1024]),
+    ("o", 4096, &[4096]),
+    ("gate_up", 4096, &[14336, 14336]),
+    ("down", 14336, &[4096]),
+];
+
+/// `Model::proj_group` over a group of 1 to 3 projections.
+fn proj_fwd(x: &Tensor, projs: Vec<ProjIn<'_>>) -> Vec<(Tensor, Option<LoraSaved>)> {
+    let n = projs.len();
+    let mut it = projs.into_iter();
+    let mut next = || it.next().expect("group size");
+    match n {
+        1 => ok(Model::proj_group(x, [next()])).into(),
+        2 => ok(Model::proj_group(x, [next(), next()])).into(),
+        3 => ok(Model::proj_group(x, [next(), next(), next()])).into(),
+        _ => unreachable!("groups have 1 to 3 projections"),
+    }
+}
+
+/// The `proj` group (see the top): adapted projections against their base products.
+fn bench_proj(c: &mut Criterion, g: &Gpu, lines: &mut Vec<String>, ratios: &mut Vec<String>) {
+    let m = TOKENS;
+    let dev = |buf, shape: &[usize]| Tensor::cuda_bf16(buf, shape);
+    for (gi, &(name, k, outs)) in PROJ_GROUPS.iter().enumerate() {
+        let seed = 40 + 10 * gi as u64;
+        let x = dev(filled_bf16(g, m * k, seed as u32, 1.0), &[m, k]);
+        let ws: Vec<LinearWeight> = outs
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| LinearWeight::Nf4Cuda(Arc::new(random_weight(g, n, k, seed + i as u64))))
+            .collect();
+        let dys: Vec<Tensor> = outs
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                dev(
+                    filled_bf16(g, m * n, (seed + 5 + i as u64) as u32, 1.0),
+                    &[m, n],
+                )
+            })
+            .collect();
+        for &r in RANKS {
+            let s = 16.0 / r as f32;
+            let pairs: Vec<LoraPair> = outs
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| LoraPair {
+                    a: dev(filled_bf16(g, r * k, 7 + i as u32, 0.02), &[r, k]),
+                    b: dev(filled_bf16(g, n * r, 8 + i as u32, 0.02), &[n, r]),
+                })
+                .collect();
+            let masks: Vec<DropMask> = (0..outs.len())
+                .map(|i| DropMask {
+                    stream: 1000 + i as u64,
+                    p: DROP_P,
+                })
+                .collect();
+            let inputs = |lora: bool| -> Vec<ProjIn<'_>> {
+                ws.iter()
+                    .zip(&pairs)
+                    .zip(&masks)
+                    .map(|((w, pair), &mask)| {
+                        ProjIn::new(w, lora.then_some((pair, s)), lora.then_some(mask))
+                    })
+                    .collect()
+            };
+            // What the adapted forward saves for the backward.
+            let saved: Vec<LoraSaved> = proj_fwd(&x, inputs(true))
+                .into_iter()
+                .map(|(_, sv)| sv.expect("an adapted projection saves its factor"))
+                .collect();
+            let mut grads: Vec<LoraPair> = outs
+                .iter()
+                .map(|&n| LoraPair {
+                    a: Tensor::cuda_f32(ok(g.zeros(r * k)), &[r, k]),
+                    b: Tensor::cuda_f32(ok(g.zeros(n * r)), &[n, r]),
+                })
+                .collect();
+            let (x, ws, dys, pairs, saved) = (&x, &ws, &dys, &pairs, &saved);
+            let backward = move |grads: Option<&mut Vec<LoraPair>>| {
+                let projs: Vec<ProjGrad<'_>> = match grads {
+                    Some(gr) => ws
+                        .iter()
+                        .zip(dys)
+                        .zip(pairs.iter().zip(saved))
+                        .zip(gr.iter_mut())
+                        .map(|(((w, dy), (pair, sv)), gp)| {
+                            ProjGrad::new(dy, w, Some((pair, s)), Some(sv), Some(gp))
+                        })
+                        .collect(),
+                    None => ws
+                        .iter()
+                        .zip(dys)
+                        .map(|(w, dy)| ProjGrad::new(dy, w, None, None, None))
+                        .collect(),
+                };
+                drop(ok(Model::proj_group_backward(x, projs)));
+            };
+            let tag = format!("{name} r={r}");
+            let mut cases: Vec<(String, Launch<'_>)> = vec![
+                (
+                    format!("proj {tag} base fwd"),
+                    Box::new(move || drop(proj_fwd(x, inputs(false)))),
+                ),
+                (
+                    format!("proj {tag} lora fwd"),
+                    Box::new(move || drop(proj_fwd(x, inputs(true)))),
+                ),
+                (
+                    format!("proj {tag} base bwd"),
+                    Box::new(move || backward(None)),
+                ),
+                (
+                    format!("proj {tag} lora bwd"),
+                    Box::new(move || backward(Some(&mut grads))),
+                ),
+            ];
+            let t = bench(c, g, "proj", &mut cases);
+            let (bf, lf, bb, lb) = (t[0], t[1], t[2], t[3]);
+            lines.push(format!(
+                "BENCH proj {name:<7} m={m} k={k:<5} r={r:<2} base fwd {bf:>8.4} ms  lora fwd {lf:>8.4} ms  \
+                 base bwd {bb:>8.4} ms  lora bwd (dX, dA, dB) {lb:>8.4} ms"
+            ));
+            for (dir, l, b) in [
+                ("fwd", lf, bf),
+                ("bwd", lb, bb),
+                ("fwd+bwd", lf + lb, bf + bb),
+            ] {
+                ratios.push(format!(
+                    "RATIO proj_lora_vs_base {dir} {tag}: {:.3}x (target <= 1.05x)",
+                    l / b
+                ));
+            }
         }
     }
 }

@@ -368,7 +368,7 @@ impl Model {
     /// the caller, or replayed when a recompute runs the projections again). The
     /// adapters' down-projections are one `ops::lora_down` (one pass over x on the
     /// device), not a dropout copy and a GEMM per adapter.
-    fn proj_group<const N: usize>(
+    pub fn proj_group<const N: usize>(
         x: &Tensor,
         projs: [ProjIn; N],
     ) -> Result<[(Tensor, Option<LoraSaved>); N]> {
@@ -445,7 +445,7 @@ impl Model {
     /// Backward of `proj_group`: dX summed over the group; each adapter's dA, dB
     /// accumulated into its gradient. The adapters' shares of dX and dA take one pass
     /// over dX and one over x for the whole group on the device.
-    fn proj_group_backward(x: &Tensor, projs: Vec<ProjGrad>) -> Result<Tensor> {
+    pub fn proj_group_backward(x: &Tensor, projs: Vec<ProjGrad>) -> Result<Tensor> {
         if !ops::lora_fused_wanted(x) {
             return Self::proj_group_backward_unfused(x, projs);
         }
@@ -995,14 +995,14 @@ enum LmSaved {
 }
 
 /// One projection of a group that shares its input, for `Model::proj_group`.
-struct ProjIn<'a> {
+pub struct ProjIn<'a> {
     w: &'a LinearWeight,
     lora: Option<(&'a LoraPair, f32)>,
     mask: Option<ops::DropMask>,
 }
 
 impl<'a> ProjIn<'a> {
-    fn new(
+    pub fn new(
         w: &'a LinearWeight,
         lora: Option<(&'a LoraPair, f32)>,
         mask: Option<ops::DropMask>,
@@ -1012,7 +1012,7 @@ impl<'a> ProjIn<'a> {
 }
 
 /// One projection of a group in backward, for `Model::proj_group_backward`.
-struct ProjGrad<'a> {
+pub struct ProjGrad<'a> {
     dy: &'a Tensor,
     w: &'a LinearWeight,
     lora: Option<(&'a LoraPair, f32)>,
@@ -1021,7 +1021,7 @@ struct ProjGrad<'a> {
 }
 
 impl<'a> ProjGrad<'a> {
-    fn new(
+    pub fn new(
         dy: &'a Tensor,
         w: &'a LinearWeight,
         lora: Option<(&'a LoraPair, f32)>,
