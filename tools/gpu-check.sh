@@ -290,7 +290,7 @@ if want train && [ -x "$HERE/palign" ]; then
             echo
             echo "### $m $p (palign --recompute $r ${envs[*]}; hf ${gc:-no checkpointing})"
             echo '```'
-            echo "$ours" | grep -E 'BENCH_TRAIN|BREAKDOWN' || echo "palign: no result (see benches.log)"
+            echo "$ours" | grep -E 'BENCH_TRAIN|BREAKDOWN|TUNED' || echo "palign: no result (see benches.log)"
             echo "$theirs" | grep -E 'BENCH_TRAIN|note' || echo "hf: no result (see benches.log)"
             if [ -n "$a" ] && [ -n "$b" ]; then
                 echo "RATIO train_${m}_${p} palign/hf tokens_per_s = $(python3 -c "print(f'{$a/$b:.3f}')")"

@@ -424,7 +424,7 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         // Which attention tiles the steps ran (measured on this GPU, or read from its cache).
         let tuner = crate::backend::cuda::attn_tune::AttnTuner::global(&*Gpu::get()?)?;
         for line in tuner.summary() {
-            eprintln!("attention tuned ({:?}): {line}", tuner.mode());
+            println!("TUNED attention mode={:?} {line}", tuner.mode());
         }
     }
     let f = |x: Option<f64>, prec: usize| x.map_or("nan".to_string(), |v| format!("{v:.prec$}"));
