@@ -764,6 +764,11 @@ pub fn dpo_loss(
     if policy.is_cuda() {
         return dev::dpo_loss(cfg, norm, policy, reference, counts);
     }
+    if reference.is_cuda() {
+        return Err(crate::error::bad(
+            "internal: dpo_loss with host policy values and device reference values",
+        ));
+    }
     let (pol, refs) = (policy.cpu(), reference.cpu());
     let mut out = DpoLoss {
         loss: Vec::with_capacity(n / 2),

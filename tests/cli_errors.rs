@@ -361,6 +361,15 @@ const CASES: &[Case] = &[
         expect: "--dropout",
     },
     Case {
+        name: "infinite DPO beta",
+        setup: |d| {
+            let mut a = sft_args(d, &["--beta", "inf"]);
+            a[0] = "dpo".into();
+            a
+        },
+        expect: "--beta must be a positive number",
+    },
+    Case {
         name: "unknown dataset kind",
         setup: |d| {
             let mut a = sft_args(d, &[]);

@@ -393,6 +393,72 @@ fn dpo_precomputed_reference_is_the_same_reference() {
     );
 }
 
+/// Held-out pairs are scored against their own reference log-probs with
+/// `--precompute-ref` too (the stored rows are the training pairs'): the eval metrics
+/// equal those of the on-the-fly reference, with more eval pairs than training pairs.
+#[test]
+fn dpo_eval_with_precomputed_reference_uses_the_eval_pairs_reference() {
+    let d = tempfile::tempdir().unwrap();
+    let t = fx().join("train/tiny-llama");
+    let all = std::fs::read_to_string(t.join("dpo_pairs.jsonl")).unwrap();
+    let train: String = all.lines().take(2).map(|l| format!("{l}\n")).collect();
+    let train_path = d.path().join("train.jsonl");
+    std::fs::write(&train_path, train).unwrap();
+    let data = format!("jsonl:{}", train_path.display());
+    let eval = format!("jsonl:{}", t.join("dpo_pairs.jsonl").display());
+    let (model, init) = (fx().join("tiny-llama"), t.join("init_adapter"));
+    let run = |name: &str, extra: &[&str]| -> Vec<Value> {
+        let out = d.path().join(name);
+        let mut a = vec![
+            "dpo",
+            "--quiet",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            &data,
+            "--eval-data",
+            &eval,
+            "--eval-every",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+            "--init-adapter",
+            init.to_str().unwrap(),
+            "--no-shuffle",
+            "--dropout",
+            "0",
+            "--batch-size",
+            "2",
+            "--steps",
+            "2",
+            "--lr",
+            "1e-3",
+            "--peft",
+            "lora",
+        ];
+        a.extend(extra);
+        palign(&a);
+        jsonl(&out.join("metrics.jsonl"))
+            .into_iter()
+            .filter(|r| r.get("eval_loss").is_some())
+            .collect()
+    };
+    let fly = run("fly", &[]);
+    let pre = run("pre", &["--precompute-ref"]);
+    assert_eq!(fly.len(), 2, "{fly:?}");
+    assert_eq!(pre.len(), fly.len());
+    for (x, y) in fly.iter().zip(&pre) {
+        for k in [
+            "eval_loss",
+            "eval_rewards/margins",
+            "eval_rewards/accuracies",
+        ] {
+            let (a, b) = (x[k].as_f64().unwrap(), y[k].as_f64().unwrap());
+            assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "{k}: {a} vs {b}");
+        }
+    }
+}
+
 /// The real dataset formats train end to end with chat templates.
 #[test]
 fn dpo_and_sft_run_on_hh_rlhf_and_beavertails_files() {

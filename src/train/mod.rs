@@ -286,8 +286,8 @@ impl Settings {
             }
             Method::Dpo => {
                 let beta = a.beta.unwrap_or(0.1);
-                if beta.is_nan() || beta <= 0.0 {
-                    return Err(bad("--beta must be positive"));
+                if !(beta.is_finite() && beta > 0.0) {
+                    return Err(bad("--beta must be a positive number"));
                 }
                 let ls = a.label_smoothing.unwrap_or(0.0);
                 if !(0.0..0.5).contains(&ls) {

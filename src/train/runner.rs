@@ -513,6 +513,12 @@ fn precomputed_ref(ctx: &Ctx, ex: &Examples, out: &Path, kind: DpoKind) -> Resul
 
 /// Mean loss (and DPO accuracy) over held-out examples, no dropout, no gradients.
 fn evaluate(ctx: &Ctx, adapter: &Adapter, ex: &Examples) -> Result<StepOut> {
+    // The precomputed reference rows are the training pairs'; held-out pairs get theirs
+    // from the reference model.
+    let ctx = &Ctx {
+        ref_cache: None,
+        ..*ctx
+    };
     let idx: Vec<usize> = (0..ex.len()).collect();
     let norm = step_norm(ex, &idx);
     let mut acc = StepOut::default();

@@ -117,27 +117,108 @@ fn wanted(mode: TuneMode, verified: bool) -> bool {
     mode == TuneMode::All || verified
 }
 
-/// Whether a candidate's output agrees with the reference's: no NaN where the reference
-/// has none, and max |got − want| ≤ `rtol`·max |want| + `atol`. Variants differ only in
-/// the order of f32 sums and where bf16 roundings fall, a few bf16 ulps of the largest
-/// value; a wrong index or a race gives O(1) errors.
-pub fn agrees(got: &[f32], want: &[f32], rtol: f32, atol: f32) -> bool {
-    if got.len() != want.len() {
-        return false;
-    }
-    let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-    let bound = rtol * scale + atol;
-    got.iter()
-        .zip(want)
-        .all(|(g, w)| (w.is_nan() && g.is_nan()) || (g - w).abs() <= bound)
+/// One output of a trial run, compared with the reference's in groups of `width`
+/// values (one query row's head vector, or single log-sum-exps).
+#[derive(Clone, Debug)]
+pub struct Output {
+    pub values: Vec<f32>,
+    pub width: usize,
+    /// Allowed error relative to the group's largest finite |value|.
+    pub rtol: f32,
+    /// Absolute allowance.
+    pub atol: f32,
+    /// Allowance relative to the whole output's largest finite |value| (catches garbage
+    /// in rows that should be near 0, such as padding).
+    pub gtol: f32,
 }
 
-/// bf16 outputs agree to 2% of their largest value (about 5 ulps); f32 log-sum-exps to
-/// 1e-3 plus 1e-4 relative.
-const OUT_RTOL: f32 = 2e-2;
+impl Output {
+    /// A bf16 output of head vectors (`width` = head_dim): variants differ by where f32
+    /// sums and bf16 roundings fall, about one bf16 ulp (0.4%) per value; 2% of each
+    /// vector's largest value, plus 0.1% of the output's, leaves room without letting a
+    /// wrong index or a race (errors of the order of the values) through.
+    fn heads(values: Vec<bf16>, width: usize) -> Output {
+        Output {
+            values: values.into_iter().map(|x| x.to_f32()).collect(),
+            width,
+            rtol: 2e-2,
+            atol: 0.0,
+            gtol: 1e-3,
+        }
+    }
+}
 
-fn widen(v: Vec<bf16>) -> Vec<f32> {
-    v.into_iter().map(|x| x.to_f32()).collect()
+fn max_finite(v: &[f32]) -> f32 {
+    v.iter()
+        .filter(|x| x.is_finite())
+        .fold(0.0f32, |m, x| m.max(x.abs()))
+}
+
+/// Whether a candidate's output agrees with the reference's: same length, and each value
+/// equal (NaN with NaN, ±inf with itself) or within
+/// `rtol`·(its group's largest |want|) + `atol` + `gtol`·(the output's largest |want|).
+pub fn agrees(got: &Output, want: &Output) -> bool {
+    if got.values.len() != want.values.len() || want.width == 0 {
+        return false;
+    }
+    let floor = want.atol + want.gtol * max_finite(&want.values);
+    got.values
+        .chunks(want.width)
+        .zip(want.values.chunks(want.width))
+        .all(|(g, w)| {
+            let bound = want.rtol * max_finite(w) + floor;
+            g.iter()
+                .zip(w)
+                .all(|(&g, &w)| g == w || (g.is_nan() && w.is_nan()) || (g - w).abs() <= bound)
+        })
+}
+
+/// A shape's trial runs: [`measure`] calls `run` for each candidate, `read` for what it
+/// wrote, and `time` for its milliseconds per call.
+pub trait Trial<T> {
+    fn run(&mut self, c: T) -> Result<()>;
+    fn read(&mut self) -> Result<Vec<Output>>;
+    /// Milliseconds per call (the caller has run it once); None without event timing.
+    fn time(&mut self, c: T) -> Result<Option<f64>>;
+}
+
+/// Runs the reference (`cands[0]`) for the outputs to compare with, then each candidate:
+/// one whose launch fails or whose outputs disagree is rejected (the reference's own
+/// failure is an error), the others are timed. Returns the entry choosing the fastest,
+/// or None without event timing.
+pub fn measure<T: Copy>(
+    cands: &[T],
+    name: impl Fn(T) -> &'static str,
+    trial: &mut impl Trial<T>,
+) -> Result<Option<TuneEntry<AttnChoice>>> {
+    let Some(&reference) = cands.first() else {
+        return Ok(None);
+    };
+    trial.run(reference)?;
+    let want = trial.read()?;
+    let mut ms = BTreeMap::new();
+    let mut rejected = Vec::new();
+    for (i, &c) in cands.iter().enumerate() {
+        let agreed = match trial.run(c) {
+            Ok(()) => {
+                let got = trial.read()?;
+                got.len() == want.len() && got.iter().zip(&want).all(|(g, w)| agrees(g, w))
+            }
+            // A candidate's launch error only rules it out (a sticky device fault still
+            // surfaces at the next call); the reference's is the caller's.
+            Err(e) if i == 0 => return Err(e),
+            Err(_) => false,
+        };
+        if !agreed {
+            rejected.push(name(c).to_string());
+            continue;
+        }
+        match trial.time(c)? {
+            Some(t) => ms.insert(name(c).to_string(), t),
+            None => return Ok(None),
+        };
+    }
+    Ok(fastest(ms, rejected))
 }
 
 /// The measured choices of this process, backed by this GPU's cache file.
@@ -212,51 +293,25 @@ impl AttnTuner {
         out: &mut DeviceBuffer<bf16>,
         lse: &mut DeviceBuffer<f32>,
     ) -> Result<&'static FwdVariant> {
-        let forced = std::env::var_os("PALIGN_ATTN_FWD").is_some_and(|v| !v.is_empty());
-        let cands = fwd_candidates(shape.head_dim, gpu.max_smem_optin()?, self.mode);
-        let chosen = if forced {
-            fwd_variant_from_env()?
-        } else if cands.len() < 2 {
-            cands[0]
-        } else {
-            let key = tune_key("fwd", &shape, layout.max_len());
-            let names: Vec<&str> = cands.iter().map(|c| c.name).collect();
-            match self.cached(&key, &names) {
-                Some(name) => fwd_variant(&name)?,
-                None => {
-                    let run = |c, out: &mut DeviceBuffer<bf16>, lse: &mut DeviceBuffer<f32>| {
-                        attention_forward_with(gpu, q, k, v, layout, shape, out, lse, c)
-                    };
-                    // The first candidate's outputs are the reference.
-                    run(cands[0], out, lse)?;
-                    let (want_o, want_l) = (widen(gpu.download(out)?), gpu.download(lse)?);
-                    let mut ms = BTreeMap::new();
-                    let mut rejected = Vec::new();
-                    for &c in &cands {
-                        run(c, out, lse)?; // also the warm-up
-                        if !(agrees(&widen(gpu.download(out)?), &want_o, OUT_RTOL, 0.0)
-                            && agrees(&gpu.download(lse)?, &want_l, 1e-4, 1e-3))
-                        {
-                            rejected.push(c.name.to_string());
-                            continue;
-                        }
-                        match time_ms(gpu, || run(c, out, lse))? {
-                            Some(t) => ms.insert(c.name.to_string(), t),
-                            None => break, // no event timing on this driver
-                        };
-                    }
-                    match fastest(ms, rejected) {
-                        Some(e) => {
-                            let c = fwd_variant(&e.choice.0)?;
-                            self.remember(key, e);
-                            c
-                        }
-                        None => cands[0],
-                    }
-                }
+        let mut trial = FwdTrial {
+            gpu,
+            q,
+            k,
+            v,
+            layout,
+            shape,
+            out,
+            lse,
+        };
+        let chosen = match fwd_forced()? {
+            Some(f) => f,
+            None => {
+                let cands = fwd_candidates(shape.head_dim, gpu.max_smem_optin()?, self.mode);
+                let key = tune_key("fwd", &shape, layout.max_len());
+                self.choose(gpu, key, &cands, |c| c.name, fwd_variant, &mut trial)?
             }
         };
-        attention_forward_with(gpu, q, k, v, layout, shape, out, lse, chosen)?;
+        trial.run(chosen)?;
         Ok(chosen)
     }
 
@@ -270,68 +325,135 @@ impl AttnTuner {
         shape: AttnShape,
         grads: AttnGrads<'_>,
     ) -> Result<&'static BwdConfig> {
-        let AttnGrads { dq, dk, dv } = grads;
-        let cands = bwd_candidates(shape.head_dim, gpu.max_smem_optin()?, self.mode);
-        let Some(&first) = cands.first() else {
-            return Err(bad(format!(
-                "attention backward: no kernel for head_dim {} fits this GPU's shared memory",
-                shape.head_dim
-            )));
+        let mut trial = BwdTrial {
+            gpu,
+            x,
+            layout,
+            shape,
+            grads,
         };
-        let run = |c: &'static BwdConfig, dq: &mut _, dk: &mut _, dv: &mut _| {
-            let g = AttnGrads { dq, dk, dv };
-            attention_backward_with(gpu, x, layout, shape, g, BwdVariant::Named(c))
-        };
-        let chosen = if let Some(f) = bwd_variant_from_env()? {
-            f
-        } else if cands.len() < 2 {
-            first
-        } else {
-            let key = tune_key("bwd", &shape, layout.max_len());
-            let names: Vec<&str> = cands.iter().map(|c| c.name).collect();
-            match self.cached(&key, &names) {
-                Some(name) => bwd_variant(&name)?,
-                None => {
-                    let read = |dq: &DeviceBuffer<bf16>, dk: &_, dv: &_| -> Result<[Vec<f32>; 3]> {
-                        Ok([
-                            widen(gpu.download(dq)?),
-                            widen(gpu.download(dk)?),
-                            widen(gpu.download(dv)?),
-                        ])
-                    };
-                    run(first, dq, dk, dv)?;
-                    let want = read(dq, dk, dv)?;
-                    let mut ms = BTreeMap::new();
-                    let mut rejected = Vec::new();
-                    for &c in &cands {
-                        run(c, dq, dk, dv)?; // also the warm-up
-                        let got = read(dq, dk, dv)?;
-                        if !got
-                            .iter()
-                            .zip(&want)
-                            .all(|(g, w)| agrees(g, w, OUT_RTOL, 0.0))
-                        {
-                            rejected.push(c.name.to_string());
-                            continue;
-                        }
-                        match time_ms(gpu, || run(c, dq, dk, dv))? {
-                            Some(t) => ms.insert(c.name.to_string(), t),
-                            None => break,
-                        };
-                    }
-                    match fastest(ms, rejected) {
-                        Some(e) => {
-                            let c = bwd_variant(&e.choice.0)?;
-                            self.remember(key, e);
-                            c
-                        }
-                        None => first,
-                    }
+        let chosen = match bwd_variant_from_env()? {
+            Some(f) => f,
+            None => {
+                let cands = bwd_candidates(shape.head_dim, gpu.max_smem_optin()?, self.mode);
+                if cands.is_empty() {
+                    return Err(bad(format!(
+                        "attention backward: no kernel for head_dim {} fits this GPU's shared memory",
+                        shape.head_dim
+                    )));
                 }
+                let key = tune_key("bwd", &shape, layout.max_len());
+                self.choose(gpu, key, &cands, |c| c.name, bwd_variant, &mut trial)?
             }
         };
-        run(chosen, dq, dk, dv)?;
+        trial.run(chosen)?;
         Ok(chosen)
+    }
+
+    /// The candidate to run for `key`: the only one, the cached choice, or the winner
+    /// of a measurement now (remembered and saved); the reference where nothing can be
+    /// timed.
+    fn choose<T: Copy>(
+        &self,
+        gpu: &Gpu,
+        key: String,
+        cands: &[T],
+        name: impl Fn(T) -> &'static str,
+        by_name: fn(&str) -> Result<T>,
+        trial: &mut impl Trial<T>,
+    ) -> Result<T> {
+        let reference = cands[0];
+        if cands.len() < 2 || !gpu.can_time_events() {
+            return Ok(reference);
+        }
+        let names: Vec<&str> = cands.iter().map(|&c| name(c)).collect();
+        if let Some(n) = self.cached(&key, &names) {
+            return by_name(&n);
+        }
+        Ok(match measure(cands, name, trial)? {
+            Some(e) => {
+                let c = by_name(&e.choice.0)?;
+                self.remember(key, e);
+                c
+            }
+            None => reference,
+        })
+    }
+}
+
+/// `PALIGN_ATTN_FWD`'s variant when it names one.
+fn fwd_forced() -> Result<Option<&'static FwdVariant>> {
+    let set = std::env::var_os("PALIGN_ATTN_FWD").is_some_and(|v| !v.is_empty());
+    Ok(if set {
+        Some(fwd_variant_from_env()?)
+    } else {
+        None
+    })
+}
+
+/// A forward's trial runs on the call's own buffers.
+struct FwdTrial<'a, 'b> {
+    gpu: &'a Gpu,
+    q: &'a DeviceBuffer<bf16>,
+    k: &'a DeviceBuffer<bf16>,
+    v: &'a DeviceBuffer<bf16>,
+    layout: &'a SeqLayout,
+    shape: AttnShape,
+    out: &'b mut DeviceBuffer<bf16>,
+    lse: &'b mut DeviceBuffer<f32>,
+}
+
+impl Trial<&'static FwdVariant> for FwdTrial<'_, '_> {
+    fn run(&mut self, c: &'static FwdVariant) -> Result<()> {
+        let t = self;
+        attention_forward_with(t.gpu, t.q, t.k, t.v, t.layout, t.shape, t.out, t.lse, c)
+    }
+    fn read(&mut self) -> Result<Vec<Output>> {
+        let lse = Output {
+            values: self.gpu.download(self.lse)?,
+            width: 1,
+            rtol: 1e-4,
+            atol: 1e-3,
+            gtol: 0.0,
+        };
+        let o = Output::heads(self.gpu.download(self.out)?, self.shape.head_dim);
+        Ok(vec![o, lse])
+    }
+    fn time(&mut self, c: &'static FwdVariant) -> Result<Option<f64>> {
+        let gpu = self.gpu;
+        time_ms(gpu, || self.run(c))
+    }
+}
+
+/// A backward's trial runs on the call's own gradient buffers.
+struct BwdTrial<'a, 'b> {
+    gpu: &'a Gpu,
+    x: AttnGradInputs<'a>,
+    layout: &'a SeqLayout,
+    shape: AttnShape,
+    grads: AttnGrads<'b>,
+}
+
+impl Trial<&'static BwdConfig> for BwdTrial<'_, '_> {
+    fn run(&mut self, c: &'static BwdConfig) -> Result<()> {
+        let g = AttnGrads {
+            dq: &mut *self.grads.dq,
+            dk: &mut *self.grads.dk,
+            dv: &mut *self.grads.dv,
+        };
+        let variant = BwdVariant::Named(c);
+        attention_backward_with(self.gpu, self.x, self.layout, self.shape, g, variant)
+    }
+    fn read(&mut self) -> Result<Vec<Output>> {
+        let d = self.shape.head_dim;
+        [&*self.grads.dq, &*self.grads.dk, &*self.grads.dv]
+            .into_iter()
+            .map(|b| Ok(Output::heads(self.gpu.download(b)?, d)))
+            .collect()
+    }
+    fn time(&mut self, c: &'static BwdConfig) -> Result<Option<f64>> {
+        let gpu = self.gpu;
+        time_ms(gpu, || self.run(c))
     }
 }
 
@@ -462,28 +584,147 @@ mod tests {
         assert!(bwd_candidates(128, 48 * 1024, TuneMode::All).is_empty());
     }
 
+    fn out(values: Vec<f32>, width: usize) -> Output {
+        Output {
+            values,
+            width,
+            rtol: 2e-2,
+            atol: 0.0,
+            gtol: 1e-3,
+        }
+    }
+
     #[test]
     fn agreement_allows_rounding_and_catches_errors() {
-        let want: Vec<f32> = (0..1000)
-            .map(|i| ((i * 37) % 101) as f32 / 25.0 - 2.0)
+        // Eight head vectors of 16 values; vector 5 is 100x smaller than the others.
+        let want: Vec<f32> = (0..128)
+            .map(|i| {
+                let v = ((i * 37) % 101) as f32 / 25.0 - 2.0;
+                if i / 16 == 5 {
+                    v / 100.0
+                } else {
+                    v
+                }
+            })
             .collect();
-        let max = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-        // A few bf16 ulps everywhere: fine.
-        let near: Vec<f32> = want.iter().map(|x| x * (1.0 + 8.0 / 256.0 * 0.1)).collect();
-        assert!(agrees(&near, &want, OUT_RTOL, 0.0));
+        let w = out(want.clone(), 16);
+        let max = max_finite(&want);
+        // About 3 bf16 ulps everywhere, the small vector included: fine.
+        let near: Vec<f32> = want.iter().map(|x| x * (1.0 + 3.0 / 256.0)).collect();
+        assert!(agrees(&out(near, 16), &w));
         // One element off by 5% of the largest value: rejected.
         let mut one = want.clone();
-        one[617] += 0.05 * max;
-        assert!(!agrees(&one, &want, OUT_RTOL, 0.0));
-        // NaN where the reference has a number, or a length mismatch: rejected.
+        one[17] += 0.05 * max;
+        assert!(!agrees(&out(one, 16), &w));
+        // Errors confined to the small vector: 50% of its values, far below 2% of the
+        // whole output's largest value, are still caught (the bound is per vector).
+        let mut small = want.clone();
+        for v in &mut small[80..96] {
+            *v *= 1.5;
+        }
+        assert!(!agrees(&out(small.clone(), 16), &w));
+        // ... which a whole-output bound would have let through.
+        assert!(agrees(&out(small, 128), &out(want.clone(), 128)));
+        // Garbage in an all-zero (padding) vector: rejected by the output-wide floor.
+        let mut padded = want.clone();
+        padded[32..48].fill(0.0);
+        let mut junk = padded.clone();
+        junk[40] = 0.01 * max;
+        assert!(!agrees(&out(junk, 16), &out(padded.clone(), 16)));
+        assert!(agrees(&out(padded.clone(), 16), &out(padded, 16)));
+        // NaN where the reference has a number, or a length mismatch: rejected; NaN and
+        // ±inf where the reference has the same: fine.
         let mut nan = want.clone();
         nan[3] = f32::NAN;
-        assert!(!agrees(&nan, &want, OUT_RTOL, 0.0));
-        assert!(agrees(&nan, &nan, OUT_RTOL, 0.0));
-        assert!(!agrees(&want[1..], &want, OUT_RTOL, 0.0));
-        // The absolute floor for values near 0 (log-sum-exps).
-        assert!(agrees(&[1e-3], &[0.0], 0.0, 1e-3));
-        assert!(!agrees(&[2e-3], &[0.0], 0.0, 1e-3));
+        assert!(!agrees(&out(nan.clone(), 16), &w));
+        assert!(agrees(&out(nan.clone(), 16), &out(nan, 16)));
+        let mut inf = want.clone();
+        inf[9] = f32::INFINITY;
+        assert!(agrees(&out(inf.clone(), 16), &out(inf.clone(), 16)));
+        assert!(!agrees(&w, &out(inf, 16)));
+        assert!(!agrees(&out(want[1..].to_vec(), 16), &w));
+        // Log-sum-exps: an absolute floor per value.
+        let lse = |v: f32| Output {
+            values: vec![v],
+            width: 1,
+            rtol: 1e-4,
+            atol: 1e-3,
+            gtol: 0.0,
+        };
+        assert!(agrees(&lse(1e-3), &lse(0.0)));
+        assert!(!agrees(&lse(2e-3), &lse(0.0)));
+    }
+
+    /// Candidates of a fake kernel family: what each one writes, how long it takes,
+    /// whether its launch fails.
+    struct Fake {
+        outputs: Vec<Vec<f32>>,
+        ms: Vec<Option<f64>>,
+        fails: Vec<bool>,
+        current: Option<usize>,
+        runs: Vec<usize>,
+    }
+
+    impl Trial<usize> for Fake {
+        fn run(&mut self, c: usize) -> Result<()> {
+            self.runs.push(c);
+            if self.fails[c] {
+                self.current = None;
+                return Err(bad(format!("candidate {c} failed to launch")));
+            }
+            self.current = Some(c);
+            Ok(())
+        }
+        fn read(&mut self) -> Result<Vec<Output>> {
+            let c = self.current.expect("read after a failed run");
+            Ok(vec![out(self.outputs[c].clone(), 4)])
+        }
+        fn time(&mut self, c: usize) -> Result<Option<f64>> {
+            assert_eq!(self.current, Some(c), "timed without a good run first");
+            Ok(self.ms[c])
+        }
+    }
+
+    const NAMES: [&str; 4] = ["ref", "fast_wrong", "fast", "broken"];
+
+    fn fake() -> Fake {
+        let good = vec![1.0, -2.0, 3.0, 0.5];
+        Fake {
+            outputs: vec![good.clone(), vec![1.0, -2.0, 3.0, 2.5], good.clone(), good],
+            ms: vec![Some(2.0), Some(0.5), Some(1.0), Some(0.1)],
+            fails: vec![false, false, false, true],
+            current: None,
+            runs: vec![],
+        }
+    }
+
+    #[test]
+    fn measurement_rejects_disagreeing_and_failing_candidates() {
+        let mut f = fake();
+        let e = measure(&[0, 1, 2, 3], |c| NAMES[c], &mut f)
+            .unwrap()
+            .unwrap();
+        // The fastest agreeing candidate wins; the faster wrong one and the one that
+        // fails are recorded as rejected, never timed.
+        assert_eq!(e.choice.0, "fast");
+        assert_eq!(e.rejected, ["fast_wrong", "broken"]);
+        assert_eq!(e.ms.keys().collect::<Vec<_>>(), ["fast", "ref"]);
+        // The reference ran first (for the outputs to compare with).
+        assert_eq!(f.runs[0], 0);
+        assert!(e.covers(&e.choice.0, &NAMES));
+
+        // The reference failing is an error, not a rejection.
+        let mut f = fake();
+        f.fails[0] = true;
+        assert!(measure(&[0, 2], |c| NAMES[c], &mut f).is_err());
+        // No event timing: no entry (the caller runs the reference).
+        let mut f = fake();
+        f.ms[0] = None;
+        assert!(measure(&[0, 2], |c| NAMES[c], &mut f).unwrap().is_none());
+        // Every candidate but the reference rejected: the reference.
+        let mut f = fake();
+        let e = measure(&[0, 1, 3], |c| NAMES[c], &mut f).unwrap().unwrap();
+        assert_eq!(e.choice.0, "ref");
     }
 
     #[test]

@@ -392,6 +392,12 @@ impl Gpu {
         r
     }
 
+    /// Whether [`Timer::elapsed_ms`] works here (a CUDA 12.8+ driver): kernel choices are
+    /// measured only where it does.
+    pub fn can_time_events(&self) -> bool {
+        self.driver_version >= 12080
+    }
+
     /// Start a timer: an event recorded now on the stream.
     pub fn timer(&self) -> Result<Timer> {
         let start = self
@@ -412,7 +418,7 @@ impl Timer {
     pub fn elapsed_ms(&self, gpu: &Gpu) -> Result<f32> {
         // cudarc's CUDA 13 bindings call cuEventElapsedTime_v2 (driver 12.8+), and a
         // missing driver symbol would be a panic inside cudarc, so refuse first.
-        if gpu.driver_version < 12080 {
+        if !gpu.can_time_events() {
             return Err(Error::Cuda(format!(
                 "event timing needs a CUDA 12.8+ driver (this one is {}.{})",
                 gpu.driver_version / 1000,

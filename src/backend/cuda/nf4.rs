@@ -833,7 +833,8 @@ impl Nf4Dispatcher {
         };
         let path = if let Some(f) = self.force.filter(|f| cands.contains(f)) {
             f
-        } else if cands.len() == 1 {
+        } else if cands.len() == 1 || !gpu.can_time_events() {
+            // Nothing to choose, or no way to time it: the first candidate, uncached.
             first
         } else {
             let key = dispatch_key(op, m, w.shape, out.is_f32());

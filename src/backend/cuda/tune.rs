@@ -59,7 +59,26 @@ struct CacheFile<C> {
     format: String,
     version: u32,
     gpu: String,
+    /// The kernels the entries were measured with ([`build_id`]); files written before
+    /// it existed have none and are taken as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    build: Option<String>,
     entries: BTreeMap<String, TuneEntry<C>>,
+}
+
+/// The identity of the embedded kernels: a hash of the fatbin. A kernel changed under
+/// the same name invalidates what was measured with the old one (its parity included).
+pub fn build_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        // FNV-1a, 64 bits: a change detector, not a security measure.
+        let h = super::FATBIN
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+                (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+            });
+        format!("{h:016x}")
+    })
 }
 
 const CACHE_VERSION: u32 = 1;
@@ -90,6 +109,7 @@ impl<C: Choice> TuneCache<C> {
             .ok()
             .and_then(|bytes| serde_json::from_slice::<CacheFile<C>>(&bytes).ok())
             .filter(|f| f.format == C::FORMAT && f.version == CACHE_VERSION && f.gpu == gpu)
+            .filter(|f| f.build.as_deref().is_none_or(|b| b == build_id()))
             .map(|f| f.entries)
             .unwrap_or_default();
         TuneCache {
@@ -163,6 +183,7 @@ impl<C: Choice> TuneCache<C> {
             format: C::FORMAT.into(),
             version: CACHE_VERSION,
             gpu: self.gpu.clone(),
+            build: Some(build_id().to_string()),
             entries: self.entries.clone(),
         };
         let text = serde_json::to_string_pretty(&file)
@@ -199,6 +220,40 @@ pub fn file_stem(gpu: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    struct Pick(String);
+    impl Choice for Pick {
+        const FORMAT: &'static str = "palign-test-tune";
+        const PREFIX: &'static str = "test-tune";
+        const ENV: &'static str = "PALIGN_TEST_TUNE_CACHE";
+    }
+
+    /// Entries measured with other kernels are dropped; a file without a build (written
+    /// before builds were recorded) is kept.
+    #[test]
+    fn entries_of_another_kernel_build_are_measured_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.json");
+        let mut c: TuneCache<Pick> = TuneCache::load(&path, "G");
+        c.insert(
+            "k".into(),
+            TuneEntry::new(Pick("a".into()), BTreeMap::new()),
+        );
+        c.save().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["build"], build_id());
+        assert_eq!(TuneCache::<Pick>::load(&path, "G").len(), 1);
+        let other = text.replace(build_id(), "0000000000000000");
+        assert_ne!(other, text);
+        std::fs::write(&path, other).unwrap();
+        assert!(TuneCache::<Pick>::load(&path, "G").is_empty());
+        let mut legacy = v.clone();
+        legacy.as_object_mut().unwrap().remove("build");
+        std::fs::write(&path, legacy.to_string()).unwrap();
+        assert_eq!(TuneCache::<Pick>::load(&path, "G").len(), 1);
+    }
 
     #[test]
     fn file_stems_are_plain() {
