@@ -29,7 +29,8 @@
 //! grouped dropout factors, cuBLAS for the rank-r products), Mistral-7B's groups (q/k/v,
 //! o, gate/up, down) at ranks 16 and 64 with dropout 0.05, against the same base products
 //! without adapters. Backward includes dA and dB. Issue 9's target, as training sees it:
-//! `RATIO proj_lora_vs_base ... ≤ 1.05x`. (With `PALIGN_FUSED_LORA=1` the base backward
+//! `RATIO proj_lora_vs_base ... ≤ 1.05x`. Each case's peak extra device memory (outputs
+//! and temporaries of one call) is printed too. (With `PALIGN_FUSED_LORA=1` the base backward
 //! goes through the fused path's per-projection loop, slower than the accumulating GEMMs,
 //! so the ratio flatters; run this group without it.)
 //!
@@ -439,6 +440,17 @@ const PROJ_GROUPS: &[(&str, usize, &[usize])] = &[
     ("down", 14336, &[4096]),
 ];
 
+/// Device memory one call of `run` allocates at its peak (outputs and temporaries; what
+/// it returns to the pool counts until then), in MiB of pool buckets.
+fn peak_extra_mib(g: &Gpu, run: &mut Launch<'_>) -> f64 {
+    ok(g.synchronize());
+    g.reset_peak();
+    let before = g.pool_stats().in_use_bytes;
+    run();
+    ok(g.synchronize());
+    (g.pool_stats().peak_in_use_bytes.saturating_sub(before)) as f64 / (1u64 << 20) as f64
+}
+
 /// `Model::proj_group` over a group of 1 to 3 projections.
 fn proj_fwd(x: &Tensor, projs: Vec<ProjIn<'_>>) -> Vec<(Tensor, Option<LoraSaved>)> {
     let n = projs.len();
@@ -552,9 +564,18 @@ fn bench_proj(c: &mut Criterion, g: &Gpu, lines: &mut Vec<String>, ratios: &mut 
             ];
             let t = bench(c, g, "proj", &mut cases);
             let (bf, lf, bb, lb) = (t[0], t[1], t[2], t[3]);
+            let mib: Vec<f64> = cases
+                .iter_mut()
+                .map(|(_, run)| peak_extra_mib(g, run))
+                .collect();
             lines.push(format!(
                 "BENCH proj {name:<7} m={m} k={k:<5} r={r:<2} base fwd {bf:>8.4} ms  lora fwd {lf:>8.4} ms  \
                  base bwd {bb:>8.4} ms  lora bwd (dX, dA, dB) {lb:>8.4} ms"
+            ));
+            lines.push(format!(
+                "BENCH proj {name:<7} r={r:<2} peak extra MiB (outputs included): base fwd {:.1}  \
+                 lora fwd {:.1}  base bwd {:.1}  lora bwd {:.1}",
+                mib[0], mib[1], mib[2], mib[3]
             ));
             for (dir, l, b) in [
                 ("fwd", lf, bf),
