@@ -734,6 +734,35 @@ __device__ void bwd(const AttnBwdParams &p) {
 // dK/dV tiles are thinner: 307 B (bwd: 320 B) with 8 warps, 282 B (307 B) with 4.
 // Two barriers per step, as bwd; lse/D by cp.async, so neither waits on a global load.
 // STAGES must be 2: Q and dO are still read after the mid-step barrier.
+// A warp's 32 x 32 tile c = a·bᵀ over the head dim: rows a0..a0+31 of a and b0..b0+31 of
+// b, both swizzled [rows][D] tiles in shared memory (Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ in bwdg).
+template <int D>
+__device__ __forceinline__ void tile_32x32(float c[2][4][4], const __nv_bfloat16 *a, int a0,
+                                           const __nv_bfloat16 *b, int b0, int lane) {
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int nq = 0; nq < 4; nq++) c[mt][nq][0] = c[mt][nq][1] = c[mt][nq][2] = c[mt][nq][3] = 0.0f;
+#pragma unroll 1
+    for (int ks = 0; ks < D / 16; ks++) {
+        uint32_t af[2][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+            ldsm_x4(af[mt], a + swz<D>(a0 + 16 * mt + (lane % 16), ks * 16 + (lane / 16) * 8));
+#pragma unroll
+        for (int nq2 = 0; nq2 < 2; nq2++) {
+            uint32_t bf[4];
+            ldsm_x4(bf, b + swz<D>(b0 + nq2 * 16 + (lane % 8) + (lane / 16) * 8,
+                                   ks * 16 + ((lane / 8) % 2) * 8));
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                mma_bf16(c[mt][2 * nq2], af[mt], bf[0], bf[1]);
+                mma_bf16(c[mt][2 * nq2 + 1], af[mt], bf[2], bf[3]);
+            }
+        }
+    }
+}
+
 template <int D, int WARPS, int BM, int STAGES>
 __host__ __device__ constexpr int bwdg_smem_bytes() {
     return (2 * 16 * WARPS * D + 2 * STAGES * BM * D + 2 * 16 * WARPS * BM) * 2 + 2 * STAGES * BM * 4;
@@ -743,7 +772,6 @@ template <int D, int WARPS, int BM, int STAGES>
 __device__ void bwdg(const AttnBwdParams &p) {
     constexpr int BN = 16 * WARPS, NT = 32 * WARPS;
     constexpr int WK = WARPS / 2;  // 32-key row groups of the Sᵀ/dPᵀ and dK/dV grids
-    constexpr int KS = D / 16;     // k-steps over the head dim (Sᵀ, dPᵀ)
     constexpr int DH = D / 2;      // dK/dV columns per warp
     constexpr int NDH = DH / 8;    // their 8-wide tiles
     constexpr int DQW = D / WK;    // dQ columns per warp ...
@@ -824,29 +852,7 @@ __device__ void bwdg(const AttnBwdParams &p) {
             uint32_t pb[2][4][2];
             {
                 float s[2][4][4];
-#pragma unroll
-                for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-                    for (int nq = 0; nq < 4; nq++) s[mt][nq][0] = s[mt][nq][1] = s[mt][nq][2] = s[mt][nq][3] = 0.0f;
-#pragma unroll 1
-                for (int ks = 0; ks < KS; ks++) {
-                    uint32_t ka[2][4];
-#pragma unroll
-                    for (int mt = 0; mt < 2; mt++)
-                        ldsm_x4(ka[mt], sK + swz<D>(32 * wk + 16 * mt + (lane % 16),
-                                                    ks * 16 + (lane / 16) * 8));
-#pragma unroll
-                    for (int nq2 = 0; nq2 < 2; nq2++) {
-                        uint32_t b[4];
-                        ldsm_x4(b, cQ + swz<D>(32 * wq + nq2 * 16 + (lane % 8) + (lane / 16) * 8,
-                                               ks * 16 + ((lane / 8) % 2) * 8));
-#pragma unroll
-                        for (int mt = 0; mt < 2; mt++) {
-                            mma_bf16(s[mt][2 * nq2], ka[mt], b[0], b[1]);
-                            mma_bf16(s[mt][2 * nq2 + 1], ka[mt], b[2], b[3]);
-                        }
-                    }
-                }
+                tile_32x32<D>(s, sK, 32 * wk, cQ, 32 * wq, lane);
 #pragma unroll
                 for (int mt = 0; mt < 2; mt++)
 #pragma unroll
@@ -877,29 +883,7 @@ __device__ void bwdg(const AttnBwdParams &p) {
             // dPᵀ = V·dOᵀ, dSᵀ = Pᵀ∘(dPᵀ - D) with the bf16 P (as the dV product uses).
             {
                 float dp[2][4][4];
-#pragma unroll
-                for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-                    for (int nq = 0; nq < 4; nq++) dp[mt][nq][0] = dp[mt][nq][1] = dp[mt][nq][2] = dp[mt][nq][3] = 0.0f;
-#pragma unroll 1
-                for (int ks = 0; ks < KS; ks++) {
-                    uint32_t va[2][4];
-#pragma unroll
-                    for (int mt = 0; mt < 2; mt++)
-                        ldsm_x4(va[mt], sV + swz<D>(32 * wk + 16 * mt + (lane % 16),
-                                                    ks * 16 + (lane / 16) * 8));
-#pragma unroll
-                    for (int nq2 = 0; nq2 < 2; nq2++) {
-                        uint32_t b[4];
-                        ldsm_x4(b, cdO + swz<D>(32 * wq + nq2 * 16 + (lane % 8) + (lane / 16) * 8,
-                                                ks * 16 + ((lane / 8) % 2) * 8));
-#pragma unroll
-                        for (int mt = 0; mt < 2; mt++) {
-                            mma_bf16(dp[mt][2 * nq2], va[mt], b[0], b[1]);
-                            mma_bf16(dp[mt][2 * nq2 + 1], va[mt], b[2], b[3]);
-                        }
-                    }
-                }
+                tile_32x32<D>(dp, sV, 32 * wk, cdO, 32 * wq, lane);
 #pragma unroll
                 for (int mt = 0; mt < 2; mt++)
 #pragma unroll
