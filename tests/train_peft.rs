@@ -279,6 +279,12 @@ fn resume_continues_exactly() {
 fn dpo_run(out: &Path, extra: &[&str]) -> Vec<Value> {
     let t = fx().join("train/tiny-llama");
     let data = format!("jsonl:{}", t.join("dpo_pairs.jsonl").display());
+    dpo_run_on(out, &data, "4", extra)
+}
+
+/// The tiny-llama DPO run of these tests on `data` with `batch` pairs per step.
+fn dpo_run_on(out: &Path, data: &str, batch: &str, extra: &[&str]) -> Vec<Value> {
+    let t = fx().join("train/tiny-llama");
     let model = fx().join("tiny-llama");
     let init = t.join("init_adapter");
     let mut a = vec![
@@ -287,7 +293,7 @@ fn dpo_run(out: &Path, extra: &[&str]) -> Vec<Value> {
         "--model",
         model.to_str().unwrap(),
         "--data",
-        &data,
+        data,
         "--out",
         out.to_str().unwrap(),
     ];
@@ -298,7 +304,7 @@ fn dpo_run(out: &Path, extra: &[&str]) -> Vec<Value> {
         "--dropout",
         "0",
         "--batch-size",
-        "4",
+        batch,
         "--steps",
         "2",
         "--lr",
@@ -406,39 +412,10 @@ fn dpo_eval_with_precomputed_reference_uses_the_eval_pairs_reference() {
     std::fs::write(&train_path, train).unwrap();
     let data = format!("jsonl:{}", train_path.display());
     let eval = format!("jsonl:{}", t.join("dpo_pairs.jsonl").display());
-    let (model, init) = (fx().join("tiny-llama"), t.join("init_adapter"));
     let run = |name: &str, extra: &[&str]| -> Vec<Value> {
-        let out = d.path().join(name);
-        let mut a = vec![
-            "dpo",
-            "--quiet",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            &data,
-            "--eval-data",
-            &eval,
-            "--eval-every",
-            "1",
-            "--out",
-            out.to_str().unwrap(),
-            "--init-adapter",
-            init.to_str().unwrap(),
-            "--no-shuffle",
-            "--dropout",
-            "0",
-            "--batch-size",
-            "2",
-            "--steps",
-            "2",
-            "--lr",
-            "1e-3",
-            "--peft",
-            "lora",
-        ];
+        let mut a = vec!["--eval-data", eval.as_str(), "--eval-every", "1"];
         a.extend(extra);
-        palign(&a);
-        jsonl(&out.join("metrics.jsonl"))
+        dpo_run_on(&d.path().join(name), &data, "2", &a)
             .into_iter()
             .filter(|r| r.get("eval_loss").is_some())
             .collect()
