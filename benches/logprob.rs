@@ -8,10 +8,9 @@
 //!
 //! Time is GPU time between CUDA events around the launches. Extra memory is the pool's
 //! peak in-use bytes during one call minus what was in use before (inputs, outputs and
-//! cuBLAS's workspace). The pool's peak never goes down, so before each measured call a
-//! placeholder buffer lifts the bytes in use to the peak so far; any allocation of the
-//! call then raises the peak by exactly its own extra. Sizes are pool buckets (≤ 12.5%
-//! over the requested bytes).
+//! cuBLAS's workspace), with the peak restarted before the call
+//! (`common::peak_extra_bytes`). Sizes are pool buckets (≤ 12.5% over the requested
+//! bytes).
 //!
 //! "ingrad" is the training forward that also writes each row's log-prob gradient
 //! (`target_logprobs_and_grad`), so its backward is a row scale: fwd+bwd costs two
@@ -237,14 +236,7 @@ fn main() {
     ];
 
     for case in cases.iter_mut() {
-        let st = g.pool_stats();
-        let lift = st.peak_in_use_bytes - st.in_use_bytes;
-        let placeholder = ok(g.alloc::<u8>(lift));
-        let level = g.pool_stats().in_use_bytes; // >= the peak so far
-        (case.run)();
-        ok(g.synchronize());
-        case.extra = g.pool_stats().peak_in_use_bytes.saturating_sub(level);
-        drop(placeholder);
+        case.extra = common::peak_extra_bytes(g, &mut case.run);
     }
 
     let mut c = common::criterion(300, 2000, 10);

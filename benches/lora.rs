@@ -49,7 +49,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{bench_gpu, filled_bf16, gpu_ms, ok, random_weight, Launch};
+use common::{bench_gpu, filled_bf16, gpu_ms, ok, peak_extra_bytes, random_weight, Launch};
 use criterion::Criterion;
 use half::bf16;
 use palign::backend::cuda::blas::{self, Gemm};
@@ -440,17 +440,6 @@ const PROJ_GROUPS: &[(&str, usize, &[usize])] = &[
     ("down", 14336, &[4096]),
 ];
 
-/// Device memory one call of `run` allocates at its peak (outputs and temporaries; what
-/// it returns to the pool counts until then), in MiB of pool buckets.
-fn peak_extra_mib(g: &Gpu, run: &mut Launch<'_>) -> f64 {
-    ok(g.synchronize());
-    g.reset_peak();
-    let before = g.pool_stats().in_use_bytes;
-    run();
-    ok(g.synchronize());
-    (g.pool_stats().peak_in_use_bytes.saturating_sub(before)) as f64 / (1u64 << 20) as f64
-}
-
 /// `Model::proj_group` over a group of 1 to 3 projections.
 fn proj_fwd(x: &Tensor, projs: Vec<ProjIn<'_>>) -> Vec<(Tensor, Option<LoraSaved>)> {
     let n = projs.len();
@@ -566,7 +555,7 @@ fn bench_proj(c: &mut Criterion, g: &Gpu, lines: &mut Vec<String>, ratios: &mut 
             let (bf, lf, bb, lb) = (t[0], t[1], t[2], t[3]);
             let mib: Vec<f64> = cases
                 .iter_mut()
-                .map(|(_, run)| peak_extra_mib(g, run))
+                .map(|(_, run)| peak_extra_bytes(g, run) as f64 / (1u64 << 20) as f64)
                 .collect();
             lines.push(format!(
                 "BENCH proj {name:<7} m={m} k={k:<5} r={r:<2} base fwd {bf:>8.4} ms  lora fwd {lf:>8.4} ms  \

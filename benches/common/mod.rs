@@ -126,3 +126,15 @@ pub fn random_weight(gpu: &Gpu, n: usize, k: usize, seed: u64) -> Nf4Weight {
     };
     ok(Nf4Weight::upload(gpu, &t))
 }
+
+/// Device memory one call of `run` takes at its peak beyond what was in use before it
+/// (outputs and temporaries; what it hands back to the pool counts until then), in bytes
+/// of pool buckets.
+pub fn peak_extra_bytes(g: &Gpu, run: &mut dyn FnMut()) -> usize {
+    ok(g.synchronize());
+    g.reset_peak();
+    let before = g.pool_stats().in_use_bytes;
+    run();
+    ok(g.synchronize());
+    g.pool_stats().peak_in_use_bytes.saturating_sub(before)
+}
