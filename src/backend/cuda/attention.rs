@@ -27,7 +27,7 @@ use std::sync::OnceLock;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::attn_tune::AttnTuner;
+use super::attn_tune::{bwd_candidates, AttnTuner, TuneMode};
 use super::device::cuda_err;
 use super::params::*;
 use super::{DeviceBuffer, Gpu};
@@ -347,11 +347,11 @@ fn env_variant<T: 'static>(
     .map_err(bad)
 }
 
-/// The forward variant [`attention_forward`] uses: `PALIGN_ATTN_FWD`, else the default.
-pub fn fwd_variant_from_env() -> Result<&'static FwdVariant> {
+/// The forward variant `PALIGN_ATTN_FWD` names, if set.
+pub fn fwd_variant_from_env() -> Result<Option<&'static FwdVariant>> {
     static CELL: OnceLock<std::result::Result<Option<&'static FwdVariant>, String>> =
         OnceLock::new();
-    Ok(env_variant(&CELL, "PALIGN_ATTN_FWD", fwd_variant)?.unwrap_or(&FWD_VARIANTS[0]))
+    env_variant(&CELL, "PALIGN_ATTN_FWD", fwd_variant)
 }
 
 /// The backward variant `PALIGN_ATTN_BWD` names, if set.
@@ -721,10 +721,13 @@ pub fn attention_backward_with(
         BwdVariant::Large => &BWD_VARIANTS[0],
         BwdVariant::Small => &BWD_VARIANTS[1],
         BwdVariant::Named(c) => c,
+        // The tuner's reference: the default where it fits, else the small kernel.
         BwdVariant::Auto => match bwd_variant_from_env()? {
             Some(c) => c,
-            None if d == 128 && BWD_VARIANTS[0].smem(d) > gpu.max_smem_optin()? => &BWD_VARIANTS[1],
-            None => &BWD_VARIANTS[0],
+            None => bwd_candidates(d, gpu.max_smem_optin()?, TuneMode::Off)
+                .first()
+                .copied()
+                .unwrap_or(&BWD_VARIANTS[0]),
         },
     };
     let kernel = config.kernel(d).ok_or_else(|| {

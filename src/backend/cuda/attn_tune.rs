@@ -182,9 +182,9 @@ pub trait Trial<T> {
     fn time(&mut self, c: T) -> Result<Option<f64>>;
 }
 
-/// Runs the reference (`cands[0]`) for the outputs to compare with, then each candidate:
-/// one whose launch fails or whose outputs disagree is rejected (the reference's own
-/// failure is an error), the others are timed. Returns the entry choosing the fastest,
+/// Runs the reference (`cands[0]`) for the outputs to compare with, then each other
+/// candidate: one whose launch fails or whose outputs disagree is rejected (the
+/// reference's own failure is an error); the reference and the others are timed. Returns the entry choosing the fastest,
 /// or None without event timing.
 pub fn measure<T: Copy>(
     cands: &[T],
@@ -199,16 +199,17 @@ pub fn measure<T: Copy>(
     let mut ms = BTreeMap::new();
     let mut rejected = Vec::new();
     for (i, &c) in cands.iter().enumerate() {
-        let agreed = match trial.run(c) {
-            Ok(()) => {
-                let got = trial.read()?;
-                got.len() == want.len() && got.iter().zip(&want).all(|(g, w)| agrees(g, w))
-            }
-            // A candidate's launch error only rules it out (a sticky device fault still
-            // surfaces at the next call); the reference's is the caller's.
-            Err(e) if i == 0 => return Err(e),
-            Err(_) => false,
-        };
+        // The reference has just run (its warm-up); each other candidate runs once to
+        // be compared. A candidate's launch error only rules it out (a sticky device
+        // fault still surfaces at the next call).
+        let agreed = i == 0
+            || match trial.run(c) {
+                Ok(()) => {
+                    let got = trial.read()?;
+                    got.len() == want.len() && got.iter().zip(&want).all(|(g, w)| agrees(g, w))
+                }
+                Err(_) => false,
+            };
         if !agreed {
             rejected.push(name(c).to_string());
             continue;
@@ -303,11 +304,11 @@ impl AttnTuner {
             out,
             lse,
         };
-        let chosen = match fwd_forced()? {
+        let chosen = match fwd_variant_from_env()? {
             Some(f) => f,
             None => {
                 let cands = fwd_candidates(shape.head_dim, gpu.max_smem_optin()?, self.mode);
-                let key = tune_key("fwd", &shape, layout.max_len());
+                let key = || tune_key("fwd", &shape, layout.max_len());
                 self.choose(gpu, key, &cands, |c| c.name, fwd_variant, &mut trial)?
             }
         };
@@ -342,7 +343,7 @@ impl AttnTuner {
                         shape.head_dim
                     )));
                 }
-                let key = tune_key("bwd", &shape, layout.max_len());
+                let key = || tune_key("bwd", &shape, layout.max_len());
                 self.choose(gpu, key, &cands, |c| c.name, bwd_variant, &mut trial)?
             }
         };
@@ -356,7 +357,7 @@ impl AttnTuner {
     fn choose<T: Copy>(
         &self,
         gpu: &Gpu,
-        key: String,
+        key: impl FnOnce() -> String,
         cands: &[T],
         name: impl Fn(T) -> &'static str,
         by_name: fn(&str) -> Result<T>,
@@ -366,6 +367,7 @@ impl AttnTuner {
         if cands.len() < 2 || !gpu.can_time_events() {
             return Ok(reference);
         }
+        let key = key();
         let names: Vec<&str> = cands.iter().map(|&c| name(c)).collect();
         if let Some(n) = self.cached(&key, &names) {
             return by_name(&n);
@@ -379,16 +381,6 @@ impl AttnTuner {
             None => reference,
         })
     }
-}
-
-/// `PALIGN_ATTN_FWD`'s variant when it names one.
-fn fwd_forced() -> Result<Option<&'static FwdVariant>> {
-    let set = std::env::var_os("PALIGN_ATTN_FWD").is_some_and(|v| !v.is_empty());
-    Ok(if set {
-        Some(fwd_variant_from_env()?)
-    } else {
-        None
-    })
 }
 
 /// A forward's trial runs on the call's own buffers.

@@ -36,6 +36,8 @@ pub struct Gpu {
     name: String,
     compute_capability: (i32, i32),
     sm_count: u32,
+    /// CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN.
+    max_smem_optin: usize,
     driver_version: i32,
     // The loaded fatbin (the functions hold it too).
     _module: Arc<CudaModule>,
@@ -116,6 +118,12 @@ impl Gpu {
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(cuda_err("SM count"))?
             .max(1) as u32;
+        let max_smem_optin = ctx
+            .attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(cuda_err("max shared memory per block"))?
+            .max(0) as usize;
         let stream = ctx.new_stream().map_err(cuda_err("creating a stream"))?;
 
         let module = ctx
@@ -146,6 +154,7 @@ impl Gpu {
             name,
             compute_capability: cc,
             sm_count,
+            max_smem_optin,
             driver_version,
             _module: module,
         })
@@ -171,15 +180,10 @@ impl Gpu {
         &self.ctx
     }
 
-    /// The most dynamic shared memory a block may opt in to on this device.
+    /// The most dynamic shared memory a block may opt in to on this device (read once, at
+    /// open: the attention tuner and the launchers ask on every call).
     pub fn max_smem_optin(&self) -> Result<usize> {
-        let v = self
-            .ctx
-            .attribute(
-                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-            )
-            .map_err(cuda_err("max shared memory per block"))?;
-        Ok(v.max(0) as usize)
+        Ok(self.max_smem_optin)
     }
 
     /// Lets kernel `name` launch with `bytes` of dynamic shared memory: above 48 KiB a

@@ -32,7 +32,7 @@ pub use device::{Gpu, Timer};
 mod built {
     include!(concat!(env!("OUT_DIR"), "/palign_kernels.rs"));
 }
-pub use built::{BUILD_NOTE, FATBIN, TARGETS};
+pub use built::{BUILD_NOTE, FATBIN, FATBIN_HASH, TARGETS};
 
 use crate::error::Result;
 

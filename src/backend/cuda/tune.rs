@@ -66,19 +66,11 @@ struct CacheFile<C> {
     entries: BTreeMap<String, TuneEntry<C>>,
 }
 
-/// The identity of the embedded kernels: a hash of the fatbin. A kernel changed under
-/// the same name invalidates what was measured with the old one (its parity included).
+/// The identity of the embedded kernels: a hash of the fatbin (made by build.rs). A
+/// kernel changed under the same name invalidates what was measured with the old one
+/// (its parity included).
 pub fn build_id() -> &'static str {
-    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    ID.get_or_init(|| {
-        // FNV-1a, 64 bits: a change detector, not a security measure.
-        let h = super::FATBIN
-            .iter()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-                (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-            });
-        format!("{h:016x}")
-    })
+    super::FATBIN_HASH
 }
 
 const CACHE_VERSION: u32 = 1;
