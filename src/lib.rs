@@ -13,6 +13,7 @@ pub mod lora;
 pub mod merge;
 pub mod model;
 pub mod ops;
+pub mod packing;
 pub mod plot;
 pub mod quant;
 pub mod tensor;

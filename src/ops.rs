@@ -3,11 +3,12 @@
 //! (`backend::cuda::tensor_ops`, bf16 activations, f32 adapter gradients). Every op
 //! returns `Result`, since the device can fail (out of memory, a driver error).
 
+pub use crate::backend::cpu::ops::AttnShape;
 use crate::backend::cpu::ops::{self as cpu, MatRef};
-pub use crate::backend::cpu::ops::{AttnShape, Packing};
 use crate::backend::cuda::nf4::Nf4Weight;
 use crate::backend::cuda::tensor_ops as dev;
 use crate::error::Result;
+pub use crate::packing::{Group, Packing, Prefixes};
 use crate::quant::Nf4Tensor;
 use crate::tensor::Tensor;
 use crate::train::loss::{dpo_pair, DpoCfg, DpoKind};
@@ -454,6 +455,9 @@ pub fn attention(
     pack: &Packing,
     shape: AttnShape,
 ) -> Result<(Tensor, Tensor)> {
+    if let Some(x) = pack.prefixes() {
+        return attention_shared(q, k, v, x, shape);
+    }
     if q.is_cuda() {
         return dev::attention(q, k, v, pack, shape);
     }
@@ -465,6 +469,64 @@ pub fn attention(
         Tensor::from_vec(out, &q.shape),
         Tensor::from_vec(lse, &[t, shape.n_heads]),
     ))
+}
+
+/// `attention` over a packing with shared prefixes: q/k/v gathered into the expanded
+/// layout (each branch its own sequence after a copy of its prefix), attention there,
+/// each packed row's output taken from the expanded row that stands for it. The lse
+/// stays in the expanded layout: only `attention_backward` reads it.
+fn attention_shared(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    x: &Prefixes,
+    shape: AttnShape,
+) -> Result<(Tensor, Tensor)> {
+    let (qe, ke, ve) = (
+        gather_rows(q, &x.gather)?,
+        gather_rows(k, &x.gather)?,
+        gather_rows(v, &x.gather)?,
+    );
+    let (oe, lse) = attention(&qe, &ke, &ve, &x.expanded, shape)?;
+    Ok((gather_rows(&oe, &x.owner)?, lse))
+}
+
+/// The backward of `attention_shared`. dO goes to the standing-for rows only (zero on
+/// the other prefix copies, whose outputs were not used), so dQ of a packed row is its
+/// standing-for row's; dK/dV of a prefix row sum over its copies, one scatter-add pass
+/// per extra branch.
+#[allow(clippy::too_many_arguments)]
+fn attention_backward_shared(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    d_o: &Tensor,
+    lse_expanded: &Tensor,
+    x: &Prefixes,
+    shape: AttnShape,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let e = |t: &Tensor| gather_rows(t, &x.gather);
+    let mut doe = Tensor::zeros_on(&[x.gather.len(), d_o.cols()], d_o.is_cuda())?;
+    scatter_add_rows(&mut doe, &x.owner, d_o)?;
+    let (dqe, dke, dve) = attention_backward(
+        &e(q)?,
+        &e(k)?,
+        &e(v)?,
+        &e(o)?,
+        &doe,
+        lse_expanded,
+        &x.expanded,
+        shape,
+    )?;
+    let fold = |ge: &Tensor| -> Result<Tensor> {
+        let mut g = gather_rows(ge, &x.owner)?;
+        for (expanded_rows, rows) in &x.copies {
+            scatter_add_rows(&mut g, rows, &gather_rows(ge, expanded_rows)?)?;
+        }
+        Ok(g)
+    };
+    Ok((gather_rows(&dqe, &x.owner)?, fold(&dke)?, fold(&dve)?))
 }
 
 /// Decode attention: query row i (one new token of a sequence) against cache rows
@@ -633,6 +695,9 @@ pub fn attention_backward(
     pack: &Packing,
     shape: AttnShape,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    if let Some(x) = pack.prefixes() {
+        return attention_backward_shared(q, k, v, o, d_o, lse, x, shape);
+    }
     if q.is_cuda() {
         return dev::attention_backward(q, k, v, o, d_o, lse, pack, shape);
     }
@@ -959,5 +1024,142 @@ mod tests {
             kind: DpoKind::Sigmoid,
         };
         assert!(dpo_loss(&cfg, 1.0, &one, &one, &[1, 1, 1]).is_err());
+    }
+
+    fn noise(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// A prefix of 3 shared by two branches, a plain sequence, a prefix of 2 shared by
+    /// three branches; GQA 4:2 and a window of 3, shorter than the sequences.
+    fn shared_case() -> (Packing, Vec<Vec<usize>>, AttnShape) {
+        let groups = [
+            Group {
+                prefix: 3,
+                branches: vec![4, 2],
+            },
+            Group {
+                prefix: 0,
+                branches: vec![5],
+            },
+            Group {
+                prefix: 2,
+                branches: vec![1, 3, 2],
+            },
+        ];
+        // The packed rows of each whole sequence, written out by hand.
+        let seqs = vec![
+            vec![0, 1, 2, 3, 4, 5, 6],
+            vec![0, 1, 2, 7, 8],
+            vec![9, 10, 11, 12, 13],
+            vec![14, 15, 16],
+            vec![14, 15, 17, 18, 19],
+            vec![14, 15, 20, 21],
+        ];
+        let shape = AttnShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 4,
+            window: Some(3),
+        };
+        (Packing::with_prefixes(&groups), seqs, shape)
+    }
+
+    fn rows_of(x: &[f32], rows: &[usize], w: usize) -> Vec<f32> {
+        rows.iter()
+            .flat_map(|&r| x[r * w..(r + 1) * w].to_vec())
+            .collect()
+    }
+
+    /// Every packed row's attention output over shared prefixes is its output in its own
+    /// whole sequence, attended alone (positions, window and causality as if unshared).
+    #[test]
+    fn attention_over_shared_prefixes_matches_each_sequence_alone() {
+        let (pack, seqs, shape) = shared_case();
+        let t = pack.n_tokens();
+        assert_eq!(t, 22);
+        let (q, k, v) = (noise(t * 16, 1), noise(t * 8, 2), noise(t * 8, 3));
+        let tq = |x: &[f32], w: usize| Tensor::from_vec(x.to_vec(), &[x.len() / w, w]);
+        let (o, _) = attention(&tq(&q, 16), &tq(&k, 8), &tq(&v, 8), &pack, shape).unwrap();
+        for rows in &seqs {
+            let alone = Packing::from_lengths(&[rows.len()]);
+            let (want, _) = attention(
+                &tq(&rows_of(&q, rows, 16), 16),
+                &tq(&rows_of(&k, rows, 8), 8),
+                &tq(&rows_of(&v, rows, 8), 8),
+                &alone,
+                shape,
+            )
+            .unwrap();
+            let got = rows_of(o.cpu(), rows, 16);
+            for (a, b) in got.iter().zip(want.cpu()) {
+                assert!((a - b).abs() < 1e-6, "{rows:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// The backward over shared prefixes against central differences of
+    /// Σ c ∘ attention(q, k, v): a prefix row's dK/dV gather every branch's use of it.
+    #[test]
+    fn attention_backward_over_shared_prefixes_matches_finite_differences() {
+        let (pack, _, shape) = shared_case();
+        let t = pack.n_tokens();
+        let (q, k, v) = (noise(t * 16, 4), noise(t * 8, 5), noise(t * 8, 6));
+        let c = noise(t * 16, 7);
+        let tq = |x: &[f32], w: usize| Tensor::from_vec(x.to_vec(), &[x.len() / w, w]);
+        let fwd = |q: &[f32], k: &[f32], v: &[f32]| {
+            attention(&tq(q, 16), &tq(k, 8), &tq(v, 8), &pack, shape).unwrap()
+        };
+        let (o, lse) = fwd(&q, &k, &v);
+        let (dq, dk, dv) = attention_backward(
+            &tq(&q, 16),
+            &tq(&k, 8),
+            &tq(&v, 8),
+            &o,
+            &tq(&c, 16),
+            &lse,
+            &pack,
+            shape,
+        )
+        .unwrap();
+        let loss = |o: &Tensor| -> f64 {
+            o.cpu()
+                .iter()
+                .zip(&c)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum()
+        };
+        let h = 1e-2f32;
+        let check = |which: usize, x: &[f32], analytic: &Tensor| {
+            for i in 0..x.len() {
+                let at = |d: f32| {
+                    let mut y = x.to_vec();
+                    y[i] += d;
+                    let o = match which {
+                        0 => fwd(&y, &k, &v).0,
+                        1 => fwd(&q, &y, &v).0,
+                        _ => fwd(&q, &k, &y).0,
+                    };
+                    loss(&o)
+                };
+                let num = (at(h) - at(-h)) / (2.0 * h as f64);
+                let a = analytic.cpu()[i] as f64;
+                assert!(
+                    (num - a).abs() < 2e-3 + 2e-2 * a.abs(),
+                    "input {which}, element {i}: fd {num} vs analytic {a}"
+                );
+            }
+        };
+        check(0, &q, &dq);
+        check(1, &k, &dk);
+        check(2, &v, &dv);
     }
 }

@@ -367,6 +367,41 @@ fn scatter_add_rows_is_exact() {
     )));
 }
 
+/// `ops::scatter_add_rows` with a destination row named several times (a shared prompt
+/// row predicting the first token of both DPO completions): the device adds the
+/// occurrences in passes, in order, each rounded to bf16 like the kernel's single add.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn scatter_add_with_repeated_rows_adds_every_occurrence() {
+    let _g = gpu();
+    let mut r = rng(9);
+    let (n_dst, cols) = (10usize, 24usize);
+    let rows = [4usize, 1, 4, 7, 4, 1, 0];
+    let dst = rand_bf16(&mut r, n_dst * cols, 2.0);
+    let src = rand_bf16(&mut r, rows.len() * cols, 2.0);
+    let mut want = dst.clone();
+    for (i, &d) in rows.iter().enumerate() {
+        for j in 0..cols {
+            let w = &mut want[d * cols + j];
+            *w = bf16::from_f32(w.to_f32() + src[i * cols + j].to_f32());
+        }
+    }
+    let t = |v: &[bf16], n: usize| {
+        let f: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
+        palign::tensor::Tensor::from_vec(f, &[n, cols])
+            .to_cuda_bf16()
+            .unwrap()
+    };
+    let mut dd = t(&dst, n_dst);
+    palign::ops::scatter_add_rows(&mut dd, &rows, &t(&src, rows.len())).unwrap();
+    let got: Vec<bf16> = palign::ops::to_host(&dd)
+        .unwrap()
+        .iter()
+        .map(|&x| bf16::from_f32(x))
+        .collect();
+    same_bits("scatter-add repeated rows", &got, &want);
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn copy_rows_is_exact() {

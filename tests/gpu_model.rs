@@ -216,6 +216,67 @@ fn device_gradients_through_the_grouped_lora_kernels_match_cpu() {
     }
 }
 
+/// Pairs sharing a prompt (and, for the first, two completion tokens), as DPO packs them.
+fn shared_seqs(vocab: u32) -> Vec<ScoreSeq> {
+    let mut out = Vec::new();
+    for (pair, &(pl, lc, lr)) in [(20, 9, 14), (33, 6, 4), (7, 12, 12)].iter().enumerate() {
+        let prompt = ids(100 + pair as u64, pl, vocab);
+        for (b, len) in [lc, lr].into_iter().enumerate() {
+            let mut v = prompt.clone();
+            if pair == 0 {
+                v.extend(ids(99, 2, vocab));
+            }
+            v.extend(ids(200 + 2 * pair as u64 + b as u64, len, vocab));
+            out.push(ScoreSeq {
+                ids: v,
+                prompt_len: pl,
+            });
+        }
+    }
+    out
+}
+
+/// Shared prefixes on the device (the expanded attention layout's gathers and scatters
+/// on bf16 tensors, the repeated lm_head row in the d(hidden) scatter): the same
+/// log-probs and adapter gradients as packing each sequence alone, on the device, and
+/// the CPU's within the usual bound. No dropout (sharing is for passes without it).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn shared_prefixes_on_the_device_match_unshared() {
+    gpu_or_fail();
+    for name in ["tiny-llama", "tiny-mistral"] {
+        let dir = fx().join(name);
+        let cpu = Model::load(&dir).unwrap();
+        let adapter = rank16_adapter(&cpu, 0.0, 0.1);
+        let mut dev = Model::load(&dir).unwrap();
+        dev.to_device().unwrap();
+        let dev_adapter = adapter.to_device_bf16().unwrap();
+        let s = shared_seqs(cpu.cfg.vocab_size as u32);
+        let (plain, shared) = (SeqBatch::new(&s), SeqBatch::sharing_prefixes(&s));
+        assert!(shared.pack.prefixes().is_some() && shared.ids.len() < plain.ids.len());
+        let weights: Vec<f32> = (0..plain.targets.len())
+            .map(|i| ((i * 37) % 11) as f32 / 11.0 - 0.4)
+            .collect();
+        let (lp0, g0) = step_grads(&dev, &dev_adapter, &plain, None, Some(&weights));
+        let (lp1, g1) = step_grads(&dev, &dev_adapter, &shared, None, Some(&weights));
+        let (_, gc) = step_grads(&cpu, &adapter, &shared, None, Some(&weights));
+        let worst = lp0
+            .iter()
+            .zip(&lp1)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let (g0, g1, gc) = (flat_grads(&g0), flat_grads(&g1), flat_grads(&gc));
+        let (e, ec) = (rel_rms(&g1, &g0), rel_rms(&g1, &gc));
+        println!(
+            "PARITY shared-prefix {name}: max_abs_logp_diff={worst:.3e} (bound 2e-2) \
+             grads rel_rms_vs_unshared={e:.3e} (bound 1e-2) rel_rms_vs_cpu={ec:.3e} (bound 5e-2)"
+        );
+        assert!(worst < 2e-2, "{name}: log-probs moved by {worst}");
+        assert!(e < 1e-2, "{name}: gradients vs unshared, rel rms {e}");
+        assert!(ec < 5e-2, "{name}: gradients vs CPU, rel rms {ec}");
+    }
+}
+
 /// Losses of a 20-step run with palign's CLI on `device`.
 fn curve(dir: &Path, device: &str, method: &str, peft_kind: &str) -> Vec<f64> {
     let t = fx().join("train/tiny-llama");

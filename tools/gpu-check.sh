@@ -262,20 +262,29 @@ if want train && [ -x "$HERE/palign" ]; then
     echo >>"$REPORT"
     echo "## training step (palign bench train vs tools/bench_hf.py)" >>"$REPORT"
     # PALIGN_TRAIN_CONFIGS="sft qlora none,dpo qlora full" picks configs (method peft
-    # recompute [VAR=value ...]); the VAR=value words are set for palign only, e.g.
-    # "sft qlora none PALIGN_LORA_DROP=unfused" to time a kernel choice. The Python side
-    # runs once per (method, peft, checkpointing) and is reused by later configs.
+    # recompute [VAR=value ...] [--flag=value ...]); the VAR=value words are set for
+    # palign only, e.g. "sft qlora none PALIGN_LORA_DROP=unfused" to time a kernel choice,
+    # and --flag=value words are added to palign's bench command, e.g. "dpo qlora full
+    # --dropout=0" (no dropout: the policy pass shares each pair's prompt too, as the
+    # reference pass always does). The Python side runs once per (method, peft,
+    # checkpointing) and is reused by later configs.
     IFS=, read -r -a configs <<<"${PALIGN_TRAIN_CONFIGS:-sft qlora none,dpo qlora full,sft lora none,dpo lora full}"
     declare -A hf_done=()
     for cfg in "${configs[@]}"; do
         set -- $cfg
         m=$1 p=$2 r=$3
         shift 3
-        envs=("$@")
+        envs=() flags=()
+        for w in "$@"; do
+            case "$w" in
+            --*=*) flags+=("${w%%=*}" "${w#*=}") ;;
+            *) envs+=("$w") ;;
+            esac
+        done
         gc=""
         [ "$r" = full ] && gc="--gradient-checkpointing"
-        echo "==== train $m $p $r ${envs[*]}" >>"$BLOG"
-        ours="$(env "${envs[@]}" timeout 300 "$HERE/palign" bench train --shape mistral-7b --method "$m" --peft "$p" --recompute "$r" --batch-size 16 --seq-len 512 2>>"$BLOG")"
+        echo "==== train $m $p $r $* " >>"$BLOG"
+        ours="$(env ${envs[@]+"${envs[@]}"} timeout 300 "$HERE/palign" bench train --shape mistral-7b --method "$m" --peft "$p" --recompute "$r" --batch-size 16 --seq-len 512 ${flags[@]+"${flags[@]}"} 2>>"$BLOG")"
         echo "$ours" >>"$BLOG"
         key="$m $p $gc"
         if [ -z "${hf_done[$key]:-}" ]; then
@@ -288,7 +297,7 @@ if want train && [ -x "$HERE/palign" ]; then
         b="$(echo "$theirs" | tps)"
         {
             echo
-            echo "### $m $p (palign --recompute $r ${envs[*]}; hf ${gc:-no checkpointing})"
+            echo "### $m $p (palign --recompute $r $*; hf ${gc:-no checkpointing})"
             echo '```'
             echo "$ours" | grep -E 'BENCH_TRAIN|BREAKDOWN|TUNED' || echo "palign: no result (see benches.log)"
             echo "$theirs" | grep -E 'BENCH_TRAIN|note' || echo "hf: no result (see benches.log)"

@@ -310,11 +310,8 @@ pub fn peak_tflops(name: &str) -> Option<f64> {
     }
 }
 
-/// Model FLOPs of one step (DESIGN.md's 4N per token plus attention; the formula of
-/// tools/bench_hf.py): N = every linear layer incl. lm_head; attention forward per
-/// sequence and layer 2·S²·heads·head_dim (causal), backward 2.5×; DPO adds the
-/// reference forward (2N per token + forward attention).
-pub fn step_flops(cfg: &ModelConfig, method: Method, batch: usize, seq: usize) -> f64 {
+/// N: the weights of every linear layer, lm_head included (2N FLOPs per token forward).
+fn linear_params(cfg: &ModelConfig) -> f64 {
     let per_layer: usize = PROJ_NAMES
         .iter()
         .map(|p| {
@@ -322,7 +319,15 @@ pub fn step_flops(cfg: &ModelConfig, method: Method, batch: usize, seq: usize) -
             o * i
         })
         .sum();
-    let n = (cfg.num_layers * per_layer + cfg.vocab_size * cfg.hidden_size) as f64;
+    (cfg.num_layers * per_layer + cfg.vocab_size * cfg.hidden_size) as f64
+}
+
+/// Model FLOPs of one step (DESIGN.md's 4N per token plus attention; the formula of
+/// tools/bench_hf.py): N = every linear layer incl. lm_head; attention forward per
+/// sequence and layer 2·S²·heads·head_dim (causal), backward 2.5×; DPO adds the
+/// reference forward (2N per token + forward attention).
+pub fn step_flops(cfg: &ModelConfig, method: Method, batch: usize, seq: usize) -> f64 {
+    let n = linear_params(cfg);
     let (s, l) = (seq as f64, cfg.num_layers as f64);
     let attn_f = 2.0 * s * s * (cfg.num_heads * cfg.head_dim) as f64;
     let b = batch as f64;
@@ -390,7 +395,14 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     } else {
         "cpu".to_string()
     };
-    let flops = step_flops(&model.cfg, method, b.batch_size, b.seq_len);
+    // A prompt shared by a DPO pair is computed once (the reference pass always, the
+    // policy pass without dropout): those rows' linear FLOPs are not done, so MFU counts
+    // only the FLOPs run, while tokens/s counts every sequence's tokens, as the Python
+    // stack processes them. (Attention still runs each branch whole; its FLOPs stay.)
+    let all: Vec<usize> = (0..b.batch_size).collect();
+    let (shared_policy, shared_ref) = runner::shared_tokens(&ex, &all, &s);
+    let flops = step_flops(&model.cfg, method, b.batch_size, b.seq_len)
+        - linear_params(&model.cfg) * (4 * shared_policy + 2 * shared_ref) as f64;
     let mfu = peak_tflops(&gpu_name).map(|p| flops / median / (p * 1e12));
     let peak_gib = out.peak_bytes.map(|x| x as f64 / (1u64 << 30) as f64);
     eprintln!(
@@ -429,7 +441,7 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     }
     let f = |x: Option<f64>, prec: usize| x.map_or("nan".to_string(), |v| format!("{v:.prec$}"));
     println!(
-        "BENCH_TRAIN impl=palign shape={} method={} peft={} batch={} seq={} rank={} tokens_per_s={:.1} step_ms={:.2} peak_mem_gib={} mfu={} gpu=\"{gpu_name}\"",
+        "BENCH_TRAIN impl=palign shape={} method={} peft={} batch={} seq={} rank={} tokens_per_s={:.1} step_ms={:.2} peak_mem_gib={} mfu={} shared_tokens={}+{} gpu=\"{gpu_name}\"",
         b.shape,
         b.method,
         s.peft,
@@ -440,6 +452,8 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         median * 1e3,
         f(peak_gib, 3),
         f(mfu, 4),
+        shared_policy,
+        shared_ref,
     );
     Ok(())
 }

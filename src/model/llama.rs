@@ -6,7 +6,7 @@ use super::config::ModelConfig;
 use super::weights::Weights;
 use crate::error::{bad, Result};
 use crate::lora::{Adapter, LoraPair};
-use crate::ops::{self, AttnShape, LinearWeight, Packing, Rope};
+use crate::ops::{self, AttnShape, Group, LinearWeight, Packing, Rope};
 use crate::quant::{self, Nf4Tensor, SourceDtype};
 use crate::tensor::Tensor;
 use std::path::Path;
@@ -802,7 +802,8 @@ impl Model {
                 ));
             }
         }
-        let b = SeqBatch::new(seqs);
+        // No dropout here, so sequences that share a prompt can compute it once.
+        let b = SeqBatch::sharing_prefixes(seqs);
         let (lp, _) = self.forward(adapter, &b.ids, &b.pack, &b.rows, &b.targets, None, false)?;
         Ok((b, lp))
     }
@@ -812,26 +813,90 @@ impl Model {
 pub struct SeqBatch {
     pub ids: Vec<u32>,
     pub pack: Packing,
-    /// Row r predicts token r+1 of its sequence: rows prompt_len−1 .. len−2.
+    /// The row whose hidden state predicts each target: for token p of a sequence, the
+    /// row of its token p−1 (a shared prefix's row when p−1 is in the prefix, so one row
+    /// can appear twice).
     pub rows: Vec<usize>,
     pub targets: Vec<u32>,
     /// Completion tokens per sequence.
     pub counts: Vec<usize>,
+    /// Tokens of the sequences as given (`ids.len()` counts a shared prefix once).
+    pub tokens: usize,
+}
+
+/// Whether `SeqBatch::sharing_prefixes` may share (`PALIGN_SHARE_PREFIX=off` turns it
+/// off, for comparisons and as an escape hatch).
+pub fn prefix_sharing_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("PALIGN_SHARE_PREFIX").map_or(true, |v| v != "off"))
 }
 
 impl SeqBatch {
+    /// Each sequence packed on its own.
     pub fn new(seqs: &[ScoreSeq]) -> Self {
-        let pack = Packing::from_lengths(&seqs.iter().map(|s| s.ids.len()).collect::<Vec<_>>());
+        Self::grouped(seqs, &vec![(1, 0); seqs.len()])
+    }
+
+    /// Like `new`, but consecutive sequences that begin with the same tokens (a DPO
+    /// pair's prompt, several completions of one prompt) store and compute those tokens
+    /// once (`crate::packing`). Same log-probs up to float summation order, for passes
+    /// without dropout only: with dropout each copy of a prompt draws its own masks, and
+    /// sharing them would change the noise the loss sees. Falls back to `new` when the
+    /// shared tokens are under 1/32 of the batch (the attention's gathers would cost more
+    /// than they save) or sharing is turned off.
+    pub fn sharing_prefixes(seqs: &[ScoreSeq]) -> Self {
+        let groups = prefix_groups(seqs);
+        let saved: usize = groups.iter().map(|&(n, p)| (n - 1) * p).sum();
+        let total: usize = seqs.iter().map(|s| s.ids.len()).sum();
+        if !prefix_sharing_enabled() || saved * 32 < total {
+            return Self::new(seqs);
+        }
+        Self::grouped(seqs, &groups)
+    }
+
+    /// Packs `groups[g] = (n, prefix)`: the next n sequences, whose first `prefix` ids
+    /// are the same, as one group.
+    fn grouped(seqs: &[ScoreSeq], groups: &[(usize, usize)]) -> Self {
+        let mut at = 0;
+        let layout: Vec<Group> = groups
+            .iter()
+            .map(|&(n, prefix)| {
+                at += n;
+                Group {
+                    prefix,
+                    branches: seqs[at - n..at]
+                        .iter()
+                        .map(|s| s.ids.len() - prefix)
+                        .collect(),
+                }
+            })
+            .collect();
+        let pack = Packing::with_prefixes(&layout);
         let (mut ids, mut rows, mut targets, mut counts) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (si, s) in seqs.iter().enumerate() {
-            ids.extend_from_slice(&s.ids);
-            let base = pack.offsets[si];
-            for p in s.prompt_len..s.ids.len() {
-                rows.push(base + p - 1);
-                targets.push(s.ids[p]);
+        let mut next = seqs.iter();
+        for (g, &(n, prefix)) in groups.iter().enumerate() {
+            let start = pack.offsets[g];
+            let mut branch = start + prefix;
+            for (b, s) in next.by_ref().take(n).enumerate() {
+                if b == 0 {
+                    ids.extend_from_slice(&s.ids[..prefix]);
+                }
+                ids.extend_from_slice(&s.ids[prefix..]);
+                let row = |p: usize| {
+                    if p < prefix {
+                        start + p
+                    } else {
+                        branch + p - prefix
+                    }
+                };
+                for p in s.prompt_len..s.ids.len() {
+                    rows.push(row(p - 1));
+                    targets.push(s.ids[p]);
+                }
+                counts.push(s.ids.len() - s.prompt_len);
+                branch += s.ids.len() - prefix;
             }
-            counts.push(s.ids.len() - s.prompt_len);
         }
         SeqBatch {
             ids,
@@ -839,6 +904,7 @@ impl SeqBatch {
             rows,
             targets,
             counts,
+            tokens: seqs.iter().map(|s| s.ids.len()).sum(),
         }
     }
 
@@ -853,6 +919,37 @@ impl SeqBatch {
             })
             .collect()
     }
+}
+
+/// Runs of consecutive sequences that share a prefix with the run's first, as (count,
+/// prefix length). A sequence joins the run when its common prefix with the first is at
+/// least the run's and at least its common prefix with the sequence after it (so in
+/// chosen/rejected pairs, a chosen whose prompt differs from its rejected's still pairs
+/// with the right one). Every sequence keeps at least one token of its own.
+fn prefix_groups(seqs: &[ScoreSeq]) -> Vec<(usize, usize)> {
+    let common = |a: &[u32], b: &[u32]| {
+        let n = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+        n.min(a.len().saturating_sub(1))
+            .min(b.len().saturating_sub(1))
+    };
+    let mut groups = Vec::new();
+    let mut i = 0;
+    while i < seqs.len() {
+        let root = &seqs[i].ids;
+        let (mut j, mut prefix) = (i + 1, usize::MAX);
+        while j < seqs.len() {
+            let l = common(root, &seqs[j].ids);
+            let with_next = seqs.get(j + 1).map_or(0, |n| common(&seqs[j].ids, &n.ids));
+            if l == 0 || l < with_next || (prefix != usize::MAX && l < prefix) {
+                break;
+            }
+            prefix = prefix.min(l);
+            j += 1;
+        }
+        groups.push((j - i, if j > i + 1 { prefix } else { 0 }));
+        i = j;
+    }
+    groups
 }
 
 /// Dropout on adapter inputs (PEFT's `lora_dropout`): keep with probability 1−p and

@@ -145,6 +145,44 @@ struct StepOut {
     logps_r: f64,
 }
 
+/// A micro-batch's packing: a prompt shared by several sequences (a DPO pair's) is
+/// computed once, unless dropout is on (each copy then draws its own masks, as in the
+/// Python stack).
+fn batch(seqs: &[ScoreSeq], dropout: bool) -> SeqBatch {
+    if dropout {
+        SeqBatch::new(seqs)
+    } else {
+        SeqBatch::sharing_prefixes(seqs)
+    }
+}
+
+/// The sequences of examples `idx` in the order a micro-batch packs them.
+fn micro_seqs(ex: &Examples, idx: &[usize]) -> Vec<ScoreSeq> {
+    match ex {
+        Examples::Sft(v) => idx.iter().map(|&i| seq(&v[i])).collect(),
+        Examples::Pref(v) => idx
+            .iter()
+            .flat_map(|&i| [seq(&v[i].chosen), seq(&v[i].rejected)])
+            .collect(),
+    }
+}
+
+/// Token rows a training step over `idx` computes once instead of once per sequence
+/// (shared prompts), as (policy pass, reference pass): the reference never has dropout.
+pub(crate) fn shared_tokens(ex: &Examples, idx: &[usize], s: &Settings) -> (usize, usize) {
+    let (mut policy, mut reference) = (0, 0);
+    for chunk in idx.chunks((s.batch_size / s.grad_accum).max(1)) {
+        let seqs = micro_seqs(ex, chunk);
+        let b = batch(&seqs, s.dropout > 0.0);
+        policy += b.tokens - b.ids.len();
+        if matches!(ex, Examples::Pref(_)) {
+            let r = SeqBatch::sharing_prefixes(&seqs);
+            reference += r.tokens - r.ids.len();
+        }
+    }
+    (policy, reference)
+}
+
 struct Ctx<'a> {
     model: &'a Model,
     s: &'a Settings,
@@ -182,9 +220,8 @@ impl Ctx<'_> {
     ) -> Result<StepOut> {
         let mut out = StepOut::default();
         match ex {
-            Examples::Sft(v) => {
-                let seqs: Vec<ScoreSeq> = idx.iter().map(|&i| seq(&v[i])).collect();
-                let b = SeqBatch::new(&seqs);
+            Examples::Sft(_) => {
+                let b = batch(&micro_seqs(ex, idx), dropout.is_some());
                 let (lp, trace) = self.model.forward(
                     Some(adapter),
                     &b.ids,
@@ -196,7 +233,7 @@ impl Ctx<'_> {
                 )?;
                 let n = lp.numel();
                 out.loss = -ops::to_host(&lp)?.iter().map(|&x| x as f64).sum::<f64>() / norm;
-                out.tokens = b.ids.len();
+                out.tokens = b.tokens;
                 if let (Some(g), Some(t)) = (grads, trace) {
                     let d = Tensor::from_vec(vec![(-1.0 / norm) as f32; n], &[n]);
                     self.model.backward(adapter, &t, &d, g)?;
@@ -207,11 +244,7 @@ impl Ctx<'_> {
                 let pairs: Vec<(usize, &PrefExample)> = idx.iter().map(|&i| (i, &v[i])).collect();
                 let refs = self.reference(&pairs, cfg.kind)?;
                 // Chosen and rejected of every pair in one batched forward.
-                let seqs: Vec<ScoreSeq> = pairs
-                    .iter()
-                    .flat_map(|(_, p)| [seq(&p.chosen), seq(&p.rejected)])
-                    .collect();
-                let b = SeqBatch::new(&seqs);
+                let b = batch(&micro_seqs(ex, idx), dropout.is_some());
                 let (lp, trace) = self.model.forward(
                     Some(adapter),
                     &b.ids,
@@ -240,7 +273,7 @@ impl Ctx<'_> {
                     out.logps_c += pol[2 * k] as f64 / norm;
                     out.logps_r += pol[2 * k + 1] as f64 / norm;
                 }
-                out.tokens = b.ids.len();
+                out.tokens = b.tokens;
                 if let (Some(g), Some(t)) = (grads, trace) {
                     self.model.backward(adapter, &t, &d.dlogp, g)?;
                 }

@@ -314,43 +314,7 @@ pub fn swiglu_backward(dout: &[f32], gate: &[f32], up: &[f32], dgate: &mut [f32]
         });
 }
 
-/// Tokens of a packed batch: sequence `s` occupies rows `offsets[s]..offsets[s+1]`.
-#[derive(Clone, Debug)]
-pub struct Packing {
-    pub offsets: Vec<usize>,
-    /// The device copy of the layout, made by the first device attention of the batch
-    /// and reused by every layer, forward and backward.
-    pub(crate) dev: crate::backend::cuda::tensor_ops::LayoutCache,
-}
-
-impl Packing {
-    pub fn from_lengths(lengths: &[usize]) -> Self {
-        let mut offsets = Vec::with_capacity(lengths.len() + 1);
-        offsets.push(0);
-        for l in lengths {
-            offsets.push(offsets.last().unwrap() + l);
-        }
-        Packing {
-            offsets,
-            dev: Default::default(),
-        }
-    }
-    pub fn n_seqs(&self) -> usize {
-        self.offsets.len() - 1
-    }
-    pub fn n_tokens(&self) -> usize {
-        *self.offsets.last().unwrap()
-    }
-    pub fn range(&self, s: usize) -> std::ops::Range<usize> {
-        self.offsets[s]..self.offsets[s + 1]
-    }
-    /// Position of every token within its sequence (RoPE restarts at 0 per sequence).
-    pub fn positions(&self) -> Vec<u32> {
-        (0..self.n_seqs())
-            .flat_map(|s| 0..self.range(s).len() as u32)
-            .collect()
-    }
-}
+pub use crate::packing::Packing;
 
 /// Shape of a causal GQA attention call.
 #[derive(Clone, Copy, Debug)]
@@ -396,6 +360,10 @@ pub fn attention_forward(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
+    debug_assert!(
+        pack.prefixes().is_none(),
+        "shared prefixes: use ops::attention"
+    );
     let AttnShape {
         n_heads,
         n_kv_heads,
@@ -561,6 +529,10 @@ pub fn attention_backward(
     dk: &mut [f32],
     dv: &mut [f32],
 ) {
+    debug_assert!(
+        pack.prefixes().is_none(),
+        "shared prefixes: use ops::attention"
+    );
     let AttnShape {
         n_heads,
         n_kv_heads,

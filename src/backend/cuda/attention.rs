@@ -31,8 +31,9 @@ use super::attn_tune::{bwd_candidates, AttnTuner, TuneMode};
 use super::device::cuda_err;
 use super::params::*;
 use super::{DeviceBuffer, Gpu};
-use crate::backend::cpu::ops::{AttnShape, Packing};
+use crate::backend::cpu::ops::AttnShape;
 use crate::error::{bad, Result};
+use crate::packing::Packing;
 
 // SAFETY: bindgen's #[repr(C)] translations of kernels/params.h (bytemuck::Pod is derived,
 // which proves there is no padding); each is its kernel's only argument, by value.

@@ -428,6 +428,10 @@ impl std::fmt::Debug for LayoutCache {
 }
 
 fn layout<'a>(g: &Gpu, pack: &'a Packing) -> Result<&'a SeqLayout> {
+    if pack.prefixes().is_some() {
+        // ops::attention runs these on the expanded layout.
+        return Err(bad("internal: device attention over shared prefixes"));
+    }
     if let Some(l) = pack.dev.0.get() {
         return Ok(l);
     }
@@ -627,7 +631,46 @@ pub fn gather_rows(x: &Tensor, rows: &[usize]) -> Result<Tensor> {
     Ok(out)
 }
 
+/// `dst[rows[i]] += src[i]`. The kernel gives each source row its own block with no
+/// atomics, so a row named twice (the shared prompt row that predicts the first token of
+/// both DPO completions) is added in passes of distinct rows.
 pub fn scatter_add_rows(dst: &mut Tensor, rows: &[usize], src: &Tensor) -> Result<()> {
+    match distinct_passes(rows) {
+        None => scatter_add_distinct(dst, rows, src),
+        Some(passes) => {
+            for (src_rows, dst_rows) in passes {
+                scatter_add_distinct(dst, &dst_rows, &gather_rows(src, &src_rows)?)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `None` when the rows are distinct; else passes of (positions in `rows`, their rows),
+/// pass k holding every row's (k+1)-th occurrence.
+fn distinct_passes(rows: &[usize]) -> Option<Vec<(Vec<usize>, Vec<usize>)>> {
+    let mut seen = std::collections::HashMap::with_capacity(rows.len());
+    let pass: Vec<usize> = rows
+        .iter()
+        .map(|&r| {
+            let n = seen.entry(r).or_insert(0usize);
+            *n += 1;
+            *n - 1
+        })
+        .collect();
+    let n_passes = pass.iter().max().map_or(0, |&m| m + 1);
+    if n_passes <= 1 {
+        return None;
+    }
+    let mut out = vec![(Vec::new(), Vec::new()); n_passes];
+    for (i, (&r, &k)) in rows.iter().zip(&pass).enumerate() {
+        out[k].0.push(i);
+        out[k].1.push(r);
+    }
+    Some(out)
+}
+
+fn scatter_add_distinct(dst: &mut Tensor, rows: &[usize], src: &Tensor) -> Result<()> {
     let g = gpu()?;
     let h = dst.cols();
     let idx = upload_u32(&g, rows.iter().copied(), "scatter rows")?;
@@ -1090,4 +1133,24 @@ pub fn lora_up_backward_(
         )
     })?;
     Ok(dyb)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::distinct_passes;
+
+    #[test]
+    fn repeated_scatter_rows_split_into_passes_of_distinct_rows() {
+        assert_eq!(distinct_passes(&[3, 1, 4, 0]), None);
+        assert_eq!(distinct_passes(&[]), None);
+        let passes = distinct_passes(&[5, 2, 5, 7, 5, 2]).unwrap();
+        assert_eq!(
+            passes,
+            vec![
+                (vec![0, 1, 3], vec![5, 2, 7]),
+                (vec![2, 5], vec![5, 2]),
+                (vec![4], vec![5]),
+            ]
+        );
+    }
 }

@@ -1,0 +1,234 @@
+//! Shared prefixes (`SeqBatch::sharing_prefixes`): sequences that begin with the same
+//! tokens compute them once, and nothing a caller sees changes. On the tiny LLaMA and
+//! Mistral (GQA, sliding window 8, shorter than the sequences): the same completion
+//! log-probs and the same adapter gradients as packing every sequence on its own, under
+//! each memory plan; DPO training through the CLI gives the same metrics with sharing
+//! on and off.
+
+mod common;
+
+use common::{flat_grads, rel_rms, step_grads};
+use palign::lora::{Adapter, LoraConfig};
+use palign::model::llama::{Recompute, SeqBatch};
+use palign::model::{Model, ScoreSeq};
+use std::path::Path;
+
+fn ids(n: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            3 + ((s >> 33) % 400) as u32
+        })
+        .collect()
+}
+
+/// Three DPO-like pairs: the first two share a 12-token prompt, and the first pair's
+/// completions also share their first two tokens (the shared prefix runs past the
+/// prompt); then one sequence alone.
+fn seqs() -> Vec<ScoreSeq> {
+    let mut out = Vec::new();
+    for (pair, (pl, lc, lr)) in [(12, 6, 9), (12, 5, 3)].into_iter().enumerate() {
+        let prompt = ids(pl, 10 + pair as u64);
+        let common = ids(2, 20);
+        for (b, len) in [lc, lr].into_iter().enumerate() {
+            let mut v = prompt.clone();
+            if pair == 0 {
+                v.extend(&common);
+            }
+            v.extend(ids(len, 30 + 2 * pair as u64 + b as u64));
+            out.push(ScoreSeq {
+                ids: v,
+                prompt_len: pl,
+            });
+        }
+    }
+    out.push(ScoreSeq {
+        ids: ids(15, 40),
+        prompt_len: 6,
+    });
+    out
+}
+
+fn model(name: &str) -> Model {
+    Model::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name),
+    )
+    .unwrap()
+}
+
+/// A nonzero adapter on all seven projections.
+fn adapter(model: &Model) -> Adapter {
+    let cfg = LoraConfig {
+        r: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        targets: LoraConfig::parse_targets("all").unwrap(),
+        use_rslora: false,
+    };
+    let mut a = Adapter::init(&model.cfg, cfg, 3).unwrap();
+    for (i, (_, _, p)) in a.pairs_mut().enumerate() {
+        let n = p.b.numel();
+        let v: Vec<f32> = ids(n, 50 + i as u64)
+            .iter()
+            .map(|&x| (x as f32 - 200.0) / 1000.0)
+            .collect();
+        p.b.cpu_mut().copy_from_slice(&v);
+    }
+    a
+}
+
+#[test]
+fn shared_batches_compute_each_prefix_once_and_score_the_same_targets() {
+    let s = seqs();
+    let (plain, shared) = (SeqBatch::new(&s), SeqBatch::sharing_prefixes(&s));
+    // Pair 0 shares its 12-token prompt and 2 common tokens, pair 1 its prompt.
+    assert_eq!(plain.ids.len(), shared.ids.len() + 14 + 12);
+    assert_eq!(
+        (plain.tokens, shared.tokens),
+        (plain.ids.len(), plain.ids.len())
+    );
+    assert_eq!(shared.targets, plain.targets);
+    assert_eq!(shared.counts, plain.counts);
+    assert!(shared.pack.prefixes().is_some());
+    // The two completions of pair 1 are predicted first from the same prompt row.
+    let first_r = plain.counts[..3].iter().sum::<usize>();
+    assert_eq!(
+        shared.rows[plain.counts[..2].iter().sum::<usize>()],
+        shared.rows[first_r]
+    );
+    // Every target is predicted from a row holding the same token at the same position.
+    let (pp, sp) = (plain.pack.positions(), shared.pack.positions());
+    for (&a, &b) in plain.rows.iter().zip(&shared.rows) {
+        assert_eq!((plain.ids[a], pp[a]), (shared.ids[b], sp[b]));
+    }
+}
+
+#[test]
+fn shared_prefixes_give_the_same_logprobs_and_gradients() {
+    for name in ["tiny-llama", "tiny-mistral"] {
+        let mut m = model(name);
+        let a = adapter(&m);
+        let s = seqs();
+        let (plain, shared) = (SeqBatch::new(&s), SeqBatch::sharing_prefixes(&s));
+        let weights: Vec<f32> = ids(plain.targets.len(), 60)
+            .iter()
+            .map(|&x| (x as f32 - 200.0) / 300.0)
+            .collect();
+        for plan in [Recompute::None, Recompute::Attention, Recompute::Full] {
+            for lm_grad_in_forward in [false, true] {
+                m.recompute = plan;
+                m.lm_grad_in_forward = lm_grad_in_forward;
+                let (lp0, g0) = step_grads(&m, &a, &plain, None, Some(&weights));
+                let (lp1, g1) = step_grads(&m, &a, &shared, None, Some(&weights));
+                let case = format!("{name} {plan:?} lm_grad_in_forward={lm_grad_in_forward}");
+                for (x, y) in lp0.iter().zip(&lp1) {
+                    assert!((x - y).abs() < 1e-4, "{case}: log-prob {x} vs {y}");
+                }
+                let (g0, g1) = (flat_grads(&g0), flat_grads(&g1));
+                let err = rel_rms(&g1, &g0);
+                assert!(err < 1e-4, "{case}: gradients differ, rel rms {err:e}");
+            }
+        }
+        // The scoring entry point shares too, with the same per-sequence values.
+        let want: Vec<Vec<f32>> = plain.split(&lp_plain(&m, &plain));
+        let got = m.completion_logprobs(&s, None).unwrap();
+        for (w, g) in want.iter().zip(&got) {
+            for (x, y) in w.iter().zip(g) {
+                assert!((x - y).abs() < 1e-4, "{name}: {x} vs {y}");
+            }
+        }
+    }
+}
+
+fn lp_plain(m: &Model, b: &SeqBatch) -> Vec<f32> {
+    let (lp, _) = m
+        .forward(None, &b.ids, &b.pack, &b.rows, &b.targets, None, false)
+        .unwrap();
+    palign::ops::to_host(&lp).unwrap()
+}
+
+#[test]
+fn pairs_whose_prompts_differ_are_not_grouped_with_their_neighbours() {
+    // Every sequence starts with the same 3-token template. A chosen/rejected pair with
+    // different prompts (HH-RLHF has a few) sits between two pairs with 20-token shared
+    // prompts: it shares only the template, and the next pair still pairs with itself
+    // (grouped with the odd pair instead it would share only the template too).
+    let template = [1u32, 7, 7];
+    let mk = |prompt: &[u32], seed: u64| {
+        let mut v = template.to_vec();
+        v.extend(prompt);
+        v.extend(ids(4, seed));
+        ScoreSeq {
+            ids: v,
+            prompt_len: 3 + prompt.len(),
+        }
+    };
+    let (p0, p2) = (ids(20, 1), ids(20, 3));
+    let s = vec![
+        mk(&p0, 100),
+        mk(&p0, 101),
+        mk(&ids(20, 5), 102),
+        mk(&ids(20, 6), 103),
+        mk(&p2, 104),
+        mk(&p2, 105),
+    ];
+    let b = SeqBatch::sharing_prefixes(&s);
+    assert_eq!(b.tokens - b.ids.len(), 23 + 3 + 23);
+}
+
+/// `palign dpo` without dropout (so the policy pass shares prompts too, as do the
+/// reference and evaluation passes), against the same run with sharing turned off:
+/// the same metrics, up to float summation order.
+#[test]
+fn dpo_training_is_the_same_with_and_without_sharing() {
+    let t = common::fx().join("train/tiny-llama");
+    let data = format!("jsonl:{}", t.join("dpo_pairs.jsonl").display());
+    let d = tempfile::tempdir().unwrap();
+    let run = |name: &str, share: &str| {
+        let out = d.path().join(name);
+        let o = std::process::Command::new(common::bin())
+            .env("PALIGN_DEVICE", "cpu")
+            .env("PALIGN_SHARE_PREFIX", share)
+            .args(["dpo", "--quiet", "--model"])
+            .arg(common::fx().join("tiny-llama"))
+            .args(["--data", &data, "--eval-data", &data, "--eval-every", "2"])
+            .arg("--out")
+            .arg(&out)
+            .args(["--init-adapter"])
+            .arg(t.join("init_adapter"))
+            .args(["--no-shuffle", "--dropout", "0", "--batch-size", "4"])
+            .args(["--steps", "3", "--lr", "1e-3", "--peft", "lora"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        common::jsonl(&out.join("metrics.jsonl"))
+    };
+    let (on, off) = (run("on", "on"), run("off", "off"));
+    assert_eq!(on.len(), off.len());
+    let mut compared = 0;
+    for (a, b) in on.iter().zip(&off) {
+        for (k, bv) in b.as_object().unwrap() {
+            if k == "tokens_per_s" || k.ends_with("_s") {
+                continue;
+            }
+            let (Some(x), Some(y)) = (a[k].as_f64(), bv.as_f64()) else {
+                continue;
+            };
+            assert!(
+                (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+                "step {} {k}: shared {x} vs unshared {y}",
+                b["step"]
+            );
+            compared += 1;
+        }
+    }
+    assert!(compared > 20, "only {compared} values compared");
+    assert!(on
+        .iter()
+        .any(|r| r.get("eval_loss").is_some() || r.get("eval/loss").is_some()));
+}
