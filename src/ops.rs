@@ -1026,18 +1026,6 @@ mod tests {
         assert!(dpo_loss(&cfg, 1.0, &one, &one, &[1, 1, 1]).is_err());
     }
 
-    fn noise(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
     /// A prefix of 3 shared by two branches, a plain sequence, a prefix of 2 shared by
     /// three branches; GQA 4:2 and a window of 3, shorter than the sequences.
     fn shared_case() -> (Packing, Vec<Vec<usize>>, AttnShape) {
@@ -1086,7 +1074,7 @@ mod tests {
         let (pack, seqs, shape) = shared_case();
         let t = pack.n_tokens();
         assert_eq!(t, 22);
-        let (q, k, v) = (noise(t * 16, 1), noise(t * 8, 2), noise(t * 8, 3));
+        let (q, k, v) = (cpu::lcg(t * 16, 1), cpu::lcg(t * 8, 2), cpu::lcg(t * 8, 3));
         let tq = |x: &[f32], w: usize| Tensor::from_vec(x.to_vec(), &[x.len() / w, w]);
         let (o, _) = attention(&tq(&q, 16), &tq(&k, 8), &tq(&v, 8), &pack, shape).unwrap();
         for rows in &seqs {
@@ -1112,8 +1100,8 @@ mod tests {
     fn attention_backward_over_shared_prefixes_matches_finite_differences() {
         let (pack, _, shape) = shared_case();
         let t = pack.n_tokens();
-        let (q, k, v) = (noise(t * 16, 4), noise(t * 8, 5), noise(t * 8, 6));
-        let c = noise(t * 16, 7);
+        let (q, k, v) = (cpu::lcg(t * 16, 4), cpu::lcg(t * 8, 5), cpu::lcg(t * 8, 6));
+        let c = cpu::lcg(t * 16, 7);
         let tq = |x: &[f32], w: usize| Tensor::from_vec(x.to_vec(), &[x.len() / w, w]);
         let fwd = |q: &[f32], k: &[f32], v: &[f32]| {
             attention(&tq(q, 16), &tq(k, 8), &tq(v, 8), &pack, shape).unwrap()

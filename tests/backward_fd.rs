@@ -4,23 +4,11 @@
 
 mod common;
 
-use common::{flat_grads, step_grads};
-use palign::lora::{Adapter, LoraConfig};
+use common::{flat_grads, lcg, nonzero_adapter, step_grads};
+use palign::lora::Adapter;
 use palign::model::llama::{Dropout, Recompute, SeqBatch};
 use palign::model::{Model, ScoreSeq};
 use std::path::Path;
-
-fn lcg(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 /// The tiny model, a nonzero adapter on all seven projections, two sequences and a
 /// different weight per completion log-prob.
@@ -29,23 +17,7 @@ fn setup(model_name: &str) -> (Model, Adapter, SeqBatch, Vec<f32>) {
         .join("tests/fixtures")
         .join(model_name);
     let model = Model::load(&dir).unwrap();
-    let cfg = LoraConfig {
-        r: 3,
-        alpha: 6.0,
-        dropout: 0.0,
-        targets: LoraConfig::parse_targets("all").unwrap(),
-        use_rslora: false,
-    };
-    let mut adapter = Adapter::init(&model.cfg, cfg, 7).unwrap();
-    for (i, (_, _, p)) in adapter.pairs_mut().enumerate() {
-        let n = p.b.numel();
-        p.b.cpu_mut().copy_from_slice(
-            &lcg(n, 100 + i as u64)
-                .iter()
-                .map(|v| 0.3 * v)
-                .collect::<Vec<_>>(),
-        );
-    }
+    let adapter = nonzero_adapter(&model.cfg, 3, 0.3);
     let ids = lcg(40, 5)
         .iter()
         .map(|v| 3 + ((v + 1.0) * 200.0) as u32)

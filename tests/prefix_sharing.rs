@@ -7,21 +7,16 @@
 
 mod common;
 
-use common::{flat_grads, rel_rms, step_grads};
-use palign::lora::{Adapter, LoraConfig};
+use common::{flat_grads, lcg, nonzero_adapter, rel_rms, step_grads};
 use palign::model::llama::{Recompute, SeqBatch};
 use palign::model::{Model, ScoreSeq};
 use std::path::Path;
 
+/// n token ids in 3..403.
 fn ids(n: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            3 + ((s >> 33) % 400) as u32
-        })
+    lcg(n, seed)
+        .iter()
+        .map(|v| 3 + ((v + 1.0) * 200.0) as u32)
         .collect()
 }
 
@@ -61,27 +56,6 @@ fn model(name: &str) -> Model {
     .unwrap()
 }
 
-/// A nonzero adapter on all seven projections.
-fn adapter(model: &Model) -> Adapter {
-    let cfg = LoraConfig {
-        r: 2,
-        alpha: 4.0,
-        dropout: 0.0,
-        targets: LoraConfig::parse_targets("all").unwrap(),
-        use_rslora: false,
-    };
-    let mut a = Adapter::init(&model.cfg, cfg, 3).unwrap();
-    for (i, (_, _, p)) in a.pairs_mut().enumerate() {
-        let n = p.b.numel();
-        let v: Vec<f32> = ids(n, 50 + i as u64)
-            .iter()
-            .map(|&x| (x as f32 - 200.0) / 1000.0)
-            .collect();
-        p.b.cpu_mut().copy_from_slice(&v);
-    }
-    a
-}
-
 #[test]
 fn shared_batches_compute_each_prefix_once_and_score_the_same_targets() {
     let s = seqs();
@@ -112,7 +86,7 @@ fn shared_batches_compute_each_prefix_once_and_score_the_same_targets() {
 fn shared_prefixes_give_the_same_logprobs_and_gradients() {
     for name in ["tiny-llama", "tiny-mistral"] {
         let mut m = model(name);
-        let a = adapter(&m);
+        let a = nonzero_adapter(&m.cfg, 2, 0.3);
         let s = seqs();
         let (plain, shared) = (SeqBatch::new(&s), SeqBatch::sharing_prefixes(&s));
         let weights: Vec<f32> = ids(plain.targets.len(), 60)

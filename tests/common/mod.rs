@@ -97,6 +97,44 @@ pub fn assert_kernels_registered(names: &[&str]) {
     }
 }
 
+/// n values in [-1, 1) from a 64-bit LCG's high bits: deterministic test inputs.
+pub fn lcg(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// A rank-r adapter (alpha 2r, no dropout) on all seven projections with B filled in
+/// [-amp, amp): PEFT's B = 0 would hide every adapter term but dB.
+pub fn nonzero_adapter(
+    cfg: &palign::model::ModelConfig,
+    r: usize,
+    amp: f32,
+) -> palign::lora::Adapter {
+    let lc = palign::lora::LoraConfig {
+        r,
+        alpha: 2.0 * r as f32,
+        dropout: 0.0,
+        targets: palign::lora::LoraConfig::parse_targets("all").unwrap(),
+        use_rslora: false,
+    };
+    let mut adapter = palign::lora::Adapter::init(cfg, lc, 7).unwrap();
+    for (i, (_, _, p)) in adapter.pairs_mut().enumerate() {
+        let b: Vec<f32> = lcg(p.b.numel(), 100 + i as u64)
+            .iter()
+            .map(|v| amp * v)
+            .collect();
+        p.b.cpu_mut().copy_from_slice(&b);
+    }
+    adapter
+}
+
 pub fn rng(seed: u64) -> rand_chacha::ChaCha8Rng {
     rand::SeedableRng::seed_from_u64(seed)
 }
