@@ -361,6 +361,11 @@ const CASES: &[Case] = &[
         expect: "--dropout",
     },
     Case {
+        name: "--keep-dropout on sft",
+        setup: |d| sft_args(d, &["--keep-dropout"]),
+        expect: "--keep-dropout are for `palign dpo`",
+    },
+    Case {
         name: "infinite DPO beta",
         setup: |d| {
             let mut a = sft_args(d, &["--beta", "inf"]);

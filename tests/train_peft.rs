@@ -284,6 +284,17 @@ fn dpo_run(out: &Path, extra: &[&str]) -> Vec<Value> {
 
 /// The tiny-llama DPO run of these tests on `data` with `batch` pairs per step.
 fn dpo_run_on(out: &Path, data: &str, batch: &str, extra: &[&str]) -> Vec<Value> {
+    dpo_run_dropout(out, data, batch, "0", extra)
+}
+
+/// `dpo_run_on` with `--dropout dropout`.
+fn dpo_run_dropout(
+    out: &Path,
+    data: &str,
+    batch: &str,
+    dropout: &str,
+    extra: &[&str],
+) -> Vec<Value> {
     let t = fx().join("train/tiny-llama");
     let model = fx().join("tiny-llama");
     let init = t.join("init_adapter");
@@ -302,7 +313,7 @@ fn dpo_run_on(out: &Path, data: &str, batch: &str, extra: &[&str]) -> Vec<Value>
         init.to_str().unwrap(),
         "--no-shuffle",
         "--dropout",
-        "0",
+        dropout,
         "--batch-size",
         batch,
         "--steps",
@@ -315,6 +326,111 @@ fn dpo_run_on(out: &Path, data: &str, batch: &str, extra: &[&str]) -> Vec<Value>
     a.extend(extra);
     palign(&a);
     jsonl(&out.join("metrics.jsonl"))
+}
+
+/// DPO trains without dropout unless --keep-dropout, as TRL's DPOTrainer does
+/// (disable_dropout): with --dropout 0.05 every metric equals the --dropout 0 run's, the
+/// adapter records lora_dropout 0.05 as peft would, and --keep-dropout changes the losses.
+#[test]
+fn dpo_disables_dropout_like_trl_unless_kept() {
+    let d = tempfile::tempdir().unwrap();
+    let data = format!(
+        "jsonl:{}",
+        fx().join("train/tiny-llama/dpo_pairs.jsonl").display()
+    );
+    let off = dpo_run_dropout(&d.path().join("off"), &data, "4", "0.05", &[]);
+    let zero = dpo_run_dropout(&d.path().join("zero"), &data, "4", "0", &[]);
+    let kept = dpo_run_dropout(
+        &d.path().join("kept"),
+        &data,
+        "4",
+        "0.05",
+        &["--keep-dropout"],
+    );
+    let losses =
+        |m: &[Value]| -> Vec<f64> { m.iter().map(|r| r["loss"].as_f64().unwrap()).collect() };
+    for (a, b) in off.iter().zip(&zero) {
+        for k in ["loss", "grad_norm", "rewards/chosen", "logps/rejected"] {
+            assert_eq!(a[k], b[k], "step {} {k}", a["step"]);
+        }
+    }
+    assert_ne!(
+        losses(&kept),
+        losses(&zero),
+        "--keep-dropout applied no dropout"
+    );
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(d.path().join("off/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["lora_dropout"].as_f64(), Some(0.05));
+    let run: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("off/run.json")).unwrap())
+            .unwrap();
+    assert_eq!(run["settings"]["keep_dropout"], Value::Bool(false));
+}
+
+/// A DPO checkpoint from before --keep-dropout (no `keep_dropout` in its settings)
+/// applied dropout in training: resuming it needs --keep-dropout, and says so.
+#[test]
+fn dpo_checkpoints_from_before_keep_dropout_resume_with_it() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("run");
+    let data = format!(
+        "jsonl:{}",
+        fx().join("train/tiny-llama/dpo_pairs.jsonl").display()
+    );
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "dpo",
+            "--quiet",
+            "--model",
+            "",
+            "--data",
+            &data,
+            "--out",
+            "",
+            "--no-shuffle",
+            "--batch-size",
+            "4",
+            "--steps",
+            "3",
+            "--peft",
+            "lora",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a[3] = fx().join("tiny-llama").display().to_string();
+        a[7] = out.display().to_string();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let call = |extra: &[&str]| {
+        let a = args(extra);
+        common::run(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    assert!(call(&["--stop-after", "1"]).status.success());
+    for f in ["run.json", "checkpoint/state.json"] {
+        let p = out.join(f);
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.contains("keep_dropout"), "{f} has no keep_dropout");
+        let mut v: Value = serde_json::from_str(&text).unwrap();
+        fn strip(v: &mut Value) {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("keep_dropout");
+                o.values_mut().for_each(strip);
+            }
+        }
+        strip(&mut v);
+        std::fs::write(&p, v.to_string()).unwrap();
+    }
+    let o = call(&["--resume"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("resume with --keep-dropout"), "{err}");
+    assert!(call(&["--resume", "--keep-dropout"]).status.success());
+    assert_eq!(jsonl(&out.join("metrics.jsonl")).len(), 3);
 }
 
 /// With the reference = the initial adapter (TRL's default when handed a trained

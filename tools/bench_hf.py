@@ -25,7 +25,8 @@ lm_head stay bf16. peft's prepare_model_for_kbit_training is NOT called (it woul
 bf16 embeddings/norms/lm_head to f32). If bitsandbytes does not import or its 4-bit matmul
 fails on the device, the run falls back to bf16 LoRA and says `peft=lora(qlora-unavailable: <why>)`
 (<why> is short and holds no '=', quotes or parentheses; it does hold spaces).
-LoRA (peft): r, alpha, dropout on --targets, bias "none". The adapter weights are f32: peft's
+LoRA (peft): r, alpha, dropout on --targets, bias "none" (dpo: dropout set to 0 after
+get_peft_model, as TRL's DPOTrainer does by default; --keep-dropout keeps it). The adapter weights are f32: peft's
 get_peft_model(autocast_adapter_dtype=True), its default, upcasts bf16 adapters to f32; the
 script checks this. The step runs under torch.autocast(bf16), as HF Trainer(bf16=True) does,
 so the adapter matmuls run in bf16 and the f32 master weights get the update.
@@ -105,6 +106,11 @@ def parse_args(argv):
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=None, help="default 2*rank")
     ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument(
+        "--keep-dropout",
+        action="store_true",
+        help="dpo: keep lora_dropout active (TRL's DPOTrainer sets every nn.Dropout's p to 0 by default)",
+    )
     ap.add_argument("--targets", default=",".join(PROJ))
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
@@ -338,6 +344,12 @@ def run(a, torch, dev, gpu):
     )
     model = peft.get_peft_model(model, lcfg)  # autocast_adapter_dtype=True (default): f32 adapters
     model.train()
+    if a.method == "dpo" and not a.keep_dropout:
+        # TRL's DPOTrainer default (DPOConfig.disable_dropout=True): p = 0 on every
+        # nn.Dropout of the policy, peft's lora_dropout included.
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
     trainable = [p for p in model.parameters() if p.requires_grad]
     dtypes = sorted({str(p.dtype) for p in trainable})
     if dtypes != ["torch.float32"]:
@@ -416,7 +428,9 @@ def run(a, torch, dev, gpu):
     )
     print(
         f"shape {a.shape} ({type(model.get_base_model()).__name__}), attn {a.attn}, device {gpu}, "
-        f"peft {peft_desc}, r={a.rank} alpha={a.alpha:g} dropout={a.dropout:g} targets={','.join(a.targets)}, "
+        f"peft {peft_desc}, r={a.rank} alpha={a.alpha:g} dropout={a.dropout:g}"
+        f"{' (off in training, as TRL DPO)' if a.method == 'dpo' and not a.keep_dropout else ''} "
+        f"targets={','.join(a.targets)}, "
         f"gradient checkpointing {'on' if a.gradient_checkpointing else 'off'}"
     )
     if a.method == "dpo":

@@ -61,6 +61,9 @@ pub struct TrainBench {
     alpha: Option<f32>,
     #[arg(long, default_value_t = 0.05)]
     dropout: f32,
+    /// DPO: apply --dropout in training (by default DPO trains without, as TRL does).
+    #[arg(long)]
+    keep_dropout: bool,
     #[arg(long, default_value = "all")]
     targets: String,
     /// Micro-batches per step (gradient accumulation).
@@ -291,6 +294,9 @@ fn settings(b: &TrainBench, method: Method) -> Result<Settings> {
     ] {
         argv.push(flag.into());
         argv.push(v);
+    }
+    if b.keep_dropout {
+        argv.push("--keep-dropout".into());
     }
     let p = P::try_parse_from(argv)
         .map_err(|e| bad(e.to_string().lines().next().unwrap_or("").to_string()))?;

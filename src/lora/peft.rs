@@ -20,6 +20,12 @@ fn key(layer: usize, proj: &str, ab: &str) -> String {
     format!("base_model.model.model.layers.{layer}.{block}.{proj}.lora_{ab}.weight")
 }
 
+/// An f32 setting as the Python float it came from: 0.05, not the f32's exact
+/// 0.05000000074505806.
+fn py_float(x: f32) -> Value {
+    json!(x.to_string().parse::<f64>().unwrap_or(x as f64))
+}
+
 /// adapter_config.json as PEFT writes it for a LoRA on a causal LM.
 pub fn config_json(cfg: &LoraConfig, base_model: &str) -> Value {
     json!({
@@ -29,8 +35,8 @@ pub fn config_json(cfg: &LoraConfig, base_model: &str) -> Value {
         "fan_in_fan_out": false,
         "inference_mode": true,
         "init_lora_weights": true,
-        "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout,
+        "lora_alpha": py_float(cfg.alpha),
+        "lora_dropout": py_float(cfg.dropout),
         "modules_to_save": null,
         "peft_type": "LORA",
         "r": cfg.r,
@@ -274,6 +280,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v.as_object().unwrap().len(), 17, "exactly PEFT's fields");
+        // The decimal the user gave, as peft writes its Python float (not the f32's
+        // 0.05000000074505806).
+        assert_eq!(v["lora_dropout"], json!(0.05));
         // a rank that disagrees with the tensors is refused
         let mut v2 = v.clone();
         v2["r"] = json!(8);

@@ -131,6 +131,11 @@ pub struct TrainArgs {
     /// Compute reference log-probs once before training and store them in --out.
     #[arg(long)]
     pub precompute_ref: bool,
+    /// Apply --dropout while training DPO. By default DPO trains without dropout, as
+    /// TRL's DPOTrainer does (`disable_dropout`, default true); adapter_config.json keeps
+    /// the --dropout value either way.
+    #[arg(long)]
+    pub keep_dropout: bool,
 }
 
 /// Every resolved setting of a run; serialized into run.json and the checkpoint, and
@@ -169,6 +174,10 @@ pub struct Settings {
     pub loss: Option<String>,
     pub ref_adapter: Option<String>,
     pub precompute_ref: bool,
+    /// DPO: whether `dropout` is applied in training (`--keep-dropout`); `None` for SFT,
+    /// which always applies it (and for DPO runs from before the flag, which did).
+    #[serde(default)]
+    pub keep_dropout: Option<bool>,
     pub eval_data: Vec<String>,
     pub eval_every: usize,
 }
@@ -279,8 +288,9 @@ impl Settings {
                     || a.loss.is_some()
                     || a.ref_adapter.is_some()
                     || a.precompute_ref
+                    || a.keep_dropout
                 {
-                    return Err(bad("--beta, --label-smoothing, --loss, --ref-adapter and --precompute-ref are for `palign dpo`"));
+                    return Err(bad("--beta, --label-smoothing, --loss, --ref-adapter, --precompute-ref and --keep-dropout are for `palign dpo`"));
                 }
                 (None, None, None)
             }
@@ -331,6 +341,7 @@ impl Settings {
             loss,
             ref_adapter: a.ref_adapter.as_deref().map(path_str),
             precompute_ref: a.precompute_ref,
+            keep_dropout: (method == Method::Dpo).then_some(a.keep_dropout),
             eval_data: a.eval_data.clone(),
             eval_every: a.eval_every,
         };
@@ -348,6 +359,17 @@ impl Settings {
             dropout: self.dropout,
             targets: self.targets.clone(),
             use_rslora: false,
+        }
+    }
+
+    /// The adapter dropout applied in training: `dropout`, except for DPO without
+    /// `--keep-dropout`. TRL's DPOTrainer sets p = 0 on every `nn.Dropout` of the policy
+    /// (peft's lora_dropout included) unless `disable_dropout=False` (trl 1.16,
+    /// `DPOConfig.disable_dropout` and `trainer/utils.py::disable_dropout_in_model`).
+    pub fn train_dropout(&self) -> f32 {
+        match (self.method, self.keep_dropout) {
+            (Method::Dpo, Some(false)) => 0.0,
+            _ => self.dropout,
         }
     }
 

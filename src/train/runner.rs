@@ -173,7 +173,7 @@ pub(crate) fn shared_tokens(ex: &Examples, idx: &[usize], s: &Settings) -> (usiz
     let (mut policy, mut reference) = (0, 0);
     for chunk in idx.chunks((s.batch_size / s.grad_accum).max(1)) {
         let seqs = micro_seqs(ex, chunk);
-        let b = batch(&seqs, s.dropout > 0.0);
+        let b = batch(&seqs, s.train_dropout() > 0.0);
         policy += b.tokens - b.ids.len();
         if matches!(ex, Examples::Pref(_)) {
             let r = SeqBatch::sharing_prefixes(&seqs);
@@ -298,7 +298,8 @@ fn train_step(
     let s = ctx.s;
     let norm = step_norm(ex, idx);
     let mut grads = weights.zero_grads()?;
-    let mut dropout = (s.dropout > 0.0).then(|| Dropout::new(s.dropout, s.seed, step as u64));
+    let p = s.train_dropout();
+    let mut dropout = (p > 0.0).then(|| Dropout::new(p, s.seed, step as u64));
     let mut acc = StepOut::default();
     for chunk in idx.chunks(s.batch_size / s.grad_accum) {
         add_out(
@@ -460,6 +461,10 @@ fn same_settings(saved: &Settings, s: &Settings, out: &Path) -> Result<()> {
     let mut saved = saved.clone();
     saved.eval_every = s.eval_every;
     saved.eval_data = s.eval_data.clone();
+    if saved.method == crate::train::Method::Dpo && saved.keep_dropout.is_none() {
+        // A DPO run from before --keep-dropout, which applied --dropout in training.
+        saved.keep_dropout = Some(true);
+    }
     if &saved == s {
         return Ok(());
     }
@@ -475,8 +480,13 @@ fn same_settings(saved: &Settings, s: &Settings, out: &Path) -> Result<()> {
                 .map(|(k, _)| k.clone())
         })
         .unwrap_or_default();
+    let hint = if field == "keep_dropout" && saved.keep_dropout == Some(true) {
+        " (that run applied --dropout in DPO training: resume with --keep-dropout)"
+    } else {
+        ""
+    };
     Err(bad(format!(
-        "--resume: setting `{field}` differs from the run in {}",
+        "--resume: setting `{field}` differs from the run in {}{hint}",
         out.display()
     )))
 }
