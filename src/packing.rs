@@ -81,6 +81,10 @@ impl Packing {
     /// a plain sequence of `prefix + branch` tokens; when no group shares, this is
     /// `from_lengths` of the group sizes.
     pub fn with_prefixes(groups: &[Group]) -> Self {
+        assert!(
+            groups.iter().all(|g| !g.branches.is_empty()),
+            "a prefix group needs a branch"
+        );
         let mut pack = Packing::from_lengths(&groups.iter().map(Group::tokens).collect::<Vec<_>>());
         if !groups.iter().any(Group::shares) {
             return pack;
@@ -121,6 +125,7 @@ impl Packing {
         pack
     }
 
+    /// Sequences; groups, with shared prefixes.
     pub fn n_seqs(&self) -> usize {
         self.offsets.len() - 1
     }

@@ -58,6 +58,7 @@ fn bench_train_prints_the_line_and_trains() {
     assert_eq!(field(&line, "seq"), "32");
     assert!(field(&line, "tokens_per_s").parse::<f64>().unwrap() > 0.0);
     assert_eq!(field(&line, "mfu"), "nan");
+    assert_eq!(field(&line, "mfu_run"), "nan");
     assert_eq!(field(&line, "gpu"), "\"cpu\"");
     // 1 warm-up + 2 timed steps; random weights on a 512-token vocabulary start near
     // ln 512 and the loss moves with training.

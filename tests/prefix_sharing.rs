@@ -20,15 +20,16 @@ fn ids(n: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-/// Three DPO-like pairs: the first two share a 12-token prompt, and the first pair's
-/// completions also share their first two tokens (the shared prefix runs past the
-/// prompt); then one sequence alone.
+/// Two groups sharing a 12-token prompt: a pair whose completions also share their
+/// first two tokens (the shared prefix runs past the prompt), and three completions of
+/// one prompt; then one sequence alone.
 fn seqs() -> Vec<ScoreSeq> {
     let mut out = Vec::new();
-    for (pair, (pl, lc, lr)) in [(12, 6, 9), (12, 5, 3)].into_iter().enumerate() {
+    for (pair, lens) in [vec![6, 9], vec![5, 3, 7]].into_iter().enumerate() {
+        let pl = 12;
         let prompt = ids(pl, 10 + pair as u64);
         let common = ids(2, 20);
-        for (b, len) in [lc, lr].into_iter().enumerate() {
+        for (b, len) in lens.into_iter().enumerate() {
             let mut v = prompt.clone();
             if pair == 0 {
                 v.extend(&common);
@@ -60,8 +61,9 @@ fn model(name: &str) -> Model {
 fn shared_batches_compute_each_prefix_once_and_score_the_same_targets() {
     let s = seqs();
     let (plain, shared) = (SeqBatch::new(&s), SeqBatch::sharing_prefixes(&s));
-    // Pair 0 shares its 12-token prompt and 2 common tokens, pair 1 its prompt.
-    assert_eq!(plain.ids.len(), shared.ids.len() + 14 + 12);
+    // Pair 0 shares its 12-token prompt and 2 common tokens; group 1's prompt is
+    // computed once instead of three times.
+    assert_eq!(plain.ids.len(), shared.ids.len() + 14 + 2 * 12);
     assert_eq!(
         (plain.tokens, shared.tokens),
         (plain.ids.len(), plain.ids.len())
@@ -69,12 +71,9 @@ fn shared_batches_compute_each_prefix_once_and_score_the_same_targets() {
     assert_eq!(shared.targets, plain.targets);
     assert_eq!(shared.counts, plain.counts);
     assert!(shared.pack.prefixes().is_some());
-    // The two completions of pair 1 are predicted first from the same prompt row.
-    let first_r = plain.counts[..3].iter().sum::<usize>();
-    assert_eq!(
-        shared.rows[plain.counts[..2].iter().sum::<usize>()],
-        shared.rows[first_r]
-    );
+    // The three completions of group 1 are predicted first from the same prompt row.
+    let first = |k: usize| shared.rows[plain.counts[..k].iter().sum::<usize>()];
+    assert_eq!((first(2), first(2)), (first(3), first(4)));
     // Every target is predicted from a row holding the same token at the same position.
     let (pp, sp) = (plain.pack.positions(), shared.pack.positions());
     for (&a, &b) in plain.rows.iter().zip(&shared.rows) {
@@ -124,6 +123,27 @@ fn lp_plain(m: &Model, b: &SeqBatch) -> Vec<f32> {
         .forward(None, &b.ids, &b.pack, &b.rows, &b.targets, None, false)
         .unwrap();
     palign::ops::to_host(&lp).unwrap()
+}
+
+#[test]
+fn a_few_shared_tokens_are_not_worth_the_expanded_attention() {
+    // Two 100-token sequences sharing their first 3 tokens: 3 of 200 is under 1/32.
+    let mut a = ids(100, 70);
+    let mut b = ids(100, 71);
+    b[..3].copy_from_slice(&a[..3]);
+    a[3] = b[3] + 1;
+    let s = [a, b].map(|ids| ScoreSeq {
+        ids,
+        prompt_len: 50,
+    });
+    let batch = SeqBatch::sharing_prefixes(&s);
+    assert!(batch.pack.prefixes().is_none());
+    assert_eq!(batch.ids.len(), 200);
+    // With 8 shared tokens (8 · 32 ≥ 200) they share.
+    let mut s = s;
+    let head: Vec<u32> = s[0].ids[..8].to_vec();
+    s[1].ids[..8].copy_from_slice(&head);
+    assert_eq!(SeqBatch::sharing_prefixes(&s).ids.len(), 192);
 }
 
 #[test]

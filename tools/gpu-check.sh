@@ -262,12 +262,12 @@ if want train && [ -x "$HERE/palign" ]; then
     echo >>"$REPORT"
     echo "## training step (palign bench train vs tools/bench_hf.py)" >>"$REPORT"
     # PALIGN_TRAIN_CONFIGS="sft qlora none,dpo qlora full" picks configs (method peft
-    # recompute [VAR=value ...] [--flag=value ...]); the VAR=value words are set for
+    # recompute [VAR=value ...] [--flag[=value] ...]); the VAR=value words are set for
     # palign only, e.g. "sft qlora none PALIGN_LORA_DROP=unfused" to time a kernel choice,
-    # and --flag=value words are added to palign's bench command, e.g. "dpo qlora full
-    # --dropout=0" (no dropout: the policy pass shares each pair's prompt too, as the
-    # reference pass always does). The Python side runs once per (method, peft,
-    # checkpointing) and is reused by later configs.
+    # and --flag words go to palign's bench command as they are, e.g. "dpo qlora full
+    # --keep-dropout" (dropout kept in DPO: the policy pass cannot share each pair's
+    # prompt). The Python side runs once per (method, peft, checkpointing) and is reused
+    # by later configs.
     IFS=, read -r -a configs <<<"${PALIGN_TRAIN_CONFIGS:-sft qlora none,dpo qlora full,sft lora none,dpo lora full}"
     declare -A hf_done=()
     for cfg in "${configs[@]}"; do
@@ -277,7 +277,7 @@ if want train && [ -x "$HERE/palign" ]; then
         envs=() flags=()
         for w in "$@"; do
             case "$w" in
-            --*=*) flags+=("${w%%=*}" "${w#*=}") ;;
+            --*) flags+=("$w") ;;
             *) envs+=("$w") ;;
             esac
         done

@@ -325,7 +325,12 @@ fn linear_params(cfg: &ModelConfig) -> f64 {
             o * i
         })
         .sum();
-    (cfg.num_layers * per_layer + cfg.vocab_size * cfg.hidden_size) as f64
+    (cfg.num_layers * per_layer) as f64 + lm_head_params(cfg)
+}
+
+/// The lm_head's weights (vocab × hidden).
+fn lm_head_params(cfg: &ModelConfig) -> f64 {
+    (cfg.vocab_size * cfg.hidden_size) as f64
 }
 
 /// Model FLOPs of one step (DESIGN.md's 4N per token plus attention; the formula of
@@ -344,6 +349,14 @@ pub fn step_flops(cfg: &ModelConfig, method: Method, batch: usize, seq: usize) -
             t * 4.0 * n + 2.0 * b * l * 3.5 * attn_f + t * 2.0 * n + 2.0 * b * l * attn_f
         }
     }
+}
+
+/// `step_flops` less the decoder layers' FLOPs of rows computed once for several
+/// sequences (`shared_policy` rows forward + backward, 4 per weight; `shared_ref`
+/// forward only, 2). The lm_head is not taken off: no prompt row runs it in any case.
+fn run_flops(cfg: &ModelConfig, step: f64, shared_policy: usize, shared_ref: usize) -> f64 {
+    let layers = linear_params(cfg) - lm_head_params(cfg);
+    step - layers * (4 * shared_policy + 2 * shared_ref) as f64
 }
 
 pub fn run(args: &Args, common: &Common) -> Result<()> {
@@ -401,15 +414,17 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     } else {
         "cpu".to_string()
     };
-    // A prompt shared by a DPO pair is computed once (the reference pass always, the
-    // policy pass without dropout): those rows' linear FLOPs are not done, so MFU counts
-    // only the FLOPs run, while tokens/s counts every sequence's tokens, as the Python
-    // stack processes them. (Attention still runs each branch whole; its FLOPs stay.)
+    // `mfu`: the model FLOPs of every sequence's tokens, the figure tools/bench_hf.py
+    // prints. A prompt shared by a DPO pair is computed once (both passes, unless
+    // --keep-dropout), so `mfu_run` leaves out its rows' decoder-layer FLOPs (lm_head
+    // never runs on prompt rows; attention still runs each branch whole).
     let all: Vec<usize> = (0..b.batch_size).collect();
     let (shared_policy, shared_ref) = runner::shared_tokens(&ex, &all, &s);
-    let flops = step_flops(&model.cfg, method, b.batch_size, b.seq_len)
-        - linear_params(&model.cfg) * (4 * shared_policy + 2 * shared_ref) as f64;
-    let mfu = peak_tflops(&gpu_name).map(|p| flops / median / (p * 1e12));
+    let flops = step_flops(&model.cfg, method, b.batch_size, b.seq_len);
+    let flops_run = run_flops(&model.cfg, flops, shared_policy, shared_ref);
+    let peak = peak_tflops(&gpu_name);
+    let mfu = peak.map(|p| flops / median / (p * 1e12));
+    let mfu_run = peak.map(|p| flops_run / median / (p * 1e12));
     let peak_gib = out.peak_bytes.map(|x| x as f64 / (1u64 << 30) as f64);
     eprintln!(
         "palign bench train: {} {} {} batch {} x {} tokens, rank {}, recompute {}, {} timed steps on {gpu_name}",
@@ -447,7 +462,7 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     }
     let f = |x: Option<f64>, prec: usize| x.map_or("nan".to_string(), |v| format!("{v:.prec$}"));
     println!(
-        "BENCH_TRAIN impl=palign shape={} method={} peft={} batch={} seq={} rank={} tokens_per_s={:.1} step_ms={:.2} peak_mem_gib={} mfu={} shared_tokens={}+{} gpu=\"{gpu_name}\"",
+        "BENCH_TRAIN impl=palign shape={} method={} peft={} batch={} seq={} rank={} tokens_per_s={:.1} step_ms={:.2} peak_mem_gib={} mfu={} mfu_run={} shared_tokens={}+{} gpu=\"{gpu_name}\"",
         b.shape,
         b.method,
         s.peft,
@@ -458,6 +473,7 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         median * 1e3,
         f(peak_gib, 3),
         f(mfu, 4),
+        f(mfu_run, 4),
         shared_policy,
         shared_ref,
     );
@@ -489,6 +505,18 @@ mod tests {
         // attention; so between 3× and 3.2× the SFT step of the same batch.
         let dpo = step_flops(&cfg, Method::Dpo, 16, 512);
         assert!(dpo / sft > 2.99 && dpo / sft < 3.2, "{}", dpo / sft);
+    }
+
+    #[test]
+    fn flops_run_leave_out_the_shared_rows_decoder_layers() {
+        // Mistral-7B's decoder layers hold 7.11e9 − 32000·4096 ≈ 6.98e9 weights (the
+        // model card's count less both embedding-sized matrices, as above).
+        let cfg = config("mistral-7b").unwrap();
+        let step = step_flops(&cfg, Method::Dpo, 16, 512);
+        assert_eq!(run_flops(&cfg, step, 0, 0), step);
+        let (p, r) = (16 * 256, 16 * 256);
+        let per_weight = (step - run_flops(&cfg, step, p, r)) / (4 * p + 2 * r) as f64;
+        assert!((per_weight / 6.98e9 - 1.0).abs() < 0.01, "{per_weight:e}");
     }
 
     #[test]

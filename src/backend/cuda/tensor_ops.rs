@@ -649,13 +649,13 @@ pub fn scatter_add_rows(dst: &mut Tensor, rows: &[usize], src: &Tensor) -> Resul
 /// `None` when the rows are distinct; else passes of (positions in `rows`, their rows),
 /// pass k holding every row's (k+1)-th occurrence.
 fn distinct_passes(rows: &[usize]) -> Option<Vec<(Vec<usize>, Vec<usize>)>> {
-    let mut seen = std::collections::HashMap::with_capacity(rows.len());
+    // A count per row: this runs on every device scatter, once per layer and more.
+    let mut seen = vec![0u32; rows.iter().max().map_or(0, |&m| m + 1)];
     let pass: Vec<usize> = rows
         .iter()
         .map(|&r| {
-            let n = seen.entry(r).or_insert(0usize);
-            *n += 1;
-            *n - 1
+            seen[r] += 1;
+            seen[r] as usize - 1
         })
         .collect();
     let n_passes = pass.iter().max().map_or(0, |&m| m + 1);
