@@ -388,16 +388,17 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     } else {
         None
     };
-    let seqs = (b.batch_size / b.grad_accum.max(1)) * if method == Method::Dpo { 2 } else { 1 };
+    let ex = examples(method, b.batch_size, b.seq_len, model.cfg.vocab_size);
+    let all: Vec<usize> = (0..b.batch_size).collect();
+    let (rows, tokens) = runner::largest_micro_batch(&ex, [all.clone()], &s);
     model.recompute = crate::train::memplan::resolve(
         &b.recompute,
         &model.cfg,
-        seqs * b.seq_len,
+        crate::train::memplan::MicroBatch { rows, tokens },
         s.rank * s.targets.len(),
         available,
         common.quiet,
     )?;
-    let ex = examples(method, b.batch_size, b.seq_len, model.cfg.vocab_size);
     let out = runner::bench(&model, &s, &ex, device, b.warmup, b.steps)?;
 
     let mut sorted = out.step_secs.clone();
@@ -418,7 +419,6 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     // prints. A prompt shared by a DPO pair is computed once (both passes, unless
     // --keep-dropout), so `mfu_run` leaves out its rows' decoder-layer FLOPs (lm_head
     // never runs on prompt rows; attention still runs each branch whole).
-    let all: Vec<usize> = (0..b.batch_size).collect();
     let (shared_policy, shared_ref) = runner::shared_tokens(&ex, &all, &s);
     let flops = step_flops(&model.cfg, method, b.batch_size, b.seq_len);
     let flops_run = run_flops(&model.cfg, flops, shared_policy, shared_ref);

@@ -845,13 +845,17 @@ impl SeqBatch {
     /// shared tokens are under 1/32 of the batch (the attention's gathers would cost more
     /// than they save) or sharing is turned off.
     pub fn sharing_prefixes(seqs: &[ScoreSeq]) -> Self {
-        let groups = prefix_groups(seqs);
-        let saved: usize = groups.iter().map(|&(n, p)| (n - 1) * p).sum();
-        let total: usize = seqs.iter().map(|s| s.ids.len()).sum();
-        if !prefix_sharing_enabled() || saved * 32 < total {
-            return Self::new(seqs);
+        let ids: Vec<&[u32]> = seqs.iter().map(|s| s.ids.as_slice()).collect();
+        match shared_groups(&ids) {
+            Some(groups) => Self::grouped(seqs, &groups),
+            None => Self::new(seqs),
         }
-        Self::grouped(seqs, &groups)
+    }
+
+    /// The token rows `sharing_prefixes` would save on sequences with these ids (0 when
+    /// it would not share), without building the batch.
+    pub fn prefix_saving(ids: &[&[u32]]) -> usize {
+        shared_groups(ids).map_or(0, |g| saving(&g))
     }
 
     /// Packs `groups[g] = (n, prefix)`: the next n sequences, whose first `prefix` ids
@@ -926,7 +930,7 @@ impl SeqBatch {
 /// least the run's and at least its common prefix with the sequence after it (so in
 /// chosen/rejected pairs, a chosen whose prompt differs from its rejected's still pairs
 /// with the right one). Every sequence keeps at least one token of its own.
-fn prefix_groups(seqs: &[ScoreSeq]) -> Vec<(usize, usize)> {
+fn prefix_groups(seqs: &[&[u32]]) -> Vec<(usize, usize)> {
     let common = |a: &[u32], b: &[u32]| {
         let n = a.iter().zip(b).take_while(|(x, y)| x == y).count();
         n.min(a.len().saturating_sub(1))
@@ -935,11 +939,11 @@ fn prefix_groups(seqs: &[ScoreSeq]) -> Vec<(usize, usize)> {
     let mut groups = Vec::new();
     let mut i = 0;
     while i < seqs.len() {
-        let root = &seqs[i].ids;
+        let root = seqs[i];
         let (mut j, mut prefix) = (i + 1, usize::MAX);
         while j < seqs.len() {
-            let l = common(root, &seqs[j].ids);
-            let with_next = seqs.get(j + 1).map_or(0, |n| common(&seqs[j].ids, &n.ids));
+            let l = common(root, seqs[j]);
+            let with_next = seqs.get(j + 1).map_or(0, |n| common(seqs[j], n));
             if l == 0 || l < with_next || (prefix != usize::MAX && l < prefix) {
                 break;
             }
@@ -950,6 +954,18 @@ fn prefix_groups(seqs: &[ScoreSeq]) -> Vec<(usize, usize)> {
         i = j;
     }
     groups
+}
+
+fn saving(groups: &[(usize, usize)]) -> usize {
+    groups.iter().map(|&(n, p)| (n - 1) * p).sum()
+}
+
+/// `prefix_groups` when sharing them is worth it: on, and saving at least 1/32 of the
+/// tokens (below that the attention's gathers cost more than they save).
+fn shared_groups(ids: &[&[u32]]) -> Option<Vec<(usize, usize)>> {
+    let groups = prefix_groups(ids);
+    let total: usize = ids.iter().map(|s| s.len()).sum();
+    (prefix_sharing_enabled() && saving(&groups) * 32 >= total).then_some(groups)
 }
 
 /// Dropout on adapter inputs (PEFT's `lora_dropout`): keep with probability 1−p and

@@ -62,16 +62,45 @@ pub fn working_bytes(cfg: &ModelConfig, tokens: usize) -> u64 {
     tokens as u64 * per_token + FIXED_WORK
 }
 
+/// The transient peak of a layer's attention backward over shared prefixes, whose
+/// inputs and gradients live in the expanded layout of `tokens` rows: q, k, v, o and dO
+/// gathered there, dQ/dK/dV there, and the kernel's f32 dQ accumulator.
+pub fn attention_working_bytes(cfg: &ModelConfig, tokens: usize) -> u64 {
+    let hq = (cfg.num_heads * cfg.head_dim) as u64;
+    let kv = (cfg.num_kv_heads * cfg.head_dim) as u64;
+    let per_token = (3 * hq + 2 * kv) * BF16 + (hq + 2 * kv) * BF16 + hq * F32;
+    tokens as u64 * per_token + FIXED_WORK
+}
+
+/// The micro-batch a plan must hold: `rows` token rows computed (a prompt shared by a
+/// DPO pair counted once), `tokens` before sharing (the rows attention expands to).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MicroBatch {
+    pub rows: usize,
+    pub tokens: usize,
+}
+
+impl MicroBatch {
+    /// A micro-batch without shared prompts.
+    pub fn plain(tokens: usize) -> Self {
+        MicroBatch {
+            rows: tokens,
+            tokens,
+        }
+    }
+}
+
 /// The first of none, attention, full whose estimate fits `available` bytes (with
 /// headroom); `full` when none does. Also returns the estimate of the chosen plan.
 pub fn choose(
     cfg: &ModelConfig,
-    tokens: usize,
+    mb: MicroBatch,
     rank_sum: usize,
     available: u64,
 ) -> (Recompute, u64) {
     let budget = (available as f64 * (1.0 - HEADROOM)) as u64;
-    let need = |p| saved_bytes(cfg, p, tokens, rank_sum) + working_bytes(cfg, tokens);
+    let working = working_bytes(cfg, mb.rows).max(attention_working_bytes(cfg, mb.tokens));
+    let need = |p| saved_bytes(cfg, p, mb.rows, rank_sum) + working;
     for plan in [Recompute::None, Recompute::Attention] {
         if need(plan) <= budget {
             return (plan, need(plan));
@@ -85,7 +114,7 @@ pub fn choose(
 pub fn resolve(
     arg: &str,
     cfg: &ModelConfig,
-    tokens: usize,
+    mb: MicroBatch,
     rank_sum: usize,
     available: Option<u64>,
     quiet: bool,
@@ -96,12 +125,18 @@ pub fn resolve(
     let Some(available) = available else {
         return Ok(Recompute::None);
     };
-    let (plan, need) = choose(cfg, tokens, rank_sum, available);
+    let (plan, need) = choose(cfg, mb, rank_sum, available);
     if !quiet {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let shared = if mb.rows < mb.tokens {
+            format!(" ({} before shared prompts)", mb.tokens)
+        } else {
+            String::new()
+        };
         eprintln!(
-            "memory: --recompute auto chose {} for {tokens} tokens per micro-batch (about {:.1} GiB of activations, {:.1} GiB available)",
+            "memory: --recompute auto chose {} for {} token rows in the largest micro-batch{shared} (about {:.1} GiB of activations, {:.1} GiB available)",
             plan.name(),
+            mb.rows,
             gib(need),
             gib(available)
         );
@@ -160,19 +195,19 @@ mod tests {
     fn resolve_reads_names_and_keeps_none_on_the_cpu() {
         let cfg = mistral();
         assert_eq!(
-            resolve("auto", &cfg, 8192, 112, None, true).unwrap(),
+            resolve("auto", &cfg, MicroBatch::plain(8192), 112, None, true).unwrap(),
             Recompute::None
         );
         assert_eq!(
-            resolve("full", &cfg, 8192, 112, None, true).unwrap(),
+            resolve("full", &cfg, MicroBatch::plain(8192), 112, None, true).unwrap(),
             Recompute::Full
         );
         let small = Some(8u64 << 30);
         assert_eq!(
-            resolve("auto", &cfg, 8192, 112, small, true).unwrap(),
+            resolve("auto", &cfg, MicroBatch::plain(8192), 112, small, true).unwrap(),
             Recompute::Full
         );
-        let e = resolve("some", &cfg, 8192, 112, None, true)
+        let e = resolve("some", &cfg, MicroBatch::plain(8192), 112, None, true)
             .unwrap_err()
             .to_string();
         assert!(e.contains("--recompute") && e.contains("auto"), "{e}");
@@ -188,14 +223,40 @@ mod tests {
         assert!(none > attn && attn > full, "{none} {attn} {full}");
         let gib = |g: f64| (g * GIB) as u64;
         // An 80 GB card after the weights: everything saved.
-        assert_eq!(choose(&cfg, t, r, gib(74.0)).0, Recompute::None);
+        assert_eq!(
+            choose(&cfg, MicroBatch::plain(t), r, gib(74.0)).0,
+            Recompute::None
+        );
         // A 40 GB A100 after ~5 GiB of weights: SFT at 8192 tokens must recompute.
-        let (plan, need) = choose(&cfg, t, r, gib(34.0));
+        let (plan, need) = choose(&cfg, MicroBatch::plain(t), r, gib(34.0));
         assert_ne!(plan, Recompute::None);
         assert!(need as f64 <= 34.0 * GIB * (1.0 - HEADROOM) || plan == Recompute::Full);
         // The paper's DPO (16 pairs x 2 x 512 policy tokens) on that card: full.
-        assert_eq!(choose(&cfg, 16384, r, gib(34.0)).0, Recompute::Full);
+        assert_eq!(
+            choose(&cfg, MicroBatch::plain(16384), r, gib(34.0)).0,
+            Recompute::Full
+        );
+        // With real data the largest micro-batch is far below 16 × 2 × 512: 8000 tokens
+        // of which 3000 are prompt rows shared by a pair fit on that card with `none`.
+        let mb = MicroBatch {
+            rows: 5000,
+            tokens: 8000,
+        };
+        assert_eq!(choose(&cfg, mb, r, gib(34.0)).0, Recompute::None);
+        // The expanded attention's working set grows with the tokens before sharing.
+        let few = MicroBatch {
+            rows: 1000,
+            tokens: 1000,
+        };
+        let many = MicroBatch {
+            rows: 1000,
+            tokens: 16384,
+        };
+        assert!(choose(&cfg, many, r, gib(74.0)).1 > choose(&cfg, few, r, gib(74.0)).1);
         // Nothing fits: full, the smallest.
-        assert_eq!(choose(&cfg, t, r, gib(1.0)).0, Recompute::Full);
+        assert_eq!(
+            choose(&cfg, MicroBatch::plain(t), r, gib(1.0)).0,
+            Recompute::Full
+        );
     }
 }

@@ -167,20 +167,59 @@ fn micro_seqs(ex: &Examples, idx: &[usize]) -> Vec<ScoreSeq> {
     }
 }
 
+/// The token ids of `micro_seqs`, borrowed.
+fn micro_ids<'e>(ex: &'e Examples, idx: &[usize]) -> Vec<&'e [u32]> {
+    match ex {
+        Examples::Sft(v) => idx.iter().map(|&i| v[i].ids.as_slice()).collect(),
+        Examples::Pref(v) => idx
+            .iter()
+            .flat_map(|&i| [v[i].chosen.ids.as_slice(), v[i].rejected.ids.as_slice()])
+            .collect(),
+    }
+}
+
+/// Token rows a micro-batch of these ids computes in the policy pass (`batch`'s rule).
+fn policy_saving(ids: &[&[u32]], s: &Settings) -> usize {
+    if s.train_dropout() > 0.0 {
+        0
+    } else {
+        SeqBatch::prefix_saving(ids)
+    }
+}
+
 /// Token rows a training step over `idx` computes once instead of once per sequence
 /// (shared prompts), as (policy pass, reference pass): the reference never has dropout.
 pub(crate) fn shared_tokens(ex: &Examples, idx: &[usize], s: &Settings) -> (usize, usize) {
     let (mut policy, mut reference) = (0, 0);
-    for chunk in idx.chunks((s.batch_size / s.grad_accum).max(1)) {
-        let seqs = micro_seqs(ex, chunk);
-        let b = batch(&seqs, s.train_dropout() > 0.0);
-        policy += b.tokens - b.ids.len();
+    for chunk in idx.chunks(s.batch_size / s.grad_accum) {
+        let ids = micro_ids(ex, chunk);
+        policy += policy_saving(&ids, s);
         if matches!(ex, Examples::Pref(_)) {
-            let r = SeqBatch::sharing_prefixes(&seqs);
-            reference += r.tokens - r.ids.len();
+            reference += SeqBatch::prefix_saving(&ids);
         }
     }
     (policy, reference)
+}
+
+/// The largest training micro-batch of the steps whose examples `steps` yields, as
+/// (token rows the policy pass computes, tokens before prompts are shared: the rows
+/// attention expands to), each the maximum over the micro-batches: what the memory
+/// plan must hold.
+pub(crate) fn largest_micro_batch(
+    ex: &Examples,
+    steps: impl IntoIterator<Item = Vec<usize>>,
+    s: &Settings,
+) -> (usize, usize) {
+    let mut most = (0, 0);
+    for idx in steps {
+        for chunk in idx.chunks(s.batch_size / s.grad_accum) {
+            let ids = micro_ids(ex, chunk);
+            let tokens: usize = ids.iter().map(|x| x.len()).sum();
+            most.0 = most.0.max(tokens - policy_saving(&ids, s));
+            most.1 = most.1.max(tokens);
+        }
+    }
+    most
 }
 
 struct Ctx<'a> {
@@ -647,16 +686,24 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
         TrainWeights::Cpu { adapter, opt }
     };
     // The plan, once the weights are on the device (`auto` looks at what is left), for the
-    // longest micro-batch the settings allow (DPO: chosen + rejected).
+    // largest micro-batch this run will train on (packed without padding, prompts shared
+    // where the pass allows; usually far below batch × --max-length).
     let available = match device {
         Device::Cuda => Some(crate::backend::cuda::Gpu::get()?.available_bytes()? as u64),
         Device::Cpu => None,
     };
-    let seqs = (s.batch_size / s.grad_accum) * if method == Method::Dpo { 2 } else { 1 };
+    let n = ex.len();
+    let mut cache = None;
+    let steps = (start..s.steps).map(|step| {
+        (0..s.batch_size)
+            .map(|k| sample_index(step * s.batch_size + k, n, &s, &mut cache))
+            .collect()
+    });
+    let (rows, tokens) = largest_micro_batch(&ex, steps, &s);
     model.recompute = memplan::resolve(
         &args.recompute,
         &model.cfg,
-        seqs * s.max_length,
+        memplan::MicroBatch { rows, tokens },
         s.rank * s.targets.len(),
         available,
         common.quiet,
@@ -672,7 +719,6 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
         ref_rows = precomputed_ref(&ctx, &ex, out, s.dpo().expect("dpo").kind)?;
         ctx.ref_cache = Some(&ref_rows);
     }
-    let n = ex.len();
     let sched = s.schedule();
     let metrics = out.join("metrics.jsonl");
     let pb = crate::commands::progress_bar(s.steps as u64, show, method_name(method));
@@ -965,4 +1011,61 @@ pub(crate) fn bench(
     }
     out.peak_bytes = weights.peak_bytes();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::examples::{PrefExample, SftExample};
+
+    fn settings(extra: &[&str]) -> Settings {
+        #[derive(clap::Parser)]
+        struct P {
+            #[command(flatten)]
+            a: TrainArgs,
+        }
+        use clap::Parser;
+        let mut argv = vec!["t", "--model", "m", "--data", "d", "--out", "o"];
+        argv.extend(["--batch-size", "2", "--steps", "2"]);
+        argv.extend(extra);
+        Settings::resolve(&P::try_parse_from(argv).unwrap().a, Method::Dpo, 0).unwrap()
+    }
+
+    /// Pairs with prompts of 10, 30 and 5 tokens: (15, 17), (34, 36) and (8, 8) tokens.
+    fn pairs() -> Examples {
+        let pair = |k: u32, prompt: u32, c: u32, r: u32| {
+            let p: Vec<u32> = (0..prompt).map(|i| 100 * k + i).collect();
+            let with = |base: u32, n: u32| SftExample {
+                ids: p
+                    .iter()
+                    .copied()
+                    .chain((0..n).map(|i| base + 10 * k + i))
+                    .collect(),
+                prompt_len: prompt as usize,
+            };
+            PrefExample {
+                chosen: with(1000, c),
+                rejected: with(2000, r),
+            }
+        };
+        Examples::Pref(vec![pair(0, 10, 5, 7), pair(1, 30, 4, 6), pair(2, 5, 3, 3)])
+    }
+
+    /// `--recompute auto` sizes for the run's largest micro-batch: every sequence's
+    /// tokens (the rows attention expands to), and the rows the policy pass computes,
+    /// each prompt once unless dropout is kept.
+    #[test]
+    fn the_memory_plan_sees_the_largest_micro_batch_of_the_run() {
+        let ex = pairs();
+        let steps = || [vec![0, 1], vec![2, 0]];
+        // Step 1: 102 tokens, 40 of them in two prompts; step 2: 48, with 15.
+        assert_eq!(largest_micro_batch(&ex, steps(), &settings(&[])), (62, 102));
+        let kept = settings(&["--keep-dropout"]);
+        assert_eq!(largest_micro_batch(&ex, steps(), &kept), (102, 102));
+        // Micro-batches of one pair: pair 1 alone is the largest (70 tokens, 40 rows).
+        let accum = settings(&["--grad-accum", "2"]);
+        assert_eq!(largest_micro_batch(&ex, steps(), &accum), (40, 70));
+        assert_eq!(shared_tokens(&ex, &[0, 1], &settings(&[])), (40, 40));
+        assert_eq!(shared_tokens(&ex, &[0, 1], &kept), (0, 40));
+    }
 }
