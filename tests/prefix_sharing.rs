@@ -226,3 +226,32 @@ fn dpo_training_is_the_same_with_and_without_sharing() {
         .iter()
         .any(|r| r.get("eval_loss").is_some() || r.get("eval/loss").is_some()));
 }
+
+/// Few-shot evaluation contexts (`PackedSeqs`, as `Lm::choice_logprobs` packs them):
+/// questions of one subject share the header and shots, computed once, and each
+/// question's rows are where its tokens are.
+#[test]
+fn few_shot_contexts_share_their_header() {
+    let header = ids(40, 80);
+    let qs: Vec<Vec<u32>> = (0..4)
+        .map(|q| [header.clone(), ids(6 + q, 90 + q as u64)].concat())
+        .collect();
+    let refs: Vec<&[u32]> = qs.iter().map(Vec::as_slice).collect();
+    let p = palign::model::llama::PackedSeqs::new(&refs, true);
+    let total: usize = qs.iter().map(Vec::len).sum();
+    assert_eq!(p.ids.len(), total - 3 * 40);
+    for (i, q) in qs.iter().enumerate() {
+        for (pos, &t) in q.iter().enumerate() {
+            assert_eq!(p.ids[p.row(i, pos)], t, "question {i} token {pos}");
+        }
+        assert_eq!(
+            p.pack.positions()[p.row(i, q.len() - 1)] as usize,
+            q.len() - 1
+        );
+    }
+    let plain = palign::model::llama::PackedSeqs::new(&refs, false);
+    assert_eq!(
+        (plain.ids.len(), plain.pack.prefixes().is_none()),
+        (total, true)
+    );
+}

@@ -4,8 +4,9 @@
 use crate::error::{bad, Result};
 use crate::lora::Adapter;
 use crate::model::generate::{self, cut_at_stop, GenConfig, Stopper};
+use crate::model::llama::PackedSeqs;
 use crate::model::{Model, Tokenizer};
-use crate::ops::{self, Packing};
+use crate::ops;
 use std::path::{Path, PathBuf};
 
 pub struct Lm {
@@ -22,6 +23,10 @@ pub struct ChoiceItem {
     pub context: Vec<u32>,
     pub choices: Vec<Vec<u32>>,
 }
+
+/// A sequence to run and the (position, target) pairs read from it: the target's
+/// log-prob given the tokens up to and including that position.
+type ReadSeq = (Vec<u32>, Vec<(usize, u32)>);
 
 /// A generated continuation: decoded text (special tokens skipped, cut before the first
 /// stop string), how many tokens were generated and why it ended.
@@ -130,9 +135,11 @@ impl Lm {
     /// Per-token log-probabilities of every choice of every item, in one packed forward.
     /// When every choice of an item is one token, the item is one sequence (its context)
     /// read at the last position for each choice; otherwise each choice is its own
-    /// sequence context + continuation, as lm-eval feeds it.
+    /// sequence context + continuation, as lm-eval feeds it. Consecutive sequences that
+    /// begin with the same tokens (the few-shot header of a subject's questions, an
+    /// item's context before each choice) compute them once (`PackedSeqs`).
     pub fn choice_logprobs(&self, items: &[ChoiceItem]) -> Result<Vec<Vec<Vec<f32>>>> {
-        let (mut ids, mut lens, mut rows, mut targets) = (vec![], vec![], vec![], vec![]);
+        let mut seqs: Vec<ReadSeq> = Vec::new();
         for it in items {
             self.model.check_ids(&it.context)?;
             for c in &it.choices {
@@ -140,34 +147,32 @@ impl Lm {
             }
             let n = it.context.len();
             if it.choices.iter().all(|c| c.len() == 1) {
-                let base = ids.len();
-                ids.extend_from_slice(&it.context);
-                lens.push(n);
-                for c in &it.choices {
-                    rows.push(base + n - 1);
-                    targets.push(c[0]);
-                }
+                let reads = it.choices.iter().map(|c| (n - 1, c[0])).collect();
+                seqs.push((it.context.clone(), reads));
             } else {
                 for c in &it.choices {
-                    let base = ids.len();
-                    ids.extend_from_slice(&it.context);
-                    ids.extend_from_slice(c);
-                    lens.push(n + c.len());
-                    for (j, &t) in c.iter().enumerate() {
-                        rows.push(base + n - 1 + j);
-                        targets.push(t);
-                    }
+                    let ids = [it.context.as_slice(), c].concat();
+                    let reads = c.iter().enumerate().map(|(j, &t)| (n - 1 + j, t)).collect();
+                    seqs.push((ids, reads));
                 }
             }
         }
-        if ids.is_empty() {
+        if seqs.is_empty() {
             return Ok(vec![]);
         }
-        let pack = Packing::from_lengths(&lens);
+        let ids: Vec<&[u32]> = seqs.iter().map(|(ids, _)| ids.as_slice()).collect();
+        let packed = PackedSeqs::new(&ids, true);
+        let (mut rows, mut targets) = (vec![], vec![]);
+        for (i, (_, reads)) in seqs.iter().enumerate() {
+            for &(pos, t) in reads {
+                rows.push(packed.row(i, pos));
+                targets.push(t);
+            }
+        }
         let (lp, _) = self.model.forward(
             self.adapter.as_ref(),
-            &ids,
-            &pack,
+            &packed.ids,
+            &packed.pack,
             &rows,
             &targets,
             None,

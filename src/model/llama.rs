@@ -834,7 +834,7 @@ pub fn prefix_sharing_enabled() -> bool {
 impl SeqBatch {
     /// Each sequence packed on its own.
     pub fn new(seqs: &[ScoreSeq]) -> Self {
-        Self::grouped(seqs, &vec![(1, 0); seqs.len()])
+        Self::build(seqs, false)
     }
 
     /// Like `new`, but consecutive sequences that begin with the same tokens (a DPO
@@ -845,11 +845,7 @@ impl SeqBatch {
     /// shared tokens are under 1/32 of the batch (the attention's gathers would cost more
     /// than they save) or sharing is turned off.
     pub fn sharing_prefixes(seqs: &[ScoreSeq]) -> Self {
-        let ids: Vec<&[u32]> = seqs.iter().map(|s| s.ids.as_slice()).collect();
-        match shared_groups(&ids) {
-            Some(groups) => Self::grouped(seqs, &groups),
-            None => Self::new(seqs),
-        }
+        Self::build(seqs, true)
     }
 
     /// The token rows `sharing_prefixes` would save on sequences with these ids (0 when
@@ -858,53 +854,20 @@ impl SeqBatch {
         shared_groups(ids).map_or(0, |g| saving(&g))
     }
 
-    /// Packs `groups[g] = (n, prefix)`: the next n sequences, whose first `prefix` ids
-    /// are the same, as one group.
-    fn grouped(seqs: &[ScoreSeq], groups: &[(usize, usize)]) -> Self {
-        let mut at = 0;
-        let layout: Vec<Group> = groups
-            .iter()
-            .map(|&(n, prefix)| {
-                at += n;
-                Group {
-                    prefix,
-                    branches: seqs[at - n..at]
-                        .iter()
-                        .map(|s| s.ids.len() - prefix)
-                        .collect(),
-                }
-            })
-            .collect();
-        let pack = Packing::with_prefixes(&layout);
-        let (mut ids, mut rows, mut targets, mut counts) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut next = seqs.iter();
-        for (g, &(n, prefix)) in groups.iter().enumerate() {
-            let start = pack.offsets[g];
-            let mut branch = start + prefix;
-            for (b, s) in next.by_ref().take(n).enumerate() {
-                if b == 0 {
-                    ids.extend_from_slice(&s.ids[..prefix]);
-                }
-                ids.extend_from_slice(&s.ids[prefix..]);
-                let row = |p: usize| {
-                    if p < prefix {
-                        start + p
-                    } else {
-                        branch + p - prefix
-                    }
-                };
-                for p in s.prompt_len..s.ids.len() {
-                    rows.push(row(p - 1));
-                    targets.push(s.ids[p]);
-                }
-                counts.push(s.ids.len() - s.prompt_len);
-                branch += s.ids.len() - prefix;
+    fn build(seqs: &[ScoreSeq], share: bool) -> Self {
+        let ids: Vec<&[u32]> = seqs.iter().map(|s| s.ids.as_slice()).collect();
+        let packed = PackedSeqs::new(&ids, share);
+        let (mut rows, mut targets, mut counts) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, s) in seqs.iter().enumerate() {
+            for p in s.prompt_len..s.ids.len() {
+                rows.push(packed.row(i, p - 1));
+                targets.push(s.ids[p]);
             }
+            counts.push(s.ids.len() - s.prompt_len);
         }
         SeqBatch {
-            ids,
-            pack,
+            ids: packed.ids,
+            pack: packed.pack,
             rows,
             targets,
             counts,
@@ -922,6 +885,66 @@ impl SeqBatch {
                 v[at - n..at].to_vec()
             })
             .collect()
+    }
+}
+
+/// Sequences packed into one batch's rows: each on its own, or consecutive ones that
+/// begin with the same tokens storing them once (`crate::packing`).
+pub struct PackedSeqs {
+    pub ids: Vec<u32>,
+    pub pack: Packing,
+    /// Per sequence: its group's first row, the shared prefix length, its own first row.
+    at: Vec<(usize, usize, usize)>,
+}
+
+impl PackedSeqs {
+    /// With `share`, sequences are grouped as `SeqBatch::sharing_prefixes` groups them
+    /// (when sharing is on and worth it); else each is its own.
+    pub fn new(seqs: &[&[u32]], share: bool) -> Self {
+        let groups = share
+            .then(|| shared_groups(seqs))
+            .flatten()
+            .unwrap_or_else(|| vec![(1, 0); seqs.len()]);
+        let mut next = 0;
+        let layout: Vec<Group> = groups
+            .iter()
+            .map(|&(n, prefix)| {
+                next += n;
+                Group {
+                    prefix,
+                    branches: seqs[next - n..next]
+                        .iter()
+                        .map(|s| s.len() - prefix)
+                        .collect(),
+                }
+            })
+            .collect();
+        let pack = Packing::with_prefixes(&layout);
+        let (mut ids, mut at) = (Vec::new(), Vec::with_capacity(seqs.len()));
+        let mut next = seqs.iter();
+        for (g, &(n, prefix)) in groups.iter().enumerate() {
+            let start = pack.offsets[g];
+            let mut own = start + prefix;
+            for (b, s) in next.by_ref().take(n).enumerate() {
+                if b == 0 {
+                    ids.extend_from_slice(&s[..prefix]);
+                }
+                ids.extend_from_slice(&s[prefix..]);
+                at.push((start, prefix, own));
+                own += s.len() - prefix;
+            }
+        }
+        PackedSeqs { ids, pack, at }
+    }
+
+    /// The row holding token `pos` of sequence `s` (a prefix row is every sharer's).
+    pub fn row(&self, s: usize, pos: usize) -> usize {
+        let (start, prefix, own) = self.at[s];
+        if pos < prefix {
+            start + pos
+        } else {
+            own + pos - prefix
+        }
     }
 }
 
