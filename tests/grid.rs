@@ -932,3 +932,98 @@ fn stat_is_mean_and_sample_std() {
     assert_eq!((one.mean, one.std, one.n), (7.0, None, 1));
     assert!(palign::grid::report::stat(&[]).is_none());
 }
+
+/// A DPO cell finished before `--keep-dropout` existed trained with its dropout; DPO now
+/// trains without (as TRL). A spec that does not ask for `keep_dropout` is refused for
+/// that cell, one that does accepts it as done.
+#[test]
+fn dpo_cells_from_before_keep_dropout_need_it_in_the_spec() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = |keep: bool| {
+        let text = format!(
+            r#"
+[models.tiny]
+path = "init-tiny:llama"
+
+[datasets.helpful]
+data = "pku-saferlhf:{pku}:helpful"
+
+[methods.dpo]
+steps = 1
+batch_size = 2
+max_length = 64
+max_prompt_length = 32
+{keep}
+[[train]]
+models = ["tiny"]
+datasets = ["helpful"]
+methods = ["dpo"]
+"#,
+            pku = s(&fx().join("datasets/pku-saferlhf/train.jsonl.xz")),
+            keep = if keep { "keep_dropout = true\n" } else { "" },
+        );
+        let p = d.path().join(format!("grid-{keep}.toml"));
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let out = d.path().join("out");
+    ok(&[
+        "grid",
+        "run",
+        s(&spec(false)),
+        "--out",
+        s(&out),
+        "--no-report",
+    ]);
+    // Make the finished cell look like one from before the flag.
+    let runs: Vec<PathBuf> = glob_run_json(&out.join("train"));
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let mut v = read_json(&runs[0]);
+    assert_eq!(v["settings"]["keep_dropout"], serde_json::json!(false));
+    v["settings"]
+        .as_object_mut()
+        .unwrap()
+        .remove("keep_dropout");
+    std::fs::write(&runs[0], v.to_string()).unwrap();
+
+    let o = palign(&[
+        "grid",
+        "run",
+        s(&spec(false)),
+        "--out",
+        s(&out),
+        "--no-report",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("set keep_dropout = true"),
+        "{}",
+        stderr(&o)
+    );
+    let o = ok(&[
+        "grid",
+        "run",
+        s(&spec(true)),
+        "--out",
+        s(&out),
+        "--no-report",
+    ]);
+    assert!(stderr(&o).contains("0 ran"), "{}", stderr(&o));
+}
+
+/// Every training run.json (`train/**/out/run.json`) under `dir`.
+fn glob_run_json(dir: &Path) -> Vec<PathBuf> {
+    let mut found = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        for e in std::fs::read_dir(&p).unwrap().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.ends_with("out/run.json") {
+                found.push(path);
+            }
+        }
+    }
+    found
+}

@@ -410,7 +410,10 @@ fn dpo_checkpoints_from_before_keep_dropout_resume_with_it() {
         let a = args(extra);
         common::run(&a.iter().map(String::as_str).collect::<Vec<_>>())
     };
-    assert!(call(&["--stop-after", "1"]).status.success());
+    // An old-rule run: dropout applied in step 1, no keep_dropout in its settings.
+    assert!(call(&["--stop-after", "1", "--keep-dropout"])
+        .status
+        .success());
     for f in ["run.json", "checkpoint/state.json"] {
         let p = out.join(f);
         let text = std::fs::read_to_string(&p).unwrap();
@@ -430,7 +433,15 @@ fn dpo_checkpoints_from_before_keep_dropout_resume_with_it() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("resume with --keep-dropout"), "{err}");
     assert!(call(&["--resume", "--keep-dropout"]).status.success());
-    assert_eq!(jsonl(&out.join("metrics.jsonl")).len(), 3);
+    // The resumed run is the whole run with --keep-dropout, step for step.
+    let resumed = jsonl(&out.join("metrics.jsonl"));
+    std::fs::rename(&out, d.path().join("resumed")).unwrap();
+    assert!(call(&["--keep-dropout"]).status.success());
+    let whole = jsonl(&out.join("metrics.jsonl"));
+    assert_eq!(resumed.len(), 3);
+    for (a, b) in resumed.iter().zip(&whole) {
+        assert_eq!(a["loss"], b["loss"], "step {}", a["step"]);
+    }
 }
 
 /// With the reference = the initial adapter (TRL's default when handed a trained

@@ -266,17 +266,19 @@ if want train && [ -x "$HERE/palign" ]; then
     # palign only, e.g. "sft qlora none PALIGN_LORA_DROP=unfused" to time a kernel choice,
     # and --flag words go to palign's bench command as they are, e.g. "dpo qlora full
     # --keep-dropout" (dropout kept in DPO: the policy pass cannot share each pair's
-    # prompt). The Python side runs once per (method, peft, checkpointing) and is reused
-    # by later configs.
+    # prompt); --keep-dropout and --dropout=P go to bench_hf.py too, so both sides run the
+    # same step. The Python side runs once per (method, peft, checkpointing, those flags)
+    # and is reused by later configs.
     IFS=, read -r -a configs <<<"${PALIGN_TRAIN_CONFIGS:-sft qlora none,dpo qlora full,sft lora none,dpo lora full}"
     declare -A hf_done=()
     for cfg in "${configs[@]}"; do
         set -- $cfg
         m=$1 p=$2 r=$3
         shift 3
-        envs=() flags=()
+        envs=() flags=() hf_flags=()
         for w in "$@"; do
             case "$w" in
+            --keep-dropout | --dropout=*) flags+=("$w") hf_flags+=("$w") ;; # the same step on both sides
             --*) flags+=("$w") ;;
             *) envs+=("$w") ;;
             esac
@@ -286,9 +288,9 @@ if want train && [ -x "$HERE/palign" ]; then
         echo "==== train $m $p $r $* " >>"$BLOG"
         ours="$(env ${envs[@]+"${envs[@]}"} timeout 300 "$HERE/palign" bench train --shape mistral-7b --method "$m" --peft "$p" --recompute "$r" --batch-size 16 --seq-len 512 ${flags[@]+"${flags[@]}"} 2>>"$BLOG")"
         echo "$ours" >>"$BLOG"
-        key="$m $p $gc"
+        key="$m $p $gc ${hf_flags[*]:-}"
         if [ -z "${hf_done[$key]:-}" ]; then
-            hf_done[$key]="$(PYTHONPATH="${PYX:+$PYX:}${PYTHONPATH:-}" timeout 300 python3 "$HERE/bench_hf.py" --shape mistral-7b --method "$m" --peft "$p" --batch-size 16 --seq-len 512 $gc 2>>"$BLOG")"
+            hf_done[$key]="$(PYTHONPATH="${PYX:+$PYX:}${PYTHONPATH:-}" timeout 300 python3 "$HERE/bench_hf.py" --shape mistral-7b --method "$m" --peft "$p" --batch-size 16 --seq-len 512 $gc ${hf_flags[@]+"${hf_flags[@]}"} 2>>"$BLOG")"
             [ -n "${hf_done[$key]}" ] || hf_done[$key]="(no result)"
         fi
         theirs="${hf_done[$key]}"

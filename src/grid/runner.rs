@@ -289,7 +289,7 @@ pub fn check_changed(spec: &Spec, out: &Path, cells: &[Cell]) -> Result<()> {
             continue;
         }
         if let Some(rec) = state::read_record(out, c) {
-            if let Some(why) = state::changed(&rec, c) {
+            if let Some(why) = state::changed_at(out, &rec, c) {
                 bad_cells.push(format!("{} ({why})", c.id));
             }
         }

@@ -62,6 +62,39 @@ pub fn read_record(out: &Path, c: &Cell) -> Option<Json> {
     read_json(&cell_dir(out, c).join("run.json"))
 }
 
+/// Whether a finished training cell is a DPO run from before `--keep-dropout`, which
+/// applied its dropout in training (DPO now trains without unless that flag is given).
+pub fn dpo_dropout_applied_before_the_flag(out: &Path, c: &Cell) -> bool {
+    if c.kind != Kind::Train {
+        return false;
+    }
+    read_json(&out.join(c.out()).join("run.json")).is_some_and(|v| {
+        let s = &v["settings"];
+        s["method"] == "dpo"
+            && s.get("keep_dropout").is_none()
+            && s["dropout"].as_f64().is_some_and(|p| p > 0.0)
+    })
+}
+
+/// Where a finished cell's recorded command differs from the spec's, a short description.
+/// A DPO cell trained with dropout before `--keep-dropout` existed matches a spec that
+/// now asks for `--keep-dropout` (the same training), and no spec without it.
+pub fn changed_at(out: &Path, rec: &Json, c: &Cell) -> Option<String> {
+    if !dpo_dropout_applied_before_the_flag(out, c) {
+        return changed(rec, c);
+    }
+    if !c.args.iter().any(|a| a == "--keep-dropout") {
+        return Some(
+            "it trained DPO with its dropout, as palign did before --keep-dropout; DPO now \
+             trains without (as TRL): set keep_dropout = true for it"
+                .into(),
+        );
+    }
+    let mut same = c.clone();
+    same.args.retain(|a| a != "--keep-dropout");
+    changed(rec, &same)
+}
+
 /// Where a finished cell's recorded command differs from the spec's, a short description.
 pub fn changed(rec: &Json, c: &Cell) -> Option<String> {
     let args: Vec<String> = rec["args"]

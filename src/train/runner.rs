@@ -504,6 +504,10 @@ fn same_settings(saved: &Settings, s: &Settings, out: &Path) -> Result<()> {
         // A DPO run from before --keep-dropout, which applied --dropout in training.
         saved.keep_dropout = Some(true);
     }
+    if saved.dropout == 0.0 && s.dropout == 0.0 {
+        // Without dropout the flag changes nothing.
+        saved.keep_dropout = s.keep_dropout;
+    }
     if &saved == s {
         return Ok(());
     }
@@ -692,18 +696,25 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
         Device::Cuda => Some(crate::backend::cuda::Gpu::get()?.available_bytes()? as u64),
         Device::Cpu => None,
     };
+    // (Forward-only passes, evaluation and --precompute-ref, run when no activations are
+    // saved: no plan changes what they need.)
     let n = ex.len();
-    let mut cache = None;
-    let steps = (start..s.steps).map(|step| {
-        (0..s.batch_size)
-            .map(|k| sample_index(step * s.batch_size + k, n, &s, &mut cache))
-            .collect()
-    });
-    let (rows, tokens) = largest_micro_batch(&ex, steps, &s);
+    let mb = if args.recompute == "auto" && available.is_some() {
+        let mut cache = None;
+        let steps = (start..s.steps).map(|step| {
+            (0..s.batch_size)
+                .map(|k| sample_index(step * s.batch_size + k, n, &s, &mut cache))
+                .collect()
+        });
+        let (rows, tokens) = largest_micro_batch(&ex, steps, &s);
+        memplan::MicroBatch { rows, tokens }
+    } else {
+        memplan::MicroBatch::plain(0) // not used: a named plan, or the CPU
+    };
     model.recompute = memplan::resolve(
         &args.recompute,
         &model.cfg,
-        memplan::MicroBatch { rows, tokens },
+        mb,
         s.rank * s.targets.len(),
         available,
         common.quiet,
