@@ -963,3 +963,91 @@ fn launchers_reject_short_buffers_and_mismatches() {
         "split",
     );
 }
+
+/// Shared prefixes (`palign::packing`) through the ops the model calls: the device
+/// gathers q/k/v into the expanded layout, runs the flash kernels there and folds dK/dV
+/// of each prefix over its branches; against the same ops on the CPU. Head dim 128,
+/// GQA 4:1, causal and with a window (of positions, so a branch's window reaches back
+/// into its prefix); groups of two and three branches and a plain sequence.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn shared_prefixes_through_ops_match_cpu() {
+    use palign::ops::{self, Group};
+    use palign::tensor::Tensor;
+    let _g = gpu();
+    let groups = [
+        Group {
+            prefix: 200,
+            branches: vec![150, 90],
+        },
+        Group {
+            prefix: 0,
+            branches: vec![130],
+        },
+        Group {
+            prefix: 64,
+            branches: vec![70, 33, 120],
+        },
+    ];
+    let pack = Packing::with_prefixes(&groups);
+    let t = pack.n_tokens();
+    for window in [None, Some(100)] {
+        let sh = shape(8, 2, 128, window);
+        let mut r = rng(41 + window.unwrap_or(0) as u64);
+        let (_, q) = rand_bf16(&mut r, t * 8 * 128, 1.0);
+        let (_, k) = rand_bf16(&mut r, t * 2 * 128, 1.0);
+        let (_, v) = rand_bf16(&mut r, t * 2 * 128, 1.0);
+        let (_, d_o) = rand_bf16(&mut r, t * 8 * 128, 1.0);
+        let host = |x: &[f32], w: usize| Tensor::from_vec(x.to_vec(), &[t, w]);
+        let dev = |x: &[f32], w: usize| host(x, w).to_cuda_bf16().unwrap();
+        let (o, lse) =
+            ops::attention(&host(&q, 1024), &host(&k, 256), &host(&v, 256), &pack, sh).unwrap();
+        let (dq, dk, dv) = ops::attention_backward(
+            &host(&q, 1024),
+            &host(&k, 256),
+            &host(&v, 256),
+            &o,
+            &host(&d_o, 1024),
+            &lse,
+            &pack,
+            sh,
+        )
+        .unwrap();
+        let dpack = pack.clone(); // its own device layout cache
+        let (od, lsed) =
+            ops::attention(&dev(&q, 1024), &dev(&k, 256), &dev(&v, 256), &dpack, sh).unwrap();
+        let (dqd, dkd, dvd) = ops::attention_backward(
+            &dev(&q, 1024),
+            &dev(&k, 256),
+            &dev(&v, 256),
+            &od,
+            &dev(&d_o, 1024),
+            &lsed,
+            &dpack,
+            sh,
+        )
+        .unwrap();
+        let w = window.map_or("causal".into(), |w| format!("W={w}"));
+        let host_of = |x: &Tensor| ops::to_host(x).unwrap();
+        let all = |n: usize| vec![true; n];
+        check(
+            &format!("shared prefixes {w} O"),
+            &host_of(&od),
+            o.cpu(),
+            &all(o.numel()),
+            2e-2,
+            2e-2,
+        );
+        for (name, got, want) in [("dQ", &dqd, &dq), ("dK", &dkd, &dk), ("dV", &dvd, &dv)] {
+            let scale = max_abs(want.cpu());
+            check(
+                &format!("shared prefixes {w} {name}"),
+                &host_of(got),
+                want.cpu(),
+                &all(want.numel()),
+                2e-2 * scale,
+                3e-2,
+            );
+        }
+    }
+}
