@@ -255,3 +255,32 @@ fn few_shot_contexts_share_their_header() {
         (total, true)
     );
 }
+
+/// Generation's prefill shares prompt prefixes (few-shot exemplars): prompts batched
+/// together generate exactly what each generates alone (greedy, and seeded sampling),
+/// with Mistral's window (8) shorter than the shared part, and identical prompts too.
+#[test]
+fn generation_with_shared_prompt_prefixes_matches_each_prompt_alone() {
+    use palign::model::generate::{generate, GenConfig};
+    let header = ids(20, 120);
+    let mut prompts: Vec<Vec<u32>> = (0..4)
+        .map(|i| [header.clone(), ids(3 + i, 130 + i as u64)].concat())
+        .collect();
+    prompts.push(prompts[1].clone());
+    for name in ["tiny-llama", "tiny-mistral"] {
+        let m = model(name);
+        for temperature in [0.0, 0.8] {
+            let cfg = |batch_size| GenConfig {
+                max_new_tokens: 12,
+                temperature,
+                top_p: 1.0,
+                seed: 5,
+                eos_ids: vec![],
+                batch_size,
+            };
+            let together = generate(&m, None, &prompts, &cfg(8), None, |_| {}).unwrap();
+            let alone = generate(&m, None, &prompts, &cfg(1), None, |_| {}).unwrap();
+            assert_eq!(together, alone, "{name} temperature {temperature}");
+        }
+    }
+}

@@ -11,7 +11,7 @@
 //! row by row, so a row's output does not depend on which rows share its batch.
 
 use super::kv_cache::KvCache;
-use super::llama::Model;
+use super::llama::{Model, PackedSeqs};
 use super::tokenizer::Tokenizer;
 use crate::error::{bad, Result};
 use crate::lora::Adapter;
@@ -257,33 +257,34 @@ impl Generator<'_> {
         Ok(h)
     }
 
-    /// Prefill: the prompts of `seqs` (fresh, `len` 0) in one packed forward.
+    /// Prefill: the prompts of `seqs` (fresh, `len` 0) in one packed forward. Prompts
+    /// that begin with the same tokens (few-shot exemplars, a shared system prompt)
+    /// compute them once; their K/V rows are stored into every sharer's cache slot.
     fn prefill(&mut self, seqs: &mut [Live], prompts: &[Vec<u32>]) -> Result<Vec<f32>> {
-        let lens: Vec<usize> = seqs.iter().map(|s| prompts[s.row].len()).collect();
-        let pack = Packing::from_lengths(&lens);
-        let mut step = Step {
-            ids: Vec::new(),
-            positions: pack.positions(),
-            src: Vec::new(),
-            dst: Vec::new(),
-            attn: Attn::Prompts(pack.clone()),
-            last_rows: Vec::new(),
-        };
+        let ids: Vec<&[u32]> = seqs.iter().map(|s| prompts[s.row].as_slice()).collect();
+        let packed = PackedSeqs::new(&ids, true);
+        let (mut src, mut dst, mut last_rows) = (Vec::new(), Vec::new(), Vec::new());
         for (i, s) in seqs.iter_mut().enumerate() {
-            let r = pack.range(i);
-            step.ids.extend_from_slice(&prompts[s.row]);
-            for pos in 0..r.len() {
+            let len = ids[i].len();
+            for pos in 0..len {
                 // Keys that fall out of the window before any later query would be
                 // overwritten in the ring; skip them.
-                if self.cache.keeps(pos, r.len()) {
-                    step.src.push(r.start + pos);
-                    step.dst.push(self.cache.row(s.slot, pos));
+                if self.cache.keeps(pos, len) {
+                    src.push(packed.row(i, pos));
+                    dst.push(self.cache.row(s.slot, pos));
                 }
             }
-            step.last_rows.push(r.end - 1);
-            s.len = r.len();
+            last_rows.push(packed.row(i, len - 1));
+            s.len = len;
         }
-        self.forward(step)
+        self.forward(Step {
+            positions: packed.pack.positions(),
+            ids: packed.ids,
+            src,
+            dst,
+            attn: Attn::Prompts(packed.pack),
+            last_rows,
+        })
     }
 
     /// Decode: each live sequence's newest token, one forward.
