@@ -888,7 +888,8 @@ pub fn to_host(x: &Tensor) -> Result<Vec<f32>> {
     Ok(x.to_cpu()?.into_vec())
 }
 
-/// Adds rows of `src` into rows `rows` of `dst` (scatter-add; `rows` distinct).
+/// Adds row i of `src` into row `rows[i]` of `dst` (scatter-add; a row named several
+/// times gets every addition, in order).
 pub fn scatter_add_rows(dst: &mut Tensor, rows: &[usize], src: &Tensor) -> Result<()> {
     if dst.is_cuda() {
         return dev::scatter_add_rows(dst, rows, src);
