@@ -277,6 +277,66 @@ fn shared_prefixes_on_the_device_match_unshared() {
     }
 }
 
+/// Generation's prefill on the device with prompts that share a 24-token header (so it
+/// runs the shared-prefix attention and stores the shared K/V rows into every slot,
+/// `copy_rows_bf16` with repeated source rows): greedy first tokens equal those of each
+/// prompt prefilled alone (batch 1, nothing shared), up to near-ties under the CPU
+/// model, and every output runs its full length.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn shared_prompt_prefill_on_the_device_matches_each_prompt_alone() {
+    use palign::model::generate::{generate, GenConfig};
+    gpu_or_fail();
+    let dir = fx().join("tiny-mistral");
+    let cpu = Model::load(&dir).unwrap();
+    let mut dev = Model::load(&dir).unwrap();
+    dev.to_device().unwrap();
+    let vocab = cpu.cfg.vocab_size as u32;
+    let header = ids(300, 24, vocab);
+    let mut prompts: Vec<Vec<u32>> = (0..6)
+        .map(|i| [header.clone(), ids(310 + i as u64, 2 + i, vocab)].concat())
+        .collect();
+    prompts.insert(2, prompts[1].clone());
+    let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let packed = palign::model::llama::PackedSeqs::new(&refs, true);
+    assert!(packed.pack.prefixes().is_some(), "the batch must share");
+    let cfg = |batch_size| GenConfig {
+        max_new_tokens: 6,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 1,
+        eos_ids: vec![],
+        batch_size,
+    };
+    let together = generate(&dev, None, &prompts, &cfg(8), None, |_| {}).unwrap();
+    let alone = generate(&dev, None, &prompts, &cfg(1), None, |_| {}).unwrap();
+    let (mut same, mut ties) = (0, 0);
+    for ((a, b), p) in together.iter().zip(&alone).zip(&prompts) {
+        assert_eq!((a.ids.len(), b.ids.len()), (6, 6));
+        let (ta, tb) = (a.ids[0], b.ids[0]);
+        if ta == tb {
+            same += 1;
+            continue;
+        }
+        let lp = |t: u32| {
+            let s = ScoreSeq {
+                ids: [p.as_slice(), &[t]].concat(),
+                prompt_len: p.len(),
+            };
+            cpu.completion_logprobs(&[s], None).unwrap()[0][0]
+        };
+        let gap = (lp(ta) - lp(tb)).abs();
+        assert!(
+            gap < 0.05,
+            "shared prefill changed a first token: gap {gap}"
+        );
+        ties += 1;
+    }
+    println!(
+        "PARITY generate shared-prefill tiny-mistral: first_token_agree={same} near_ties={ties}"
+    );
+}
+
 /// Losses of a 20-step run with palign's CLI on `device`.
 fn curve(dir: &Path, device: &str, method: &str, peft_kind: &str) -> Vec<f64> {
     let t = fx().join("train/tiny-llama");

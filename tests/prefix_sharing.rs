@@ -240,14 +240,16 @@ fn few_shot_contexts_share_their_header() {
     let p = palign::model::llama::PackedSeqs::new(&refs, true);
     let total: usize = qs.iter().map(Vec::len).sum();
     assert_eq!(p.ids.len(), total - 3 * 40);
+    let positions = p.pack.positions();
     for (i, q) in qs.iter().enumerate() {
         for (pos, &t) in q.iter().enumerate() {
             assert_eq!(p.ids[p.row(i, pos)], t, "question {i} token {pos}");
+            assert_eq!(
+                positions[p.row(i, pos)] as usize,
+                pos,
+                "question {i} token {pos}"
+            );
         }
-        assert_eq!(
-            p.pack.positions()[p.row(i, q.len() - 1)] as usize,
-            q.len() - 1
-        );
     }
     let plain = palign::model::llama::PackedSeqs::new(&refs, false);
     assert_eq!(
@@ -266,7 +268,17 @@ fn generation_with_shared_prompt_prefixes_matches_each_prompt_alone() {
     let mut prompts: Vec<Vec<u32>> = (0..4)
         .map(|i| [header.clone(), ids(3 + i, 130 + i as u64)].concat())
         .collect();
-    prompts.push(prompts[1].clone());
+    // An identical prompt next to its original: they share all but the last token.
+    prompts.insert(2, prompts[1].clone());
+    let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let packed = palign::model::llama::PackedSeqs::new(&refs, true);
+    assert!(packed.pack.prefixes().is_some());
+    // Greedy grouping: [p0], [p1, p1'] sharing all but a token, [p2, p3] the header.
+    let total: usize = prompts.iter().map(Vec::len).sum();
+    assert_eq!(
+        packed.ids.len(),
+        total - (prompts[1].len() - 1) - header.len()
+    );
     for name in ["tiny-llama", "tiny-mistral"] {
         let m = model(name);
         for temperature in [0.0, 0.8] {
@@ -278,9 +290,15 @@ fn generation_with_shared_prompt_prefixes_matches_each_prompt_alone() {
                 eos_ids: vec![],
                 batch_size,
             };
-            let together = generate(&m, None, &prompts, &cfg(8), None, |_| {}).unwrap();
             let alone = generate(&m, None, &prompts, &cfg(1), None, |_| {}).unwrap();
-            assert_eq!(together, alone, "{name} temperature {temperature}");
+            // 8: one shared prefill; 3: shared prefills into slots freed by earlier rows.
+            for batch in [8, 3] {
+                let together = generate(&m, None, &prompts, &cfg(batch), None, |_| {}).unwrap();
+                assert_eq!(
+                    together, alone,
+                    "{name} temperature {temperature} batch {batch}"
+                );
+            }
         }
     }
 }

@@ -8,7 +8,10 @@
 //! A finished sequence frees its slot for the next prompt (continuous batching).
 //!
 //! Each input row samples from its own ChaCha8 stream (seed, row index), and every op works
-//! row by row, so a row's output does not depend on which rows share its batch.
+//! row by row, so on the CPU a row's output does not depend on which rows share its batch
+//! (prompts that begin alike share their prefill rows, which are the same rows either
+//! way). On the device, kernel choices by shape and the shared prefill's summation order
+//! can move logits in the last bits, which can flip a near-tie.
 
 use super::kv_cache::KvCache;
 use super::llama::{Model, PackedSeqs};

@@ -824,8 +824,9 @@ pub struct SeqBatch {
     pub tokens: usize,
 }
 
-/// Whether `SeqBatch::sharing_prefixes` may share (`PALIGN_SHARE_PREFIX=off` turns it
-/// off, for comparisons and as an escape hatch).
+/// Whether shared prefixes are on (`SeqBatch::sharing_prefixes` and `PackedSeqs` for
+/// training, scoring, evaluation and generation's prefill); `PALIGN_SHARE_PREFIX=off`
+/// turns them off, for comparisons and as an escape hatch.
 pub fn prefix_sharing_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("PALIGN_SHARE_PREFIX").map_or(true, |v| v != "off"))
