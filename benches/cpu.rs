@@ -10,6 +10,11 @@
 //!    into fresh adapter gradients, as `train::runner` does it; no optimizer step.
 //!    Throughput in tokens (all 8·128 input tokens).
 //!
+//! 3. `dpo_step_{unshared,shared}`: the `sft_step` model and adapter on DPO-shaped data,
+//!    4 pairs of 128-token sequences sharing a 64-token prompt (`bench train`'s shape),
+//!    forward with save + backward, packed each sequence alone against each prompt once
+//!    (`SeqBatch::sharing_prefixes`); the summary prints their ratio.
+//!
 //! After criterion, a summary re-measures each case as the torch script does (warm-up,
 //! then the median of `REPS` runs) and prints one `BENCH` line per case.
 
@@ -33,6 +38,7 @@ const SFT_MLP: usize = 688;
 const SFT_LAYERS: usize = 4;
 const SFT_HEADS: usize = 4;
 const LORA_R: usize = 16;
+const DPO_PAIRS: usize = 4;
 const REPS: usize = 10;
 
 fn ok<T>(r: palign::Result<T>) -> T {
@@ -165,6 +171,23 @@ fn main() {
     let sft_batch = SeqBatch::new(&random_seqs(SFT_BATCH, tiny::VOCAB, 2));
     let sft_tokens = sft_batch.ids.len();
 
+    // DPO pairs: chosen and rejected share a SEQ_LEN/2 prompt.
+    let mut dpo_seqs = random_seqs(2 * DPO_PAIRS, tiny::VOCAB, 4);
+    for pair in dpo_seqs.chunks_mut(2) {
+        let prompt = pair[0].ids[..SEQ_LEN / 2].to_vec();
+        pair[1].ids[..SEQ_LEN / 2].copy_from_slice(&prompt);
+        for s in pair.iter_mut() {
+            s.prompt_len = SEQ_LEN / 2;
+        }
+    }
+    let dpo_unshared = SeqBatch::new(&dpo_seqs);
+    let dpo_shared = SeqBatch::sharing_prefixes(&dpo_seqs);
+    assert!(
+        dpo_shared.ids.len() < dpo_unshared.ids.len(),
+        "the pairs share"
+    );
+    let dpo_tokens = dpo_unshared.tokens;
+
     let score = || {
         ok(tiny_model.completion_logprobs(&score_seqs, None));
     };
@@ -183,6 +206,13 @@ fn main() {
         group.bench_function("score_tiny", |b| b.iter(score));
         group.throughput(Throughput::Elements(sft_tokens as u64));
         group.bench_function("sft_step", |b| b.iter(step));
+        group.throughput(Throughput::Elements(dpo_tokens as u64));
+        group.bench_function("dpo_step_unshared", |b| {
+            b.iter(|| sft_step(&sft_model, &adapter, &dpo_unshared))
+        });
+        group.bench_function("dpo_step_shared", |b| {
+            b.iter(|| sft_step(&sft_model, &adapter, &dpo_shared))
+        });
         group.finish();
     }
 
@@ -201,4 +231,21 @@ fn main() {
         tmin * 1e3,
         sft_tokens as f64 / t
     );
+    let (tu, _) = median_secs(|| {
+        sft_step(&sft_model, &adapter, &dpo_unshared);
+    });
+    let (ts, _) = median_secs(|| {
+        sft_step(&sft_model, &adapter, &dpo_shared);
+    });
+    println!(
+        "BENCH dpo_step {DPO_PAIRS} pairs x{SEQ_LEN}, prompt {}: unshared {:.1} ms, shared {:.1} ms ({} of {} rows computed) -> {:.0} / {:.0} tokens/s ({threads} threads)",
+        SEQ_LEN / 2,
+        tu * 1e3,
+        ts * 1e3,
+        dpo_shared.ids.len(),
+        dpo_tokens,
+        dpo_tokens as f64 / tu,
+        dpo_tokens as f64 / ts
+    );
+    println!("RATIO dpo_step shared_vs_unshared speedup = {:.3}", tu / ts);
 }
