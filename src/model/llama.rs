@@ -906,35 +906,24 @@ impl PackedSeqs {
             .then(|| shared_groups(seqs))
             .flatten()
             .unwrap_or_else(|| vec![(1, 0); seqs.len()]);
-        let mut next = 0;
-        let layout: Vec<Group> = groups
-            .iter()
-            .map(|&(n, prefix)| {
-                next += n;
-                Group {
-                    prefix,
-                    branches: seqs[next - n..next]
-                        .iter()
-                        .map(|s| s.len() - prefix)
-                        .collect(),
-                }
-            })
-            .collect();
-        let pack = Packing::with_prefixes(&layout);
-        let (mut ids, mut at) = (Vec::new(), Vec::with_capacity(seqs.len()));
-        let mut next = seqs.iter();
-        for (g, &(n, prefix)) in groups.iter().enumerate() {
-            let start = pack.offsets[g];
-            let mut own = start + prefix;
-            for (b, s) in next.by_ref().take(n).enumerate() {
-                if b == 0 {
-                    ids.extend_from_slice(&s[..prefix]);
-                }
+        // One group after another: its prefix once, then each member's own tokens.
+        let (mut layout, mut ids, mut at) = (Vec::new(), Vec::new(), Vec::new());
+        let mut rest = seqs;
+        for &(n, prefix) in &groups {
+            let (group, tail) = rest.split_at(n);
+            rest = tail;
+            let start = ids.len();
+            ids.extend_from_slice(&group[0][..prefix]);
+            for s in group {
+                at.push((start, prefix, ids.len()));
                 ids.extend_from_slice(&s[prefix..]);
-                at.push((start, prefix, own));
-                own += s.len() - prefix;
             }
+            layout.push(Group {
+                prefix,
+                branches: group.iter().map(|s| s.len() - prefix).collect(),
+            });
         }
+        let pack = Packing::with_prefixes(&layout);
         PackedSeqs { ids, pack, at }
     }
 

@@ -362,6 +362,12 @@ impl Settings {
         }
     }
 
+    /// Examples per micro-batch (`--batch-size` ÷ `--grad-accum`, a whole number by
+    /// `resolve`).
+    pub fn micro_batch(&self) -> usize {
+        self.batch_size / self.grad_accum
+    }
+
     /// The adapter dropout applied in training: `dropout`, except for DPO without
     /// `--keep-dropout`. TRL's DPOTrainer sets p = 0 on every `nn.Dropout` of the policy
     /// (peft's lora_dropout included) unless `disable_dropout=False` (trl 1.16,

@@ -191,7 +191,7 @@ fn policy_saving(ids: &[&[u32]], s: &Settings) -> usize {
 /// (shared prompts), as (policy pass, reference pass): the reference never has dropout.
 pub(crate) fn shared_tokens(ex: &Examples, idx: &[usize], s: &Settings) -> (usize, usize) {
     let (mut policy, mut reference) = (0, 0);
-    for chunk in idx.chunks(s.batch_size / s.grad_accum) {
+    for chunk in idx.chunks(s.micro_batch()) {
         let ids = micro_ids(ex, chunk);
         policy += policy_saving(&ids, s);
         if matches!(ex, Examples::Pref(_)) {
@@ -212,7 +212,7 @@ pub(crate) fn largest_micro_batch(
 ) -> (usize, usize) {
     let mut most = (0, 0);
     for idx in steps {
-        for chunk in idx.chunks(s.batch_size / s.grad_accum) {
+        for chunk in idx.chunks(s.micro_batch()) {
             let ids = micro_ids(ex, chunk);
             let tokens: usize = ids.iter().map(|x| x.len()).sum();
             most.0 = most.0.max(tokens - policy_saving(&ids, s));
@@ -231,17 +231,16 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn reference(&self, pairs: &[(usize, &PrefExample)], kind: DpoKind) -> Result<Vec<RefPair>> {
+    /// Reference log-probs of the pairs `idx` of `ex` (preference examples).
+    fn reference(&self, ex: &Examples, idx: &[usize], kind: DpoKind) -> Result<Vec<RefPair>> {
         if let Some(c) = self.ref_cache {
-            return Ok(pairs.iter().map(|(i, _)| c[*i]).collect());
+            return Ok(idx.iter().map(|&i| c[i]).collect());
         }
-        let seqs: Vec<ScoreSeq> = pairs
-            .iter()
-            .flat_map(|(_, p)| [seq(&p.chosen), seq(&p.rejected)])
-            .collect();
-        let lp = self
-            .model
-            .sequence_logprobs(&seqs, self.ref_adapter, kind == DpoKind::Ipo)?;
+        let lp = self.model.sequence_logprobs(
+            &micro_seqs(ex, idx),
+            self.ref_adapter,
+            kind == DpoKind::Ipo,
+        )?;
         let lp = ops::to_host(&lp)?;
         Ok(lp.chunks(2).map(|c| (c[0] as f64, c[1] as f64)).collect())
     }
@@ -278,10 +277,9 @@ impl Ctx<'_> {
                     self.model.backward(adapter, &t, &d, g)?;
                 }
             }
-            Examples::Pref(v) => {
+            Examples::Pref(_) => {
                 let cfg: DpoCfg = self.s.dpo().expect("dpo settings");
-                let pairs: Vec<(usize, &PrefExample)> = idx.iter().map(|&i| (i, &v[i])).collect();
-                let refs = self.reference(&pairs, cfg.kind)?;
+                let refs = self.reference(ex, idx, cfg.kind)?;
                 // Chosen and rejected of every pair in one batched forward.
                 let b = batch(&micro_seqs(ex, idx), dropout.is_some());
                 let (lp, trace) = self.model.forward(
@@ -340,7 +338,7 @@ fn train_step(
     let p = s.train_dropout();
     let mut dropout = (p > 0.0).then(|| Dropout::new(p, s.seed, step as u64));
     let mut acc = StepOut::default();
-    for chunk in idx.chunks(s.batch_size / s.grad_accum) {
+    for chunk in idx.chunks(s.micro_batch()) {
         add_out(
             &mut acc,
             ctx.micro_step(
@@ -585,8 +583,7 @@ fn precomputed_ref(ctx: &Ctx, ex: &Examples, out: &Path, kind: DpoKind) -> Resul
     }
     let mut all = Vec::with_capacity(v.len());
     for chunk in (0..v.len()).collect::<Vec<_>>().chunks(16) {
-        let pairs: Vec<(usize, &PrefExample)> = chunk.iter().map(|&i| (i, &v[i])).collect();
-        all.extend(ctx.reference(&pairs, kind)?);
+        all.extend(ctx.reference(ex, chunk, kind)?);
     }
     crate::fsio::write_atomic(&p, |w| {
         for (c, r) in &all {
@@ -608,7 +605,7 @@ fn evaluate(ctx: &Ctx, adapter: &Adapter, ex: &Examples) -> Result<StepOut> {
     let idx: Vec<usize> = (0..ex.len()).collect();
     let norm = step_norm(ex, &idx);
     let mut acc = StepOut::default();
-    for chunk in idx.chunks(ctx.s.batch_size / ctx.s.grad_accum) {
+    for chunk in idx.chunks(ctx.s.micro_batch()) {
         add_out(
             &mut acc,
             ctx.micro_step(adapter, ex, chunk, norm, None, None)?,
