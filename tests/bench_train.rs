@@ -1,9 +1,9 @@
-//! `palign bench train` on the CPU (`--shape tiny`): the machine line tools/gpu-check.sh
-//! parses, and losses that mean the real training step ran.
+//! `palign bench train` and `bench generate` on the CPU (`--shape tiny`): the machine lines
+//! tools/gpu-check.sh parses, and losses (or token counts) that mean the real step ran.
 
 mod common;
 
-use common::palign;
+use common::{palign, run};
 
 fn field<'a>(line: &'a str, key: &str) -> &'a str {
     line.split_whitespace()
@@ -75,4 +75,90 @@ fn bench_train_prints_the_line_and_trains() {
     assert_eq!(field(&line, "shared_tokens"), "32+32");
     assert!((losses[0] - 2f64.ln()).abs() < 1e-4, "{losses:?}");
     assert!(losses[2] < losses[0], "{losses:?}");
+}
+
+/// Runs `bench generate` on the tiny shape, whatever the outcome.
+fn bench_generate(extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["bench", "generate", "--device", "cpu", "--shape", "tiny"];
+    args.extend(extra);
+    run(&args)
+}
+
+#[test]
+fn bench_generate_prints_the_line_and_counts_the_steps() {
+    let o = bench_generate(&[
+        "--batch-size",
+        "3",
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "5",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("BENCH_GENERATE "))
+        .unwrap_or_else(|| panic!("no BENCH_GENERATE line: {out}"));
+    assert_eq!(field(line, "impl"), "palign");
+    assert_eq!(field(line, "peft"), "qlora");
+    assert_eq!(field(line, "rank"), "16");
+    // Every prompt gets all 5 tokens (no EOS): the first from the prefill, then 4 decode
+    // steps feeding the 3 sequences together.
+    assert_eq!(field(line, "generated"), "15");
+    assert_eq!(field(line, "decode_steps"), "4");
+    for key in [
+        "tokens_per_s",
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+    ] {
+        assert!(
+            field(line, key).parse::<f64>().unwrap() > 0.0,
+            "{key}: {line}"
+        );
+    }
+    assert_eq!(field(line, "peak_mem_gib"), "nan");
+    assert_eq!(field(line, "gpu"), "\"cpu\"");
+
+    // One new token is the prefill alone: no decode figures, and no adapter with rank 0.
+    let o = bench_generate(&[
+        "--batch-size",
+        "2",
+        "--prompt-len",
+        "4",
+        "--new-tokens",
+        "1",
+        "--rank",
+        "0",
+        "--peft",
+        "lora",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("BENCH_GENERATE "))
+        .unwrap();
+    assert_eq!(field(line, "generated"), "2");
+    assert_eq!(field(line, "decode_steps"), "0");
+    assert_eq!(field(line, "decode_tokens_per_s"), "nan");
+    assert_eq!(field(line, "decode_step_ms"), "nan");
+}
+
+#[test]
+fn bench_generate_refuses_bad_input_in_one_line() {
+    for (args, says) in [
+        (&["--new-tokens", "0"][..], "--new-tokens"),
+        (&["--peft", "dora"][..], "--peft"),
+        (&["--targets", "x_proj"][..], "x_proj"),
+        (&["--top-p", "2"][..], "--top-p"),
+    ] {
+        let o = bench_generate(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    let o = run(&["bench", "generate", "--device", "cpu"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("GPU only"));
 }

@@ -1,10 +1,16 @@
 #!/usr/bin/env python3
-"""The Python-stack side of `palign bench train`: one LoRA/QLoRA SFT or DPO training step of a
-7B-shaped model with random weights, timed with transformers + peft (+ bitsandbytes, + TRL).
+"""The Python-stack side of `palign bench train` (one LoRA/QLoRA SFT or DPO training step) and
+`palign bench generate` (batched generation) for a 7B-shaped model with random weights, timed
+with transformers + peft (+ bitsandbytes, + TRL).
 
     python3 tools/bench_hf.py --shape mistral-7b --method dpo --peft qlora
+    python3 tools/bench_hf.py --shape mistral-7b --method generate --peft qlora --rank 16 \
+        --batch-size 32 --prompt-len 256 --new-tokens 128
     ~/.cache/palign/venv/bin/python tools/bench_hf.py --shape tiny --device cpu \
         --batch-size 2 --seq-len 64 --warmup 1 --steps 2          # CPU smoke test
+    ~/.cache/palign/venv/bin/python tools/bench_hf.py --shape tiny --device cpu --method generate \
+        --peft lora --batch-size 3 --prompt-len 8 --new-tokens 5   # (bnb's CPU 4-bit inference
+                                                                  # path rejects the tiny MLP width)
 
 Nothing is downloaded: the config is built here and the weights are random (N(0, 0.02^2) for
 every linear and embedding matrix, ones for the RMSNorm weights). Speed does not depend on
@@ -68,6 +74,18 @@ MFU (palign's bench uses the same formula):
   (and CPU) -> unknown, mfu=nan.
   tokens_per_s = T / median step time.
 
+--method generate (the side of `palign bench generate`): --batch-size prompts of --prompt-len
+random ids (no padding), each continued by exactly --new-tokens tokens with transformers'
+model.generate (greedy unless --temperature > 0; KV cache on; min_new_tokens = max_new_tokens,
+so EOS never ends a row early). --peft qlora|lora picks the base (NF4 as above, or bf16);
+--rank R > 0 adds an unmerged peft adapter on --targets (B = 0, as peft initializes it; f32 as
+peft makes it), --rank 0 none. Timing: one warm-up generate of 2 tokens; then the median of 3
+generates of 1 token (T1: prefill + the first token) and one of N tokens (TN). prefill
+tokens/s = B*P / T1; decode tokens/s = B*(N-1) / (TN - T1); tokens/s = B*N / TN. Machine line:
+  BENCH_GENERATE impl=hf shape=<shape> peft=<p> rank=<r> batch=<B> prompt_len=<P> new_tokens=<N>
+      tokens_per_s=<x> prefill_tokens_per_s=<y> decode_tokens_per_s=<z> decode_step_ms=<w>
+      peak_mem_gib=<m> gpu="<name>"                                                   (one line)
+
 Output: human-readable lines, then exactly one machine line:
   BENCH_TRAIN impl=hf shape=<shape> method=<m> peft=<p> batch=<B> seq=<S> rank=<r>
       tokens_per_s=<x> step_ms=<y> peak_mem_gib=<z> mfu=<w> gpu="<name>"      (one line)
@@ -99,7 +117,7 @@ LR = 1e-4
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="mistral-7b")
-    ap.add_argument("--method", choices=("sft", "dpo"), default="sft")
+    ap.add_argument("--method", choices=("sft", "dpo", "generate"), default="sft")
     ap.add_argument("--peft", choices=("lora", "qlora"), default="qlora")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -118,13 +136,19 @@ def parse_args(argv):
     ap.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompt-len", type=int, default=256, help="generate: tokens per prompt")
+    ap.add_argument("--new-tokens", type=int, default=256, help="generate: tokens generated per prompt")
+    ap.add_argument("--temperature", type=float, default=0.0, help="generate: 0 is greedy")
+    ap.add_argument("--top-p", type=float, default=1.0, help="generate: nucleus mass")
     a = ap.parse_args(argv)
+    if a.method == "generate" and (a.prompt_len < 1 or a.new_tokens < 1):
+        ap.error("--prompt-len and --new-tokens must be >= 1")
+    if a.rank < 1 and not (a.method == "generate" and a.rank == 0):
+        ap.error("--rank must be >= 1 (generate: >= 0, where 0 is no adapter)")
     if a.batch_size < 1:
         ap.error("--batch-size must be >= 1")
     if a.seq_len < 2 or (a.method == "dpo" and a.seq_len < 4):
         ap.error("--seq-len must be >= 2 (>= 4 for dpo: a prompt and a completion of S/2 tokens)")
-    if a.rank < 1:
-        ap.error("--rank must be >= 1")
     if a.alpha is None:
         a.alpha = 2.0 * a.rank
     if not 0.0 <= a.dropout < 1.0:
@@ -460,6 +484,109 @@ def run(a, torch, dev, gpu):
     )
 
 
+def gen_line(a, peft_desc, gpu, **fields):
+    head = (
+        f"BENCH_GENERATE impl=hf shape={a.shape} peft={peft_desc} rank={a.rank} "
+        f"batch={a.batch_size} prompt_len={a.prompt_len} new_tokens={a.new_tokens}"
+    )
+    rest = " ".join(f"{k}={v}" for k, v in fields.items())
+    return f'{head} {rest} gpu="{gpu}"'
+
+
+def run_generate(a, torch, dev, gpu):
+    import peft
+    import transformers
+
+    peft_desc = a.peft
+    if a.peft == "qlora":
+        failed = qlora_probe(torch, dev)
+        if failed:
+            peft_desc = f"lora(qlora-unavailable: {failed[0]})"
+            print(f"note: 4-bit unavailable, generating with the bf16 base instead: {failed[0]}: {failed[1]}")
+    a.peft_desc = peft_desc
+    model = build_model(a, torch, dev)
+    if peft_desc == "qlora":
+        quantize_projections(model, torch, dev)
+    model.config.use_cache = True
+    if a.rank > 0:
+        lcfg = peft.LoraConfig(
+            r=a.rank,
+            lora_alpha=a.alpha,
+            lora_dropout=0.0,
+            target_modules=a.targets,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = peft.get_peft_model(model, lcfg)
+    model.eval()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+    _, _, _, _, _, _, vocab, _, _ = SHAPES[a.shape]
+    B, P, N = a.batch_size, a.prompt_len, a.new_tokens
+    g = torch.Generator(device="cpu").manual_seed(a.seed + 1)
+    ids = torch.randint(3, vocab, (B, P), generator=g).to(dev)
+    mask = torch.ones_like(ids)
+    sampling = dict(do_sample=True, temperature=a.temperature, top_p=a.top_p) if a.temperature > 0 else dict(do_sample=False)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def gen(n):
+        sync()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                pad_token_id=0,
+                use_cache=True,
+                **sampling,
+            )
+        sync()
+        secs = time.perf_counter() - t
+        if tuple(out.shape) != (B, P + n):
+            raise RuntimeError(f"generate returned shape {tuple(out.shape)}, expected {(B, P + n)}")
+        return secs
+
+    gen(min(2, N))
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t1 = statistics.median(gen(1) for _ in range(3))
+    tn = gen(N)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
+    decode_s = tn - t1
+    nan = float("nan")
+    decode_tps = B * (N - 1) / decode_s if N > 1 and decode_s > 0 else nan
+    step_ms = decode_s / (N - 1) * 1e3 if N > 1 else nan
+
+    print(
+        f"bench_hf generate: torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"peft {peft.__version__}"
+        + (f", bitsandbytes {getattr(sys.modules.get('bitsandbytes'), '__version__', '?')}" if peft_desc == "qlora" else "")
+    )
+    print(
+        f"shape {a.shape}, attn {a.attn}, device {gpu}, base {'nf4' if peft_desc == 'qlora' else 'bf16'}, "
+        f"adapter {'r=%d on %s' % (a.rank, ','.join(a.targets)) if a.rank else 'none'}; "
+        f"{B} prompts x {P} tokens, {N} new tokens; T1 {t1 * 1e3:.1f} ms, TN {tn * 1e3:.1f} ms"
+    )
+    print(
+        gen_line(
+            a,
+            peft_desc,
+            gpu,
+            tokens_per_s=f"{B * N / tn:.1f}",
+            prefill_tokens_per_s=f"{B * P / t1:.1f}",
+            decode_tokens_per_s=f"{decode_tps:.1f}",
+            decode_step_ms=f"{step_ms:.3f}",
+            peak_mem_gib=f"{peak:.3f}",
+        )
+    )
+
+
 def main(argv=None):
     a = parse_args(sys.argv[1:] if argv is None else argv)
     import torch
@@ -471,10 +598,11 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     a.peft_desc = a.peft
     try:
-        run(a, torch, dev, gpu)
+        (run_generate if a.method == "generate" else run)(a, torch, dev, gpu)
     except torch.cuda.OutOfMemoryError as e:
         print(f"bench_hf: out of memory: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
-        print(machine_line(a, a.peft_desc, gpu, error="oom"))
+        line = gen_line if a.method == "generate" else machine_line
+        print(line(a, a.peft_desc, gpu, error="oom"))
         return 2
     except (ValueError, ImportError) as e:
         # e.g. --attn flash_attention_2 without the flash-attn package

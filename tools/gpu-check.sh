@@ -9,11 +9,12 @@
 #
 # From a palign session with the device tool, that second step is one or two calls
 # (everything takes longer than one 600 s call; pick sections with PALIGN_GPU_SECTIONS,
-# any of: tests benches train):
+# any of: tests benches train generate):
 #   run(command="PALIGN_GPU_SECTIONS=tests bash gpu-stage/run.sh", carry=["gpu-stage"], timeout_s=480)
 #   run(command="PALIGN_GPU_SECTIONS='benches train' bash gpu-stage/run.sh", carry=["gpu-stage"], timeout_s=580)
 # PALIGN_GPU_TESTS / PALIGN_GPU_BENCHES (space-separated names) narrow the tests and
-# benches; PALIGN_TRAIN_CONFIGS picks the training configs (see run.sh below).
+# benches; PALIGN_TRAIN_CONFIGS picks the training configs and PALIGN_GEN_CONFIGS the
+# generation ones (see run.sh below).
 # The staged tests find the fixtures in the copied working tree (run from the repo root)
 # and the staged palign binary through PALIGN_FIXTURES / PALIGN_BIN.
 # The runner writes gpu-report.md (GPU name, driver, per-test pass/fail, every PARITY
@@ -174,7 +175,7 @@ export LD_LIBRARY_PATH="${libdirs:+$libdirs:}/usr/local/cuda/lib64:${LD_LIBRARY_
 export CRITERION_HOME="${TMPDIR:-/tmp}/palign-criterion"
 export PALIGN_BIN="$HERE/palign"
 [ -d "$PWD/tests/fixtures" ] && export PALIGN_FIXTURES="$PWD/tests/fixtures"
-SECTIONS="${PALIGN_GPU_SECTIONS:-tests benches train}"
+SECTIONS="${PALIGN_GPU_SECTIONS:-tests benches train generate}"
 want() { case " $SECTIONS " in *" $1 "*) return 0 ;; esac; return 1; }
 want_test() { case " ${PALIGN_GPU_TESTS:-} " in *" $1 "*) return 0 ;; esac; return 1; }
 want_bench() { case " ${PALIGN_GPU_BENCHES:-} " in *" $1 "*) return 0 ;; esac; return 1; }
@@ -311,6 +312,53 @@ if want train && [ -x "$HERE/palign" ]; then
     done
 fi
 # ---- end training step ----
+
+# ---- generation (what evaluation costs): palign bench generate vs bench_hf.py --method generate ----
+# PALIGN_GEN_CONFIGS="qlora 16 32 256 128,lora 0 32 256 128" (peft rank batch prompt_len
+# new_tokens [VAR=value ...] [--flag ...]): qlora = NF4 base (eval --quant nf4), rank 0 = no
+# adapter (a merged model). Mistral-7B shape, greedy, no EOS: every row gets all its tokens.
+# VAR=value words are set for palign only; --temperature=T and --top-p=P go to both sides.
+gen_field() { grep -o " $1=[0-9.a-z]*" | tail -n 1 | cut -d= -f2; }
+if want generate && [ -x "$HERE/palign" ]; then
+    echo >>"$REPORT"
+    echo "## generation (palign bench generate vs tools/bench_hf.py --method generate)" >>"$REPORT"
+    IFS=, read -r -a gconfigs <<<"${PALIGN_GEN_CONFIGS:-qlora 16 32 256 128,lora 0 32 256 128}"
+    for cfg in "${gconfigs[@]}"; do
+        set -- $cfg
+        p=$1 r=$2 bs=$3 pl=$4 nt=$5
+        shift 5
+        envs=() flags=() hf_flags=()
+        for w in "$@"; do
+            case "$w" in
+            --temperature=* | --top-p=*) flags+=("$w") hf_flags+=("$w") ;; # sampling on both sides
+            --*) flags+=("$w") ;;
+            *) envs+=("$w") ;;
+            esac
+        done
+        shape=(--shape mistral-7b --peft "$p" --rank "$r" --batch-size "$bs" --prompt-len "$pl" --new-tokens "$nt")
+        echo "==== generate $cfg" >>"$BLOG"
+        ours="$(env ${envs[@]+"${envs[@]}"} timeout 300 "$HERE/palign" bench generate "${shape[@]}" ${flags[@]+"${flags[@]}"} 2>>"$BLOG")"
+        echo "$ours" >>"$BLOG"
+        theirs="$(PYTHONPATH="${PYX:+$PYX:}${PYTHONPATH:-}" timeout 300 python3 "$HERE/bench_hf.py" --method generate "${shape[@]}" ${hf_flags[@]+"${hf_flags[@]}"} 2>>"$BLOG")"
+        echo "$theirs" >>"$BLOG"
+        {
+            echo
+            echo "### generate $cfg"
+            echo '```'
+            echo "$ours" | grep -E 'BENCH_GENERATE|BREAKDOWN' || echo "palign: no result (see benches.log)"
+            echo "$theirs" | grep -E 'BENCH_GENERATE|note' || echo "hf: no result (see benches.log)"
+            for k in tokens_per_s decode_tokens_per_s prefill_tokens_per_s; do
+                a="$(echo "$ours" | grep BENCH_GENERATE | gen_field "$k")"
+                b="$(echo "$theirs" | grep BENCH_GENERATE | gen_field "$k")"
+                if [ -n "$a" ] && [ -n "$b" ] && [ "$a" != nan ] && [ "$b" != nan ]; then
+                    echo "RATIO generate_${p}_r${r}_b${bs} palign/hf $k = $(python3 -c "print(f'{$a/$b:.3f}')")"
+                fi
+            done
+            echo '```'
+        } >>"$REPORT"
+    done
+fi
+# ---- end generation ----
 
 echo >>"$REPORT"
 if [ $failed -eq 0 ]; then echo "RESULT: all tests passed" >>"$REPORT"; else echo "RESULT: SOME TESTS FAILED (see tests.log)" >>"$REPORT"; fi

@@ -37,6 +37,39 @@ enum What {
     /// Training steps of a 7B-shaped model with random weights: tokens/s, MFU, peak
     /// memory and the time per kernel family.
     Train(TrainBench),
+    /// Batched generation (prefill, then decode with the KV cache) of a 7B-shaped model
+    /// with random weights: tokens/s of each phase, peak memory, weight bandwidth and the
+    /// decode step's time per kernel family.
+    Generate(GenBench),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GenBench {
+    /// llama-7b (LLaMA-2-7B), mistral-7b (Mistral-7B-v0.1), or tiny (for CPU checks).
+    #[arg(long, default_value = "mistral-7b")]
+    shape: String,
+    /// lora (bf16 base) or qlora (NF4 base, as `--quant nf4` in generate and eval).
+    #[arg(long, default_value = "qlora")]
+    peft: String,
+    /// Rank of an unmerged LoRA adapter on --targets; 0: none (a merged model).
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    #[arg(long, default_value = "all")]
+    targets: String,
+    /// Prompts, all decoded at once (one KV-cache slot each).
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Tokens per prompt (random ids, no common prefix).
+    #[arg(long, default_value_t = 256)]
+    prompt_len: usize,
+    /// Tokens generated per prompt; no EOS ends one early.
+    #[arg(long, default_value_t = 256)]
+    new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
 }
 
 #[derive(clap::Args, Debug)]
@@ -360,21 +393,63 @@ fn run_flops(cfg: &ModelConfig, step: f64, shared_policy: usize, shared_ref: usi
 }
 
 pub fn run(args: &Args, common: &Common) -> Result<()> {
-    let What::Train(b) = &args.what;
+    match &args.what {
+        What::Train(b) => run_train(b, common),
+        What::Generate(b) => run_generate(b, common),
+    }
+}
+
+/// The device and the shape's config; 7B shapes only on the GPU.
+fn open(shape: &str, common: &Common) -> Result<(Device, ModelConfig)> {
     let device = common.setup()?;
-    let cuda = device == Device::Cuda;
+    let cfg = config(shape)?;
+    if shape != "tiny" && device != Device::Cuda {
+        return Err(bad(format!(
+            "--shape {shape}: 7B shapes run on the GPU only (use --shape tiny on the CPU)"
+        )));
+    }
+    Ok((device, cfg))
+}
+
+fn gpu_name(cuda: bool) -> Result<String> {
+    Ok(if cuda {
+        Gpu::get()?.name().to_string()
+    } else {
+        "cpu".to_string()
+    })
+}
+
+/// Prints the kernel-family breakdown (ms per family of `total_ms`) as BREAKDOWN lines.
+fn print_breakdown(
+    families: &std::collections::BTreeMap<&'static str, f64>,
+    total_ms: f64,
+    other: &str,
+) {
+    if families.is_empty() {
+        return;
+    }
+    let kernels: f64 = families.values().sum();
+    for (family, ms) in families {
+        println!(
+            "BREAKDOWN family=\"{family}\" ms={ms:.2} share={:.1}%",
+            100.0 * ms / total_ms
+        );
+    }
+    println!(
+        "BREAKDOWN family=\"other ({other})\" ms={:.2} share={:.1}%",
+        total_ms - kernels,
+        100.0 * (total_ms - kernels) / total_ms
+    );
+}
+
+fn run_train(b: &TrainBench, common: &Common) -> Result<()> {
     let method = match b.method.as_str() {
         "sft" => Method::Sft,
         "dpo" => Method::Dpo,
         m => return Err(bad(format!("--method: unknown method `{m}` (sft, dpo)"))),
     };
-    let cfg = config(&b.shape)?;
-    if b.shape != "tiny" && !cuda {
-        return Err(bad(format!(
-            "--shape {}: 7B shapes run on the GPU only (use --shape tiny on the CPU)",
-            b.shape
-        )));
-    }
+    let (device, cfg) = open(&b.shape, common)?;
+    let cuda = device == Device::Cuda;
     if b.seq_len < 2 || b.steps == 0 {
         return Err(bad("--seq-len must be at least 2 and --steps at least 1"));
     }
@@ -410,11 +485,7 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     } else {
         (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
     };
-    let gpu_name = if cuda {
-        Gpu::get()?.name().to_string()
-    } else {
-        "cpu".to_string()
-    };
+    let gpu_name = gpu_name(cuda)?;
     // `mfu`: the model FLOPs of every sequence's tokens, the figure tools/bench_hf.py
     // prints. A prompt shared by a DPO pair is computed once (both passes, unless
     // --keep-dropout), so `mfu_run` leaves out its rows' decoder-layer FLOPs (lm_head
@@ -438,21 +509,11 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    if !out.families.is_empty() {
-        let total_ms = out.profiled_secs * 1e3;
-        let kernels: f64 = out.families.values().sum();
-        for (family, ms) in &out.families {
-            println!(
-                "BREAKDOWN family=\"{family}\" ms={ms:.2} share={:.1}%",
-                100.0 * ms / total_ms
-            );
-        }
-        println!(
-            "BREAKDOWN family=\"other (optimizer, host, transfers)\" ms={:.2} share={:.1}%",
-            total_ms - kernels,
-            100.0 * (total_ms - kernels) / total_ms
-        );
-    }
+    print_breakdown(
+        &out.families,
+        out.profiled_secs * 1e3,
+        "optimizer, host, transfers",
+    );
     if cuda {
         // Which attention tiles the steps ran (measured on this GPU, or read from its cache).
         let tuner = crate::backend::cuda::attn_tune::AttnTuner::global(&*Gpu::get()?)?;
@@ -476,6 +537,168 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         f(mfu_run, 4),
         shared_policy,
         shared_ref,
+    );
+    Ok(())
+}
+
+/// Bytes one decode step reads of the weights on the device: every projection (NF4
+/// codes and scales, or bf16), the norms and the lm_head; not the embedding, of which a
+/// step reads one row per sequence. None on the CPU.
+fn step_weight_bytes(model: &Model) -> Option<f64> {
+    let bytes = |w: &LinearWeight| match w {
+        LinearWeight::Dense(t) => t.is_cuda().then(|| 2 * t.numel()),
+        LinearWeight::Nf4Cuda(q) => Some(q.device_bytes()),
+        LinearWeight::Nf4(_) => None,
+    };
+    let h = model.cfg.hidden_size;
+    let mut total = bytes(&model.lm_head)? + 2 * h;
+    for l in &model.layers {
+        for w in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+            total += bytes(w)?;
+        }
+        total += 2 * 2 * h;
+    }
+    Some(total as f64)
+}
+
+/// `palign bench generate`: one warm-up generation (2 new tokens: kernel choices,
+/// allocations), the timed one, then two short profiled ones on the device whose
+/// difference is the decode steps' time per kernel family.
+fn run_generate(b: &GenBench, common: &Common) -> Result<()> {
+    use crate::model::generate::{generate_timed, GenConfig};
+    let (device, cfg) = open(&b.shape, common)?;
+    let cuda = device == Device::Cuda;
+    let qlora = match b.peft.as_str() {
+        "qlora" => true,
+        "lora" => false,
+        p => return Err(bad(format!("--peft: unknown `{p}` (lora, qlora)"))),
+    };
+    if b.prompt_len == 0 || b.new_tokens == 0 || b.batch_size == 0 {
+        return Err(bad(
+            "--batch-size, --prompt-len and --new-tokens must be at least 1",
+        ));
+    }
+    let gen = |new_tokens: usize| GenConfig {
+        max_new_tokens: new_tokens,
+        temperature: b.temperature,
+        top_p: b.top_p,
+        seed: common.seed,
+        eos_ids: Vec::new(),
+        batch_size: b.batch_size,
+    };
+    gen(b.new_tokens).validate()?;
+    let lora = if b.rank > 0 {
+        Some(crate::lora::LoraConfig {
+            r: b.rank,
+            alpha: 2.0 * b.rank as f32,
+            dropout: 0.0,
+            targets: crate::lora::LoraConfig::parse_targets(&b.targets)?,
+            use_rslora: false,
+        })
+    } else {
+        None
+    };
+    let model = random_model(cfg, qlora, cuda)?;
+    let mut adapter = lora
+        .map(|l| crate::lora::Adapter::init(&model.cfg, l, common.seed))
+        .transpose()?;
+    if cuda {
+        adapter = adapter.map(|a| a.to_device_bf16()).transpose()?;
+    }
+    let vocab = model.cfg.vocab_size as u64;
+    let prompts: Vec<Vec<u32>> = (0..b.batch_size)
+        .map(|r| {
+            (0..b.prompt_len)
+                .map(|i| (splitmix64(((r as u64) << 32) ^ i as u64) % vocab) as u32)
+                .collect()
+        })
+        .collect();
+    let gpu = if cuda { Some(Gpu::get()?) } else { None };
+    let run = |new_tokens: usize| {
+        generate_timed(
+            &model,
+            adapter.as_ref(),
+            &prompts,
+            &gen(new_tokens),
+            None,
+            |_| {},
+        )
+    };
+    run(2.min(b.new_tokens))?;
+    if let Some(g) = &gpu {
+        g.synchronize()?;
+        g.reset_peak();
+    }
+    let t0 = std::time::Instant::now();
+    let (outs, st) = run(b.new_tokens)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let peak_gib = gpu
+        .as_ref()
+        .map(|g| g.pool_stats().peak_in_use_bytes as f64 / (1u64 << 30) as f64);
+    let generated: usize = outs.iter().map(|g| g.ids.len()).sum();
+
+    // Decode steps' kernel time by family: a run of 1 + k tokens less a run of 1.
+    let k = 16.min(b.new_tokens.saturating_sub(1));
+    let mut decode_families = std::collections::BTreeMap::new();
+    if let (Some(g), true) = (&gpu, k > 0) {
+        let profiled = |new_tokens: usize| -> Result<_> {
+            crate::backend::cuda::profile::start();
+            run(new_tokens)?;
+            crate::backend::cuda::profile::finish(g)
+        };
+        match profiled(1).and_then(|a| Ok((a, profiled(1 + k)?))) {
+            Ok((prefill, both)) => {
+                for (family, ms) in both {
+                    let d = ms - prefill.get(family).copied().unwrap_or(0.0);
+                    decode_families.insert(family, d.max(0.0) / k as f64);
+                }
+            }
+            Err(e) => eprintln!("note: no kernel-family breakdown: {e}"),
+        }
+    }
+
+    let gpu_name = gpu_name(cuda)?;
+    let per_s = |n: usize, s: f64| (s > 0.0).then(|| n as f64 / s);
+    let step_s = st.decode_secs / st.decode_steps.max(1) as f64;
+    let decoded = st.decode_steps > 0;
+    let weight_gbps = step_weight_bytes(&model)
+        .filter(|_| decoded)
+        .map(|w| w / step_s / 1e9);
+    eprintln!(
+        "palign bench generate: {} {} rank {}, {} prompts x {} tokens, {} new tokens each, on {gpu_name}",
+        b.shape, b.peft, b.rank, b.batch_size, b.prompt_len, b.new_tokens
+    );
+    eprintln!(
+        "prefill: {} forward(s), {:.1} ms; decode: {} steps, {:.2} ms each; sampling {:.1} ms in all",
+        st.prefills,
+        st.prefill_secs * 1e3,
+        st.decode_steps,
+        step_s * 1e3,
+        st.sample_secs * 1e3
+    );
+    if !decode_families.is_empty() {
+        // Kernel time per decode step (profiled runs) against the timed run's step: the
+        // rest is the host's share (launches, sampling, the logits' copy).
+        eprintln!("one decode step's kernels (profiled over {k} steps):");
+        print_breakdown(&decode_families, step_s * 1e3, "host, launches, transfers");
+    }
+    let f = |x: Option<f64>, prec: usize| x.map_or("nan".to_string(), |v| format!("{v:.prec$}"));
+    println!(
+        "BENCH_GENERATE impl=palign shape={} peft={} rank={} batch={} prompt_len={} new_tokens={} tokens_per_s={} prefill_tokens_per_s={} decode_tokens_per_s={} decode_step_ms={} decode_steps={} weight_gb_per_s={} peak_mem_gib={} generated={} gpu=\"{gpu_name}\"",
+        b.shape,
+        b.peft,
+        b.rank,
+        b.batch_size,
+        b.prompt_len,
+        b.new_tokens,
+        f(per_s(generated, secs), 1),
+        f(per_s(st.prefill_tokens, st.prefill_secs), 1),
+        f(per_s(st.decode_tokens, st.decode_secs), 1),
+        f(decoded.then_some(step_s * 1e3), 3),
+        st.decode_steps,
+        f(weight_gbps, 1),
+        f(peak_gib, 3),
+        generated,
     );
     Ok(())
 }

@@ -340,6 +340,23 @@ fn advance(
         .collect()
 }
 
+/// Where a generation's time went (`palign bench generate`). Each forward ends by
+/// copying its logits to the host, so its wall time includes the device's work.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GenStats {
+    /// Prefill forwards, the prompt tokens they took (every prompt's, shared rows
+    /// included) and their seconds.
+    pub prefills: usize,
+    pub prefill_tokens: usize,
+    pub prefill_secs: f64,
+    /// Decode forwards, the tokens they fed (one per live sequence) and their seconds.
+    pub decode_steps: usize,
+    pub decode_tokens: usize,
+    pub decode_secs: f64,
+    /// Host seconds spent choosing tokens and checking stop strings.
+    pub sample_secs: f64,
+}
+
 /// Generates a continuation of every prompt (token ids, used verbatim). Results come
 /// back in input order; `on_done(row)` is called as each row finishes.
 pub fn generate(
@@ -348,8 +365,20 @@ pub fn generate(
     prompts: &[Vec<u32>],
     cfg: &GenConfig,
     stop: Option<&Stopper>,
-    mut on_done: impl FnMut(usize),
+    on_done: impl FnMut(usize),
 ) -> Result<Vec<Generated>> {
+    generate_timed(model, adapter, prompts, cfg, stop, on_done).map(|(g, _)| g)
+}
+
+/// `generate`, also saying where the time went.
+pub fn generate_timed(
+    model: &Model,
+    adapter: Option<&Adapter>,
+    prompts: &[Vec<u32>],
+    cfg: &GenConfig,
+    stop: Option<&Stopper>,
+    mut on_done: impl FnMut(usize),
+) -> Result<(Vec<Generated>, GenStats)> {
     cfg.validate()?;
     for (i, p) in prompts.iter().enumerate() {
         if p.is_empty() {
@@ -373,7 +402,9 @@ pub fn generate(
     let mut free: Vec<usize> = (0..slots).rev().collect();
     let mut next = 0;
     let mut live: Vec<Live> = Vec::new();
+    let mut stats = GenStats::default();
     while next < prompts.len() || !live.is_empty() {
+        let t0 = std::time::Instant::now();
         let (mut seqs, logits) = if !free.is_empty() && next < prompts.len() {
             let n = free.len().min(prompts.len() - next);
             let mut fresh: Vec<Live> = (next..next + n)
@@ -391,12 +422,20 @@ pub fn generate(
                 .collect();
             next += n;
             let logits = g.prefill(&mut fresh, prompts)?;
+            stats.prefills += 1;
+            stats.prefill_tokens += fresh.iter().map(|s| s.len).sum::<usize>();
+            stats.prefill_secs += t0.elapsed().as_secs_f64();
             (fresh, logits)
         } else {
             let logits = g.decode(&mut live)?;
+            stats.decode_steps += 1;
+            stats.decode_tokens += live.len();
+            stats.decode_secs += t0.elapsed().as_secs_f64();
             (std::mem::take(&mut live), logits)
         };
+        let t1 = std::time::Instant::now();
         let finished = advance(&mut seqs, &logits, cfg, stop)?;
+        stats.sample_secs += t1.elapsed().as_secs_f64();
         for (s, fin) in seqs.into_iter().zip(finished) {
             match fin {
                 Some(finish) => {
@@ -408,10 +447,11 @@ pub fn generate(
             }
         }
     }
-    Ok(results
+    let results = results
         .into_iter()
         .map(|r| r.expect("every row finishes"))
-        .collect())
+        .collect();
+    Ok((results, stats))
 }
 
 /// EOS ids of a model folder: config.json's, generation_config.json's (what transformers'
@@ -570,6 +610,40 @@ mod tests {
                 logits = g.decode(&mut live).unwrap();
             }
         }
+    }
+
+    /// The stats count what the loop ran: 5 prompts in 2 slots, 3 tokens each, no EOS.
+    /// Pairs enter together and finish together, so prefill (2), decode, decode; again;
+    /// then the last prompt alone: 3 prefills and 6 decode steps of 2+2+2+2+1+1 tokens.
+    #[test]
+    fn stats_count_the_forwards_of_continuous_batching() {
+        let model = Model::load(&fixture("tiny-llama")).unwrap();
+        let prompts: Vec<Vec<u32>> = [4usize, 7, 1, 5, 9]
+            .iter()
+            .map(|&n| {
+                (0..n as u32)
+                    .map(|i| 3 + (i * 31 + n as u32) % 500)
+                    .collect()
+            })
+            .collect();
+        let cfg = GenConfig {
+            max_new_tokens: 3,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            eos_ids: vec![],
+            batch_size: 2,
+        };
+        let (out, st) = generate_timed(&model, None, &prompts, &cfg, None, |_| {}).unwrap();
+        assert!(out
+            .iter()
+            .all(|g| g.ids.len() == 3 && g.finish == Finish::Length));
+        assert_eq!((st.prefills, st.prefill_tokens), (3, 26));
+        assert_eq!((st.decode_steps, st.decode_tokens), (6, 10));
+        assert!(st.prefill_secs > 0.0 && st.decode_secs > 0.0);
+        // the stats change nothing: the same outputs as `generate`
+        let plain = generate(&model, None, &prompts, &cfg, None, |_| {}).unwrap();
+        assert_eq!(plain, out);
     }
 
     #[test]
