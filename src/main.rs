@@ -41,7 +41,8 @@ enum Cmd {
     Eval(commands::eval::Args),
     /// Experiment grids from a TOML spec: run, status, report, slurm.
     Grid(commands::grid::Args),
-    /// Performance benchmarks: `bench train` times training steps of a 7B-shaped model.
+    /// Performance benchmarks: `bench train` / `bench generate` time training steps and
+    /// batched generation of a 7B-shaped model.
     Bench(commands::bench::Args),
 }
 
@@ -50,10 +51,15 @@ fn main() {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            // clap prints help/version to stdout (exit 0) and usage errors to stderr (exit 2).
-            let code = if e.use_stderr() { 2 } else { 0 };
-            let _ = e.print();
-            std::process::exit(code);
+            // clap prints help/version to stdout (exit 0); a usage error is its first line
+            // on stderr (exit 2), without clap's "For more information" tail.
+            if !e.use_stderr() {
+                let _ = e.print();
+                std::process::exit(0);
+            }
+            let text = e.to_string();
+            eprintln!("{}", text.lines().next().unwrap_or("error: bad arguments"));
+            std::process::exit(2);
         }
     };
     let result = match &cli.cmd {

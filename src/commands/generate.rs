@@ -10,7 +10,7 @@ use super::Common;
 use crate::data::jsonl::{ids_field, read_objects, str_field};
 use crate::error::{bad, Result};
 use crate::lora::Adapter;
-use crate::model::generate::{self, cut_at_stop, GenConfig, Stopper};
+use crate::model::generate::{self, cut_at_stop, BatchChoice, GenConfig, Stopper};
 use crate::model::{Model, Template, Tokenizer};
 use std::path::{Path, PathBuf};
 
@@ -47,10 +47,14 @@ pub struct Args {
     /// Chat template for text rows: none, vicuna, mistral.
     #[arg(long, default_value = "none")]
     pub template: String,
-    /// Sequences decoded at once.
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
+    /// Sequences decoded at once: auto fills the GPU's free memory with KV-cache slots (at
+    /// most 256); on the CPU auto is 32.
+    #[arg(long, default_value = "auto", value_parser = clap::value_parser!(BatchChoice))]
+    pub batch_size: BatchChoice,
 }
+
+/// `--batch-size auto` on the CPU.
+const CPU_BATCH: usize = 32;
 
 /// Loads the tokenizer, checking it fits the model's vocabulary.
 fn load_tokenizer(dir: &Path, model: &Model) -> Result<Tokenizer> {
@@ -120,7 +124,7 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         top_p: args.top_p,
         seed: common.seed,
         eos_ids: Vec::new(),
-        batch_size: args.batch_size,
+        batch_size: CPU_BATCH,
     };
     cfg_check.validate()?;
     let mut model = Model::load(&args.model)?;
@@ -137,11 +141,14 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     }
     let tok = load_tokenizer(&args.model, &model)?;
     let rows = load_prompts(&args.prompts, &tok, template, model.cfg.vocab_size)?;
+    let prompts: Vec<Vec<u32>> = rows.iter().map(|(_, ids)| ids.clone()).collect();
     let cfg = GenConfig {
         eos_ids: generate::eos_ids(&args.model, &model, Some(&tok))?,
+        batch_size: args
+            .batch_size
+            .resolve(&model, &prompts, args.max_new_tokens, CPU_BATCH)?,
         ..cfg_check
     };
-    let prompts: Vec<Vec<u32>> = rows.iter().map(|(_, ids)| ids.clone()).collect();
     let stopper = Stopper {
         tokenizer: &tok,
         stops: &args.stop,

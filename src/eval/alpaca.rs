@@ -233,13 +233,22 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
             });
         }
         let pb = crate::commands::progress_bar(jobs.len() as u64, common.progress(), "alpaca-eval");
-        super::generate_jobs(&lm, jobs, &gen, &args.stop, &mut log, &pb, |rows| {
-            for r in rows {
-                let t = r["output"].as_str().unwrap_or_default().trim().to_string();
-                r.insert("output".into(), t.into());
-            }
-            Ok(())
-        })?;
+        super::generate_jobs(
+            &lm,
+            jobs,
+            &gen,
+            ev.decode_batch,
+            &args.stop,
+            &mut log,
+            &pb,
+            |rows| {
+                for r in rows {
+                    let t = r["output"].as_str().unwrap_or_default().trim().to_string();
+                    r.insert("output".into(), t.into());
+                }
+                Ok(())
+            },
+        )?;
         pb.finish_and_clear();
     }
     let output = |i: usize| -> String {

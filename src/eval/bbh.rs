@@ -277,20 +277,29 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
             vec!["\n\nQ:".into(), "\n".into()]
         };
         let pb = crate::commands::progress_bar(jobs.len() as u64, common.progress(), "bbh");
-        super::generate_jobs(&lm, jobs, &gen, &stops, &mut log, &pb, |rows| {
-            for r in rows {
-                let out = r["output"].as_str().unwrap_or_default();
-                let answer = if cot {
-                    extract_answer(out).map(str::to_string)
-                } else {
-                    Some(out.trim().to_string())
-                };
-                let correct = answer.as_deref() == r["target"].as_str();
-                r.insert("answer".into(), answer.into());
-                r.insert("correct".into(), correct.into());
-            }
-            Ok(())
-        })?;
+        super::generate_jobs(
+            &lm,
+            jobs,
+            &gen,
+            ev.decode_batch,
+            &stops,
+            &mut log,
+            &pb,
+            |rows| {
+                for r in rows {
+                    let out = r["output"].as_str().unwrap_or_default();
+                    let answer = if cot {
+                        extract_answer(out).map(str::to_string)
+                    } else {
+                        Some(out.trim().to_string())
+                    };
+                    let correct = answer.as_deref() == r["target"].as_str();
+                    r.insert("answer".into(), answer.into());
+                    r.insert("correct".into(), correct.into());
+                }
+                Ok(())
+            },
+        )?;
         pb.finish_and_clear();
     }
 

@@ -179,13 +179,22 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         }
         let pb =
             crate::commands::progress_bar(jobs.len() as u64, common.progress(), "dangerous-qa");
-        super::generate_jobs(&lm, jobs, &gen, &args.stop, &mut log, &pb, |rows| {
-            for r in rows {
-                let resp = clean_thought(r["output"].as_str().unwrap_or_default()).to_string();
-                r.insert("response".into(), resp.into());
-            }
-            Ok(())
-        })?;
+        super::generate_jobs(
+            &lm,
+            jobs,
+            &gen,
+            ev.decode_batch,
+            &args.stop,
+            &mut log,
+            &pb,
+            |rows| {
+                for r in rows {
+                    let resp = clean_thought(r["output"].as_str().unwrap_or_default()).to_string();
+                    r.insert("response".into(), resp.into());
+                }
+                Ok(())
+            },
+        )?;
         pb.finish_and_clear();
     }
     let response = |i: usize| -> String {

@@ -194,14 +194,16 @@ impl Lm {
             .collect())
     }
 
-    /// Generates a continuation of each prompt (ids, used verbatim).
-    pub fn generate(
+    /// Generates a continuation of each prompt (ids, used verbatim): row `r` samples
+    /// with `rng_of(r)`, and `on_result(r, text)` takes each row as it finishes.
+    pub fn generate_each(
         &self,
         prompts: &[Vec<u32>],
         cfg: &GenConfig,
         stops: &[String],
-        on_done: impl FnMut(usize),
-    ) -> Result<Vec<GenText>> {
+        rng_of: &dyn Fn(usize) -> rand_chacha::ChaCha8Rng,
+        mut on_result: impl FnMut(usize, GenText) -> Result<()>,
+    ) -> Result<()> {
         let cfg = GenConfig {
             eos_ids: self.eos.clone(),
             ..cfg.clone()
@@ -210,24 +212,24 @@ impl Lm {
             tokenizer: &self.tok,
             stops,
         };
-        let out = generate::generate(
+        generate::generate_each(
             &self.model,
             self.adapter.as_ref(),
             prompts,
             &cfg,
             Some(&stopper),
-            on_done,
-        )?;
-        out.into_iter()
-            .map(|g| {
+            rng_of,
+            |row, g| {
                 let text = self.tok.decode(&g.ids, true)?;
-                Ok(GenText {
+                let t = GenText {
                     text: cut_at_stop(&text, stops).to_string(),
                     n_tokens: g.ids.len(),
                     finish: g.finish.name(),
-                })
-            })
-            .collect()
+                };
+                on_result(row, t)
+            },
+        )?;
+        Ok(())
     }
 }
 

@@ -20,7 +20,7 @@ pub mod toxicity;
 
 use crate::commands::Common;
 use crate::error::{bad, Result};
-use crate::model::generate::GenConfig;
+use crate::model::generate::{row_rng, BatchChoice, GenConfig};
 use crate::model::Template;
 use lm::{GenText, Lm};
 use serde_json::{json, Map, Value};
@@ -51,9 +51,14 @@ pub struct EvalArgs {
     /// Chat template the prompt is rendered with: none, vicuna, mistral.
     #[arg(long, default_value = "none")]
     pub template: String,
-    /// Questions per forward (mmlu, judges) or sequences decoded at once (generation).
+    /// Questions per forward (mmlu, judges); generation logs its samples in chunks of 4 ×
+    /// this many prompts (sampling draws per chunk).
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// Sequences decoded at once: auto fills the GPU's free memory with KV-cache slots (at
+    /// most 256); on the CPU auto is --batch-size.
+    #[arg(long, default_value = "auto", value_parser = clap::value_parser!(BatchChoice))]
+    pub decode_batch: BatchChoice,
 }
 
 impl EvalArgs {
@@ -111,44 +116,66 @@ pub struct GenJob {
     pub row: Row,
 }
 
-/// Generates the jobs in chunks of 4 × batch size prompts (continuous batching inside a
-/// chunk) and appends each chunk's rows to the log when it is done. Each row gets
-/// `output`, `n_tokens`, `finish`; `finish_chunk` then adds the task's fields (answer,
-/// score...). With sampling, a row draws from stream (row index in its chunk) of
-/// `seed + chunk index`, so a resumed run samples its remaining rows differently from an
-/// uninterrupted one; greedy outputs do not depend on chunking.
+/// Generates the jobs, all through one pool of `decode` KV-cache slots (continuous
+/// batching), and appends them to the log in chunks of 4 × batch size prompts, whole and
+/// in order, as each chunk is done. Each row gets `output`, `n_tokens`, `finish`;
+/// `finish_chunk` then adds the task's fields (answer, score...). With sampling, a row
+/// draws from stream (row index in its chunk) of `seed + chunk index`, so a resumed run
+/// samples its remaining rows differently from an uninterrupted one; neither greedy nor
+/// sampled outputs depend on the decode batch.
+#[allow(clippy::too_many_arguments)]
 pub fn generate_jobs(
     lm: &Lm,
     jobs: Vec<GenJob>,
     cfg: &GenConfig,
+    decode: BatchChoice,
     stops: &[String],
     log: &mut SampleLog,
     pb: &indicatif::ProgressBar,
     mut finish_chunk: impl FnMut(&mut [Row]) -> Result<()>,
 ) -> Result<()> {
-    let chunk = cfg.batch_size.saturating_mul(4).max(1);
-    let mut jobs = jobs.into_iter().peekable();
-    let mut k = 0u64;
-    while jobs.peek().is_some() {
-        let part: Vec<GenJob> = jobs.by_ref().take(chunk).collect();
-        let prompts: Vec<Vec<u32>> = part.iter().map(|j| j.prompt_ids.clone()).collect();
-        let cfg_k = GenConfig {
-            seed: cfg.seed.wrapping_add(k),
-            ..cfg.clone()
-        };
-        let outs = lm.generate(&prompts, &cfg_k, stops, |_| pb.inc(1))?;
-        let mut rows: Vec<Row> = part
-            .into_iter()
-            .zip(outs)
-            .map(|(j, g)| gen_row(j, g))
-            .collect();
-        finish_chunk(&mut rows)?;
-        for r in rows {
-            log.append(r)?;
-        }
-        k += 1;
+    let n = jobs.len();
+    if n == 0 {
+        return Ok(());
     }
-    Ok(())
+    let chunk = cfg.batch_size.saturating_mul(4).max(1);
+    let prompts: Vec<Vec<u32>> = jobs.iter().map(|j| j.prompt_ids.clone()).collect();
+    let slots = decode.resolve(&lm.model, &prompts, cfg.max_new_tokens, cfg.batch_size)?;
+    let run = GenConfig {
+        batch_size: slots,
+        ..cfg.clone()
+    };
+    let rng_of = |row: usize| {
+        row_rng(
+            cfg.seed.wrapping_add((row / chunk) as u64),
+            (row % chunk) as u64,
+        )
+    };
+    let mut jobs: Vec<Option<GenJob>> = jobs.into_iter().map(Some).collect();
+    let mut outs: Vec<Option<GenText>> = vec![None; n];
+    let mut left: Vec<usize> = (0..n.div_ceil(chunk))
+        .map(|k| chunk.min(n - k * chunk))
+        .collect();
+    let mut logged = 0;
+    lm.generate_each(&prompts, &run, stops, &rng_of, |row, g| {
+        pb.inc(1);
+        outs[row] = Some(g);
+        left[row / chunk] -= 1;
+        while logged < left.len() && left[logged] == 0 {
+            let mut rows: Vec<Row> = (logged * chunk..(n.min((logged + 1) * chunk)))
+                .map(|i| {
+                    let job = jobs[i].take().expect("logged once");
+                    gen_row(job, outs[i].take().expect("finished"))
+                })
+                .collect();
+            finish_chunk(&mut rows)?;
+            for r in rows {
+                log.append(r)?;
+            }
+            logged += 1;
+        }
+        Ok(())
+    })
 }
 
 fn gen_row(job: GenJob, g: GenText) -> Row {
@@ -239,5 +266,107 @@ pub fn as_row(v: Value) -> Row {
     match v {
         Value::Object(m) => m,
         _ => panic!("log rows are JSON objects"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::generate;
+
+    /// One pool of decode slots over every chunk gives each chunk exactly what generating
+    /// that chunk alone gave (seed + chunk index, stream = row in the chunk), sampled or
+    /// greedy, for any decode batch; chunks reach `finish_chunk` and the log whole and in
+    /// order.
+    #[test]
+    fn generate_jobs_pools_chunks_without_changing_any_row() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+        let lm = Lm::load(&dir, None, None, crate::commands::Device::Cpu).unwrap();
+        let prompts: Vec<Vec<u32>> = (0..11u32)
+            .map(|r| {
+                (0..3 + r % 5)
+                    .map(|i| 3 + (r * 97 + i * 31) % 500)
+                    .collect()
+            })
+            .collect();
+        for temperature in [0.0, 1.0] {
+            let cfg = GenConfig {
+                max_new_tokens: 4 + 3 * (temperature as usize),
+                temperature,
+                top_p: 0.9,
+                seed: 7,
+                eos_ids: vec![],
+                batch_size: 2, // chunks of 8 prompts: 8 + 3
+            };
+            // Each chunk generated alone, as generate_jobs did before it pooled them.
+            let mut want = Vec::new();
+            for (k, part) in prompts.chunks(8).enumerate() {
+                let c = GenConfig {
+                    seed: 7 + k as u64,
+                    ..cfg.clone()
+                };
+                want.extend(lm_generate(&lm, part, &c));
+            }
+            for decode in [
+                BatchChoice::Fixed(1),
+                BatchChoice::Fixed(3),
+                BatchChoice::Auto,
+            ] {
+                let tmp = tempfile::tempdir().unwrap();
+                let mut log = SampleLog::open(&tmp.path().join("s.jsonl")).unwrap();
+                let jobs = prompts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| GenJob {
+                        id: format!("q{i}"),
+                        prompt_ids: p.clone(),
+                        row: Map::new(),
+                    })
+                    .collect();
+                let mut chunks = Vec::new();
+                let pb = indicatif::ProgressBar::hidden();
+                generate_jobs(&lm, jobs, &cfg, decode, &[], &mut log, &pb, |rows| {
+                    chunks.push(
+                        rows.iter()
+                            .map(|r| r["id"].as_str().unwrap().to_string())
+                            .collect::<Vec<_>>(),
+                    );
+                    Ok(())
+                })
+                .unwrap();
+                let ids =
+                    |r: std::ops::Range<usize>| r.map(|i| format!("q{i}")).collect::<Vec<_>>();
+                assert_eq!(chunks, vec![ids(0..8), ids(8..11)], "{decode:?}");
+                let text = std::fs::read_to_string(tmp.path().join("s.jsonl")).unwrap();
+                let rows: Vec<Value> = text
+                    .lines()
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect();
+                assert_eq!(rows.len(), 11);
+                for (i, (row, (out, n))) in rows.iter().zip(&want).enumerate() {
+                    assert_eq!(row["id"], format!("q{i}"));
+                    assert_eq!(
+                        row["output"].as_str().unwrap(),
+                        out,
+                        "t={temperature} {decode:?} row {i}"
+                    );
+                    assert_eq!(row["n_tokens"], *n, "t={temperature} {decode:?} row {i}");
+                }
+            }
+        }
+    }
+
+    /// (text, tokens) of each prompt by the plain `generate`.
+    fn lm_generate(lm: &Lm, prompts: &[Vec<u32>], cfg: &GenConfig) -> Vec<(String, usize)> {
+        let cfg = GenConfig {
+            eos_ids: lm.eos.clone(),
+            ..cfg.clone()
+        };
+        generate::generate(&lm.model, None, prompts, &cfg, None, |_| {})
+            .unwrap()
+            .into_iter()
+            .map(|g| (lm.tok.decode(&g.ids, true).unwrap(), g.ids.len()))
+            .collect()
     }
 }

@@ -191,20 +191,29 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         }
         let pb =
             crate::commands::progress_bar(jobs.len() as u64, common.progress(), "real-toxicity");
-        super::generate_jobs(&lm, jobs, &gen, &args.stop, &mut log, &pb, |rows| {
-            let pairs: Vec<(String, String)> = rows
-                .iter()
-                .map(|r| {
-                    let s = |k: &str| r[k].as_str().unwrap_or_default().to_string();
-                    (s("prompt"), s("output"))
-                })
-                .collect();
-            let scores = scorer.score_pairs(&pairs, ev.batch_size, scorer_max_length)?;
-            for (r, s) in rows.iter_mut().zip(scores) {
-                r.insert("score".into(), (s[0] as f64).into());
-            }
-            Ok(())
-        })?;
+        super::generate_jobs(
+            &lm,
+            jobs,
+            &gen,
+            ev.decode_batch,
+            &args.stop,
+            &mut log,
+            &pb,
+            |rows| {
+                let pairs: Vec<(String, String)> = rows
+                    .iter()
+                    .map(|r| {
+                        let s = |k: &str| r[k].as_str().unwrap_or_default().to_string();
+                        (s("prompt"), s("output"))
+                    })
+                    .collect();
+                let scores = scorer.score_pairs(&pairs, ev.batch_size, scorer_max_length)?;
+                for (r, s) in rows.iter_mut().zip(scores) {
+                    r.insert("score".into(), (s[0] as f64).into());
+                }
+                Ok(())
+            },
+        )?;
         pb.finish_and_clear();
     }
 

@@ -379,6 +379,132 @@ pub fn generate_timed(
     stop: Option<&Stopper>,
     mut on_done: impl FnMut(usize),
 ) -> Result<(Vec<Generated>, GenStats)> {
+    let mut results: Vec<Option<Generated>> = vec![None; prompts.len()];
+    let rng_of = |row: usize| row_rng(cfg.seed, row as u64);
+    let stats = generate_each(model, adapter, prompts, cfg, stop, &rng_of, |row, g| {
+        on_done(row);
+        results[row] = Some(g);
+        Ok(())
+    })?;
+    let results = results
+        .into_iter()
+        .map(|r| r.expect("every row finishes"))
+        .collect();
+    Ok((results, stats))
+}
+
+/// The sampling stream `generate` gives a row: ChaCha8 seeded with `seed`, stream `stream`.
+pub fn row_rng(seed: u64, stream: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    rng
+}
+
+/// Prompt tokens one prefill forward takes at most (it takes one prompt in any case):
+/// bounds the prefill's working memory, which `auto_batch` sets aside.
+pub const PREFILL_TOKENS: usize = 16384;
+
+/// How many sequences generation decodes at once: `auto` (fit the device's memory) or a
+/// number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchChoice {
+    Auto,
+    Fixed(usize),
+}
+
+impl std::str::FromStr for BatchChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(BatchChoice::Auto),
+            _ => match s.parse::<usize>() {
+                Ok(n) if n > 0 => Ok(BatchChoice::Fixed(n)),
+                _ => Err(format!("`{s}` is not `auto` or a whole number >= 1")),
+            },
+        }
+    }
+}
+
+impl BatchChoice {
+    /// The number of KV-cache slots: `auto` is `auto_batch` on the device and
+    /// `cpu_default` on the CPU.
+    pub fn resolve(
+        self,
+        model: &Model,
+        prompts: &[Vec<u32>],
+        max_new_tokens: usize,
+        cpu_default: usize,
+    ) -> Result<usize> {
+        Ok(match self {
+            BatchChoice::Fixed(n) => n,
+            BatchChoice::Auto => auto_batch(model, prompts, max_new_tokens)?.unwrap_or(cpu_default),
+        })
+    }
+}
+
+/// Most sequences `--batch-size auto` decodes at once. A decode step reads the weights once
+/// and each sequence's cached keys; past a few hundred sequences the cache reads dominate
+/// and tokens/s stops growing, while host sampling keeps growing.
+pub const MAX_AUTO_BATCH: usize = 256;
+
+/// Sequences decoded at once for `--batch-size auto`: on the device, as many KV-cache
+/// slots as fit its free memory (`batch_for_memory`); None on the CPU, where the caller's
+/// default stands.
+pub fn auto_batch(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    max_new_tokens: usize,
+) -> Result<Option<usize>> {
+    if !model.embed.is_cuda() {
+        return Ok(None);
+    }
+    let free = crate::backend::cuda::Gpu::get()?.available_bytes()? as f64;
+    Ok(Some(batch_for_memory(
+        &model.cfg,
+        prompts,
+        max_new_tokens,
+        free,
+    )))
+}
+
+/// The slots that fit `free` device bytes: each holds its bf16 K/V rows for every layer
+/// (the longest sequence, or Mistral's window) and its logits row; a prefill's working
+/// set (PREFILL_TOKENS rows of one layer's activations, doubled for temporaries) is set
+/// aside, and 15% of the memory is left alone. At least 1, at most MAX_AUTO_BATCH and the
+/// number of prompts.
+pub fn batch_for_memory(
+    c: &crate::model::ModelConfig,
+    prompts: &[Vec<u32>],
+    max_new_tokens: usize,
+    free: f64,
+) -> usize {
+    let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0) + max_new_tokens;
+    let capacity = c.sliding_window.map_or(max_len, |w| w.min(max_len)).max(1);
+    let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    let per_slot = (c.num_layers * 2 * kv * capacity * 2 + c.vocab_size * 6) as f64;
+    let rows = prompts
+        .iter()
+        .map(Vec::len)
+        .sum::<usize>()
+        .min(PREFILL_TOKENS);
+    let layer = 4 * c.hidden_size + q + 2 * kv + 3 * c.intermediate_size;
+    let prefill = (rows * layer * 2 * 2) as f64;
+    let fit = ((0.85 * free - prefill) / per_slot).floor().max(1.0) as usize;
+    fit.min(MAX_AUTO_BATCH).min(prompts.len()).max(1)
+}
+
+/// The generation loop under `generate`: row `r` samples with `rng_of(r)`, and
+/// `on_result(r, generated)` takes each row as it finishes (not in input order).
+pub fn generate_each(
+    model: &Model,
+    adapter: Option<&Adapter>,
+    prompts: &[Vec<u32>],
+    cfg: &GenConfig,
+    stop: Option<&Stopper>,
+    rng_of: &dyn Fn(usize) -> ChaCha8Rng,
+    mut on_result: impl FnMut(usize, Generated) -> Result<()>,
+) -> Result<GenStats> {
     cfg.validate()?;
     for (i, p) in prompts.iter().enumerate() {
         if p.is_empty() {
@@ -398,7 +524,6 @@ pub fn generate_timed(
         cache: KvCache::new(c, slots, max_len, model.embed.is_cuda())?,
         rope: Rope::new(c.head_dim, c.rope_theta, vec![max_len as u32]),
     };
-    let mut results: Vec<Option<Generated>> = vec![None; prompts.len()];
     let mut free: Vec<usize> = (0..slots).rev().collect();
     let mut next = 0;
     let mut live: Vec<Live> = Vec::new();
@@ -406,24 +531,29 @@ pub fn generate_timed(
     while next < prompts.len() || !live.is_empty() {
         let t0 = std::time::Instant::now();
         let (mut seqs, logits) = if !free.is_empty() && next < prompts.len() {
-            let n = free.len().min(prompts.len() - next);
+            // Waiting prompts fill the free slots, up to PREFILL_TOKENS (one at least).
+            let mut n = 1;
+            let mut tokens = prompts[next].len();
+            while n < free.len()
+                && next + n < prompts.len()
+                && tokens + prompts[next + n].len() <= PREFILL_TOKENS
+            {
+                tokens += prompts[next + n].len();
+                n += 1;
+            }
             let mut fresh: Vec<Live> = (next..next + n)
-                .map(|row| {
-                    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-                    rng.set_stream(row as u64);
-                    Live {
-                        row,
-                        slot: free.pop().expect("counted"),
-                        len: 0,
-                        out: Vec::new(),
-                        rng,
-                    }
+                .map(|row| Live {
+                    row,
+                    slot: free.pop().expect("counted"),
+                    len: 0,
+                    out: Vec::new(),
+                    rng: rng_of(row),
                 })
                 .collect();
             next += n;
             let logits = g.prefill(&mut fresh, prompts)?;
             stats.prefills += 1;
-            stats.prefill_tokens += fresh.iter().map(|s| s.len).sum::<usize>();
+            stats.prefill_tokens += tokens;
             stats.prefill_secs += t0.elapsed().as_secs_f64();
             (fresh, logits)
         } else {
@@ -440,18 +570,13 @@ pub fn generate_timed(
             match fin {
                 Some(finish) => {
                     free.push(s.slot);
-                    on_done(s.row);
-                    results[s.row] = Some(Generated { ids: s.out, finish });
+                    on_result(s.row, Generated { ids: s.out, finish })?;
                 }
                 None => live.push(s),
             }
         }
     }
-    let results = results
-        .into_iter()
-        .map(|r| r.expect("every row finishes"))
-        .collect();
-    Ok((results, stats))
+    Ok(stats)
 }
 
 /// EOS ids of a model folder: config.json's, generation_config.json's (what transformers'
@@ -644,6 +769,67 @@ mod tests {
         // the stats change nothing: the same outputs as `generate`
         let plain = generate(&model, None, &prompts, &cfg, None, |_| {}).unwrap();
         assert_eq!(plain, out);
+    }
+
+    /// A prefill takes waiting prompts up to PREFILL_TOKENS: 33 prompts of 500 tokens in
+    /// 64 free slots are two prefills (32 + 1), with the outputs of prefills of 4.
+    #[test]
+    fn prefill_takes_prompts_up_to_the_token_budget() {
+        let model = Model::load(&fixture("tiny-llama")).unwrap();
+        let prompts: Vec<Vec<u32>> = (0..33u32)
+            .map(|r| (0..500u32).map(|i| 3 + (r * 7 + i * 13) % 500).collect())
+            .collect();
+        let cfg = |batch_size| GenConfig {
+            max_new_tokens: 2,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            eos_ids: vec![],
+            batch_size,
+        };
+        let (out, st) = generate_timed(&model, None, &prompts, &cfg(64), None, |_| {}).unwrap();
+        assert_eq!((st.prefills, st.prefill_tokens), (2, 33 * 500));
+        let (small, st4) = generate_timed(&model, None, &prompts, &cfg(4), None, |_| {}).unwrap();
+        assert_eq!(st4.prefills, 9);
+        assert_eq!(out, small);
+    }
+
+    /// The auto batch follows the KV cache's size: Mistral-7B's 8 KV heads keep 128 KiB
+    /// per token, LLaMA-2-7B's 32 heads 512 KiB, so on 30 GiB free at 768 tokens
+    /// (256 prompt + 512 new) about 250 Mistral slots fit but only about 70 LLaMA ones.
+    #[test]
+    fn auto_batch_fits_the_kv_cache_in_free_memory() {
+        let cfg = |kv: usize, window: Option<usize>| {
+            crate::model::ModelConfig::from_json(serde_json::json!({
+                "architectures": [if window.is_some() { "MistralForCausalLM" } else { "LlamaForCausalLM" }],
+                "hidden_size": 4096,
+                "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": kv, "vocab_size": 32000,
+                "rms_norm_eps": 1e-5, "sliding_window": window,
+            }))
+            .unwrap()
+        };
+        let prompts = vec![vec![1u32; 256]; 1000];
+        let gib = (1u64 << 30) as f64;
+        let mistral = batch_for_memory(&cfg(8, None), &prompts, 512, 30.0 * gib);
+        let llama = batch_for_memory(&cfg(32, None), &prompts, 512, 30.0 * gib);
+        // 0.85 · 30 GiB less a 4.3 GB prefill, over 96 MiB (Mistral) / 384 MiB (LLaMA)
+        assert!((200..=256).contains(&mistral), "{mistral}");
+        assert!((50..=70).contains(&llama), "{llama}");
+        assert!(llama * 4 <= mistral + 8, "{llama} {mistral}");
+        // a sliding window shorter than the sequences caps each slot's rows
+        let windowed = batch_for_memory(&cfg(32, Some(192)), &prompts, 512, 30.0 * gib);
+        assert!(windowed >= 3 * llama, "{windowed} {llama}");
+        // bounds: never more than the prompts or MAX_AUTO_BATCH, never less than one
+        assert_eq!(
+            batch_for_memory(&cfg(8, None), &prompts[..10], 512, 30.0 * gib),
+            10
+        );
+        assert_eq!(
+            batch_for_memory(&cfg(8, None), &prompts, 8, 500.0 * gib),
+            MAX_AUTO_BATCH
+        );
+        assert_eq!(batch_for_memory(&cfg(8, None), &prompts, 512, 1e6), 1);
     }
 
     #[test]
