@@ -127,10 +127,11 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         batch_size: CPU_BATCH,
     };
     cfg_check.validate()?;
-    let mut model = Model::load(&args.model)?;
-    if args.quant.is_some() && !model.is_nf4() {
-        model.quantize_nf4(crate::quant::DEFAULT_BLOCKSIZE, true)?;
-    }
+    let nf4 = args
+        .quant
+        .as_ref()
+        .map(|_| (crate::quant::DEFAULT_BLOCKSIZE, true));
+    let mut model = Model::load_with(&args.model, nf4)?;
     let mut adapter: Option<Adapter> = match &args.adapter {
         Some(dir) => Some(crate::lora::peft::load(dir, &model.cfg)?),
         None => None,

@@ -157,10 +157,11 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     if let Some(q) = args.quant.as_deref().filter(|&q| q != "nf4") {
         return Err(bad(format!("--quant: unknown quantization `{q}` (nf4)")));
     }
-    let mut model = Model::load(&args.model)?;
-    if args.quant.is_some() && !model.is_nf4() {
-        model.quantize_nf4(crate::quant::DEFAULT_BLOCKSIZE, true)?;
-    }
+    let nf4 = args
+        .quant
+        .as_ref()
+        .map(|_| (crate::quant::DEFAULT_BLOCKSIZE, true));
+    let mut model = Model::load_with(&args.model, nf4)?;
     let mut adapter = match &args.adapter {
         Some(dir) => Some(crate::lora::peft::load(dir, &model.cfg)?),
         None => None,

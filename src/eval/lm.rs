@@ -54,10 +54,8 @@ impl Lm {
         device: crate::commands::Device,
     ) -> Result<Lm> {
         check_quant(quant)?;
-        let mut model = Model::load(dir)?;
-        if quant.is_some() && !model.is_nf4() {
-            model.quantize_nf4(crate::quant::DEFAULT_BLOCKSIZE, true)?;
-        }
+        let nf4 = quant.map(|_| (crate::quant::DEFAULT_BLOCKSIZE, true));
+        let mut model = Model::load_with(dir, nf4)?;
         let mut adapter = match adapter {
             Some(a) => Some(crate::lora::peft::load(a, &model.cfg)?),
             None => None,

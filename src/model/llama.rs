@@ -96,18 +96,56 @@ fn dense(w: &Weights, name: &str, shape: &[usize]) -> Result<Tensor> {
     Ok(Tensor::from_vec(w.f32(name, shape)?, shape))
 }
 
+/// A dense projection in bitsandbytes' NF4, recording the checkpoint's dtype (config.json
+/// `torch_dtype`; f32 when absent) as the quantized tensor's source dtype.
+fn to_nf4(
+    cfg: &ModelConfig,
+    t: &Tensor,
+    blocksize: usize,
+    double_quant: bool,
+) -> Result<Nf4Tensor> {
+    let dtype = cfg
+        .dtype
+        .as_deref()
+        .and_then(SourceDtype::parse)
+        .unwrap_or(SourceDtype::F32);
+    quant::quantize_nf4_from(
+        t.cpu(),
+        dtype,
+        [t.shape[0], t.shape[1]],
+        blocksize,
+        double_quant,
+    )
+}
+
 impl Model {
     /// Loads config.json and the safetensors weights of a model folder.
     pub fn load(dir: &Path) -> Result<Model> {
+        Self::load_with(dir, None)
+    }
+
+    /// `load`, with `nf4 = Some((blocksize, double_quant))` quantizing every dense decoder
+    /// projection as it is read (what `quantize_nf4` makes of it), so the f32 copies of
+    /// all projections never exist at once: a 7B load holds about 5 GB on the host, not
+    /// 30. Projections a 4-bit checkpoint stores in NF4 stay as they are.
+    pub fn load_with(dir: &Path, nf4: Option<(usize, bool)>) -> Result<Model> {
         let cfg = ModelConfig::load(dir)?;
         let w = Weights::open_dir(dir)?;
-        Self::from_weights(cfg, &w).map_err(|e| match e {
+        Self::from_weights_with(cfg, &w, nf4).map_err(|e| match e {
             crate::Error::BadInput(m) => bad(format!("{}: {m}", dir.display())),
             other => other,
         })
     }
 
     pub fn from_weights(cfg: ModelConfig, w: &Weights) -> Result<Model> {
+        Self::from_weights_with(cfg, w, None)
+    }
+
+    fn from_weights_with(
+        cfg: ModelConfig,
+        w: &Weights,
+        nf4: Option<(usize, bool)>,
+    ) -> Result<Model> {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed = Arc::new(dense(w, "model.embed_tokens.weight", &[v, h])?);
         let mut layers = Vec::with_capacity(cfg.num_layers);
@@ -129,7 +167,11 @@ impl Model {
                     }
                     return Ok(LinearWeight::Nf4(Arc::new(q)));
                 }
-                Ok(LinearWeight::Dense(Arc::new(dense(w, &name, &shape)?)))
+                let t = dense(w, &name, &shape)?;
+                Ok(match nf4 {
+                    Some((bs, dq)) => LinearWeight::Nf4(Arc::new(to_nf4(&cfg, &t, bs, dq)?)),
+                    None => LinearWeight::Dense(Arc::new(t)),
+                })
             };
             layers.push(Layer {
                 input_norm: dense(w, &format!("model.layers.{l}.input_layernorm.weight"), &[h])?,
@@ -178,12 +220,6 @@ impl Model {
     /// bases), exactly as bitsandbytes would from the weights as stored; embeddings,
     /// norms and lm_head stay as they are.
     pub fn quantize_nf4(&mut self, blocksize: usize, double_quant: bool) -> Result<()> {
-        let dtype = self
-            .cfg
-            .dtype
-            .as_deref()
-            .and_then(SourceDtype::parse)
-            .unwrap_or(SourceDtype::F32);
         for layer in &mut self.layers {
             for w in [
                 &mut layer.q,
@@ -195,14 +231,8 @@ impl Model {
                 &mut layer.down,
             ] {
                 if let LinearWeight::Dense(t) = w {
-                    let q = quant::quantize_nf4_from(
-                        t.cpu(),
-                        dtype,
-                        [t.shape[0], t.shape[1]],
-                        blocksize,
-                        double_quant,
-                    )?;
-                    *w = LinearWeight::Nf4(Arc::new(q));
+                    *w =
+                        LinearWeight::Nf4(Arc::new(to_nf4(&self.cfg, t, blocksize, double_quant)?));
                 }
             }
         }
@@ -1161,5 +1191,43 @@ impl<'a> ProjGrad<'a> {
             saved,
             grad,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name)
+    }
+
+    /// Quantizing while loading gives the weights of loading, then quantizing: every
+    /// projection (bf16 and f32 checkpoints); a 4-bit checkpoint keeps its own NF4.
+    #[test]
+    fn load_with_nf4_equals_load_then_quantize() {
+        let nf4 = |w: &LinearWeight| match w {
+            LinearWeight::Nf4(q) => (**q).clone(),
+            _ => panic!("not NF4"),
+        };
+        for (name, dq) in [("tiny-llama", true), ("tiny-mistral-bf16", false)] {
+            let mut want = Model::load(&fixture(name)).unwrap();
+            want.quantize_nf4(64, dq).unwrap();
+            let got = Model::load_with(&fixture(name), Some((64, dq))).unwrap();
+            for (a, b) in want.layers.iter().zip(&got.layers) {
+                for (x, y) in [(&a.q, &b.q), (&a.k, &b.k), (&a.v, &b.v), (&a.o, &b.o)]
+                    .into_iter()
+                    .chain([(&a.gate, &b.gate), (&a.up, &b.up), (&a.down, &b.down)])
+                {
+                    assert_eq!(nf4(x), nf4(y), "{name}");
+                }
+            }
+            assert!(matches!(got.lm_head, LinearWeight::Dense(_)), "{name}");
+        }
+        let bnb = Model::load(&fixture("tiny-llama-bnb-4bit")).unwrap();
+        let again = Model::load_with(&fixture("tiny-llama-bnb-4bit"), Some((64, true))).unwrap();
+        assert_eq!(nf4(&bnb.layers[1].down), nf4(&again.layers[1].down));
     }
 }

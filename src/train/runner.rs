@@ -622,11 +622,9 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
     if args.recompute != "auto" {
         args.recompute.parse::<Recompute>()?; // a bad name fails before any loading
     }
-    let mut model = Model::load(&args.model)?;
-    if s.peft == "qlora" && !model.is_nf4() {
-        // QLoRA: the frozen base in bitsandbytes' NF4 (blocksize 64, double quant).
-        model.quantize_nf4(crate::quant::DEFAULT_BLOCKSIZE, true)?;
-    }
+    // QLoRA: the frozen base in bitsandbytes' NF4 (blocksize 64, double quant).
+    let nf4 = (s.peft == "qlora").then_some((crate::quant::DEFAULT_BLOCKSIZE, true));
+    let mut model = Model::load_with(&args.model, nf4)?;
     let mut adapter = match &args.init_adapter {
         Some(d) => {
             let a = peft::load(d, &model.cfg)?;
