@@ -27,6 +27,24 @@ pub enum LinearWeight {
 }
 
 impl LinearWeight {
+    /// This weight on the device: dense as bf16 (rounded to nearest even, as
+    /// `model.to(torch.bfloat16)` does), NF4 in its packed form; one already there is
+    /// shared, not copied.
+    pub fn to_device(&self) -> Result<LinearWeight> {
+        Ok(match self {
+            LinearWeight::Dense(t) if !t.is_cuda() => {
+                LinearWeight::Dense(Arc::new(t.to_cuda_bf16()?))
+            }
+            LinearWeight::Nf4(q) => {
+                LinearWeight::Nf4Cuda(Arc::new(crate::backend::cuda::nf4::Nf4Weight::upload(
+                    &*crate::backend::cuda::Gpu::get()?,
+                    q,
+                )?))
+            }
+            other => other.clone(),
+        })
+    }
+
     pub fn out_features(&self) -> usize {
         match self {
             LinearWeight::Dense(t) => t.shape[0],

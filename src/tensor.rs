@@ -177,7 +177,8 @@ impl Tensor {
         let gpu = Gpu::get()?;
         Ok(match &self.storage {
             Storage::Cpu(v) => {
-                let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+                use rayon::prelude::*;
+                let h: Vec<bf16> = v.par_iter().map(|&x| bf16::from_f32(x)).collect();
                 Tensor::cuda_bf16(gpu.upload(&h)?, &self.shape)
             }
             Storage::CudaBf16(b) => Tensor::cuda_bf16(gpu.copy(b)?, &self.shape),

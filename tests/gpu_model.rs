@@ -581,3 +581,33 @@ fn qlora_gradients_with_the_fused_lora_kernels_match_cpu() {
     println!("PARITY qlora fused-lora tiny-llama: logp worst={worst_lp:.3} grads rel_rms_err={e:.3e} (bound 5e-2)");
     assert!(worst_lp <= 1.0 && e < 5e-2);
 }
+
+/// `Model::load_with(.., cuda = true)` moves each layer to the device as it is read; the
+/// model it makes computes exactly what loading on the host, quantizing, then
+/// `to_device` makes (same weights, same kernels): dense bf16 and NF4, tied or not.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn loading_straight_to_the_device_equals_moving_after() {
+    gpu_or_fail();
+    for (name, nf4) in [
+        ("tiny-llama-bf16", None),
+        ("tiny-mistral", Some((64, true))),
+        ("tiny-llama-bnb-4bit", Some((64, true))),
+    ] {
+        let dir = fx().join(name);
+        let mut moved = Model::load(&dir).unwrap();
+        if let Some((bs, dq)) = nf4 {
+            if !moved.is_nf4() {
+                moved.quantize_nf4(bs, dq).unwrap();
+            }
+        }
+        moved.to_device().unwrap();
+        let direct = Model::load_with(&dir, nf4, true).unwrap();
+        assert!(direct.is_cuda() && direct.layers.iter().all(|l| l.input_norm.is_cuda()));
+        let batch = seqs(moved.cfg.vocab_size as u32);
+        let a = moved.completion_logprobs(&batch, None).unwrap();
+        let b = direct.completion_logprobs(&batch, None).unwrap();
+        assert_eq!(a, b, "{name}");
+        println!("PARITY load_with cuda {name}: bit-identical log-probs");
+    }
+}

@@ -237,7 +237,11 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
 
     // Evaluation on held-out pairs. Training ran on the NF4 base (QLoRA), so adapters
     // are evaluated on it too; the merged model is dense (NF4 dequantized + B·A).
-    let base = Model::load_with(&model_dir, Some((crate::quant::DEFAULT_BLOCKSIZE, true)))?;
+    let base = Model::load_with(
+        &model_dir,
+        Some((crate::quant::DEFAULT_BLOCKSIZE, true)),
+        false,
+    )?;
     let tok = Tokenizer::load(&model_dir, Some(1), Some(2))?;
     let sft_adapter = peft::load(&dir.join("sft"), &cfg)?;
     let merged_model = Model::load(&merged)?;

@@ -161,13 +161,13 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         .quant
         .as_ref()
         .map(|_| (crate::quant::DEFAULT_BLOCKSIZE, true));
-    let mut model = Model::load_with(&args.model, nf4)?;
+    let cuda = device == super::Device::Cuda;
+    let model = Model::load_with(&args.model, nf4, cuda)?;
     let mut adapter = match &args.adapter {
         Some(dir) => Some(crate::lora::peft::load(dir, &model.cfg)?),
         None => None,
     };
-    if device == super::Device::Cuda {
-        model.to_device()?;
+    if cuda {
         adapter = adapter.map(|a| a.to_device_bf16()).transpose()?;
     }
     let seqs = load_rows(&data, &args.model, &model, template)?;

@@ -55,13 +55,13 @@ impl Lm {
     ) -> Result<Lm> {
         check_quant(quant)?;
         let nf4 = quant.map(|_| (crate::quant::DEFAULT_BLOCKSIZE, true));
-        let mut model = Model::load_with(dir, nf4)?;
+        let cuda = device == crate::commands::Device::Cuda;
+        let model = Model::load_with(dir, nf4, cuda)?;
         let mut adapter = match adapter {
             Some(a) => Some(crate::lora::peft::load(a, &model.cfg)?),
             None => None,
         };
-        if device == crate::commands::Device::Cuda {
-            model.to_device()?;
+        if cuda {
             adapter = adapter.map(|a| a.to_device_bf16()).transpose()?;
         }
         let tok = Tokenizer::load(

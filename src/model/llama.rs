@@ -64,6 +64,28 @@ pub struct ScoreSeq {
 }
 
 impl Layer {
+    /// Moves the layer's weights to the device, as `Model::to_device` does (a no-op for
+    /// a layer already there).
+    pub fn to_device(&mut self) -> Result<()> {
+        if self.input_norm.is_cuda() {
+            return Ok(());
+        }
+        self.input_norm = self.input_norm.to_cuda_bf16()?;
+        self.post_norm = self.post_norm.to_cuda_bf16()?;
+        for w in [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ] {
+            *w = w.to_device()?;
+        }
+        Ok(())
+    }
+
     /// The full HF name of a projection's weight.
     pub fn weight_name(layer: usize, proj: &str) -> String {
         let block = if matches!(proj, "gate_proj" | "up_proj" | "down_proj") {
@@ -121,30 +143,33 @@ fn to_nf4(
 impl Model {
     /// Loads config.json and the safetensors weights of a model folder.
     pub fn load(dir: &Path) -> Result<Model> {
-        Self::load_with(dir, None)
+        Self::load_with(dir, None, false)
     }
 
     /// `load`, with `nf4 = Some((blocksize, double_quant))` quantizing every dense decoder
-    /// projection as it is read (what `quantize_nf4` makes of it), so the f32 copies of
-    /// all projections never exist at once: a 7B load holds about 5 GB on the host, not
-    /// 30. Projections a 4-bit checkpoint stores in NF4 stay as they are.
-    pub fn load_with(dir: &Path, nf4: Option<(usize, bool)>) -> Result<Model> {
+    /// projection as it is read (what `quantize_nf4` makes of it; projections a 4-bit
+    /// checkpoint stores in NF4 stay as they are), and with `cuda` moving each layer to
+    /// the device as soon as it is read (then the rest: `to_device`). The f32 copies of
+    /// all projections never exist at once: a 7B load holds about one layer and the
+    /// embeddings on the host (plus the NF4 weights when they stay there), not 30 GB.
+    pub fn load_with(dir: &Path, nf4: Option<(usize, bool)>, cuda: bool) -> Result<Model> {
         let cfg = ModelConfig::load(dir)?;
         let w = Weights::open_dir(dir)?;
-        Self::from_weights_with(cfg, &w, nf4).map_err(|e| match e {
+        Self::from_weights_with(cfg, &w, nf4, cuda).map_err(|e| match e {
             crate::Error::BadInput(m) => bad(format!("{}: {m}", dir.display())),
             other => other,
         })
     }
 
     pub fn from_weights(cfg: ModelConfig, w: &Weights) -> Result<Model> {
-        Self::from_weights_with(cfg, w, None)
+        Self::from_weights_with(cfg, w, None, false)
     }
 
     fn from_weights_with(
         cfg: ModelConfig,
         w: &Weights,
         nf4: Option<(usize, bool)>,
+        cuda: bool,
     ) -> Result<Model> {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed = Arc::new(dense(w, "model.embed_tokens.weight", &[v, h])?);
@@ -188,6 +213,9 @@ impl Model {
                 up: proj("up_proj")?,
                 down: proj("down_proj")?,
             });
+            if cuda {
+                layers[l].to_device()?;
+            }
         }
         if w.contains(&format!(
             "model.layers.{}.input_layernorm.weight",
@@ -205,7 +233,7 @@ impl Model {
         } else {
             LinearWeight::Dense(Arc::new(dense(w, "lm_head.weight", &[v, h])?))
         };
-        Ok(Model {
+        let mut model = Model {
             cfg,
             embed,
             layers,
@@ -213,7 +241,11 @@ impl Model {
             lm_head,
             recompute: Recompute::None,
             lm_grad_in_forward: lm_grad_in_forward_default(),
-        })
+        };
+        if cuda {
+            model.to_device()?;
+        }
+        Ok(model)
     }
 
     /// Quantizes every dense decoder projection to NF4 in memory (`--quant nf4`, QLoRA
@@ -242,41 +274,21 @@ impl Model {
     /// Moves every weight to the device: dense weights and norms as bf16 (rounded to
     /// nearest even, as `model.to(torch.bfloat16)` does), NF4 weights in their packed
     /// form. A tied lm_head stays shared with the embedding.
+    /// Layers already there (`load_with` moves each as it is read) are left alone.
     pub fn to_device(&mut self) -> Result<()> {
-        let gpu = crate::backend::cuda::Gpu::get()?;
+        for l in &mut self.layers {
+            l.to_device()?;
+        }
+        if self.embed.is_cuda() {
+            return Ok(());
+        }
         let tied = matches!(&self.lm_head, LinearWeight::Dense(t) if Arc::ptr_eq(t, &self.embed));
         let embed = Arc::new(self.embed.to_cuda_bf16()?);
-        let move_w = |w: &LinearWeight| -> Result<LinearWeight> {
-            Ok(match w {
-                LinearWeight::Dense(t) if !t.is_cuda() => {
-                    LinearWeight::Dense(Arc::new(t.to_cuda_bf16()?))
-                }
-                LinearWeight::Nf4(q) => LinearWeight::Nf4Cuda(Arc::new(
-                    crate::backend::cuda::nf4::Nf4Weight::upload(&gpu, q)?,
-                )),
-                other => other.clone(),
-            })
-        };
-        for l in &mut self.layers {
-            l.input_norm = l.input_norm.to_cuda_bf16()?;
-            l.post_norm = l.post_norm.to_cuda_bf16()?;
-            for w in [
-                &mut l.q,
-                &mut l.k,
-                &mut l.v,
-                &mut l.o,
-                &mut l.gate,
-                &mut l.up,
-                &mut l.down,
-            ] {
-                *w = move_w(w)?;
-            }
-        }
         self.norm = self.norm.to_cuda_bf16()?;
         self.lm_head = if tied {
             LinearWeight::Dense(embed.clone())
         } else {
-            move_w(&self.lm_head)?
+            self.lm_head.to_device()?
         };
         self.embed = embed;
         Ok(())
@@ -1215,7 +1227,7 @@ mod tests {
         for (name, dq) in [("tiny-llama", true), ("tiny-mistral-bf16", false)] {
             let mut want = Model::load(&fixture(name)).unwrap();
             want.quantize_nf4(64, dq).unwrap();
-            let got = Model::load_with(&fixture(name), Some((64, dq))).unwrap();
+            let got = Model::load_with(&fixture(name), Some((64, dq)), false).unwrap();
             for (a, b) in want.layers.iter().zip(&got.layers) {
                 for (x, y) in [(&a.q, &b.q), (&a.k, &b.k), (&a.v, &b.v), (&a.o, &b.o)]
                     .into_iter()
@@ -1227,7 +1239,8 @@ mod tests {
             assert!(matches!(got.lm_head, LinearWeight::Dense(_)), "{name}");
         }
         let bnb = Model::load(&fixture("tiny-llama-bnb-4bit")).unwrap();
-        let again = Model::load_with(&fixture("tiny-llama-bnb-4bit"), Some((64, true))).unwrap();
+        let again =
+            Model::load_with(&fixture("tiny-llama-bnb-4bit"), Some((64, true)), false).unwrap();
         assert_eq!(nf4(&bnb.layers[1].down), nf4(&again.layers[1].down));
     }
 }

@@ -165,19 +165,21 @@ impl Weights {
     }
 }
 
-/// Widen F32/BF16/F16 little-endian bytes to f32.
+/// Widen F32/BF16/F16 little-endian bytes to f32 (in parallel: a 7B checkpoint is
+/// 7 billion values, and reading them also pages the file in).
 pub fn to_f32(bytes: &[u8], dtype: Dtype) -> std::result::Result<Vec<f32>, String> {
+    use rayon::prelude::*;
     Ok(match dtype {
         Dtype::F32 => bytes
-            .chunks_exact(4)
+            .par_chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect(),
         Dtype::BF16 => bytes
-            .chunks_exact(2)
+            .par_chunks_exact(2)
             .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
         Dtype::F16 => bytes
-            .chunks_exact(2)
+            .par_chunks_exact(2)
             .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
         other => {

@@ -624,7 +624,7 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
     }
     // QLoRA: the frozen base in bitsandbytes' NF4 (blocksize 64, double quant).
     let nf4 = (s.peft == "qlora").then_some((crate::quant::DEFAULT_BLOCKSIZE, true));
-    let mut model = Model::load_with(&args.model, nf4)?;
+    let mut model = Model::load_with(&args.model, nf4, device == Device::Cuda)?;
     let mut adapter = match &args.init_adapter {
         Some(d) => {
             let a = peft::load(d, &model.cfg)?;
@@ -678,7 +678,6 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
         None => None,
     };
     let mut weights = if device == Device::Cuda {
-        model.to_device()?;
         ref_adapter = ref_adapter.map(|a| a.to_device_bf16()).transpose()?;
         TrainWeights::Cuda(DeviceTrainer::upload(&adapter, &opt)?)
     } else {
