@@ -2,7 +2,7 @@
 //! backend::cpu::ops::attention_{forward,backward,decode}).
 //!
 //! The GPU tests are `#[ignore = "needs a CUDA device"]` (tools/gpu-check.sh runs them with
-//! `--include-ignored`). Each compared output prints one line
+//! `--ignored`). Each compared output prints one line
 //! `PARITY <case>: max_abs_err=.. worst=.. rel_rms=..`; worst is the largest
 //! |got − want| / (atol + rtol·|want|) and a case passes when worst <= 1 and the relative
 //! RMS error is below 1e-2.

@@ -3,7 +3,7 @@
 //! `train::loss::dpo_pair`).
 //!
 //! The GPU tests are `#[ignore = "needs a CUDA device"]` (tools/gpu-check.sh runs them
-//! with `--include-ignored`); each compared output prints a `PARITY` line. Inputs are
+//! with `--ignored`); each compared output prints a `PARITY` line. Inputs are
 //! bf16-rounded and the CPU gets the same values, so the tolerances cover the GPU's own
 //! roundings:
 //! - Chunked forward: lse comes from bf16 logits, each off by at most 2^-9·|z| (half an

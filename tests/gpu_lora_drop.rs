@@ -9,7 +9,7 @@
 //! ```
 //!
 //! GPU tests are `#[ignore = "needs a CUDA device"]` (tools/gpu-check.sh runs them with
-//! `--include-ignored`); each prints `PARITY <case>: ...` (worst = the largest
+//! `--ignored`); each prints `PARITY <case>: ...` (worst = the largest
 //! err / (atol + rtol·|ref|), which must be <= 1). The reference sums in f64. Tolerances:
 //! - xa and dX (bf16 outputs): rtol = 2^-8 (one round-to-nearest-even is <= 2^-9 of the
 //!   value), atol = 1e-3·rms(ref). The kernels sum n <= 14336 exact bf16 products in f32:
