@@ -51,14 +51,13 @@ fn main() {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            // clap prints help/version to stdout (exit 0); a usage error is its first line
-            // on stderr (exit 2), without clap's "For more information" tail.
+            // clap prints help/version to stdout (exit 0); a usage error goes to stderr
+            // as one line (exit 2).
             if !e.use_stderr() {
                 let _ = e.print();
                 std::process::exit(0);
             }
-            let text = e.to_string();
-            eprintln!("{}", text.lines().next().unwrap_or("error: bad arguments"));
+            eprintln!("{}", one_line_usage_error(&e));
             std::process::exit(2);
         }
     };
@@ -80,5 +79,29 @@ fn main() {
         let msg = e.to_string().replace('\n', " ");
         eprintln!("error: {msg}");
         std::process::exit(if e.is_bad_input() { 2 } else { 1 });
+    }
+}
+
+/// A clap usage error as one line: its first paragraph joined (the error and, for missing
+/// arguments, their names), without the usage and help tails; a command missing its
+/// subcommand (clap shows the whole help) becomes its usage line.
+fn one_line_usage_error(e: &clap::Error) -> String {
+    let text = e.to_string();
+    if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        let usage = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Usage: "))
+            .unwrap_or("palign <COMMAND>");
+        return format!("error: a subcommand is needed: {usage}");
+    }
+    let first: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    if first.is_empty() {
+        "error: bad arguments (see --help)".to_string()
+    } else {
+        first.join(" ")
     }
 }

@@ -165,8 +165,10 @@ impl Tensor {
         Ok(match &self.storage {
             Storage::Cpu(v) => Tensor::from_vec(v.clone(), &self.shape),
             Storage::CudaBf16(b) => {
+                use rayon::prelude::*;
+                // In parallel: a decode step's logits are slots × vocab (8M at 256 × 32000).
                 let v = Gpu::get()?.download(b)?;
-                Tensor::from_vec(v.iter().map(|x| x.to_f32()).collect(), &self.shape)
+                Tensor::from_vec(v.par_iter().map(|x| x.to_f32()).collect(), &self.shape)
             }
             Storage::CudaF32(b) => Tensor::from_vec(Gpu::get()?.download(b)?, &self.shape),
         })

@@ -347,6 +347,16 @@ const CASES: &[Case] = &[
         expect: "--decode-batch",
     },
     Case {
+        name: "missing required flags are named",
+        setup: |_| vec!["generate".to_string()],
+        expect: "--model <MODEL> --prompts <PROMPTS> --out <OUT>",
+    },
+    Case {
+        name: "missing subcommand",
+        setup: |_| vec!["eval".to_string()],
+        expect: "a subcommand is needed: palign eval",
+    },
+    Case {
         name: "unknown flag",
         setup: |d| {
             let mut a = score_args(d);

@@ -320,7 +320,9 @@ fi
 # PALIGN_GEN_CONFIGS="qlora 16 32 256 128,qlora 16 128 256 128,lora 0 32 256 128" (peft rank batch prompt_len
 # new_tokens [VAR=value ...] [--flag ...]): qlora = NF4 base (eval --quant nf4), rank 0 = no
 # adapter (a merged model). Mistral-7B shape, greedy, no EOS: every row gets all its tokens.
-# VAR=value words are set for palign only; --temperature=T and --top-p=P go to both sides.
+# VAR=value words are set for palign only; --temperature=T and --top-p=P go to both sides,
+# other --flag words (e.g. --targets=q_proj,v_proj) to palign only, so only use them to time
+# a palign-side choice.
 gen_field() { grep -o " $1=[0-9.a-z]*" | tail -n 1 | cut -d= -f2; }
 if want generate && [ -x "$HERE/palign" ]; then
     echo >>"$REPORT"
@@ -328,6 +330,10 @@ if want generate && [ -x "$HERE/palign" ]; then
     IFS=, read -r -a gconfigs <<<"${PALIGN_GEN_CONFIGS:-qlora 16 32 256 128,qlora 16 128 256 128,lora 0 32 256 128}"
     for cfg in "${gconfigs[@]}"; do
         set -- $cfg
+        if [ $# -lt 5 ]; then
+            printf '\n### generate %s\nskipped: a config is "peft rank batch prompt_len new_tokens [...]"\n' "$cfg" >>"$REPORT"
+            continue
+        fi
         p=$1 r=$2 bs=$3 pl=$4 nt=$5
         shift 5
         envs=() flags=() hf_flags=()
@@ -354,7 +360,7 @@ if want generate && [ -x "$HERE/palign" ]; then
                 a="$(echo "$ours" | grep BENCH_GENERATE | gen_field "$k")"
                 b="$(echo "$theirs" | grep BENCH_GENERATE | gen_field "$k")"
                 if [ -n "$a" ] && [ -n "$b" ] && [ "$a" != nan ] && [ "$b" != nan ]; then
-                    echo "RATIO generate_${p}_r${r}_b${bs} palign/hf $k = $(python3 -c "print(f'{$a/$b:.3f}')")"
+                    echo "RATIO generate_${p}_r${r}_b${bs}_p${pl}_n${nt} palign/hf $k = $(python3 -c "print(f'{$a/$b:.3f}')")"
                 fi
             done
             echo '```'

@@ -658,27 +658,34 @@ fn run_generate(b: &GenBench, common: &Common) -> Result<()> {
     }
 
     let gpu_name = gpu_name(cuda)?;
+    // Prefill and decode times include choosing the tokens (as tools/bench_hf.py's T1 and
+    // TN - T1 do); the weight bandwidth is the forward's alone.
     let per_s = |n: usize, s: f64| (s > 0.0).then(|| n as f64 / s);
-    let step_s = st.decode_secs / st.decode_steps.max(1) as f64;
+    let steps = st.decode_steps.max(1) as f64;
+    let forward_s = st.decode_secs / steps;
+    let step_s = (st.decode_secs + st.decode_sample_secs) / steps;
+    let prefill_s = st.prefill_secs + st.prefill_sample_secs;
     let decoded = st.decode_steps > 0;
     let weight_gbps = step_weight_bytes(&model)
         .filter(|_| decoded)
-        .map(|w| w / step_s / 1e9);
+        .map(|w| w / forward_s / 1e9);
     eprintln!(
         "palign bench generate: {} {} rank {}, {} prompts x {} tokens, {} new tokens each, on {gpu_name}",
         b.shape, b.peft, b.rank, b.batch_size, b.prompt_len, b.new_tokens
     );
     eprintln!(
-        "prefill: {} forward(s), {:.1} ms; decode: {} steps, {:.2} ms each; sampling {:.1} ms in all",
+        "prefill: {} forward(s), {:.1} ms (+ {:.1} ms choosing tokens); decode: {} steps, {:.2} ms each (+ {:.2} ms choosing tokens)",
         st.prefills,
         st.prefill_secs * 1e3,
+        st.prefill_sample_secs * 1e3,
         st.decode_steps,
-        step_s * 1e3,
-        st.sample_secs * 1e3
+        forward_s * 1e3,
+        (step_s - forward_s) * 1e3,
     );
     if !decode_families.is_empty() {
-        // Kernel time per decode step (profiled runs) against the timed run's step: the
-        // rest is the host's share (launches, sampling, the logits' copy).
+        // Kernel time per decode step (profiled runs) against the timed run's step, token
+        // choice included: the rest is the host's share (launches, sampling, the logits'
+        // copy).
         eprintln!("one decode step's kernels (profiled over {k} steps):");
         print_breakdown(&decode_families, step_s * 1e3, "host, launches, transfers");
     }
@@ -692,8 +699,8 @@ fn run_generate(b: &GenBench, common: &Common) -> Result<()> {
         b.prompt_len,
         b.new_tokens,
         f(per_s(generated, secs), 1),
-        f(per_s(st.prefill_tokens, st.prefill_secs), 1),
-        f(per_s(st.decode_tokens, st.decode_secs), 1),
+        f(per_s(st.prefill_tokens, prefill_s), 1),
+        f(per_s(st.decode_tokens, st.decode_secs + st.decode_sample_secs), 1),
         f(decoded.then_some(step_s * 1e3), 3),
         st.decode_steps,
         f(weight_gbps, 1),

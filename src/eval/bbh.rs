@@ -335,7 +335,7 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         "settings".into(),
         super::settings(
             &fixed,
-            json!({"limit": ev.limit, "tasks": args.tasks, "batch_size": ev.batch_size}),
+            json!({"limit": ev.limit, "tasks": args.tasks, "batch_size": ev.batch_size, "decode_batch": ev.decode_batch.to_string()}),
         ),
     );
     extra.insert("run".into(), super::run_counts(reused, computed));

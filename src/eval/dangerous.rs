@@ -283,7 +283,7 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         "settings".into(),
         super::settings(
             &fixed,
-            json!({"limit": ev.limit, "batch_size": ev.batch_size}),
+            json!({"limit": ev.limit, "batch_size": ev.batch_size, "decode_batch": ev.decode_batch.to_string()}),
         ),
     );
     let mut counts = super::run_counts(reused, computed);

@@ -121,8 +121,9 @@ pub struct GenJob {
 /// in order, as each chunk is done. Each row gets `output`, `n_tokens`, `finish`;
 /// `finish_chunk` then adds the task's fields (answer, score...). With sampling, a row
 /// draws from stream (row index in its chunk) of `seed + chunk index`, so a resumed run
-/// samples its remaining rows differently from an uninterrupted one; neither greedy nor
-/// sampled outputs depend on the decode batch.
+/// samples its remaining rows differently from an uninterrupted one. On the CPU neither
+/// greedy nor sampled outputs depend on the decode batch; on the GPU kernel choices by
+/// shape can flip a near-tie.
 #[allow(clippy::too_many_arguments)]
 pub fn generate_jobs(
     lm: &Lm,
@@ -277,22 +278,27 @@ mod tests {
     /// One pool of decode slots over every chunk gives each chunk exactly what generating
     /// that chunk alone gave (seed + chunk index, stream = row in the chunk), sampled or
     /// greedy, for any decode batch; chunks reach `finish_chunk` and the log whole and in
-    /// order.
+    /// order. With 16 slots every row starts at once and a stop string ends rows early;
+    /// greedy, the second chunk is done before the first (checked), and waits for it.
     #[test]
     fn generate_jobs_pools_chunks_without_changing_any_row() {
         let dir =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
         let lm = Lm::load(&dir, None, None, crate::commands::Device::Cpu).unwrap();
-        let prompts: Vec<Vec<u32>> = (0..11u32)
+        let base: Vec<Vec<u32>> = (0..11u32)
             .map(|r| {
                 (0..3 + r % 5)
                     .map(|i| 3 + (r * 97 + i * 31) % 500)
                     .collect()
             })
             .collect();
+        // The second chunk: prompts whose greedy outputs reach the stop within 3 tokens.
+        let mut prompts = base[..8].to_vec();
+        prompts.extend([base[0].clone(), base[2].clone(), base[10].clone()]);
+        let stops = vec![STOP.to_string()];
         for temperature in [0.0, 1.0] {
             let cfg = GenConfig {
-                max_new_tokens: 4 + 3 * (temperature as usize),
+                max_new_tokens: 12,
                 temperature,
                 top_p: 0.9,
                 seed: 7,
@@ -306,11 +312,17 @@ mod tests {
                     seed: 7 + k as u64,
                     ..cfg.clone()
                 };
-                want.extend(lm_generate(&lm, part, &c));
+                want.extend(lm_generate(&lm, part, &c, &stops));
             }
+            let longest = |r: std::ops::Range<usize>| want[r].iter().map(|w| w.1).max().unwrap();
+            assert!(
+                temperature > 0.0 || longest(0..8) > longest(8..11),
+                "greedy: the second chunk must finish first for this test: {want:?}"
+            );
             for decode in [
                 BatchChoice::Fixed(1),
                 BatchChoice::Fixed(3),
+                BatchChoice::Fixed(16),
                 BatchChoice::Auto,
             ] {
                 let tmp = tempfile::tempdir().unwrap();
@@ -326,7 +338,7 @@ mod tests {
                     .collect();
                 let mut chunks = Vec::new();
                 let pb = indicatif::ProgressBar::hidden();
-                generate_jobs(&lm, jobs, &cfg, decode, &[], &mut log, &pb, |rows| {
+                generate_jobs(&lm, jobs, &cfg, decode, &stops, &mut log, &pb, |rows| {
                     chunks.push(
                         rows.iter()
                             .map(|r| r["id"].as_str().unwrap().to_string())
@@ -345,28 +357,40 @@ mod tests {
                     .collect();
                 assert_eq!(rows.len(), 11);
                 for (i, (row, (out, n))) in rows.iter().zip(&want).enumerate() {
+                    let at = format!("t={temperature} {decode:?} row {i}");
                     assert_eq!(row["id"], format!("q{i}"));
-                    assert_eq!(
-                        row["output"].as_str().unwrap(),
-                        out,
-                        "t={temperature} {decode:?} row {i}"
-                    );
-                    assert_eq!(row["n_tokens"], *n, "t={temperature} {decode:?} row {i}");
+                    assert_eq!(row["output"].as_str().unwrap(), out, "{at}");
+                    assert_eq!(row["n_tokens"], *n, "{at}");
                 }
             }
         }
     }
 
-    /// (text, tokens) of each prompt by the plain `generate`.
-    fn lm_generate(lm: &Lm, prompts: &[Vec<u32>], cfg: &GenConfig) -> Vec<(String, usize)> {
+    /// A stop string the tiny model's outputs reach at different lengths.
+    const STOP: &str = "e";
+
+    /// (text cut at the stop, tokens) of each prompt by the plain `generate`.
+    fn lm_generate(
+        lm: &Lm,
+        prompts: &[Vec<u32>],
+        cfg: &GenConfig,
+        stops: &[String],
+    ) -> Vec<(String, usize)> {
         let cfg = GenConfig {
             eos_ids: lm.eos.clone(),
             ..cfg.clone()
         };
-        generate::generate(&lm.model, None, prompts, &cfg, None, |_| {})
+        let stopper = generate::Stopper {
+            tokenizer: &lm.tok,
+            stops,
+        };
+        generate::generate(&lm.model, None, prompts, &cfg, Some(&stopper), |_| {})
             .unwrap()
             .into_iter()
-            .map(|g| (lm.tok.decode(&g.ids, true).unwrap(), g.ids.len()))
+            .map(|g| {
+                let text = lm.tok.decode(&g.ids, true).unwrap();
+                (generate::cut_at_stop(&text, stops).to_string(), g.ids.len())
+            })
             .collect()
     }
 }

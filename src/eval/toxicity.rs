@@ -248,7 +248,7 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         "settings".into(),
         super::settings(
             &fixed,
-            json!({"num_prompts": args.num_prompts, "limit": ev.limit, "batch_size": ev.batch_size}),
+            json!({"num_prompts": args.num_prompts, "limit": ev.limit, "batch_size": ev.batch_size, "decode_batch": ev.decode_batch.to_string()}),
         ),
     );
     extra.insert("run".into(), super::run_counts(reused, computed));

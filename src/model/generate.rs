@@ -2,7 +2,8 @@
 //!
 //! Up to `batch_size` sequences are in flight, each in a KV-cache slot. Waiting prompts
 //! enter free slots together: one packed forward over their prompt tokens (the training
-//! forward's windowed attention) fills their cache rows and gives their first token. Then
+//! forward's windowed attention; at most PREFILL_TOKENS of them, one prompt at least)
+//! fills their cache rows and gives their first token. Then
 //! every step feeds each live sequence's newest token through the decoder once, attending
 //! to its cached keys, so a step costs one token per sequence, never the prefix again.
 //! A finished sequence frees its slot for the next prompt (continuous batching).
@@ -353,8 +354,10 @@ pub struct GenStats {
     pub decode_steps: usize,
     pub decode_tokens: usize,
     pub decode_secs: f64,
-    /// Host seconds spent choosing tokens and checking stop strings.
-    pub sample_secs: f64,
+    /// Host seconds spent choosing tokens and checking stop strings after prefills and
+    /// after decode steps.
+    pub prefill_sample_secs: f64,
+    pub decode_sample_secs: f64,
 }
 
 /// Generates a continuation of every prompt (token ids, used verbatim). Results come
@@ -426,6 +429,15 @@ impl std::str::FromStr for BatchChoice {
     }
 }
 
+impl std::fmt::Display for BatchChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BatchChoice::Auto => f.write_str("auto"),
+            BatchChoice::Fixed(n) => write!(f, "{n}"),
+        }
+    }
+}
+
 impl BatchChoice {
     /// The number of KV-cache slots: `auto` is `auto_batch` on the device and
     /// `cpu_default` on the CPU.
@@ -483,11 +495,14 @@ pub fn batch_for_memory(
     let capacity = c.sliding_window.map_or(max_len, |w| w.min(max_len)).max(1);
     let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
     let per_slot = (c.num_layers * 2 * kv * capacity * 2 + c.vocab_size * 6) as f64;
+    // A prefill takes up to PREFILL_TOKENS, or one longer prompt alone.
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let rows = prompts
         .iter()
         .map(Vec::len)
         .sum::<usize>()
-        .min(PREFILL_TOKENS);
+        .min(PREFILL_TOKENS)
+        .max(longest);
     let layer = 4 * c.hidden_size + q + 2 * kv + 3 * c.intermediate_size;
     let prefill = (rows * layer * 2 * 2) as f64;
     let fit = ((0.85 * free - prefill) / per_slot).floor().max(1.0) as usize;
@@ -563,9 +578,15 @@ pub fn generate_each(
             stats.decode_secs += t0.elapsed().as_secs_f64();
             (std::mem::take(&mut live), logits)
         };
+        let prefilled = seqs.first().is_some_and(|s| s.out.is_empty());
         let t1 = std::time::Instant::now();
         let finished = advance(&mut seqs, &logits, cfg, stop)?;
-        stats.sample_secs += t1.elapsed().as_secs_f64();
+        let secs = t1.elapsed().as_secs_f64();
+        if prefilled {
+            stats.prefill_sample_secs += secs;
+        } else {
+            stats.decode_sample_secs += secs;
+        }
         for (s, fin) in seqs.into_iter().zip(finished) {
             match fin {
                 Some(finish) => {
