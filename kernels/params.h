@@ -18,6 +18,7 @@ typedef const __nv_bfloat16 *cbf16_ptr;
 typedef float *f32_ptr;
 typedef const float *cf32_ptr;
 typedef const uint32_t *cu32_ptr;
+typedef uint32_t *u32_ptr;
 typedef const struct TensorChunk *cchunk_ptr;
 #else
 typedef uint64_t bf16_ptr;
@@ -25,6 +26,7 @@ typedef uint64_t cbf16_ptr;
 typedef uint64_t f32_ptr;
 typedef uint64_t cf32_ptr;
 typedef uint64_t cu32_ptr;
+typedef uint64_t u32_ptr;
 typedef uint64_t cchunk_ptr;
 #endif
 
@@ -393,6 +395,15 @@ struct LogsoftmaxBackwardParams {
     cf32_ptr lse;          // [rows], or 0: recomputed from the logits
     int32_t rows;
     int32_t vocab;
+};
+
+// Greedy decoding's token: out[r] = the lowest index of the largest value of
+// logits[r, :] (NaN counts as −inf), as torch.argmax and generate::argmax pick it.
+struct ArgmaxRowsParams {
+    u32_ptr out;           // [rows]
+    cbf16_ptr logits;      // [rows, cols]
+    int32_t rows;
+    int32_t cols;
 };
 
 // out[r, :] = bf16(scale[r] · x[r, :]) (out may be x): d_hidden from the per-row

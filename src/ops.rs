@@ -602,6 +602,27 @@ pub fn zeros_like(like: &Tensor) -> Result<Tensor> {
 }
 
 /// Select rows of a 2-D tensor.
+/// Index of the largest value; the lowest index among equal maxima (`torch.argmax`).
+pub fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// `argmax` of each row of `x [rows, cols]` (greedy decoding's tokens). On the device
+/// only the ids come back to the host; there a NaN reads as −inf.
+pub fn argmax_rows(x: &Tensor) -> Result<Vec<u32>> {
+    if x.is_cuda() {
+        return dev::argmax_rows(x);
+    }
+    use rayon::prelude::*;
+    Ok(x.cpu().par_chunks(x.cols().max(1)).map(argmax).collect())
+}
+
 pub fn gather_rows(x: &Tensor, rows: &[usize]) -> Result<Tensor> {
     if x.is_cuda() {
         return dev::gather_rows(x, rows);
@@ -968,6 +989,27 @@ pub fn attention_bidir(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each row's first maximum, as `torch.argmax`: ties to the lower index, a row of
+    /// −inf gives 0, the maximum found in the last column too.
+    #[test]
+    fn argmax_rows_takes_each_rows_first_maximum() {
+        let ninf = f32::NEG_INFINITY;
+        let x = Tensor::from_vec(
+            vec![
+                0.0, 3.0, 1.0, 3.0, //
+                ninf, ninf, ninf, ninf, //
+                -5.0, -4.0, -3.0, -2.0, //
+                7.0, 7.0, 7.0, 7.0,
+            ],
+            &[4, 4],
+        );
+        assert_eq!(argmax_rows(&x).unwrap(), vec![1, 0, 3, 0]);
+        assert_eq!(
+            argmax_rows(&Tensor::from_vec(Vec::new(), &[0, 4])).unwrap(),
+            Vec::<u32>::new()
+        );
+    }
 
     /// Σ loss ÷ norm of `dpo_loss` over token log-probs `lp`, through `segment_sums`.
     fn total(cfg: &DpoCfg, lp: &[f32], refs: &Tensor, counts: &[usize], norm: f64) -> f64 {

@@ -43,6 +43,7 @@ const KERNELS: &[&str] = &[
     "logprob_fused_combine",
     "seq_logp_sum_f32",
     "dpo_loss_f32",
+    "argmax_rows_bf16",
 ];
 
 // ---------------------------------------------------------------- always run
@@ -748,5 +749,43 @@ fn dpo_ops_on_the_device_match_the_host_ops() {
             at,
             rt,
         );
+    }
+}
+
+/// Greedy decoding's device argmax picks what the host picks from the same bf16 logits:
+/// the lowest index of the maximum, over random rows (bf16 rounding makes ties common)
+/// and hand-made ones (all equal, all −inf, the maximum first, last, repeated far apart),
+/// with a vocabulary that is not a multiple of the block and more rows than one block.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn argmax_rows_matches_the_host_pick() {
+    let g = gpu();
+    for (rows, cols) in [(3usize, 7usize), (37, 32000), (300, 1003)] {
+        let mut r = rng(rows as u64);
+        let (mut b, _) = rand_bf16(&mut r, rows * cols, 4.0);
+        let set = |b: &mut [bf16], row: usize, f: &dyn Fn(usize) -> f32| {
+            for j in 0..cols {
+                b[row * cols + j] = bf16::from_f32(f(j));
+            }
+        };
+        set(&mut b, 0, &|_| 1.5);
+        set(&mut b, 1, &|_| f32::NEG_INFINITY);
+        set(&mut b, 2, &|j| if j == cols - 1 { 9.0 } else { 0.0 });
+        if rows > 4 {
+            set(&mut b, 3, &|j| if j == 0 { 9.0 } else { -1.0 });
+            set(&mut b, 4, &|j| {
+                if j == 5 || j == cols - 2 {
+                    9.0
+                } else {
+                    1.0
+                }
+            });
+        }
+        let want = ops::argmax_rows(&Tensor::from_vec(to_f32(&b), &[rows, cols])).unwrap();
+        let x = Tensor::cuda_bf16(g.upload(&b).unwrap(), &[rows, cols]);
+        let got = ops::argmax_rows(&x).unwrap();
+        let bad = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        println!("PARITY argmax_rows {rows}x{cols}: {bad} of {rows} rows differ");
+        assert_eq!(got, want, "{rows}x{cols}");
     }
 }

@@ -110,16 +110,7 @@ pub fn cut_at_stop<'t>(text: &'t str, stops: &[String]) -> &'t str {
     &text[..stop_at(text, stops).unwrap_or(text.len())]
 }
 
-/// Index of the largest value; the lowest index among equal maxima (`torch.argmax`).
-pub fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
+pub use crate::ops::argmax;
 
 /// Draws a token from `softmax(logits / temperature)` restricted to the top-p nucleus
 /// (transformers' `TemperatureLogitsWarper` then `TopPLogitsWarper`: in descending order,
@@ -214,12 +205,30 @@ struct Generator<'a> {
     cache: KvCache,
     /// cos/sin for every position the run can reach; `positions` is set per step.
     rope: Rope,
+    /// Greedy tokens chosen on the device (`device_argmax`), not from host logits.
+    argmax_on_device: bool,
+}
+
+/// What a forward hands to token choice: the logits rows on the host, or (greedy on the
+/// device) each row's token already chosen there.
+enum Next {
+    Logits(Vec<f32>),
+    Tokens(Vec<u32>),
+}
+
+/// Whether greedy decoding on the device picks its tokens there (`PALIGN_DEVICE_ARGMAX=1`):
+/// a decode step then copies one id per sequence to the host instead of its logits row
+/// (128 KiB at a 32000 vocabulary). Off until a GPU run checks the kernel's parity
+/// (tests/gpu_logprob.rs) and measures it (`bench generate`).
+pub fn device_argmax() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("PALIGN_DEVICE_ARGMAX").is_ok_and(|v| v == "1"))
 }
 
 impl Generator<'_> {
     /// Runs the decoder over one step's tokens, filling the cache; returns the logits
-    /// `[last_rows.len(), vocab]`.
-    fn forward(&mut self, step: Step) -> Result<Vec<f32>> {
+    /// `[last_rows.len(), vocab]` on the host, or their argmax.
+    fn forward(&mut self, step: Step) -> Result<Next> {
         let m = self.model;
         self.rope.set_positions(step.positions.clone());
         let mut x = ops::embedding(&m.embed, &step.ids)?;
@@ -228,7 +237,12 @@ impl Generator<'_> {
         }
         let last = ops::gather_rows(&x, &step.last_rows)?;
         let (h, _) = ops::rmsnorm(&last, &m.norm, m.cfg.rms_norm_eps)?;
-        ops::to_host(&ops::linear(&h, &m.lm_head)?)
+        let logits = ops::linear(&h, &m.lm_head)?;
+        Ok(if self.argmax_on_device {
+            Next::Tokens(ops::argmax_rows(&logits)?)
+        } else {
+            Next::Logits(ops::to_host(&logits)?)
+        })
     }
 
     /// One decoder layer (as `Model::layer_forward`, no dropout, nothing saved), storing
@@ -264,7 +278,7 @@ impl Generator<'_> {
     /// Prefill: the prompts of `seqs` (fresh, `len` 0) in one packed forward. Prompts
     /// that begin with the same tokens (few-shot exemplars, a shared system prompt)
     /// compute them once; their K/V rows are stored into every sharer's cache slot.
-    fn prefill(&mut self, seqs: &mut [Live], prompts: &[Vec<u32>]) -> Result<Vec<f32>> {
+    fn prefill(&mut self, seqs: &mut [Live], prompts: &[Vec<u32>]) -> Result<Next> {
         let ids: Vec<&[u32]> = seqs.iter().map(|s| prompts[s.row].as_slice()).collect();
         let packed = PackedSeqs::new(&ids, true);
         let (mut src, mut dst, mut last_rows) = (Vec::new(), Vec::new(), Vec::new());
@@ -292,7 +306,7 @@ impl Generator<'_> {
     }
 
     /// Decode: each live sequence's newest token, one forward.
-    fn decode(&mut self, seqs: &mut [Live]) -> Result<Vec<f32>> {
+    fn decode(&mut self, seqs: &mut [Live]) -> Result<Next> {
         let n = seqs.len();
         let step = Step {
             ids: seqs
@@ -315,18 +329,30 @@ impl Generator<'_> {
     }
 }
 
-/// Samples the next token of each sequence from its logits row and says which finished.
+/// Samples the next token of each sequence from its logits row (or takes the one chosen
+/// on the device) and says which finished.
 fn advance(
     seqs: &mut [Live],
-    logits: &[f32],
+    next: &Next,
     cfg: &GenConfig,
     stop: Option<&Stopper>,
 ) -> Result<Vec<Option<Finish>>> {
-    let vocab = logits.len() / seqs.len().max(1);
+    let vocab = match next {
+        Next::Logits(z) => z.len() / seqs.len().max(1),
+        Next::Tokens(_) => 0,
+    };
     seqs.par_iter_mut()
-        .zip(logits.par_chunks(vocab))
-        .map(|(s, z)| {
-            let t = sample(z, cfg.temperature, cfg.top_p, &mut s.rng);
+        .enumerate()
+        .map(|(i, s)| {
+            let t = match next {
+                Next::Tokens(t) => t[i],
+                Next::Logits(z) => sample(
+                    &z[i * vocab..(i + 1) * vocab],
+                    cfg.temperature,
+                    cfg.top_p,
+                    &mut s.rng,
+                ),
+            };
             s.out.push(t);
             Ok(if cfg.eos_ids.contains(&t) {
                 Some(Finish::Eos)
@@ -538,6 +564,7 @@ pub fn generate_each(
         adapter,
         cache: KvCache::new(c, slots, max_len, model.embed.is_cuda())?,
         rope: Rope::new(c.head_dim, c.rope_theta, vec![max_len as u32]),
+        argmax_on_device: cfg.temperature == 0.0 && model.is_cuda() && device_argmax(),
     };
     let mut free: Vec<usize> = (0..slots).rev().collect();
     let mut next = 0;
@@ -678,6 +705,7 @@ mod tests {
             adapter,
             cache: KvCache::new(c, seqs.len(), max_len, false).unwrap(),
             rope: Rope::new(c.head_dim, c.rope_theta, vec![max_len as u32]),
+            argmax_on_device: false,
         };
         let mut live: Vec<Live> = (0..seqs.len())
             .map(|i| Live {
@@ -688,7 +716,14 @@ mod tests {
                 rng: ChaCha8Rng::seed_from_u64(0),
             })
             .collect();
-        g.prefill(&mut live, seqs).unwrap()
+        logits(g.prefill(&mut live, seqs).unwrap())
+    }
+
+    fn logits(next: Next) -> Vec<f32> {
+        match next {
+            Next::Logits(z) => z,
+            Next::Tokens(_) => panic!("host logits expected"),
+        }
     }
 
     /// Decoding token by token through the cache (ring wrapping past Mistral's window of
@@ -724,6 +759,7 @@ mod tests {
                 adapter: adapter.as_ref(),
                 cache: KvCache::new(c, 3, 32, false).unwrap(),
                 rope: Rope::new(c.head_dim, c.rope_theta, vec![32]),
+                argmax_on_device: false,
             };
             // slots 2 and 0: the slot index must not matter
             let mut live: Vec<Live> = [2usize, 0]
@@ -737,7 +773,7 @@ mod tests {
                     rng: ChaCha8Rng::seed_from_u64(0),
                 })
                 .collect();
-            let mut logits = g.prefill(&mut live, &prompts).unwrap();
+            let mut logits = logits(g.prefill(&mut live, &prompts).unwrap());
             let vocab = c.vocab_size;
             for step in 0..14 {
                 let want: Vec<Vec<u32>> =
@@ -753,7 +789,7 @@ mod tests {
                 for s in live.iter_mut() {
                     s.out.push(seqs[s.row][s.len]);
                 }
-                logits = g.decode(&mut live).unwrap();
+                logits = self::logits(g.decode(&mut live).unwrap());
             }
         }
     }

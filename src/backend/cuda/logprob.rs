@@ -39,6 +39,7 @@ unsafe impl DeviceRepr for LogprobFusedParams {}
 unsafe impl DeviceRepr for SeqLogpSumParams {}
 unsafe impl DeviceRepr for DpoLossParams {}
 unsafe impl DeviceRepr for ScaleRowsParams {}
+unsafe impl DeviceRepr for ArgmaxRowsParams {}
 
 /// Which kernels compute the log-probs (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -332,6 +333,35 @@ pub fn scale_rows(
         cols: to_i32(cols, "cols")?,
     };
     gpu.launch("scale_rows_bf16", rows.min(65535) as u32, ROW_THREADS, &p)
+}
+
+/// `out[r]` = the lowest index of the largest value of `logits [rows, cols]` row r (NaN
+/// reads as −inf): greedy decoding's tokens, without copying the logits to the host.
+pub fn argmax_rows(
+    gpu: &Gpu,
+    logits: &DeviceBuffer<bf16>,
+    rows: usize,
+    cols: usize,
+    out: &mut DeviceBuffer<u32>,
+) -> Result<()> {
+    let n = rows
+        .checked_mul(cols)
+        .ok_or_else(|| bad("argmax_rows: size overflows"))?;
+    need(logits, n, "argmax_rows logits")?;
+    need(out, rows, "argmax_rows output")?;
+    if rows == 0 {
+        return Ok(());
+    }
+    if cols == 0 {
+        return Err(bad("argmax_rows: rows of no values"));
+    }
+    let p = ArgmaxRowsParams {
+        out: out.ptr(),
+        logits: logits.ptr(),
+        rows: to_i32(rows, "rows")?,
+        cols: to_i32(cols, "cols")?,
+    };
+    gpu.launch("argmax_rows_bf16", rows.min(65535) as u32, ROW_THREADS, &p)
 }
 
 /// `bytes` from device address `src` to `dst` on the stream (callers check the ranges).

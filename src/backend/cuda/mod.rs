@@ -81,6 +81,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "logsoftmax_gather_bf16",
     "logsoftmax_backward_bf16",
     "scale_rows_bf16",
+    "argmax_rows_bf16",
     "logprob_fused_fwd_bf16",
     "logprob_fused_combine",
     "seq_logp_sum_f32",

@@ -9,6 +9,7 @@ pub type cbf16_ptr = u64;
 pub type f32_ptr = u64;
 pub type cf32_ptr = u64;
 pub type cu32_ptr = u64;
+pub type u32_ptr = u64;
 pub type cchunk_ptr = u64;
 #[repr(C)]
 #[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
@@ -895,6 +896,27 @@ const _: () = {
         [::std::mem::offset_of!(LogsoftmaxBackwardParams, rows) - 32usize];
     ["Offset of field: LogsoftmaxBackwardParams::vocab"]
         [::std::mem::offset_of!(LogsoftmaxBackwardParams, vocab) - 36usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct ArgmaxRowsParams {
+    pub out: u32_ptr,
+    pub logits: cbf16_ptr,
+    pub rows: i32,
+    pub cols: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ArgmaxRowsParams"][::std::mem::size_of::<ArgmaxRowsParams>() - 24usize];
+    ["Alignment of ArgmaxRowsParams"][::std::mem::align_of::<ArgmaxRowsParams>() - 8usize];
+    ["Offset of field: ArgmaxRowsParams::out"]
+        [::std::mem::offset_of!(ArgmaxRowsParams, out) - 0usize];
+    ["Offset of field: ArgmaxRowsParams::logits"]
+        [::std::mem::offset_of!(ArgmaxRowsParams, logits) - 8usize];
+    ["Offset of field: ArgmaxRowsParams::rows"]
+        [::std::mem::offset_of!(ArgmaxRowsParams, rows) - 16usize];
+    ["Offset of field: ArgmaxRowsParams::cols"]
+        [::std::mem::offset_of!(ArgmaxRowsParams, cols) - 20usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]

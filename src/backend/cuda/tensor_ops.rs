@@ -891,6 +891,17 @@ pub fn scale_rows(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
+/// The index of each row's largest value (lowest among equals; `logprob::argmax_rows`),
+/// downloaded: one id per row crosses to the host.
+pub fn argmax_rows(x: &Tensor) -> Result<Vec<u32>> {
+    let g = gpu()?;
+    let mut out = g.alloc::<u32>(x.rows())?;
+    profile::scope(&g, LOGPROB, || {
+        logprob::argmax_rows(&g, x.bf16_buf()?, x.rows(), x.cols(), &mut out)
+    })?;
+    g.download(&out)
+}
+
 /// Whether the fused NF4 LoRA kernels are used: only with `PALIGN_FUSED_LORA=1`. On an
 /// H200 (benches/RESULTS.md, 2026-11-27) the fused kernel is within 1.05× of its own
 /// NF4 GEMM, but that mma.sync GEMM runs at ~250 TFLOP/s while the dispatcher's
