@@ -328,23 +328,29 @@ def completion_logps(model, torch, ids, labels, fused):
     return (tok * mask).sum(-1)
 
 
-def run(a, torch, dev, gpu):
-    import peft
-
-    peft_desc = a.peft
+def base_model(a, torch, dev):
+    """The random base for --peft: NF4 projections (bitsandbytes) for qlora when its 4-bit
+    path works here, else bf16 with a note. Sets a.peft_desc (the machine line's peft)."""
+    a.peft_desc = a.peft
     if a.peft == "qlora":
         failed = qlora_probe(torch, dev)
         if failed:
-            peft_desc = f"lora(qlora-unavailable: {failed[0]})"
-            print(f"note: QLoRA unavailable, running bf16 LoRA instead: {failed[0]}: {failed[1]}")
-    a.peft_desc = peft_desc
-
-    t0 = time.perf_counter()
+            a.peft_desc = f"lora(qlora-unavailable: {failed[0]})"
+            print(f"note: 4-bit unavailable, using the bf16 base instead: {failed[0]}: {failed[1]}")
     model = build_model(a, torch, dev)
-    if peft_desc == "qlora":
+    if a.peft_desc == "qlora":
         quantize_projections(model, torch, dev)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
+    return model
+
+
+def run(a, torch, dev, gpu):
+    import peft
+
+    t0 = time.perf_counter()
+    model = base_model(a, torch, dev)
+    peft_desc = a.peft_desc
 
     fused = False
     if a.method == "dpo":
@@ -497,16 +503,8 @@ def run_generate(a, torch, dev, gpu):
     import peft
     import transformers
 
-    peft_desc = a.peft
-    if a.peft == "qlora":
-        failed = qlora_probe(torch, dev)
-        if failed:
-            peft_desc = f"lora(qlora-unavailable: {failed[0]})"
-            print(f"note: 4-bit unavailable, generating with the bf16 base instead: {failed[0]}: {failed[1]}")
-    a.peft_desc = peft_desc
-    model = build_model(a, torch, dev)
-    if peft_desc == "qlora":
-        quantize_projections(model, torch, dev)
+    model = base_model(a, torch, dev)
+    peft_desc = a.peft_desc
     model.config.use_cache = True
     if a.rank > 0:
         lcfg = peft.LoraConfig(
@@ -519,8 +517,6 @@ def run_generate(a, torch, dev, gpu):
         )
         model = peft.get_peft_model(model, lcfg)
     model.eval()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
 
     _, _, _, _, _, _, vocab, _, _ = SHAPES[a.shape]
     B, P, N = a.batch_size, a.prompt_len, a.new_tokens

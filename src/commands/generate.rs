@@ -9,7 +9,6 @@
 use super::Common;
 use crate::data::jsonl::{ids_field, read_objects, str_field};
 use crate::error::{bad, Result};
-use crate::lora::Adapter;
 use crate::model::generate::{self, cut_at_stop, BatchChoice, GenConfig, Stopper};
 use crate::model::{Model, Template, Tokenizer};
 use std::path::{Path, PathBuf};
@@ -112,9 +111,7 @@ fn load_prompts(
 pub fn run(args: &Args, common: &Common) -> Result<()> {
     let device = common.setup()?;
     let template: Template = args.template.parse()?;
-    if let Some(q) = args.quant.as_deref().filter(|&q| q != "nf4") {
-        return Err(bad(format!("--quant: unknown quantization `{q}` (nf4)")));
-    }
+    super::check_quant(args.quant.as_deref())?;
     if args.stop.iter().any(String::is_empty) {
         return Err(bad("--stop: a stop string must not be empty"));
     }
@@ -127,19 +124,12 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         batch_size: CPU_BATCH,
     };
     cfg_check.validate()?;
-    let nf4 = args
-        .quant
-        .as_ref()
-        .map(|_| (crate::quant::DEFAULT_BLOCKSIZE, true));
-    let cuda = device == super::Device::Cuda;
-    let model = Model::load_with(&args.model, nf4, cuda)?;
-    let mut adapter: Option<Adapter> = match &args.adapter {
-        Some(dir) => Some(crate::lora::peft::load(dir, &model.cfg)?),
-        None => None,
-    };
-    if cuda {
-        adapter = adapter.map(|a| a.to_device_bf16()).transpose()?;
-    }
+    let (model, adapter) = super::load_model_adapter(
+        &args.model,
+        args.adapter.as_deref(),
+        args.quant.as_deref(),
+        device,
+    )?;
     let tok = load_tokenizer(&args.model, &model)?;
     let rows = load_prompts(&args.prompts, &tok, template, model.cfg.vocab_size)?;
     let prompts: Vec<Vec<u32>> = rows.iter().map(|(_, ids)| ids.clone()).collect();

@@ -107,3 +107,32 @@ pub fn progress_bar(len: u64, show: bool, what: &str) -> indicatif::ProgressBar 
     pb.set_message(what.to_string());
     pb
 }
+
+/// Checks `--quant` (nf4, or none).
+pub fn check_quant(quant: Option<&str>) -> Result<()> {
+    match quant {
+        None | Some("nf4") => Ok(()),
+        Some(q) => Err(bad(format!("--quant: unknown quantization `{q}` (nf4)"))),
+    }
+}
+
+/// A model folder (`--quant nf4`: its projections quantized as they load) and an optional
+/// PEFT adapter, both on `device`: what `score`, `generate` and `eval` run.
+pub fn load_model_adapter(
+    model: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+    quant: Option<&str>,
+    device: Device,
+) -> Result<(crate::model::Model, Option<crate::lora::Adapter>)> {
+    check_quant(quant)?;
+    let nf4 = quant.map(|_| (crate::quant::DEFAULT_BLOCKSIZE, true));
+    let cuda = device == Device::Cuda;
+    let m = crate::model::Model::load_with(model, nf4, cuda)?;
+    let mut a = adapter
+        .map(|dir| crate::lora::peft::load(dir, &m.cfg))
+        .transpose()?;
+    if cuda {
+        a = a.map(|a| a.to_device_bf16()).transpose()?;
+    }
+    Ok((m, a))
+}

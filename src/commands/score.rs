@@ -154,22 +154,12 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     }
     let template: Template = args.template.parse()?;
     let data = PathBuf::from(args.data.strip_prefix("jsonl:").unwrap_or(&args.data));
-    if let Some(q) = args.quant.as_deref().filter(|&q| q != "nf4") {
-        return Err(bad(format!("--quant: unknown quantization `{q}` (nf4)")));
-    }
-    let nf4 = args
-        .quant
-        .as_ref()
-        .map(|_| (crate::quant::DEFAULT_BLOCKSIZE, true));
-    let cuda = device == super::Device::Cuda;
-    let model = Model::load_with(&args.model, nf4, cuda)?;
-    let mut adapter = match &args.adapter {
-        Some(dir) => Some(crate::lora::peft::load(dir, &model.cfg)?),
-        None => None,
-    };
-    if cuda {
-        adapter = adapter.map(|a| a.to_device_bf16()).transpose()?;
-    }
+    let (model, adapter) = super::load_model_adapter(
+        &args.model,
+        args.adapter.as_deref(),
+        args.quant.as_deref(),
+        device,
+    )?;
     let seqs = load_rows(&data, &args.model, &model, template)?;
     let pb = super::progress_bar(seqs.len() as u64, common.progress(), "score");
     let t0 = std::time::Instant::now();

@@ -37,14 +37,6 @@ pub struct GenText {
     pub finish: &'static str,
 }
 
-/// Checks `--quant`.
-pub fn check_quant(quant: Option<&str>) -> Result<()> {
-    match quant {
-        None | Some("nf4") => Ok(()),
-        Some(q) => Err(bad(format!("--quant: unknown quantization `{q}` (nf4)"))),
-    }
-}
-
 impl Lm {
     /// Loads a model (and adapter) for evaluation, moved to the GPU with `Device::Cuda`.
     pub fn load(
@@ -53,17 +45,7 @@ impl Lm {
         quant: Option<&str>,
         device: crate::commands::Device,
     ) -> Result<Lm> {
-        check_quant(quant)?;
-        let nf4 = quant.map(|_| (crate::quant::DEFAULT_BLOCKSIZE, true));
-        let cuda = device == crate::commands::Device::Cuda;
-        let model = Model::load_with(dir, nf4, cuda)?;
-        let mut adapter = match adapter {
-            Some(a) => Some(crate::lora::peft::load(a, &model.cfg)?),
-            None => None,
-        };
-        if cuda {
-            adapter = adapter.map(|a| a.to_device_bf16()).transpose()?;
-        }
+        let (model, adapter) = crate::commands::load_model_adapter(dir, adapter, quant, device)?;
         let tok = Tokenizer::load(
             dir,
             model.cfg.bos_token_id,

@@ -64,7 +64,7 @@ pub struct EvalArgs {
 impl EvalArgs {
     /// Checks the flags; returns the parsed template.
     pub fn check(&self) -> Result<Template> {
-        lm::check_quant(self.quant.as_deref())?;
+        crate::commands::check_quant(self.quant.as_deref())?;
         if self.batch_size == 0 {
             return Err(bad("--batch-size must be at least 1"));
         }
