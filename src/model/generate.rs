@@ -6,7 +6,8 @@
 //! fills their cache rows and gives their first token. Then
 //! every step feeds each live sequence's newest token through the decoder once, attending
 //! to its cached keys, so a step costs one token per sequence, never the prefix again.
-//! A finished sequence frees its slot for the next prompt (continuous batching).
+//! A finished sequence frees its slot for the next prompt (continuous batching); with
+//! many slots, waiting prompts enter once a sixteenth of the slots are free (`prefill_now`).
 //!
 //! Each input row samples from its own ChaCha8 stream (seed, row index), and every op works
 //! row by row, so on the CPU a row's output does not depend on which rows share its batch
@@ -535,6 +536,15 @@ pub fn batch_for_memory(
     fit.min(MAX_AUTO_BATCH).min(prompts.len()).max(1)
 }
 
+/// Whether waiting prompts enter now. A prefill forward reads every weight once for its
+/// few new rows, as a decode step does for all live rows, so with many slots the free
+/// ones wait until there are a sixteenth of them (or room for every waiting prompt, or
+/// nothing is live): fewer, larger prefills. Outputs do not depend on it (rows are
+/// independent); up to 15 of 256 slots idle for a few steps.
+fn prefill_now(free: usize, slots: usize, waiting: usize, live: usize) -> bool {
+    waiting > 0 && free > 0 && (live == 0 || free >= (slots / 16).max(1).min(waiting))
+}
+
 /// The generation loop under `generate`: row `r` samples with `rng_of(r)`, and
 /// `on_result(r, generated)` takes each row as it finishes (not in input order).
 pub fn generate_each(
@@ -572,7 +582,8 @@ pub fn generate_each(
     let mut stats = GenStats::default();
     while next < prompts.len() || !live.is_empty() {
         let t0 = std::time::Instant::now();
-        let (mut seqs, logits) = if !free.is_empty() && next < prompts.len() {
+        let (mut seqs, logits) = if prefill_now(free.len(), slots, prompts.len() - next, live.len())
+        {
             // Waiting prompts fill the free slots, up to PREFILL_TOKENS (one at least).
             let mut n = 1;
             let mut tokens = prompts[next].len();
@@ -849,6 +860,49 @@ mod tests {
         let (small, st4) = generate_timed(&model, None, &prompts, &cfg(4), None, |_| {}).unwrap();
         assert_eq!(st4.prefills, 9);
         assert_eq!(out, small);
+    }
+
+    #[test]
+    fn prefills_wait_for_a_sixteenth_of_the_slots() {
+        // up to 31 slots: any free slot refills at once (as before)
+        assert!(prefill_now(1, 31, 10, 30));
+        // 64 slots: 4 free needed while others decode; fewer if fewer prompts wait
+        assert!(!prefill_now(3, 64, 10, 61));
+        assert!(prefill_now(4, 64, 10, 60));
+        assert!(prefill_now(2, 64, 2, 62));
+        // nothing live: go; nothing waiting or no slot: no
+        assert!(prefill_now(1, 64, 10, 0));
+        assert!(!prefill_now(8, 64, 0, 56));
+        assert!(!prefill_now(0, 64, 10, 64));
+    }
+
+    /// Rows finishing at different steps (an EOS set the tiny model hits early and late):
+    /// 80 prompts through 64 slots refill 4 at a time (4 prefills here; refilling every
+    /// free slot at once made 11), and every row's output equals generating it alone.
+    #[test]
+    fn refills_in_batches_give_each_rows_own_output() {
+        let model = Model::load(&fixture("tiny-llama")).unwrap();
+        let prompts: Vec<Vec<u32>> = (0..80u32)
+            .map(|r| {
+                (0..2 + r % 7)
+                    .map(|i| 3 + (r * 53 + i * 29) % 500)
+                    .collect()
+            })
+            .collect();
+        let cfg = |batch_size| GenConfig {
+            max_new_tokens: 60,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            eos_ids: (3..15).collect(),
+            batch_size,
+        };
+        let (alone, _) = generate_timed(&model, None, &prompts, &cfg(1), None, |_| {}).unwrap();
+        let (pooled, st) = generate_timed(&model, None, &prompts, &cfg(64), None, |_| {}).unwrap();
+        assert_eq!(pooled, alone);
+        let lens: std::collections::BTreeSet<usize> = alone.iter().map(|g| g.ids.len()).collect();
+        assert!(lens.len() > 3, "rows must end at different steps: {lens:?}");
+        assert!(st.prefills <= 1 + 16 / 4 + 1, "{} prefills", st.prefills);
     }
 
     /// The auto batch follows the KV cache's size: Mistral-7B's 8 KV heads keep 128 KiB
