@@ -26,8 +26,8 @@
 //                             vocab is split over blocks; each writes its (max, sum).
 //   logprob_fused_combine     merges the splits' (max, sum): lse and logp per row.
 //   argmax_rows_bf16          greedy decoding's token per logits row: the largest value's
-//                             lowest index (torch.argmax's pick; NaN reads as −inf), so
-//                             a decode step copies rows ids to the host, not rows × V.
+//                             lowest index (torch.argmax's pick: a NaN above any number),
+//                             so a decode step copies rows ids to the host, not rows × V.
 //   seq_logp_sum_f32          per-sequence Σ (or mean) of token log-probs, f64 accumulation.
 //   dpo_loss_f32              per pair: TRL's DPO loss (sigmoid with label smoothing, or
 //                             IPO), rewards β(π − ref), ∂loss/∂π, and ∂/∂ token log-probs.
@@ -360,10 +360,17 @@ __device__ __forceinline__ double log_sigmoid(double x) {
 
 __device__ __forceinline__ double sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
 
-// (v, i) ⊕= (v2, i2): the larger value wins, equal values keep the lower index. Over
-// any order of merges the result is the first index of the maximum.
-__device__ __forceinline__ void argmax_merge(float &v, int &i, float v2, int i2) {
-    if (v2 > v || (v2 == v && i2 < i)) {
+// Argmax keys: a NaN is above every number (torch.argmax), so it is kept as +inf with
+// `nan` set; (nan, v) order the candidates, the lower index breaks ties.
+__device__ __forceinline__ bool argmax_better(bool n2, float v2, int i2, bool n, float v, int i) {
+    if (n2 != n) return n2;
+    return v2 > v || (v2 == v && i2 < i);
+}
+
+// (nan, v, i) ⊕= (n2, v2, i2): over any order of merges, the first index of the maximum.
+__device__ __forceinline__ void argmax_merge(bool &n, float &v, int &i, bool n2, float v2, int i2) {
+    if (argmax_better(n2, v2, i2, n, v, i)) {
+        n = n2;
         v = v2;
         i = i2;
     }
@@ -458,39 +465,46 @@ extern "C" __global__ void __launch_bounds__(256) argmax_rows_bf16(ArgmaxRowsPar
     constexpr int NONE = 0x7fffffff;
     __shared__ float sv[32];
     __shared__ int si[32];
+    __shared__ bool sn[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
         const __nv_bfloat16 *z = p.logits + row * (int64_t)p.cols;
+        bool n = false;
         float v = -INFINITY;
         int i = NONE;
         for (int j = threadIdx.x; j < p.cols; j += blockDim.x) {
-            float x = bf2f(z[j]);
-            if (x != x) x = -INFINITY; // NaN
-            if (i == NONE || x > v) {
-                v = x;
+            const float x = bf2f(z[j]);
+            const bool xn = x != x;
+            if (i == NONE || argmax_better(xn, xn ? INFINITY : x, j, n, v, i)) {
+                n = xn;
+                v = xn ? INFINITY : x;
                 i = j;
             }
         }
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) {
+            const bool n2 = __shfl_xor_sync(FULL, (int)n, off);
             const float v2 = __shfl_xor_sync(FULL, v, off);
             const int i2 = __shfl_xor_sync(FULL, i, off);
-            argmax_merge(v, i, v2, i2);
+            argmax_merge(n, v, i, n2, v2, i2);
         }
-        __syncthreads(); // the previous row's readers are done with sv/si
+        __syncthreads(); // the previous row's readers are done with sv/si/sn
         if (lane == 0) {
+            sn[warp] = n;
             sv[warp] = v;
             si[warp] = i;
         }
         __syncthreads();
         if (warp == 0) {
+            n = lane < nw ? sn[lane] : false;
             v = lane < nw ? sv[lane] : -INFINITY;
             i = lane < nw ? si[lane] : NONE;
 #pragma unroll
             for (int off = 16; off > 0; off >>= 1) {
+                const bool n2 = __shfl_xor_sync(FULL, (int)n, off);
                 const float v2 = __shfl_xor_sync(FULL, v, off);
                 const int i2 = __shfl_xor_sync(FULL, i, off);
-                argmax_merge(v, i, v2, i2);
+                argmax_merge(n, v, i, n2, v2, i2);
             }
             if (lane == 0) p.out[row] = (uint32_t)i;
         }

@@ -398,7 +398,7 @@ struct LogsoftmaxBackwardParams {
 };
 
 // Greedy decoding's token: out[r] = the lowest index of the largest value of
-// logits[r, :] (NaN counts as −inf), as torch.argmax and generate::argmax pick it.
+// logits[r, :] (a NaN above any number), as torch.argmax and ops::argmax pick it.
 struct ArgmaxRowsParams {
     u32_ptr out;           // [rows]
     cbf16_ptr logits;      // [rows, cols]

@@ -601,9 +601,12 @@ pub fn zeros_like(like: &Tensor) -> Result<Tensor> {
     Ok(Tensor::zeros(&like.shape))
 }
 
-/// Select rows of a 2-D tensor.
-/// Index of the largest value; the lowest index among equal maxima (`torch.argmax`).
+/// Index of the largest value; the lowest index among equal maxima, and a NaN counts as
+/// larger than any number (`torch.argmax`: the first NaN wins).
 pub fn argmax(x: &[f32]) -> u32 {
+    if let Some(i) = x.iter().position(|v| v.is_nan()) {
+        return i as u32;
+    }
     let mut best = 0;
     for (i, &v) in x.iter().enumerate() {
         if v > x[best] {
@@ -614,7 +617,7 @@ pub fn argmax(x: &[f32]) -> u32 {
 }
 
 /// `argmax` of each row of `x [rows, cols]` (greedy decoding's tokens). On the device
-/// only the ids come back to the host; there a NaN reads as −inf.
+/// only the ids come back to the host.
 pub fn argmax_rows(x: &Tensor) -> Result<Vec<u32>> {
     if x.is_cuda() {
         return dev::argmax_rows(x);
@@ -623,6 +626,7 @@ pub fn argmax_rows(x: &Tensor) -> Result<Vec<u32>> {
     Ok(x.cpu().par_chunks(x.cols().max(1)).map(argmax).collect())
 }
 
+/// Select rows of a 2-D tensor.
 pub fn gather_rows(x: &Tensor, rows: &[usize]) -> Result<Tensor> {
     if x.is_cuda() {
         return dev::gather_rows(x, rows);
@@ -991,7 +995,7 @@ mod tests {
     use super::*;
 
     /// Each row's first maximum, as `torch.argmax`: ties to the lower index, a row of
-    /// −inf gives 0, the maximum found in the last column too.
+    /// −inf gives 0, the maximum found in the last column too, a NaN above everything.
     #[test]
     fn argmax_rows_takes_each_rows_first_maximum() {
         let ninf = f32::NEG_INFINITY;
@@ -1005,6 +1009,9 @@ mod tests {
             &[4, 4],
         );
         assert_eq!(argmax_rows(&x).unwrap(), vec![1, 0, 3, 0]);
+        let nan = f32::NAN;
+        let x = Tensor::from_vec(vec![1.0, nan, 9.0, nan, f32::INFINITY, 2.0], &[2, 3]);
+        assert_eq!(argmax_rows(&x).unwrap(), vec![1, 0], "the first NaN wins");
         assert_eq!(
             argmax_rows(&Tensor::from_vec(Vec::new(), &[0, 4])).unwrap(),
             Vec::<u32>::new()

@@ -754,13 +754,15 @@ fn dpo_ops_on_the_device_match_the_host_ops() {
 
 /// Greedy decoding's device argmax picks what the host picks from the same bf16 logits:
 /// the lowest index of the maximum, over random rows (bf16 rounding makes ties common)
-/// and hand-made ones (all equal, all −inf, the maximum first, last, repeated far apart),
-/// with a vocabulary that is not a multiple of the block and more rows than one block.
+/// and hand-made ones (all equal, all −inf, the maximum first, last, repeated far apart,
+/// NaNs among +inf: the first NaN wins, as torch.argmax), with a vocabulary that is not a
+/// multiple of the block and more rows than blocks.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn argmax_rows_matches_the_host_pick() {
     let g = gpu();
-    for (rows, cols) in [(3usize, 7usize), (37, 32000), (300, 1003)] {
+    // 70000 rows: more than the 65535 blocks, so blocks loop over a second row.
+    for (rows, cols) in [(3usize, 7usize), (37, 32000), (300, 1003), (70000, 7)] {
         let mut r = rng(rows as u64);
         let (mut b, _) = rand_bf16(&mut r, rows * cols, 4.0);
         let set = |b: &mut [bf16], row: usize, f: &dyn Fn(usize) -> f32| {
@@ -771,13 +773,20 @@ fn argmax_rows_matches_the_host_pick() {
         set(&mut b, 0, &|_| 1.5);
         set(&mut b, 1, &|_| f32::NEG_INFINITY);
         set(&mut b, 2, &|j| if j == cols - 1 { 9.0 } else { 0.0 });
-        if rows > 4 {
+        if rows > 5 {
             set(&mut b, 3, &|j| if j == 0 { 9.0 } else { -1.0 });
             set(&mut b, 4, &|j| {
                 if j == 5 || j == cols - 2 {
                     9.0
                 } else {
                     1.0
+                }
+            });
+            set(&mut b, 5, &|j| {
+                if j == 1 || j == 4 {
+                    f32::NAN
+                } else {
+                    f32::INFINITY
                 }
             });
         }

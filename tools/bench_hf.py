@@ -469,7 +469,7 @@ def run(a, torch, dev, gpu):
     n_lora = sum(p.numel() for p in trainable)
     print(
         f"linear params N = {linear_params(a.shape) / 1e9:.4f} B, trainable (LoRA) = {n_lora / 1e6:.3f} M, "
-        f"setup {build_s:.1f} s"
+        f"setup {build_s:.1f} s (bnb probe included)"
     )
     print(f"losses: {' '.join(f'{x:.4f}' for x in losses)} (warm-up then timed)")
     print(f"step ms: {' '.join(f'{t * 1e3:.1f}' for t in times)}; median {med * 1e3:.2f}")

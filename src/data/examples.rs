@@ -178,9 +178,13 @@ fn build(
     pick: impl Fn(&Row) -> Result<Vec<&Response>> + Sync,
 ) -> Result<Vec<Vec<SftExample>>> {
     enc.limits.check()?;
+    // Every row in parallel, then the first bad row in file order: a parallel collect
+    // into Result would report whichever failing row a thread met first.
     let encoded = rows
         .par_iter()
         .map(|row| encode_row(row, &pick(row)?, enc))
+        .collect::<Vec<Result<_>>>()
+        .into_iter()
         .collect::<Result<Vec<_>>>()?;
     let mut out = Vec::with_capacity(encoded.len());
     for e in encoded {

@@ -335,8 +335,9 @@ pub fn scale_rows(
     gpu.launch("scale_rows_bf16", rows.min(65535) as u32, ROW_THREADS, &p)
 }
 
-/// `out[r]` = the lowest index of the largest value of `logits [rows, cols]` row r (NaN
-/// reads as −inf): greedy decoding's tokens, without copying the logits to the host.
+/// `out[r]` = the lowest index of the largest value of `logits [rows, cols]` row r (a NaN
+/// above any number, as `torch.argmax`): greedy decoding's tokens, without copying the
+/// logits to the host.
 pub fn argmax_rows(
     gpu: &Gpu,
     logits: &DeviceBuffer<bf16>,
