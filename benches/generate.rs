@@ -44,6 +44,7 @@ fn run(model: &Model, prompts: &[Vec<u32>]) -> usize {
         seed: 0,
         eos_ids: vec![],
         batch_size: prompts.len(),
+        row_max_new_tokens: Vec::new(),
     };
     let out = ok(generate(model, None, prompts, &cfg, None, |_| {}));
     out.iter().map(|g| g.ids.len()).sum()

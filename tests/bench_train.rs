@@ -144,6 +144,38 @@ fn bench_generate_prints_the_line_and_counts_the_steps() {
     assert_eq!(field(line, "decode_step_ms"), "nan");
 }
 
+/// `--vary` with more prompts than slots: row r ends after lo + (r · 2654435761 mod span)
+/// tokens (lo = N/8; the formula tools/bench_hf.py repeats), and the slots refill.
+#[test]
+fn bench_generate_vary_ends_rows_at_their_lengths() {
+    let o = bench_generate(&[
+        "--batch-size",
+        "4",
+        "--prompts",
+        "10",
+        "--vary",
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "16",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("BENCH_GENERATE "))
+        .unwrap();
+    let want: u64 = (0..10u64).map(|r| 2 + r * 2_654_435_761 % 15).sum();
+    assert_eq!(field(line, "generated"), want.to_string());
+    assert_eq!(field(line, "prompts"), "10");
+    assert_eq!(field(line, "vary"), "true");
+    // the longest row (16 tokens) takes 15 decode steps at least
+    assert!(
+        field(line, "decode_steps").parse::<usize>().unwrap() >= 15,
+        "{line}"
+    );
+}
+
 #[test]
 fn bench_generate_refuses_bad_input_in_one_line() {
     for (args, says) in [
@@ -151,6 +183,7 @@ fn bench_generate_refuses_bad_input_in_one_line() {
         (&["--peft", "dora"][..], "--peft"),
         (&["--targets", "x_proj"][..], "x_proj"),
         (&["--top-p", "2"][..], "--top-p"),
+        (&["--prompts", "0"][..], "--prompts"),
     ] {
         let o = bench_generate(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}");

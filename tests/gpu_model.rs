@@ -307,6 +307,7 @@ fn shared_prompt_prefill_on_the_device_matches_each_prompt_alone() {
         seed: 1,
         eos_ids: vec![],
         batch_size,
+        row_max_new_tokens: Vec::new(),
     };
     let together = generate(&dev, None, &prompts, &cfg(8), None, |_| {}).unwrap();
     let alone = generate(&dev, None, &prompts, &cfg(1), None, |_| {}).unwrap();

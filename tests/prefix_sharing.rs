@@ -289,6 +289,7 @@ fn generation_with_shared_prompt_prefixes_matches_each_prompt_alone() {
                 seed: 5,
                 eos_ids: vec![],
                 batch_size,
+                row_max_new_tokens: Vec::new(),
             };
             let alone = generate(&m, None, &prompts, &cfg(1), None, |_| {}).unwrap();
             // 8: one shared prefill; 3: shared prefills into slots freed by earlier rows.

@@ -140,9 +140,15 @@ def parse_args(argv):
     ap.add_argument("--new-tokens", type=int, default=256, help="generate: tokens generated per prompt")
     ap.add_argument("--temperature", type=float, default=0.0, help="generate: 0 is greedy")
     ap.add_argument("--top-p", type=float, default=1.0, help="generate: nucleus mass")
+    ap.add_argument("--prompts", type=int, default=None, help="generate: prompts (default --batch-size), in batches of --batch-size")
+    ap.add_argument("--vary", action="store_true", help="generate: row r ends after vary_length(r, N) tokens")
     a = ap.parse_args(argv)
     if a.method == "generate" and (a.prompt_len < 1 or a.new_tokens < 1):
         ap.error("--prompt-len and --new-tokens must be >= 1")
+    if a.prompts is None:
+        a.prompts = a.batch_size
+    if a.prompts < 1:
+        ap.error("--prompts must be >= 1")
     if a.rank < 1 and not (a.method == "generate" and a.rank == 0):
         ap.error("--rank must be >= 1 (generate: >= 0, where 0 is no adapter)")
     if a.batch_size < 1:
@@ -490,10 +496,17 @@ def run(a, torch, dev, gpu):
     )
 
 
+def vary_length(r, n):
+    """palign bench generate's --vary length of row r out of n (same numbers as its Rust)."""
+    lo = max(n // 8, 1)
+    return lo + (r * 2654435761) % (max(n, lo) - lo + 1)
+
+
 def gen_line(a, peft_desc, gpu, **fields):
     head = (
         f"BENCH_GENERATE impl=hf shape={a.shape} peft={peft_desc} rank={a.rank} "
-        f"batch={a.batch_size} prompt_len={a.prompt_len} new_tokens={a.new_tokens}"
+        f"batch={a.batch_size} prompts={a.prompts} vary={str(a.vary).lower()} "
+        f"prompt_len={a.prompt_len} new_tokens={a.new_tokens}"
     )
     rest = " ".join(f"{k}={v}" for k, v in fields.items())
     return f'{head} {rest} gpu="{gpu}"'
@@ -524,6 +537,8 @@ def run_generate(a, torch, dev, gpu):
     ids = torch.randint(3, vocab, (B, P), generator=g).to(dev)
     mask = torch.ones_like(ids)
     sampling = dict(do_sample=True, temperature=a.temperature, top_p=a.top_p) if a.temperature > 0 else dict(do_sample=False)
+    if a.prompts != B or a.vary:
+        return run_generate_batches(a, torch, dev, gpu, model, vocab, sampling)
 
     def sync():
         if dev.type == "cuda":
@@ -579,6 +594,88 @@ def run_generate(a, torch, dev, gpu):
             decode_tokens_per_s=f"{decode_tps:.1f}",
             decode_step_ms=f"{step_ms:.3f}",
             peak_mem_gib=f"{peak:.3f}",
+        )
+    )
+
+
+def run_generate_batches(a, torch, dev, gpu, model, vocab, sampling):
+    """--prompts beyond one batch, or --vary: the prompts in batches of --batch-size, one
+    model.generate each (a batch runs until its longest row ends: static batching, as
+    transformers does); with --vary a logits processor ends row r after vary_length(r, N)
+    tokens (EOS forced then, banned before). Only tokens/s over the whole run is
+    reported."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    B, P, N, R = a.batch_size, a.prompt_len, a.new_tokens, a.prompts
+    eos = 2
+    g = torch.Generator(device="cpu").manual_seed(a.seed + 1)
+    all_ids = torch.randint(3, vocab, (R, P), generator=g).to(dev)
+    lengths = [vary_length(r, N) if a.vary else N for r in range(R)]
+
+    class EndAt(LogitsProcessor):
+        def __init__(self, ends):
+            self.ends = torch.tensor(ends, device=dev)
+
+        def __call__(self, input_ids, scores):
+            made = input_ids.shape[1] - P  # tokens generated so far
+            end = self.ends == made + 1  # this step's token is the row's last
+            scores[:, eos] = float("-inf")
+            scores[end] = float("-inf")
+            scores[end, eos] = 0.0
+            return scores
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def run_all(limit):
+        made = 0
+        for start in range(0, R, B):
+            ids = all_ids[start : start + B]
+            ends = [min(n, limit) for n in lengths[start : start + B]]
+            with torch.inference_mode():
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max(ends),
+                    logits_processor=LogitsProcessorList([EndAt(ends)]),
+                    eos_token_id=eos,
+                    pad_token_id=0,
+                    use_cache=True,
+                    **sampling,
+                )
+            new = out[:, P:]
+            got = [int((row == eos).nonzero()[0]) + 1 if (row == eos).any() else new.shape[1] for row in new]
+            if got != ends:
+                raise RuntimeError(f"rows ended after {got} tokens, expected {ends}")
+            made += sum(ends)
+        return made
+
+    run_all(2)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    t = time.perf_counter()
+    made = run_all(N)
+    sync()
+    secs = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
+    print(
+        f"bench_hf generate: {R} prompts x {P} tokens in batches of {B}, "
+        f"{'--vary lengths' if a.vary else f'{N} new tokens each'}: {made} tokens in {secs:.2f} s"
+    )
+    nan = float("nan")
+    print(
+        gen_line(
+            a,
+            a.peft_desc,
+            gpu,
+            tokens_per_s=f"{made / secs:.1f}",
+            prefill_tokens_per_s=f"{nan:.1f}",
+            decode_tokens_per_s=f"{nan:.1f}",
+            decode_step_ms=f"{nan:.3f}",
+            peak_mem_gib=f"{peak:.3f}",
+            generated=made,
         )
     )
 

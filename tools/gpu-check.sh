@@ -320,14 +320,16 @@ fi
 # PALIGN_GEN_CONFIGS="qlora 16 32 256 128,lora 0 32 256 128 PALIGN_DEVICE_ARGMAX=1" (peft rank batch prompt_len
 # new_tokens [VAR=value ...] [--flag ...]): qlora = NF4 base (eval --quant nf4), rank 0 = no
 # adapter (a merged model). Mistral-7B shape, greedy, no EOS: every row gets all its tokens.
-# VAR=value words are set for palign only; --temperature=T and --top-p=P go to both sides,
+# VAR=value words are set for palign only; --temperature=T, --top-p=P, --vary (rows end at
+# different lengths: palign refills its slots, transformers runs batch after batch) and
+# --prompts=N (more prompts than slots) go to both sides,
 # other --flag words (e.g. --targets=q_proj,v_proj) to palign only, so only use them to time
 # a palign-side choice.
 gen_field() { grep -o " $1=[0-9.a-z]*" | tail -n 1 | cut -d= -f2; }
 if want generate && [ -x "$HERE/palign" ]; then
     echo >>"$REPORT"
     echo "## generation (palign bench generate vs tools/bench_hf.py --method generate)" >>"$REPORT"
-    IFS=, read -r -a gconfigs <<<"${PALIGN_GEN_CONFIGS:-qlora 16 32 256 128,qlora 16 128 256 128,qlora 16 128 256 128 PALIGN_DEVICE_ARGMAX=1,lora 0 32 256 128}"
+    IFS=, read -r -a gconfigs <<<"${PALIGN_GEN_CONFIGS:-qlora 16 32 256 128,qlora 16 128 256 128,qlora 16 128 256 128 PALIGN_DEVICE_ARGMAX=1,qlora 16 128 256 256 --vary --prompts=512,lora 0 32 256 128}"
     declare -A hf_gen=()
     for cfg in "${gconfigs[@]}"; do
         set -- $cfg
@@ -340,12 +342,14 @@ if want generate && [ -x "$HERE/palign" ]; then
         envs=() flags=() hf_flags=()
         for w in "$@"; do
             case "$w" in
-            --temperature=* | --top-p=*) flags+=("$w") hf_flags+=("$w") ;; # sampling on both sides
+            --temperature=* | --top-p=* | --vary | --prompts=*) flags+=("$w") hf_flags+=("$w") ;; # both sides
             --*) flags+=("$w") ;;
             *) envs+=("$w") ;;
             esac
         done
         shape=(--shape mistral-7b --peft "$p" --rank "$r" --batch-size "$bs" --prompt-len "$pl" --new-tokens "$nt")
+        tag="$(printf '%s' "${hf_flags[*]:-}" | tr -c 'a-zA-Z0-9.' '_')"
+        tag="${tag:+_$tag}"
         echo "==== generate $cfg" >>"$BLOG"
         ours="$(env ${envs[@]+"${envs[@]}"} timeout 300 "$HERE/palign" bench generate "${shape[@]}" ${flags[@]+"${flags[@]}"} 2>>"$BLOG")"
         echo "$ours" >>"$BLOG"
@@ -368,7 +372,7 @@ if want generate && [ -x "$HERE/palign" ]; then
                 a="$(echo "$ours" | grep BENCH_GENERATE | gen_field "$k")"
                 b="$(echo "$theirs" | grep BENCH_GENERATE | gen_field "$k")"
                 if [ -n "$a" ] && [ -n "$b" ] && [ "$a" != nan ] && [ "$b" != nan ]; then
-                    echo "RATIO generate_${p}_r${r}_b${bs}_p${pl}_n${nt} palign/hf $k = $(python3 -c "print(f'{$a/$b:.3f}')")"
+                    echo "RATIO generate_${p}_r${r}_b${bs}_p${pl}_n${nt}${tag} palign/hf $k = $(python3 -c "print(f'{$a/$b:.3f}')")"
                 fi
             done
             echo '```'

@@ -56,9 +56,16 @@ pub struct GenBench {
     rank: usize,
     #[arg(long, default_value = "all")]
     targets: String,
-    /// Prompts, all decoded at once (one KV-cache slot each).
+    /// Sequences decoded at once (KV-cache slots).
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
+    /// Prompts (default: --batch-size); more than the slots refill them as rows finish.
+    #[arg(long)]
+    prompts: Option<usize>,
+    /// Rows end at different lengths, as real outputs do: row r stops after
+    /// `vary_length(r, --new-tokens)` tokens (between 1/8 of it and all of it).
+    #[arg(long)]
+    vary: bool,
     /// Tokens per prompt (random ids, no common prefix).
     #[arg(long, default_value_t = 256)]
     prompt_len: usize,
@@ -561,6 +568,14 @@ fn step_weight_bytes(model: &Model) -> Option<f64> {
     Some(total as f64)
 }
 
+/// `--vary`'s length of row `r` out of `new_tokens`: spread between an eighth of it and
+/// all of it by a multiplicative hash (tools/bench_hf.py computes the same numbers).
+pub fn vary_length(r: usize, new_tokens: usize) -> usize {
+    let lo = (new_tokens / 8).max(1);
+    let span = (new_tokens.max(lo) - lo + 1) as u64;
+    lo + ((r as u64).wrapping_mul(2_654_435_761) % span) as usize
+}
+
 /// `palign bench generate`: one warm-up generation (2 new tokens: kernel choices,
 /// allocations), the timed one, then two short profiled ones on the device whose
 /// difference is the decode steps' time per kernel family.
@@ -578,6 +593,17 @@ fn run_generate(b: &GenBench, common: &Common) -> Result<()> {
             "--batch-size, --prompt-len and --new-tokens must be at least 1",
         ));
     }
+    let n_prompts = b.prompts.unwrap_or(b.batch_size);
+    if n_prompts == 0 {
+        return Err(bad("--prompts must be at least 1"));
+    }
+    let lengths: Vec<usize> = if b.vary {
+        (0..n_prompts)
+            .map(|r| vary_length(r, b.new_tokens))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let gen = |new_tokens: usize| GenConfig {
         max_new_tokens: new_tokens,
         temperature: b.temperature,
@@ -585,6 +611,7 @@ fn run_generate(b: &GenBench, common: &Common) -> Result<()> {
         seed: common.seed,
         eos_ids: Vec::new(),
         batch_size: b.batch_size,
+        row_max_new_tokens: lengths.clone(),
     };
     gen(b.new_tokens).validate()?;
     let lora = if b.rank > 0 {
@@ -606,7 +633,7 @@ fn run_generate(b: &GenBench, common: &Common) -> Result<()> {
         adapter = adapter.map(|a| a.to_device_bf16()).transpose()?;
     }
     let vocab = model.cfg.vocab_size as u64;
-    let prompts: Vec<Vec<u32>> = (0..b.batch_size)
+    let prompts: Vec<Vec<u32>> = (0..n_prompts)
         .map(|r| {
             (0..b.prompt_len)
                 .map(|i| (splitmix64(((r as u64) << 32) ^ i as u64) % vocab) as u32)
@@ -670,8 +697,14 @@ fn run_generate(b: &GenBench, common: &Common) -> Result<()> {
         .filter(|_| decoded)
         .map(|w| w / forward_s / 1e9);
     eprintln!(
-        "palign bench generate: {} {} rank {}, {} prompts x {} tokens, {} new tokens each, on {gpu_name}",
-        b.shape, b.peft, b.rank, b.batch_size, b.prompt_len, b.new_tokens
+        "palign bench generate: {} {} rank {}, {n_prompts} prompts x {} tokens in {} slots, {} new tokens each{}, on {gpu_name}",
+        b.shape,
+        b.peft,
+        b.rank,
+        b.prompt_len,
+        b.batch_size,
+        b.new_tokens,
+        if b.vary { " at most (--vary)" } else { "" }
     );
     eprintln!(
         "prefill: {} forward(s), {:.1} ms (+ {:.1} ms choosing tokens); decode: {} steps, {:.2} ms each (+ {:.2} ms choosing tokens)",
@@ -691,11 +724,12 @@ fn run_generate(b: &GenBench, common: &Common) -> Result<()> {
     }
     let f = |x: Option<f64>, prec: usize| x.map_or("nan".to_string(), |v| format!("{v:.prec$}"));
     println!(
-        "BENCH_GENERATE impl=palign shape={} peft={} rank={} batch={} prompt_len={} new_tokens={} tokens_per_s={} prefill_tokens_per_s={} decode_tokens_per_s={} decode_step_ms={} decode_steps={} weight_gb_per_s={} peak_mem_gib={} generated={} gpu=\"{gpu_name}\"",
+        "BENCH_GENERATE impl=palign shape={} peft={} rank={} batch={} prompts={n_prompts} vary={} prompt_len={} new_tokens={} tokens_per_s={} prefill_tokens_per_s={} decode_tokens_per_s={} decode_step_ms={} decode_steps={} weight_gb_per_s={} peak_mem_gib={} generated={} gpu=\"{gpu_name}\"",
         b.shape,
         b.peft,
         b.rank,
         b.batch_size,
+        b.vary,
         b.prompt_len,
         b.new_tokens,
         f(per_s(generated, secs), 1),

@@ -122,6 +122,7 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         seed: common.seed,
         eos_ids: Vec::new(),
         batch_size: CPU_BATCH,
+        row_max_new_tokens: Vec::new(),
     };
     cfg_check.validate()?;
     let (model, adapter) = super::load_model_adapter(

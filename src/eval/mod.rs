@@ -204,6 +204,7 @@ pub fn gen_config(
         seed: common.seed,
         eos_ids: vec![],
         batch_size: batch,
+        row_max_new_tokens: Vec::new(),
     };
     cfg.validate()?;
     Ok(cfg)
@@ -304,6 +305,7 @@ mod tests {
                 seed: 7,
                 eos_ids: vec![],
                 batch_size: 2, // chunks of 8 prompts: 8 + 3
+                row_max_new_tokens: Vec::new(),
             };
             // Each chunk generated alone, as generate_jobs did before it pooled them.
             let mut want = Vec::new();

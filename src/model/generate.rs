@@ -39,9 +39,19 @@ pub struct GenConfig {
     pub eos_ids: Vec<u32>,
     /// Sequences decoded at once (KV-cache slots).
     pub batch_size: usize,
+    /// Per input row, fewer tokens than `max_new_tokens` (`palign bench generate --vary`
+    /// stands in for rows ending at different lengths with it); empty: none.
+    pub row_max_new_tokens: Vec<usize>,
 }
 
 impl GenConfig {
+    /// The most tokens row `row` generates.
+    pub fn max_new_for(&self, row: usize) -> usize {
+        self.row_max_new_tokens
+            .get(row)
+            .map_or(self.max_new_tokens, |&n| n.clamp(1, self.max_new_tokens))
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.max_new_tokens == 0 {
             return Err(bad("--max-new-tokens must be at least 1"));
@@ -359,7 +369,7 @@ fn advance(
                 Some(Finish::Eos)
             } else if stop.map_or(Ok(false), |st| st.hit(&s.out))? {
                 Some(Finish::Stop)
-            } else if s.out.len() >= cfg.max_new_tokens {
+            } else if s.out.len() >= cfg.max_new_for(s.row) {
                 Some(Finish::Length)
             } else {
                 None
@@ -826,6 +836,7 @@ mod tests {
             seed: 0,
             eos_ids: vec![],
             batch_size: 2,
+            row_max_new_tokens: Vec::new(),
         };
         let (out, st) = generate_timed(&model, None, &prompts, &cfg, None, |_| {}).unwrap();
         assert!(out
@@ -854,6 +865,7 @@ mod tests {
             seed: 0,
             eos_ids: vec![],
             batch_size,
+            row_max_new_tokens: Vec::new(),
         };
         let (out, st) = generate_timed(&model, None, &prompts, &cfg(64), None, |_| {}).unwrap();
         assert_eq!((st.prefills, st.prefill_tokens), (2, 33 * 500));
@@ -896,6 +908,7 @@ mod tests {
             seed: 0,
             eos_ids: (3..15).collect(),
             batch_size,
+            row_max_new_tokens: Vec::new(),
         };
         let (alone, _) = generate_timed(&model, None, &prompts, &cfg(1), None, |_| {}).unwrap();
         let (pooled, st) = generate_timed(&model, None, &prompts, &cfg(64), None, |_| {}).unwrap();
