@@ -560,7 +560,7 @@ fn step_weight_bytes(model: &Model) -> Option<f64> {
     let h = model.cfg.hidden_size;
     let mut total = bytes(&model.lm_head)? + 2 * h;
     for l in &model.layers {
-        for w in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+        for w in l.projections() {
             total += bytes(w)?;
         }
         total += 2 * 2 * h;

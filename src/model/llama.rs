@@ -64,6 +64,26 @@ pub struct ScoreSeq {
 }
 
 impl Layer {
+    /// The seven projections, in `PROJ_NAMES` order.
+    pub fn projections(&self) -> [&LinearWeight; 7] {
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
+    }
+
+    /// `projections`, mutable.
+    pub fn projections_mut(&mut self) -> [&mut LinearWeight; 7] {
+        [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
+
     /// Moves the layer's weights to the device, as `Model::to_device` does (a no-op for
     /// a layer already there).
     pub fn to_device(&mut self) -> Result<()> {
@@ -72,15 +92,7 @@ impl Layer {
         }
         self.input_norm = self.input_norm.to_cuda_bf16()?;
         self.post_norm = self.post_norm.to_cuda_bf16()?;
-        for w in [
-            &mut self.q,
-            &mut self.k,
-            &mut self.v,
-            &mut self.o,
-            &mut self.gate,
-            &mut self.up,
-            &mut self.down,
-        ] {
+        for w in self.projections_mut() {
             *w = w.to_device()?;
         }
         Ok(())
@@ -253,15 +265,7 @@ impl Model {
     /// norms and lm_head stay as they are.
     pub fn quantize_nf4(&mut self, blocksize: usize, double_quant: bool) -> Result<()> {
         for layer in &mut self.layers {
-            for w in [
-                &mut layer.q,
-                &mut layer.k,
-                &mut layer.v,
-                &mut layer.o,
-                &mut layer.gate,
-                &mut layer.up,
-                &mut layer.down,
-            ] {
+            for w in layer.projections_mut() {
                 if let LinearWeight::Dense(t) = w {
                     *w =
                         LinearWeight::Nf4(Arc::new(to_nf4(&self.cfg, t, blocksize, double_quant)?));
@@ -1229,10 +1233,7 @@ mod tests {
             want.quantize_nf4(64, dq).unwrap();
             let got = Model::load_with(&fixture(name), Some((64, dq)), false).unwrap();
             for (a, b) in want.layers.iter().zip(&got.layers) {
-                for (x, y) in [(&a.q, &b.q), (&a.k, &b.k), (&a.v, &b.v), (&a.o, &b.o)]
-                    .into_iter()
-                    .chain([(&a.gate, &b.gate), (&a.up, &b.up), (&a.down, &b.down)])
-                {
+                for (x, y) in a.projections().into_iter().zip(b.projections()) {
                     assert_eq!(nf4(x), nf4(y), "{name}");
                 }
             }
