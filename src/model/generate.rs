@@ -529,7 +529,7 @@ pub fn batch_for_memory(
     free: f64,
 ) -> usize {
     let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0) + max_new_tokens;
-    let capacity = c.sliding_window.map_or(max_len, |w| w.min(max_len)).max(1);
+    let capacity = KvCache::capacity_for(c, max_len);
     let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
     let per_slot = (c.num_layers * 2 * kv * capacity * 2 + c.vocab_size * 6) as f64;
     // A prefill takes up to PREFILL_TOKENS, or one longer prompt alone.

@@ -22,11 +22,7 @@ impl KvCache {
     /// A cache for `slots` sequences of at most `max_len` tokens each (bf16 on the
     /// device when `cuda`, else f32 on the host).
     pub fn new(cfg: &ModelConfig, slots: usize, max_len: usize, cuda: bool) -> Result<Self> {
-        let capacity = match cfg.sliding_window {
-            Some(w) => w.min(max_len),
-            None => max_len,
-        }
-        .max(1);
+        let capacity = Self::capacity_for(cfg, max_len);
         let shape = [slots * capacity, cfg.num_kv_heads * cfg.head_dim];
         let zeros = || Tensor::zeros_on(&shape, cuda);
         Ok(KvCache {
@@ -39,6 +35,16 @@ impl KvCache {
             capacity,
             slots,
         })
+    }
+
+    /// Rows a slot keeps for sequences of at most `max_len` tokens: Mistral's window, or
+    /// the whole sequence.
+    pub fn capacity_for(cfg: &ModelConfig, max_len: usize) -> usize {
+        match cfg.sliding_window {
+            Some(w) => w.min(max_len),
+            None => max_len,
+        }
+        .max(1)
     }
 
     /// Rows kept per sequence.
