@@ -376,6 +376,17 @@ __device__ __forceinline__ void argmax_merge(bool &n, float &v, int &i, bool n2,
     }
 }
 
+// The argmax over a warp's (nan, v, i), returned to every lane (xor butterfly).
+__device__ __forceinline__ void warp_argmax(bool &n, float &v, int &i) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        const bool n2 = __shfl_xor_sync(FULL, (int)n, off);
+        const float v2 = __shfl_xor_sync(FULL, v, off);
+        const int i2 = __shfl_xor_sync(FULL, i, off);
+        argmax_merge(n, v, i, n2, v2, i2);
+    }
+}
+
 } // namespace logprob
 } // namespace palign
 
@@ -481,13 +492,7 @@ extern "C" __global__ void __launch_bounds__(256) argmax_rows_bf16(ArgmaxRowsPar
                 i = j;
             }
         }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) {
-            const bool n2 = __shfl_xor_sync(FULL, (int)n, off);
-            const float v2 = __shfl_xor_sync(FULL, v, off);
-            const int i2 = __shfl_xor_sync(FULL, i, off);
-            argmax_merge(n, v, i, n2, v2, i2);
-        }
+        warp_argmax(n, v, i);
         __syncthreads(); // the previous row's readers are done with sv/si/sn
         if (lane == 0) {
             sn[warp] = n;
@@ -499,13 +504,7 @@ extern "C" __global__ void __launch_bounds__(256) argmax_rows_bf16(ArgmaxRowsPar
             n = lane < nw ? sn[lane] : false;
             v = lane < nw ? sv[lane] : -INFINITY;
             i = lane < nw ? si[lane] : NONE;
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) {
-                const bool n2 = __shfl_xor_sync(FULL, (int)n, off);
-                const float v2 = __shfl_xor_sync(FULL, v, off);
-                const int i2 = __shfl_xor_sync(FULL, i, off);
-                argmax_merge(n, v, i, n2, v2, i2);
-            }
+            warp_argmax(n, v, i);
             if (lane == 0) p.out[row] = (uint32_t)i;
         }
     }
