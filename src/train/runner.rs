@@ -133,6 +133,20 @@ fn sample_index(
     cache.as_ref().expect("filled above").1[pos]
 }
 
+/// The examples of training step `step`: its `--batch-size` samples through `sample_index`.
+/// Training and the memory plan's scan both take them from here, so they see the same
+/// batches.
+fn step_indices(
+    step: usize,
+    n: usize,
+    s: &Settings,
+    cache: &mut Option<(usize, Vec<usize>)>,
+) -> Vec<usize> {
+    (0..s.batch_size)
+        .map(|k| sample_index(step * s.batch_size + k, n, s, cache))
+        .collect()
+}
+
 /// Everything logged for one step.
 #[derive(Default)]
 struct StepOut {
@@ -695,11 +709,7 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
     let n = ex.len();
     let mb = if args.recompute == "auto" && available.is_some() {
         let mut cache = None;
-        let steps = (start..s.steps).map(|step| {
-            (0..s.batch_size)
-                .map(|k| sample_index(step * s.batch_size + k, n, &s, &mut cache))
-                .collect()
-        });
+        let steps = (start..s.steps).map(|step| step_indices(step, n, &s, &mut cache));
         let (rows, tokens) = largest_micro_batch(&ex, steps, &s);
         memplan::MicroBatch { rows, tokens }
     } else {
@@ -733,9 +743,7 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
     let mut step = start;
     while step < s.steps && step < stop {
         let t0 = std::time::Instant::now();
-        let idx: Vec<usize> = (0..s.batch_size)
-            .map(|k| sample_index(step * s.batch_size + k, n, &s, &mut order_cache))
-            .collect();
+        let idx = step_indices(step, n, &s, &mut order_cache);
         let lr = sched.lr(s.lr, step, s.steps, s.warmup_steps);
         let (acc, grad_norm) =
             train_step(&ctx, &mut weights, &ex, &idx, step, lr).map_err(|e| match e {
