@@ -53,15 +53,11 @@ constexpr int DEC_WARPS = 4;
 constexpr int DEC_GROUP = 8;  // query heads per decode block (one KV head)
 constexpr int DEC_UNROLL = 4; // keys per warp per step
 
-extern __shared__ __align__(16) unsigned char smem[];
+PALIGN_DYNAMIC_SMEM(smem);
 
 // 2^x by the SFU alone (subnormal results flush to 0; 2^-inf = +0). exp2f adds a range
 // fix-up of three instructions per call, a visible cost in the softmax.
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
+__device__ __forceinline__ float fast_exp2(float x) { return ex2_approx_ftz(x); }
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
@@ -408,11 +404,6 @@ template <int D, int WARPS, int MT, int BN, int STAGES> __device__ void fwd(cons
 template <int D, int WARPS, int BM, int STAGES>
 __host__ __device__ constexpr int bwd_smem_bytes() {
     return (2 * 16 * WARPS * D + 2 * STAGES * BM * D + 16 * WARPS * BM) * 2 + 2 * STAGES * BM * 4;
-}
-
-// 4 bytes global -> shared, asynchronous (cp.async.ca: the .cg form takes only 16).
-__device__ __forceinline__ void cp_async4(void *dst, const void *src) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src));
 }
 
 // dst[0] += a, dst[1] += b in global memory (dst 8-byte aligned); PAIRED: one vector

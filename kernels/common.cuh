@@ -7,7 +7,11 @@
 // kernels are `extern "C"` so their names in the fatbin are the plain names.
 #pragma once
 
+#ifdef PALIGN_KEMU
+#include "kemu.h" // the CPU emulator's stand-in for the CUDA headers (tools/kemu)
+#else
 #include <cuda_bf16.h>
+#endif
 #include <stdint.h>
 
 #include "params.h"
@@ -69,7 +73,18 @@ __device__ __forceinline__ float block_sum(float v) {
 
 // ---------------------------------------------------------------- PTX primitives
 // The tensor-core kernels' building blocks (sm_80+; PTX ISA: cp.async, ldmatrix, mma).
+// All inline PTX outside the sm_90a-only wgmma path lives here, so that the CPU emulator
+// (tools/kemu, PALIGN_KEMU) can stand in for it with the same semantics.
 
+// A kernel's dynamic shared memory, declared at namespace or block scope.
+#ifdef PALIGN_KEMU
+#define PALIGN_DYNAMIC_SMEM(name)                                                          \
+    static thread_local uint8_t(&name)[::kemu::kDynSmemMax] = ::kemu::dyn_smem
+#else
+#define PALIGN_DYNAMIC_SMEM(name) extern __shared__ __align__(16) uint8_t name[]
+#endif
+
+#ifndef PALIGN_KEMU
 // The dynamic shared memory this launch got (kernels trap if the launcher gave too little).
 __device__ __forceinline__ uint32_t dynamic_smem_bytes() {
     uint32_t n;
@@ -86,6 +101,10 @@ __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool vali
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
                  "l"(src), "r"(valid ? 16 : 0)
                  : "memory");
+}
+// 4 bytes global -> shared, asynchronous (cp.async.ca: the .cg form takes only 16).
+__device__ __forceinline__ void cp_async4(void *dst, const void *src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src));
 }
 __device__ __forceinline__ void cp_async_commit() {
     asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -128,5 +147,48 @@ __device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32
                                          uint32_t b1) {
     mma_bf16(c, a[0], a[1], a[2], a[3], b0, b1);
 }
+
+// 2^x by the SFU alone (subnormal results flush to 0; 2^-inf = +0).
+__device__ __forceinline__ float ex2_approx_ftz(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+#else // PALIGN_KEMU: the same primitives on the emulator (tools/kemu/runtime.cpp)
+
+__device__ __forceinline__ uint32_t dynamic_smem_bytes() { return kemu::dynamic_smem_bytes(); }
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
+    kemu::cp_async(dst, src, 16, valid ? 16 : 0);
+}
+__device__ __forceinline__ void cp_async4(void *dst, const void *src) {
+    kemu::cp_async(dst, src, 4, 4);
+}
+__device__ __forceinline__ void cp_async_commit() { kemu::cp_async_commit(); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { kemu::cp_async_wait(N); }
+__device__ __forceinline__ void ldsm_x4(uint32_t r[4], const void *p) {
+    kemu::ldmatrix(r, 4, false, p);
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t r[4], const void *p) {
+    kemu::ldmatrix(r, 4, true, p);
+}
+__device__ __forceinline__ void ldsm_x2_t(uint32_t r[2], const void *p) {
+    kemu::ldmatrix(r, 2, true, p);
+}
+__device__ __forceinline__ void mma_bf16(float c[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+    const uint32_t a[4] = {a0, a1, a2, a3};
+    kemu::mma_m16n8k16_bf16(c, a, b0, b1);
+}
+__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0,
+                                         uint32_t b1) {
+    kemu::mma_m16n8k16_bf16(c, a, b0, b1);
+}
+__device__ __forceinline__ float ex2_approx_ftz(float x) {
+    const float y = std::exp2(x);
+    return std::fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
+}
+
+#endif // PALIGN_KEMU
 
 } // namespace palign

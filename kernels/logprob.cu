@@ -157,7 +157,7 @@ static_assert(FUSED_SMEM == 82432, "keep FUSED_SMEM in src/backend/cuda/logprob.
 static_assert(4 * FBM * 2 * 4 <= FSTAGES * F_STAGE * 2, "the final merge reuses the ring");
 
 __device__ __forceinline__ void fused_fwd(const LogprobFusedParams &p) {
-    extern __shared__ __align__(16) unsigned char logprob_smem[];
+    PALIGN_DYNAMIC_SMEM(logprob_smem);
     if (dynamic_smem_bytes() < (uint32_t)FUSED_SMEM) __trap(); // launcher bug, not data
     __nv_bfloat16 *ring = reinterpret_cast<__nv_bfloat16 *>(logprob_smem);
     uint32_t *s_tgt = reinterpret_cast<uint32_t *>(logprob_smem + FSTAGES * F_STAGE * 2);

@@ -293,7 +293,7 @@ template <int NT> __device__ __forceinline__ void down(const LoraDropParams &p) 
 // ------------------------------------------------------------------ 2. lora_grad_a
 
 template <int NT> __device__ __forceinline__ void grad_a(const LoraDropParams &p) {
-    extern __shared__ __align__(16) uint8_t dyn_smem[];
+    PALIGN_DYNAMIC_SMEM(dyn_smem);
     __shared__ LoraDropHeadParams heads[MAX_HEADS];
     __nv_bfloat16 *sm = reinterpret_cast<__nv_bfloat16 *>(dyn_smem);
     const int nh = p.n_heads;
@@ -430,7 +430,7 @@ template <int NT> __device__ __forceinline__ void grad_a(const LoraDropParams &p
 // ------------------------------------------------------------------ 3. lora_dx_acc
 
 __device__ __forceinline__ void dx_acc(const LoraDropParams &p) {
-    extern __shared__ __align__(16) uint8_t dyn_smem[];
+    PALIGN_DYNAMIC_SMEM(dyn_smem);
     __nv_bfloat16 *sm = reinterpret_cast<__nv_bfloat16 *>(dyn_smem);
     const int nh = p.n_heads;
     // [A_i tiles: r16_i rows x TILE_LD] then DX_STAGES x [dX tile, dyb_i [32][ld_i]].
@@ -592,7 +592,7 @@ __device__ __forceinline__ void dx_acc(const LoraDropParams &p) {
 // Block = 128 columns of n x a range of rows (blockIdx.y); B [128 x r] stays in shared
 // memory, steps of 32 rows bring dY [32 x 128] and xa [32 x r] (3-stage cp.async ring).
 template <int NT> __device__ __forceinline__ void up_backward(const LoraUpParams &p) {
-    extern __shared__ __align__(16) uint8_t dyn_smem[];
+    PALIGN_DYNAMIC_SMEM(dyn_smem);
     __nv_bfloat16 *sm = reinterpret_cast<__nv_bfloat16 *>(dyn_smem);
     const int r = p.rank, ld = rank_ld(r), nt = r / 8;
     const int b_elems = BN * ld, stage_elems = TILE_ELEMS + BR * ld;

@@ -214,7 +214,7 @@ static_assert(GEMM_SMEM == 73728, "keep NF4_GEMM_SMEM_BYTES in src/backend/cuda/
 template <bool BWD, bool HAS_LORA>
 __device__ __forceinline__ void gemm(const Nf4GemmParams &p, const __nv_bfloat16 *lora_left,
                                      const __nv_bfloat16 *lora_right, int rank) {
-    extern __shared__ __align__(16) uint8_t nf4_smem[];
+    PALIGN_DYNAMIC_SMEM(nf4_smem);
     __shared__ float lut[16];
     if (dynamic_smem_bytes() < (uint32_t)GEMM_SMEM) __trap(); // launcher bug, not data
     load_lut(lut);
@@ -654,7 +654,7 @@ struct WgWord {
 };
 
 __device__ __forceinline__ void gemm_wgmma(const Nf4GemmParams &p) {
-    extern __shared__ __align__(16) uint8_t nf4_wg_smem[];
+    PALIGN_DYNAMIC_SMEM(nf4_wg_smem);
     __shared__ float lut[16];
     if (dynamic_smem_bytes() < (uint32_t)WG_SMEM) __trap(); // launcher bug, not data
     load_lut(lut);

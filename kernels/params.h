@@ -11,8 +11,12 @@
 
 #include <stdint.h>
 
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(PALIGN_KEMU)
+#ifdef PALIGN_KEMU
+#include "kemu.h" // the CPU emulator (tools/kemu) compiles the kernels as host C++
+#else
 #include <cuda_bf16.h>
+#endif
 typedef __nv_bfloat16 *bf16_ptr;
 typedef const __nv_bfloat16 *cbf16_ptr;
 typedef float *f32_ptr;
@@ -152,7 +156,7 @@ struct CastF32ToBf16Params {
 };
 
 /* ---- nf4.cu ---- */
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(PALIGN_KEMU)
 typedef const uint8_t *cu8_ptr;
 typedef void *out_ptr; // bf16 or f32, as the struct's out_f32 says
 #else

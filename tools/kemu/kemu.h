@@ -1,0 +1,198 @@
+// kemu: palign's CUDA kernels compiled as host C++ and run on the CPU, for tests.
+//
+// kernels/*.cu are built by g++ with PALIGN_KEMU defined; this header stands in for
+// the CUDA headers. Each CUDA thread of a block is a fiber with its own stack; a block
+// runs on one OS thread, blocks of a launch spread over a few. __syncthreads and the
+// warp-collective operations (shuffles, ldmatrix, mma.sync) are barriers between the
+// fibers, so code that is wrong on a GPU in the ways that matter for results (a missing
+// barrier before reading cp.async data, a misaligned ldmatrix row, a warp operation with
+// an exited lane, a deadlock) fails here too. What it cannot tell: speed, and races
+// between threads that only show with a real memory model.
+//
+// Together with driver.cpp / cublas.cpp it builds one library that answers to the names
+// libcuda.so and libcublas.so, so the GPU tests run unchanged through cudarc
+// (tools/kemu/build.sh, tools/kemu/run-gpu-tests.sh).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+// ---------------------------------------------------------------- CUDA keywords
+#define __global__
+#define __device__
+#define __host__
+#define __constant__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __restrict__ __restrict
+#define __shared__ static thread_local
+#define __align__(n) __attribute__((aligned(n)))
+
+// ---------------------------------------------------------------- vector types
+struct uint3 {
+    unsigned x, y, z;
+};
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+struct alignas(8) uint2 {
+    unsigned x, y;
+};
+struct alignas(16) int4 {
+    int x, y, z, w;
+};
+struct alignas(8) float2 {
+    float x, y;
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+
+// ---------------------------------------------------------------- bf16
+// Bit patterns as cuda_bf16.h: round to nearest even, NaN -> 0x7fff (the canonical NaN).
+struct __nv_bfloat16 {
+    uint16_t x;
+};
+struct alignas(4) __nv_bfloat162 {
+    __nv_bfloat16 x, y;
+};
+
+inline float __bfloat162float(__nv_bfloat16 h) {
+    uint32_t u = uint32_t(h.x) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if (std::isnan(f)) return {uint16_t(0x7fff)};
+    u += 0x7fff + ((u >> 16) & 1);
+    return {uint16_t(u >> 16)};
+}
+inline float2 __bfloat1622float2(__nv_bfloat162 h) {
+    return {__bfloat162float(h.x), __bfloat162float(h.y)};
+}
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
+    return {__float2bfloat16_rn(a), __float2bfloat16_rn(b)};
+}
+
+// ---------------------------------------------------------------- math and bits
+// The build uses -ffp-contract=off, so these round once per operation as on the GPU.
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __int_as_float(int i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+inline int __float_as_int(float f) {
+    int i;
+    std::memcpy(&i, &f, 4);
+    return i;
+}
+inline float __uint_as_float(unsigned i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+inline unsigned __float_as_uint(float f) {
+    unsigned i;
+    std::memcpy(&i, &f, 4);
+    return i;
+}
+inline unsigned __umulhi(unsigned a, unsigned b) {
+    return unsigned((uint64_t(a) * uint64_t(b)) >> 32);
+}
+inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned shift) {
+    return unsigned(((uint64_t(hi) << 32) | lo) >> (shift & 31));
+}
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+template <class T> inline T __ldg(const T *p) { return *p; }
+
+// CUDA's min/max overloads (host C++ has only std::min of one type).
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max(int64_t a, int64_t b) { return a > b ? a : b; }
+inline float min(float a, float b) { return std::fmin(a, b); }
+inline float max(float a, float b) { return std::fmax(a, b); }
+using std::fmaxf;
+using std::fminf;
+
+// ---------------------------------------------------------------- the emulator
+namespace kemu {
+
+constexpr int kDynSmemMax = 232448; // the largest opt-in (sm_90: 227 KiB)
+
+// This OS thread's dynamic shared memory (one block at a time runs on it).
+extern thread_local uint8_t dyn_smem[kDynSmemMax];
+
+// The running fiber's coordinates and its launch's shape.
+const uint3 &thread_idx();
+const uint3 &block_idx();
+const dim3 &block_dim();
+const dim3 &grid_dim();
+uint32_t dynamic_smem_bytes();
+
+// Fails the launch (a GPU trap): the fiber stops, the launch returns an error.
+[[noreturn]] void trap(const char *why);
+
+void syncthreads();
+void syncwarp(unsigned mask);
+uint64_t shfl_xor_bits(unsigned mask, uint64_t bits, int lane_mask, int width);
+
+// Warp-collective tensor-core operations and cp.async (runtime.cpp).
+void ldmatrix(uint32_t *r, int count, bool trans, const void *row_addr);
+void mma_m16n8k16_bf16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1);
+void cp_async(void *dst, const void *src, int bytes, int src_bytes);
+void cp_async_commit();
+void cp_async_wait(int n);
+
+template <class T> T shfl_xor(unsigned mask, T v, int lane_mask, int width) {
+    static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");
+    uint64_t b = 0;
+    std::memcpy(&b, &v, sizeof(T));
+    b = shfl_xor_bits(mask, b, lane_mask, width);
+    T r;
+    std::memcpy(&r, &b, sizeof(T));
+    return r;
+}
+
+template <class T> T atomic_add(T *p, T v) {
+    return std::atomic_ref<T>(*p).fetch_add(v, std::memory_order_relaxed);
+}
+
+} // namespace kemu
+
+#define threadIdx (::kemu::thread_idx())
+#define blockIdx (::kemu::block_idx())
+#define blockDim (::kemu::block_dim())
+#define gridDim (::kemu::grid_dim())
+
+inline void __syncthreads() { kemu::syncthreads(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { kemu::syncwarp(mask); }
+[[noreturn]] inline void __trap() { kemu::trap("__trap()"); }
+template <class T> inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+    return kemu::shfl_xor(mask, v, lane_mask, width);
+}
+inline float atomicAdd(float *p, float v) { return kemu::atomic_add(p, v); }
+inline double atomicAdd(double *p, double v) { return kemu::atomic_add(p, v); }
+inline unsigned atomicAdd(unsigned *p, unsigned v) { return kemu::atomic_add(p, v); }
+inline int atomicAdd(int *p, int v) { return kemu::atomic_add(p, v); }

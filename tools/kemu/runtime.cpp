@@ -1,0 +1,616 @@
+// kemu runtime: each CUDA thread is a fiber; a block's fibers run round-robin on one OS
+// thread, switching only at barriers (block or warp), so a block is deterministic.
+// Blocks of a launch are spread over KEMU_THREADS OS threads (default: up to 4 cores).
+//
+// Warp collectives (shuffles, ldmatrix, mma.sync) deposit each lane's operands in the
+// warp's exchange slots, wait for all lanes of the mask, then each lane reads what it
+// needs. The slots alternate between two phases, so one barrier per operation suffices:
+// a lane can only reuse a phase after every lane has passed the next operation's barrier.
+//
+// cp.async copies are deferred: the source is read at issue, the destination written
+// when cp.async.wait_group lets the group complete (or at thread exit), so reading
+// shared memory before waiting sees stale data, as it may on a GPU. Dynamic shared
+// memory is filled with 0xff (bf16 NaN) before each block, so reads of never-written
+// shared memory show up in the results.
+#include "runtime.h"
+
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+namespace kemu {
+
+alignas(128) thread_local uint8_t dyn_smem[kDynSmemMax];
+
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr int kMaxThreads = 1024;
+
+// ------------------------------------------------------------ context switch
+#if defined(__x86_64__)
+// Saves the callee-saved registers and the SSE/x87 control words on the current stack,
+// stores the stack pointer in *save, and resumes the context whose stack pointer is `to`.
+extern "C" void kemu_switch(void **save, void *to);
+asm(R"(
+    .text
+    .globl kemu_switch
+    .hidden kemu_switch
+    .type kemu_switch, @function
+kemu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size kemu_switch, .-kemu_switch
+)");
+#endif
+
+struct Copy {
+    uint8_t *dst;
+    uint8_t bytes[16];
+    int n;
+};
+
+enum class St { Run, BlockBar, WarpBar, Done };
+
+struct Fiber {
+#if defined(__x86_64__)
+    void *sp = nullptr;
+#else
+    ucontext_t ctx;
+#endif
+    uint8_t *stack = nullptr; // lowest usable byte (a guard page lies below)
+    uint3 tid{};
+    int lane = 0, warp = 0;
+    St st = St::Run;
+    int phase = 0; // warp-exchange phase of this lane's next collective
+    std::vector<Copy> open;
+    std::vector<std::vector<Copy>> groups; // committed, oldest first
+};
+
+struct Warp {
+    unsigned exists = 0;  // lanes present in the block
+    unsigned done = 0;    // lanes that have exited
+    unsigned arrived = 0; // lanes waiting at the warp barrier
+    uint64_t ex[2][32][3];
+};
+
+// One OS thread's executor: its fibers' stacks are kept between blocks and launches.
+struct Worker {
+    std::vector<Fiber> fibers;
+    std::vector<Warp> warps;
+#if defined(__x86_64__)
+    void *sched_sp = nullptr;
+#else
+    ucontext_t sched;
+#endif
+    Fiber *cur = nullptr;
+    const KernelEntry *k = nullptr;
+    void **args = nullptr;
+    dim3 grid, block;
+    uint3 bid{};
+    unsigned smem = 0;
+    int live = 0, at_bar = 0;
+    bool failed = false;
+    std::string err;
+};
+
+thread_local Worker *W = nullptr;
+
+Worker &worker() {
+    if (!W) W = new Worker(); // one per OS thread, kept for the thread's life
+    return *W;
+}
+
+uint8_t *new_stack() {
+    const size_t page = sysconf(_SC_PAGESIZE);
+    void *p = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) {
+        std::fprintf(stderr, "kemu: cannot map a fiber stack\n");
+        std::abort();
+    }
+    mprotect(p, page, PROT_NONE); // overflow faults instead of corrupting a neighbour
+    return static_cast<uint8_t *>(p) + page;
+}
+
+void yield_to_scheduler() {
+    Worker &w = *W;
+    Fiber &f = *w.cur;
+#if defined(__x86_64__)
+    kemu_switch(&f.sp, w.sched_sp);
+#else
+    swapcontext(&f.ctx, &w.sched);
+#endif
+}
+
+void apply(std::vector<Copy> &g) {
+    for (Copy &c : g) std::memcpy(c.dst, c.bytes, c.n);
+    g.clear();
+}
+
+void release_block_barrier(Worker &w) {
+    for (Fiber &f : w.fibers)
+        if (f.st == St::BlockBar) f.st = St::Run;
+    w.at_bar = 0;
+}
+
+[[noreturn]] void fail(const std::string &why) {
+    Worker &w = *W;
+    if (!w.failed) {
+        const Fiber &f = *w.cur;
+        char buf[512];
+        std::snprintf(buf, sizeof buf, "%s in kernel %s, block (%u,%u,%u), thread (%u,%u,%u)",
+                      why.c_str(), w.k->name, w.bid.x, w.bid.y, w.bid.z, f.tid.x, f.tid.y,
+                      f.tid.z);
+        w.err = buf;
+        w.failed = true;
+    }
+    w.cur->st = St::Done;
+    yield_to_scheduler();
+    __builtin_unreachable();
+}
+
+void thread_exit() {
+    Worker &w = *W;
+    Fiber &f = *w.cur;
+    for (auto &g : f.groups) apply(g);
+    f.groups.clear();
+    apply(f.open);
+    f.st = St::Done;
+    w.live--;
+    Warp &wp = w.warps[f.warp];
+    wp.done |= 1u << f.lane;
+    if (wp.arrived)
+        fail("a lane exited while other lanes of its warp wait for it at a warp-collective "
+             "operation");
+    if (w.at_bar > 0 && w.at_bar == w.live) release_block_barrier(w);
+    yield_to_scheduler();
+    __builtin_unreachable();
+}
+
+void fiber_main() {
+    Worker &w = *W;
+    w.k->call(w.k->fn, w.args);
+    thread_exit();
+}
+
+#if !defined(__x86_64__)
+void fiber_trampoline() { fiber_main(); }
+#endif
+
+void start_fiber(Worker &w, Fiber &f) {
+#if defined(__x86_64__)
+    // Stack image kemu_switch pops: control words, r15..rbp, then fiber_main as the
+    // return address; fiber_main starts with rsp = 8 mod 16, as after a call.
+    uint8_t *top = f.stack + kStackBytes;
+    auto *sp = reinterpret_cast<uint64_t *>(top - 72);
+    const uint32_t mxcsr = 0x1f80;
+    const uint16_t fpucw = 0x037f;
+    std::memcpy(sp, &mxcsr, 4);
+    std::memcpy(reinterpret_cast<uint8_t *>(sp) + 4, &fpucw, 2);
+    for (int i = 1; i <= 6; i++) sp[i] = 0;
+    sp[7] = reinterpret_cast<uint64_t>(&fiber_main);
+    f.sp = sp;
+#else
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack;
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = &w.sched;
+    makecontext(&f.ctx, fiber_trampoline, 0);
+#endif
+    (void)w;
+}
+
+void run_block(Worker &w, uint3 bid) {
+    const int n = int(w.block.x * w.block.y * w.block.z);
+    const int n_warps = (n + 31) / 32;
+    w.bid = bid;
+    w.live = n;
+    w.at_bar = 0;
+    while (int(w.fibers.size()) < n) {
+        w.fibers.emplace_back();
+        w.fibers.back().stack = new_stack();
+    }
+    w.warps.assign(n_warps, Warp{});
+    for (int i = 0; i < n; i++) {
+        Fiber &f = w.fibers[i];
+        f.tid = {unsigned(i % w.block.x), unsigned(i / w.block.x % w.block.y),
+                 unsigned(i / (w.block.x * w.block.y))};
+        f.lane = i % 32;
+        f.warp = i / 32;
+        f.st = St::Run;
+        f.phase = 0;
+        f.open.clear();
+        f.groups.clear();
+        w.warps[f.warp].exists |= 1u << f.lane;
+        start_fiber(w, f);
+    }
+    std::memset(dyn_smem, 0xff, std::min<size_t>(kDynSmemMax, std::max(w.smem, 1024u)));
+    int done = 0;
+    while (done < n && !w.failed) {
+        bool ran = false;
+        done = 0;
+        for (int i = 0; i < n && !w.failed; i++) {
+            Fiber &f = w.fibers[i];
+            if (f.st == St::Done) {
+                done++;
+                continue;
+            }
+            if (f.st != St::Run) continue;
+            w.cur = &f;
+#if defined(__x86_64__)
+            kemu_switch(&w.sched_sp, f.sp);
+#else
+            swapcontext(&w.sched, &f.ctx);
+#endif
+            ran = true;
+        }
+        if (!ran && done < n && !w.failed) {
+            int bar = 0, warp = 0;
+            for (int i = 0; i < n; i++) {
+                bar += w.fibers[i].st == St::BlockBar;
+                warp += w.fibers[i].st == St::WarpBar;
+            }
+            char buf[512];
+            std::snprintf(buf, sizeof buf,
+                          "deadlock in kernel %s, block (%u,%u,%u): %d threads wait at "
+                          "__syncthreads, %d at a warp-collective operation, %d exited",
+                          w.k->name, bid.x, bid.y, bid.z, bar, warp, done);
+            w.err = buf;
+            w.failed = true;
+        }
+    }
+}
+
+// A kernel's fault (past the end of an allocation: the guard page; a misaligned vector
+// access: -fsanitize=alignment traps) names the kernel, block and thread, then dies as
+// the signal would have. Runs on an alternate stack: a fiber's may be what overflowed.
+void on_fault(int sig) {
+    char buf[512];
+    int n;
+    if (W && W->cur && W->k)
+        n = std::snprintf(buf, sizeof buf,
+                          "kemu: %s in kernel %s, block (%u,%u,%u), thread (%u,%u,%u) (an "
+                          "access past an allocation, a misaligned vector access, or a "
+                          "stack overflow)\n",
+                          sig == SIGSEGV ? "SIGSEGV" : sig == SIGBUS ? "SIGBUS" : "SIGILL",
+                          W->k->name, W->bid.x, W->bid.y, W->bid.z, W->cur->tid.x,
+                          W->cur->tid.y, W->cur->tid.z);
+    else
+        n = std::snprintf(buf, sizeof buf, "kemu: signal %d outside a kernel\n", sig);
+    if (n > 0) (void)!write(2, buf, std::min<size_t>(n, sizeof buf));
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+// Per OS thread that runs blocks: an alternate signal stack, and the handlers (once).
+void prepare_thread() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        struct sigaction sa;
+        std::memset(&sa, 0, sizeof sa);
+        sa.sa_handler = on_fault;
+        sa.sa_flags = SA_ONSTACK;
+        for (int sig : {SIGSEGV, SIGBUS, SIGILL}) sigaction(sig, &sa, nullptr);
+    });
+    thread_local bool done = false;
+    if (done) return;
+    done = true;
+    stack_t ss;
+    ss.ss_size = 64 * 1024;
+    ss.ss_sp = std::malloc(ss.ss_size);
+    ss.ss_flags = 0;
+    sigaltstack(&ss, nullptr);
+}
+
+// ------------------------------------------------------------ the worker pool
+struct Pool {
+    std::mutex m;
+    std::condition_variable cv, done_cv;
+    std::vector<std::thread> threads;
+    uint64_t job = 0; // generation counter
+    int busy = 0;
+    // The current launch.
+    const KernelEntry *k = nullptr;
+    void **args = nullptr;
+    dim3 grid, block;
+    unsigned smem = 0;
+    std::atomic<uint64_t> next{0};
+    uint64_t n_blocks = 0;
+    std::atomic<bool> failed{false};
+    std::string err;
+    std::mutex err_m;
+
+    void work() {
+        prepare_thread();
+        Worker &w = worker();
+        w.k = k;
+        w.args = args;
+        w.grid = grid;
+        w.block = block;
+        w.smem = smem;
+        w.failed = false;
+        w.err.clear();
+        for (;;) {
+            if (failed.load()) break;
+            const uint64_t b = next.fetch_add(1);
+            if (b >= n_blocks) break;
+            const uint3 bid{unsigned(b % grid.x), unsigned(b / grid.x % grid.y),
+                            unsigned(b / (uint64_t(grid.x) * grid.y))};
+            run_block(w, bid);
+            if (w.failed) {
+                std::lock_guard<std::mutex> g(err_m);
+                if (!failed.exchange(true)) err = w.err;
+                break;
+            }
+        }
+    }
+
+    void loop() {
+        uint64_t seen = 0;
+        for (;;) {
+            std::unique_lock<std::mutex> g(m);
+            cv.wait(g, [&] { return job != seen; });
+            seen = job;
+            g.unlock();
+            work();
+            g.lock();
+            if (--busy == 0) done_cv.notify_all();
+        }
+    }
+};
+
+Pool &pool() {
+    static Pool *p = [] {
+        auto *p = new Pool();
+        int n = int(std::min(4u, std::max(1u, std::thread::hardware_concurrency())));
+        if (const char *e = std::getenv("KEMU_THREADS")) n = std::max(1, std::atoi(e));
+        for (int i = 1; i < n; i++) {
+            p->threads.emplace_back([p] { p->loop(); });
+            p->threads.back().detach();
+        }
+        return p;
+    }();
+    return *p;
+}
+
+std::mutex launch_m; // one launch at a time (one stream)
+
+} // namespace
+
+bool launch(const KernelEntry &k, dim3 grid, dim3 block, unsigned smem_bytes, void **args,
+            std::string &err) {
+    std::lock_guard<std::mutex> one(launch_m);
+    const uint64_t threads = uint64_t(block.x) * block.y * block.z;
+    if (threads == 0 || threads > kMaxThreads) {
+        err = "block of " + std::to_string(threads) + " threads for kernel " + k.name;
+        return false;
+    }
+    if (smem_bytes > unsigned(kDynSmemMax)) {
+        err = "dynamic shared memory " + std::to_string(smem_bytes) + " bytes for kernel " +
+              k.name;
+        return false;
+    }
+    Pool &p = pool();
+    {
+        std::lock_guard<std::mutex> g(p.m);
+        p.k = &k;
+        p.args = args;
+        p.grid = grid;
+        p.block = block;
+        p.smem = smem_bytes;
+        p.next = 0;
+        p.n_blocks = uint64_t(grid.x) * grid.y * grid.z;
+        p.failed = false;
+        p.err.clear();
+        p.busy = int(p.threads.size());
+        p.job++;
+    }
+    p.cv.notify_all();
+    p.work(); // the calling thread is a worker too
+    {
+        std::unique_lock<std::mutex> g(p.m);
+        p.done_cv.wait(g, [&] { return p.busy == 0; });
+    }
+    if (p.failed) {
+        err = p.err;
+        return false;
+    }
+    return true;
+}
+
+// ------------------------------------------------------------ what kernels call
+const uint3 &thread_idx() { return W->cur->tid; }
+const uint3 &block_idx() { return W->bid; }
+const dim3 &block_dim() { return W->block; }
+const dim3 &grid_dim() { return W->grid; }
+uint32_t dynamic_smem_bytes() { return W->smem; }
+
+void trap(const char *why) { fail(why); }
+
+void syncthreads() {
+    Worker &w = *W;
+    w.at_bar++;
+    if (w.at_bar == w.live) {
+        release_block_barrier(w);
+        return;
+    }
+    w.cur->st = St::BlockBar;
+    yield_to_scheduler();
+}
+
+namespace {
+
+// Waits until every lane of `mask` that exists has arrived; the last one releases them.
+void warp_barrier(unsigned mask) {
+    Worker &w = *W;
+    Fiber &f = *w.cur;
+    Warp &wp = w.warps[f.warp];
+    const unsigned need = mask & wp.exists;
+    if (!(need >> f.lane & 1)) fail("a warp-collective operation whose mask leaves out its lane");
+    if (need & wp.done)
+        fail("a warp-collective operation waits for a lane that has exited");
+    wp.arrived |= 1u << f.lane;
+    if ((wp.arrived & need) == need) {
+        const int base = f.warp * 32;
+        for (int l = 0; l < 32; l++)
+            if ((need >> l & 1) && l != f.lane) w.fibers[base + l].st = St::Run;
+        wp.arrived &= ~need;
+        return;
+    }
+    f.st = St::WarpBar;
+    yield_to_scheduler();
+}
+
+// This lane's exchange slots for its next collective operation.
+uint64_t *slots(int lane) {
+    Worker &w = *W;
+    Fiber &f = *w.cur;
+    return w.warps[f.warp].ex[f.phase][lane];
+}
+
+void next_phase() { W->cur->phase ^= 1; }
+
+float lo_bf16(uint32_t r) { return __bfloat162float({uint16_t(r & 0xffff)}); }
+float hi_bf16(uint32_t r) { return __bfloat162float({uint16_t(r >> 16)}); }
+
+} // namespace
+
+void syncwarp(unsigned mask) { warp_barrier(mask); }
+
+uint64_t shfl_xor_bits(unsigned mask, uint64_t bits, int lane_mask, int width) {
+    Fiber &f = *W->cur;
+    slots(f.lane)[0] = bits;
+    warp_barrier(mask);
+    // Within segments of `width` lanes (PTX shfl.bfly: a source outside the segment or
+    // the mask leaves the value unchanged).
+    const int seg = f.lane & ~(width - 1);
+    const int src = f.lane ^ lane_mask;
+    uint64_t r = bits;
+    if (src >= seg && src < seg + width && (mask >> src & 1)) r = slots(src)[0];
+    next_phase();
+    return r;
+}
+
+void ldmatrix(uint32_t *r, int count, bool trans, const void *row_addr) {
+    Fiber &f = *W->cur;
+    if (f.lane < 8 * count && (reinterpret_cast<uintptr_t>(row_addr) & 15))
+        fail("ldmatrix row address not 16-byte aligned");
+    slots(f.lane)[0] = reinterpret_cast<uint64_t>(row_addr);
+    warp_barrier(0xffffffffu);
+    const int l = f.lane;
+    for (int i = 0; i < count; i++) {
+        if (!trans) {
+            // (row l/4, cols 2(l%4), 2(l%4)+1) of matrix i
+            const auto *row = reinterpret_cast<const uint8_t *>(slots(8 * i + l / 4)[0]);
+            std::memcpy(&r[i], row + 4 * (l % 4), 4);
+        } else {
+            // (rows 2(l%4), 2(l%4)+1; col l/4) of matrix i
+            const auto *r0 = reinterpret_cast<const uint8_t *>(slots(8 * i + 2 * (l % 4))[0]);
+            const auto *r1 =
+                reinterpret_cast<const uint8_t *>(slots(8 * i + 2 * (l % 4) + 1)[0]);
+            uint16_t a, b;
+            std::memcpy(&a, r0 + 2 * (l / 4), 2);
+            std::memcpy(&b, r1 + 2 * (l / 4), 2);
+            r[i] = uint32_t(a) | uint32_t(b) << 16;
+        }
+    }
+    next_phase();
+}
+
+// D = A(16x16) · B(16x8) + C, fragments as in common.cuh's mma_bf16 comment. Products
+// of bf16 are exact in f32; the sum is taken in double and rounded once, which is what
+// the tensor core's wide accumulation approximates.
+void mma_m16n8k16_bf16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    Fiber &f = *W->cur;
+    uint64_t *s = slots(f.lane);
+    s[0] = uint64_t(a[0]) | uint64_t(a[1]) << 32;
+    s[1] = uint64_t(a[2]) | uint64_t(a[3]) << 32;
+    s[2] = uint64_t(b0) | uint64_t(b1) << 32;
+    warp_barrier(0xffffffffu);
+    const int g = f.lane / 4, t = f.lane % 4;
+    float A[2][16], B[2][16]; // rows g, g+8 of A; columns 2t, 2t+1 of B
+    for (int tt = 0; tt < 4; tt++) {
+        const uint64_t *o = slots(4 * g + tt);
+        const uint32_t a0 = uint32_t(o[0]), a1 = uint32_t(o[0] >> 32);
+        const uint32_t a2 = uint32_t(o[1]), a3 = uint32_t(o[1] >> 32);
+        A[0][2 * tt] = lo_bf16(a0), A[0][2 * tt + 1] = hi_bf16(a0);
+        A[1][2 * tt] = lo_bf16(a1), A[1][2 * tt + 1] = hi_bf16(a1);
+        A[0][2 * tt + 8] = lo_bf16(a2), A[0][2 * tt + 9] = hi_bf16(a2);
+        A[1][2 * tt + 8] = lo_bf16(a3), A[1][2 * tt + 9] = hi_bf16(a3);
+    }
+    for (int j = 0; j < 2; j++) {
+        const int n = 2 * t + j; // B column n is held by lanes 4n..4n+3
+        for (int tt = 0; tt < 4; tt++) {
+            const uint64_t o = slots(4 * n + tt)[2];
+            const uint32_t bb0 = uint32_t(o), bb1 = uint32_t(o >> 32);
+            B[j][2 * tt] = lo_bf16(bb0), B[j][2 * tt + 1] = hi_bf16(bb0);
+            B[j][2 * tt + 8] = lo_bf16(bb1), B[j][2 * tt + 9] = hi_bf16(bb1);
+        }
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 2; j++) {
+            double acc = c[2 * i + j];
+            for (int k = 0; k < 16; k++) acc += double(A[i][k]) * double(B[j][k]);
+            c[2 * i + j] = float(acc);
+        }
+    next_phase();
+}
+
+void cp_async(void *dst, const void *src, int bytes, int src_bytes) {
+    Fiber &f = *W->cur;
+    if (reinterpret_cast<uintptr_t>(dst) % bytes || (src_bytes && reinterpret_cast<uintptr_t>(src) % bytes))
+        fail("cp.async address not aligned to its size");
+    Copy c;
+    c.dst = static_cast<uint8_t *>(dst);
+    c.n = bytes;
+    std::memset(c.bytes, 0, sizeof c.bytes);
+    if (src_bytes) std::memcpy(c.bytes, src, src_bytes);
+    f.open.push_back(c);
+}
+
+void cp_async_commit() {
+    Fiber &f = *W->cur;
+    f.groups.push_back(std::move(f.open));
+    f.open.clear();
+}
+
+void cp_async_wait(int n) {
+    Fiber &f = *W->cur;
+    while (int(f.groups.size()) > n) {
+        apply(f.groups.front());
+        f.groups.erase(f.groups.begin());
+    }
+}
+
+} // namespace kemu

@@ -1,0 +1,226 @@
+// kemu's own tests: the emulated primitives against their PTX definitions, and each
+// class of kernel bug the emulator promises to catch, caught. Built and run by
+// tools/kemu/build.sh (exit status 1 and a FAIL line on any failure).
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "runtime.h"
+
+namespace kemu {
+const KernelEntry kKernels[] = {{"none", nullptr, nullptr}};
+const int kNumKernels = 0;
+} // namespace kemu
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const std::string &what) {
+    std::printf("%s %s\n", ok ? "ok  " : "FAIL", what.c_str());
+    if (!ok) failures++;
+}
+
+// Runs `fn(p)` as a kernel; returns the launch error ("" when it succeeded).
+template <class P> std::string run(void (*fn)(P), P p, dim3 grid, dim3 block, unsigned smem = 0) {
+    kemu::KernelEntry k = kemu::entry("selftest", fn);
+    void *args[] = {&p};
+    std::string err;
+    if (kemu::launch(k, grid, block, smem, args, err)) return "";
+    return err;
+}
+
+struct Buf {
+    float *f;
+    uint32_t *u;
+    int n;
+};
+
+// ---------------------------------------------------------------- semantics
+void k_shfl(Buf b) {
+    const int t = threadIdx.x;
+    float v = float(t);
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    b.f[t] = v;                                           // the warp's sum in every lane
+    b.u[t] = __shfl_xor_sync(0xffffffffu, unsigned(t), 1, 2); // pairs swap
+}
+
+void k_block_sum(Buf b) {
+    __shared__ float s[256];
+    s[threadIdx.x] = float(threadIdx.x + blockIdx.x);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float t = 0;
+        for (unsigned i = 0; i < blockDim.x; i++) t += s[i];
+        b.f[blockIdx.x] = t;
+    }
+}
+
+// One warp: D = A·B + C with A[16][16] = r*16+k, B[16][8] = k-n, C = 1 at (r, n),
+// fragments loaded per the layout in kernels/common.cuh (PTX ISA, mma.m16n8k16).
+__nv_bfloat16 bf(float x) { return __float2bfloat16_rn(x); }
+uint32_t pack(float lo, float hi) { return uint32_t(bf(lo).x) | uint32_t(bf(hi).x) << 16; }
+float Aval(int r, int k) { return float((r * 16 + k) % 7 - 3); }
+float Bval(int k, int n) { return float((k - n) % 5); }
+
+void k_mma(Buf b) {
+    const int l = threadIdx.x, g = l / 4, t = l % 4;
+    uint32_t a[4] = {pack(Aval(g, 2 * t), Aval(g, 2 * t + 1)),
+                     pack(Aval(g + 8, 2 * t), Aval(g + 8, 2 * t + 1)),
+                     pack(Aval(g, 2 * t + 8), Aval(g, 2 * t + 9)),
+                     pack(Aval(g + 8, 2 * t + 8), Aval(g + 8, 2 * t + 9))};
+    const uint32_t b0 = pack(Bval(2 * t, g), Bval(2 * t + 1, g));
+    const uint32_t b1 = pack(Bval(2 * t + 8, g), Bval(2 * t + 9, g));
+    float c[4] = {1, 1, 1, 1};
+    kemu::mma_m16n8k16_bf16(c, a, b0, b1);
+    b.f[g * 8 + 2 * t] = c[0];
+    b.f[g * 8 + 2 * t + 1] = c[1];
+    b.f[(g + 8) * 8 + 2 * t] = c[2];
+    b.f[(g + 8) * 8 + 2 * t + 1] = c[3];
+}
+
+// ldmatrix x4 over a 16x16 bf16 tile M[r][c] = r*16 + c in shared memory (row stride
+// 32 bytes): lane l gives row (l % 16), column half (l / 16).
+void k_ldmatrix(Buf b) {
+    __shared__ __align__(16) uint16_t tile[16 * 16];
+    const int l = threadIdx.x;
+    for (int i = l; i < 256; i += 32) tile[i] = uint16_t(i);
+    __syncwarp();
+    uint32_t r[4], rt[4];
+    kemu::ldmatrix(r, 4, false, &tile[(l % 16) * 16 + (l / 16) * 8]);
+    kemu::ldmatrix(rt, 4, true, &tile[(l % 16) * 16 + (l / 16) * 8]);
+    for (int i = 0; i < 4; i++) {
+        b.u[l * 8 + i] = r[i];
+        b.u[l * 8 + 4 + i] = rt[i];
+    }
+}
+
+// cp.async lands only when waited for.
+void k_cp_async(Buf b) {
+    __shared__ __align__(16) float s[4];
+    if (threadIdx.x == 0) {
+        s[0] = -1;
+        kemu::cp_async(s, b.f, 16, 16);
+        kemu::cp_async_commit();
+        b.f[8] = s[0]; // before the wait: still -1
+        kemu::cp_async_wait(0);
+        b.f[9] = s[0]; // after: b.f[0]
+    }
+}
+
+// ---------------------------------------------------------------- bugs it must catch
+// Half a warp waits at __syncthreads for the other half, which waits at a shuffle for
+// the first. (Threads that exit count as arrived at __syncthreads, as on the GPU.)
+void k_deadlock(Buf b) {
+    if (threadIdx.x < 16)
+        __syncthreads();
+    else
+        b.f[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+}
+void k_exited_lane(Buf b) {
+    if (threadIdx.x == 5) return;
+    b.f[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+}
+void k_misaligned_ldmatrix(Buf) {
+    __shared__ __align__(16) uint16_t tile[16 * 16 + 8];
+    uint32_t r[4];
+    kemu::ldmatrix(r, 4, false, &tile[threadIdx.x % 16 * 16 + 1]);
+}
+void k_trap(Buf) {
+    if (blockIdx.x == 2 && threadIdx.x == 7) __trap();
+}
+
+void k_past_the_end(Buf b) { b.f[b.n + threadIdx.x] = 1.0f; }
+void k_misaligned_vector(Buf b) {
+    const float4 v = *reinterpret_cast<const float4 *>(b.f + 1);
+    b.f[0] = v.x;
+}
+
+extern "C" int cuMemAlloc_v2(uint64_t *ptr, size_t bytes); // driver.cpp
+
+// Runs `k` in a child process; true when the child died of `sig`.
+bool dies_of(void (*k)(Buf), int sig) {
+    const pid_t pid = fork();
+    if (pid == 0) {
+        uint64_t p = 0;
+        if (cuMemAlloc_v2(&p, 64 * sizeof(float)) != 0) _exit(3);
+        run(k, Buf{reinterpret_cast<float *>(p), nullptr, 64}, {1, 1, 1}, {32, 1, 1});
+        _exit(0);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return WIFSIGNALED(status) && WTERMSIG(status) == sig;
+}
+
+} // namespace
+
+int main() {
+    std::vector<float> f(1024, 0);
+    std::vector<uint32_t> u(1024, 0);
+    Buf b{f.data(), u.data(), 1024};
+
+    expect(run(k_shfl, b, {1, 1, 1}, {64, 1, 1}).empty(), "shuffles run");
+    bool ok = true;
+    for (int t = 0; t < 64; t++) {
+        const float warp_sum = t < 32 ? 496.0f : 1520.0f;
+        ok &= f[t] == warp_sum && u[t] == unsigned(t ^ 1);
+    }
+    expect(ok, "__shfl_xor_sync: butterfly sums per warp, width-2 swaps");
+
+    expect(run(k_block_sum, b, {3, 1, 1}, {256, 1, 1}).empty(), "block sums run");
+    expect(f[0] == 32640 && f[1] == 32896 && f[2] == 33152,
+           "__syncthreads orders shared memory within each block");
+
+    expect(run(k_mma, b, {1, 1, 1}, {32, 1, 1}).empty(), "mma runs");
+    ok = true;
+    for (int r = 0; r < 16; r++)
+        for (int n = 0; n < 8; n++) {
+            float want = 1;
+            for (int k = 0; k < 16; k++) want += Aval(r, k) * Bval(k, n);
+            ok &= f[r * 8 + n] == want;
+        }
+    expect(ok, "mma.m16n8k16 bf16: D = A·B + C with the PTX fragment layout");
+
+    expect(run(k_ldmatrix, b, {1, 1, 1}, {32, 1, 1}).empty(), "ldmatrix runs");
+    ok = true;
+    for (int l = 0; l < 32; l++)
+        for (int i = 0; i < 4; i++) {
+            // Matrix i: rows 8(i%2).., columns 8(i/2)..; lane l: row l/4, columns 2(l%4)+{0,1}.
+            const int r0 = 8 * (i % 2), c0 = 8 * (i / 2);
+            const unsigned e0 = (r0 + l / 4) * 16 + c0 + 2 * (l % 4);
+            ok &= u[l * 8 + i] == (e0 | (e0 + 1) << 16);
+            // Transposed: rows 2(l%4)+{0,1}, column l/4.
+            const unsigned t0 = (r0 + 2 * (l % 4)) * 16 + c0 + l / 4;
+            ok &= u[l * 8 + 4 + i] == (t0 | (t0 + 16) << 16);
+        }
+    expect(ok, "ldmatrix.x4 and .x4.trans fragments");
+
+    f[0] = 42;
+    expect(run(k_cp_async, b, {1, 1, 1}, {32, 1, 1}).empty(), "cp.async runs");
+    expect(f[8] == -1 && f[9] == 42, "cp.async data lands at cp.async.wait_group, not before");
+
+    auto fails_with = [](const std::string &err, const char *what) {
+        return err.find(what) != std::string::npos;
+    };
+    std::string e = run(k_deadlock, b, {1, 1, 1}, {32, 1, 1});
+    expect(fails_with(e, "deadlock"), "a __syncthreads and a shuffle that wait on each other: " + e);
+    e = run(k_exited_lane, b, {1, 1, 1}, {32, 1, 1});
+    expect(fails_with(e, "exited"), "a shuffle with an exited lane: " + e);
+    e = run(k_misaligned_ldmatrix, b, {1, 1, 1}, {32, 1, 1});
+    expect(fails_with(e, "aligned"), "a misaligned ldmatrix row: " + e);
+    e = run(k_trap, b, {4, 1, 1}, {32, 1, 1});
+    expect(fails_with(e, "__trap") && fails_with(e, "block (2,0,0), thread (7,0,0)"),
+           "__trap names its block and thread: " + e);
+
+    // Device memory from cuMemAlloc ends at an inaccessible page; vector accesses are
+    // checked for alignment (-fsanitize=alignment, trapping). The child prints a kemu line.
+    expect(dies_of(k_past_the_end, SIGSEGV), "a write past the end of an allocation faults");
+    expect(dies_of(k_misaligned_vector, SIGILL), "a misaligned float4 load traps");
+
+    std::printf("kemu selftest: %s\n", failures ? "FAILED" : "passed");
+    return failures ? 1 : 0;
+}
