@@ -32,7 +32,7 @@
 
 mod common;
 
-use common::{assert_kernels_registered, check, gpu, is_bad_input, ok, rms, rng};
+use common::{assert_kernels_registered, check, check_scaled, gpu, is_bad_input, ok, rms, rng};
 use half::bf16;
 use palign::backend::cpu::rng as prng;
 use palign::backend::cuda::lora_drop::{self, DropHead};
@@ -41,6 +41,7 @@ use palign::ops::{self, DropMask};
 use palign::tensor::Tensor;
 use rand::Rng;
 use rayon::prelude::*;
+use std::ops::Range;
 
 // ---------------------------------------------------------------- inputs and reference
 
@@ -170,9 +171,17 @@ fn ref_grad_a(inp: &Inputs, cols: &[usize], alpha: f32) -> Vec<Vec<f64>> {
 
 /// `dX0 + Σ_i alpha·scale_i·mask_i ∘ (dyb_i·A_i)` for the given rows: `[rows.len(), k]`,
 /// and the update alone (for its rms).
-fn ref_dx(inp: &Inputs, rows: &[usize], alpha: f32) -> (Vec<f64>, Vec<f64>) {
+/// dX0 + the heads' update at the selected rows, the update alone, and Σ over
+/// `launches` of |dX after that launch|: each launch rounds dX to bf16 once, so that sum
+/// (not |final dX|) bounds the rounding error when heads are split over launches.
+fn ref_dx(
+    inp: &Inputs,
+    rows: &[usize],
+    alpha: f32,
+    launches: &[Range<usize>],
+) -> (Vec<f64>, Vec<f64>, Vec<f32>) {
     let k = inp.k;
-    let upd: Vec<f64> = rows
+    let per_head: Vec<Vec<f64>> = rows
         .par_iter()
         .flat_map_iter(|&row| {
             (0..k).map(move |c| {
@@ -189,17 +198,26 @@ fn ref_dx(inp: &Inputs, rows: &[usize], alpha: f32) -> (Vec<f64>, Vec<f64>) {
                             .sum();
                         alpha as f64 * scale * t
                     })
-                    .sum::<f64>()
+                    .collect()
             })
         })
         .collect();
-    let full = rows
+    let x0 = rows
         .iter()
-        .flat_map(|&row| (0..k).map(move |c| (row, c)))
-        .zip(&upd)
-        .map(|((row, c), &u)| inp.x[row * k + c] as f64 + u)
-        .collect();
-    (full, upd)
+        .flat_map(|&row| inp.x[row * k..(row + 1) * k].iter());
+    let (mut full, mut upd, mut bound) = (Vec::new(), Vec::new(), Vec::new());
+    for (u, &x) in per_head.iter().zip(x0) {
+        let mut v = x as f64;
+        let mut b = 0.0;
+        for l in launches {
+            v += u[l.clone()].iter().sum::<f64>();
+            b += v.abs();
+        }
+        full.push(v);
+        upd.push(u.iter().sum());
+        bound.push(b as f32);
+    }
+    (full, upd, bound)
 }
 
 fn f32v(v: &[f64]) -> Vec<f32> {
@@ -324,7 +342,9 @@ fn parity(g: &Gpu, name: &str, inp: &Inputs, alpha: f32) {
     }
 
     let got = dx_dev(g, inp, &d, alpha);
-    let (want, upd) = ref_dx(inp, &rows, alpha);
+    let ranks: Vec<usize> = inp.heads.iter().map(|h| h.rank).collect();
+    let launches = ok(lora_drop::dx_acc_launches(g, &ranks));
+    let (want, upd, bound) = ref_dx(inp, &rows, alpha, &launches);
     let sel: Vec<f32> = rows
         .iter()
         .flat_map(|&row| got[row * k..(row + 1) * k].iter().copied())
@@ -335,12 +355,13 @@ fn parity(g: &Gpu, name: &str, inp: &Inputs, alpha: f32) {
         u > 0.2 * rms(&w),
         "{name}: the update must be visible in dX"
     );
-    check(
-        &format!("{name} dx_acc"),
+    check_scaled(
+        &format!("{name} dx_acc ({} launches)", launches.len()),
         &sel,
         &w,
         BF16_ATOL * rms(&w),
         BF16_RTOL,
+        &bound,
     );
 }
 
@@ -577,7 +598,7 @@ fn reference_matches_a_naive_materialised_mask() {
     let all_cols: Vec<usize> = (0..k).collect();
     let down = ref_down(&inp, &all_rows);
     let grad = ref_grad_a(&inp, &all_cols, alpha);
-    let (dx, _) = ref_dx(&inp, &all_rows, alpha);
+    let (dx, _, _) = ref_dx(&inp, &all_rows, alpha, &[0..inp.heads.len()]);
     let mut dx_naive: Vec<f64> = inp.x.iter().map(|&v| v as f64).collect();
     for (hi, h) in inp.heads.iter().enumerate() {
         let mask = DropMask {
@@ -653,7 +674,7 @@ fn parity_m1000_k4096() {
         ("3x64", &[(64, 0.05), (64, 0.0), (64, 0.1)]),
         ("8+128", &[(8, 0.1), (128, 0.05)]),
         ("24+40+8", &[(24, 0.05), (40, 0.1), (8, 0.0)]),
-        ("3x128 (3 launches)", &[(128, 0.05), (128, 0.0), (128, 0.1)]),
+        ("3x128", &[(128, 0.05), (128, 0.0), (128, 0.1)]),
     ];
     for (i, (name, spec)) in cases.iter().enumerate() {
         let alpha = 16.0 / spec[0].0 as f32;
@@ -780,6 +801,7 @@ fn fused_matches_todays_unfused_path() {
     let fused_grad = grad_a_dev(&g, &inp, &d, alpha);
     let fused_dx = dx_dev(&g, &inp, &d, alpha);
     let mut dx = ok(g.upload(&inp.x_b));
+    let mut scale: Vec<f32> = fused_dx.iter().map(|v| v.abs()).collect();
     for (i, h) in inp.heads.iter().enumerate() {
         let r = h.rank;
         let mut xd = ok(g.alloc::<bf16>(m * k));
@@ -830,14 +852,22 @@ fn fused_matches_todays_unfused_path() {
         let mut dropped = ok(g.alloc::<bf16>(m * k));
         ok(ew::dropout_bf16(&g, &dxa, h.stream, h.p, &mut dropped));
         ok(ew::axpy_bf16(&g, alpha, &dropped, &mut dx));
+        // This path rounds dY·B·A, its dropout and dX once per head: its error follows
+        // those values (2^-8 of each), not the final dX.
+        let dropped = common::to_f32(&ok(g.download(&dropped)));
+        let after = common::to_f32(&ok(g.download(&dx)));
+        for ((s, d), a) in scale.iter_mut().zip(&dropped).zip(&after) {
+            *s += 2.0 * alpha * d.abs() + a.abs();
+        }
     }
     let dx = common::to_f32(&ok(g.download(&dx)));
-    check(
+    check_scaled(
         "fused vs unfused dx_acc",
         &fused_dx,
         &dx,
         4e-3 * rms(&dx),
-        1.0 / 64.0,
+        1.0 / 256.0,
+        &scale,
     );
 }
 

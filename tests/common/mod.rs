@@ -234,6 +234,37 @@ pub fn check_with(
     nonfinite: NonFinite,
     atol_digits: Option<usize>,
 ) {
+    check_core(case, got, want, atol, rtol, None, nonfinite, atol_digits);
+}
+
+/// `check` with the relative part of each element's bound taken from `scale[i]` instead
+/// of |want[i]|: for results rounded more than once on the way, whose error follows the
+/// magnitudes of the intermediate values rather than the final one.
+pub fn check_scaled(case: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32, scale: &[f32]) {
+    assert_eq!(scale.len(), want.len(), "{case}: scale length");
+    check_core(
+        case,
+        got,
+        want,
+        atol,
+        rtol,
+        Some(scale),
+        NonFinite::NanMatches,
+        None,
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_core(
+    case: &str,
+    got: &[f32],
+    want: &[f32],
+    atol: f32,
+    rtol: f32,
+    scale: Option<&[f32]>,
+    nonfinite: NonFinite,
+    atol_digits: Option<usize>,
+) {
     assert_eq!(got.len(), want.len(), "{case}: lengths");
     let (mut max_abs, mut worst, mut worst_i) = (0.0f32, 0.0f32, 0usize);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
@@ -248,7 +279,7 @@ pub fn check_with(
         let ratio = if err.is_nan() {
             f32::INFINITY
         } else {
-            err / (atol + rtol * w.abs())
+            err / (atol + rtol * scale.map_or(w.abs(), |s| s[i]))
         };
         // f32::max ignores a NaN err; the ratio above already fails it.
         max_abs = max_abs.max(err);

@@ -484,6 +484,13 @@ pub fn lora_grad_a(
     Ok(())
 }
 
+/// The launches [`lora_dx_acc`] makes on this device for heads of these ranks (each
+/// rounds dX once: tests bound the error by the values after each).
+pub fn dx_acc_launches(gpu: &Gpu, ranks: &[usize]) -> Result<Vec<Range<usize>>> {
+    let budget = gpu.max_smem_optin()?.saturating_sub(STATIC_SMEM_MARGIN);
+    plan_launches(ranks, |g| dx_acc_smem_bytes(g) <= budget)
+}
+
 /// `dx[m, k] = bf16(dx + Σ_i alpha·scale_i·mask_i ∘ (dybs[i]·A_i))`, in place, f32 math
 /// and one rounding per launch (a single launch unless the heads are split). With
 /// `dybs[i] = dY·B_i` and `alpha = s` this is the adapters' input gradient under
@@ -512,10 +519,9 @@ pub fn lora_dx_acc(
         return Ok(());
     }
     let ranks = ranks_of(heads);
-    let budget = gpu.max_smem_optin()?.saturating_sub(STATIC_SMEM_MARGIN);
     let (splits, rows) = split_rows(m, k, gpu.sm_count() as usize);
     let col_blocks = k.div_ceil(BN);
-    for group in plan_launches(&ranks, |g| dx_acc_smem_bytes(g) <= budget)? {
+    for group in dx_acc_launches(gpu, &ranks)? {
         let mut hp = [empty_head(); MAX_HEADS];
         for (slot, i) in group.clone().enumerate() {
             hp[slot] = head_params(&heads[i], alpha);
