@@ -158,6 +158,7 @@ __device__ __forceinline__ float ex2_approx_ftz(float x) {
 #else // PALIGN_KEMU: the same primitives on the emulator (tools/kemu/runtime.cpp)
 
 __device__ __forceinline__ uint32_t dynamic_smem_bytes() { return kemu::dynamic_smem_bytes(); }
+__device__ __forceinline__ uint32_t smem_addr(const void *p) { return kemu::smem_addr(p); }
 __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
     kemu::cp_async(dst, src, 16, valid ? 16 : 0);
 }

@@ -589,7 +589,7 @@ constexpr int WG_SMEM = 2 * WG_STAGES * WG_TILE_BYTES + 1024;    // + room to al
 static_assert(WG_SMEM == 132096, "keep NF4_WGMMA_SMEM_BYTES in src/backend/cuda/nf4.rs in sync");
 static_assert(WG_BM == 2 * 64 && WG_BN == 128 && WG_THREADS == 2 * 128, "two m64n128 warpgroups");
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PALIGN_KEMU)
 
 // K-major, 128-byte-swizzled operand at shared address `saddr` (see the comment above).
 __device__ __forceinline__ uint64_t wg_desc(uint32_t saddr) {
@@ -597,6 +597,7 @@ __device__ __forceinline__ uint64_t wg_desc(uint32_t saddr) {
            ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
 }
 
+#ifndef PALIGN_KEMU
 __device__ __forceinline__ void wg_fence() {
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 }
@@ -643,6 +644,19 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t da, ui
           "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "l"(da), "l"(db), "r"(1));
 }
+
+#else // the CPU emulator (tools/kemu): wgmma deferred to wgmma.wait_group, like cp.async
+
+__device__ __forceinline__ void wg_fence() {}
+__device__ __forceinline__ void wg_commit() { kemu::wgmma_commit(); }
+template <int N> __device__ __forceinline__ void wg_wait() { kemu::wgmma_wait(N); }
+__device__ __forceinline__ void fence_proxy_async_smem() {}
+__device__ __forceinline__ void wg_pin(float (&)[64]) {}
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t da, uint64_t db) {
+    kemu::wgmma_m64n128k16(d, da, db);
+}
+
+#endif // PALIGN_KEMU
 
 // One thread's share of a W tile, loaded a tile ahead: the 16-byte code word and the
 // raw parts of its block scale (absmax, or qabsmax code and absmax2), combined only at
@@ -778,14 +792,14 @@ __device__ __forceinline__ void gemm_wgmma(const Nf4GemmParams &p) {
     }
 }
 
-#endif // __CUDA_ARCH_FEAT_SM90_ALL
+#endif // __CUDA_ARCH_FEAT_SM90_ALL || PALIGN_KEMU
 
 } // namespace nf4
 } // namespace palign
 
 // Only the sm_90a image runs it (the launcher refuses other GPUs); elsewhere it traps.
 extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemm_fwd_wgmma(Nf4GemmParams p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PALIGN_KEMU)
     palign::nf4::gemm_wgmma(p);
 #else
     __trap();

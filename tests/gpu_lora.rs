@@ -579,11 +579,12 @@ fn weight_grads_accumulate_and_match_cpu() {
         ));
         // Non-zero starting gradients: the call must add to them (beta = 1).
         let mut gr = rng(300 + i as u64);
+        let (rms_a, rms_b) = (rms(&d.want.grad_a), rms(&d.want.grad_b));
         let ga0: Vec<f32> = (0..r * inp)
-            .map(|_| gr.random_range(-1.0f32..1.0) * rms(&d.want.grad_a))
+            .map(|_| gr.random_range(-1.0f32..1.0) * rms_a)
             .collect();
         let gb0: Vec<f32> = (0..out * r)
-            .map(|_| gr.random_range(-1.0f32..1.0) * rms(&d.want.grad_b))
+            .map(|_| gr.random_range(-1.0f32..1.0) * rms_b)
             .collect();
         let mut ga = ok(g.upload(&ga0));
         let mut gb = ok(g.upload(&gb0));

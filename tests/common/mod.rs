@@ -67,6 +67,15 @@ pub fn gpu() -> std::sync::Arc<palign::backend::cuda::Gpu> {
 }
 
 /// Unwraps a device call, panicking with its error message.
+/// Whether `g` is kemu, the CPU emulator of the kernels (tools/kemu): a test may keep to
+/// the shapes it runs in seconds there, saying so; a real GPU runs them all.
+pub fn on_emulator(g: &palign::backend::cuda::Gpu) -> bool {
+    g.name().starts_with("kemu ")
+}
+
+/// Multiply-adds of one GEMM above which tests skip a case on the emulator.
+pub const EMULATOR_MACS: usize = 1 << 30;
+
 pub fn ok<T>(r: palign::Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("{e}"))
 }

@@ -1,6 +1,6 @@
 // kemu's cuBLAS: cublasGemmEx (what src/backend/cuda/blas.rs calls) over host memory.
 // Column-major as cuBLAS: C(m x n) = alpha·op(A)·op(B) + beta·C; bf16/f16/f32 inputs,
-// the sum taken in double and rounded once to C's type; beta = 0 never reads C.
+// f32 sums, rounded once to C's type; beta = 0 never reads C (it may hold NaN).
 #include <algorithm>
 #include <thread>
 #include <vector>
@@ -52,27 +52,37 @@ Status cublasGemmEx(void *, int transa, int transb, int m, int n, int k, const v
     if (ctype != R_32F && ctype != R_16BF) return NOT_SUPPORTED;
     if (m < 0 || n < 0 || k < 0) return INVALID_VALUE;
     const float al = *static_cast<const float *>(alpha), be = *static_cast<const float *>(beta);
-    // Columns of C in parallel; op(A)[i][l], op(B)[l][j] in column-major storage.
+    // op(A) as rows [m][k] and op(B) as columns [n][k], in f32 (the inputs are exact in
+    // f32); then each C element is a contiguous dot product, summed in f32 as cuBLAS's
+    // CUBLAS_COMPUTE_32F does (in its own order).
+    std::vector<float> a(size_t(m) * k), b(size_t(n) * k);
+    for (int i = 0; i < m; i++)
+        for (int l = 0; l < k; l++)
+            a[size_t(i) * k + l] =
+                load(A, atype, transa ? size_t(l) + size_t(i) * lda : size_t(i) + size_t(l) * lda);
+    for (int j = 0; j < n; j++)
+        for (int l = 0; l < k; l++)
+            b[size_t(j) * k + l] =
+                load(B, btype, transb ? size_t(j) + size_t(l) * ldb : size_t(l) + size_t(j) * ldb);
     auto columns = [&](int j0, int j1) {
-        std::vector<double> a_row(k);
         for (int j = j0; j < j1; j++) {
-            std::vector<double> b_col(k);
-            for (int l = 0; l < k; l++)
-                b_col[l] = load(B, btype, transb ? size_t(j) + size_t(l) * ldb
-                                                 : size_t(l) + size_t(j) * ldb);
+            const float *bj = &b[size_t(j) * k];
             for (int i = 0; i < m; i++) {
-                double acc = 0;
-                for (int l = 0; l < k; l++)
-                    acc += double(load(A, atype, transa ? size_t(l) + size_t(i) * lda
-                                                        : size_t(i) + size_t(l) * lda)) *
-                           b_col[l];
+                const float *ai = &a[size_t(i) * k];
+                float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                int l = 0;
+                for (; l + 8 <= k; l += 8)
+                    for (int e = 0; e < 8; e++) part[e] += ai[l + e] * bj[l + e];
+                float acc = 0;
+                for (; l < k; l++) acc += ai[l] * bj[l];
+                for (int e = 0; e < 8; e++) acc += part[e];
                 const size_t ci = size_t(i) + size_t(j) * ldc;
-                double v = al * acc;
-                if (be != 0.0f) v += double(be) * load(C, ctype, ci);
+                float v = al * acc;
+                if (be != 0.0f) v += be * load(C, ctype, ci);
                 if (ctype == R_32F)
-                    static_cast<float *>(C)[ci] = float(v);
+                    static_cast<float *>(C)[ci] = v;
                 else
-                    static_cast<__nv_bfloat16 *>(C)[ci] = __float2bfloat16_rn(float(v));
+                    static_cast<__nv_bfloat16 *>(C)[ci] = __float2bfloat16_rn(v);
             }
         }
     };

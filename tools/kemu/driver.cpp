@@ -1,6 +1,6 @@
 // kemu's CUDA driver API: the part of libcuda.so that cudarc and palign call, over host
-// memory and the fiber runtime. One emulated device ("sm_80", 8 SMs, 16 GiB), one
-// context; streams and events exist but all work runs at once, in call order.
+// memory and the fiber runtime. One emulated device (sm_80 unless KEMU_SM says, 8 SMs,
+// 16 GiB), one context; streams and events exist but all work runs at once, in call order.
 //
 // Device memory is host memory: each allocation ends just before an inaccessible page,
 // so a kernel reading or writing past the end of its buffer faults (SIGSEGV) instead of
@@ -12,6 +12,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
@@ -26,9 +27,20 @@ constexpr CUresult OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, NOT_FOUND = 500
 
 constexpr size_t kTotalMem = size_t(16) << 30;
 constexpr int kSmCount = 8;
-constexpr int kSmemOptin = 166912; // A100 (sm_80): 163 KiB per block
 constexpr int kSmemDefault = 48 * 1024;
-constexpr const char *kName = "kemu CPU emulator (sm_80)";
+
+// The emulated compute capability: KEMU_SM=80 (default, an A100's limits) or 90 (an
+// H100's: the sm_90a wgmma kernel runs), 86 or 89.
+int sm() {
+    static const int v = [] {
+        const char *e = std::getenv("KEMU_SM");
+        const int s = e ? std::atoi(e) : 80;
+        return s == 86 || s == 89 || s == 90 ? s : 80;
+    }();
+    return v;
+}
+// Opt-in shared memory per block (CUDA C Programming Guide, compute capabilities table).
+int smem_optin() { return sm() == 90 ? 232448 : sm() == 80 ? 166912 : 101376; }
 
 struct Function {
     const kemu::KernelEntry *k;
@@ -72,7 +84,7 @@ CUresult cuDeviceGet(int *dev, int ordinal) {
     return OK;
 }
 CUresult cuDeviceGetName(char *name, int len, int) {
-    std::snprintf(name, len, "%s", kName);
+    std::snprintf(name, len, "kemu CPU emulator (sm_%d)", sm());
     return OK;
 }
 CUresult cuDeviceTotalMem_v2(size_t *bytes, int) {
@@ -102,10 +114,10 @@ CUresult cuDeviceGetAttribute(int *v, int attr, int) {
     case 37: *v = 5120; break;        // GLOBAL_MEMORY_BUS_WIDTH
     case 38: *v = 40 << 20; break;    // L2_CACHE_SIZE
     case 39: *v = 2048; break;        // MAX_THREADS_PER_MULTIPROCESSOR
-    case 75: *v = 8; break;           // COMPUTE_CAPABILITY_MAJOR
-    case 76: *v = 0; break;           // COMPUTE_CAPABILITY_MINOR
+    case 75: *v = sm() / 10; break;   // COMPUTE_CAPABILITY_MAJOR
+    case 76: *v = sm() % 10; break;   // COMPUTE_CAPABILITY_MINOR
     case 81: *v = 167936; break;      // MAX_SHARED_MEMORY_PER_MULTIPROCESSOR
-    case 97: *v = kSmemOptin; break;  // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+    case 97: *v = smem_optin(); break; // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
     case 115: *v = 0; break;          // MEMORY_POOLS_SUPPORTED: plain cuMemAlloc
     default: *v = 0; break;
     }
@@ -269,7 +281,7 @@ CUresult cuModuleGetFunction(void **f, void *, const char *name) {
 CUresult cuFuncSetAttribute(void *f, int attr, int v) {
     auto *fn = static_cast<Function *>(f);
     if (attr == 8) { // MAX_DYNAMIC_SHARED_SIZE_BYTES
-        if (v < 0 || v > kSmemOptin) return INVALID_VALUE;
+        if (v < 0 || v > smem_optin()) return INVALID_VALUE;
         fn->max_dynamic_smem = v;
     }
     return OK;

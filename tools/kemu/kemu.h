@@ -165,6 +165,13 @@ void cp_async(void *dst, const void *src, int bytes, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int n);
 
+// sm_90a: the shared-window address of a dynamic shared memory pointer, and the wgmma
+// the NF4 kernel issues (K-major, 128-byte-swizzled operands; see runtime.cpp).
+uint32_t smem_addr(const void *p);
+void wgmma_m64n128k16(float *d, uint64_t desc_a, uint64_t desc_b);
+void wgmma_commit();
+void wgmma_wait(int n);
+
 template <class T> T shfl_xor(unsigned mask, T v, int lane_mask, int width) {
     static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");
     uint64_t b = 0;

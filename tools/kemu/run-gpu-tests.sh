@@ -4,7 +4,8 @@
 # real launchers, cudarc, on a fake libcuda/libcublas. It checks kernel logic and parity,
 # not speed: timings and tuners measure the emulator.
 #
-#   tools/kemu/run-gpu-tests.sh                 every GPU test binary, slow tests skipped
+#   tools/kemu/run-gpu-tests.sh                 every GPU test binary, slow tests skipped,
+#                                               then the sm_90-only ones as an H100
 #   KEMU_ALL=1 tools/kemu/run-gpu-tests.sh      the slow ones too (tens of minutes)
 #   tools/kemu/run-gpu-tests.sh gpu_nf4 -- NAME  one binary, test filter after --
 #
@@ -20,13 +21,16 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do
     shift
 done
 [ "${1:-}" = "--" ] && shift
+default=0
 if [ ${#binaries[@]} -eq 0 ]; then
+    default=1
     for f in tests/gpu_*.rs; do binaries+=("$(basename "$f" .rs)"); done
 fi
 
-# Each of these takes minutes on the emulator (7B-sized shapes or many tuner trials);
-# the smaller cases of the same kernels run.
+# Each of these takes a minute or more on the emulator (7B-sized shapes, or a tuner timing
+# every variant); the smaller cases of the same kernels run.
 slow=(
+    the_tuner_measures_once_and_its_choice_matches_cpu
     parity_m8229_k14336
     parity_m8229_k4096
     up_backward_parity_m8229
@@ -40,6 +44,13 @@ args=()
 for b in "${binaries[@]}"; do args+=(--test "$b"); done
 export PALIGN_REQUIRE_KERNELS=1
 export LD_LIBRARY_PATH="$PWD/target/kemu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-# Tuners and dispatchers cache their measurements per GPU name: keep kemu's apart.
-export XDG_CACHE_HOME="$PWD/target/kemu/cache"
-cargo test --release "${args[@]}" -- --ignored --test-threads=1 "${skip[@]}" "$@"
+# Tuner and dispatcher caches are keyed by GPU name, so kemu's entries stay apart from a
+# real GPU's. (XDG_CACHE_HOME is left alone: build.rs reruns nvcc when it changes.)
+KEMU_SM=${KEMU_SM:-80} cargo test --release "${args[@]}" -- --ignored --test-threads=1 \
+    "${skip[@]}" "$@"
+
+# The same device as an H100 (sm_90): the sm_90a wgmma GEMM runs only there. Needs
+# sm_90a in the build's targets (the default; PALIGN_CUDA_ARCHS may leave it out).
+if [ $default = 1 ]; then
+    KEMU_SM=90 cargo test --release --test gpu_nf4 -- --ignored --test-threads=1 wgmma
+fi

@@ -31,7 +31,7 @@
 
 namespace kemu {
 
-alignas(128) thread_local uint8_t dyn_smem[kDynSmemMax];
+alignas(1024) thread_local uint8_t dyn_smem[kDynSmemMax];
 
 namespace {
 
@@ -74,6 +74,13 @@ kemu_switch:
 )");
 #endif
 
+// One wgmma.mma_async in flight: this thread's 64 products as read at issue.
+struct WgOp {
+    float *d;
+    uint64_t da, db;
+    float sum[64];
+};
+
 struct Copy {
     uint8_t *dst;
     uint8_t bytes[16];
@@ -92,9 +99,12 @@ struct Fiber {
     uint3 tid{};
     int lane = 0, warp = 0;
     St st = St::Run;
-    int phase = 0; // warp-exchange phase of this lane's next collective
+    int index = 0;    // linear thread index in the block
+    uint64_t ops = 0; // warp-collective operations done; the exchange phase is ops & 1
     std::vector<Copy> open;
     std::vector<std::vector<Copy>> groups; // committed, oldest first
+    std::vector<WgOp> wg_open;
+    std::vector<std::vector<WgOp>> wg_groups;
 };
 
 struct Warp {
@@ -102,6 +112,9 @@ struct Warp {
     unsigned done = 0;    // lanes that have exited
     unsigned arrived = 0; // lanes waiting at the warp barrier
     uint64_t ex[2][32][3];
+    // mma: A·B of the warp's operation `ab_op[phase]`, computed by its first lane to run.
+    uint64_t ab_op[2] = {~0ull, ~0ull};
+    float ab[2][16][8];
 };
 
 // One OS thread's executor: its fibers' stacks are kept between blocks and launches.
@@ -119,6 +132,7 @@ struct Worker {
     dim3 grid, block;
     uint3 bid{};
     unsigned smem = 0;
+    int n = 0; // threads in the block
     int live = 0, at_bar = 0;
     bool failed = false;
     std::string err;
@@ -143,13 +157,24 @@ uint8_t *new_stack() {
     return static_cast<uint8_t *>(p) + page;
 }
 
+// Suspends the running fiber (blocked or exited) and resumes the next runnable one in
+// round-robin order, or the scheduler when there is none (the block is done, failed or
+// deadlocked): one context switch per wait instead of two through the scheduler.
 void yield_to_scheduler() {
     Worker &w = *W;
-    Fiber &f = *w.cur;
+    Fiber *me = w.cur;
+    Fiber *next = nullptr;
+    if (!w.failed)
+        for (int s = 1; s <= w.n && !next; s++) {
+            Fiber &f = w.fibers[(me->index + s) % w.n];
+            if (f.st == St::Run) next = &f;
+        }
+    if (next == me) return;
+    w.cur = next;
 #if defined(__x86_64__)
-    kemu_switch(&f.sp, w.sched_sp);
+    kemu_switch(&me->sp, next ? next->sp : w.sched_sp);
 #else
-    swapcontext(&f.ctx, &w.sched);
+    swapcontext(&me->ctx, next ? &next->ctx : &w.sched);
 #endif
 }
 
@@ -186,6 +211,8 @@ void thread_exit() {
     for (auto &g : f.groups) apply(g);
     f.groups.clear();
     apply(f.open);
+    if (!f.wg_open.empty() || !f.wg_groups.empty())
+        fail("a thread exited with wgmma operations in flight (no wgmma.wait_group for them)");
     f.st = St::Done;
     w.live--;
     Warp &wp = w.warps[f.warp];
@@ -246,49 +273,41 @@ void run_block(Worker &w, uint3 bid) {
         Fiber &f = w.fibers[i];
         f.tid = {unsigned(i % w.block.x), unsigned(i / w.block.x % w.block.y),
                  unsigned(i / (w.block.x * w.block.y))};
+        f.index = i;
         f.lane = i % 32;
         f.warp = i / 32;
         f.st = St::Run;
-        f.phase = 0;
+        f.ops = 0;
         f.open.clear();
         f.groups.clear();
+        f.wg_open.clear();
+        f.wg_groups.clear();
         w.warps[f.warp].exists |= 1u << f.lane;
         start_fiber(w, f);
     }
     std::memset(dyn_smem, 0xff, std::min<size_t>(kDynSmemMax, std::max(w.smem, 1024u)));
-    int done = 0;
-    while (done < n && !w.failed) {
-        bool ran = false;
-        done = 0;
-        for (int i = 0; i < n && !w.failed; i++) {
-            Fiber &f = w.fibers[i];
-            if (f.st == St::Done) {
-                done++;
-                continue;
-            }
-            if (f.st != St::Run) continue;
-            w.cur = &f;
+    // Fibers pass control among themselves; the scheduler gets it back when none can run.
+    w.n = n;
+    w.cur = &w.fibers[0];
 #if defined(__x86_64__)
-            kemu_switch(&w.sched_sp, f.sp);
+    kemu_switch(&w.sched_sp, w.fibers[0].sp);
 #else
-            swapcontext(&w.sched, &f.ctx);
+    swapcontext(&w.sched, &w.fibers[0].ctx);
 #endif
-            ran = true;
-        }
-        if (!ran && done < n && !w.failed) {
-            int bar = 0, warp = 0;
-            for (int i = 0; i < n; i++) {
-                bar += w.fibers[i].st == St::BlockBar;
-                warp += w.fibers[i].st == St::WarpBar;
-            }
-            char buf[512];
-            std::snprintf(buf, sizeof buf,
-                          "deadlock in kernel %s, block (%u,%u,%u): %d threads wait at "
-                          "__syncthreads, %d at a warp-collective operation, %d exited",
-                          w.k->name, bid.x, bid.y, bid.z, bar, warp, done);
-            w.err = buf;
-            w.failed = true;
-        }
+    int done = 0, bar = 0, warp = 0;
+    for (int i = 0; i < n; i++) {
+        done += w.fibers[i].st == St::Done;
+        bar += w.fibers[i].st == St::BlockBar;
+        warp += w.fibers[i].st == St::WarpBar;
+    }
+    if (done < n && !w.failed) {
+        char buf[512];
+        std::snprintf(buf, sizeof buf,
+                      "deadlock in kernel %s, block (%u,%u,%u): %d threads wait at "
+                      "__syncthreads, %d at a warp-collective operation, %d exited",
+                      w.k->name, bid.x, bid.y, bid.z, bar, warp, done);
+        w.err = buf;
+        w.failed = true;
     }
 }
 
@@ -496,10 +515,10 @@ void warp_barrier(unsigned mask) {
 uint64_t *slots(int lane) {
     Worker &w = *W;
     Fiber &f = *w.cur;
-    return w.warps[f.warp].ex[f.phase][lane];
+    return w.warps[f.warp].ex[f.ops & 1][lane];
 }
 
-void next_phase() { W->cur->phase ^= 1; }
+void next_phase() { W->cur->ops++; }
 
 float lo_bf16(uint32_t r) { return __bfloat162float({uint16_t(r & 0xffff)}); }
 float hi_bf16(uint32_t r) { return __bfloat162float({uint16_t(r >> 16)}); }
@@ -548,42 +567,46 @@ void ldmatrix(uint32_t *r, int count, bool trans, const void *row_addr) {
     next_phase();
 }
 
-// D = A(16x16) · B(16x8) + C, fragments as in common.cuh's mma_bf16 comment. Products
-// of bf16 are exact in f32; the sum is taken in double and rounded once, which is what
-// the tensor core's wide accumulation approximates.
+// D = A(16x16) · B(16x8) + C, fragments as in common.cuh's mma_bf16 comment. The first
+// lane to run after the barrier unpacks the whole warp's A and B and forms A·B once (f32
+// sums: products of bf16 are exact in f32); each lane adds its C.
 void mma_m16n8k16_bf16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    Fiber &f = *W->cur;
+    Worker &w = *W;
+    Fiber &f = *w.cur;
     uint64_t *s = slots(f.lane);
     s[0] = uint64_t(a[0]) | uint64_t(a[1]) << 32;
     s[1] = uint64_t(a[2]) | uint64_t(a[3]) << 32;
     s[2] = uint64_t(b0) | uint64_t(b1) << 32;
     warp_barrier(0xffffffffu);
+    Warp &wp = w.warps[f.warp];
+    const int ph = int(f.ops & 1);
+    if (wp.ab_op[ph] != f.ops) {
+        float A[16][16], B[16][8]; // A[row][k], B[k][col]
+        for (int l = 0; l < 32; l++) {
+            const int g = l / 4, t = l % 4;
+            const uint64_t *o = wp.ex[ph][l];
+            const uint32_t r[6] = {uint32_t(o[0]), uint32_t(o[0] >> 32), uint32_t(o[1]),
+                                   uint32_t(o[1] >> 32), uint32_t(o[2]), uint32_t(o[2] >> 32)};
+            A[g][2 * t] = lo_bf16(r[0]), A[g][2 * t + 1] = hi_bf16(r[0]);
+            A[g + 8][2 * t] = lo_bf16(r[1]), A[g + 8][2 * t + 1] = hi_bf16(r[1]);
+            A[g][2 * t + 8] = lo_bf16(r[2]), A[g][2 * t + 9] = hi_bf16(r[2]);
+            A[g + 8][2 * t + 8] = lo_bf16(r[3]), A[g + 8][2 * t + 9] = hi_bf16(r[3]);
+            B[2 * t][g] = lo_bf16(r[4]), B[2 * t + 1][g] = hi_bf16(r[4]);
+            B[2 * t + 8][g] = lo_bf16(r[5]), B[2 * t + 9][g] = hi_bf16(r[5]);
+        }
+        for (int i = 0; i < 16; i++) { // k outer, columns inner: the vectorizer's shape
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            for (int k = 0; k < 16; k++)
+                for (int j = 0; j < 8; j++) acc[j] += A[i][k] * B[k][j];
+            for (int j = 0; j < 8; j++) wp.ab[ph][i][j] = acc[j];
+        }
+        wp.ab_op[ph] = f.ops;
+    }
     const int g = f.lane / 4, t = f.lane % 4;
-    float A[2][16], B[2][16]; // rows g, g+8 of A; columns 2t, 2t+1 of B
-    for (int tt = 0; tt < 4; tt++) {
-        const uint64_t *o = slots(4 * g + tt);
-        const uint32_t a0 = uint32_t(o[0]), a1 = uint32_t(o[0] >> 32);
-        const uint32_t a2 = uint32_t(o[1]), a3 = uint32_t(o[1] >> 32);
-        A[0][2 * tt] = lo_bf16(a0), A[0][2 * tt + 1] = hi_bf16(a0);
-        A[1][2 * tt] = lo_bf16(a1), A[1][2 * tt + 1] = hi_bf16(a1);
-        A[0][2 * tt + 8] = lo_bf16(a2), A[0][2 * tt + 9] = hi_bf16(a2);
-        A[1][2 * tt + 8] = lo_bf16(a3), A[1][2 * tt + 9] = hi_bf16(a3);
-    }
-    for (int j = 0; j < 2; j++) {
-        const int n = 2 * t + j; // B column n is held by lanes 4n..4n+3
-        for (int tt = 0; tt < 4; tt++) {
-            const uint64_t o = slots(4 * n + tt)[2];
-            const uint32_t bb0 = uint32_t(o), bb1 = uint32_t(o >> 32);
-            B[j][2 * tt] = lo_bf16(bb0), B[j][2 * tt + 1] = hi_bf16(bb0);
-            B[j][2 * tt + 8] = lo_bf16(bb1), B[j][2 * tt + 9] = hi_bf16(bb1);
-        }
-    }
-    for (int i = 0; i < 2; i++)
-        for (int j = 0; j < 2; j++) {
-            double acc = c[2 * i + j];
-            for (int k = 0; k < 16; k++) acc += double(A[i][k]) * double(B[j][k]);
-            c[2 * i + j] = float(acc);
-        }
+    c[0] += wp.ab[ph][g][2 * t];
+    c[1] += wp.ab[ph][g][2 * t + 1];
+    c[2] += wp.ab[ph][g + 8][2 * t];
+    c[3] += wp.ab[ph][g + 8][2 * t + 1];
     next_phase();
 }
 
@@ -610,6 +633,98 @@ void cp_async_wait(int n) {
     while (int(f.groups.size()) > n) {
         apply(f.groups.front());
         f.groups.erase(f.groups.begin());
+    }
+}
+
+// ------------------------------------------------------------ sm_90a wgmma
+// Dynamic shared memory sits at this address of the shared window, as after 64 bytes of
+// static shared memory: kernels that align their tiles by address must do it themselves.
+constexpr uint32_t kSharedBase = 0x40;
+
+uint32_t smem_addr(const void *p) {
+    const auto *b = static_cast<const uint8_t *>(p);
+    if (b < dyn_smem || b > dyn_smem + kDynSmemMax)
+        fail("kemu maps only dynamic shared memory to shared-window addresses");
+    return kSharedBase + uint32_t(b - dyn_smem);
+}
+
+namespace {
+
+// Element (row r, k < 16) of the operand a matrix descriptor points at (PTX ISA,
+// "Matrix Descriptor Format"): start address bits 0-13, stride byte offset (between
+// 8-row groups) bits 32-45, swizzle mode bits 62-63. Only the K-major, 128-byte-swizzle
+// form is emulated: row r is 128 bytes at (r/8)·SBO + (r%8)·128 from the start, and the
+// hardware swaps 16-byte chunks by address bits [4:6] ^= [7:9].
+float wg_elem(uint64_t desc, int r, int k) {
+    const uint32_t start = uint32_t(desc & 0x3fff) << 4;
+    const uint32_t sbo = uint32_t((desc >> 32) & 0x3fff) << 4;
+    uint32_t a = start + uint32_t(r / 8) * sbo + uint32_t(r % 8) * 128 + 2 * k;
+    a ^= ((a >> 7) & 7) << 4;
+    const int64_t off = int64_t(a) - kSharedBase;
+    if (off < 0 || off + 2 > int64_t(W->smem))
+        fail("a wgmma operand outside the launch's dynamic shared memory");
+    uint16_t v;
+    std::memcpy(&v, dyn_smem + off, 2);
+    return __bfloat162float({v});
+}
+
+void check_desc(uint64_t desc) {
+    if ((desc >> 62) != 1 || ((desc >> 49) & 7) != 0)
+        fail("kemu emulates only K-major 128-byte-swizzled wgmma operands at base offset 0");
+}
+
+// This thread's 64 accumulator products of D(64x128) = A(64x16)·B(128x16)ᵀ: warp q of
+// the warpgroup, lane (g, t) holds d[4j+i] at row 16q + g + 8(i/2), column 8j + 2t + i%2
+// (PTX ISA, wgmma .m64nNk16 D fragment).
+void wg_products(uint64_t da, uint64_t db, float out[64]) {
+    const Fiber &f = *W->cur;
+    const int q = (f.index & 127) >> 5, g = f.lane / 4, t = f.lane % 4;
+    float a[2][16];
+    for (int h = 0; h < 2; h++)
+        for (int k = 0; k < 16; k++) a[h][k] = wg_elem(da, 16 * q + g + 8 * h, k);
+    for (int j = 0; j < 16; j++)
+        for (int c = 0; c < 2; c++) {
+            float b[16];
+            for (int k = 0; k < 16; k++) b[k] = wg_elem(db, 8 * j + 2 * t + c, k);
+            for (int h = 0; h < 2; h++) {
+                float acc = 0;
+                for (int k = 0; k < 16; k++) acc += a[h][k] * b[k];
+                out[4 * j + 2 * h + c] = acc;
+            }
+        }
+}
+
+} // namespace
+
+// Deferred like cp.async: the products are formed at issue and added to the registers at
+// wgmma.wait_group, after checking that the operands in shared memory did not change in
+// between (the hardware reads them at some point in that window).
+void wgmma_m64n128k16(float *d, uint64_t da, uint64_t db) {
+    check_desc(da);
+    check_desc(db);
+    Fiber &f = *W->cur;
+    WgOp op{d, da, db, {}};
+    wg_products(da, db, op.sum);
+    f.wg_open.push_back(op);
+}
+
+void wgmma_commit() {
+    Fiber &f = *W->cur;
+    f.wg_groups.push_back(std::move(f.wg_open));
+    f.wg_open.clear();
+}
+
+void wgmma_wait(int n) {
+    Fiber &f = *W->cur;
+    while (int(f.wg_groups.size()) > n) {
+        for (WgOp &op : f.wg_groups.front()) {
+            float now[64];
+            wg_products(op.da, op.db, now);
+            if (std::memcmp(now, op.sum, sizeof now) != 0)
+                fail("a wgmma operand in shared memory changed before its wgmma.wait_group");
+            for (int i = 0; i < 64; i++) op.d[i] += op.sum[i];
+        }
+        f.wg_groups.erase(f.wg_groups.begin());
     }
 }
 

@@ -112,6 +112,40 @@ void k_cp_async(Buf b) {
     }
 }
 
+// One warpgroup's wgmma m64n128k16 on K-major 128-byte-swizzled tiles laid out as the
+// PTX ISA describes (16-byte chunk c of row r at chunk c ^ (r % 8) of the row's 128 bytes,
+// tiles 1024-byte aligned in the shared window); k < 16 of A[r][k] and B[n][k].
+float WA(int r, int k) { return float((r + 2 * k) % 5 - 2); }
+float WB(int n, int k) { return float((n - k) % 3); }
+uint64_t wg_desc(uint32_t saddr) {
+    return (uint64_t)((saddr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) |
+           ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
+}
+void k_wgmma(Buf b) {
+    const uint32_t raw = kemu::smem_addr(kemu::dyn_smem);
+    const uint32_t base = (raw + 1023u) & ~1023u;
+    uint8_t *t = kemu::dyn_smem + (base - raw);
+    for (int i = threadIdx.x; i < 192 * 64; i += blockDim.x) {
+        const int r = i / 64, k = i % 64; // rows 0..63: A, 64..191: B
+        const int rr = r < 64 ? r : r - 64;
+        uint8_t *row = t + (r < 64 ? 0 : 8192) + rr * 128;
+        const float v = k >= 16 ? 99.0f : r < 64 ? WA(rr, k) : WB(rr, k);
+        const __nv_bfloat16 h = __float2bfloat16_rn(v);
+        std::memcpy(row + (((k / 8) ^ (rr % 8)) << 4) + 2 * (k % 8), &h, 2);
+    }
+    __syncthreads();
+    float d[64];
+    for (int i = 0; i < 64; i++) d[i] = 1.0f;
+    kemu::wgmma_m64n128k16(d, wg_desc(base), wg_desc(base + 8192));
+    kemu::wgmma_commit();
+    if (b.n == 1 && threadIdx.x == 3) t[0] ^= 0x40; // the bug: an operand changes in flight
+    kemu::wgmma_wait(0);
+    const int q = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, tt = threadIdx.x % 4;
+    for (int j = 0; j < 16; j++)
+        for (int i = 0; i < 4; i++)
+            b.f[(16 * q + g + 8 * (i / 2)) * 128 + 8 * j + 2 * tt + i % 2] = d[4 * j + i];
+}
+
 // ---------------------------------------------------------------- bugs it must catch
 // Half a warp waits at __syncthreads for the other half, which waits at a shuffle for
 // the first. (Threads that exit count as arrived at __syncthreads, as on the GPU.)
@@ -202,6 +236,22 @@ int main() {
     f[0] = 42;
     expect(run(k_cp_async, b, {1, 1, 1}, {32, 1, 1}).empty(), "cp.async runs");
     expect(f[8] == -1 && f[9] == 42, "cp.async data lands at cp.async.wait_group, not before");
+
+    std::vector<float> big(64 * 128, 0);
+    Buf wb{big.data(), nullptr, 0};
+    expect(run(k_wgmma, wb, {1, 1, 1}, {128, 1, 1}, 32768).empty(), "wgmma runs");
+    ok = true;
+    for (int r = 0; r < 64; r++)
+        for (int n = 0; n < 128; n++) {
+            float want = 1;
+            for (int k = 0; k < 16; k++) want += WA(r, k) * WB(n, k);
+            ok &= big[r * 128 + n] == want;
+        }
+    expect(ok, "wgmma m64n128k16: D += A·Bᵀ from swizzled K-major tiles, the D fragment layout");
+    wb.n = 1;
+    const std::string we = run(k_wgmma, wb, {1, 1, 1}, {128, 1, 1}, 32768);
+    expect(we.find("changed") != std::string::npos,
+           "a wgmma operand overwritten before wgmma.wait_group: " + we);
 
     auto fails_with = [](const std::string &err, const char *what) {
         return err.find(what) != std::string::npos;
