@@ -598,7 +598,8 @@ fn reference_matches_a_naive_materialised_mask() {
     let all_cols: Vec<usize> = (0..k).collect();
     let down = ref_down(&inp, &all_rows);
     let grad = ref_grad_a(&inp, &all_cols, alpha);
-    let (dx, _, _) = ref_dx(&inp, &all_rows, alpha, &[0..inp.heads.len()]);
+    let one_launch = 0..inp.heads.len();
+    let (dx, _, _) = ref_dx(&inp, &all_rows, alpha, std::slice::from_ref(&one_launch));
     let mut dx_naive: Vec<f64> = inp.x.iter().map(|&v| v as f64).collect();
     for (hi, h) in inp.heads.iter().enumerate() {
         let mask = DropMask {

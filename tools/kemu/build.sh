@@ -18,25 +18,31 @@ gen="$out/kernels.cpp"
     for f in kernels/*.cu; do echo "#include \"$PWD/$f\""; done
     echo 'namespace kemu {'
     echo 'const KernelEntry kKernels[] = {'
+    # name and __launch_bounds__ (max threads per block; 1024 when absent)
     grep -h '^extern "C" __global__' kernels/*.cu |
-        sed -E 's/__launch_bounds__\([^)]*\) //; s/^[^(]* ([A-Za-z0-9_]+)\(.*/\1/' | sort -u |
-        while read -r k; do echo "    entry(\"$k\", &$k),"; done
+        sed -E 's/^.*__launch_bounds__\(([0-9]+)[^)]*\) ([A-Za-z0-9_]+)\(.*/\2 \1/;
+                s/^[^(]* ([A-Za-z0-9_]+)\(.*/\1 1024/' | sort -u |
+        while read -r k n; do echo "    entry(\"$k\", &$k, $n),"; done
     echo '};'
     echo 'const int kNumKernels = sizeof(kKernels) / sizeof(kKernels[0]);'
     echo '} // namespace kemu'
 } >"$gen.tmp"
 mv "$gen.tmp" "$gen"
 
-# -ffp-contract=off: no fused multiply-adds the CUDA source did not ask for.
+# -ffp-contract=fast (+ -mfma where the CPU has it): a*b + c may fuse, as nvcc's default
+#   --fmad=true lets it on the GPU; __fmul_rn and friends keep their single roundings.
 # -fno-strict-aliasing: the kernels reinterpret vector loads as CUDA allows.
 # -fsanitize=alignment (trapping): a misaligned vector access faults, as on a GPU.
-flags=(-std=c++20 -O2 -g -fPIC -shared -pthread -DPALIGN_KEMU -ffp-contract=off
+fma=()
+grep -qw fma /proc/cpuinfo 2>/dev/null && fma=(-mfma)
+flags=(-std=c++20 -O2 -g -fPIC -shared -pthread -DPALIGN_KEMU -ffp-contract=fast "${fma[@]}"
     -fsanitize=alignment -fsanitize-undefined-trap-on-error
     -fno-strict-aliasing -Wno-unknown-pragmas -Wno-unused-function -Ikernels -Itools/kemu
     -Wl,-soname,libkemu.so)
 # The emulator's hot loops (mma, the GEMM) want -O3's vectorizer; the kernels do not.
-"$cxx" "${flags[@]}" -O3 -fno-sanitize=alignment -c tools/kemu/runtime.cpp -o "$out/runtime.o"
-"$cxx" "${flags[@]}" -O3 -fno-sanitize=alignment -c tools/kemu/cublas.cpp -o "$out/cublas.o"
+emu=(-O3 -fno-sanitize=alignment -ffp-contract=off) # the emulator's own sums: unfused
+"$cxx" "${flags[@]}" "${emu[@]}" -c tools/kemu/runtime.cpp -o "$out/runtime.o"
+"$cxx" "${flags[@]}" "${emu[@]}" -c tools/kemu/cublas.cpp -o "$out/cublas.o"
 "$cxx" "${flags[@]}" "$gen" "$out/runtime.o" tools/kemu/driver.cpp "$out/cublas.o" \
     -o "$out/libkemu.so.tmp"
 mv "$out/libkemu.so.tmp" "$out/libkemu.so"
@@ -47,5 +53,6 @@ exe_flags=()
 for f in "${flags[@]}"; do [[ $f == -shared || $f == -Wl,-soname* ]] || exe_flags+=("$f"); done
 "$cxx" "${exe_flags[@]}" tools/kemu/runtime.cpp tools/kemu/driver.cpp tools/kemu/selftest.cpp \
     -o "$out/selftest"
-"$out/selftest" >"$out/selftest.log" 2>&1 || { cat "$out/selftest.log"; exit 1; }
+{ "$out/selftest" && KEMU_ORDER=reverse "$out/selftest"; } >"$out/selftest.log" 2>&1 ||
+    { cat "$out/selftest.log"; exit 1; }
 echo "kemu: built $out/libkemu.so ($(tail -1 "$out/selftest.log"))"

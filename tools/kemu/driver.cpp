@@ -10,6 +10,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -56,7 +57,7 @@ struct Alloc {
 std::mutex m;
 std::map<uintptr_t, Alloc> allocs;
 size_t allocated = 0;
-CUresult sticky = OK;
+std::atomic<CUresult> sticky{OK};
 std::map<std::string, Function> functions;
 int ctx_token, stream_token, module_token; // addresses used as opaque handles
 
@@ -113,10 +114,10 @@ CUresult cuDeviceGetAttribute(int *v, int attr, int) {
     case 36: *v = 1215000; break;     // MEMORY_CLOCK_RATE (kHz)
     case 37: *v = 5120; break;        // GLOBAL_MEMORY_BUS_WIDTH
     case 38: *v = 40 << 20; break;    // L2_CACHE_SIZE
-    case 39: *v = 2048; break;        // MAX_THREADS_PER_MULTIPROCESSOR
+    case 39: *v = sm() == 86 || sm() == 89 ? 1536 : 2048; break; // MAX_THREADS_PER_MULTIPROCESSOR
     case 75: *v = sm() / 10; break;   // COMPUTE_CAPABILITY_MAJOR
     case 76: *v = sm() % 10; break;   // COMPUTE_CAPABILITY_MINOR
-    case 81: *v = 167936; break;      // MAX_SHARED_MEMORY_PER_MULTIPROCESSOR
+    case 81: *v = sm() == 90 ? 233472 : sm() == 80 ? 167936 : 102400; break; // SMEM_PER_SM
     case 97: *v = smem_optin(); break; // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
     case 115: *v = 0; break;          // MEMORY_POOLS_SUPPORTED: plain cuMemAlloc
     default: *v = 0; break;

@@ -3,11 +3,15 @@
 // kernels/*.cu are built by g++ with PALIGN_KEMU defined; this header stands in for
 // the CUDA headers. Each CUDA thread of a block is a fiber with its own stack; a block
 // runs on one OS thread, blocks of a launch spread over a few. __syncthreads and the
-// warp-collective operations (shuffles, ldmatrix, mma.sync) are barriers between the
-// fibers, so code that is wrong on a GPU in the ways that matter for results (a missing
-// barrier before reading cp.async data, a misaligned ldmatrix row, a warp operation with
-// an exited lane, a deadlock) fails here too. What it cannot tell: speed, and races
-// between threads that only show with a real memory model.
+// warp-collective operations (shuffles, ldmatrix, mma.sync, wgmma) are barriers or
+// deferred operations between the fibers, so code that is wrong on a GPU in the ways
+// that matter for results fails here too: reading cp.async or wgmma data before waiting
+// for it, a misaligned ldmatrix row or vector access, a warp operation with an exited
+// lane or lanes at different operations, a deadlock, a block over __launch_bounds__,
+// shared memory over the opt-in limit, an access past the end of an allocation, a race
+// that the thread order decides (KEMU_ORDER=reverse). What it cannot tell: speed; the
+// tensor cores' exact rounding; races that only a real memory model shows; static
+// __shared__ memory read before it is written (it keeps the previous block's values).
 //
 // Together with driver.cpp / cublas.cpp it builds one library that answers to the names
 // libcuda.so and libcublas.so, so the GPU tests run unchanged through cudarc
@@ -88,10 +92,22 @@ inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
 }
 
 // ---------------------------------------------------------------- math and bits
-// The build uses -ffp-contract=off, so these round once per operation as on the GPU.
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
+// The kernels are built with contraction on (nvcc's --fmad=true default: a*b + c may
+// become one fma), so code that needs each operation rounded must say so with these,
+// which never merge (CUDA Math API): the empty asm hides a product from the add after it.
+inline float __fmul_rn(float a, float b) {
+    float r = a * b;
+    asm("" : "+x"(r));
+    return r;
+}
+inline float __fadd_rn(float a, float b) {
+    asm("" : "+x"(a), "+x"(b));
+    return a + b;
+}
+inline float __fsub_rn(float a, float b) {
+    asm("" : "+x"(a), "+x"(b));
+    return a - b;
+}
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }

@@ -4,8 +4,10 @@
 # real launchers, cudarc, on a fake libcuda/libcublas. It checks kernel logic and parity,
 # not speed: timings and tuners measure the emulator.
 #
-#   tools/kemu/run-gpu-tests.sh                 every GPU test binary, slow tests skipped,
-#                                               then the sm_90-only ones as an H100
+#   tools/kemu/run-gpu-tests.sh                 every GPU test binary, slow tests skipped;
+#                                               the sm_90-only ones as an H100; the kernel
+#                                               tests again in reverse thread order
+#   KEMU_QUICK=1 tools/kemu/run-gpu-tests.sh    without the reverse-order pass
 #   KEMU_ALL=1 tools/kemu/run-gpu-tests.sh      the slow ones too (tens of minutes)
 #   tools/kemu/run-gpu-tests.sh gpu_nf4 -- NAME  one binary, test filter after --
 #
@@ -53,4 +55,14 @@ KEMU_SM=${KEMU_SM:-80} cargo test --release "${args[@]}" -- --ignored --test-thr
 # sm_90a in the build's targets (the default; PALIGN_CUDA_ARCHS may leave it out).
 if [ $default = 1 ]; then
     KEMU_SM=90 cargo test --release --test gpu_nf4 -- --ignored --test-threads=1 wgmma
+fi
+
+# The kernel tests again with each block's threads run last to first: a race between
+# threads (a read of another thread's write with no barrier between) passes in at most
+# one of the two orders. (The whole-model tests in gpu_model add no kernels.)
+if [ $default = 1 ] && [ "${KEMU_QUICK:-0}" != 1 ]; then
+    kernel_tests=()
+    for b in "${binaries[@]}"; do [ "$b" = gpu_model ] || kernel_tests+=(--test "$b"); done
+    KEMU_ORDER=reverse cargo test --release "${kernel_tests[@]}" -- --ignored --test-threads=1 \
+        "${skip[@]}"
 fi

@@ -14,6 +14,7 @@
 // shared memory show up in the results.
 #include "runtime.h"
 
+#include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -111,7 +112,8 @@ struct Warp {
     unsigned exists = 0;  // lanes present in the block
     unsigned done = 0;    // lanes that have exited
     unsigned arrived = 0; // lanes waiting at the warp barrier
-    uint64_t ex[2][32][3];
+    uint64_t ex[2][32][4]; // per phase and lane: 3 payload words, then the operation's tag
+    uint32_t res[2][32][4]; // ldmatrix: each lane's registers, gathered at the barrier
     // mma: A·B of the warp's operation `ab_op[phase]`, computed by its first lane to run.
     uint64_t ab_op[2] = {~0ull, ~0ull};
     float ab[2][16][8];
@@ -160,13 +162,24 @@ uint8_t *new_stack() {
 // Suspends the running fiber (blocked or exited) and resumes the next runnable one in
 // round-robin order, or the scheduler when there is none (the block is done, failed or
 // deadlocked): one context switch per wait instead of two through the scheduler.
+// KEMU_ORDER=reverse runs a block's threads from the last to the first between waits.
+// Lanes that share data without a barrier (a race on a GPU) see each other's writes in
+// one order and miss them in the other, so running the tests both ways exposes them.
+int order() {
+    static const int dir = [] {
+        const char *e = std::getenv("KEMU_ORDER");
+        return e && std::strcmp(e, "reverse") == 0 ? -1 : 1;
+    }();
+    return dir;
+}
+
 void yield_to_scheduler() {
     Worker &w = *W;
     Fiber *me = w.cur;
     Fiber *next = nullptr;
     if (!w.failed)
         for (int s = 1; s <= w.n && !next; s++) {
-            Fiber &f = w.fibers[(me->index + s) % w.n];
+            Fiber &f = w.fibers[((me->index + order() * s) % w.n + w.n) % w.n];
             if (f.st == St::Run) next = &f;
         }
     if (next == me) return;
@@ -288,11 +301,12 @@ void run_block(Worker &w, uint3 bid) {
     std::memset(dyn_smem, 0xff, std::min<size_t>(kDynSmemMax, std::max(w.smem, 1024u)));
     // Fibers pass control among themselves; the scheduler gets it back when none can run.
     w.n = n;
-    w.cur = &w.fibers[0];
+    Fiber &first = w.fibers[order() > 0 ? 0 : n - 1];
+    w.cur = &first;
 #if defined(__x86_64__)
-    kemu_switch(&w.sched_sp, w.fibers[0].sp);
+    kemu_switch(&w.sched_sp, first.sp);
 #else
-    swapcontext(&w.sched, &w.fibers[0].ctx);
+    swapcontext(&w.sched, &first.ctx);
 #endif
     int done = 0, bar = 0, warp = 0;
     for (int i = 0; i < n; i++) {
@@ -314,7 +328,13 @@ void run_block(Worker &w, uint3 bid) {
 // A kernel's fault (past the end of an allocation: the guard page; a misaligned vector
 // access: -fsanitize=alignment traps) names the kernel, block and thread, then dies as
 // the signal would have. Runs on an alternate stack: a fiber's may be what overflowed.
+struct sigaction previous[32];
+
 void on_fault(int sig) {
+    if (!(W && W->cur && W->k)) { // not in a kernel: whoever handled it before (Rust's
+        sigaction(sig, &previous[sig], nullptr); // stack-overflow report) sees it again
+        return;
+    }
     char buf[512];
     int n;
     if (W && W->cur && W->k)
@@ -340,7 +360,7 @@ void prepare_thread() {
         std::memset(&sa, 0, sizeof sa);
         sa.sa_handler = on_fault;
         sa.sa_flags = SA_ONSTACK;
-        for (int sig : {SIGSEGV, SIGBUS, SIGILL}) sigaction(sig, &sa, nullptr);
+        for (int sig : {SIGSEGV, SIGBUS, SIGILL}) sigaction(sig, &sa, &previous[sig]);
     });
     thread_local bool done = false;
     if (done) return;
@@ -409,18 +429,23 @@ struct Pool {
     }
 };
 
+Pool *the_pool = nullptr;
+
 Pool &pool() {
-    static Pool *p = [] {
+    static std::once_flag atfork;
+    // A forked child has none of the parent's threads: it starts a pool of its own.
+    std::call_once(atfork, [] { pthread_atfork(nullptr, nullptr, [] { the_pool = nullptr; }); });
+    if (!the_pool) {
         auto *p = new Pool();
         int n = int(std::min(4u, std::max(1u, std::thread::hardware_concurrency())));
         if (const char *e = std::getenv("KEMU_THREADS")) n = std::max(1, std::atoi(e));
-        for (int i = 1; i < n; i++) {
+        for (int i = 0; i < n; i++) {
             p->threads.emplace_back([p] { p->loop(); });
             p->threads.back().detach();
         }
-        return p;
-    }();
-    return *p;
+        the_pool = p;
+    }
+    return *the_pool;
 }
 
 std::mutex launch_m; // one launch at a time (one stream)
@@ -431,8 +456,9 @@ bool launch(const KernelEntry &k, dim3 grid, dim3 block, unsigned smem_bytes, vo
             std::string &err) {
     std::lock_guard<std::mutex> one(launch_m);
     const uint64_t threads = uint64_t(block.x) * block.y * block.z;
-    if (threads == 0 || threads > kMaxThreads) {
-        err = "block of " + std::to_string(threads) + " threads for kernel " + k.name;
+    if (threads == 0 || threads > kMaxThreads || threads > uint64_t(k.max_threads)) {
+        err = "block of " + std::to_string(threads) + " threads for kernel " + k.name +
+              " (__launch_bounds__ " + std::to_string(k.max_threads) + ")";
         return false;
     }
     if (smem_bytes > unsigned(kDynSmemMax)) {
@@ -456,7 +482,8 @@ bool launch(const KernelEntry &k, dim3 grid, dim3 block, unsigned smem_bytes, vo
         p.job++;
     }
     p.cv.notify_all();
-    p.work(); // the calling thread is a worker too
+    // Blocks run on the pool's threads only: their fiber stacks and shared memory are
+    // kept for the process, where a calling thread's would leak with it.
     {
         std::unique_lock<std::mutex> g(p.m);
         p.done_cv.wait(g, [&] { return p.busy == 0; });
@@ -490,18 +517,29 @@ void syncthreads() {
 
 namespace {
 
-// Waits until every lane of `mask` that exists has arrived; the last one releases them.
-void warp_barrier(unsigned mask) {
+// Waits until every lane of the warp has arrived; the last one checks that all met at
+// the same kind of operation (`tag`, 0 for __syncwarp), runs `on_release` for the whole
+// warp, then releases them. Only whole-warp masks are emulated (all the kernels use):
+// a partial mask would let the lanes' exchange phases drift apart.
+void warp_barrier(unsigned mask, uint64_t tag = 0, void (*on_release)(Warp &, int) = nullptr) {
     Worker &w = *W;
     Fiber &f = *w.cur;
     Warp &wp = w.warps[f.warp];
-    const unsigned need = mask & wp.exists;
-    if (!(need >> f.lane & 1)) fail("a warp-collective operation whose mask leaves out its lane");
+    if (mask != 0xffffffffu)
+        fail("kemu emulates warp-collective operations with the full mask 0xffffffff only");
+    const unsigned need = wp.exists;
     if (need & wp.done)
         fail("a warp-collective operation waits for a lane that has exited");
+    const int ph = int(f.ops & 1);
+    if (tag) wp.ex[ph][f.lane][3] = tag;
     wp.arrived |= 1u << f.lane;
     if ((wp.arrived & need) == need) {
         const int base = f.warp * 32;
+        if (tag)
+            for (int l = 0; l < 32; l++)
+                if ((need >> l & 1) && wp.ex[ph][l][3] != tag)
+                    fail("the lanes of a warp met at different warp-collective operations");
+        if (on_release) on_release(wp, ph);
         for (int l = 0; l < 32; l++)
             if ((need >> l & 1) && l != f.lane) w.fibers[base + l].st = St::Run;
         wp.arrived &= ~need;
@@ -530,7 +568,7 @@ void syncwarp(unsigned mask) { warp_barrier(mask); }
 uint64_t shfl_xor_bits(unsigned mask, uint64_t bits, int lane_mask, int width) {
     Fiber &f = *W->cur;
     slots(f.lane)[0] = bits;
-    warp_barrier(mask);
+    warp_barrier(mask, 1 | uint64_t(lane_mask) << 8 | uint64_t(width) << 16);
     // Within segments of `width` lanes (PTX shfl.bfly: a source outside the segment or
     // the mask leaves the value unchanged).
     const int seg = f.lane & ~(width - 1);
@@ -541,29 +579,40 @@ uint64_t shfl_xor_bits(unsigned mask, uint64_t bits, int lane_mask, int width) {
     return r;
 }
 
+namespace {
+// ldmatrix for the whole warp at once, as the hardware reads it: every lane's registers
+// from the row addresses the lanes gave (payload word 0), count and trans in word 1.
+void ldmatrix_gather(Warp &wp, int ph) {
+    const int count = int(wp.ex[ph][0][1] & 7);
+    const bool trans = wp.ex[ph][0][1] >> 3 & 1;
+    auto row = [&](int lane) { return reinterpret_cast<const uint8_t *>(wp.ex[ph][lane][0]); };
+    for (int l = 0; l < 32; l++)
+        for (int i = 0; i < count; i++) {
+            if (!trans) {
+                // (row l/4, cols 2(l%4), 2(l%4)+1) of matrix i
+                std::memcpy(&wp.res[ph][l][i], row(8 * i + l / 4) + 4 * (l % 4), 4);
+            } else {
+                // (rows 2(l%4), 2(l%4)+1; col l/4) of matrix i
+                uint16_t a, b;
+                std::memcpy(&a, row(8 * i + 2 * (l % 4)) + 2 * (l / 4), 2);
+                std::memcpy(&b, row(8 * i + 2 * (l % 4) + 1) + 2 * (l / 4), 2);
+                wp.res[ph][l][i] = uint32_t(a) | uint32_t(b) << 16;
+            }
+        }
+}
+} // namespace
+
 void ldmatrix(uint32_t *r, int count, bool trans, const void *row_addr) {
-    Fiber &f = *W->cur;
+    Worker &w = *W;
+    Fiber &f = *w.cur;
     if (f.lane < 8 * count && (reinterpret_cast<uintptr_t>(row_addr) & 15))
         fail("ldmatrix row address not 16-byte aligned");
-    slots(f.lane)[0] = reinterpret_cast<uint64_t>(row_addr);
-    warp_barrier(0xffffffffu);
-    const int l = f.lane;
-    for (int i = 0; i < count; i++) {
-        if (!trans) {
-            // (row l/4, cols 2(l%4), 2(l%4)+1) of matrix i
-            const auto *row = reinterpret_cast<const uint8_t *>(slots(8 * i + l / 4)[0]);
-            std::memcpy(&r[i], row + 4 * (l % 4), 4);
-        } else {
-            // (rows 2(l%4), 2(l%4)+1; col l/4) of matrix i
-            const auto *r0 = reinterpret_cast<const uint8_t *>(slots(8 * i + 2 * (l % 4))[0]);
-            const auto *r1 =
-                reinterpret_cast<const uint8_t *>(slots(8 * i + 2 * (l % 4) + 1)[0]);
-            uint16_t a, b;
-            std::memcpy(&a, r0 + 2 * (l / 4), 2);
-            std::memcpy(&b, r1 + 2 * (l / 4), 2);
-            r[i] = uint32_t(a) | uint32_t(b) << 16;
-        }
-    }
+    uint64_t *s = slots(f.lane);
+    s[0] = reinterpret_cast<uint64_t>(row_addr);
+    s[1] = uint64_t(count) | uint64_t(trans) << 3;
+    warp_barrier(0xffffffffu, 2 | uint64_t(count) << 8 | uint64_t(trans) << 12, ldmatrix_gather);
+    const int ph = int(f.ops & 1);
+    for (int i = 0; i < count; i++) r[i] = w.warps[f.warp].res[ph][f.lane][i];
     next_phase();
 }
 
@@ -577,7 +626,7 @@ void mma_m16n8k16_bf16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1
     s[0] = uint64_t(a[0]) | uint64_t(a[1]) << 32;
     s[1] = uint64_t(a[2]) | uint64_t(a[3]) << 32;
     s[2] = uint64_t(b0) | uint64_t(b1) << 32;
-    warp_barrier(0xffffffffu);
+    warp_barrier(0xffffffffu, 3);
     Warp &wp = w.warps[f.warp];
     const int ph = int(f.ops & 1);
     if (wp.ab_op[ph] != f.ops) {

@@ -14,12 +14,15 @@ struct KernelEntry {
     const char *name;
     void *fn;
     void (*call)(void *fn, void **args);
+    int max_threads; // __launch_bounds__, or 1024
 };
 
-template <class P> KernelEntry entry(const char *name, void (*fn)(P)) {
-    return {name, reinterpret_cast<void *>(fn), [](void *f, void **args) {
+template <class P> KernelEntry entry(const char *name, void (*fn)(P), int max_threads = 1024) {
+    return {name, reinterpret_cast<void *>(fn),
+            [](void *f, void **args) {
                 reinterpret_cast<void (*)(P)>(f)(*static_cast<P *>(args[0]));
-            }};
+            },
+            max_threads};
 }
 
 extern const KernelEntry kKernels[];

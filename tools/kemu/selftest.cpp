@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <csignal>
+#include <cstdlib>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -93,6 +94,8 @@ void k_ldmatrix(Buf b) {
     uint32_t r[4], rt[4];
     kemu::ldmatrix(r, 4, false, &tile[(l % 16) * 16 + (l / 16) * 8]);
     kemu::ldmatrix(rt, 4, true, &tile[(l % 16) * 16 + (l / 16) * 8]);
+    // A lane's later store cannot reach what the others loaded: the warp reads at once.
+    for (int i = 0; i < 8; i++) tile[(l % 16) * 16 + (l / 16) * 8 + i] = 0;
     for (int i = 0; i < 4; i++) {
         b.u[l * 8 + i] = r[i];
         b.u[l * 8 + 4 + i] = rt[i];
@@ -146,6 +149,14 @@ void k_wgmma(Buf b) {
             b.f[(16 * q + g + 8 * (i / 2)) * 128 + 8 * j + 2 * tt + i % 2] = d[4 * j + i];
 }
 
+// A race (no barrier between a write and a read by another thread): what the reader
+// sees depends on KEMU_ORDER, which is how running both orders exposes it.
+void k_race(Buf b) {
+    auto *v = reinterpret_cast<uint32_t *>(kemu::dyn_smem); // 0xffffffff at block start
+    if (threadIdx.x == 0) *v = 1;
+    if (threadIdx.x == 63) b.u[0] = *v;
+}
+
 // ---------------------------------------------------------------- bugs it must catch
 // Half a warp waits at __syncthreads for the other half, which waits at a shuffle for
 // the first. (Threads that exit count as arrived at __syncthreads, as on the GPU.)
@@ -163,6 +174,12 @@ void k_misaligned_ldmatrix(Buf) {
     __shared__ __align__(16) uint16_t tile[16 * 16 + 8];
     uint32_t r[4];
     kemu::ldmatrix(r, 4, false, &tile[threadIdx.x % 16 * 16 + 1]);
+}
+void k_mixed_collectives(Buf b) {
+    if (threadIdx.x % 2)
+        b.f[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+    else
+        b.f[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 2);
 }
 void k_trap(Buf) {
     if (blockIdx.x == 2 && threadIdx.x == 7) __trap();
@@ -253,6 +270,13 @@ int main() {
     expect(we.find("changed") != std::string::npos,
            "a wgmma operand overwritten before wgmma.wait_group: " + we);
 
+    const char *order = std::getenv("KEMU_ORDER");
+    const bool reverse = order && std::string(order) == "reverse";
+    expect(run(k_race, b, {1, 1, 1}, {64, 1, 1}, 1024).empty(), "the race runs");
+    expect(u[0] == (reverse ? 0xffffffffu : 1u),
+           std::string("threads run ") + (reverse ? "last to first" : "first to last") +
+               " between waits (KEMU_ORDER)");
+
     auto fails_with = [](const std::string &err, const char *what) {
         return err.find(what) != std::string::npos;
     };
@@ -262,6 +286,16 @@ int main() {
     expect(fails_with(e, "exited"), "a shuffle with an exited lane: " + e);
     e = run(k_misaligned_ldmatrix, b, {1, 1, 1}, {32, 1, 1});
     expect(fails_with(e, "aligned"), "a misaligned ldmatrix row: " + e);
+    e = run(k_mixed_collectives, b, {1, 1, 1}, {32, 1, 1});
+    expect(fails_with(e, "different warp-collective"),
+           "lanes meeting at different shuffles: " + e);
+    {
+        kemu::KernelEntry k = kemu::entry("bounded", k_block_sum, 128);
+        void *args[] = {&b};
+        std::string err;
+        kemu::launch(k, {1, 1, 1}, {256, 1, 1}, 0, args, err);
+        expect(fails_with(err, "__launch_bounds__"), "a block over __launch_bounds__: " + err);
+    }
     e = run(k_trap, b, {4, 1, 1}, {32, 1, 1});
     expect(fails_with(e, "__trap") && fails_with(e, "block (2,0,0), thread (7,0,0)"),
            "__trap names its block and thread: " + e);
