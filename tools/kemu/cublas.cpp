@@ -51,6 +51,10 @@ Status cublasGemmEx(void *, int transa, int transb, int m, int n, int k, const v
         if (t != R_32F && t != R_16BF && t != R_16F) return NOT_SUPPORTED;
     if (ctype != R_32F && ctype != R_16BF) return NOT_SUPPORTED;
     if (m < 0 || n < 0 || k < 0) return INVALID_VALUE;
+    // Leading dimensions at least the stored rows, as cuBLAS checks (else INVALID_VALUE).
+    if (lda < std::max(1, transa ? k : m) || ldb < std::max(1, transb ? n : k) ||
+        ldc < std::max(1, m))
+        return INVALID_VALUE;
     const float al = *static_cast<const float *>(alpha), be = *static_cast<const float *>(beta);
     // op(A) as rows [m][k] and op(B) as columns [n][k], in f32 (the inputs are exact in
     // f32); then each C element is a contiguous dot product, summed in f32 as cuBLAS's

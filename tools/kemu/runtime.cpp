@@ -106,6 +106,7 @@ struct Fiber {
     std::vector<std::vector<Copy>> groups; // committed, oldest first
     std::vector<WgOp> wg_open;
     std::vector<std::vector<WgOp>> wg_groups;
+    size_t wg_issued = 0; // wgmma operations this thread has issued in the block
 };
 
 struct Warp {
@@ -123,6 +124,9 @@ struct Warp {
 struct Worker {
     std::vector<Fiber> fibers;
     std::vector<Warp> warps;
+    // Per warpgroup, the descriptors of each wgmma its first thread issued: the other
+    // 127 must issue the same (wgmma is .sync.aligned over the warpgroup).
+    std::vector<std::vector<std::pair<uint64_t, uint64_t>>> wg_log;
 #if defined(__x86_64__)
     void *sched_sp = nullptr;
 #else
@@ -282,6 +286,7 @@ void run_block(Worker &w, uint3 bid) {
         w.fibers.back().stack = new_stack();
     }
     w.warps.assign(n_warps, Warp{});
+    w.wg_log.assign((n + 127) / 128, {});
     for (int i = 0; i < n; i++) {
         Fiber &f = w.fibers[i];
         f.tid = {unsigned(i % w.block.x), unsigned(i / w.block.x % w.block.y),
@@ -295,6 +300,7 @@ void run_block(Worker &w, uint3 bid) {
         f.groups.clear();
         f.wg_open.clear();
         f.wg_groups.clear();
+        f.wg_issued = 0;
         w.warps[f.warp].exists |= 1u << f.lane;
         start_fiber(w, f);
     }
@@ -751,7 +757,16 @@ void wg_products(uint64_t da, uint64_t db, float out[64]) {
 void wgmma_m64n128k16(float *d, uint64_t da, uint64_t db) {
     check_desc(da);
     check_desc(db);
-    Fiber &f = *W->cur;
+    Worker &w = *W;
+    Fiber &f = *w.cur;
+    if (w.n % 128)
+        fail("wgmma in a block that is not a whole number of warpgroups (128 threads)");
+    auto &log = w.wg_log[f.index / 128];
+    if (log.size() == f.wg_issued)
+        log.emplace_back(da, db);
+    else if (log[f.wg_issued] != std::make_pair(da, db))
+        fail("the threads of a warpgroup issued a wgmma with different operands");
+    f.wg_issued++;
     WgOp op{d, da, db, {}};
     wg_products(da, db, op.sum);
     f.wg_open.push_back(op);

@@ -139,7 +139,8 @@ void k_wgmma(Buf b) {
     __syncthreads();
     float d[64];
     for (int i = 0; i < 64; i++) d[i] = 1.0f;
-    kemu::wgmma_m64n128k16(d, wg_desc(base), wg_desc(base + 8192));
+    const uint32_t b_tile = b.n == 2 && threadIdx.x == 70 ? base + 9216 : base + 8192;
+    kemu::wgmma_m64n128k16(d, wg_desc(base), wg_desc(b_tile)); // b.n == 2: one thread differs
     kemu::wgmma_commit();
     if (b.n == 1 && threadIdx.x == 3) t[0] ^= 0x40; // the bug: an operand changes in flight
     kemu::wgmma_wait(0);
@@ -269,6 +270,10 @@ int main() {
     const std::string we = run(k_wgmma, wb, {1, 1, 1}, {128, 1, 1}, 32768);
     expect(we.find("changed") != std::string::npos,
            "a wgmma operand overwritten before wgmma.wait_group: " + we);
+    wb.n = 2;
+    const std::string wd = run(k_wgmma, wb, {1, 1, 1}, {128, 1, 1}, 32768);
+    expect(wd.find("different operands") != std::string::npos,
+           "a warpgroup whose threads give different wgmma descriptors: " + wd);
 
     const char *order = std::getenv("KEMU_ORDER");
     const bool reverse = order && std::string(order) == "reverse";
