@@ -666,3 +666,68 @@ fn greedy_tokens_picked_on_the_device_equal_the_host_pick() {
     );
     assert_eq!(host, device);
 }
+
+/// `palign eval` on the device: MMLU's option log-likelihoods as the CPU's (a bf16
+/// bound), and a generation task (AlpacaEval, decoding with the `auto` slot count, all
+/// prompts through one pool) running to the end with one output per prompt.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn evaluations_run_on_the_device() {
+    gpu_or_fail();
+    let d = tempfile::tempdir().unwrap();
+    let model = fx().join("tiny-llama");
+    let eval = |task: &str, data: &Path, dev: &str, extra: &[&str]| {
+        let out = d.path().join(format!("{task}-{dev}"));
+        let args = [
+            "eval",
+            task,
+            "--quiet",
+            "--device",
+            dev,
+            "--model",
+            s(&model),
+            "--data",
+            s(data),
+            "--out",
+            s(&out),
+        ];
+        palign(&[&args[..], extra].concat());
+        jsonl(&out.join("samples.jsonl"))
+    };
+    let mmlu = fx().join("eval/mmlu");
+    let cpu = eval("mmlu", &mmlu, "cpu", &["--limit", "20"]);
+    let dev = eval("mmlu", &mmlu, "cuda", &["--limit", "20"]);
+    assert_eq!(cpu.len(), dev.len());
+    assert!(!cpu.is_empty());
+    let mut worst = 0f64;
+    for (a, b) in cpu.iter().zip(&dev) {
+        assert_eq!(a["id"], b["id"]);
+        let (la, lb) = (
+            a["logprobs"].as_array().unwrap(),
+            b["logprobs"].as_array().unwrap(),
+        );
+        assert_eq!(la.len(), lb.len());
+        for (x, y) in la.iter().zip(lb) {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            worst = worst.max((x - y).abs() / (0.05 + 0.02 * x.abs()));
+        }
+    }
+    println!("PARITY eval mmlu option logprobs: worst={worst:.3} (bound 0.05 + 0.02|lp|)");
+    assert!(
+        worst <= 1.0,
+        "MMLU option log-likelihoods differ (worst ratio {worst})"
+    );
+
+    let alpaca = fx().join("eval/alpaca_eval/alpaca_eval.json");
+    let flags = ["--max-new-tokens", "16"];
+    let (cpu, dev) = (
+        eval("alpaca-eval", &alpaca, "cpu", &flags),
+        eval("alpaca-eval", &alpaca, "cuda", &flags),
+    );
+    assert_eq!(cpu.len(), dev.len());
+    assert!(!dev.is_empty());
+    for (a, b) in cpu.iter().zip(&dev) {
+        assert_eq!(a["id"], b["id"]);
+        assert!(b["output"].is_string() && b["n_tokens"].as_u64().unwrap() > 0);
+    }
+}
