@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -72,14 +73,10 @@ struct alignas(4) __nv_bfloat162 {
 };
 
 inline float __bfloat162float(__nv_bfloat16 h) {
-    uint32_t u = uint32_t(h.x) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
+    return std::bit_cast<float>(uint32_t(h.x) << 16);
 }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
+    uint32_t u = std::bit_cast<uint32_t>(f);
     if (std::isnan(f)) return {uint16_t(0x7fff)};
     u += 0x7fff + ((u >> 16) & 1);
     return {uint16_t(u >> 16)};
@@ -111,26 +108,10 @@ inline float __fsub_rn(float a, float b) {
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
-inline float __int_as_float(int i) {
-    float f;
-    std::memcpy(&f, &i, 4);
-    return f;
-}
-inline int __float_as_int(float f) {
-    int i;
-    std::memcpy(&i, &f, 4);
-    return i;
-}
-inline float __uint_as_float(unsigned i) {
-    float f;
-    std::memcpy(&f, &i, 4);
-    return f;
-}
-inline unsigned __float_as_uint(float f) {
-    unsigned i;
-    std::memcpy(&i, &f, 4);
-    return i;
-}
+inline float __int_as_float(int i) { return std::bit_cast<float>(i); }
+inline int __float_as_int(float f) { return std::bit_cast<int>(f); }
+inline float __uint_as_float(unsigned i) { return std::bit_cast<float>(i); }
+inline unsigned __float_as_uint(float f) { return std::bit_cast<unsigned>(f); }
 inline unsigned __umulhi(unsigned a, unsigned b) {
     return unsigned((uint64_t(a) * uint64_t(b)) >> 32);
 }

@@ -22,6 +22,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -82,6 +83,29 @@ struct WgOp {
     float sum[64];
 };
 
+// A thread's asynchronous operations of one kind (cp.async, wgmma) in commit groups:
+// `wait(n, done)` completes the oldest groups, each item by `done`, until at most n are
+// in flight.
+template <class T> struct Pending {
+    std::vector<T> open;
+    std::deque<std::vector<T>> groups; // committed, oldest first
+    void commit() {
+        groups.push_back(std::move(open));
+        open.clear();
+    }
+    template <class F> void wait(size_t n, F done) {
+        while (groups.size() > n) {
+            for (T &x : groups.front()) done(x);
+            groups.pop_front();
+        }
+    }
+    bool empty() const { return open.empty() && groups.empty(); }
+    void clear() {
+        open.clear();
+        groups.clear();
+    }
+};
+
 struct Copy {
     uint8_t *dst;
     uint8_t bytes[16];
@@ -102,10 +126,8 @@ struct Fiber {
     St st = St::Run;
     int index = 0;    // linear thread index in the block
     uint64_t ops = 0; // warp-collective operations done; the exchange phase is ops & 1
-    std::vector<Copy> open;
-    std::vector<std::vector<Copy>> groups; // committed, oldest first
-    std::vector<WgOp> wg_open;
-    std::vector<std::vector<WgOp>> wg_groups;
+    Pending<Copy> copies;
+    Pending<WgOp> wgmmas;
     size_t wg_issued = 0; // wgmma operations this thread has issued in the block
 };
 
@@ -163,9 +185,6 @@ uint8_t *new_stack() {
     return static_cast<uint8_t *>(p) + page;
 }
 
-// Suspends the running fiber (blocked or exited) and resumes the next runnable one in
-// round-robin order, or the scheduler when there is none (the block is done, failed or
-// deadlocked): one context switch per wait instead of two through the scheduler.
 // KEMU_ORDER=reverse runs a block's threads from the last to the first between waits.
 // Lanes that share data without a barrier (a race on a GPU) see each other's writes in
 // one order and miss them in the other, so running the tests both ways exposes them.
@@ -177,7 +196,10 @@ int order() {
     return dir;
 }
 
-void yield_to_scheduler() {
+// Suspends the running fiber (blocked or exited) and resumes the next runnable one in
+// round-robin order, or the scheduler when there is none (the block is done, failed or
+// deadlocked): one context switch per wait instead of two through the scheduler.
+void suspend() {
     Worker &w = *W;
     Fiber *me = w.cur;
     Fiber *next = nullptr;
@@ -195,10 +217,7 @@ void yield_to_scheduler() {
 #endif
 }
 
-void apply(std::vector<Copy> &g) {
-    for (Copy &c : g) std::memcpy(c.dst, c.bytes, c.n);
-    g.clear();
-}
+void land(Copy &c) { std::memcpy(c.dst, c.bytes, c.n); }
 
 void release_block_barrier(Worker &w) {
     for (Fiber &f : w.fibers)
@@ -218,17 +237,16 @@ void release_block_barrier(Worker &w) {
         w.failed = true;
     }
     w.cur->st = St::Done;
-    yield_to_scheduler();
+    suspend();
     __builtin_unreachable();
 }
 
 void thread_exit() {
     Worker &w = *W;
     Fiber &f = *w.cur;
-    for (auto &g : f.groups) apply(g);
-    f.groups.clear();
-    apply(f.open);
-    if (!f.wg_open.empty() || !f.wg_groups.empty())
+    f.copies.commit(); // copies still in flight land at exit
+    f.copies.wait(0, land);
+    if (!f.wgmmas.empty())
         fail("a thread exited with wgmma operations in flight (no wgmma.wait_group for them)");
     f.st = St::Done;
     w.live--;
@@ -238,7 +256,7 @@ void thread_exit() {
         fail("a lane exited while other lanes of its warp wait for it at a warp-collective "
              "operation");
     if (w.at_bar > 0 && w.at_bar == w.live) release_block_barrier(w);
-    yield_to_scheduler();
+    suspend();
     __builtin_unreachable();
 }
 
@@ -296,10 +314,8 @@ void run_block(Worker &w, uint3 bid) {
         f.warp = i / 32;
         f.st = St::Run;
         f.ops = 0;
-        f.open.clear();
-        f.groups.clear();
-        f.wg_open.clear();
-        f.wg_groups.clear();
+        f.copies.clear();
+        f.wgmmas.clear();
         f.wg_issued = 0;
         w.warps[f.warp].exists |= 1u << f.lane;
         start_fiber(w, f);
@@ -518,7 +534,7 @@ void syncthreads() {
         return;
     }
     w.cur->st = St::BlockBar;
-    yield_to_scheduler();
+    suspend();
 }
 
 namespace {
@@ -552,7 +568,7 @@ void warp_barrier(unsigned mask, uint64_t tag = 0, void (*on_release)(Warp &, in
         return;
     }
     f.st = St::WarpBar;
-    yield_to_scheduler();
+    suspend();
 }
 
 // This lane's exchange slots for its next collective operation.
@@ -587,10 +603,14 @@ uint64_t shfl_xor_bits(unsigned mask, uint64_t bits, int lane_mask, int width) {
 
 namespace {
 // ldmatrix for the whole warp at once, as the hardware reads it: every lane's registers
-// from the row addresses the lanes gave (payload word 0), count and trans in word 1.
+// from the row addresses the lanes gave (payload word 0); count and trans from the tag.
+uint64_t ldmatrix_tag(int count, bool trans) {
+    return 2 | uint64_t(count) << 8 | uint64_t(trans) << 12;
+}
 void ldmatrix_gather(Warp &wp, int ph) {
-    const int count = int(wp.ex[ph][0][1] & 7);
-    const bool trans = wp.ex[ph][0][1] >> 3 & 1;
+    const uint64_t tag = wp.ex[ph][0][3];
+    const int count = int(tag >> 8 & 7);
+    const bool trans = tag >> 12 & 1;
     auto row = [&](int lane) { return reinterpret_cast<const uint8_t *>(wp.ex[ph][lane][0]); };
     for (int l = 0; l < 32; l++)
         for (int i = 0; i < count; i++) {
@@ -613,10 +633,8 @@ void ldmatrix(uint32_t *r, int count, bool trans, const void *row_addr) {
     Fiber &f = *w.cur;
     if (f.lane < 8 * count && (reinterpret_cast<uintptr_t>(row_addr) & 15))
         fail("ldmatrix row address not 16-byte aligned");
-    uint64_t *s = slots(f.lane);
-    s[0] = reinterpret_cast<uint64_t>(row_addr);
-    s[1] = uint64_t(count) | uint64_t(trans) << 3;
-    warp_barrier(0xffffffffu, 2 | uint64_t(count) << 8 | uint64_t(trans) << 12, ldmatrix_gather);
+    slots(f.lane)[0] = reinterpret_cast<uint64_t>(row_addr);
+    warp_barrier(0xffffffffu, ldmatrix_tag(count, trans), ldmatrix_gather);
     const int ph = int(f.ops & 1);
     for (int i = 0; i < count; i++) r[i] = w.warps[f.warp].res[ph][f.lane][i];
     next_phase();
@@ -674,22 +692,12 @@ void cp_async(void *dst, const void *src, int bytes, int src_bytes) {
     c.n = bytes;
     std::memset(c.bytes, 0, sizeof c.bytes);
     if (src_bytes) std::memcpy(c.bytes, src, src_bytes);
-    f.open.push_back(c);
+    f.copies.open.push_back(c);
 }
 
-void cp_async_commit() {
-    Fiber &f = *W->cur;
-    f.groups.push_back(std::move(f.open));
-    f.open.clear();
-}
+void cp_async_commit() { W->cur->copies.commit(); }
 
-void cp_async_wait(int n) {
-    Fiber &f = *W->cur;
-    while (int(f.groups.size()) > n) {
-        apply(f.groups.front());
-        f.groups.erase(f.groups.begin());
-    }
-}
+void cp_async_wait(int n) { W->cur->copies.wait(size_t(n), land); }
 
 // ------------------------------------------------------------ sm_90a wgmma
 // Dynamic shared memory sits at this address of the shared window, as after 64 bytes of
@@ -769,27 +777,19 @@ void wgmma_m64n128k16(float *d, uint64_t da, uint64_t db) {
     f.wg_issued++;
     WgOp op{d, da, db, {}};
     wg_products(da, db, op.sum);
-    f.wg_open.push_back(op);
+    f.wgmmas.open.push_back(op);
 }
 
-void wgmma_commit() {
-    Fiber &f = *W->cur;
-    f.wg_groups.push_back(std::move(f.wg_open));
-    f.wg_open.clear();
-}
+void wgmma_commit() { W->cur->wgmmas.commit(); }
 
 void wgmma_wait(int n) {
-    Fiber &f = *W->cur;
-    while (int(f.wg_groups.size()) > n) {
-        for (WgOp &op : f.wg_groups.front()) {
-            float now[64];
-            wg_products(op.da, op.db, now);
-            if (std::memcmp(now, op.sum, sizeof now) != 0)
-                fail("a wgmma operand in shared memory changed before its wgmma.wait_group");
-            for (int i = 0; i < 64; i++) op.d[i] += op.sum[i];
-        }
-        f.wg_groups.erase(f.wg_groups.begin());
-    }
+    W->cur->wgmmas.wait(size_t(n), [](WgOp &op) {
+        float now[64];
+        wg_products(op.da, op.db, now);
+        if (std::memcmp(now, op.sum, sizeof now) != 0)
+            fail("a wgmma operand in shared memory changed before its wgmma.wait_group");
+        for (int i = 0; i < 64; i++) op.d[i] += op.sum[i];
+    });
 }
 
 } // namespace kemu
