@@ -10,7 +10,7 @@
 use cudarc::driver::DeviceRepr;
 use half::bf16;
 
-use super::launch::{flat_grid, need, rows_of, to_i32, FLAT_BLOCK as BLOCK};
+use super::launch::{elems, flat_grid, need, rows_of, to_i32, FLAT_BLOCK as BLOCK};
 use super::params::*;
 use super::{DeviceBuffer, Gpu};
 use crate::error::{bad, Result};
@@ -42,12 +42,6 @@ fn row_launch(gpu: &Gpu, n_rows: usize, cols: usize) -> (u32, u32) {
     let threads = units.next_multiple_of(32).clamp(32, 256) as u32;
     let blocks = n_rows.min(gpu.sm_count() as usize * 32) as u32;
     (blocks, threads)
-}
-
-/// `rows·cols` elements, or an error when that overflows.
-fn elems(rows: usize, cols: usize, what: &str) -> Result<usize> {
-    rows.checked_mul(cols)
-        .ok_or_else(|| bad(format!("{what}: {rows} rows of {cols} overflow")))
 }
 
 /// `y[i] = bf16(y[i] + x[i])` for `i < x.len()` (residual adds).

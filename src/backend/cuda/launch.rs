@@ -26,6 +26,12 @@ pub(crate) fn need<T: bytemuck::Pod>(buf: &DeviceBuffer<T>, n: usize, what: &str
     Ok(())
 }
 
+/// `rows·cols` elements, or an error when that overflows.
+pub(crate) fn elems(rows: usize, cols: usize, what: &str) -> Result<usize> {
+    rows.checked_mul(cols)
+        .ok_or_else(|| bad(format!("{what}: {rows} rows of {cols} overflow")))
+}
+
 /// Rows of `cols` elements in a buffer of `len` elements.
 pub(crate) fn rows_of(len: usize, cols: usize, what: &str) -> Result<usize> {
     if cols == 0 || !len.is_multiple_of(cols) {

@@ -26,6 +26,7 @@ use half::bf16;
 
 use super::blas::{gemm_bf16, Gemm};
 use super::device::cuda_err;
+use super::launch::elems;
 use super::params::*;
 use super::{DeviceBuffer, Gpu};
 use crate::error::{bad, Error, Result};
@@ -316,9 +317,7 @@ pub fn scale_rows(
     cols: usize,
     out: &mut DeviceBuffer<bf16>,
 ) -> Result<()> {
-    let n = rows
-        .checked_mul(cols)
-        .ok_or_else(|| bad("scale_rows: size overflows"))?;
+    let n = elems(rows, cols, "scale_rows")?;
     need(x, n, "scale_rows input")?;
     need(out, n, "scale_rows output")?;
     need(scale, rows, "scale_rows scales")?;
@@ -345,9 +344,7 @@ pub fn argmax_rows(
     cols: usize,
     out: &mut DeviceBuffer<u32>,
 ) -> Result<()> {
-    let n = rows
-        .checked_mul(cols)
-        .ok_or_else(|| bad("argmax_rows: size overflows"))?;
+    let n = elems(rows, cols, "argmax_rows")?;
     need(logits, n, "argmax_rows logits")?;
     need(out, rows, "argmax_rows output")?;
     if rows == 0 {
