@@ -53,8 +53,6 @@ constexpr int DEC_WARPS = 4;
 constexpr int DEC_GROUP = 8;  // query heads per decode block (one KV head)
 constexpr int DEC_UNROLL = 4; // keys per warp per step
 
-PALIGN_DYNAMIC_SMEM(smem);
-
 // 2^x by the SFU alone (subnormal results flush to 0; 2^-inf = +0). exp2f adds a range
 // fix-up of three instructions per call, a visible cost in the softmax.
 __device__ __forceinline__ float fast_exp2(float x) { return ex2_approx_ftz(x); }
@@ -174,6 +172,7 @@ template <int D, int WARPS, int MT, int BN, int STAGES> __device__ void fwd(cons
     const int k_first = W > 0 ? imax(0, q0 - W + 1) : 0;
     const int t_lo = k_first / BN, t_hi = q_last / BN + 1;
 
+    PALIGN_DYNAMIC_SMEM(smem);
     __nv_bfloat16 *sQ = reinterpret_cast<__nv_bfloat16 *>(smem);
     __nv_bfloat16 *sK = sQ + BM * D; // stage s: sK + s·KV_STRIDE
     __nv_bfloat16 *sV = sK + BN * D;
@@ -486,6 +485,7 @@ __device__ void bwd(const AttnBwdParams &p) {
     const int qt_lo = k0 / BM, n_qt = (q_end - 1) / BM + 1 - qt_lo;
     const int n_it = group * n_qt;
 
+    PALIGN_DYNAMIC_SMEM(smem);
     __nv_bfloat16 *sK = reinterpret_cast<__nv_bfloat16 *>(smem);
     __nv_bfloat16 *sV = sK + BN * D;
     __nv_bfloat16 *sQ = sV + BN * D;          // [STAGES][BM*D]
@@ -785,6 +785,7 @@ __device__ void bwdg(const AttnBwdParams &p) {
     const int qt_lo = k0 / BM, n_qt = (q_end - 1) / BM + 1 - qt_lo;
     const int n_it = group * n_qt;
 
+    PALIGN_DYNAMIC_SMEM(smem);
     __nv_bfloat16 *sK = reinterpret_cast<__nv_bfloat16 *>(smem);
     __nv_bfloat16 *sV = sK + BN * D;
     __nv_bfloat16 *sQ = sV + BN * D;            // [STAGES][BM*D]

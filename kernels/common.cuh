@@ -76,10 +76,10 @@ __device__ __forceinline__ float block_sum(float v) {
 // All inline PTX outside the sm_90a-only wgmma path lives here, so that the CPU emulator
 // (tools/kemu, PALIGN_KEMU) can stand in for it with the same semantics.
 
-// A kernel's dynamic shared memory, declared at namespace or block scope.
+// A kernel's dynamic shared memory, declared in the kernel's body. kemu: a reference to
+// this OS thread's kemu::dyn_smem (a local: no thread-local initializer for fibers to share).
 #ifdef PALIGN_KEMU
-#define PALIGN_DYNAMIC_SMEM(name)                                                          \
-    static thread_local uint8_t(&name)[::kemu::kDynSmemMax] = ::kemu::dyn_smem
+#define PALIGN_DYNAMIC_SMEM(name) uint8_t(&name)[::kemu::kDynSmemMax] = ::kemu::dyn_smem
 #else
 #define PALIGN_DYNAMIC_SMEM(name) extern __shared__ __align__(16) uint8_t name[]
 #endif

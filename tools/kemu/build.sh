@@ -3,9 +3,15 @@
 # ${KEMU_DIR:-target/kemu}: libkemu.so with the names libcuda.so(.1) and libcublas.so
 # beside it, so that a process with that folder first on LD_LIBRARY_PATH runs the GPU
 # code paths on the CPU. Needs only a C++20 compiler (g++ or clang++).
+#
+#   tools/kemu/build.sh --racecheck    the racecheck build, in ${KEMU_DIR:-target/kemu-race}:
+#       kernels instrumented by ThreadSanitizer, fibers as TSan fibers (runtime.cpp, top).
+#       A process loads it with libtsan preloaded (run-gpu-tests.sh --racecheck does).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-out=${KEMU_DIR:-target/kemu}
+race=0
+[ "${1:-}" = --racecheck ] && race=1
+if [ $race = 1 ]; then out=${KEMU_DIR:-target/kemu-race}; else out=${KEMU_DIR:-target/kemu}; fi
 cxx=${CXX:-g++}
 mkdir -p "$out"
 
@@ -41,9 +47,21 @@ flags=(-std=c++20 -O2 -g -fPIC -shared -pthread -DPALIGN_KEMU -ffp-contract=fast
     -Wl,-soname,libkemu.so)
 # The emulator's hot loops (mma, the GEMM) want -O3's vectorizer; the kernels do not.
 emu=(-O3 -fno-sanitize=alignment -ffp-contract=off) # the emulator's own sums: unfused
+# Racecheck: the kernels (and the driver) instrumented; the runtime only annotates (its
+# fiber switches and exchange slots are not the kernels' memory accesses).
+tsan=()
+if [ $race = 1 ]; then
+    lib=$("$cxx" -print-file-name=libtsan.so.2)
+    if [ ! -e "$lib" ]; then
+        echo "kemu --racecheck: $cxx has no ThreadSanitizer runtime (libtsan.so.2; apt: libtsan2)" >&2
+        exit 2
+    fi
+    tsan=(-fsanitize=thread)
+    emu+=(-DKEMU_TSAN)
+fi
 "$cxx" "${flags[@]}" "${emu[@]}" -c tools/kemu/runtime.cpp -o "$out/runtime.o"
 "$cxx" "${flags[@]}" "${emu[@]}" -c tools/kemu/cublas.cpp -o "$out/cublas.o"
-"$cxx" "${flags[@]}" "$gen" "$out/runtime.o" tools/kemu/driver.cpp "$out/cublas.o" \
+"$cxx" "${flags[@]}" "${tsan[@]}" "$gen" "$out/runtime.o" tools/kemu/driver.cpp "$out/cublas.o" \
     -o "$out/libkemu.so.tmp"
 mv "$out/libkemu.so.tmp" "$out/libkemu.so"
 for name in libcuda.so libcuda.so.1 libcublas.so; do ln -sf libkemu.so "$out/$name"; done
@@ -51,8 +69,34 @@ for name in libcuda.so libcuda.so.1 libcublas.so; do ln -sf libkemu.so "$out/$na
 # The emulator's own tests: primitives against their PTX definitions, bugs caught.
 exe_flags=()
 for f in "${flags[@]}"; do [[ $f == -shared || $f == -Wl,-soname* ]] || exe_flags+=("$f"); done
-"$cxx" "${exe_flags[@]}" tools/kemu/runtime.cpp tools/kemu/driver.cpp tools/kemu/selftest.cpp \
-    -o "$out/selftest"
-{ "$out/selftest" && KEMU_ORDER=reverse "$out/selftest"; } >"$out/selftest.log" 2>&1 ||
-    { cat "$out/selftest.log"; exit 1; }
-echo "kemu: built $out/libkemu.so ($(tail -1 "$out/selftest.log"))"
+if [ $race = 0 ]; then
+    "$cxx" "${exe_flags[@]}" tools/kemu/runtime.cpp tools/kemu/driver.cpp \
+        tools/kemu/selftest.cpp -o "$out/selftest"
+    { "$out/selftest" && KEMU_ORDER=reverse "$out/selftest"; } >"$out/selftest.log" 2>&1 ||
+        { cat "$out/selftest.log"; exit 1; }
+    echo "kemu: built $out/libkemu.so ($(tail -1 "$out/selftest.log"))"
+    exit 0
+fi
+
+# Racecheck: each case in a process of its own; TSan must report a race (its exit status
+# 66) exactly for the racy ones.
+"$cxx" "${exe_flags[@]}" "${tsan[@]}" "$out/runtime.o" tools/kemu/driver.cpp \
+    tools/kemu/selftest.cpp -o "$out/selftest"
+: >"$out/selftest.log"
+bad=0 n=0
+while read -r name kind; do
+    rc=0
+    TSAN_OPTIONS=exitcode=66 "$out/selftest" --race "$name" >>"$out/selftest.log" 2>&1 || rc=$?
+    want=0
+    [ "$kind" = racy ] && want=66
+    n=$((n + 1))
+    if [ $rc != $want ]; then
+        echo "FAIL racecheck $name ($kind): exit status $rc, expected $want" >>"$out/selftest.log"
+        bad=$((bad + 1))
+    fi
+done < <("$out/selftest" --race-cases)
+if [ $bad != 0 ]; then
+    cat "$out/selftest.log"
+    exit 1
+fi
+echo "kemu: built $out/libkemu.so (racecheck selftest: $n cases as expected)"

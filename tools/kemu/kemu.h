@@ -9,9 +9,13 @@
 // for it, a misaligned ldmatrix row or vector access, a warp operation with an exited
 // lane or lanes at different operations, a deadlock, a block over __launch_bounds__,
 // shared memory over the opt-in limit, an access past the end of an allocation, a race
-// that the thread order decides (KEMU_ORDER=reverse). What it cannot tell: speed; the
-// tensor cores' exact rounding; races that only a real memory model shows; static
-// __shared__ memory read before it is written (it keeps the previous block's values).
+// that the thread order decides (KEMU_ORDER=reverse), and in the racecheck build
+// (build.sh --racecheck) any two accesses of different threads to one address, one a
+// write, that no barrier orders (ThreadSanitizer). What it cannot tell: speed; the
+// tensor cores' exact rounding; the weaker orderings of the GPU memory model (fences,
+// acquire/release scopes: no kernel uses them); races between blocks whose linear
+// indices are equal modulo the racecheck's 4 OS threads (one thread runs them in turn);
+// static __shared__ memory read before it is written (it keeps the previous block's values).
 //
 // Together with driver.cpp / cublas.cpp it builds one library that answers to the names
 // libcuda.so and libcublas.so, so the GPU tests run unchanged through cudarc

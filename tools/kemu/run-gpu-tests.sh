@@ -10,12 +10,22 @@
 #   KEMU_QUICK=1 tools/kemu/run-gpu-tests.sh    without the reverse-order pass
 #   KEMU_ALL=1 tools/kemu/run-gpu-tests.sh      the slow ones too (tens of minutes)
 #   tools/kemu/run-gpu-tests.sh gpu_nf4 -- NAME  one binary, test filter after --
+#   tools/kemu/run-gpu-tests.sh --racecheck [BINARY...] [-- FILTER]
+#                                               the kernel tests once on the racecheck
+#                                               build: ThreadSanitizer reports every pair
+#                                               of accesses no barrier orders (a data race
+#                                               on a GPU), and the run fails
 #
 # Needs kernels compiled by nvcc (the fatbin must exist for the device to open; kemu
 # itself does not read it): PALIGN_REQUIRE_KERNELS=1 makes the build fail otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-tools/kemu/build.sh
+race=0
+if [ "${1:-}" = --racecheck ]; then
+    race=1
+    shift
+fi
+if [ $race = 1 ]; then tools/kemu/build.sh --racecheck; else tools/kemu/build.sh; fi
 
 binaries=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do
@@ -26,7 +36,12 @@ done
 default=0
 if [ ${#binaries[@]} -eq 0 ]; then
     default=1
-    for f in tests/gpu_*.rs; do binaries+=("$(basename "$f" .rs)"); done
+    for f in tests/gpu_*.rs; do
+        b=$(basename "$f" .rs)
+        # Racecheck: the kernel tests (the whole-model tests in gpu_model add no kernels).
+        [ $race = 1 ] && [ "$b" = gpu_model ] && continue
+        binaries+=("$b")
+    done
 fi
 
 # Each of these takes a minute or more on the emulator (7B-sized shapes, or a tuner timing
@@ -45,6 +60,26 @@ fi
 args=()
 for b in "${binaries[@]}"; do args+=(--test "$b"); done
 export PALIGN_REQUIRE_KERNELS=1
+if [ $race = 1 ]; then
+    # The test binaries (not cargo or rustc: cargo's runner setting) start with libtsan
+    # loaded, which the instrumented libkemu needs. Only instrumented code is checked:
+    # Rust's own accesses and its futex locks are invisible to TSan. Exit status 66 when
+    # a race was reported, after all tests ran.
+    tsan=$(${CXX:-g++} -print-file-name=libtsan.so.2)
+    host=$(rustc -vV | sed -n 's/^host: //p' | tr 'a-z-' 'A-Z_')
+    export "CARGO_TARGET_${host}_RUNNER=env LD_PRELOAD=$tsan"
+    export TSAN_OPTIONS="ignore_noninstrumented_modules=1 exitcode=66 ${TSAN_OPTIONS:-}"
+    export LD_LIBRARY_PATH="$PWD/target/kemu-race${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    # Every binary runs (--no-fail-fast) so one report does not hide the others.
+    rc=0
+    KEMU_SM=${KEMU_SM:-80} cargo test --release --no-fail-fast "${args[@]}" -- --ignored \
+        --test-threads=1 "${skip[@]}" "$@" || rc=$?
+    if [ $default = 1 ]; then
+        KEMU_SM=90 cargo test --release --test gpu_nf4 -- --ignored --test-threads=1 wgmma ||
+            rc=$?
+    fi
+    exit $rc
+fi
 export LD_LIBRARY_PATH="$PWD/target/kemu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # Tuner and dispatcher caches are keyed by GPU name, so kemu's entries stay apart from a
 # real GPU's. (XDG_CACHE_HOME is left alone: build.rs reruns nvcc when it changes.)

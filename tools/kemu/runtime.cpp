@@ -12,6 +12,16 @@
 // shared memory before waiting sees stale data, as it may on a GPU. Dynamic shared
 // memory is filled with 0xff (bf16 NaN) before each block, so reads of never-written
 // shared memory show up in the results.
+//
+// Racecheck (built with KEMU_TSAN by `tools/kemu/build.sh --racecheck`): the kernels are
+// instrumented by ThreadSanitizer and every fiber is a TSan fiber. Fibers switch without
+// implying any order; only what orders threads on a GPU orders them here: __syncthreads
+// (the block), __syncwarp (the warp), the start and end of a block and of a launch. So two
+// accesses to one address by different threads, one a write, not both atomic, with none
+// of these between them, are reported as a data race, whichever order the fibers ran in.
+// Shuffles, ldmatrix and mma exchange registers only; they order no memory (as in the CUDA
+// memory model), and a lane's ldmatrix row, cp.async copy and wgmma operands count as that
+// lane's own reads and writes.
 #include "runtime.h"
 
 #include <pthread.h>
@@ -31,6 +41,12 @@
 #include <ucontext.h>
 #endif
 
+#if defined(KEMU_TSAN)
+#include <sanitizer/tsan_interface.h>
+extern "C" void __tsan_read_range(void *addr, unsigned long size);  // exported by libtsan,
+extern "C" void __tsan_write_range(void *addr, unsigned long size); // not in its header
+#endif
+
 namespace kemu {
 
 alignas(1024) thread_local uint8_t dyn_smem[kDynSmemMax];
@@ -39,6 +55,38 @@ namespace {
 
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr int kMaxThreads = 1024;
+
+// ------------------------------------------------------------ racecheck hooks
+// ThreadSanitizer's fiber and annotation calls (see the top); nothing without KEMU_TSAN.
+namespace race {
+#if defined(KEMU_TSAN)
+void *new_fiber() { return __tsan_create_fiber(0); }
+void *this_fiber() { return __tsan_get_current_fiber(); }
+// Called right before a context switch; the order between fibers comes from the
+// release/acquire pairs below, never from the switch itself.
+void switch_to(void *fiber) { __tsan_switch_to_fiber(fiber, __tsan_switch_to_fiber_no_sync); }
+void release(void *sync) { __tsan_release(sync); }
+void acquire(void *sync) { __tsan_acquire(sync); }
+void read(const void *p, size_t n) { __tsan_read_range(const_cast<void *>(p), n); }
+void write(void *p, size_t n) { __tsan_write_range(p, n); }
+// Reports name the fiber: kernel, block and thread.
+void name(void *fiber, const char *kernel, uint3 b, uint3 t) {
+    char buf[256];
+    std::snprintf(buf, sizeof buf, "%s block (%u,%u,%u) thread (%u,%u,%u)", kernel, b.x, b.y,
+                  b.z, t.x, t.y, t.z);
+    __tsan_set_fiber_name(fiber, buf);
+}
+#else
+void *new_fiber() { return nullptr; }
+void *this_fiber() { return nullptr; }
+void switch_to(void *) {}
+void release(void *) {}
+void acquire(void *) {}
+void read(const void *, size_t) {}
+void write(void *, size_t) {}
+void name(void *, const char *, uint3, uint3) {}
+#endif
+} // namespace race
 
 // ------------------------------------------------------------ context switch
 #if defined(__x86_64__)
@@ -121,6 +169,7 @@ struct Fiber {
     ucontext_t ctx;
 #endif
     uint8_t *stack = nullptr; // lowest usable byte (a guard page lies below)
+    void *tsan = nullptr;     // racecheck: this fiber's TSan context
     uint3 tid{};
     int lane = 0, warp = 0;
     St st = St::Run;
@@ -154,6 +203,11 @@ struct Worker {
 #else
     ucontext_t sched;
 #endif
+    void *sched_tsan = nullptr; // racecheck: the OS thread's own TSan context
+    // Racecheck synchronisation objects (their addresses): the scheduler releases
+    // `start` before a block, every thread acquires it; threads release `end` at exit and
+    // `bar` at __syncthreads (and exit), and acquire `bar` when the barrier lets them go.
+    char start_sync = 0, end_sync = 0, bar_sync = 0;
     Fiber *cur = nullptr;
     const KernelEntry *k = nullptr;
     void **args = nullptr;
@@ -169,7 +223,10 @@ struct Worker {
 thread_local Worker *W = nullptr;
 
 Worker &worker() {
-    if (!W) W = new Worker(); // one per OS thread, kept for the thread's life
+    if (!W) { // one per OS thread, kept for the thread's life
+        W = new Worker();
+        W->sched_tsan = race::this_fiber();
+    }
     return *W;
 }
 
@@ -210,6 +267,7 @@ void suspend() {
         }
     if (next == me) return;
     w.cur = next;
+    race::switch_to(next ? next->tsan : w.sched_tsan);
 #if defined(__x86_64__)
     kemu_switch(&me->sp, next ? next->sp : w.sched_sp);
 #else
@@ -217,7 +275,10 @@ void suspend() {
 #endif
 }
 
-void land(Copy &c) { std::memcpy(c.dst, c.bytes, c.n); }
+void land(Copy &c) {
+    race::write(c.dst, c.n);
+    std::memcpy(c.dst, c.bytes, c.n);
+}
 
 void release_block_barrier(Worker &w) {
     for (Fiber &f : w.fibers)
@@ -249,6 +310,8 @@ void thread_exit() {
     if (!f.wgmmas.empty())
         fail("a thread exited with wgmma operations in flight (no wgmma.wait_group for them)");
     f.st = St::Done;
+    race::release(&w.end_sync);
+    race::release(&w.bar_sync); // exited threads count as arrived at __syncthreads
     w.live--;
     Warp &wp = w.warps[f.warp];
     wp.done |= 1u << f.lane;
@@ -262,6 +325,7 @@ void thread_exit() {
 
 void fiber_main() {
     Worker &w = *W;
+    race::acquire(&w.start_sync);
     w.k->call(w.k->fn, w.args);
     thread_exit();
 }
@@ -302,6 +366,7 @@ void run_block(Worker &w, uint3 bid) {
     while (int(w.fibers.size()) < n) {
         w.fibers.emplace_back();
         w.fibers.back().stack = new_stack();
+        w.fibers.back().tsan = race::new_fiber();
     }
     w.warps.assign(n_warps, Warp{});
     w.wg_log.assign((n + 127) / 128, {});
@@ -318,6 +383,7 @@ void run_block(Worker &w, uint3 bid) {
         f.wgmmas.clear();
         f.wg_issued = 0;
         w.warps[f.warp].exists |= 1u << f.lane;
+        race::name(f.tsan, w.k->name, bid, f.tid);
         start_fiber(w, f);
     }
     std::memset(dyn_smem, 0xff, std::min<size_t>(kDynSmemMax, std::max(w.smem, 1024u)));
@@ -325,11 +391,14 @@ void run_block(Worker &w, uint3 bid) {
     w.n = n;
     Fiber &first = w.fibers[order() > 0 ? 0 : n - 1];
     w.cur = &first;
+    race::release(&w.start_sync);
+    race::switch_to(first.tsan);
 #if defined(__x86_64__)
     kemu_switch(&w.sched_sp, first.sp);
 #else
     swapcontext(&w.sched, &first.ctx);
 #endif
+    race::acquire(&w.end_sync);
     int done = 0, bar = 0, warp = 0;
     for (int i = 0; i < n; i++) {
         done += w.fibers[i].st == St::Done;
@@ -399,6 +468,7 @@ struct Pool {
     std::mutex m;
     std::condition_variable cv, done_cv;
     std::vector<std::thread> threads;
+    int n_threads = 0;
     uint64_t job = 0; // generation counter
     int busy = 0;
     // The current launch.
@@ -412,7 +482,11 @@ struct Pool {
     std::string err;
     std::mutex err_m;
 
-    void work() {
+    // Worker `me` of the pool's threads runs the launch's blocks. Racecheck: block b runs
+    // on worker b % threads, so neighbouring blocks always run on different OS threads
+    // and TSan sees them unordered (blocks that share a worker are ordered by it, as
+    // blocks that reuse an SM's shared memory are).
+    void work(int me) {
         prepare_thread();
         Worker &w = worker();
         w.k = k;
@@ -422,9 +496,14 @@ struct Pool {
         w.smem = smem;
         w.failed = false;
         w.err.clear();
-        for (;;) {
+        for (uint64_t mine = 0;; mine++) {
             if (failed.load()) break;
+#if defined(KEMU_TSAN)
+            const uint64_t b = mine * uint64_t(n_threads) + uint64_t(me);
+#else
             const uint64_t b = next.fetch_add(1);
+            (void)mine, (void)me;
+#endif
             if (b >= n_blocks) break;
             const uint3 bid{unsigned(b % grid.x), unsigned(b / grid.x % grid.y),
                             unsigned(b / (uint64_t(grid.x) * grid.y))};
@@ -437,14 +516,14 @@ struct Pool {
         }
     }
 
-    void loop() {
+    void loop(int me) {
         uint64_t seen = 0;
         for (;;) {
             std::unique_lock<std::mutex> g(m);
             cv.wait(g, [&] { return job != seen; });
             seen = job;
             g.unlock();
-            work();
+            work(me);
             g.lock();
             if (--busy == 0) done_cv.notify_all();
         }
@@ -460,9 +539,13 @@ Pool &pool() {
     if (!the_pool) {
         auto *p = new Pool();
         int n = int(std::min(4u, std::max(1u, std::thread::hardware_concurrency())));
+#if defined(KEMU_TSAN)
+        n = 4; // racecheck: neighbouring blocks on different threads, whatever the cores
+#endif
         if (const char *e = std::getenv("KEMU_THREADS")) n = std::max(1, std::atoi(e));
+        p->n_threads = n;
         for (int i = 0; i < n; i++) {
-            p->threads.emplace_back([p] { p->loop(); });
+            p->threads.emplace_back([p, i] { p->loop(i); });
             p->threads.back().detach();
         }
         the_pool = p;
@@ -528,13 +611,15 @@ void trap(const char *why) { fail(why); }
 
 void syncthreads() {
     Worker &w = *W;
+    race::release(&w.bar_sync);
     w.at_bar++;
     if (w.at_bar == w.live) {
         release_block_barrier(w);
-        return;
+    } else {
+        w.cur->st = St::BlockBar;
+        suspend();
     }
-    w.cur->st = St::BlockBar;
-    suspend();
+    race::acquire(&w.bar_sync);
 }
 
 namespace {
@@ -554,6 +639,7 @@ void warp_barrier(unsigned mask, uint64_t tag = 0, void (*on_release)(Warp &, in
         fail("a warp-collective operation waits for a lane that has exited");
     const int ph = int(f.ops & 1);
     if (tag) wp.ex[ph][f.lane][3] = tag;
+    if (!tag) race::release(&wp); // __syncwarp orders the warp's memory accesses
     wp.arrived |= 1u << f.lane;
     if ((wp.arrived & need) == need) {
         const int base = f.warp * 32;
@@ -565,10 +651,11 @@ void warp_barrier(unsigned mask, uint64_t tag = 0, void (*on_release)(Warp &, in
         for (int l = 0; l < 32; l++)
             if ((need >> l & 1) && l != f.lane) w.fibers[base + l].st = St::Run;
         wp.arrived &= ~need;
-        return;
+    } else {
+        f.st = St::WarpBar;
+        suspend();
     }
-    f.st = St::WarpBar;
-    suspend();
+    if (!tag) race::acquire(&wp);
 }
 
 // This lane's exchange slots for its next collective operation.
@@ -633,6 +720,7 @@ void ldmatrix(uint32_t *r, int count, bool trans, const void *row_addr) {
     Fiber &f = *w.cur;
     if (f.lane < 8 * count && (reinterpret_cast<uintptr_t>(row_addr) & 15))
         fail("ldmatrix row address not 16-byte aligned");
+    if (f.lane < 8 * count) race::read(row_addr, 16);
     slots(f.lane)[0] = reinterpret_cast<uint64_t>(row_addr);
     warp_barrier(0xffffffffu, ldmatrix_tag(count, trans), ldmatrix_gather);
     const int ph = int(f.ops & 1);
@@ -691,7 +779,10 @@ void cp_async(void *dst, const void *src, int bytes, int src_bytes) {
     c.dst = static_cast<uint8_t *>(dst);
     c.n = bytes;
     std::memset(c.bytes, 0, sizeof c.bytes);
-    if (src_bytes) std::memcpy(c.bytes, src, src_bytes);
+    if (src_bytes) {
+        race::read(src, src_bytes);
+        std::memcpy(c.bytes, src, src_bytes);
+    }
     f.copies.open.push_back(c);
 }
 
@@ -718,7 +809,7 @@ namespace {
 // 8-row groups) bits 32-45, swizzle mode bits 62-63. Only the K-major, 128-byte-swizzle
 // form is emulated: row r is 128 bytes at (r/8)·SBO + (r%8)·128 from the start, and the
 // hardware swaps 16-byte chunks by address bits [4:6] ^= [7:9].
-float wg_elem(uint64_t desc, int r, int k) {
+float wg_elem(uint64_t desc, int r, int k, bool note) {
     const uint32_t start = uint32_t(desc & 0x3fff) << 4;
     const uint32_t sbo = uint32_t((desc >> 32) & 0x3fff) << 4;
     uint32_t a = start + uint32_t(r / 8) * sbo + uint32_t(r % 8) * 128 + 2 * k;
@@ -727,6 +818,7 @@ float wg_elem(uint64_t desc, int r, int k) {
     if (off < 0 || off + 2 > int64_t(W->smem))
         fail("a wgmma operand outside the launch's dynamic shared memory");
     uint16_t v;
+    if (note) race::read(dyn_smem + off, 2);
     std::memcpy(&v, dyn_smem + off, 2);
     return __bfloat162float({v});
 }
@@ -739,16 +831,17 @@ void check_desc(uint64_t desc) {
 // This thread's 64 accumulator products of D(64x128) = A(64x16)·B(128x16)ᵀ: warp q of
 // the warpgroup, lane (g, t) holds d[4j+i] at row 16q + g + 8(i/2), column 8j + 2t + i%2
 // (PTX ISA, wgmma .m64nNk16 D fragment).
-void wg_products(uint64_t da, uint64_t db, float out[64]) {
+// `note`: count the operand reads as this thread's (racecheck), once per wgmma.
+void wg_products(uint64_t da, uint64_t db, float out[64], bool note) {
     const Fiber &f = *W->cur;
     const int q = (f.index & 127) >> 5, g = f.lane / 4, t = f.lane % 4;
     float a[2][16];
     for (int h = 0; h < 2; h++)
-        for (int k = 0; k < 16; k++) a[h][k] = wg_elem(da, 16 * q + g + 8 * h, k);
+        for (int k = 0; k < 16; k++) a[h][k] = wg_elem(da, 16 * q + g + 8 * h, k, note);
     for (int j = 0; j < 16; j++)
         for (int c = 0; c < 2; c++) {
             float b[16];
-            for (int k = 0; k < 16; k++) b[k] = wg_elem(db, 8 * j + 2 * t + c, k);
+            for (int k = 0; k < 16; k++) b[k] = wg_elem(db, 8 * j + 2 * t + c, k, note);
             for (int h = 0; h < 2; h++) {
                 float acc = 0;
                 for (int k = 0; k < 16; k++) acc += a[h][k] * b[k];
@@ -776,7 +869,7 @@ void wgmma_m64n128k16(float *d, uint64_t da, uint64_t db) {
         fail("the threads of a warpgroup issued a wgmma with different operands");
     f.wg_issued++;
     WgOp op{d, da, db, {}};
-    wg_products(da, db, op.sum);
+    wg_products(da, db, op.sum, true);
     f.wgmmas.open.push_back(op);
 }
 
@@ -785,7 +878,7 @@ void wgmma_commit() { W->cur->wgmmas.commit(); }
 void wgmma_wait(int n) {
     W->cur->wgmmas.wait(size_t(n), [](WgOp &op) {
         float now[64];
-        wg_products(op.da, op.db, now);
+        wg_products(op.da, op.db, now, false);
         if (std::memcmp(now, op.sum, sizeof now) != 0)
             fail("a wgmma operand in shared memory changed before its wgmma.wait_group");
         for (int i = 0; i < 64; i++) op.d[i] += op.sum[i];

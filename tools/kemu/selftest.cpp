@@ -208,9 +208,110 @@ bool dies_of(void (*k)(Buf), int sig) {
     return WIFSIGNALED(status) && WTERMSIG(status) == sig;
 }
 
+// ---------------------------------------------------------------- racecheck cases
+// Run one at a time by the racecheck build (`selftest --race NAME`, tools/kemu/build.sh
+// --racecheck): ThreadSanitizer must report a data race for each racy case and nothing
+// for the others, which use the orderings a GPU guarantees.
+void k_warp_exchange(Buf b) { // lanes swap values through shared memory
+    __shared__ float s[32];
+    s[threadIdx.x] = float(threadIdx.x);
+    if (b.n) __syncwarp();
+    b.f[threadIdx.x] = s[threadIdx.x ^ 1];
+}
+void k_shuffle_then_read(Buf b) { // a shuffle exchanges registers, it orders no memory
+    __shared__ float s[1];
+    if (threadIdx.x == 0) s[0] = 1;
+    const float v = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+    if (threadIdx.x == 1) b.f[1] = s[0] + v;
+}
+void k_cp_async_exchange(Buf b) { // each thread copies 16 bytes; its neighbour reads them
+    __shared__ __align__(16) float s[64 * 4];
+    const int t = threadIdx.x;
+    kemu::cp_async(&s[4 * t], b.f + 4 * t, 16, 16);
+    kemu::cp_async_commit();
+    kemu::cp_async_wait(0);
+    if (b.n) __syncthreads();
+    b.u[t] = __float_as_uint(s[4 * ((t + 1) % 64)]);
+}
+void k_ldmatrix_other_warp(Buf b) { // warp 1 fills a tile that warp 0 loads
+    __shared__ __align__(16) uint16_t tile[16 * 16];
+    const int t = threadIdx.x;
+    if (t >= 32)
+        for (int i = t - 32; i < 256; i += 32) tile[i] = uint16_t(i);
+    if (b.n) __syncthreads();
+    if (t < 32) {
+        uint32_t r[4];
+        kemu::ldmatrix(r, 4, false, &tile[(t % 16) * 16 + (t / 16) * 8]);
+        b.u[t] = r[0];
+    }
+}
+void k_atomic_count(Buf b) { atomicAdd(&b.f[0], 1.0f); }
+void k_first_thread_writes(Buf b) {
+    if (threadIdx.x == 0) b.f[0] = float(blockIdx.x);
+}
+void k_write_own(Buf b) { b.f[blockIdx.x * blockDim.x + threadIdx.x] = 1.0f; }
+void k_read_neighbour(Buf b) {
+    const unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    b.u[i] = __float_as_uint(b.f[(i + 37) % 256]);
+}
+
+struct RaceCase {
+    const char *name;
+    bool racy;
+    std::string (*run)(Buf);
+};
+
+const RaceCase kRaceCases[] = {
+    {"block-barrier", false, [](Buf b) { return run(k_block_sum, b, {8, 1, 1}, {256, 1, 1}); }},
+    {"missing-block-barrier", true, [](Buf b) { return run(k_race, b, {1, 1, 1}, {64, 1, 1}, 1024); }},
+    {"warp-barrier", false,
+     [](Buf b) { return run(k_warp_exchange, Buf{b.f, b.u, 1}, {1, 1, 1}, {32, 1, 1}); }},
+    {"missing-warp-barrier", true,
+     [](Buf b) { return run(k_warp_exchange, Buf{b.f, b.u, 0}, {1, 1, 1}, {32, 1, 1}); }},
+    {"shuffle-is-no-barrier", true,
+     [](Buf b) { return run(k_shuffle_then_read, b, {1, 1, 1}, {32, 1, 1}); }},
+    {"cp-async-then-barrier", false,
+     [](Buf b) { return run(k_cp_async_exchange, Buf{b.f, b.u, 1}, {1, 1, 1}, {64, 1, 1}); }},
+    {"cp-async-without-barrier", true,
+     [](Buf b) { return run(k_cp_async_exchange, Buf{b.f, b.u, 0}, {1, 1, 1}, {64, 1, 1}); }},
+    {"ldmatrix-after-barrier", false,
+     [](Buf b) { return run(k_ldmatrix_other_warp, Buf{b.f, b.u, 1}, {1, 1, 1}, {64, 1, 1}); }},
+    {"ldmatrix-without-barrier", true,
+     [](Buf b) { return run(k_ldmatrix_other_warp, Buf{b.f, b.u, 0}, {1, 1, 1}, {64, 1, 1}); }},
+    {"wgmma-after-barrier", false,
+     [](Buf b) { return run(k_wgmma, Buf{b.f, nullptr, 0}, {1, 1, 1}, {128, 1, 1}, 32768); }},
+    {"atomics-across-blocks", false,
+     [](Buf b) { return run(k_atomic_count, b, {4, 1, 1}, {64, 1, 1}); }},
+    {"blocks-write-one-word", true,
+     [](Buf b) { return run(k_first_thread_writes, b, {4, 1, 1}, {32, 1, 1}); }},
+    {"launches-in-order", false, [](Buf b) {
+         const std::string e = run(k_write_own, b, {4, 1, 1}, {64, 1, 1});
+         return e.empty() ? run(k_read_neighbour, b, {4, 1, 1}, {64, 1, 1}) : e;
+     }},
+};
+
+int race_case(const char *name) {
+    std::vector<float> f(64 * 128, 0); // k_wgmma writes 64 x 128
+    std::vector<uint32_t> u(1024, 0);
+    for (const RaceCase &c : kRaceCases)
+        if (std::string(name) == c.name) {
+            const std::string err = c.run(Buf{f.data(), u.data(), 0});
+            if (!err.empty()) std::printf("FAIL %s: %s\n", name, err.c_str());
+            return err.empty() ? 0 : 1;
+        }
+    std::printf("FAIL no racecheck case %s\n", name);
+    return 1;
+}
+
 } // namespace
 
-int main() {
+int main(int argc, char **argv) {
+    if (argc == 2 && std::string(argv[1]) == "--race-cases") {
+        for (const RaceCase &c : kRaceCases) std::printf("%s %s\n", c.name, c.racy ? "racy" : "clean");
+        return 0;
+    }
+    if (argc == 3 && std::string(argv[1]) == "--race") return race_case(argv[2]);
+
     std::vector<float> f(1024, 0);
     std::vector<uint32_t> u(1024, 0);
     Buf b{f.data(), u.data(), 1024};
