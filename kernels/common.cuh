@@ -79,7 +79,9 @@ __device__ __forceinline__ float block_sum(float v) {
 // A kernel's dynamic shared memory, declared in the kernel's body. kemu: a reference to
 // this OS thread's kemu::dyn_smem (a local: no thread-local initializer for fibers to share).
 #ifdef PALIGN_KEMU
-#define PALIGN_DYNAMIC_SMEM(name) uint8_t(&name)[::kemu::kDynSmemMax] = ::kemu::dyn_smem
+#define PALIGN_DYNAMIC_SMEM(name)                                                          \
+    uint8_t(&name)[::kemu::kDynSmemMax] = ::kemu::dyn_smem;                                 \
+    (void)name /* a statement: at namespace scope, a compile error */
 #else
 #define PALIGN_DYNAMIC_SMEM(name) extern __shared__ __align__(16) uint8_t name[]
 #endif

@@ -7,10 +7,18 @@
 #   tools/kemu/build.sh --racecheck    the racecheck build, in ${KEMU_DIR:-target/kemu-race}:
 #       kernels instrumented by ThreadSanitizer, fibers as TSan fibers (runtime.cpp, top).
 #       A process loads it with libtsan preloaded (run-gpu-tests.sh --racecheck does).
+#       Needs g++'s ThreadSanitizer runtime, libtsan.so.2.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 race=0
-[ "${1:-}" = --racecheck ] && race=1
+case "${1:-}" in
+"") ;;
+--racecheck) race=1 ;;
+*)
+    echo "usage: tools/kemu/build.sh [--racecheck]" >&2
+    exit 2
+    ;;
+esac
 if [ $race = 1 ]; then out=${KEMU_DIR:-target/kemu-race}; else out=${KEMU_DIR:-target/kemu}; fi
 cxx=${CXX:-g++}
 mkdir -p "$out"
@@ -83,10 +91,12 @@ fi
 "$cxx" "${exe_flags[@]}" "${tsan[@]}" "$out/runtime.o" tools/kemu/driver.cpp \
     tools/kemu/selftest.cpp -o "$out/selftest"
 : >"$out/selftest.log"
+cases=$("$out/selftest" --race-cases) # (a failure here stops the script: set -e)
 bad=0 n=0
 while read -r name kind; do
     rc=0
-    TSAN_OPTIONS=exitcode=66 "$out/selftest" --race "$name" >>"$out/selftest.log" 2>&1 || rc=$?
+    TSAN_OPTIONS=exitcode=66 "$out/selftest" --race "$name" </dev/null >>"$out/selftest.log" 2>&1 ||
+        rc=$?
     want=0
     [ "$kind" = racy ] && want=66
     n=$((n + 1))
@@ -94,7 +104,11 @@ while read -r name kind; do
         echo "FAIL racecheck $name ($kind): exit status $rc, expected $want" >>"$out/selftest.log"
         bad=$((bad + 1))
     fi
-done < <("$out/selftest" --race-cases)
+done <<<"$cases"
+if [ $n -lt 10 ]; then
+    echo "FAIL racecheck: only $n selftest cases listed" >>"$out/selftest.log"
+    bad=$((bad + 1))
+fi
 if [ $bad != 0 ]; then
     cat "$out/selftest.log"
     exit 1

@@ -14,7 +14,8 @@
 // write, that no barrier orders (ThreadSanitizer). What it cannot tell: speed; the
 // tensor cores' exact rounding; the weaker orderings of the GPU memory model (fences,
 // acquire/release scopes: no kernel uses them); races between blocks whose linear
-// indices are equal modulo the racecheck's 4 OS threads (one thread runs them in turn);
+// indices are equal modulo the racecheck's OS threads (4, or KEMU_THREADS: one thread
+// runs them in turn, so KEMU_THREADS=1 orders every block of a launch);
 // static __shared__ memory read before it is written (it keeps the previous block's values).
 //
 // Together with driver.cpp / cublas.cpp it builds one library that answers to the names

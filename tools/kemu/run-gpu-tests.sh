@@ -63,8 +63,8 @@ export PALIGN_REQUIRE_KERNELS=1
 if [ $race = 1 ]; then
     # The test binaries (not cargo or rustc: cargo's runner setting) start with libtsan
     # loaded, which the instrumented libkemu needs. Only instrumented code is checked:
-    # Rust's own accesses and its futex locks are invisible to TSan. Exit status 66 when
-    # a race was reported, after all tests ran.
+    # Rust's own accesses and its futex locks are invisible to TSan. A binary with a race
+    # report exits with TSan's status 66 after its tests, which cargo counts as a failure.
     tsan=$(${CXX:-g++} -print-file-name=libtsan.so.2)
     host=$(rustc -vV | sed -n 's/^host: //p' | tr 'a-z-' 'A-Z_')
     export "CARGO_TARGET_${host}_RUNNER=env LD_PRELOAD=$tsan"

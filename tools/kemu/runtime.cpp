@@ -189,6 +189,10 @@ struct Warp {
     // mma: A·B of the warp's operation `ab_op[phase]`, computed by its first lane to run.
     uint64_t ab_op[2] = {~0ull, ~0ull};
     float ab[2][16][8];
+    // Racecheck: __syncwarp rounds so far, and a synchronisation object per round parity
+    // (see Worker::bar_sync).
+    unsigned sync_round = 0;
+    char sync[2] = {0, 0};
 };
 
 // One OS thread's executor: its fibers' stacks are kept between blocks and launches.
@@ -205,9 +209,13 @@ struct Worker {
 #endif
     void *sched_tsan = nullptr; // racecheck: the OS thread's own TSan context
     // Racecheck synchronisation objects (their addresses): the scheduler releases
-    // `start` before a block, every thread acquires it; threads release `end` at exit and
-    // `bar` at __syncthreads (and exit), and acquire `bar` when the barrier lets them go.
-    char start_sync = 0, end_sync = 0, bar_sync = 0;
+    // `start` before a block, every thread acquires it; threads release `end` at exit.
+    // __syncthreads round r: arriving (or exiting) threads release bar_sync[r % 2] and
+    // acquire it when the barrier lets them go. Two, so that a thread already past round
+    // r cannot release its later accesses into what a slower thread still acquires for r
+    // (round r + 2 needs every thread past r + 1).
+    char start_sync = 0, end_sync = 0, bar_sync[2] = {0, 0};
+    unsigned bar_round = 0;
     Fiber *cur = nullptr;
     const KernelEntry *k = nullptr;
     void **args = nullptr;
@@ -284,6 +292,7 @@ void release_block_barrier(Worker &w) {
     for (Fiber &f : w.fibers)
         if (f.st == St::BlockBar) f.st = St::Run;
     w.at_bar = 0;
+    w.bar_round++;
 }
 
 [[noreturn]] void fail(const std::string &why) {
@@ -297,6 +306,7 @@ void release_block_barrier(Worker &w) {
         w.err = buf;
         w.failed = true;
     }
+    race::release(&w.end_sync); // the scheduler reuses what the abandoned block touched
     w.cur->st = St::Done;
     suspend();
     __builtin_unreachable();
@@ -311,7 +321,7 @@ void thread_exit() {
         fail("a thread exited with wgmma operations in flight (no wgmma.wait_group for them)");
     f.st = St::Done;
     race::release(&w.end_sync);
-    race::release(&w.bar_sync); // exited threads count as arrived at __syncthreads
+    race::release(&w.bar_sync[w.bar_round & 1]); // exited threads count as arrived
     w.live--;
     Warp &wp = w.warps[f.warp];
     wp.done |= 1u << f.lane;
@@ -611,7 +621,8 @@ void trap(const char *why) { fail(why); }
 
 void syncthreads() {
     Worker &w = *W;
-    race::release(&w.bar_sync);
+    char *sync = &w.bar_sync[w.bar_round & 1];
+    race::release(sync);
     w.at_bar++;
     if (w.at_bar == w.live) {
         release_block_barrier(w);
@@ -619,7 +630,7 @@ void syncthreads() {
         w.cur->st = St::BlockBar;
         suspend();
     }
-    race::acquire(&w.bar_sync);
+    race::acquire(sync);
 }
 
 namespace {
@@ -639,7 +650,8 @@ void warp_barrier(unsigned mask, uint64_t tag = 0, void (*on_release)(Warp &, in
         fail("a warp-collective operation waits for a lane that has exited");
     const int ph = int(f.ops & 1);
     if (tag) wp.ex[ph][f.lane][3] = tag;
-    if (!tag) race::release(&wp); // __syncwarp orders the warp's memory accesses
+    char *sync = &wp.sync[wp.sync_round & 1]; // __syncwarp orders the warp's accesses
+    if (!tag) race::release(sync);
     wp.arrived |= 1u << f.lane;
     if ((wp.arrived & need) == need) {
         const int base = f.warp * 32;
@@ -651,11 +663,12 @@ void warp_barrier(unsigned mask, uint64_t tag = 0, void (*on_release)(Warp &, in
         for (int l = 0; l < 32; l++)
             if ((need >> l & 1) && l != f.lane) w.fibers[base + l].st = St::Run;
         wp.arrived &= ~need;
+        if (!tag) wp.sync_round++;
     } else {
         f.st = St::WarpBar;
         suspend();
     }
-    if (!tag) race::acquire(&wp);
+    if (!tag) race::acquire(sync);
 }
 
 // This lane's exchange slots for its next collective operation.
@@ -783,6 +796,7 @@ void cp_async(void *dst, const void *src, int bytes, int src_bytes) {
         race::read(src, src_bytes);
         std::memcpy(c.bytes, src, src_bytes);
     }
+    race::write(dst, bytes); // the copy may land any time from here to its wait
     f.copies.open.push_back(c);
 }
 
@@ -831,7 +845,7 @@ void check_desc(uint64_t desc) {
 // This thread's 64 accumulator products of D(64x128) = A(64x16)·B(128x16)ᵀ: warp q of
 // the warpgroup, lane (g, t) holds d[4j+i] at row 16q + g + 8(i/2), column 8j + 2t + i%2
 // (PTX ISA, wgmma .m64nNk16 D fragment).
-// `note`: count the operand reads as this thread's (racecheck), once per wgmma.
+// `note`: count the operand reads as this thread's (racecheck).
 void wg_products(uint64_t da, uint64_t db, float out[64], bool note) {
     const Fiber &f = *W->cur;
     const int q = (f.index & 127) >> 5, g = f.lane / 4, t = f.lane % 4;
@@ -878,7 +892,7 @@ void wgmma_commit() { W->cur->wgmmas.commit(); }
 void wgmma_wait(int n) {
     W->cur->wgmmas.wait(size_t(n), [](WgOp &op) {
         float now[64];
-        wg_products(op.da, op.db, now, false);
+        wg_products(op.da, op.db, now, true); // read any time from issue to here
         if (std::memcmp(now, op.sum, sizeof now) != 0)
             fail("a wgmma operand in shared memory changed before its wgmma.wait_group");
         for (int i = 0; i < 64; i++) op.d[i] += op.sum[i];

@@ -245,6 +245,26 @@ void k_ldmatrix_other_warp(Buf b) { // warp 1 fills a tile that warp 0 loads
         b.u[t] = r[0];
     }
 }
+// Between two barriers: thread 63 (the last to arrive, in the default order) reads a word
+// that thread 0 writes. Races however many barriers came before (b.n: block; else warp).
+void k_race_between_barriers(Buf b) {
+    __shared__ unsigned v;
+    const unsigned t = threadIdx.x, last = blockDim.x - 1;
+    if (t == 0) v = 0;
+    unsigned r = 0;
+    if (b.n) {
+        __syncthreads();
+        if (t == last) r = v;
+        if (t == 0) v = 1;
+        __syncthreads();
+    } else {
+        __syncwarp();
+        if (t == last) r = v;
+        if (t == 0) v = 1;
+        __syncwarp();
+    }
+    if (t == last) b.u[0] = r;
+}
 void k_atomic_count(Buf b) { atomicAdd(&b.f[0], 1.0f); }
 void k_first_thread_writes(Buf b) {
     if (threadIdx.x == 0) b.f[0] = float(blockIdx.x);
@@ -264,6 +284,10 @@ struct RaceCase {
 const RaceCase kRaceCases[] = {
     {"block-barrier", false, [](Buf b) { return run(k_block_sum, b, {8, 1, 1}, {256, 1, 1}); }},
     {"missing-block-barrier", true, [](Buf b) { return run(k_race, b, {1, 1, 1}, {64, 1, 1}, 1024); }},
+    {"race-after-block-barrier", true,
+     [](Buf b) { return run(k_race_between_barriers, Buf{b.f, b.u, 1}, {1, 1, 1}, {64, 1, 1}); }},
+    {"race-after-warp-barrier", true,
+     [](Buf b) { return run(k_race_between_barriers, Buf{b.f, b.u, 0}, {1, 1, 1}, {32, 1, 1}); }},
     {"warp-barrier", false,
      [](Buf b) { return run(k_warp_exchange, Buf{b.f, b.u, 1}, {1, 1, 1}, {32, 1, 1}); }},
     {"missing-warp-barrier", true,
