@@ -69,17 +69,19 @@ if [ $race = 1 ]; then
 fi
 "$cxx" "${flags[@]}" "${emu[@]}" -c tools/kemu/runtime.cpp -o "$out/runtime.o"
 "$cxx" "${flags[@]}" "${emu[@]}" -c tools/kemu/cublas.cpp -o "$out/cublas.o"
-"$cxx" "${flags[@]}" "${tsan[@]}" "$gen" "$out/runtime.o" tools/kemu/driver.cpp "$out/cublas.o" \
+"$cxx" "${flags[@]}" "${tsan[@]}" -c tools/kemu/driver.cpp -o "$out/driver.o"
+"$cxx" "${flags[@]}" "${tsan[@]}" "$gen" "$out/runtime.o" "$out/driver.o" "$out/cublas.o" \
     -o "$out/libkemu.so.tmp"
 mv "$out/libkemu.so.tmp" "$out/libkemu.so"
 for name in libcuda.so libcuda.so.1 libcublas.so; do ln -sf libkemu.so "$out/$name"; done
 
-# The emulator's own tests: primitives against their PTX definitions, bugs caught.
+# The emulator's own tests, on the runtime and driver objects the library holds:
+# primitives against their PTX definitions, bugs caught.
 exe_flags=()
 for f in "${flags[@]}"; do [[ $f == -shared || $f == -Wl,-soname* ]] || exe_flags+=("$f"); done
+"$cxx" "${exe_flags[@]}" "${tsan[@]}" "$out/runtime.o" "$out/driver.o" tools/kemu/selftest.cpp \
+    -o "$out/selftest"
 if [ $race = 0 ]; then
-    "$cxx" "${exe_flags[@]}" tools/kemu/runtime.cpp tools/kemu/driver.cpp \
-        tools/kemu/selftest.cpp -o "$out/selftest"
     { "$out/selftest" && KEMU_ORDER=reverse "$out/selftest"; } >"$out/selftest.log" 2>&1 ||
         { cat "$out/selftest.log"; exit 1; }
     echo "kemu: built $out/libkemu.so ($(tail -1 "$out/selftest.log"))"
@@ -88,8 +90,6 @@ fi
 
 # Racecheck: each case in a process of its own; TSan must report a race (its exit status
 # 66) exactly for the racy ones.
-"$cxx" "${exe_flags[@]}" "${tsan[@]}" "$out/runtime.o" tools/kemu/driver.cpp \
-    tools/kemu/selftest.cpp -o "$out/selftest"
 : >"$out/selftest.log"
 cases=$("$out/selftest" --race-cases) # (a failure here stops the script: set -e)
 bad=0 n=0

@@ -60,6 +60,8 @@ fi
 args=()
 for b in "${binaries[@]}"; do args+=(--test "$b"); done
 export PALIGN_REQUIRE_KERNELS=1
+lib=target/kemu
+more=() # cargo test flags
 if [ $race = 1 ]; then
     # The test binaries (not cargo or rustc: cargo's runner setting) start with libtsan
     # loaded, which the instrumented libkemu needs. Only instrumented code is checked:
@@ -69,28 +71,28 @@ if [ $race = 1 ]; then
     host=$(rustc -vV | sed -n 's/^host: //p' | tr 'a-z-' 'A-Z_')
     export "CARGO_TARGET_${host}_RUNNER=env LD_PRELOAD=$tsan"
     export TSAN_OPTIONS="ignore_noninstrumented_modules=1 exitcode=66 ${TSAN_OPTIONS:-}"
-    export LD_LIBRARY_PATH="$PWD/target/kemu-race${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    # Every binary runs (--no-fail-fast) so one report does not hide the others.
-    rc=0
-    KEMU_SM=${KEMU_SM:-80} cargo test --release --no-fail-fast "${args[@]}" -- --ignored \
-        --test-threads=1 "${skip[@]}" "$@" || rc=$?
-    if [ $default = 1 ]; then
-        KEMU_SM=90 cargo test --release --test gpu_nf4 -- --ignored --test-threads=1 wgmma ||
-            rc=$?
-    fi
-    exit $rc
+    lib=target/kemu-race
+    more=(--no-fail-fast) # so one report does not hide the others
 fi
-export LD_LIBRARY_PATH="$PWD/target/kemu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH="$PWD/$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# A failure ends the run, except under racecheck, which reports every binary's races.
+rc=0
+failed() {
+    rc=$1
+    [ $race = 1 ] || exit "$rc"
+}
 # Tuner and dispatcher caches are keyed by GPU name, so kemu's entries stay apart from a
 # real GPU's. (XDG_CACHE_HOME is left alone: build.rs reruns nvcc when it changes.)
-KEMU_SM=${KEMU_SM:-80} cargo test --release "${args[@]}" -- --ignored --test-threads=1 \
-    "${skip[@]}" "$@"
+KEMU_SM=${KEMU_SM:-80} cargo test --release "${more[@]}" "${args[@]}" -- --ignored \
+    --test-threads=1 "${skip[@]}" "$@" || failed $?
 
 # The same device as an H100 (sm_90): the sm_90a wgmma GEMM runs only there. Needs
 # sm_90a in the build's targets (the default; PALIGN_CUDA_ARCHS may leave it out).
 if [ $default = 1 ]; then
-    KEMU_SM=90 cargo test --release --test gpu_nf4 -- --ignored --test-threads=1 wgmma
+    KEMU_SM=90 cargo test --release --test gpu_nf4 -- --ignored --test-threads=1 wgmma ||
+        failed $?
 fi
+[ $race = 0 ] || exit $rc
 
 # The kernel tests again with each block's threads run last to first: a race between
 # threads (a read of another thread's write with no barrier between) passes in at most

@@ -275,43 +275,33 @@ void k_read_neighbour(Buf b) {
     b.u[i] = __float_as_uint(b.f[(i + 37) % 256]);
 }
 
+// One case: `kernel` on `blocks` x `threads` with Buf::n = n, then `then` (a second
+// launch of the same shape) when given.
 struct RaceCase {
     const char *name;
     bool racy;
-    std::string (*run)(Buf);
+    void (*kernel)(Buf);
+    int n;
+    unsigned blocks, threads, smem;
+    void (*then)(Buf) = nullptr;
 };
 
 const RaceCase kRaceCases[] = {
-    {"block-barrier", false, [](Buf b) { return run(k_block_sum, b, {8, 1, 1}, {256, 1, 1}); }},
-    {"missing-block-barrier", true, [](Buf b) { return run(k_race, b, {1, 1, 1}, {64, 1, 1}, 1024); }},
-    {"race-after-block-barrier", true,
-     [](Buf b) { return run(k_race_between_barriers, Buf{b.f, b.u, 1}, {1, 1, 1}, {64, 1, 1}); }},
-    {"race-after-warp-barrier", true,
-     [](Buf b) { return run(k_race_between_barriers, Buf{b.f, b.u, 0}, {1, 1, 1}, {32, 1, 1}); }},
-    {"warp-barrier", false,
-     [](Buf b) { return run(k_warp_exchange, Buf{b.f, b.u, 1}, {1, 1, 1}, {32, 1, 1}); }},
-    {"missing-warp-barrier", true,
-     [](Buf b) { return run(k_warp_exchange, Buf{b.f, b.u, 0}, {1, 1, 1}, {32, 1, 1}); }},
-    {"shuffle-is-no-barrier", true,
-     [](Buf b) { return run(k_shuffle_then_read, b, {1, 1, 1}, {32, 1, 1}); }},
-    {"cp-async-then-barrier", false,
-     [](Buf b) { return run(k_cp_async_exchange, Buf{b.f, b.u, 1}, {1, 1, 1}, {64, 1, 1}); }},
-    {"cp-async-without-barrier", true,
-     [](Buf b) { return run(k_cp_async_exchange, Buf{b.f, b.u, 0}, {1, 1, 1}, {64, 1, 1}); }},
-    {"ldmatrix-after-barrier", false,
-     [](Buf b) { return run(k_ldmatrix_other_warp, Buf{b.f, b.u, 1}, {1, 1, 1}, {64, 1, 1}); }},
-    {"ldmatrix-without-barrier", true,
-     [](Buf b) { return run(k_ldmatrix_other_warp, Buf{b.f, b.u, 0}, {1, 1, 1}, {64, 1, 1}); }},
-    {"wgmma-after-barrier", false,
-     [](Buf b) { return run(k_wgmma, Buf{b.f, nullptr, 0}, {1, 1, 1}, {128, 1, 1}, 32768); }},
-    {"atomics-across-blocks", false,
-     [](Buf b) { return run(k_atomic_count, b, {4, 1, 1}, {64, 1, 1}); }},
-    {"blocks-write-one-word", true,
-     [](Buf b) { return run(k_first_thread_writes, b, {4, 1, 1}, {32, 1, 1}); }},
-    {"launches-in-order", false, [](Buf b) {
-         const std::string e = run(k_write_own, b, {4, 1, 1}, {64, 1, 1});
-         return e.empty() ? run(k_read_neighbour, b, {4, 1, 1}, {64, 1, 1}) : e;
-     }},
+    {"block-barrier", false, k_block_sum, 0, 8, 256, 0},
+    {"missing-block-barrier", true, k_race, 0, 1, 64, 1024},
+    {"race-after-block-barrier", true, k_race_between_barriers, 1, 1, 64, 0},
+    {"race-after-warp-barrier", true, k_race_between_barriers, 0, 1, 32, 0},
+    {"warp-barrier", false, k_warp_exchange, 1, 1, 32, 0},
+    {"missing-warp-barrier", true, k_warp_exchange, 0, 1, 32, 0},
+    {"shuffle-is-no-barrier", true, k_shuffle_then_read, 0, 1, 32, 0},
+    {"cp-async-then-barrier", false, k_cp_async_exchange, 1, 1, 64, 0},
+    {"cp-async-without-barrier", true, k_cp_async_exchange, 0, 1, 64, 0},
+    {"ldmatrix-after-barrier", false, k_ldmatrix_other_warp, 1, 1, 64, 0},
+    {"ldmatrix-without-barrier", true, k_ldmatrix_other_warp, 0, 1, 64, 0},
+    {"wgmma-after-barrier", false, k_wgmma, 0, 1, 128, 32768},
+    {"atomics-across-blocks", false, k_atomic_count, 0, 4, 64, 0},
+    {"blocks-write-one-word", true, k_first_thread_writes, 0, 4, 32, 0},
+    {"launches-in-order", false, k_write_own, 0, 4, 64, 0, k_read_neighbour},
 };
 
 int race_case(const char *name) {
@@ -319,7 +309,10 @@ int race_case(const char *name) {
     std::vector<uint32_t> u(1024, 0);
     for (const RaceCase &c : kRaceCases)
         if (std::string(name) == c.name) {
-            const std::string err = c.run(Buf{f.data(), u.data(), 0});
+            const Buf b{f.data(), u.data(), c.n};
+            const dim3 grid{c.blocks, 1, 1}, block{c.threads, 1, 1};
+            std::string err = run(c.kernel, b, grid, block, c.smem);
+            if (err.empty() && c.then) err = run(c.then, b, grid, block, c.smem);
             if (!err.empty()) std::printf("FAIL %s: %s\n", name, err.c_str());
             return err.empty() ? 0 : 1;
         }
