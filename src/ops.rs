@@ -228,11 +228,11 @@ pub struct LoraHead<'a> {
 }
 
 /// `xa_i = drop_i(x)·A_iᵀ` `[m, r_i]` for every head. On the device one kernel reads `x`
-/// once for all heads and draws the masks on the fly where it takes the shapes
-/// (`dev::lora_drop_applies`); else, or with `PALIGN_LORA_DROP=unfused`, the dropout
-/// kernel and a GEMM per head.
+/// once for all heads and draws the masks on the fly where it takes the shapes and
+/// measured faster (`dev::lora_drop_applies`); else the dropout kernel and a GEMM per
+/// head.
 pub fn lora_down(x: &Tensor, heads: &[LoraHead]) -> Result<Vec<Tensor>> {
-    if x.is_cuda() && dev::lora_drop_applies(x.cols(), heads) {
+    if x.is_cuda() && dev::lora_drop_applies(dev::LoraPass::Down, x.cols(), heads)? {
         return dev::lora_down(x, heads);
     }
     heads
@@ -275,7 +275,7 @@ pub fn lora_grad_a_(
             "internal: lora_grad_a_ head counts differ",
         ));
     }
-    if x.is_cuda() && dev::lora_drop_applies(x.cols(), heads) {
+    if x.is_cuda() && dev::lora_drop_applies(dev::LoraPass::GradA, x.cols(), heads)? {
         return dev::lora_grad_a_(grads, x, heads, dybs, alpha);
     }
     for ((g, h), dyb) in grads.iter_mut().zip(heads).zip(dybs) {
@@ -300,7 +300,7 @@ pub fn lora_dx_acc_(
             "internal: lora_dx_acc_ head counts differ",
         ));
     }
-    if dx.is_cuda() && dev::lora_drop_applies(dx.cols(), heads) {
+    if dx.is_cuda() && dev::lora_drop_applies(dev::LoraPass::DxAcc, dx.cols(), heads)? {
         return dev::lora_dx_acc_(dx, heads, dybs, alpha);
     }
     for (h, dyb) in heads.iter().zip(dybs) {

@@ -7,11 +7,16 @@
 # On the GPU machine (NVIDIA driver, nvcc, PyTorch; no Rust toolchain needed):
 #   bash gpu-stage/run.sh         # runs everything, writes the report
 #
-# From a palign session with the device tool, that second step is one or two calls
-# (everything takes longer than one 600 s call; pick sections with PALIGN_GPU_SECTIONS,
-# any of: tests benches train generate):
-#   run(command="PALIGN_GPU_SECTIONS=tests bash gpu-stage/run.sh", carry=["gpu-stage"], timeout_s=480)
-#   run(command="PALIGN_GPU_SECTIONS='benches train' bash gpu-stage/run.sh", carry=["gpu-stage"], timeout_s=580)
+# From a palign session with the device tool, that second step is two calls, the second
+# sent at once (a machine idle for 30 s goes back; everything takes longer than one
+# 600 s call). Pick sections with PALIGN_GPU_SECTIONS (any of: tests benches train
+# generate) and give each call PALIGN_GPU_BUDGET_S a little under its timeout_s:
+#   run(command="PALIGN_GPU_BUDGET_S=570 PALIGN_GPU_SECTIONS='tests benches' bash gpu-stage/run.sh", carry=["gpu-stage"], timeout_s=590)
+#   run(command="PALIGN_GPU_BUDGET_S=<left - 30> PALIGN_GPU_SECTIONS='train generate' bash gpu-stage/run.sh", carry=["gpu-stage"], timeout_s=<left - 20>)
+# On an H200 (2026-11-28) the machine took ~40 s to start; all tests 71 s; benches nf4
+# 48 s, attention + logprob ~150 s, lora + small_kernels ~180 s, SDPA ~30 s; a training
+# config ~20 s for palign plus 25-40 s for the Python side (run once per method and
+# checkpointing); a generation config ~35 s.
 # PALIGN_GPU_TESTS / PALIGN_GPU_BENCHES (space-separated names) narrow the tests and
 # benches; PALIGN_TRAIN_CONFIGS picks the training configs and PALIGN_GEN_CONFIGS the
 # generation ones (see run.sh below).
@@ -180,6 +185,20 @@ SECTIONS="${PALIGN_GPU_SECTIONS:-tests benches train generate}"
 want() { case " $SECTIONS " in *" $1 "*) return 0 ;; esac; return 1; }
 want_test() { case " ${PALIGN_GPU_TESTS:-} " in *" $1 "*) return 0 ;; esac; return 1; }
 want_bench() { case " ${PALIGN_GPU_BENCHES:-} " in *" $1 "*) return 0 ;; esac; return 1; }
+# PALIGN_GPU_BUDGET_S=N ends everything within N seconds of the start: each command's
+# timeout is cut to what is left (at least 1 s). An outer `timeout` on this script is no
+# substitute: it kills bash but not the test or bench it is waiting for, which then runs
+# on, on the same GPU, under the next section's timings (it did in the 2026-11-28 run).
+START_S=$(date +%s)
+lim() {
+    local d=$1 left
+    if [ -n "${PALIGN_GPU_BUDGET_S:-}" ]; then
+        left=$((START_S + PALIGN_GPU_BUDGET_S - $(date +%s)))
+        [ "$left" -lt "$d" ] && d=$left
+    fi
+    [ "$d" -lt 1 ] && d=1
+    echo "$d"
+}
 
 {
     echo "# palign GPU check"
@@ -204,7 +223,7 @@ want tests && for t in "$HERE"/tests/*; do
     echo "==== $name" >>"$TLOG"
     which=--ignored
     [ "${PALIGN_GPU_ALL_TESTS:-0}" = 1 ] && which=--include-ignored
-    timeout 600 "$t" $which --test-threads=1 --show-output >>"$TLOG" 2>&1
+    timeout -k 5 "$(lim 600)" "$t" $which --test-threads=1 --show-output >>"$TLOG" 2>&1
     rc=$?
     [ $rc -ne 0 ] && failed=1
     {
@@ -218,6 +237,24 @@ want tests && for t in "$HERE"/tests/*; do
     } >>"$REPORT"
 done
 
+# ---- attention (issue 8): PyTorch SDPA flash baseline on the same shapes, then ratios ----
+# Runs right after the attention bench, so a budget that ends the benches early still
+# leaves the two side by side.
+sdpa_baseline() {
+    [ -f "$HERE/bench_torch_sdpa.py" ] || return 0
+    echo "==== bench_torch_sdpa" >>"$BLOG"
+    timeout -k 5 "$(lim 300)" python3 "$HERE/bench_torch_sdpa.py" --compare "$BLOG" >>"$BLOG" 2>&1
+    local rc=$?
+    {
+        echo
+        echo "### bench_torch_sdpa.py (exit $rc)"
+        echo '```'
+        sed -n '/^==== bench_torch_sdpa$/,/^==== /p' "$BLOG" | grep -E 'BENCH|RATIO|^sdpa on|^note|skipped|Error' || true
+        echo '```'
+    } >>"$REPORT"
+}
+# ---- end attention ----
+
 want benches && echo >>"$REPORT" && echo "## benches" >>"$REPORT"
 want benches && for b in "$HERE"/benches/*; do
     [ -x "$b" ] || continue
@@ -225,7 +262,7 @@ want benches && for b in "$HERE"/benches/*; do
     # PALIGN_GPU_BENCHES="attention lora" runs only those benches.
     if [ -n "${PALIGN_GPU_BENCHES:-}" ] && ! want_bench "$name"; then continue; fi
     echo "==== $name" >>"$BLOG"
-    timeout 600 "$b" --bench >>"$BLOG" 2>&1
+    timeout -k 5 "$(lim 600)" "$b" --bench >>"$BLOG" 2>&1
     rc=$?
     {
         echo
@@ -234,22 +271,9 @@ want benches && for b in "$HERE"/benches/*; do
         sed -n "/^==== $name\$/,/^==== /p" "$BLOG" | grep -E 'BENCH|RATIO|skipped|^small_kernels on|summary on|thrpt|error' || true
         echo '```'
     } >>"$REPORT"
+    [ "$name" = attention ] && sdpa_baseline
 done
 
-# ---- attention (issue 8): PyTorch SDPA flash baseline on the same shapes, then ratios ----
-if want benches && [ -f "$HERE/bench_torch_sdpa.py" ] && { [ -z "${PALIGN_GPU_BENCHES:-}" ] || want_bench attention; }; then
-    echo "==== bench_torch_sdpa" >>"$BLOG"
-    timeout 300 python3 "$HERE/bench_torch_sdpa.py" --compare "$BLOG" >>"$BLOG" 2>&1
-    rc=$?
-    {
-        echo
-        echo "### bench_torch_sdpa.py (exit $rc)"
-        echo '```'
-        sed -n '/^==== bench_torch_sdpa$/,$p' "$BLOG" | grep -E 'BENCH|RATIO|^sdpa on|^note|skipped|Error' || true
-        echo '```'
-    } >>"$REPORT"
-fi
-# ---- end attention ----
 
 # ---- training step (issue 10): palign bench train vs tools/bench_hf.py, same GPU ----
 # Mistral-7B shape, batch 16 x 512, rank 16 on all 7 projections, dropout 0.05. DPO runs
@@ -290,11 +314,11 @@ if want train && [ -x "$HERE/palign" ]; then
         gc=""
         [ "$r" = full ] && gc="--gradient-checkpointing"
         echo "==== train $m $p $r $* " >>"$BLOG"
-        ours="$(env ${envs[@]+"${envs[@]}"} timeout 300 "$HERE/palign" bench train --shape mistral-7b --method "$m" --peft "$p" --recompute "$r" --batch-size 16 --seq-len 512 ${flags[@]+"${flags[@]}"} 2>>"$BLOG")"
+        ours="$(env ${envs[@]+"${envs[@]}"} timeout -k 5 "$(lim 300)" "$HERE/palign" bench train --shape mistral-7b --method "$m" --peft "$p" --recompute "$r" --batch-size 16 --seq-len 512 ${flags[@]+"${flags[@]}"} 2>>"$BLOG")"
         echo "$ours" >>"$BLOG"
         key="$m $p $gc ${hf_flags[*]:-}"
         if [ -z "${hf_done[$key]:-}" ]; then
-            hf_done[$key]="$(PYTHONPATH="${PYX:+$PYX:}${PYTHONPATH:-}" timeout 300 python3 "$HERE/bench_hf.py" --shape mistral-7b --method "$m" --peft "$p" --batch-size 16 --seq-len 512 $gc ${hf_flags[@]+"${hf_flags[@]}"} 2>>"$BLOG")"
+            hf_done[$key]="$(PYTHONPATH="${PYX:+$PYX:}${PYTHONPATH:-}" timeout -k 5 "$(lim 300)" python3 "$HERE/bench_hf.py" --shape mistral-7b --method "$m" --peft "$p" --batch-size 16 --seq-len 512 $gc ${hf_flags[@]+"${hf_flags[@]}"} 2>>"$BLOG")"
             [ -n "${hf_done[$key]}" ] || hf_done[$key]="(no result)"
         fi
         theirs="${hf_done[$key]}"
@@ -351,13 +375,13 @@ if want generate && [ -x "$HERE/palign" ]; then
         tag="$(printf '%s' "${hf_flags[*]:-}" | tr -c 'a-zA-Z0-9.' '_')"
         tag="${tag:+_$tag}"
         echo "==== generate $cfg" >>"$BLOG"
-        ours="$(env ${envs[@]+"${envs[@]}"} timeout 300 "$HERE/palign" bench generate "${shape[@]}" ${flags[@]+"${flags[@]}"} 2>>"$BLOG")"
+        ours="$(env ${envs[@]+"${envs[@]}"} timeout -k 5 "$(lim 300)" "$HERE/palign" bench generate "${shape[@]}" ${flags[@]+"${flags[@]}"} 2>>"$BLOG")"
         echo "$ours" >>"$BLOG"
         # The Python side runs once per (shape, sampling flags) and is reused by configs that
         # only change palign's side (e.g. a VAR=value switch).
         key="${shape[*]} ${hf_flags[*]:-}"
         if [ -z "${hf_gen[$key]:-}" ]; then
-            hf_gen[$key]="$(PYTHONPATH="${PYX:+$PYX:}${PYTHONPATH:-}" timeout 300 python3 "$HERE/bench_hf.py" --method generate "${shape[@]}" ${hf_flags[@]+"${hf_flags[@]}"} 2>>"$BLOG")"
+            hf_gen[$key]="$(PYTHONPATH="${PYX:+$PYX:}${PYTHONPATH:-}" timeout -k 5 "$(lim 300)" python3 "$HERE/bench_hf.py" --method generate "${shape[@]}" ${hf_flags[@]+"${hf_flags[@]}"} 2>>"$BLOG")"
             [ -n "${hf_gen[$key]}" ] || hf_gen[$key]="(no result)"
         fi
         theirs="${hf_gen[$key]}"

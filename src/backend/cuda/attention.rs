@@ -126,7 +126,7 @@ pub static FWD_VARIANTS: [FwdVariant; 4] = [
             "attention_fwd_w4m2n64s1_bf16_d128",
         ],
         sm86: true,
-        verified: false,
+        verified: true,
     },
     FwdVariant {
         name: "w4m2n64s2",
@@ -139,7 +139,7 @@ pub static FWD_VARIANTS: [FwdVariant; 4] = [
             "attention_fwd_w4m2n64s2_bf16_d128",
         ],
         sm86: true,
-        verified: false,
+        verified: true,
     },
     FwdVariant {
         name: "w8m1n64s2",
@@ -152,7 +152,7 @@ pub static FWD_VARIANTS: [FwdVariant; 4] = [
             "attention_fwd_w8m1n64s2_bf16_d128",
         ],
         sm86: true,
-        verified: false,
+        verified: true,
     },
 ];
 
@@ -274,7 +274,7 @@ pub static BWD_VARIANTS: [BwdConfig; 6] = [
             Some("attention_bwd_w8q64s2a_bf16_d128"),
         ],
         sm86: false,
-        verified: false,
+        verified: true,
     },
     BwdConfig {
         name: "w4q64s2a",
@@ -288,7 +288,7 @@ pub static BWD_VARIANTS: [BwdConfig; 6] = [
             Some("attention_bwd_w4q64s2a_bf16_d128"),
         ],
         sm86: false,
-        verified: false,
+        verified: true,
     },
     BwdConfig {
         name: "w8q64s2g",
@@ -302,7 +302,7 @@ pub static BWD_VARIANTS: [BwdConfig; 6] = [
             Some("attention_bwd_w8q64s2g_bf16_d128"),
         ],
         sm86: false,
-        verified: false,
+        verified: true,
     },
     BwdConfig {
         name: "w4q64s2g",
@@ -316,7 +316,7 @@ pub static BWD_VARIANTS: [BwdConfig; 6] = [
             Some("attention_bwd_w4q64s2g_bf16_d128"),
         ],
         sm86: false,
-        verified: false,
+        verified: true,
     },
 ];
 

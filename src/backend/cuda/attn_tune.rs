@@ -549,12 +549,8 @@ mod tests {
                 }
             }
         }
-        // An H100 at d = 128: by default the two checked backward kernels compete; with
-        // `all`, every variant.
-        assert_eq!(
-            names(&bwd_candidates(128, H100, TuneMode::Verified), bname),
-            ["w8q64s2", "w4q64s1"]
-        );
+        // An H100 at d = 128: every variant fits, and all have passed their GPU parity
+        // tests (H200, 2026-11-28), so the default mode offers them all, as `all` does.
         assert_eq!(
             bwd_candidates(128, H100, TuneMode::All).len(),
             BWD_VARIANTS.len()
@@ -564,9 +560,17 @@ mod tests {
             FWD_VARIANTS.len()
         );
         assert_eq!(
-            names(&fwd_candidates(128, H100, TuneMode::Verified), fname),
-            ["w4m1n64s1"]
+            names(&bwd_candidates(128, H100, TuneMode::Verified), bname),
+            names(&bwd_candidates(128, H100, TuneMode::All), bname)
         );
+        assert_eq!(
+            names(&fwd_candidates(128, H100, TuneMode::Verified), fname),
+            names(&fwd_candidates(128, H100, TuneMode::All), fname)
+        );
+        // A variant not yet checked on a GPU competes only under `all`.
+        assert!(!wanted(TuneMode::Verified, false));
+        assert!(wanted(TuneMode::All, false));
+        assert!(wanted(TuneMode::Verified, true));
         // A 99 KB GPU at d = 128: the default backward does not fit; the small one is the
         // reference, and the rest are those marked as fitting there.
         let rtx = bwd_candidates(128, RTX, TuneMode::All);

@@ -8,8 +8,10 @@
 //! - [`gemm_fused`]: `Y = X·Wᵀ` ([`Nf4Op::Forward`]) or `dX = dY·W` ([`Nf4Op::Backward`])
 //!   on tensor cores, W unpacked to bf16 in shared memory only.
 //! - [`gemm_dequant_cublas`]: the classic path, dequantize to a bf16 scratch + cuBLAS.
-//! - [`gemm_wgmma`]: the forward product with Hopper warpgroup MMAs (sm_90a only; new
-//!   and unmeasured, so the dispatcher times it only with `PALIGN_NF4_WGMMA=1`).
+//! - [`gemm_wgmma`]: the forward product with Hopper warpgroup MMAs (sm_90a only). On
+//!   an H200 it passed its parity tests and ran 1.2x the mma.sync kernel but 0.4x
+//!   dequant + cuBLAS (benches/RESULTS.md, 2026-11-28), so the dispatcher times it only
+//!   with `PALIGN_NF4_WGMMA=1`: it would never win, and timing it costs each new shape.
 //! - [`Nf4Dispatcher`]: per shape, runs the fastest of those, measured once on this GPU
 //!   and cached on disk ([`DispatchCache`], a [`super::tune`] file keyed by GPU name).
 //!

@@ -1004,24 +1004,83 @@ pub fn lora_fused_backward(
 /// Profile family of the adapter kernels with dropout fused.
 pub const LORA: &str = "lora (dropout fused)";
 
-/// Whether the adapters' down-projection, dA and dX shares take kernels/lora_drop.cu
-/// (default) or the dropout copy + cuBLAS per adapter (`PALIGN_LORA_DROP=unfused`).
-pub fn lora_drop_fused() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| !std::env::var("PALIGN_LORA_DROP").is_ok_and(|v| v == "unfused"))
+/// The three adapter passes kernels/lora_drop.cu can take over from the dropout copy +
+/// cuBLAS per adapter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraPass {
+    /// `xa_i = drop_i(x)·A_iᵀ` (`ops::lora_down`).
+    Down,
+    /// `dA_i += alpha·dyb_iᵀ·drop_i(x)` (`ops::lora_grad_a_`).
+    GradA,
+    /// `dx += alpha·Σ drop_i(dyb_i·A_i)` (`ops::lora_dx_acc_`).
+    DxAcc,
 }
 
-/// Whether kernels/lora_drop.cu takes these heads over an input of `k` columns (ranks a
-/// multiple of 8 up to 128, at most 3 heads, k a multiple of 8); other shapes (e.g. the
-/// tiny fixtures' ranks) take the unfused path.
-pub fn lora_drop_applies(k: usize, heads: &[crate::ops::LoraHead]) -> bool {
-    lora_drop_fused()
-        && !heads.is_empty()
+/// `PALIGN_LORA_DROP`: `auto` (default) takes the fused kernel only for the passes and
+/// ranks where it measured faster ([`lora_drop_auto`]); `fused` for every pass that fits;
+/// `unfused` for none; any other value is an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraDropMode {
+    Auto,
+    Fused,
+    Unfused,
+}
+
+impl LoraDropMode {
+    pub fn parse(v: Option<&str>) -> Result<LoraDropMode> {
+        match v {
+            None | Some("") | Some("auto") => Ok(LoraDropMode::Auto),
+            Some("fused") => Ok(LoraDropMode::Fused),
+            Some("unfused") => Ok(LoraDropMode::Unfused),
+            Some(other) => Err(bad(format!(
+                "PALIGN_LORA_DROP={other:?}: expected auto, fused or unfused"
+            ))),
+        }
+    }
+}
+
+fn lora_drop_mode() -> Result<LoraDropMode> {
+    static MODE: OnceLock<LoraDropMode> = OnceLock::new();
+    if let Some(m) = MODE.get() {
+        return Ok(*m);
+    }
+    let m = LoraDropMode::parse(std::env::var("PALIGN_LORA_DROP").ok().as_deref())?;
+    Ok(*MODE.get_or_init(|| m))
+}
+
+/// Whether `auto` takes the fused kernel for `pass` on heads of rank at most `max_rank`.
+/// From `benches/lora.rs` on an H200 (benches/RESULTS.md, 2026-11-28; m = 8192, k = 4096
+/// and 14336, 1 and 3 heads, p = 0.05): the fused dX pass won every case (1.03–1.9×);
+/// the fused down-projection tied or won at rank 16 (1.0–1.09×) and lost at rank 64
+/// (2.3–5×: its per-thread accumulators for 64 to 192 columns spill); the fused dA pass
+/// lost every case (0.6–0.78×).
+pub fn lora_drop_auto(pass: LoraPass, max_rank: usize) -> bool {
+    match pass {
+        LoraPass::Down => max_rank <= 16,
+        LoraPass::GradA => false,
+        LoraPass::DxAcc => true,
+    }
+}
+
+/// Whether kernels/lora_drop.cu takes `pass` for these heads over an input of `k` columns
+/// (ranks a multiple of 8 up to 128, at most 3 heads, k a multiple of 8, and the mode
+/// above); other shapes (e.g. the tiny fixtures' ranks) take the unfused path.
+pub fn lora_drop_applies(pass: LoraPass, k: usize, heads: &[crate::ops::LoraHead]) -> Result<bool> {
+    let fits = !heads.is_empty()
         && heads.len() <= lora_drop::MAX_HEADS
         && k.is_multiple_of(lora_drop::K_MULTIPLE)
         && heads.iter().all(|h| {
             let r = h.a.rows();
             r.is_multiple_of(lora_drop::RANK_MULTIPLE) && (1..=lora_drop::MAX_RANK).contains(&r)
+        });
+    Ok(fits
+        && match lora_drop_mode()? {
+            LoraDropMode::Fused => true,
+            LoraDropMode::Unfused => false,
+            LoraDropMode::Auto => {
+                let max_rank = heads.iter().map(|h| h.a.rows()).max().unwrap_or(0);
+                lora_drop_auto(pass, max_rank)
+            }
         })
 }
 
@@ -1148,7 +1207,7 @@ pub fn lora_up_backward_(
 
 #[cfg(test)]
 mod tests {
-    use super::distinct_passes;
+    use super::{distinct_passes, lora_drop_auto, LoraDropMode, LoraPass};
 
     #[test]
     fn repeated_scatter_rows_split_into_passes_of_distinct_rows() {
@@ -1163,5 +1222,70 @@ mod tests {
                 (vec![4], vec![5]),
             ]
         );
+    }
+
+    #[test]
+    fn lora_drop_mode_reads_the_switch() {
+        assert_eq!(LoraDropMode::parse(None).unwrap(), LoraDropMode::Auto);
+        assert_eq!(
+            LoraDropMode::parse(Some("auto")).unwrap(),
+            LoraDropMode::Auto
+        );
+        assert_eq!(
+            LoraDropMode::parse(Some("fused")).unwrap(),
+            LoraDropMode::Fused
+        );
+        assert_eq!(
+            LoraDropMode::parse(Some("unfused")).unwrap(),
+            LoraDropMode::Unfused
+        );
+        let e = LoraDropMode::parse(Some("on")).unwrap_err().to_string();
+        assert!(
+            e.contains("PALIGN_LORA_DROP=\"on\"") && e.contains("unfused"),
+            "{e}"
+        );
+    }
+
+    /// `auto` picks the faster path on every shape `benches/lora.rs` measured on an H200
+    /// (benches/RESULTS.md, 2026-11-28: milliseconds, fused then unfused; m = 8192,
+    /// p = 0.05), or either where they are within 10%. Changing the rule means measuring.
+    #[test]
+    fn lora_drop_auto_follows_the_h200_measurements() {
+        use LoraPass::*;
+        // (pass, k, rank, heads, fused ms, unfused ms)
+        let measured: &[(LoraPass, usize, usize, usize, f64, f64)] = &[
+            (Down, 4096, 16, 1, 0.0687, 0.0703),
+            (GradA, 4096, 16, 1, 0.1204, 0.0729),
+            (DxAcc, 4096, 16, 1, 0.0994, 0.1308),
+            (Down, 4096, 16, 3, 0.1905, 0.2070),
+            (GradA, 4096, 16, 3, 0.2778, 0.2182),
+            (DxAcc, 4096, 16, 3, 0.2103, 0.3807),
+            (Down, 4096, 64, 1, 0.1596, 0.0698),
+            (GradA, 4096, 64, 1, 0.1356, 0.0732),
+            (DxAcc, 4096, 64, 1, 0.1190, 0.1225),
+            (Down, 4096, 64, 3, 0.9230, 0.2103),
+            (GradA, 4096, 64, 3, 0.6924, 0.2203),
+            (DxAcc, 4096, 64, 3, 0.2688, 0.3728),
+            (Down, 14336, 16, 1, 0.2235, 0.2231),
+            (GradA, 14336, 16, 1, 0.3543, 0.2218),
+            (DxAcc, 14336, 16, 1, 0.2993, 0.4050),
+            (Down, 14336, 16, 3, 0.6300, 0.6698),
+            (GradA, 14336, 16, 3, 0.8588, 0.6665),
+            (DxAcc, 14336, 16, 3, 0.6394, 1.2154),
+            (Down, 14336, 64, 1, 0.5421, 0.2241),
+            (GradA, 14336, 64, 1, 0.4072, 0.2224),
+            (DxAcc, 14336, 64, 1, 0.3595, 0.4103),
+            (Down, 14336, 64, 3, 3.4080, 0.6741),
+            (GradA, 14336, 64, 3, 2.0208, 0.6670),
+            (DxAcc, 14336, 64, 3, 0.8284, 1.2179),
+        ];
+        for &(pass, k, r, heads, fused, unfused) in measured {
+            let close = (fused / unfused - 1.0).abs() <= 0.10;
+            let pick = lora_drop_auto(pass, r);
+            assert!(
+                close || pick == (fused < unfused),
+                "{pass:?} k={k} r={r} heads={heads}: auto takes fused={pick}, measured {fused} vs {unfused} ms"
+            );
+        }
     }
 }
