@@ -24,7 +24,9 @@
 //    k {32t+4s, +1, +2, +3}: B regs = the bytes 2s and 2s+1 of the lane's word, A regs
 //    = the 32-bit words 2s and 2s+1 of X[g][32t..32t+32) and X[g+8][..] (loaded as 4
 //    uint4 each, used as raw bf16 pairs). Each weight byte is read once per launch; the
-//    8 warps' partial C fragments are summed in shared memory in a fixed order.
+//    8 warps' partial C fragments are summed in shared memory in a fixed order. A warp
+//    loads the W words and scales of 4 chunks (2 at NT = 4) before decoding any: at
+//    one chunk per round trip the H200 GEMV read only 0.76-0.9 TB/s of its 4.8.
 //    nf4_gemv_naive: the one-warp-per-row baseline (bitsandbytes' inference kernel
 //    shape), f32 weights, M FMAs per element; kept for the bench and as a cross-check.
 //
@@ -140,39 +142,52 @@ template <int NT> __device__ __forceinline__ void gemv(const Nf4GemvParams &p) {
 #pragma unroll
     for (int i = 0; i < NT; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
 
+    // The weight words and scales of U chunks are loaded before the first of them is
+    // decoded: one round trip to HBM (two dependent ones for a double-quantized scale)
+    // then serves U chunks instead of one. The chunks are still summed in the order
+    // c = warp, warp + 8, ..., so the result does not depend on U.
+    constexpr int U = NT >= 4 ? 2 : 4;
     const int chunks = (K + GEMV_CHUNK - 1) / GEMV_CHUNK;
-    for (int c = warp; c < chunks; c += GEMV_WARPS) {
-        const int k = c * GEMV_CHUNK + 32 * t; // K % 32 == 0: all 32 in range or none
-        const bool kin = k < K;
-        uint4 wq[NT];
-        float sc[NT];
+    for (int c0 = warp; c0 < chunks; c0 += GEMV_WARPS * U) {
+        uint4 wq[U][NT];
+        float sc[U][NT];
 #pragma unroll
-        for (int i = 0; i < NT; i++) {
-            const int n = n0 + 8 * i + g;
-            wq[i] = make_uint4(0, 0, 0, 0);
-            sc[i] = 0.0f;
-            if (kin && n < N) {
-                const int64_t e = (int64_t)n * K + k;
-                wq[i] = __ldg(reinterpret_cast<const uint4 *>(p.w.packed + e / 2));
-                sc[i] = block_scale(p.w, e >> p.w.log2_blocksize);
+        for (int u = 0; u < U; u++) {
+            const int k = (c0 + u * GEMV_WARPS) * GEMV_CHUNK + 32 * t; // K % 32 == 0
+#pragma unroll
+            for (int i = 0; i < NT; i++) {
+                const int n = n0 + 8 * i + g;
+                wq[u][i] = make_uint4(0, 0, 0, 0);
+                sc[u][i] = 0.0f;
+                if (k < K && n < N) {
+                    const int64_t e = (int64_t)n * K + k;
+                    wq[u][i] = __ldg(reinterpret_cast<const uint4 *>(p.w.packed + e / 2));
+                    sc[u][i] = block_scale(p.w, e >> p.w.log2_blocksize);
+                }
             }
         }
-        uint32_t xa[16], xb[16];
 #pragma unroll
-        for (int q = 0; q < 4; q++) {
-            uint4 va = make_uint4(0, 0, 0, 0), vb = make_uint4(0, 0, 0, 0);
-            if (kin && x0) va = *reinterpret_cast<const uint4 *>(xr0 + k + 8 * q);
-            if (kin && x1) vb = *reinterpret_cast<const uint4 *>(xr1 + k + 8 * q);
-            xa[4 * q] = va.x, xa[4 * q + 1] = va.y, xa[4 * q + 2] = va.z, xa[4 * q + 3] = va.w;
-            xb[4 * q] = vb.x, xb[4 * q + 1] = vb.y, xb[4 * q + 2] = vb.z, xb[4 * q + 3] = vb.w;
-        }
+        for (int u = 0; u < U; u++) {
+            if (c0 + u * GEMV_WARPS >= chunks) break; // warp-uniform
+            const int k = (c0 + u * GEMV_WARPS) * GEMV_CHUNK + 32 * t;
+            const bool kin = k < K; // all 32 codes in range or none
+            uint32_t xa[16], xb[16];
 #pragma unroll
-        for (int i = 0; i < NT; i++) {
+            for (int q = 0; q < 4; q++) {
+                uint4 va = make_uint4(0, 0, 0, 0), vb = make_uint4(0, 0, 0, 0);
+                if (kin && x0) va = *reinterpret_cast<const uint4 *>(xr0 + k + 8 * q);
+                if (kin && x1) vb = *reinterpret_cast<const uint4 *>(xr1 + k + 8 * q);
+                xa[4 * q] = va.x, xa[4 * q + 1] = va.y, xa[4 * q + 2] = va.z, xa[4 * q + 3] = va.w;
+                xb[4 * q] = vb.x, xb[4 * q + 1] = vb.y, xb[4 * q + 2] = vb.z, xb[4 * q + 3] = vb.w;
+            }
 #pragma unroll
-            for (int s = 0; s < 8; s++) {
-                const uint32_t b0 = decode_pair(lut, byte_of(wq[i], 2 * s), sc[i]);
-                const uint32_t b1 = decode_pair(lut, byte_of(wq[i], 2 * s + 1), sc[i]);
-                mma_bf16(acc[i], xa[2 * s], xb[2 * s], xa[2 * s + 1], xb[2 * s + 1], b0, b1);
+            for (int i = 0; i < NT; i++) {
+#pragma unroll
+                for (int s = 0; s < 8; s++) {
+                    const uint32_t b0 = decode_pair(lut, byte_of(wq[u][i], 2 * s), sc[u][i]);
+                    const uint32_t b1 = decode_pair(lut, byte_of(wq[u][i], 2 * s + 1), sc[u][i]);
+                    mma_bf16(acc[i], xa[2 * s], xb[2 * s], xa[2 * s + 1], xb[2 * s + 1], b0, b1);
+                }
             }
         }
     }

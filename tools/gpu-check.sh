@@ -341,7 +341,7 @@ fi
 # ---- end training step ----
 
 # ---- generation (what evaluation costs): palign bench generate vs bench_hf.py --method generate ----
-# PALIGN_GEN_CONFIGS="qlora 16 32 256 128,lora 0 32 256 128 PALIGN_DEVICE_ARGMAX=1" (peft rank batch prompt_len
+# PALIGN_GEN_CONFIGS="qlora 16 32 256 128,lora 0 32 256 128 PALIGN_DEVICE_ARGMAX=0" (peft rank batch prompt_len
 # new_tokens [VAR=value ...] [--flag ...]): qlora = NF4 base (eval --quant nf4), rank 0 = no
 # adapter (a merged model). Mistral-7B shape, greedy, no EOS: every row gets all its tokens.
 # VAR=value words are set for palign only; --temperature=T, --top-p=P, --vary (rows end at
@@ -353,7 +353,7 @@ gen_field() { grep -o " $1=[0-9.a-z]*" | tail -n 1 | cut -d= -f2; }
 if want generate && [ -x "$HERE/palign" ]; then
     echo >>"$REPORT"
     echo "## generation (palign bench generate vs tools/bench_hf.py --method generate)" >>"$REPORT"
-    IFS=, read -r -a gconfigs <<<"${PALIGN_GEN_CONFIGS:-qlora 16 32 256 128,qlora 16 128 256 128,qlora 16 128 256 128 PALIGN_DEVICE_ARGMAX=1,qlora 16 128 256 256 --vary --prompts=512,lora 0 32 256 128}"
+    IFS=, read -r -a gconfigs <<<"${PALIGN_GEN_CONFIGS:-qlora 16 32 256 128,qlora 16 128 256 128,qlora 16 128 256 128 PALIGN_DEVICE_ARGMAX=0,qlora 16 128 256 256 --vary --prompts=512,lora 0 32 256 128}"
     declare -A hf_gen=()
     for cfg in "${gconfigs[@]}"; do
         set -- $cfg
