@@ -246,7 +246,8 @@ pub fn lora_down(x: &Tensor, heads: &[LoraHead]) -> Result<Vec<Tensor>> {
 
 /// The adapter's up-projection backward: `dB += alpha·dYᵀ·xa` and returns `dY·B`
 /// `[m, r]`. Both read dY; on the device `PALIGN_LORA_UP=fused` takes one kernel that
-/// reads it once (off until a GPU run has checked it).
+/// reads it once (off by default: it passed its GPU parity tests but was slower than the
+/// two cuBLAS products on every shape benches/lora.rs measured on an H200).
 pub fn lora_up_backward_(
     grad_b: &mut Tensor,
     dy: &Tensor,
@@ -262,7 +263,8 @@ pub fn lora_up_backward_(
 }
 
 /// `dA_i += alpha · dyb_iᵀ · drop_i(x)` for every head (`dyb_i = dY_i·B_i` `[m, r_i]`,
-/// `dA_i` f32 `[r_i, in]`): on the device one pass over `x`.
+/// `dA_i` f32 `[r_i, in]`): on the device one pass over `x` with `PALIGN_LORA_DROP=fused`
+/// (`auto` keeps the dropout copy + cuBLAS per head, which measured faster).
 pub fn lora_grad_a_(
     grads: &mut [&mut Tensor],
     x: &Tensor,

@@ -613,10 +613,11 @@ fn loading_straight_to_the_device_equals_moving_after() {
     }
 }
 
-/// Greedy tokens picked on the device (`PALIGN_DEVICE_ARGMAX=1`, the argmax of the bf16
-/// logits there) are the tokens the host picks from the same logits: `palign generate`
-/// gives the same ids either way (bf16 base, whose products take no timed kernel choice
-/// that two processes could make differently; an adapter; prompts of several lengths).
+/// Greedy tokens picked on the device (the default, `PALIGN_DEVICE_ARGMAX=1`: the argmax
+/// of the bf16 logits there) are the tokens the host picks from the same logits (`=0`):
+/// `palign generate` gives the same ids either way (bf16 base, whose products take no
+/// timed kernel choice that two processes could make differently; an adapter; prompts of
+/// several lengths).
 #[test]
 #[ignore = "needs a CUDA device"]
 fn greedy_tokens_picked_on_the_device_equal_the_host_pick() {

@@ -186,19 +186,24 @@ want() { case " $SECTIONS " in *" $1 "*) return 0 ;; esac; return 1; }
 want_test() { case " ${PALIGN_GPU_TESTS:-} " in *" $1 "*) return 0 ;; esac; return 1; }
 want_bench() { case " ${PALIGN_GPU_BENCHES:-} " in *" $1 "*) return 0 ;; esac; return 1; }
 # PALIGN_GPU_BUDGET_S=N ends everything within N seconds of the start: each command's
-# timeout is cut to what is left (at least 1 s). An outer `timeout` on this script is no
-# substitute: it kills bash but not the test or bench it is waiting for, which then runs
-# on, on the same GPU, under the next section's timings (it did in the 2026-11-28 run).
+# timeout is cut to what is left, and a command with under 10 s left is skipped (said so
+# in the report; a skipped test does not count as failed). An outer `timeout` on this
+# script is no substitute: it kills bash but not the test or bench it is waiting for,
+# which then runs on, on the same GPU, under the next section's timings (it did in the
+# 2026-11-28 run).
 START_S=$(date +%s)
+# lim D: the seconds the next command may run (D, or what the budget has left less the
+# 5 s kill grace); fails when that is under 10 s.
 lim() {
     local d=$1 left
     if [ -n "${PALIGN_GPU_BUDGET_S:-}" ]; then
-        left=$((START_S + PALIGN_GPU_BUDGET_S - $(date +%s)))
+        left=$((START_S + PALIGN_GPU_BUDGET_S - 5 - $(date +%s)))
         [ "$left" -lt "$d" ] && d=$left
     fi
-    [ "$d" -lt 1 ] && d=1
+    [ "$d" -ge 10 ] || return 1
     echo "$d"
 }
+skipped() { printf '\n### %s\nskipped: the budget (PALIGN_GPU_BUDGET_S) is spent\n' "$1" >>"$REPORT"; }
 
 {
     echo "# palign GPU check"
@@ -220,10 +225,11 @@ want tests && for t in "$HERE"/tests/*; do
     name="$(basename "$t")"
     # PALIGN_GPU_TESTS="gpu_model gpu_nf4" runs only those binaries.
     if [ -n "${PALIGN_GPU_TESTS:-}" ] && ! want_test "$name"; then continue; fi
+    secs=$(lim 600) || { skipped "$name"; continue; }
     echo "==== $name" >>"$TLOG"
     which=--ignored
     [ "${PALIGN_GPU_ALL_TESTS:-0}" = 1 ] && which=--include-ignored
-    timeout -k 5 "$(lim 600)" "$t" $which --test-threads=1 --show-output >>"$TLOG" 2>&1
+    timeout -k 5 "$secs" "$t" $which --test-threads=1 --show-output >>"$TLOG" 2>&1
     rc=$?
     [ $rc -ne 0 ] && failed=1
     {
@@ -242,8 +248,10 @@ done
 # leaves the two side by side.
 sdpa_baseline() {
     [ -f "$HERE/bench_torch_sdpa.py" ] || return 0
+    local secs
+    secs=$(lim 300) || { skipped bench_torch_sdpa.py; return 0; }
     echo "==== bench_torch_sdpa" >>"$BLOG"
-    timeout -k 5 "$(lim 300)" python3 "$HERE/bench_torch_sdpa.py" --compare "$BLOG" >>"$BLOG" 2>&1
+    timeout -k 5 "$secs" python3 "$HERE/bench_torch_sdpa.py" --compare "$BLOG" >>"$BLOG" 2>&1
     local rc=$?
     {
         echo
@@ -261,8 +269,9 @@ want benches && for b in "$HERE"/benches/*; do
     name="$(basename "$b")"
     # PALIGN_GPU_BENCHES="attention lora" runs only those benches.
     if [ -n "${PALIGN_GPU_BENCHES:-}" ] && ! want_bench "$name"; then continue; fi
+    secs=$(lim 600) || { skipped "$name"; continue; }
     echo "==== $name" >>"$BLOG"
-    timeout -k 5 "$(lim 600)" "$b" --bench >>"$BLOG" 2>&1
+    timeout -k 5 "$secs" "$b" --bench >>"$BLOG" 2>&1
     rc=$?
     {
         echo
@@ -313,15 +322,16 @@ if want train && [ -x "$HERE/palign" ]; then
         done
         gc=""
         [ "$r" = full ] && gc="--gradient-checkpointing"
+        secs=$(lim 300) || { skipped "train $cfg"; continue; }
         echo "==== train $m $p $r $* " >>"$BLOG"
-        ours="$(env ${envs[@]+"${envs[@]}"} timeout -k 5 "$(lim 300)" "$HERE/palign" bench train --shape mistral-7b --method "$m" --peft "$p" --recompute "$r" --batch-size 16 --seq-len 512 ${flags[@]+"${flags[@]}"} 2>>"$BLOG")"
+        ours="$(env ${envs[@]+"${envs[@]}"} timeout -k 5 "$secs" "$HERE/palign" bench train --shape mistral-7b --method "$m" --peft "$p" --recompute "$r" --batch-size 16 --seq-len 512 ${flags[@]+"${flags[@]}"} 2>>"$BLOG")"
         echo "$ours" >>"$BLOG"
         key="$m $p $gc ${hf_flags[*]:-}"
-        if [ -z "${hf_done[$key]:-}" ]; then
-            hf_done[$key]="$(PYTHONPATH="${PYX:+$PYX:}${PYTHONPATH:-}" timeout -k 5 "$(lim 300)" python3 "$HERE/bench_hf.py" --shape mistral-7b --method "$m" --peft "$p" --batch-size 16 --seq-len 512 $gc ${hf_flags[@]+"${hf_flags[@]}"} 2>>"$BLOG")"
+        if [ -z "${hf_done[$key]:-}" ] && secs=$(lim 300); then
+            hf_done[$key]="$(PYTHONPATH="${PYX:+$PYX:}${PYTHONPATH:-}" timeout -k 5 "$secs" python3 "$HERE/bench_hf.py" --shape mistral-7b --method "$m" --peft "$p" --batch-size 16 --seq-len 512 $gc ${hf_flags[@]+"${hf_flags[@]}"} 2>>"$BLOG")"
             [ -n "${hf_done[$key]}" ] || hf_done[$key]="(no result)"
         fi
-        theirs="${hf_done[$key]}"
+        theirs="${hf_done[$key]:-(no result: budget spent)}"
         echo "$theirs" >>"$BLOG"
         a="$(echo "$ours" | tps)"
         b="$(echo "$theirs" | tps)"
@@ -372,19 +382,22 @@ if want generate && [ -x "$HERE/palign" ]; then
             esac
         done
         shape=(--shape mistral-7b --peft "$p" --rank "$r" --batch-size "$bs" --prompt-len "$pl" --new-tokens "$nt")
-        tag="$(printf '%s' "${hf_flags[*]:-}" | tr -c 'a-zA-Z0-9.' '_')"
+        # Every word after the shape names the ratio, so configs that differ only on
+        # palign's side (a VAR=value switch) print distinct RATIO lines.
+        tag="$(printf '%s' "$*" | tr -c 'a-zA-Z0-9.' '_')"
         tag="${tag:+_$tag}"
+        secs=$(lim 300) || { skipped "generate $cfg"; continue; }
         echo "==== generate $cfg" >>"$BLOG"
-        ours="$(env ${envs[@]+"${envs[@]}"} timeout -k 5 "$(lim 300)" "$HERE/palign" bench generate "${shape[@]}" ${flags[@]+"${flags[@]}"} 2>>"$BLOG")"
+        ours="$(env ${envs[@]+"${envs[@]}"} timeout -k 5 "$secs" "$HERE/palign" bench generate "${shape[@]}" ${flags[@]+"${flags[@]}"} 2>>"$BLOG")"
         echo "$ours" >>"$BLOG"
         # The Python side runs once per (shape, sampling flags) and is reused by configs that
         # only change palign's side (e.g. a VAR=value switch).
         key="${shape[*]} ${hf_flags[*]:-}"
-        if [ -z "${hf_gen[$key]:-}" ]; then
-            hf_gen[$key]="$(PYTHONPATH="${PYX:+$PYX:}${PYTHONPATH:-}" timeout -k 5 "$(lim 300)" python3 "$HERE/bench_hf.py" --method generate "${shape[@]}" ${hf_flags[@]+"${hf_flags[@]}"} 2>>"$BLOG")"
+        if [ -z "${hf_gen[$key]:-}" ] && secs=$(lim 300); then
+            hf_gen[$key]="$(PYTHONPATH="${PYX:+$PYX:}${PYTHONPATH:-}" timeout -k 5 "$secs" python3 "$HERE/bench_hf.py" --method generate "${shape[@]}" ${hf_flags[@]+"${hf_flags[@]}"} 2>>"$BLOG")"
             [ -n "${hf_gen[$key]}" ] || hf_gen[$key]="(no result)"
         fi
-        theirs="${hf_gen[$key]}"
+        theirs="${hf_gen[$key]:-(no result: budget spent)}"
         echo "$theirs" >>"$BLOG"
         {
             echo

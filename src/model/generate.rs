@@ -227,14 +227,17 @@ enum Next {
     Tokens(Vec<u32>),
 }
 
-/// Whether greedy decoding on the device picks its tokens there (default;
-/// `PALIGN_DEVICE_ARGMAX=0` copies the logits rows to the host instead): a decode step
-/// then copies one id per sequence instead of its logits row (128 KiB at a 32000
-/// vocabulary). On an H200 (benches/RESULTS.md, 2026-11-28) the kernel passed its parity
-/// tests and `bench generate` (128 rows, 256 + 128 tokens, QLoRA) ran 1.06x faster.
+/// Whether greedy decoding on the device picks its tokens there (the default;
+/// `PALIGN_DEVICE_ARGMAX=0`, `off` or `false` copies the logits rows to the host): a
+/// decode step then copies one id per sequence instead of its logits row (128 KiB at a
+/// 32000 vocabulary). On an H200 (benches/RESULTS.md, 2026-11-28) the kernel passed its
+/// parity tests and `bench generate` (128 rows, 256 + 128 tokens, QLoRA) ran 1.06x faster.
 pub fn device_argmax() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| !std::env::var("PALIGN_DEVICE_ARGMAX").is_ok_and(|v| v == "0"))
+    *ON.get_or_init(|| {
+        !std::env::var("PALIGN_DEVICE_ARGMAX")
+            .is_ok_and(|v| matches!(v.as_str(), "0" | "off" | "false"))
+    })
 }
 
 impl Generator<'_> {

@@ -46,16 +46,19 @@ pub struct Model {
     pub recompute: Recompute,
     /// A saving forward also computes each target row's log-prob gradient with respect
     /// to its hidden state, so the backward needs no second pass through the lm_head
-    /// (`PALIGN_LOGPROB_GRAD=forward`; see `ops::target_logprobs_and_grad`).
+    /// (the default; `PALIGN_LOGPROB_GRAD=backward` turns it off; see
+    /// `ops::target_logprobs_and_grad`).
     pub lm_grad_in_forward: bool,
 }
 
-/// The default of `Model::lm_grad_in_forward`: on, unless `PALIGN_LOGPROB_GRAD=backward`.
+/// The default of `Model::lm_grad_in_forward`: on, unless `PALIGN_LOGPROB_GRAD` is
+/// `backward` (or `off`, `0`).
 /// On an H200 (benches/RESULTS.md, 2026-11-28) the lm_head log-prob forward + backward at
 /// 8192 tokens took 8.26 ms this way against 11.02 ms with the chunked backward, and its
 /// GPU parity tests passed.
 pub fn lm_grad_in_forward_default() -> bool {
-    !std::env::var("PALIGN_LOGPROB_GRAD").is_ok_and(|v| v == "backward")
+    !std::env::var("PALIGN_LOGPROB_GRAD")
+        .is_ok_and(|v| matches!(v.as_str(), "backward" | "off" | "0"))
 }
 
 /// One sequence to score: all its ids and how many of them are prompt.
@@ -414,8 +417,9 @@ impl Model {
     /// Projections of one shared input (q/k/v; gate/up; o or down alone):
     /// `y_i = x·W_iᵀ + s·(drop_i(x)·A_iᵀ)·B_iᵀ`, each adapter with its own mask (drawn by
     /// the caller, or replayed when a recompute runs the projections again). The
-    /// adapters' down-projections are one `ops::lora_down` (one pass over x on the
-    /// device), not a dropout copy and a GEMM per adapter.
+    /// adapters' down-projections are one `ops::lora_down` (on the device one pass over x
+    /// where `PALIGN_LORA_DROP` takes the fused kernel, else a dropout copy and a GEMM per
+    /// adapter).
     pub fn proj_group<const N: usize>(
         x: &Tensor,
         projs: [ProjIn; N],

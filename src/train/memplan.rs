@@ -203,8 +203,10 @@ mod tests {
         let dpo_none = (saved_bytes(&cfg, Recompute::None, mb.rows, rank_sum) + working) as f64
             / GIB
             + FIXED_GIB;
+        // Under the peak is the dangerous side: more than 3 GiB (5%) under would leave
+        // less than half of the headroom.
         assert!(
-            (dpo_none - 59.6).abs() < 3.0,
+            (-3.0..1.5).contains(&(dpo_none - 59.6)),
             "DPO none at 12288 rows: {dpo_none:.2} GiB vs 59.6"
         );
     }

@@ -76,7 +76,8 @@ pub struct FwdVariant {
     /// Offered on sm_86/sm_89 GPUs (fits their 99 KB per block at head_dim 128).
     pub sm86: bool,
     /// Its GPU parity tests have passed (tests/gpu_attention.rs, benches/RESULTS.md), so
-    /// the tuner ([`super::attn_tune`]) tries it by default.
+    /// the tuner ([`super::attn_tune`]) tries it by default. So far that means on an H200
+    /// (sm_90a); the sm_80/86 builds have run on kemu only.
     pub verified: bool,
 }
 
@@ -203,7 +204,8 @@ pub struct BwdConfig {
     pub kernels: [Option<&'static str>; 2],
     /// Offered on sm_86/sm_89 GPUs (fits their 99 KB per block at head_dim 128).
     pub sm86: bool,
-    /// Its GPU parity tests have passed, so the tuner tries it by default.
+    /// Its GPU parity tests have passed (on an H200 so far), so the tuner tries it by
+    /// default.
     pub verified: bool,
 }
 

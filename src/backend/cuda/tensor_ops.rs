@@ -1052,8 +1052,7 @@ fn lora_drop_mode() -> Result<LoraDropMode> {
 /// From `benches/lora.rs` on an H200 (benches/RESULTS.md, 2026-11-28; m = 8192, k = 4096
 /// and 14336, 1 and 3 heads, p = 0.05): the fused dX pass won every case (1.03–1.9×);
 /// the fused down-projection tied or won at rank 16 (1.0–1.09×) and lost at rank 64
-/// (2.3–5×: its per-thread accumulators for 64 to 192 columns spill); the fused dA pass
-/// lost every case (0.6–0.78×).
+/// (2.3–5.1× slower); the fused dA pass lost every case (0.32–0.79× the speed).
 pub fn lora_drop_auto(pass: LoraPass, max_rank: usize) -> bool {
     match pass {
         LoraPass::Down => max_rank <= 16,
@@ -1066,6 +1065,7 @@ pub fn lora_drop_auto(pass: LoraPass, max_rank: usize) -> bool {
 /// (ranks a multiple of 8 up to 128, at most 3 heads, k a multiple of 8, and the mode
 /// above); other shapes (e.g. the tiny fixtures' ranks) take the unfused path.
 pub fn lora_drop_applies(pass: LoraPass, k: usize, heads: &[crate::ops::LoraHead]) -> Result<bool> {
+    let mode = lora_drop_mode()?; // first, so a bad value is reported whatever the shape
     let fits = !heads.is_empty()
         && heads.len() <= lora_drop::MAX_HEADS
         && k.is_multiple_of(lora_drop::K_MULTIPLE)
@@ -1074,7 +1074,7 @@ pub fn lora_drop_applies(pass: LoraPass, k: usize, heads: &[crate::ops::LoraHead
             r.is_multiple_of(lora_drop::RANK_MULTIPLE) && (1..=lora_drop::MAX_RANK).contains(&r)
         });
     Ok(fits
-        && match lora_drop_mode()? {
+        && match mode {
             LoraDropMode::Fused => true,
             LoraDropMode::Unfused => false,
             LoraDropMode::Auto => {
@@ -1168,9 +1168,9 @@ pub fn lora_dx_acc_(
 }
 
 /// Whether `ops::lora_up_backward_` takes the one-pass kernel (kernels/lora_drop.cu
-/// `lora_up_backward`): only with `PALIGN_LORA_UP=fused`, until a GPU run measures it. Its
-/// dY·B is reduced through an f32 partial per 128 output columns, (n/128)·m·r·4 bytes,
-/// which at rank 64 costs about what the single pass over dY saves.
+/// `lora_up_backward`): only with `PALIGN_LORA_UP=fused`. Its dY·B is reduced through an
+/// f32 partial per 128 output columns, (n/128)·m·r·4 bytes; on an H200 it was 1.3x (rank
+/// 16) to 2.7x (rank 64) slower than the two cuBLAS products (benches/RESULTS.md).
 pub fn lora_up_applies(dy: &Tensor, b: &Tensor) -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     let on = *ON.get_or_init(|| std::env::var("PALIGN_LORA_UP").is_ok_and(|v| v == "fused"));
