@@ -12,7 +12,7 @@
 //! `PALIGN_ATTN_BWD` still force one variant. A candidate whose kernel faults would take
 //! the process with it, which is why unverified variants are opt-in.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, OnceLock};
 
 use half::bf16;
@@ -226,6 +226,8 @@ pub fn measure<T: Copy>(
 pub struct AttnTuner {
     cache: Mutex<TuneCache<AttnChoice>>,
     mode: TuneMode,
+    /// The keys this process has looked up or measured (what [`Self::summary`] lists).
+    used: Mutex<BTreeSet<String>>,
 }
 
 impl AttnTuner {
@@ -233,6 +235,7 @@ impl AttnTuner {
         AttnTuner {
             cache: Mutex::new(cache),
             mode,
+            used: Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -258,20 +261,33 @@ impl AttnTuner {
     fn cached(&self, key: &str, names: &[&str]) -> Option<String> {
         let c = self.lock();
         let e = c.get(key)?;
-        e.covers(&e.choice.0, names).then(|| e.choice.0.clone())
+        let hit = e.covers(&e.choice.0, names).then(|| e.choice.0.clone());
+        if hit.is_some() {
+            self.mark_used(key);
+        }
+        hit
+    }
+
+    fn mark_used(&self, key: &str) {
+        let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        u.insert(key.to_string());
     }
 
     fn remember(&self, key: String, entry: TuneEntry<AttnChoice>) {
+        self.mark_used(&key);
         let mut c = self.lock();
         c.insert(key, entry);
         // Best effort: a read-only cache folder costs a re-measure in the next process.
         let _ = c.save();
     }
 
-    /// Every cached choice as `key: variant (ms per call)` (the bench prints what it ran).
+    /// The choices this process used, as `key: variant (ms per call)` (the bench prints
+    /// what it ran; the cache file may hold other shapes from earlier processes).
     pub fn summary(&self) -> Vec<String> {
+        let used = self.used.lock().unwrap_or_else(|e| e.into_inner()).clone();
         self.lock()
             .entries()
+            .filter(|(k, _)| used.contains(k.as_str()))
             .map(|(k, e)| {
                 let ms = e.ms.get(&e.choice.0).copied().unwrap_or(f64::NAN);
                 format!("{k}: {} ({ms:.4} ms)", e.choice.0)
@@ -765,7 +781,13 @@ mod tests {
         assert!(TuneCache::<AttnChoice>::load(&path, "GPU B").is_empty());
         let nf4: super::super::nf4::DispatchCache = TuneCache::load(&path, "GPU A");
         assert!(nf4.is_empty());
+        // The summary lists only what this process looked up, not the whole file.
         let tuner = AttnTuner::new(back, TuneMode::All);
+        assert!(tuner.summary().is_empty());
+        assert_eq!(
+            tuner.cached(&key, &["w8q64s2", "w4q64s1"]).as_deref(),
+            Some("w8q64s2")
+        );
         assert_eq!(tuner.summary(), [format!("{key}: w8q64s2 (1.0000 ms)")]);
     }
 }
