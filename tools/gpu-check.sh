@@ -243,25 +243,22 @@ want tests && for t in "$HERE"/tests/*; do
     } >>"$REPORT"
 done
 
-# ---- attention (issue 8): PyTorch SDPA flash baseline on the same shapes, then ratios ----
-# Runs right after the attention bench, so a budget that ends the benches early still
-# leaves the two side by side.
-sdpa_baseline() {
-    [ -f "$HERE/bench_torch_sdpa.py" ] || return 0
-    local secs
-    secs=$(lim 300) || { skipped bench_torch_sdpa.py; return 0; }
-    echo "==== bench_torch_sdpa" >>"$BLOG"
-    timeout -k 5 "$secs" python3 "$HERE/bench_torch_sdpa.py" --compare "$BLOG" >>"$BLOG" 2>&1
-    local rc=$?
+# bench_section NAME LIMIT PATTERN CMD...: runs CMD within the budget into benches.log
+# under "==== NAME" and copies its lines matching PATTERN into the report.
+bench_section() {
+    local name=$1 secs rc
+    secs=$(lim "$2") || { skipped "$name"; return 0; }
+    echo "==== $name" >>"$BLOG"
+    timeout -k 5 "$secs" "${@:4}" >>"$BLOG" 2>&1
+    rc=$?
     {
         echo
-        echo "### bench_torch_sdpa.py (exit $rc)"
+        echo "### $name (exit $rc)"
         echo '```'
-        sed -n '/^==== bench_torch_sdpa$/,/^==== /p' "$BLOG" | grep -E 'BENCH|RATIO|^sdpa on|^note|skipped|Error' || true
+        sed -n "/^==== $name\$/,/^==== /p" "$BLOG" | grep -E "$3" || true
         echo '```'
     } >>"$REPORT"
 }
-# ---- end attention ----
 
 want benches && echo >>"$REPORT" && echo "## benches" >>"$REPORT"
 want benches && for b in "$HERE"/benches/*; do
@@ -269,18 +266,14 @@ want benches && for b in "$HERE"/benches/*; do
     name="$(basename "$b")"
     # PALIGN_GPU_BENCHES="attention lora" runs only those benches.
     if [ -n "${PALIGN_GPU_BENCHES:-}" ] && ! want_bench "$name"; then continue; fi
-    secs=$(lim 600) || { skipped "$name"; continue; }
-    echo "==== $name" >>"$BLOG"
-    timeout -k 5 "$secs" "$b" --bench >>"$BLOG" 2>&1
-    rc=$?
-    {
-        echo
-        echo "### $name (exit $rc)"
-        echo '```'
-        sed -n "/^==== $name\$/,/^==== /p" "$BLOG" | grep -E 'BENCH|RATIO|skipped|^small_kernels on|summary on|thrpt|error' || true
-        echo '```'
-    } >>"$REPORT"
-    [ "$name" = attention ] && sdpa_baseline
+    bench_section "$name" 600 'BENCH|RATIO|skipped|^small_kernels on|summary on|thrpt|error' "$b" --bench
+    # ---- attention (issue 8): PyTorch SDPA flash baseline on the same shapes, then
+    # ratios; right after the attention bench, so a budget that ends the benches early
+    # still leaves the two side by side.
+    if [ "$name" = attention ] && [ -f "$HERE/bench_torch_sdpa.py" ]; then
+        bench_section bench_torch_sdpa.py 300 'BENCH|RATIO|^sdpa on|^note|skipped|Error' \
+            python3 "$HERE/bench_torch_sdpa.py" --compare "$BLOG"
+    fi
 done
 
 

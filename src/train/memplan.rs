@@ -93,6 +93,13 @@ impl MicroBatch {
     }
 }
 
+/// The activation bytes `plan` is estimated to need for micro-batch `mb`: what the saving
+/// forward keeps plus the larger of a layer's backward and attention working sets.
+fn estimate(cfg: &ModelConfig, plan: Recompute, mb: MicroBatch, rank_sum: usize) -> u64 {
+    let working = working_bytes(cfg, mb.rows).max(attention_working_bytes(cfg, mb.tokens));
+    saved_bytes(cfg, plan, mb.rows, rank_sum) + working
+}
+
 /// The first of none, attention, full whose estimate fits `available` bytes (with
 /// headroom); `full` when none does. Also returns the estimate of the chosen plan.
 pub fn choose(
@@ -102,8 +109,7 @@ pub fn choose(
     available: u64,
 ) -> (Recompute, u64) {
     let budget = (available as f64 * (1.0 - HEADROOM)) as u64;
-    let working = working_bytes(cfg, mb.rows).max(attention_working_bytes(cfg, mb.tokens));
-    let need = |p| saved_bytes(cfg, p, mb.rows, rank_sum) + working;
+    let need = |p| estimate(cfg, p, mb, rank_sum);
     for plan in [Recompute::None, Recompute::Attention] {
         if need(plan) <= budget {
             return (plan, need(plan));
@@ -199,10 +205,7 @@ mod tests {
             rows: 12288,
             tokens: 16384,
         };
-        let working = working_bytes(&cfg, mb.rows).max(attention_working_bytes(&cfg, mb.tokens));
-        let dpo_none = (saved_bytes(&cfg, Recompute::None, mb.rows, rank_sum) + working) as f64
-            / GIB
-            + FIXED_GIB;
+        let dpo_none = estimate(&cfg, Recompute::None, mb, rank_sum) as f64 / GIB + FIXED_GIB;
         // Under the peak is the dangerous side: more than 3 GiB (5%) under would leave
         // less than half of the headroom.
         assert!(
