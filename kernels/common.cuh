@@ -116,6 +116,17 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// A 16-entry f32 table in shared memory at a 256-byte aligned address: entry at byte
+// offset (byte j of `offsets`), a multiple of 4 below 64. One prmt forms the address
+// (the offset byte under the base's upper three bytes), so a lookup takes no add.
+__device__ __forceinline__ bool smem_aligned256(const void *p) { return (smem_addr(p) & 255u) == 0; }
+__device__ __forceinline__ float lut_ld(const float *lut, uint32_t offsets, int j) {
+    const uint32_t a = __byte_perm(offsets, smem_addr(lut), 0x7650u | (uint32_t)j);
+    float v;
+    asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(a));
+    return v;
+}
+
 // Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, lane l gets
 // in r[i] the pair (row l/4, cols 2(l%4), 2(l%4)+1) of matrix i.
 __device__ __forceinline__ void ldsm_x4(uint32_t r[4], const void *p) {
@@ -169,6 +180,13 @@ __device__ __forceinline__ void cp_async4(void *dst, const void *src) {
 }
 __device__ __forceinline__ void cp_async_commit() { kemu::cp_async_commit(); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { kemu::cp_async_wait(N); }
+__device__ __forceinline__ bool smem_aligned256(const void *p) {
+    return (reinterpret_cast<uintptr_t>(p) & 255u) == 0;
+}
+__device__ __forceinline__ float lut_ld(const float *lut, uint32_t offsets, int j) {
+    const uint32_t off = (offsets >> (8 * j)) & 255u;
+    return *reinterpret_cast<const float *>(reinterpret_cast<const char *>(lut) + off);
+}
 __device__ __forceinline__ void ldsm_x4(uint32_t r[4], const void *p) {
     kemu::ldmatrix(r, 4, false, p);
 }

@@ -16,17 +16,22 @@
 //    (8 bytes in, 64 or 32 bytes out); 16 consecutive elements always share a block.
 //
 // 2. nf4_gemv_nt{1,2,4}: Y[m, n] = sum_k X[m, k] * Wb(n, k) for m < M <= 16, f32
-//    accumulation on tensor cores (mma m16n8k16, A = X with rows >= M zero, B = W).
+//    accumulation on tensor cores (mma m16n8k16 with A = W, B = Xᵀ: 16 output columns
+//    by 8 tokens, a second mma for tokens 8..15 when M > 8).
 //    A block (8 warps) owns 8*NT output columns n; its warps split K in chunks of 128.
-//    In a chunk, lane (g = lane/4, t = lane%4) loads ONE 16-byte word of W per n-tile:
-//    codes k in [32t, 32t+32) of row n0+g. The mma's k order is free as long as A and
-//    B agree, so step s (0..7) feeds logical k {2t,2t+1,2t+8,2t+9} with physical
-//    k {32t+4s, +1, +2, +3}: B regs = the bytes 2s and 2s+1 of the lane's word, A regs
-//    = the 32-bit words 2s and 2s+1 of X[g][32t..32t+32) and X[g+8][..] (loaded as 4
-//    uint4 each, used as raw bf16 pairs). Each weight byte is read once per launch; the
-//    8 warps' partial C fragments are summed in shared memory in a fixed order. A warp
-//    loads the W words and scales of 4 chunks (2 at NT = 4) before decoding any: at
-//    one chunk per round trip the H200 GEMV read only 0.76-0.9 TB/s of its 4.8.
+//    In a chunk, lane (g = lane/4, t = lane%4) loads ONE 16-byte word of W per 8-column
+//    tile: codes k in [32t, 32t+32) of row n0+8i+g. Tiles 2j and 2j+1 are the A rows g
+//    and g+8 of one mma (NT = 1: rows g+8 are zero). The mma's k order is free as long as
+//    A and B agree, so step s (0..7) feeds logical k {2t,2t+1,2t+8,2t+9} with physical
+//    k {32t+4s, +1, +2, +3}: A regs = the bytes 2s and 2s+1 of the lane's words, B regs
+//    = the 32-bit words 2s and 2s+1 of X[g][32t..32t+32) (tokens 8..15: X[g+8]), loaded
+//    as 4 uint4 each and used as raw bf16 pairs. W as A (not B) lets the decoded words
+//    and the X words feed the mma in place, with no register moves. Each weight byte is
+//    read once per launch; the 8 warps' partial results are summed in shared memory in a
+//    fixed order. A warp loads the W words and scale parts of 4 chunks (2 at NT = 4)
+//    before decoding any (Nf4Word); decode_word costs ~4 instructions a weight. At one
+//    chunk per round trip and ~8 instructions a weight, the H200 GEMV read only
+//    0.76-0.9 TB/s of its 4.8.
 //    nf4_gemv_naive: the one-warp-per-row baseline (bitsandbytes' inference kernel
 //    shape), f32 weights, M FMAs per element; kept for the bench and as a cross-check.
 //
@@ -35,8 +40,8 @@
 //    Block tile 128 (rows of A) x 128 (output cols) x 64 (reduction), 256 threads =
 //    8 warps as 2 (M) x 4 (N), warp tile 64 x 32 = 4 x 4 mma m16n8k16 per k16 step.
 //    A tiles: cp.async 16 B, 3-stage ring, rows >= M zero-filled. W tiles: each thread
-//    loads one 16-byte word (32 codes, one scale) per k-tile into registers before the
-//    tile's math, and after it unpacks them to bf16 in shared memory (never to HBM):
+//    loads one 16-byte word (32 codes) and its scale's parts (Nf4Word) per k-tile into
+//    registers before the tile's math, and after it unpacks them to bf16 in shared memory (never to HBM):
 //      fwd: smem [128 out cols][64 k]  = W rows c0.., cols k0..   -> ldmatrix (B "col")
 //      bwd: smem [64 k][128 out cols]  = W rows k0.., cols c0..   -> ldmatrix.trans
 //    Both are plain sub-blocks of W, so the unpack is the same; only the fragment load
@@ -83,8 +88,10 @@ __constant__ float kCode[16] = {
 };
 
 // Copies the codes to shared memory (16 entries in 16 banks: any lookup pattern is
-// conflict-free). Every thread of the block must call it; it ends with a barrier.
+// conflict-free). Every thread of the block must call it; it ends with a barrier. The
+// table is declared __align__(256): decode_word's lookups (lut_ld) need it.
 __device__ __forceinline__ void load_lut(float *lut) {
+    if (!smem_aligned256(lut)) __trap(); // a declaration without the alignment
     if (threadIdx.x < 16) lut[threadIdx.x] = kCode[threadIdx.x];
     __syncthreads();
 }
@@ -94,6 +101,41 @@ __device__ __forceinline__ float block_scale(const Nf4WeightParams &w, int64_t b
     const float c = __ldg(w.code2 + __ldg(w.qabsmax + b));
     const float a2 = __ldg(w.absmax2 + (b >> w.log2_blocksize2));
     return __fadd_rn(__fmul_rn(c, a2), w.offset);
+}
+
+// A 16-byte word of W (32 codes, inside one scale block) and the raw parts of its block
+// scale: absmax[b] (plain) or absmax2[b >> log2_bs2] and the code qabsmax[b] (double).
+// Loaded ahead of use with no load waiting on another (block_scale's code2 lookup waits
+// on qabsmax, and a warp stalls there, before its later loads issue); word_scale
+// combines the parts at decode time.
+struct Nf4Word {
+    uint4 q;
+    float a;
+    uint32_t c;
+};
+
+// The word whose first code is flat element e (e % 32 == 0); a zero word when !ok.
+__device__ __forceinline__ Nf4Word load_word(const Nf4WeightParams &w, uint64_t e, bool ok) {
+    Nf4Word x{make_uint4(0, 0, 0, 0), 0.0f, 0u};
+    if (ok) {
+        const uint64_t b = e >> w.log2_blocksize;
+        x.q = __ldg(reinterpret_cast<const uint4 *>(w.packed + (e >> 1)));
+        if (w.absmax) {
+            x.a = __ldg(w.absmax + b);
+        } else {
+            x.c = __ldg(w.qabsmax + b);
+            x.a = __ldg(w.absmax2 + (b >> w.log2_blocksize2));
+        }
+    }
+    return x;
+}
+
+// block_scale's value from a word's parts (the same bits); 0 for a word that is not
+// there (ok false), so it decodes to zeros.
+__device__ __forceinline__ float word_scale(const Nf4WeightParams &w, const Nf4Word &x, bool ok) {
+    if (!ok) return 0.0f;
+    if (w.absmax) return x.a;
+    return __fadd_rn(__fmul_rn(__ldg(w.code2 + x.c), x.a), w.offset);
 }
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -109,6 +151,23 @@ __device__ __forceinline__ uint32_t decode_pair(const float *lut, uint32_t byte,
 __device__ __forceinline__ uint32_t byte_of(const uint4 &q, int j) {
     const uint32_t w = j < 4 ? q.x : j < 8 ? q.y : j < 12 ? q.z : q.w;
     return (w >> (8 * (j & 3))) & 255;
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4 &q, int j) {
+    return j == 0 ? q.x : j == 1 ? q.y : j == 2 ? q.z : q.w;
+}
+
+// The four bytes of a 32-bit word of codes -> four bf16 pairs, .x from byte 0: the same
+// bits as decode_pair of each byte. Two masks give every byte's 4·nibble (a byte offset
+// into the LUT) at once, so a weight costs a byte extract, a load, a multiply and half a
+// pack: the decode's instruction count, not HBM, bounded the H200 GEMV.
+__device__ __forceinline__ uint4 decode_word(const float *lut, uint32_t w, float s) {
+    const uint32_t hi = (w >> 2) & 0x3C3C3C3Cu, lo = (w << 2) & 0x3C3C3C3Cu;
+    uint32_t o[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+        o[j] = pack_bf16(__fmul_rn(lut_ld(lut, hi, j), s), __fmul_rn(lut_ld(lut, lo, j), s));
+    return make_uint4(o[0], o[1], o[2], o[3]);
 }
 
 // Two adjacent outputs (cols col, col+1) of row `row`.
@@ -127,50 +186,55 @@ constexpr int GEMV_WARPS = 8;
 constexpr int GEMV_CHUNK = 128; // k per warp step: 4 lanes x 32 codes
 
 template <int NT> __device__ __forceinline__ void gemv(const Nf4GemvParams &p) {
-    __shared__ float lut[16];
-    __shared__ float red[GEMV_WARPS][NT * 128];
+    constexpr int NP = (NT + 1) / 2; // 16-row A tiles: 8-column tiles 2j (rows g), 2j+1 (g+8)
+    __shared__ __align__(256) float lut[16];
+    __shared__ float red[GEMV_WARPS][16 * 8 * NT]; // [warp][token][column of the block]
     load_lut(lut);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const int M = p.m, N = p.w.rows, K = p.w.cols;
     const int n0 = blockIdx.x * (8 * NT);
-    const bool x0 = g < M, x1 = g + 8 < M;
+    const bool x0 = g < M, x1 = g + 8 < M, two = M > 8; // two: tokens 8..15 exist
     const __nv_bfloat16 *xr0 = p.x + (int64_t)g * K;
     const __nv_bfloat16 *xr1 = p.x + (int64_t)(g + 8) * K;
-
-    float acc[NT][4];
+    uint64_t row_e[NT]; // flat index of the lane's row n0 + 8i + g, element 0
+    bool nin[NT];
 #pragma unroll
-    for (int i = 0; i < NT; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+    for (int i = 0; i < NT; i++) {
+        row_e[i] = (uint64_t)(n0 + 8 * i + g) * (uint64_t)K;
+        nin[i] = n0 + 8 * i + g < N;
+    }
 
-    // The weight words and scales of U chunks are loaded before the first of them is
-    // decoded: one round trip to HBM (two dependent ones for a double-quantized scale)
-    // then serves U chunks instead of one. The chunks are still summed in the order
-    // c = warp, warp + 8, ..., so the result does not depend on U.
+    // acc[j][h]: C of A tile j times tokens 8h..8h+7 (c0, c1: column 8·2j + g, tokens
+    // 8h + 2t, +1; c2, c3: column 8·(2j+1) + g).
+    float acc[NP][2][4];
+#pragma unroll
+    for (int j = 0; j < NP; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[j][0][e] = acc[j][1][e] = 0.0f;
+
+    // The weight words and scale parts of U chunks are loaded before the first of them is
+    // decoded: one round trip to HBM then serves U chunks instead of one, and the code2
+    // lookups of double-quantized scales (L1 hits) follow together. The chunks are still
+    // summed in the order c = warp, warp + 8, ..., so the result does not depend on U.
     constexpr int U = NT >= 4 ? 2 : 4;
     const int chunks = (K + GEMV_CHUNK - 1) / GEMV_CHUNK;
     for (int c0 = warp; c0 < chunks; c0 += GEMV_WARPS * U) {
-        uint4 wq[U][NT];
-        float sc[U][NT];
+        Nf4Word wq[U][NT];
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int k = (c0 + u * GEMV_WARPS) * GEMV_CHUNK + 32 * t; // K % 32 == 0
 #pragma unroll
-            for (int i = 0; i < NT; i++) {
-                const int n = n0 + 8 * i + g;
-                wq[u][i] = make_uint4(0, 0, 0, 0);
-                sc[u][i] = 0.0f;
-                if (k < K && n < N) {
-                    const int64_t e = (int64_t)n * K + k;
-                    wq[u][i] = __ldg(reinterpret_cast<const uint4 *>(p.w.packed + e / 2));
-                    sc[u][i] = block_scale(p.w, e >> p.w.log2_blocksize);
-                }
-            }
+            for (int i = 0; i < NT; i++) wq[u][i] = load_word(p.w, row_e[i] + k, k < K && nin[i]);
         }
 #pragma unroll
         for (int u = 0; u < U; u++) {
             if (c0 + u * GEMV_WARPS >= chunks) break; // warp-uniform
             const int k = (c0 + u * GEMV_WARPS) * GEMV_CHUNK + 32 * t;
             const bool kin = k < K; // all 32 codes in range or none
+            float sc[NT];
+#pragma unroll
+            for (int i = 0; i < NT; i++) sc[i] = word_scale(p.w, wq[u][i], kin && nin[i]);
             uint32_t xa[16], xb[16];
 #pragma unroll
             for (int q = 0; q < 4; q++) {
@@ -181,30 +245,43 @@ template <int NT> __device__ __forceinline__ void gemv(const Nf4GemvParams &p) {
                 xb[4 * q] = vb.x, xb[4 * q + 1] = vb.y, xb[4 * q + 2] = vb.z, xb[4 * q + 3] = vb.w;
             }
 #pragma unroll
-            for (int i = 0; i < NT; i++) {
+            for (int j = 0; j < NP; j++) {
 #pragma unroll
-                for (int s = 0; s < 8; s++) {
-                    const uint32_t b0 = decode_pair(lut, byte_of(wq[u][i], 2 * s), sc[u][i]);
-                    const uint32_t b1 = decode_pair(lut, byte_of(wq[u][i], 2 * s + 1), sc[u][i]);
-                    mma_bf16(acc[i], xa[2 * s], xb[2 * s], xa[2 * s + 1], xb[2 * s + 1], b0, b1);
+                for (int v = 0; v < 4; v++) {
+                    // Word v of the lane's codes: steps s = 2v, 2v+1, bytes 2s (k 2t, 2t+1)
+                    // and 2s+1 (k 2t+8, 2t+9) of the mma; rows g+8 are zero when NT = 1.
+                    const int J1 = 2 * j + 1 < NT ? 2 * j + 1 : 0; // (unused when NT = 1)
+                    const uint4 r0 = decode_word(lut, word_of(wq[u][2 * j].q, v), sc[2 * j]);
+                    const uint4 r1 = 2 * j + 1 < NT
+                                         ? decode_word(lut, word_of(wq[u][J1].q, v), sc[J1])
+                                         : make_uint4(0, 0, 0, 0);
+                    const int s = 2 * v;
+                    mma_bf16(acc[j][0], r0.x, r1.x, r0.y, r1.y, xa[2 * s], xa[2 * s + 1]);
+                    mma_bf16(acc[j][0], r0.z, r1.z, r0.w, r1.w, xa[2 * s + 2], xa[2 * s + 3]);
+                    if (two) {
+                        mma_bf16(acc[j][1], r0.x, r1.x, r0.y, r1.y, xb[2 * s], xb[2 * s + 1]);
+                        mma_bf16(acc[j][1], r0.z, r1.z, r0.w, r1.w, xb[2 * s + 2], xb[2 * s + 3]);
+                    }
                 }
             }
         }
     }
 
 #pragma unroll
-    for (int i = 0; i < NT; i++)
+    for (int j = 0; j < NP; j++)
 #pragma unroll
-        for (int j = 0; j < 4; j++) red[warp][i * 128 + lane * 4 + j] = acc[i][j];
+        for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int tile = 2 * j + (e >> 1), tok = 8 * h + 2 * t + (e & 1);
+                if (tile < NT) red[warp][tok * (8 * NT) + 8 * tile + g] = acc[j][h][e];
+            }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < NT * 128; idx += blockDim.x) {
+    for (int idx = threadIdx.x; idx < 16 * 8 * NT; idx += blockDim.x) {
         float s = 0.0f;
 #pragma unroll
         for (int w = 0; w < GEMV_WARPS; w++) s += red[w][idx];
-        // C fragment: c0,c1 row g cols 2t,2t+1; c2,c3 row g+8.
-        const int i = idx >> 7, l = (idx >> 2) & 31, j = idx & 3;
-        const int m = (l >> 2) + 8 * (j >> 1);
-        const int n = n0 + 8 * i + 2 * (l & 3) + (j & 1);
+        const int m = idx / (8 * NT), n = n0 + idx % (8 * NT);
         if (m < M && n < N) {
             const int64_t o = (int64_t)m * N + n;
             if (p.out_f32)
@@ -230,7 +307,7 @@ template <bool BWD, bool HAS_LORA>
 __device__ __forceinline__ void gemm(const Nf4GemmParams &p, const __nv_bfloat16 *lora_left,
                                      const __nv_bfloat16 *lora_right, int rank) {
     PALIGN_DYNAMIC_SMEM(nf4_smem);
-    __shared__ float lut[16];
+    __shared__ __align__(256) float lut[16];
     if (dynamic_smem_bytes() < (uint32_t)GEMM_SMEM) __trap(); // launcher bug, not data
     load_lut(lut);
     __nv_bfloat16 *As = reinterpret_cast<__nv_bfloat16 *>(nf4_smem);
@@ -258,27 +335,18 @@ __device__ __forceinline__ void gemm(const Nf4GemmParams &p, const __nv_bfloat16
     // W tile: 4096 bytes, one 16-byte word (32 codes) per thread.
     const int w_r = BWD ? tid >> 2 : tid >> 1;            // smem row
     const int w_c = BWD ? (tid & 3) * 32 : (tid & 1) * 32; // smem col
-    auto load_w = [&](int kt, uint4 &q, float &s) {
+    const bool w_ok = BWD ? c0 + w_c < NOUT : c0 + w_r < NOUT; // the same for every tile
+    auto load_w = [&](int kt) {
         const int row = BWD ? kt * BK + w_r : c0 + w_r; // row of W
         const int col = BWD ? c0 + w_c : kt * BK + w_c; // col of W
-        const bool ok = BWD ? col < NOUT : row < NOUT;
-        q = make_uint4(0, 0, 0, 0);
-        s = 0.0f;
-        if (ok) {
-            const int64_t e = (int64_t)row * p.w.cols + col;
-            q = __ldg(reinterpret_cast<const uint4 *>(p.w.packed + e / 2));
-            s = block_scale(p.w, e >> p.w.log2_blocksize);
-        }
+        return load_word(p.w, (uint64_t)row * (uint64_t)p.w.cols + col, w_ok);
     };
-    auto store_w = [&](const uint4 &q, float s) {
+    auto store_w = [&](const Nf4Word &w) {
         __nv_bfloat16 *dst = Bs + w_r * (BWD ? BB_LD : BF_LD) + w_c;
+        const float s = word_scale(p.w, w, w_ok);
 #pragma unroll
         for (int v = 0; v < 4; v++) {
-            uint4 o;
-            o.x = decode_pair(lut, byte_of(q, 4 * v), s);
-            o.y = decode_pair(lut, byte_of(q, 4 * v + 1), s);
-            o.z = decode_pair(lut, byte_of(q, 4 * v + 2), s);
-            o.w = decode_pair(lut, byte_of(q, 4 * v + 3), s);
+            const uint4 o = decode_word(lut, word_of(w.q, v), s);
             *reinterpret_cast<uint4 *>(dst + 8 * v) = o;
         }
     };
@@ -294,10 +362,8 @@ __device__ __forceinline__ void gemm(const Nf4GemmParams &p, const __nv_bfloat16
         if (s < KT) load_a(s, s);
         cp_async_commit();
     }
-    uint4 wq;
-    float ws;
-    load_w(0, wq, ws);
-    store_w(wq, ws);
+    Nf4Word wq = load_w(0);
+    store_w(wq);
 
     for (int kt = 0; kt < KT; kt++) {
         // A tile kt has landed (groups are committed one per tile, empty ones included);
@@ -309,7 +375,7 @@ __device__ __forceinline__ void gemm(const Nf4GemmParams &p, const __nv_bfloat16
             if (nk < KT) load_a(nk, nk % STAGES);
             cp_async_commit();
         }
-        if (kt + 1 < KT) load_w(kt + 1, wq, ws); // in flight during the math below
+        if (kt + 1 < KT) wq = load_w(kt + 1); // in flight during the math below
 
         const __nv_bfloat16 *as = As + (kt % STAGES) * A_STAGE;
 #pragma unroll
@@ -341,7 +407,7 @@ __device__ __forceinline__ void gemm(const Nf4GemmParams &p, const __nv_bfloat16
                     mma_bf16(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
         }
         __syncthreads(); // all warps are done reading Bs
-        if (kt + 1 < KT) store_w(wq, ws);
+        if (kt + 1 < KT) store_w(wq);
     }
     cp_async_wait<0>(); // nothing useful is pending; leave no copy in flight at exit
 
@@ -432,7 +498,7 @@ __device__ __forceinline__ void gemm(const Nf4GemmParams &p, const __nv_bfloat16
 
 extern "C" __global__ void __launch_bounds__(256) nf4_dequantize(Nf4DequantParams p) {
     using namespace palign;
-    __shared__ float lut[16];
+    __shared__ __align__(256) float lut[16];
     nf4::load_lut(lut);
     const int64_t n = p.w.numel;
     const int64_t groups = (n + 15) / 16;
@@ -485,7 +551,7 @@ extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nt4(Nf4GemvParams p) 
 // Baseline: one warp per output row, f32 weights, each lane 32 codes per 1024.
 extern "C" __global__ void __launch_bounds__(256) nf4_gemv_naive(Nf4GemvParams p) {
     using namespace palign;
-    __shared__ float lut[16];
+    __shared__ __align__(256) float lut[16];
     nf4::load_lut(lut);
     const int lane = threadIdx.x & 31;
     const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -673,18 +739,9 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t da, ui
 
 #endif // PALIGN_KEMU
 
-// One thread's share of a W tile, loaded a tile ahead: the 16-byte code word and the
-// raw parts of its block scale (absmax, or qabsmax code and absmax2), combined only at
-// decode time so no load waits on another while the wgmmas run.
-struct WgWord {
-    uint4 q;
-    float a;     // absmax[b] (plain) or absmax2[b >> log2_bs2] (double)
-    uint32_t c;  // qabsmax[b] (double)
-};
-
 __device__ __forceinline__ void gemm_wgmma(const Nf4GemmParams &p) {
     PALIGN_DYNAMIC_SMEM(nf4_wg_smem);
-    __shared__ float lut[16];
+    __shared__ __align__(256) float lut[16];
     if (dynamic_smem_bytes() < (uint32_t)WG_SMEM) __trap(); // launcher bug, not data
     load_lut(lut);
     // 128B-swizzle atoms (and the descriptors' base offset 0) need 1024-byte alignment.
@@ -713,38 +770,22 @@ __device__ __forceinline__ void gemm_wgmma(const Nf4GemmParams &p) {
     };
     // W tile: row c0 + tid/2 of W, codes k0 + 32·(tid%2) .. +32 (one scale block: >= 32).
     const int w_r = tid >> 1, w_h = tid & 1;
-    auto load_w = [&](int kt, WgWord &w) {
+    // One thread's share of a W tile is loaded a tile ahead (Nf4Word), so no load waits
+    // on another while the wgmmas run.
+    const bool w_ok = c0 + w_r < N;
+    auto load_w = [&](int kt, Nf4Word &w) {
         const int row = c0 + w_r, col = kt * WG_BK + w_h * 32;
-        w.q = make_uint4(0, 0, 0, 0);
-        w.a = 0.0f;
-        w.c = 0;
-        if (row < N) {
-            const int64_t e = (int64_t)row * K + col;
-            const int64_t b = e >> p.w.log2_blocksize;
-            w.q = __ldg(reinterpret_cast<const uint4 *>(p.w.packed + e / 2));
-            if (p.w.absmax) {
-                w.a = __ldg(p.w.absmax + b);
-            } else {
-                w.c = __ldg(p.w.qabsmax + b);
-                w.a = __ldg(p.w.absmax2 + (b >> p.w.log2_blocksize2));
-            }
-        }
+        w = load_word(p.w, (uint64_t)row * (uint64_t)K + col, w_ok);
     };
     // Decode 32 codes to bf16 (block_scale's formula: the same bits as every NF4 kernel)
     // and store them as chunks 4·w_h .. 4·w_h+3 of row w_r, swizzled. Rows >= N decode
     // to zeros (q = 0, scale 0).
-    auto store_w = [&](const WgWord &w, int s) {
-        float sc = w.a;
-        if (!p.w.absmax && c0 + w_r < N)
-            sc = __fadd_rn(__fmul_rn(__ldg(p.w.code2 + w.c), w.a), p.w.offset);
+    auto store_w = [&](const Nf4Word &w, int s) {
+        const float sc = word_scale(p.w, w, w_ok);
         uint8_t *dst = sm + b_stage(s) + w_r * 128;
 #pragma unroll
         for (int v = 0; v < 4; v++) {
-            uint4 o;
-            o.x = decode_pair(lut, byte_of(w.q, 4 * v), sc);
-            o.y = decode_pair(lut, byte_of(w.q, 4 * v + 1), sc);
-            o.z = decode_pair(lut, byte_of(w.q, 4 * v + 2), sc);
-            o.w = decode_pair(lut, byte_of(w.q, 4 * v + 3), sc);
+            const uint4 o = decode_word(lut, word_of(w.q, v), sc);
             const int ch = 4 * w_h + v;
             *reinterpret_cast<uint4 *>(dst + ((ch ^ (w_r & 7)) << 4)) = o;
         }
@@ -760,14 +801,14 @@ __device__ __forceinline__ void gemm_wgmma(const Nf4GemmParams &p) {
     cp_async_commit();
     if (1 < KT) load_a(1, 1);
     cp_async_commit();
-    WgWord w0, w1;
+    Nf4Word w0, w1;
     load_w(0, w0);
     store_w(w0, 0);
     if (1 < KT) load_w(1, w1);
     if (2 < KT) load_w(2, w0);
 
     // One iteration; `nx` holds W tile kt+1 on entry and W tile kt+3 on exit.
-    auto step = [&](int kt, WgWord &nx) {
+    auto step = [&](int kt, Nf4Word &nx) {
         cp_async_wait<1>(); // X tile kt (tile kt+1 may still fly)
         fence_proxy_async_smem();
         __syncthreads();

@@ -580,6 +580,9 @@ fn gemv_matches_cpu() {
         // with a partly filled last 8-column tile and 9 chunks (the prefetch's partial
         // group).
         (2, 8965, 1056, true, false),
+        // Two column tiles per block on a 132-SM GPU (n / 16 >= 2 * SMs > n / 32), both
+        // token halves of the mma (m > 8), a partial last tile.
+        (12, 6001, 1056, true, true),
     ];
     for (i, &(m, n, k, dq, f32_out)) in cases.iter().enumerate() {
         let t = weight(200 + i as u64, [n, k], 64, dq);
