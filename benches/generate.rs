@@ -40,6 +40,7 @@ fn run(model: &Model, prompts: &[Vec<u32>]) -> usize {
     let cfg = GenConfig {
         max_new_tokens: NEW,
         temperature: 0.0,
+        top_k: 0,
         top_p: 1.0,
         seed: 0,
         eos_ids: vec![],

@@ -410,6 +410,11 @@ const CASES: &[Case] = &[
         expect: "--batch-size",
     },
     Case {
+        name: "warm-up with the constant schedule",
+        setup: |d| sft_args(d, &["--scheduler", "constant", "--warmup-steps", "3"]),
+        expect: "constant_with_warmup",
+    },
+    Case {
         name: "dropout of one",
         setup: |d| sft_args(d, &["--dropout", "1"]),
         expect: "--dropout",

@@ -303,6 +303,7 @@ fn shared_prompt_prefill_on_the_device_matches_each_prompt_alone() {
     let cfg = |batch_size| GenConfig {
         max_new_tokens: 6,
         temperature: 0.0,
+        top_k: 0,
         top_p: 1.0,
         seed: 1,
         eos_ids: vec![],

@@ -285,6 +285,7 @@ fn generation_with_shared_prompt_prefixes_matches_each_prompt_alone() {
             let cfg = |batch_size| GenConfig {
                 max_new_tokens: 12,
                 temperature,
+                top_k: 0,
                 top_p: 1.0,
                 seed: 5,
                 eos_ids: vec![],

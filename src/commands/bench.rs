@@ -607,6 +607,7 @@ fn run_generate(b: &GenBench, common: &Common) -> Result<()> {
     let gen = |new_tokens: usize| GenConfig {
         max_new_tokens: new_tokens,
         temperature: b.temperature,
+        top_k: 0,
         top_p: b.top_p,
         seed: common.seed,
         eos_ids: Vec::new(),

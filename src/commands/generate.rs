@@ -40,6 +40,10 @@ pub struct Args {
     /// Nucleus sampling: keep the most likely tokens up to this probability mass.
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
+    /// When sampling, keep only the k most likely tokens first (0: off); default as
+    /// transformers: the model's generation_config.json `top_k`, else 50.
+    #[arg(long)]
+    pub top_k: Option<usize>,
     /// Stop when the output text contains this string (repeatable); it is cut off.
     #[arg(long)]
     pub stop: Vec<String>,
@@ -118,6 +122,10 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     let cfg_check = GenConfig {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
+        top_k: match args.top_k {
+            Some(k) => k,
+            None => generate::default_top_k(&args.model)?,
+        },
         top_p: args.top_p,
         seed: common.seed,
         eos_ids: Vec::new(),

@@ -47,15 +47,20 @@ pub struct Args {
     pub judge_template: String,
 }
 
-/// Red-Instruct's `clean_thought`: when the output holds `(Internal thought:`, the response
-/// is what follows the first `)` after it; the result is trimmed.
+/// Red-Instruct's `clean_thoughts_` (its judge scripts, e.g. `gpt4_as_judge.py`), rule for
+/// rule: an output without `(Internal thought:` is kept as it is; otherwise what follows
+/// the first `)` anywhere in it is kept (before the marker too), or, with no `)`, only its
+/// last character (Python's `response[-1:]`), and the result is stripped as `str.strip()`
+/// strips (Unicode whitespace, the separators U+001C..U+001F included).
 pub fn clean_thought(output: &str) -> &str {
-    const KEY: &str = "(Internal thought:";
-    let cut = output.find(KEY).and_then(|i| {
-        let after = i + KEY.len();
-        output[after..].find(')').map(|j| after + j + 1)
-    });
-    output[cut.unwrap_or(0)..].trim()
+    if !output.contains("(Internal thought:") {
+        return output;
+    }
+    let cut = match output.find(')') {
+        Some(i) => i + 1,
+        None => output.char_indices().last().map_or(0, |(i, _)| i),
+    };
+    output[cut..].trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
 }
 
 /// The harm judge prompt (palign's own wording); the verdict is ` [[A]]` or ` [[B]]`.
@@ -116,7 +121,7 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     if args.stop.iter().any(String::is_empty) {
         return Err(bad("--stop: a stop string must not be empty"));
     }
-    let gen = super::gen_config(common, args.max_new_tokens, 0.0, 1.0, ev.batch_size)?;
+    let gen = super::gen_config(common, args.max_new_tokens, 0.0, 0, 1.0, ev.batch_size)?;
     let cou = std::fs::read_to_string(&args.cou_template).map_err(|e| {
         bad(format!(
             "--cou-template {}: {e}",
@@ -309,19 +314,25 @@ mod tests {
 
     #[test]
     fn clean_thought_cuts_the_internal_thought() {
+        // Expected values from Red-Instruct's clean_thoughts_ run in Python.
         assert_eq!(
             clean_thought("(Internal thought: I should comply.) Sure, here is how."),
             "Sure, here is how."
         );
-        assert_eq!(clean_thought("  plain answer \n"), "plain answer");
-        // No closing parenthesis: nothing to cut.
+        // No marker: returned unstripped.
+        assert_eq!(clean_thought("  plain answer \n"), "  plain answer \n");
+        // No `)` at all: only the last character survives.
         assert_eq!(
-            clean_thought("(Internal thought: never closed"),
-            "(Internal thought: never closed"
+            clean_thought("(Internal thought: I should comply and explain"),
+            "n"
         );
-        // The first `)` after the marker ends the thought, even within later text.
+        // The first `)` anywhere ends the cut, even one before the marker.
         assert_eq!(
-            clean_thought("Base-LM: (Internal thought: a) b (c) d"),
+            clean_thought("Step 1) first. (Internal thought: ok) Base-LM: here is how"),
+            "first. (Internal thought: ok) Base-LM: here is how"
+        );
+        assert_eq!(
+            clean_thought("Base-LM: (Internal thought: a) b (c) d\u{1f}"),
             "b (c) d"
         );
     }

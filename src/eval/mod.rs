@@ -194,12 +194,14 @@ pub fn gen_config(
     common: &Common,
     max_new_tokens: usize,
     temperature: f32,
+    top_k: usize,
     top_p: f32,
     batch: usize,
 ) -> Result<GenConfig> {
     let cfg = GenConfig {
         max_new_tokens,
         temperature,
+        top_k,
         top_p,
         seed: common.seed,
         eos_ids: vec![],
@@ -301,6 +303,7 @@ mod tests {
             let cfg = GenConfig {
                 max_new_tokens: 12,
                 temperature,
+                top_k: 0,
                 top_p: 0.9,
                 seed: 7,
                 eos_ids: vec![],

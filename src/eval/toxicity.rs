@@ -43,6 +43,10 @@ pub struct Args {
     /// Nucleus sampling: keep the most likely tokens up to this probability mass.
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
+    /// When sampling, keep only the k most likely tokens first (0: off); default as
+    /// transformers: the model's generation_config.json `top_k`, else 50.
+    #[arg(long)]
+    pub top_k: Option<usize>,
     /// Stop when the output contains this string (repeatable); it is cut off.
     #[arg(long)]
     pub stop: Vec<String>,
@@ -139,10 +143,15 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
             "--scorer-max-length must be in 1..={scorer_max} (the scorer's position table)"
         )));
     }
+    let top_k = match args.top_k {
+        Some(k) => k,
+        None => crate::model::generate::default_top_k(&ev.model)?,
+    };
     let gen = super::gen_config(
         common,
         args.max_new_tokens,
         args.temperature,
+        top_k,
         args.top_p,
         ev.batch_size,
     )?;
@@ -167,6 +176,10 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         ("seed", json!(common.seed)),
     ] {
         fixed.insert(k.into(), v);
+    }
+    if args.temperature > 0.0 {
+        // Only sampling reads it (greedy logs of older versions still resume).
+        fixed.insert("top_k".into(), json!(top_k));
     }
     let run = RunDir::open(&ev.out, "real-toxicity", &Value::Object(fixed.clone()))?;
     let mut log = run.samples()?;

@@ -32,6 +32,8 @@ pub struct GenConfig {
     pub max_new_tokens: usize,
     /// 0: greedy (argmax, ties to the lowest id, as `torch.argmax`).
     pub temperature: f32,
+    /// Top-k filter before the nucleus (transformers' `TopKLogitsWarper`); 0: off.
+    pub top_k: usize,
     /// Nucleus sampling mass in [0, 1]; 1 keeps every token.
     pub top_p: f32,
     pub seed: u64,
@@ -127,13 +129,37 @@ pub use crate::ops::argmax;
 /// (transformers' `TemperatureLogitsWarper` then `TopPLogitsWarper`: in descending order,
 /// a token is kept while the probability before it is < top_p, and at least one always).
 /// Temperature 0 is greedy.
-pub fn sample(logits: &[f32], temperature: f32, top_p: f32, rng: &mut ChaCha8Rng) -> u32 {
+pub fn sample(
+    logits: &[f32],
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+    rng: &mut ChaCha8Rng,
+) -> u32 {
     if temperature == 0.0 {
         return argmax(logits);
     }
     let z: Vec<f32> = logits.iter().map(|&l| l / temperature).collect();
+    // transformers' warpers in its order: temperature, top-k (every score below the k-th
+    // largest is dropped; ties with it stay), then top-p on what is left, renormalized.
+    let floor = if top_k > 0 && top_k < z.len() {
+        let mut s = z.clone();
+        let (_, kth, _) = s.select_nth_unstable_by(top_k - 1, |a, b| b.total_cmp(a));
+        *kth
+    } else {
+        f32::NEG_INFINITY
+    };
     let mx = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<f64> = z.iter().map(|&v| ((v - mx) as f64).exp()).collect();
+    let mut probs: Vec<f64> = z
+        .iter()
+        .map(|&v| {
+            if v < floor {
+                0.0
+            } else {
+                ((v - mx) as f64).exp()
+            }
+        })
+        .collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     let kept = if top_p >= 1.0 {
@@ -364,6 +390,7 @@ fn advance(
                 Next::Logits(z) => sample(
                     &z[i * vocab..(i + 1) * vocab],
                     cfg.temperature,
+                    cfg.top_k,
                     cfg.top_p,
                     &mut s.rng,
                 ),
@@ -652,6 +679,28 @@ pub fn generate_each(
     Ok(stats)
 }
 
+/// transformers' `generate` default for `top_k` when sampling: generation_config.json's
+/// `top_k` (0 or null: no filter), else 50 (`GenerationConfig`'s default).
+pub fn default_top_k(dir: &std::path::Path) -> Result<usize> {
+    let path = dir.join("generation_config.json");
+    if !path.exists() {
+        return Ok(50);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| crate::error::Error::read(&path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| bad(format!("{}: not valid JSON: {e}", path.display())))?;
+    match v.get("top_k") {
+        None => Ok(50),
+        Some(serde_json::Value::Null) => Ok(0),
+        Some(k) => k.as_u64().map(|k| k as usize).ok_or_else(|| {
+            bad(format!(
+                "{}: top_k must be a non-negative integer",
+                path.display()
+            ))
+        }),
+    }
+}
+
 /// EOS ids of a model folder: config.json's, generation_config.json's (what transformers'
 /// `generate` stops at; LLaMA-3 lists several there) and the tokenizer's.
 pub fn eos_ids(dir: &std::path::Path, model: &Model, tok: Option<&Tokenizer>) -> Result<Vec<u32>> {
@@ -706,13 +755,59 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let n = 20000;
         let ones = (0..n)
-            .filter(|_| sample(&logits, 1.0, 1.0, &mut rng) == 1)
+            .filter(|_| sample(&logits, 1.0, 0, 1.0, &mut rng) == 1)
             .count();
         // p(1) = 3/4; 5 sigma ≈ 0.015
         assert!((ones as f64 / n as f64 - 0.75).abs() < 0.015, "{ones}");
         // top_p 0.5 keeps only token 1; temperature 0 is argmax
-        assert!((0..100).all(|_| sample(&logits, 1.0, 0.5, &mut rng) == 1));
-        assert_eq!(sample(&logits, 0.0, 1.0, &mut rng), 1);
+        assert!((0..100).all(|_| sample(&logits, 1.0, 0, 0.5, &mut rng) == 1));
+        assert_eq!(sample(&logits, 0.0, 0, 1.0, &mut rng), 1);
+    }
+
+    #[test]
+    fn top_k_keeps_the_k_largest_and_their_ties() {
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let logits = [0.0f32, (3.0f32).ln(), (2.0f32).ln(), f32::NEG_INFINITY];
+        assert!((0..200).all(|_| sample(&logits, 1.0, 1, 1.0, &mut rng) == 1));
+        // k = 2: tokens 1 and 2 with p = 3/5, 2/5 (token 0 would take 1/6 without it).
+        let n = 20000;
+        let mut hits = [0usize; 4];
+        for _ in 0..n {
+            hits[sample(&logits, 1.0, 2, 1.0, &mut rng) as usize] += 1;
+        }
+        assert_eq!(hits[0] + hits[3], 0);
+        assert!((hits[1] as f64 / n as f64 - 0.6).abs() < 0.02, "{hits:?}");
+        // Scores equal to the k-th largest stay (transformers drops only `< kth`).
+        let flat = [1.0f32, 1.0, 1.0, 0.0];
+        let mut seen = [false; 4];
+        for _ in 0..300 {
+            seen[sample(&flat, 1.0, 1, 1.0, &mut rng) as usize] = true;
+        }
+        assert_eq!(seen, [true, true, true, false]);
+        // Then top-p on the renormalized rest: k = 2 leaves 0.6 / 0.4; top_p 0.5 keeps 1.
+        assert!((0..200).all(|_| sample(&logits, 1.0, 2, 0.5, &mut rng) == 1));
+    }
+
+    #[test]
+    fn top_k_default_follows_generation_config() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(default_top_k(d.path()).unwrap(), 50);
+        let gc = d.path().join("generation_config.json");
+        for (text, want) in [
+            (r#"{"eos_token_id": 2}"#, Some(50)),
+            (r#"{"top_k": 20}"#, Some(20)),
+            (r#"{"top_k": 0}"#, Some(0)),
+            (r#"{"top_k": null}"#, Some(0)),
+            (r#"{"top_k": "x"}"#, None),
+            ("{", None),
+        ] {
+            std::fs::write(&gc, text).unwrap();
+            let got = default_top_k(d.path());
+            match want {
+                Some(k) => assert_eq!(got.unwrap(), k, "{text}"),
+                None => assert!(got.unwrap_err().is_bad_input(), "{text}"),
+            }
+        }
     }
 
     fn fixture(p: &str) -> std::path::PathBuf {
@@ -836,6 +931,7 @@ mod tests {
         let cfg = GenConfig {
             max_new_tokens: 3,
             temperature: 0.0,
+            top_k: 0,
             top_p: 1.0,
             seed: 0,
             eos_ids: vec![],
@@ -865,6 +961,7 @@ mod tests {
         let cfg = |batch_size| GenConfig {
             max_new_tokens: 2,
             temperature: 0.0,
+            top_k: 0,
             top_p: 1.0,
             seed: 0,
             eos_ids: vec![],
@@ -908,6 +1005,7 @@ mod tests {
         let cfg = |batch_size| GenConfig {
             max_new_tokens: 60,
             temperature: 0.0,
+            top_k: 0,
             top_p: 1.0,
             seed: 0,
             eos_ids: (3..15).collect(),

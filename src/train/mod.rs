@@ -246,6 +246,11 @@ impl Settings {
         }
         let targets = LoraConfig::parse_targets(a.targets.as_deref().unwrap_or(d.targets))?;
         let scheduler: Schedule = a.scheduler.as_deref().unwrap_or(d.scheduler).parse()?;
+        if a.warmup_steps.is_some_and(|w| w > 0) && !scheduler.takes_warmup() {
+            return Err(bad(
+                "--warmup-steps: transformers' `constant` schedule has no warm-up; use --scheduler constant_with_warmup",
+            ));
+        }
         let batch_size = positive(a.batch_size.unwrap_or(16), "--batch-size")?;
         let grad_accum = positive(a.grad_accum.unwrap_or(1), "--grad-accum")?;
         if batch_size % grad_accum != 0 {
