@@ -87,16 +87,25 @@ template <int COLS> __device__ __forceinline__ int swz(int row, int col) {
 
 // Rows row0 .. row0+ROWS of a matrix with `stride` elements per row (columns 0..D of
 // `g`) into a swizzled tile; rows >= row_end are zero-filled. Asynchronous (cp.async).
+// A thread copies chunk ch = tid % CPR of rows tid / CPR + j·(NT / CPR): one address
+// computed once, then a pointer step and a constant shared offset per copy (the rows
+// of a pass differ by a multiple of 8, so they share the swizzle). Computing every
+// copy's row, chunk and swizzle from scratch took ~30 instructions a copy, as many as
+// the backward's mmas by the step.
 template <int ROWS, int D, int NT>
 __device__ __forceinline__ void load_tile(__nv_bfloat16 *tile, const __nv_bfloat16 *g,
                                           int64_t stride, int row0, int row_end) {
-    constexpr int CPR = D / 8; // 16-byte chunks per row
+    constexpr int CPR = D / 8;      // 16-byte chunks per row
+    constexpr int RSTEP = NT / CPR; // rows per pass of the block
+    static_assert(NT % CPR == 0 && RSTEP % 8 == 0 && ROWS % RSTEP == 0, "load_tile passes");
+    const int r = threadIdx.x / CPR, ch = threadIdx.x % CPR;
+    const __nv_bfloat16 *src = g + (int64_t)(row0 + r) * stride + ch * 8;
+    __nv_bfloat16 *dst = tile + swz<D>(r, ch * 8);
+    const int64_t step = (int64_t)RSTEP * stride;
 #pragma unroll
-    for (int c = threadIdx.x; c < ROWS * CPR; c += NT) {
-        const int r = c / CPR, ch = c % CPR;
-        const bool ok = row0 + r < row_end;
-        const __nv_bfloat16 *src = ok ? g + (int64_t)(row0 + r) * stride + ch * 8 : g;
-        cp_async16(tile + swz<D>(r, ch * 8), src, ok);
+    for (int j = 0; j < ROWS / RSTEP; j++) {
+        const bool ok = row0 + r + j * RSTEP < row_end;
+        cp_async16(dst + j * RSTEP * D, ok ? src + j * step : g, ok);
     }
 }
 
@@ -267,6 +276,8 @@ template <int D, int WARPS, int MT, int BN, int STAGES> __device__ void fwd(cons
                         }
             }
             // Online softmax; each row is spread over the 4 lanes of a quad.
+            float alpha[2 * MT];
+            bool moved = false; // a row of this thread has a new max
 #pragma unroll
             for (int r = 0; r < 2 * MT; r++) {
                 const int mt = r / 2, c = 2 * (r % 2); // the row's S/O elements: c, c + 1
@@ -278,7 +289,8 @@ template <int D, int WARPS, int MT, int BN, int STAGES> __device__ void fwd(cons
                 const float m_new = fmaxf(m_run[r], mx * sl2);
                 // A row with nothing visible yet keeps m = -inf; 0 avoids (-inf) - (-inf).
                 const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-                const float alpha = fast_exp2(m_run[r] - m_use);
+                alpha[r] = m_new == m_run[r] ? 1.0f : fast_exp2(m_run[r] - m_use);
+                moved |= m_new != m_run[r];
                 m_run[r] = m_new;
                 float sum = 0.0f;
 #pragma unroll
@@ -289,11 +301,19 @@ template <int D, int WARPS, int MT, int BN, int STAGES> __device__ void fwd(cons
                     s[mt][nb][c + 1] = p1;
                     sum += p0 + p1;
                 }
-                l_run[r] = l_run[r] * alpha + sum; // per-lane partial; quad-summed at the end
+                l_run[r] = l_run[r] * alpha[r] + sum; // per-lane partial; quad-summed at the end
+            }
+            // O's rescale, skipped when no row of the warp has a new max (every alpha is 1
+            // exactly, so the bits are the same): once the running maxima settle, most tiles.
+            if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
-                for (int nd = 0; nd < ND; nd++) {
-                    o[mt][nd][c] *= alpha;
-                    o[mt][nd][c + 1] *= alpha;
+                for (int r = 0; r < 2 * MT; r++) {
+                    const int mt = r / 2, c = 2 * (r % 2);
+#pragma unroll
+                    for (int nd = 0; nd < ND; nd++) {
+                        o[mt][nd][c] *= alpha[r];
+                        o[mt][nd][c + 1] *= alpha[r];
+                    }
                 }
             }
             // The S accumulators of key tiles 2kk, 2kk+1 are exactly the A fragment of P
@@ -554,14 +574,23 @@ __device__ void bwd(const AttnBwdParams &p) {
                         mma_bf16(s[2 * nq2 + 1], ka, b[2], b[3]);
                     }
                 }
+                // Masked scores -> -inf (2^-inf = 0), in a block of its own: folded into
+                // the exponentials, the mask was predicated and issued at every step.
+                if (need_mask) {
+#pragma unroll
+                    for (int nq = 0; nq < NQ; nq++)
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            const int col = nq * 8 + (lane % 4) * 2 + (e & 1);
+                            if (!visible(q0 + col, key_a + (e >= 2 ? 8 : 0), W)) s[nq][e] = -INFINITY;
+                        }
+                }
 #pragma unroll
                 for (int nq = 0; nq < NQ; nq++)
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
                         const int col = nq * 8 + (lane % 4) * 2 + (e & 1);
-                        float pv = fast_exp2(fmaf(s[nq][e], sl2, -cL[col]));
-                        if (need_mask && !visible(q0 + col, key_a + (e >= 2 ? 8 : 0), W)) pv = 0.0f;
-                        s[nq][e] = pv;
+                        s[nq][e] = fast_exp2(fmaf(s[nq][e], sl2, -cL[col]));
                     }
 #pragma unroll
                 for (int kq = 0; kq < KQ; kq++) {
@@ -668,17 +697,16 @@ __device__ void bwd(const AttnBwdParams &p) {
                 mma_bf16(acc[2 * j2 + 1], a, b[2], b[3]);
             }
         }
+        // Row qa + 8r, columns dq_n0·8 + 8j + 2(lane % 4): one address, then constant
+        // steps (a row's address computed per element cost ~10 instructions an atomic).
         const int qa = q0 + dq_mt * 16 + lane / 4;
+        float *dq_row = p.dq_accum + (int64_t)(start + qa) * qs + h * D + dq_n0 * 8 + (lane % 4) * 2;
 #pragma unroll
-        for (int j = 0; j < NDQ; j++) {
-            const int col = (dq_n0 + j) * 8 + (lane % 4) * 2;
+        for (int r = 0; r < 2; r++) {
+            if (qa + 8 * r < len) {
 #pragma unroll
-            for (int r = 0; r < 2; r++) {
-                const int row = qa + 8 * r;
-                if (row < len) {
-                    float *dst = p.dq_accum + (int64_t)(start + row) * qs + h * D + col;
-                    red_add2<ASYNC>(dst, acc[j][2 * r], acc[j][2 * r + 1]);
-                }
+                for (int j = 0; j < NDQ; j++)
+                    red_add2<ASYNC>(dq_row + 8 * r * qs + 8 * j, acc[j][2 * r], acc[j][2 * r + 1]);
             }
         }
         cp_async_wait<0>(); // the next step's tiles landed ...
@@ -845,6 +873,18 @@ __device__ void bwdg(const AttnBwdParams &p) {
             {
                 float s[2][4][4];
                 tile_32x32<D>(s, sK, 32 * wk, cQ, 32 * wq, lane);
+                if (need_mask) { // as in bwd: a block of its own
+#pragma unroll
+                    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                        for (int nq = 0; nq < 4; nq++)
+#pragma unroll
+                            for (int e = 0; e < 4; e++) {
+                                const int col = 32 * wq + nq * 8 + (lane % 4) * 2 + (e & 1);
+                                const int key = kw0 + 16 * mt + lane / 4 + (e >= 2 ? 8 : 0);
+                                if (!visible(q0 + col, key, W)) s[mt][nq][e] = -INFINITY;
+                            }
+                }
 #pragma unroll
                 for (int mt = 0; mt < 2; mt++)
 #pragma unroll
@@ -852,10 +892,7 @@ __device__ void bwdg(const AttnBwdParams &p) {
 #pragma unroll
                         for (int e = 0; e < 4; e++) {
                             const int col = 32 * wq + nq * 8 + (lane % 4) * 2 + (e & 1);
-                            const int key = kw0 + 16 * mt + lane / 4 + (e >= 2 ? 8 : 0);
-                            float pv = fast_exp2(fmaf(s[mt][nq][e], sl2, -cL[col]));
-                            if (need_mask && !visible(q0 + col, key, W)) pv = 0.0f;
-                            s[mt][nq][e] = pv;
+                            s[mt][nq][e] = fast_exp2(fmaf(s[mt][nq][e], sl2, -cL[col]));
                         }
                         pb[mt][nq][0] = pack_bf16(s[mt][nq][0], s[mt][nq][1]);
                         pb[mt][nq][1] = pack_bf16(s[mt][nq][2], s[mt][nq][3]);
@@ -970,18 +1007,18 @@ __device__ void bwdg(const AttnBwdParams &p) {
                     }
                 }
             }
+            // Rows qw + 16mt + 8r: one address, then constant steps (as in bwd).
+            const int qw = q0 + 32 * wq2 + lane / 4;
+            float *dq_row = p.dq_accum + (int64_t)(start + qw) * qs + h * D + n0 + (lane % 4) * 2;
 #pragma unroll
             for (int mt = 0; mt < 2; mt++)
 #pragma unroll
-                for (int j = 0; j < NDQ; j++) {
-                    const int col = n0 + 8 * j + (lane % 4) * 2;
+                for (int r = 0; r < 2; r++) {
+                    if (qw + 16 * mt + 8 * r < len) {
 #pragma unroll
-                    for (int r = 0; r < 2; r++) {
-                        const int row = q0 + 32 * wq2 + 16 * mt + 8 * r + lane / 4;
-                        if (row < len) {
-                            float *dst = p.dq_accum + (int64_t)(start + row) * qs + h * D + col;
-                            red_add2<true>(dst, acc[mt][j][2 * r], acc[mt][j][2 * r + 1]);
-                        }
+                        for (int j = 0; j < NDQ; j++)
+                            red_add2<true>(dq_row + (16 * mt + 8 * r) * qs + 8 * j,
+                                           acc[mt][j][2 * r], acc[mt][j][2 * r + 1]);
                     }
                 }
         }

@@ -201,6 +201,13 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) { kemu::syncwarp(mask); }
 template <class T> inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
     return kemu::shfl_xor(mask, v, lane_mask, width);
 }
+// The vote as five butterfly shuffles: the same result for a full mask, the only mask the
+// kernels pass.
+inline int __any_sync(unsigned mask, int pred) {
+    int v = pred != 0;
+    for (int o = 1; o < 32; o <<= 1) v |= kemu::shfl_xor(mask, v, o, 32);
+    return v;
+}
 inline float atomicAdd(float *p, float v) { return kemu::atomic_add(p, v); }
 inline double atomicAdd(double *p, double v) { return kemu::atomic_add(p, v); }
 inline unsigned atomicAdd(unsigned *p, unsigned v) { return kemu::atomic_add(p, v); }
