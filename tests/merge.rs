@@ -181,6 +181,44 @@ fn check_against_mergekit(name: &str) -> f32 {
     worst
 }
 
+/// Compares palign's merge of configs/NAME.yaml with mergekit's stored tensors bit for bit;
+/// panics with the number of differing elements per tensor if any differ.
+fn check_bits_against_mergekit(name: &str) {
+    let (_d, out) = merge_ok(&config(name), &[]);
+    let got = Weights::open_dir(&out).unwrap();
+    let exp =
+        Weights::open_files(&[fx().join(format!("merge/expected/{name}.safetensors"))]).unwrap();
+    let mut names: Vec<&String> = exp.names().collect();
+    names.sort();
+    let (mut total, mut report) = (0, Vec::new());
+    for key in names {
+        let tensor = key.split_once("[:").map_or(key.as_str(), |(t, _)| t);
+        let (e, g) = (exp.get(key).unwrap(), got.get(tensor).unwrap());
+        assert_eq!(g.dtype, e.dtype, "{name}: {tensor} dtype");
+        let (eb, gb) = (exp.bytes(e), got.bytes(g));
+        let width = if e.dtype == safetensors::Dtype::F32 {
+            4
+        } else {
+            2
+        };
+        let differ = eb
+            .chunks(width)
+            .zip(gb.chunks(width))
+            .filter(|(a, b)| a != b)
+            .count();
+        total += eb.len() / width;
+        if differ > 0 {
+            report.push(format!("{key}: {differ} of {}", eb.len() / width));
+        }
+    }
+    assert!(
+        report.is_empty(),
+        "{name}: elements that differ from mergekit:\n{}",
+        report.join("\n")
+    );
+    eprintln!("{name}: all {total} stored elements equal mergekit's, bit for bit");
+}
+
 #[test]
 fn slerp_scalar_t_matches_mergekit() {
     check_against_mergekit("slerp_scalar");
@@ -219,6 +257,30 @@ fn sharded_tied_mistral_ties_matches_mergekit() {
 #[test]
 fn bf16_lora_cache_and_dtype_cast_match_mergekit() {
     check_against_mergekit("linear_bf16");
+}
+
+/// `dtype: bfloat16`: mergekit's ties rounds every op to bf16 (weights 0.3/0.7 included).
+#[test]
+fn ties_in_bf16_matches_mergekit_bit_for_bit() {
+    check_bits_against_mergekit("ties_bf16");
+}
+
+/// bf16 with three models, the L1 rescale of the trim, no normalize and lambda 0.9.
+#[test]
+fn ties_in_bf16_with_rescale_and_lambda_matches_mergekit_bit_for_bit() {
+    check_bits_against_mergekit("ties3_bf16");
+}
+
+/// The paper's dare_ties parameters in bf16 (density 1), written as f32 via `out_dtype`.
+#[test]
+fn dare_ties_in_bf16_matches_mergekit_bit_for_bit() {
+    check_bits_against_mergekit("dare_bf16");
+}
+
+/// No `dtype`, bf16 inputs: the merge runs in their promoted dtype, bf16.
+#[test]
+fn ties_of_bf16_inputs_merges_in_bf16_like_mergekit() {
+    check_bits_against_mergekit("ties_bf16_inputs");
 }
 
 /// The merged folder is a model palign scores like transformers scores mergekit's merge.

@@ -15,6 +15,7 @@ the repository root, where mergekit and the tests both run) this runs mergekit's
 and stores a few of the merged tensors in expected/NAME.safetensors. Large embedding-shaped
 tensors are stored as their first ROWS rows under the name `NAME[:ROWS]`. It also stores
   expected/params.json        mergekit's evaluate_setting() on gradient/filter settings
+  expected/argsort.json       torch's CPU argsort(descending=True) of keys with many ties
   expected/scores_ties3.jsonl transformers' log-probs of score_ids.jsonl under the full merge
 Two runs give byte-identical files (one thread, fixed seeds).
 """
@@ -165,7 +166,72 @@ models:
     parameters: {{weight: 3.0}}
 dtype: bfloat16
 """,
+    # TIES in the merge dtype bf16 (`dtype: bfloat16`, the paper's setting): the f32 models
+    # are cast on load and every op rounds to bf16; weights 0.3/0.7 are not exact in bf16.
+    "ties_bf16": f"""
+merge_method: ties
+base_model: tests/fixtures/tiny-llama
+models:
+  - model: tests/fixtures/tiny-llama+{A}/expected/sft_final_adapter
+    parameters: {{weight: 0.3, density: 0.5}}
+  - model: "@P@"
+    parameters: {{weight: 0.7, density: 0.5}}
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: bfloat16
+""",
+    # Three models with their own densities, the L1 rescale of the trim, no normalize and
+    # lambda 0.9, in bf16.
+    "ties3_bf16": f"""
+merge_method: ties
+base_model: tests/fixtures/tiny-llama
+models:
+  - model: tests/fixtures/tiny-llama+{A}/init_adapter
+    parameters: {{weight: 0.3, density: 0.7}}
+  - model: tests/fixtures/tiny-llama+{A}/expected/dpo_final_adapter
+    parameters: {{weight: 0.5, density: 0.5}}
+  - model: "@P@"
+    parameters: {{weight: 0.4, density: 0.3}}
+parameters:
+  rescale: true
+  normalize: false
+  lambda: 0.9
+dtype: bfloat16
+""",
+    # The paper's dare_ties parameters (normalize, int8_mask) in bf16 at density 1 (no drop,
+    # so deterministic), lambda 1.2, written as f32 (`out_dtype`: a cast of the bf16 result).
+    "dare_bf16": f"""
+merge_method: dare_ties
+base_model: tests/fixtures/tiny-llama
+models:
+  - model: tests/fixtures/tiny-llama+{A}/expected/sft_final_adapter
+    parameters: {{weight: 0.3, density: 1.0}}
+  - model: "@P@"
+    parameters: {{weight: 0.7, density: 1.0}}
+parameters:
+  normalize: true
+  int8_mask: true
+  lambda: 1.2
+dtype: bfloat16
+out_dtype: float32
+""",
+    # No `dtype`: bf16 inputs (a bf16 base and LoRAs folded into it, which mergekit's cache
+    # keeps in bf16) merge in their promoted dtype, bf16.
+    "ties_bf16_inputs": f"""
+merge_method: ties
+base_model: tests/fixtures/tiny-llama-bf16
+models:
+  - model: tests/fixtures/tiny-llama-bf16+{A}/init_adapter
+    parameters: {{weight: 0.3, density: 0.5}}
+  - model: tests/fixtures/tiny-llama-bf16+{A}/expected/sft_final_adapter
+    parameters: {{weight: 0.7, density: 0.5}}
+""",
 }
+
+# torch's CPU argsort(descending=True) of f32 keys with many ties (TIES' top-k keeps the first
+# k): (length, number of distinct values) per case; the keys are seeded integers / 8.
+ARGSORT_CASES = [(16, 3), (40, 3), (1000, 50), (3000, 7)]
 
 # Settings and t values for expected/params.json (mergekit's evaluate_setting semantics).
 PARAM_CASES = [
@@ -286,6 +352,16 @@ def param_cases():
     return cases
 
 
+def argsort_cases():
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for n, m in ARGSORT_CASES:
+        keys = torch.randint(0, m, (n,), generator=g)
+        order = torch.argsort(keys.float() / 8, descending=True)
+        cases.append({"keys_times_8": keys.tolist(), "order": order.tolist()})
+    return cases
+
+
 def main():
     os.chdir(ROOT)
     torch.manual_seed(0)
@@ -316,6 +392,7 @@ def main():
                     for row in score(out):
                         f.write(json.dumps(row) + "\n")
     (OUT / "expected" / "params.json").write_text(json.dumps(param_cases(), indent=1) + "\n")
+    (OUT / "expected" / "argsort.json").write_text(json.dumps(argsort_cases()) + "\n")
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"wrote {OUT}: {total} bytes")
 

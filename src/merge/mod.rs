@@ -5,8 +5,14 @@
 //!   when it is not listed; the `slices:` form stacks the given layer ranges;
 //! - a layer's gradient position is `offset/(n−1)` within its slice (1 for a one-layer
 //!   slice); embeddings, the final norm and `lm_head` use position 0;
-//! - `dtype` casts every input on load, the math is f32, the output is `out_dtype`, else
-//!   `dtype`, else the base's dtype;
+//! - `dtype` casts every input on load (`io/tasks.py` `LoadTensor`). The *merge dtype* of a
+//!   tensor is `dtype`, else the promotion of its inputs' dtypes (`merge_methods/dtype.py`
+//!   `promoted_dtype`: equal dtypes stay, bf16 with f16 or f32 gives f32); the method runs on
+//!   inputs cast to it and its result is in it (`merge_methods/base.py`
+//!   `GroupMergeMethod._execute`). slerp and linear compute in f32 and cast back to it; ties
+//!   and dare_ties compute in it, op by op (see `methods`). The written tensor is then cast to
+//!   `out_dtype` (`SaveTensor`) when given. palign writes `out_dtype`, else `dtype`, else the
+//!   base's dtype;
 //! - `DIR+ADAPTER` folds the adapter (peft `merge_and_unload`) and rounds the result to the
 //!   base's dtype, as mergekit's LoRA cache saves it, before anything else.
 
@@ -51,15 +57,17 @@ fn layer_name(layer: usize, suffix: &str) -> String {
 
 /// Rounds f32 values through a storage dtype (as a cast to it and back would).
 fn round_to(v: &mut [f32], dtype: FloatDtype) {
-    match dtype {
-        FloatDtype::F32 => {}
-        FloatDtype::BF16 => v
-            .iter_mut()
-            .for_each(|x| *x = half::bf16::from_f32(*x).to_f32()),
-        FloatDtype::F16 => v
-            .iter_mut()
-            .for_each(|x| *x = half::f16::from_f32(*x).to_f32()),
+    if dtype != FloatDtype::F32 {
+        v.iter_mut().for_each(|x| *x = methods::round(*x, dtype));
     }
+}
+
+/// The dtype torch promotes a group of input dtypes to (`torch.promote_types`).
+fn promote(dtypes: impl IntoIterator<Item = FloatDtype>) -> FloatDtype {
+    dtypes
+        .into_iter()
+        .reduce(|a, b| if a == b { a } else { FloatDtype::F32 })
+        .unwrap_or(FloatDtype::F32)
 }
 
 /// One input model: memory-mapped weights, with its adapter (if any) folded on read.
@@ -143,6 +151,24 @@ impl Input {
         Ok(e.shape.clone())
     }
 
+    /// The dtype of a tensor as [`Input::read`] gives it before any `dtype` cast (what
+    /// mergekit would load): the base's for a projection with an adapter folded in (mergekit's
+    /// LoRA cache), else as stored; 4-bit weights, which mergekit cannot read, count as f32.
+    fn dtype(&self, name: &str) -> FloatDtype {
+        let adapted = self.adapter.as_ref().is_some_and(|a| {
+            self.projection(name)
+                .is_some_and(|(l, p)| a.layers[l][p].is_some())
+        });
+        if adapted {
+            return self.fold_dtype;
+        }
+        match self.weights.get(name).map(|e| e.dtype) {
+            Some(Dtype::BF16) => FloatDtype::BF16,
+            Some(Dtype::F16) => FloatDtype::F16,
+            _ => FloatDtype::F32,
+        }
+    }
+
     /// A tensor as f32: adapter folded in and rounded to the base's dtype, then cast to
     /// `cast` (the config's `dtype`) when given.
     pub fn read(&self, name: &str, cast: Option<FloatDtype>) -> Result<Vec<f32>> {
@@ -200,6 +226,8 @@ struct Job {
     name: String,
     inputs: Vec<(usize, String)>,
     shape: Vec<usize>,
+    /// The merge dtype: what mergekit computes this tensor in.
+    dtype: FloatDtype,
     op: Op,
 }
 
@@ -449,6 +477,15 @@ impl Plan {
                     }
                 }
                 let op = r.op(&out_name, &in_names)?;
+                let dtype = cfg.dtype.unwrap_or_else(|| {
+                    promote(
+                        slice
+                            .sources
+                            .iter()
+                            .zip(&in_names)
+                            .map(|(s, n)| inputs[s.0].dtype(n)),
+                    )
+                });
                 jobs.push(Job {
                     name: out_name,
                     inputs: slice
@@ -458,6 +495,7 @@ impl Plan {
                         .map(|(s, n)| (s.0, n))
                         .collect(),
                     shape: shape.expect("a slice has sources").0,
+                    dtype,
                     op,
                 });
                 Ok(())
@@ -538,18 +576,26 @@ impl Plan {
         })
     }
 
-    /// Computes one output tensor.
+    /// Computes one output tensor, in its merge dtype (rounded to it, held as f32).
     fn compute(&self, job: &Job) -> Result<Vec<f32>> {
+        let dtype = job.dtype;
+        // Inputs are exact in the merge dtype: it is `dtype` (cast on read) or their promotion.
         let read = |pos: usize| {
             let (i, name) = &job.inputs[pos];
             self.inputs[*i].read(name, self.cast)
         };
         Ok(match &job.op {
-            Op::Slerp { t, base, other } => methods::slerp(*t, &read(*base)?, &read(*other)?).0,
+            Op::Slerp { t, base, other } => {
+                let mut v = methods::slerp(*t, &read(*base)?, &read(*other)?).0;
+                round_to(&mut v, dtype);
+                v
+            }
             Op::Linear { weights, normalize } => {
                 let xs: Vec<Vec<f32>> = (0..job.inputs.len()).map(read).collect::<Result<_>>()?;
                 let refs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
-                methods::linear(&refs, weights, *normalize)
+                let mut v = methods::linear(&refs, weights, *normalize);
+                round_to(&mut v, dtype);
+                v
             }
             Op::Ties {
                 base,
@@ -564,19 +610,26 @@ impl Plan {
                 let mut weights = Vec::with_capacity(others.len());
                 for &(pos, w, density) in others {
                     let x = read(pos)?;
-                    let delta: Vec<f32> = x.iter().zip(&b).map(|(a, c)| a - c).collect();
+                    let delta: Vec<f32> = x
+                        .iter()
+                        .zip(&b)
+                        .map(|(a, c)| methods::round(a - c, dtype))
+                        .collect();
                     drop(x);
                     let mut d = if *dare {
                         let mut rng = self.rng(&job.name, &self.inputs[job.inputs[pos].0]);
-                        methods::bernoulli(&delta, density, *rescale, &mut rng)
+                        methods::bernoulli(&delta, density, *rescale, &mut rng, dtype)
                     } else {
-                        methods::magnitude(&delta, density, *rescale)
+                        methods::magnitude(&delta, density, *rescale, dtype)
                     };
-                    d.iter_mut().for_each(|v| *v *= w);
+                    // mergekit's weights are a tensor of the merge dtype.
+                    let w = methods::round(w, dtype);
+                    d.iter_mut()
+                        .for_each(|v| *v = methods::round(*v * w, dtype));
                     deltas.push(d);
                     weights.push(w);
                 }
-                methods::ties_combine(&b, &deltas, &weights, *normalize, *lambda)
+                methods::ties_combine(&b, &deltas, &weights, *normalize, *lambda, dtype)
             }
         })
     }
