@@ -16,6 +16,7 @@ pub mod ops;
 pub mod packing;
 pub mod plot;
 pub mod quant;
+pub mod switches;
 pub mod tensor;
 pub mod train;
 

@@ -61,7 +61,8 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let result = match &cli.cmd {
+    // A bad PALIGN_* switch is bad input like a bad flag, refused before any work.
+    let result = palign::switches::check().and_then(|()| match &cli.cmd {
         Cmd::Demo(a) => commands::demo::run(a, &cli.common),
         Cmd::InitTiny(a) => commands::init_tiny::run(a, &cli.common),
         Cmd::Score(a) => commands::score::run(a, &cli.common),
@@ -74,7 +75,7 @@ fn main() {
         Cmd::Dpo(a) => palign::train::runner::run(a, &cli.common, palign::train::Method::Dpo),
         Cmd::Eval(a) => commands::eval::run(a, &cli.common),
         Cmd::Grid(a) => commands::grid::run(a, &cli.common),
-    };
+    });
     if let Err(e) = result {
         let msg = e.to_string().replace('\n', " ");
         eprintln!("error: {msg}");

@@ -152,21 +152,25 @@ fn wgmma_limits_and_gating() {
     assert!(!nf4::wgmma_supported((10, 0), all));
     assert!(!nf4::wgmma_supported((12, 0), all));
 
-    // The dispatcher's gate: exactly PALIGN_NF4_WGMMA=1, and a supported GPU.
+    // The dispatcher's gate: PALIGN_NF4_WGMMA on (1, on, true), and a supported GPU; a
+    // value that is neither on nor off is an error, not off.
     assert_eq!(nf4::WGMMA_ENV, "PALIGN_NF4_WGMMA");
-    assert!(nf4::wgmma_gate(Some("1"), (9, 0), all));
-    for off in [
-        None,
-        Some(""),
-        Some("0"),
-        Some("true"),
-        Some("yes"),
-        Some(" 1"),
-    ] {
-        assert!(!nf4::wgmma_gate(off, (9, 0), all), "{off:?}");
+    for on in ["1", "on", "true"] {
+        assert!(nf4::wgmma_gate(Some(on), (9, 0), all).unwrap(), "{on}");
     }
-    assert!(!nf4::wgmma_gate(Some("1"), (8, 0), all));
-    assert!(!nf4::wgmma_gate(Some("1"), (9, 0), "sm_80 compute_80"));
+    for off in [None, Some(""), Some("0"), Some("off"), Some("false")] {
+        assert!(!nf4::wgmma_gate(off, (9, 0), all).unwrap(), "{off:?}");
+    }
+    for bad in ["yes", " 1", "ON"] {
+        assert!(
+            nf4::wgmma_gate(Some(bad), (9, 0), all)
+                .unwrap_err()
+                .is_bad_input(),
+            "{bad}"
+        );
+    }
+    assert!(!nf4::wgmma_gate(Some("1"), (8, 0), all).unwrap());
+    assert!(!nf4::wgmma_gate(Some("1"), (9, 0), "sm_80 compute_80").unwrap());
 
     // Candidates: the gate off gives today's list exactly; on, wgmma comes last, forward
     // only, where its shape limits hold.

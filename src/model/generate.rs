@@ -260,10 +260,7 @@ enum Next {
 /// parity tests and `bench generate` (128 rows, 256 + 128 tokens, QLoRA) ran 1.06x faster.
 pub fn device_argmax() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        !std::env::var("PALIGN_DEVICE_ARGMAX")
-            .is_ok_and(|v| matches!(v.as_str(), "0" | "off" | "false"))
-    })
+    *ON.get_or_init(|| crate::switches::DEVICE_ARGMAX.get())
 }
 
 impl Generator<'_> {

@@ -57,8 +57,7 @@ pub struct Model {
 /// 8192 tokens took 8.26 ms this way against 11.02 ms with the chunked backward, and its
 /// GPU parity tests passed.
 pub fn lm_grad_in_forward_default() -> bool {
-    !std::env::var("PALIGN_LOGPROB_GRAD")
-        .is_ok_and(|v| matches!(v.as_str(), "backward" | "off" | "0"))
+    crate::switches::LOGPROB_GRAD_IN_FORWARD.get()
 }
 
 /// One sequence to score: all its ids and how many of them are prompt.
@@ -881,7 +880,7 @@ pub struct SeqBatch {
 /// turns them off, for comparisons and as an escape hatch.
 pub fn prefix_sharing_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("PALIGN_SHARE_PREFIX").map_or(true, |v| v != "off"))
+    *ON.get_or_init(|| crate::switches::SHARE_PREFIX.get())
 }
 
 impl SeqBatch {

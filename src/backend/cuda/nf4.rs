@@ -143,10 +143,11 @@ pub fn wgmma_supported(cc: (i32, i32), targets: &str) -> bool {
 }
 
 /// Whether the dispatcher may time the wgmma GEMM: `env` (the value of [`WGMMA_ENV`])
-/// is "1" and the GPU is supported. Off by default: it passed its parity tests on an
+/// turns it on (1, on, true; a value that is neither on nor off is an error) and the GPU
+/// is supported. Off by default: it passed its parity tests on an
 /// H200 but never beat dequant + cuBLAS there, so timing it would only cost each shape.
-pub fn wgmma_gate(env: Option<&str>, cc: (i32, i32), targets: &str) -> bool {
-    env == Some("1") && wgmma_supported(cc, targets)
+pub fn wgmma_gate(env: Option<&str>, cc: (i32, i32), targets: &str) -> Result<bool> {
+    Ok(crate::switches::NF4_WGMMA.parse(env)? && wgmma_supported(cc, targets))
 }
 
 /// The GEMV's limits: 1 ≤ m ≤ 16 and K % 32 == 0 (each lane loads 32 codes).
@@ -751,7 +752,7 @@ impl Nf4Dispatcher {
             _ => None,
         };
         let env = std::env::var(WGMMA_ENV).ok();
-        let wgmma = wgmma_gate(env.as_deref(), gpu.compute_capability(), TARGETS);
+        let wgmma = wgmma_gate(env.as_deref(), gpu.compute_capability(), TARGETS)?;
         Ok(Nf4Dispatcher::with_cache(cache, force).with_wgmma(wgmma))
     }
 

@@ -54,9 +54,10 @@ fn nf4() -> Result<&'static Nf4Dispatcher> {
 /// chunked (cuBLAS logits per 32 MiB chunk + one kernel) until the GPU report shows the
 /// fused tensor-core forward faster (benches/logprob.rs measures both).
 fn logprob_path() -> logprob::LogprobPath {
-    match std::env::var("PALIGN_LOGPROB").as_deref() {
-        Ok("fused") => logprob::LogprobPath::Fused,
-        _ => logprob::LogprobPath::Chunked,
+    if crate::switches::LOGPROB_FUSED.get() {
+        logprob::LogprobPath::Fused
+    } else {
+        logprob::LogprobPath::Chunked
     }
 }
 
@@ -909,7 +910,7 @@ pub fn argmax_rows(x: &Tensor) -> Result<Vec<u32>> {
 /// against 526 ms with the dispatcher. Worth it again once the NF4 GEMM uses wgmma.
 pub fn fused_lora_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("PALIGN_FUSED_LORA").is_ok_and(|v| v == "1"))
+    *ON.get_or_init(|| crate::switches::FUSED_LORA.get())
 }
 
 /// The NF4 base of `w` when the fused LoRA kernel takes `op` for `m` rows and rank `r`.
@@ -1173,7 +1174,7 @@ pub fn lora_dx_acc_(
 /// 16) to 2.7x (rank 64) slower than the two cuBLAS products (benches/RESULTS.md).
 pub fn lora_up_applies(dy: &Tensor, b: &Tensor) -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    let on = *ON.get_or_init(|| std::env::var("PALIGN_LORA_UP").is_ok_and(|v| v == "fused"));
+    let on = *ON.get_or_init(|| crate::switches::LORA_UP_FUSED.get());
     let (n, r) = (dy.cols(), b.cols());
     on && n.is_multiple_of(8) && r.is_multiple_of(8) && (8..=lora_drop::MAX_RANK).contains(&r)
 }
