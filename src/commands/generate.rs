@@ -32,17 +32,17 @@ pub struct Args {
     #[arg(long)]
     pub out: PathBuf,
     /// Most tokens generated per row.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 256)]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0.0)]
     pub temperature: f32,
     /// Nucleus sampling: keep the most likely tokens up to this probability mass.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 1.0)]
     pub top_p: f32,
     /// When sampling, keep only the k most likely tokens first (0: off); default as
     /// transformers: the model's generation_config.json `top_k`, else 50.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub top_k: Option<usize>,
     /// Stop when the output text contains this string (repeatable); it is cut off.
     #[arg(long)]

@@ -32,7 +32,8 @@ pub struct Limits {
 }
 
 impl Limits {
-    fn check(&self) -> Result<()> {
+    /// The limits are usable (`palign sft`/`dpo` check them before touching `--out`).
+    pub fn check(&self) -> Result<()> {
         if self.max_prompt_length == 0 {
             return Err(bad("--max-prompt-length must be at least 1"));
         }

@@ -271,13 +271,18 @@ impl fmt::Display for DataStats {
 
 /// Parses one `--data` spec. The PKU split is the text after the last `:`, so PATH may hold colons.
 pub fn parse_spec(spec: &str) -> Result<Spec> {
+    parse_spec_as("--data", spec)
+}
+
+/// [`parse_spec`] for a spec given to `flag` (`--data`, `--eval-data`), which errors name.
+pub fn parse_spec_as(flag: &str, spec: &str) -> Result<Spec> {
     let Some((prefix, rest)) = spec.split_once(':') else {
         return Err(bad(format!(
-            "--data `{spec}`: expected KIND:PATH with KIND jsonl, hh-rlhf or pku-saferlhf (e.g. jsonl:{spec})"
+            "{flag} `{spec}`: expected KIND:PATH with KIND jsonl, hh-rlhf or pku-saferlhf (e.g. jsonl:{spec})"
         )));
     };
     if rest.is_empty() {
-        return Err(bad(format!("--data `{spec}`: the path is empty")));
+        return Err(bad(format!("{flag} `{spec}`: the path is empty")));
     }
     match prefix {
         "jsonl" => Ok(Spec::Jsonl(PathBuf::from(rest))),
@@ -295,25 +300,25 @@ pub fn parse_spec(spec: &str) -> Result<Spec> {
             match split {
                 Some((path, s)) => Ok(Spec::PkuSafeRlhf(PathBuf::from(path), s)),
                 None => Err(bad(format!(
-                    "--data `{spec}`: expected pku-saferlhf:PATH:helpful, :harmless or :harmless-loose"
+                    "{flag} `{spec}`: expected pku-saferlhf:PATH:helpful, :harmless or :harmless-loose"
                 ))),
             }
         }
         _ => Err(bad(format!(
-            "--data `{spec}`: unknown dataset kind `{prefix}` (jsonl, hh-rlhf, pku-saferlhf)"
+            "{flag} `{spec}`: unknown dataset kind `{prefix}` (jsonl, hh-rlhf, pku-saferlhf)"
         ))),
     }
 }
 
 /// A file as given, or the train file inside a folder (`TRAIN_FILES`, then the same names
 /// under `subdirs`, e.g. PKU-SafeRLHF v0's `round0/`).
-fn resolve(spec: &str, path: &Path, subdirs: &[&str]) -> Result<PathBuf> {
+fn resolve(flag: &str, spec: &str, path: &Path, subdirs: &[&str]) -> Result<PathBuf> {
     if path.is_file() {
         return Ok(path.to_path_buf());
     }
     if !path.is_dir() {
         return Err(bad(format!(
-            "--data `{spec}`: {}: no such file or folder",
+            "{flag} `{spec}`: {}: no such file or folder",
             path.display()
         )));
     }
@@ -332,7 +337,7 @@ fn resolve(spec: &str, path: &Path, subdirs: &[&str]) -> Result<PathBuf> {
         looked.push_str(&format!(" (also under {d}/)"));
     }
     Err(bad(format!(
-        "--data `{spec}`: folder {} holds none of {looked}",
+        "{flag} `{spec}`: folder {} holds none of {looked}",
         path.display()
     )))
 }
@@ -495,6 +500,7 @@ pub fn hh_turns(prompt: &str) -> (Vec<Turn>, String, bool) {
 
 /// Reads rows of one spec, applying the dataset's own rules (HH split, PKU splits).
 fn read_spec(
+    flag: &str,
     spec_text: &str,
     spec: &Spec,
     stats: &mut DataStats,
@@ -503,7 +509,7 @@ fn read_spec(
         Spec::Jsonl(p) | Spec::HhRlhf(p) => (p, &[]),
         Spec::PkuSafeRlhf(p, _) => (p, &["round0"]),
     };
-    let file = resolve(spec_text, path, subdirs)?;
+    let file = resolve(flag, spec_text, path, subdirs)?;
     let objects = read_objects(&file)?;
     let n = objects.len();
     let shared: Arc<Path> = Arc::from(file.as_path());
@@ -702,18 +708,28 @@ pub fn shuffle<T>(v: &mut [T], seed: u64) {
 
 /// Reads every spec, applies the dataset rules and drops, mixes, shuffles and samples.
 pub fn load(specs: &[String], kind: Kind, opts: &LoadOptions) -> Result<(Vec<Row>, DataStats)> {
+    load_as("--data", specs, kind, opts)
+}
+
+/// [`load`] for specs given to `flag` (`--data`, `--eval-data`), which errors name.
+pub fn load_as(
+    flag: &str,
+    specs: &[String],
+    kind: Kind,
+    opts: &LoadOptions,
+) -> Result<(Vec<Row>, DataStats)> {
     if specs.is_empty() {
-        return Err(bad("--data: give at least one dataset spec"));
+        return Err(bad(format!("{flag}: give at least one dataset spec")));
     }
     // Parse all specs first so a typo in the last one fails before reading big files.
     let parsed = specs
         .iter()
-        .map(|s| parse_spec(s))
+        .map(|s| parse_spec_as(flag, s))
         .collect::<Result<Vec<_>>>()?;
     let mut stats = DataStats::default();
     let mut rows = Vec::new();
     for (text, spec) in specs.iter().zip(&parsed) {
-        let (file, n, read) = read_spec(text, spec, &mut stats)?;
+        let (file, n, read) = read_spec(flag, text, spec, &mut stats)?;
         let before = rows.len();
         for row in read {
             if let Some(r) = finish(row, kind, &mut stats)? {
@@ -741,7 +757,7 @@ pub fn load(specs: &[String], kind: Kind, opts: &LoadOptions) -> Result<(Vec<Row
     }
     if rows.is_empty() {
         return Err(bad(format!(
-            "--data: no usable rows in {} ({stats})",
+            "{flag}: no usable rows in {} ({stats})",
             specs.join(", ")
         )));
     }

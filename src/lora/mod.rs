@@ -66,11 +66,19 @@ impl LoraConfig {
         if self.r == 0 {
             return Err(bad("--rank must be at least 1"));
         }
-        if self.alpha.is_nan() || self.alpha <= 0.0 {
-            return Err(bad("--alpha must be positive"));
+        // Finite too: an infinite scale makes every output NaN (and run.json would
+        // store `null`).
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(bad(format!(
+                "--alpha must be a positive number (got {})",
+                self.alpha
+            )));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(bad("--dropout must be in [0, 1)"));
+            return Err(bad(format!(
+                "--dropout must be in [0, 1) (got {})",
+                self.dropout
+            )));
         }
         Ok(())
     }

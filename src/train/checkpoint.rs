@@ -100,11 +100,16 @@ pub fn remove_stale(out: &Path) {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with("checkpoint.tmp-") {
                 let _ = std::fs::remove_dir_all(e.path());
-            } else if name.starts_with('.') && name.contains(".tmp-") {
+            } else if is_stale(&name) {
                 let _ = std::fs::remove_file(e.path());
             }
         }
     }
+}
+
+/// Whether a name in `--out` is one [`remove_stale`] removes.
+pub fn is_stale(name: &str) -> bool {
+    name.starts_with("checkpoint.tmp-") || (name.starts_with('.') && name.contains(".tmp-"))
 }
 
 /// Whether `out` holds a checkpoint (possibly only the `.old` one of an interrupted swap).

@@ -23,6 +23,9 @@ pub enum Method {
 }
 
 /// Flags shared by `sft` and `dpo`; unset ones take the paper's Table 6 default for the method.
+// Numeric flags take values written with a space that start with `-` (`--lr -1`,
+// `--weight-decay -inf`; `allow_negative_numbers` / `allow_hyphen_values`), so their own
+// range checks in `Settings::resolve` name them instead of clap's "unexpected argument".
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrainArgs {
     /// Hugging Face model folder (f32/bf16/f16 or a bitsandbytes 4-bit checkpoint).
@@ -40,66 +43,66 @@ pub struct TrainArgs {
     /// nf4: quantize the base at load time (the same as --peft qlora).
     #[arg(long)]
     pub quant: Option<String>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub rank: Option<usize>,
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub alpha: Option<f32>,
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub dropout: Option<f32>,
     /// Comma-separated target modules, or `all`.
     #[arg(long)]
     pub targets: Option<String>,
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub lr: Option<f64>,
     /// constant, cosine or linear.
     #[arg(long)]
     pub scheduler: Option<String>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub warmup_steps: Option<usize>,
     /// Sequences (SFT) or pairs (DPO) per optimizer step.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub batch_size: Option<usize>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub grad_accum: Option<usize>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub steps: Option<usize>,
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub max_grad_norm: Option<f64>,
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub weight_decay: Option<f64>,
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub adam_beta1: Option<f64>,
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub adam_beta2: Option<f64>,
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub adam_eps: Option<f64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub max_length: Option<usize>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub max_prompt_length: Option<usize>,
     /// Chat template for text rows: none, vicuna, mistral.
     #[arg(long, default_value = "none")]
     pub template: String,
     /// Seed of the data order (mixtures, --num-samples, epochs).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub data_seed: u64,
     /// Rows in file order (specs in the order given).
     #[arg(long)]
     pub no_shuffle: bool,
     /// Keep this many rows after shuffling.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub num_samples: Option<usize>,
     /// Start from this PEFT adapter (its rank/alpha/targets win).
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
     /// Write checkpoint/ every N steps (0: only at the end).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub save_every: usize,
     /// Continue the run in --out from its checkpoint.
     #[arg(long)]
     pub resume: bool,
     /// Log a metrics row every N steps.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub log_every: usize,
     /// Activation memory plan: `none` saves every layer's activations, `attention`
     /// recomputes each attention block in backward, `full` saves only layer inputs and
@@ -110,17 +113,17 @@ pub struct TrainArgs {
     /// Held-out data evaluated every --eval-every steps.
     #[arg(long)]
     pub eval_data: Vec<String>,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub eval_every: usize,
     /// Stop after this many steps as if interrupted (the checkpoint stays; for tests
     /// and for splitting long runs).
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, allow_negative_numbers = true)]
     pub stop_after: Option<usize>,
     // DPO only.
     /// DPO β.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub beta: Option<f64>,
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub label_smoothing: Option<f64>,
     /// sigmoid (DPO) or ipo.
     #[arg(long)]
@@ -227,6 +230,22 @@ fn positive(v: usize, flag: &str) -> Result<usize> {
     }
 }
 
+/// A range a numeric flag must fall in: the test and how the error words it.
+type Range = (fn(f64) -> bool, &'static str);
+const POSITIVE: Range = (|v| v > 0.0, "a positive number");
+const NON_NEGATIVE: Range = (|v| v >= 0.0, "a non-negative number");
+/// [0, 1): Adam's betas.
+const UNIT: Range = (|v| (0.0..1.0).contains(&v), "a number in [0, 1)");
+
+/// `v` when it is finite and in `range`; otherwise a one-line error naming `flag`.
+fn number(v: f64, flag: &str, (ok, what): Range) -> Result<f64> {
+    if v.is_finite() && ok(v) {
+        Ok(v)
+    } else {
+        Err(bad(format!("{flag} must be {what} (got {v})")))
+    }
+}
+
 fn path_str(p: &std::path::Path) -> String {
     p.to_string_lossy().into_owned()
 }
@@ -258,28 +277,22 @@ impl Settings {
                 "--batch-size {batch_size} must be a multiple of --grad-accum {grad_accum} (micro-batches of equal size)"
             )));
         }
-        let lr = a.lr.unwrap_or(d.lr);
-        if !(lr >= 0.0 && lr.is_finite()) {
-            return Err(bad("--lr must be a non-negative number"));
-        }
-        let max_grad_norm = a.max_grad_norm.unwrap_or(d.max_grad_norm);
-        if max_grad_norm.is_nan() || max_grad_norm <= 0.0 {
-            return Err(bad("--max-grad-norm must be positive"));
-        }
-        let weight_decay = a.weight_decay.unwrap_or(d.weight_decay);
-        if weight_decay < 0.0 {
-            return Err(bad("--weight-decay must not be negative"));
-        }
-        let (b1, b2, eps) = (
-            a.adam_beta1.unwrap_or(0.9),
-            a.adam_beta2.unwrap_or(0.999),
-            a.adam_eps.unwrap_or(1e-8),
-        );
-        if !(0.0..1.0).contains(&b1) || !(0.0..1.0).contains(&b2) || eps.is_nan() || eps <= 0.0 {
-            return Err(bad(
-                "--adam-beta1/--adam-beta2 must be in [0, 1) and --adam-eps positive",
-            ));
-        }
+        // Every number must be finite: NaN or ±inf trains nothing useful, and run.json
+        // (JSON has neither) would store `null`, which `--resume` cannot read back.
+        let lr = number(a.lr.unwrap_or(d.lr), "--lr", NON_NEGATIVE)?;
+        let max_grad_norm = number(
+            a.max_grad_norm.unwrap_or(d.max_grad_norm),
+            "--max-grad-norm",
+            POSITIVE,
+        )?;
+        let weight_decay = number(
+            a.weight_decay.unwrap_or(d.weight_decay),
+            "--weight-decay",
+            NON_NEGATIVE,
+        )?;
+        let b1 = number(a.adam_beta1.unwrap_or(0.9), "--adam-beta1", UNIT)?;
+        let b2 = number(a.adam_beta2.unwrap_or(0.999), "--adam-beta2", UNIT)?;
+        let eps = number(a.adam_eps.unwrap_or(1e-8), "--adam-eps", POSITIVE)?;
         if a.log_every == 0 {
             return Err(bad("--log-every must be at least 1"));
         }
@@ -300,14 +313,12 @@ impl Settings {
                 (None, None, None)
             }
             Method::Dpo => {
-                let beta = a.beta.unwrap_or(0.1);
-                if !(beta.is_finite() && beta > 0.0) {
-                    return Err(bad("--beta must be a positive number"));
-                }
-                let ls = a.label_smoothing.unwrap_or(0.0);
-                if !(0.0..0.5).contains(&ls) {
-                    return Err(bad("--label-smoothing must be in [0, 0.5)"));
-                }
+                let beta = number(a.beta.unwrap_or(0.1), "--beta", POSITIVE)?;
+                let ls = number(
+                    a.label_smoothing.unwrap_or(0.0),
+                    "--label-smoothing",
+                    (|v| (0.0..0.5).contains(&v), "a number in [0, 0.5)"),
+                )?;
                 let loss = a.loss.clone().unwrap_or_else(|| "sigmoid".into());
                 loss.parse::<DpoKind>()?;
                 (Some(beta), Some(ls), Some(loss))
@@ -354,6 +365,11 @@ impl Settings {
             return Err(bad("--num-samples must be at least 1"));
         }
         s.lora().validate()?;
+        crate::data::examples::Limits {
+            max_length: s.max_length,
+            max_prompt_length: s.max_prompt_length,
+        }
+        .check()?;
         Ok(s)
     }
 
@@ -394,5 +410,92 @@ impl Settings {
             label_smoothing: self.label_smoothing?,
             kind: self.loss.as_deref()?.parse().ok()?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(method: Method, extra: &[&str]) -> Result<Settings> {
+        #[derive(clap::Parser)]
+        struct P {
+            #[command(flatten)]
+            a: TrainArgs,
+        }
+        use clap::Parser;
+        let mut argv = vec!["t", "--model", "m", "--data", "d", "--out", "o"];
+        argv.extend(extra);
+        let p = P::try_parse_from(argv).map_err(|e| bad(e.to_string()))?;
+        Settings::resolve(&p.a, method, 0)
+    }
+
+    /// Every numeric training flag refuses NaN, ±inf and out-of-range values with an
+    /// error naming the flag; negative numbers reach the flag's own check (not clap's
+    /// "unexpected argument").
+    #[test]
+    fn numeric_flags_refuse_non_finite_and_out_of_range_values() {
+        let flags: &[(Method, &str, &[&str])] = &[
+            (Method::Sft, "--lr", &["NaN", "inf", "-inf", "-1", "1e400"]),
+            (Method::Sft, "--alpha", &["NaN", "inf", "-1", "0", "1e39"]),
+            (Method::Dpo, "--alpha", &["inf"]),
+            (Method::Sft, "--dropout", &["NaN", "inf", "-0.1", "1"]),
+            (Method::Sft, "--weight-decay", &["NaN", "inf", "-inf", "-1"]),
+            (Method::Sft, "--max-grad-norm", &["NaN", "inf", "0", "-1"]),
+            (Method::Sft, "--adam-beta1", &["NaN", "inf", "-0.5", "1"]),
+            (Method::Sft, "--adam-beta2", &["NaN", "-inf", "1", "2"]),
+            (Method::Sft, "--adam-eps", &["NaN", "inf", "0", "-1e-8"]),
+            (Method::Dpo, "--beta", &["NaN", "inf", "0", "-1"]),
+            (
+                Method::Dpo,
+                "--label-smoothing",
+                &["NaN", "inf", "-0.1", "0.5"],
+            ),
+        ];
+        for (method, flag, values) in flags {
+            for v in *values {
+                let e = resolve(*method, &[flag, v]).expect_err(&format!("{flag} {v}"));
+                let msg = e.to_string();
+                assert!(
+                    e.is_bad_input() && msg.starts_with(flag) && !msg.contains('\n'),
+                    "{flag} {v}: {msg}"
+                );
+            }
+        }
+        // In range, they pass (and are kept).
+        let s = resolve(
+            Method::Dpo,
+            &[
+                "--lr",
+                "0",
+                "--weight-decay",
+                "0",
+                "--adam-beta1",
+                "0",
+                "--alpha",
+                "8",
+                "--dropout",
+                "0",
+                "--label-smoothing",
+                "0.25",
+                "--max-grad-norm",
+                "0.5",
+            ],
+        )
+        .unwrap();
+        assert_eq!((s.lr, s.weight_decay, s.adam_beta1), (0.0, 0.0, 0.0));
+        assert_eq!((s.alpha, s.label_smoothing), (8.0, Some(0.25)));
+    }
+
+    #[test]
+    fn length_limits_are_checked_before_any_loading() {
+        for (flag, v) in [("--max-length", "1"), ("--max-prompt-length", "0")] {
+            let msg = resolve(Method::Sft, &[flag, v]).unwrap_err().to_string();
+            assert!(msg.starts_with(flag), "{msg}");
+        }
+        let msg = resolve(Method::Sft, &["--steps", "-1"])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("--steps"), "{msg}");
     }
 }

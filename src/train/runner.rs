@@ -47,7 +47,8 @@ fn seq(e: &SftExample) -> ScoreSeq {
 /// Reference log-probs of one pair: (chosen, rejected), sums over completion tokens.
 type RefPair = (f64, f64);
 
-/// Loads, filters and tokenizes `specs` for this run.
+/// Loads, filters and tokenizes `specs` for this run: the training data (`--data`,
+/// sampled with `--num-samples`) when `sample`, else `--eval-data`, which errors name.
 fn load_examples(
     specs: &[String],
     s: &Settings,
@@ -65,7 +66,8 @@ fn load_examples(
         data_seed: s.data_seed,
         shuffle: sample && s.shuffle,
     };
-    let (rows, mut stats) = sources::load(specs, kind, &opts)?;
+    let flag = if sample { "--data" } else { "--eval-data" };
+    let (rows, mut stats) = sources::load_as(flag, specs, kind, &opts)?;
     let tok = if model_dir.join("tokenizer.json").exists() {
         Some(Tokenizer::load(
             model_dir,
@@ -89,7 +91,7 @@ fn load_examples(
         Method::Dpo => Examples::Pref(pref_examples(&rows, &enc, &mut stats)?),
     };
     if ex.len() == 0 {
-        return Err(bad(format!("--data: no usable examples ({stats})")));
+        return Err(bad(format!("{flag}: no usable examples ({stats})")));
     }
     let hashes = stats
         .sources
@@ -447,9 +449,32 @@ fn append(path: &Path, row: &serde_json::Value) -> Result<()> {
     writeln!(f, "{row}").map_err(|e| Error::write(path, e))
 }
 
-/// Prepares `--out`: a new run needs a missing or empty folder; `--resume` needs a checkpoint.
-fn prepare_out(out: &Path, resume: bool, steps: usize) -> Result<()> {
+/// What `--out` held before this invocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OutState {
+    /// Nothing: the folder is created once every input has been checked.
+    Missing,
+    /// An empty folder (with `--resume`: possibly holding only what killed runs leave
+    /// half-written): a fresh run goes into it.
+    Empty,
+    /// A run to continue (`--resume` with a checkpoint or run.json).
+    Run,
+}
+
+/// Checks `--out` without writing anything: a new run needs a missing or empty folder;
+/// `--resume` continues a run there, or starts one in a missing or empty folder.
+fn check_out(out: &Path, resume: bool, steps: usize) -> Result<OutState> {
     let run_json = out.join("run.json");
+    let empty = |ignore_stale: bool| {
+        out.is_dir()
+            && std::fs::read_dir(out)
+                .map(|d| {
+                    d.flatten().all(|e| {
+                        ignore_stale && checkpoint::is_stale(&e.file_name().to_string_lossy())
+                    })
+                })
+                .unwrap_or(false)
+    };
     if resume {
         if run_json.exists() {
             let v: serde_json::Value =
@@ -466,45 +491,92 @@ fn prepare_out(out: &Path, resume: bool, steps: usize) -> Result<()> {
         }
         // Killed before the first checkpoint: the run restarts from step 0 (run.json
         // still pins its settings).
+        if checkpoint::exists(out) || run_json.exists() {
+            return Ok(OutState::Run);
+        }
         // Killed before anything was written (or never started): a fresh start, so a
         // script may always pass --resume.
-        if !checkpoint::exists(out) && !run_json.exists() {
-            checkpoint::remove_stale(out);
-            let empty = !out.exists()
-                || std::fs::read_dir(out)
-                    .map(|mut d| d.next().is_none())
-                    .unwrap_or(false);
-            if !empty {
-                return Err(bad(format!(
-                    "--resume: {} holds no palign run",
-                    out.display()
-                )));
-            }
-            if !out.exists() {
-                std::fs::create_dir(out).map_err(|e| Error::write(out, e))?;
-            }
+        if !out.exists() {
+            return Ok(OutState::Missing);
         }
-        return Ok(());
-    }
-    if out.exists() {
-        let empty = out.is_dir()
-            && std::fs::read_dir(out)
-                .map(|mut d| d.next().is_none())
-                .unwrap_or(false);
-        if !empty {
-            let what = if run_json.exists() || checkpoint::exists(out) {
-                "holds a run"
-            } else {
-                "is not empty"
-            };
+        if !empty(true) {
             return Err(bad(format!(
-                "--out {} {what}; use --resume to continue it or choose another folder",
+                "--resume: {} holds no palign run",
                 out.display()
             )));
         }
-        return Ok(());
+        return Ok(OutState::Empty);
     }
-    std::fs::create_dir(out).map_err(|e| Error::write(out, e))
+    if !out.exists() {
+        return Ok(OutState::Missing);
+    }
+    if !empty(false) {
+        let what = if run_json.exists() || checkpoint::exists(out) {
+            "holds a run"
+        } else {
+            "is not empty"
+        };
+        return Err(bad(format!(
+            "--out {} {what}; use --resume to continue it or choose another folder",
+            out.display()
+        )));
+    }
+    Ok(OutState::Empty)
+}
+
+/// `--out` while a run writes into it. Dropped before [`OutGuard::keep`] (the run
+/// failed) with nothing resumable written, it removes what this invocation wrote: the
+/// folder it created, or the entries it put into a folder that was empty. A run that
+/// was there before, or a checkpoint to resume, stays.
+struct OutGuard<'a> {
+    out: &'a Path,
+    state: OutState,
+    kept: bool,
+}
+
+impl<'a> OutGuard<'a> {
+    fn open(out: &'a Path, state: OutState) -> Result<OutGuard<'a>> {
+        if state == OutState::Missing {
+            std::fs::create_dir(out).map_err(|e| Error::write(out, e))?;
+        }
+        checkpoint::remove_stale(out);
+        Ok(OutGuard {
+            out,
+            state,
+            kept: false,
+        })
+    }
+
+    /// The run ended well (or stopped resumably): keep everything.
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for OutGuard<'_> {
+    fn drop(&mut self) {
+        if self.kept || self.state == OutState::Run || checkpoint::exists(self.out) {
+            return;
+        }
+        match self.state {
+            OutState::Missing => {
+                let _ = std::fs::remove_dir_all(self.out);
+            }
+            OutState::Empty => {
+                if let Ok(rd) = std::fs::read_dir(self.out) {
+                    for e in rd.flatten() {
+                        let p = e.path();
+                        let _ = if p.is_dir() {
+                            std::fs::remove_dir_all(&p)
+                        } else {
+                            std::fs::remove_file(&p)
+                        };
+                    }
+                }
+            }
+            OutState::Run => {}
+        }
+    }
 }
 
 /// `--resume` continues only the same run: every setting but the evaluation cadence must match.
@@ -632,7 +704,9 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
     let device = common.setup()?;
     let mut s = Settings::resolve(args, method, common.seed)?;
     let out = args.out.as_path();
-    prepare_out(out, args.resume, s.steps)?;
+    // Every input is checked, loaded and read before --out is touched, so bad input
+    // leaves nothing behind (and a rerun with the input fixed starts cleanly).
+    let out_state = check_out(out, args.resume, s.steps)?;
     if args.recompute != "auto" {
         args.recompute.parse::<Recompute>()?; // a bad name fails before any loading
     }
@@ -658,13 +732,19 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
     } else {
         Some(load_examples(&s.eval_data, &s, &model, &args.model, false)?.0)
     };
+    let mut ref_adapter = match &args.ref_adapter {
+        Some(d) => Some(peft::load(d, &model.cfg)?),
+        None => None,
+    };
     let show = common.progress();
     if !common.quiet {
         eprintln!("data: {}", data_desc.lines().next().unwrap_or(""));
     }
     let mut opt = AdamState::zeros(&adapter)?;
     let mut start = 0;
-    checkpoint::remove_stale(out);
+    // From here on --out is written; a failure before anything resumable exists
+    // removes what this invocation wrote.
+    let guard = OutGuard::open(out, out_state)?;
     if args.resume && checkpoint::exists(out) {
         let (a, o, st) = checkpoint::load(out, &model.cfg)?;
         same_settings(&st.settings, &s, out)?;
@@ -687,10 +767,6 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
     } else {
         write_run_json(out, &s, &data_desc, false, 0)?;
     }
-    let mut ref_adapter = match &args.ref_adapter {
-        Some(d) => Some(peft::load(d, &model.cfg)?),
-        None => None,
-    };
     let mut weights = if device == Device::Cuda {
         ref_adapter = ref_adapter.map(|a| a.to_device_bf16()).transpose()?;
         TrainWeights::Cuda(DeviceTrainer::upload(&adapter, &opt)?)
@@ -789,6 +865,7 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
     }
     pb.finish_and_clear();
     if step < s.steps {
+        guard.keep();
         eprintln!(
             "stopped after step {step} of {}; continue with --resume",
             s.steps
@@ -797,6 +874,7 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
     }
     weights.with_host(|a, _| peft::save(a, out, &s.model))?;
     write_run_json(out, &s, &data_desc, true, step)?;
+    guard.keep();
     if !common.quiet {
         eprintln!(
             "{}: {} steps done; adapter written to {}",
