@@ -534,7 +534,132 @@ const CASES: &[Case] = &[
         },
         expect: "int4",
     },
+    Case {
+        name: "quantize checks --device",
+        setup: |d| cpu_only_args(d, "quantize"),
+        expect: "--device: unknown device `bogus`",
+    },
+    Case {
+        name: "merge-adapter checks --device",
+        setup: |d| cpu_only_args(d, "merge-adapter"),
+        expect: "--device: unknown device `bogus`",
+    },
+    Case {
+        name: "merge checks --device",
+        setup: |d| cpu_only_args(d, "merge"),
+        expect: "--device: unknown device `bogus`",
+    },
+    Case {
+        name: "init-tiny checks --device",
+        setup: |d| cpu_only_args(d, "init-tiny"),
+        expect: "--device: unknown device `bogus`",
+    },
+    Case {
+        name: "demo checks --device",
+        setup: |d| cpu_only_args(d, "demo"),
+        expect: "--device: unknown device `bogus`",
+    },
+    Case {
+        name: "grid status checks --device",
+        setup: |d| cpu_only_args(d, "grid-status"),
+        expect: "--device: unknown device `bogus`",
+    },
+    Case {
+        name: "eval mmlu with an empty test file",
+        setup: |d| {
+            std::fs::create_dir_all(d.join("mmlu/test")).unwrap();
+            std::fs::write(d.join("mmlu/test/x_test.csv"), "").unwrap();
+            eval_args(d, "mmlu", &d.join("mmlu"), &["--shots", "0"])
+        },
+        expect: "x_test.csv: no questions",
+    },
+    Case {
+        name: "eval into a model folder",
+        setup: |d| {
+            let mut a = eval_args(d, "mmlu", &fixture("eval/mmlu"), &["--shots", "0"]);
+            let i = a.iter().position(|x| x == "--out").unwrap();
+            a[i + 1] = d.join("model").to_string_lossy().into();
+            a
+        },
+        expect: "has no run.json",
+    },
+    Case {
+        name: "alpaca-eval judge folder missing",
+        setup: |d| {
+            let judge = d.join("nonexist").to_string_lossy().into_owned();
+            let data = fixture("eval/alpaca_eval/alpaca_eval.json");
+            eval_args(d, "alpaca-eval", &data, &["--judge", &judge])
+        },
+        expect: "nonexist: no such folder",
+    },
+    Case {
+        name: "real-toxicity scorer max length below its special tokens",
+        setup: |d| {
+            let scorer = fixture("roberta/model").to_string_lossy().into_owned();
+            let data = fixture("eval/rtp/prompts.jsonl");
+            let flags = ["--scorer", &scorer, "--scorer-max-length", "1"];
+            eval_args(d, "real-toxicity", &data, &flags)
+        },
+        expect: "--scorer-max-length 1",
+    },
+    Case {
+        name: "real-toxicity scorer is a llama folder",
+        setup: |d| {
+            let scorer = d.join("model").to_string_lossy().into_owned();
+            let data = fixture("eval/rtp/prompts.jsonl");
+            eval_args(d, "real-toxicity", &data, &["--scorer", &scorer])
+        },
+        expect: "/model: config.json: model_type is \"llama\"",
+    },
 ];
+
+/// A CPU-only command (or `grid-status`) with `--device bogus`.
+fn cpu_only_args(d: &Path, cmd: &str) -> Vec<String> {
+    let p = |x: &str| d.join(x).to_string_lossy().into_owned();
+    let (model, q, yaml, toml) = (p("model"), p("q"), p("m.yaml"), p("g.toml"));
+    let adapter = fixture("train/tiny-llama/init_adapter")
+        .to_string_lossy()
+        .into_owned();
+    std::fs::write(d.join("m.yaml"), "merge_method: linear\n").unwrap();
+    std::fs::write(d.join("g.toml"), "[models.m]\npath = \"init-tiny:llama\"\n").unwrap();
+    let mut a: Vec<String> = match cmd {
+        "quantize" => vec!["quantize", "--model", &model, "--out", &q],
+        "merge-adapter" => vec![
+            "merge-adapter",
+            "--model",
+            &model,
+            "--adapter",
+            &adapter,
+            "--out",
+            &q,
+        ],
+        "merge" => vec!["merge", "--config", &yaml, "--out", &q],
+        "init-tiny" => vec!["init-tiny", "--arch", "llama", "--out", &q],
+        "demo" => vec!["demo", "--out", &q],
+        _ => vec!["grid", "status", &toml, "--out", &q],
+    }
+    .into_iter()
+    .map(String::from)
+    .collect();
+    a.extend(["--device".into(), "bogus".into()]);
+    a
+}
+
+/// `palign eval TASK --model d/model --data DATA --out d/ev FLAGS...`.
+fn eval_args(d: &Path, task: &str, data: &Path, flags: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "eval".into(),
+        task.into(),
+        "--model".into(),
+        d.join("model").to_string_lossy().into(),
+        "--data".into(),
+        data.to_string_lossy().into(),
+        "--out".into(),
+        d.join("ev").to_string_lossy().into(),
+    ];
+    a.extend(flags.iter().map(|s| s.to_string()));
+    a
+}
 
 fn sft_args(d: &Path, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = [
@@ -603,4 +728,34 @@ fn every_bad_input_exits_2_with_one_line() {
     }
     assert!(CASES.len() >= 38);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `PALIGN_DEVICE` stands in for `--device auto`: a bad value is exit 2 with one line
+/// naming the variable, in every command (CPU-only ones and grid included).
+#[test]
+fn bad_palign_device_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    copy_dir(&fixture("tiny-llama"), &d.path().join("model"));
+    write_rows(d.path(), "{\"prompt_ids\":[5,6],\"completion_ids\":[7]}\n");
+    let mut cases = vec![score_args(d.path())];
+    for cmd in ["quantize", "init-tiny", "grid-status"] {
+        let mut a = cpu_only_args(d.path(), cmd);
+        a.truncate(a.len() - 2); // no --device: the variable decides
+        cases.push(a);
+    }
+    for args in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_palign"))
+            .env("PALIGN_DEVICE", "bogus")
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("PALIGN_DEVICE: unknown device `bogus`"),
+            "{args:?}: {stderr}"
+        );
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(!d.path().join("out.jsonl").exists() && !d.path().join("q").exists());
+    }
 }

@@ -967,3 +967,149 @@ fn dangerous_qa_bad_inputs_exit_2() {
     // The missing --cou-template is a usage error.
     eval_fails("dangerous-qa", &out, &["--data", &data]);
 }
+
+// ---------------------------------------------------------------- output folders, up-front checks
+
+/// A non-empty --out without run.json is not an evaluation's folder: refused (exit 2, one
+/// line) without writing into it, whether it holds a model or a copied eval minus run.json;
+/// a folder with its run.json still resumes.
+#[test]
+fn eval_refuses_a_non_empty_out_without_run_json() {
+    let d = tempfile::tempdir().unwrap();
+    let data = eval_data("mmlu");
+    let args = ["--data", data.as_str(), "--limit", "1", "--shots", "0"];
+    // A model folder as --out.
+    let m = d.path().join("model");
+    std::fs::create_dir_all(&m).unwrap();
+    for e in std::fs::read_dir(fixtures().join("tiny-llama")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), m.join(e.file_name())).unwrap();
+    }
+    let before: Vec<_> = std::fs::read_dir(&m)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let e = eval_fails("mmlu", &m, &args);
+    assert!(e.contains("no run.json") && e.contains("--out"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    let after: Vec<_> = std::fs::read_dir(&m)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        before.len(),
+        after.len(),
+        "nothing written into the model folder"
+    );
+    // A finished evaluation resumes; the same folder without its run.json is refused.
+    let out = d.path().join("ev");
+    eval("mmlu", &out, &args);
+    let r = eval("mmlu", &out, &args);
+    assert_eq!(r["run"]["reused"], 3);
+    let copy = d.path().join("copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    for e in std::fs::read_dir(&out).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
+    }
+    std::fs::remove_file(copy.join("run.json")).unwrap();
+    let e = eval_fails("mmlu", &copy, &args);
+    assert!(e.contains("no run.json"), "{e}");
+    assert!(!copy.join("run.json").exists());
+}
+
+/// An empty MMLU test file is bad input naming it, not a result over 0 questions.
+#[test]
+fn mmlu_rejects_an_empty_test_file() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("data");
+    write(&root, "test/x_test.csv", "");
+    let out = d.path().join("o");
+    let e = eval_fails(
+        "mmlu",
+        &out,
+        &["--data", root.to_str().unwrap(), "--shots", "0"],
+    );
+    assert!(
+        e.contains("x_test.csv") && e.contains("no questions"),
+        "{e}"
+    );
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    assert!(!out.exists());
+}
+
+/// Path flags and scorer settings are checked before anything is generated or written:
+/// the error names the flag (and folder), and --out is not made.
+#[test]
+fn eval_checks_path_flags_before_generating() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("o");
+    let alpaca = eval_data("alpaca_eval/alpaca_eval.json");
+    let nojudge = d.path().join("nonexist").display().to_string();
+    let e = eval_fails(
+        "alpaca-eval",
+        &out,
+        &[
+            "--data",
+            &alpaca,
+            "--judge",
+            &nojudge,
+            "--max-new-tokens",
+            "2",
+        ],
+    );
+    assert!(e.contains(&format!("--judge {nojudge}")), "{e}");
+    assert!(!out.exists(), "nothing generated: {e}");
+    // A judge folder without a tokenizer.
+    let j = d.path().join("judge");
+    std::fs::create_dir_all(&j).unwrap();
+    std::fs::copy(
+        fixtures().join("tiny-llama/config.json"),
+        j.join("config.json"),
+    )
+    .unwrap();
+    let e = eval_fails(
+        "alpaca-eval",
+        &out,
+        &["--data", &alpaca, "--judge", j.to_str().unwrap()],
+    );
+    assert!(e.contains("--judge") && e.contains("tokenizer.json"), "{e}");
+    assert!(!out.exists());
+
+    let rtp = eval_data("rtp/prompts.jsonl");
+    let scorer = fixtures().join("roberta/model").display().to_string();
+    let e = eval_fails(
+        "real-toxicity",
+        &out,
+        &[
+            "--data",
+            &rtp,
+            "--scorer",
+            &scorer,
+            "--scorer-max-length",
+            "1",
+        ],
+    );
+    assert!(e.contains("--scorer-max-length 1"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    assert!(!out.exists(), "nothing generated: {e}");
+    let e = eval_fails(
+        "real-toxicity",
+        &out,
+        &["--data", &rtp, "--scorer", &model()],
+    );
+    assert!(
+        e.contains(&format!("--scorer {}", model())) && e.contains("\"llama\""),
+        "{e}"
+    );
+    assert!(!out.exists());
+
+    // A missing model or adapter is named before --out is made.
+    let e = eval_fails(
+        "mmlu",
+        &out,
+        &["--data", &eval_data("mmlu"), "--adapter", &nojudge],
+    );
+    assert!(e.contains(&format!("--adapter {nojudge}")), "{e}");
+    assert!(!out.exists());
+}

@@ -504,6 +504,9 @@ on = ["runs"]
     let spec = d.path().join("g.toml");
     std::fs::write(&spec, text).unwrap();
     let out = d.path().join("out");
+    // A missing file fails the whole run when the spec loads (`run_checks_inputs_before_any_cell`);
+    // one that exists but is not JSONL fails its cell only.
+    std::fs::write(d.path().join("missing.jsonl"), "{oops\n").unwrap();
     let o = palign(&["grid", "run", s(&spec), "--out", s(&out)]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let e = stderr(&o);
@@ -1026,4 +1029,151 @@ fn glob_run_json(dir: &Path) -> Vec<PathBuf> {
         }
     }
     found
+}
+
+/// `grid run` checks the inputs of the cells it would run when it loads the spec: a missing
+/// data file or model folder, a bad per-method flag value or a bad eval flag is exit 2
+/// with one line naming the spec key, before any cell runs or --out is made.
+#[test]
+fn run_checks_inputs_before_any_cell() {
+    let d = tempfile::tempdir().unwrap();
+    let base = std::fs::read_to_string(small_spec(d.path(), 2)).unwrap();
+    let pku = s(&fx().join("datasets/pku-saferlhf/train.jsonl.xz")).to_string();
+    let mmlu = s(&fx().join("eval/mmlu")).to_string();
+    let cases: Vec<(String, String, &str)> = vec![
+        (
+            "steps = 2\nbatch_size".into(),
+            "steps = 0\nbatch_size".into(),
+            "methods.sft.steps: --steps must be at least 1",
+        ),
+        (
+            "batch_size = 2\nmax_length = 96\nmax_prompt_length = 48\n\n[methods.dpo]".into(),
+            "batch_size = 2\nlr = -1.0\nmax_length = 96\n[methods.dpo]".into(),
+            "methods.sft.lr: --lr must be",
+        ),
+        (
+            "[methods.dpo]\nsteps = 2".into(),
+            "[methods.dpo]\nsteps = 2\nbeta = 0".into(),
+            "methods.dpo.beta: --beta must be a positive number",
+        ),
+        (
+            format!("data = \"pku-saferlhf:{pku}:harmless\""),
+            "data = \"jsonl:../nonexist.jsonl\"".into(),
+            "datasets.harmless.data: ",
+        ),
+        (
+            "path = \"init-tiny:llama\"".into(),
+            "path = \"no-such-model\"".into(),
+            "models.tiny.path: ",
+        ),
+        (
+            format!("data = \"{mmlu}\""),
+            "data = \"no-such-mmlu\"".into(),
+            "evals.mmlu.data: ",
+        ),
+        (
+            "args = { shots = 0, limit = 2 }".into(),
+            "args = { shots = 0, limit = 2, max_length = 0 }".into(),
+            "evals.mmlu: --max-length must be at least 1",
+        ),
+        (
+            "[methods.sft]\n".into(),
+            "[methods.sft]\neval_data = \"jsonl:nope.jsonl\"\neval_every = 1\n".into(),
+            "methods.sft.eval_data: ",
+        ),
+    ];
+    for (from, to, want) in &cases {
+        assert!(base.contains(from.as_str()), "{from}");
+        let p = d.path().join("bad.toml");
+        std::fs::write(&p, base.replacen(from.as_str(), to, 1)).unwrap();
+        let out = d.path().join("o");
+        let o = palign(&["grid", "run", s(&p), "--out", s(&out)]);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{to}: {e}");
+        assert!(e.contains(want), "{to}: `{e}` lacks `{want}`");
+        assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
+        assert!(!out.exists(), "{to}: no cell ran, --out was not made");
+    }
+    // Only the cells to run are looked at: the model cell runs with the data missing.
+    let p = d.path().join("bad.toml");
+    let text = base.replacen(
+        &format!("data = \"pku-saferlhf:{pku}:harmless\""),
+        "data = \"jsonl:nonexist.jsonl\"",
+        1,
+    );
+    std::fs::write(&p, text).unwrap();
+    let out = d.path().join("o");
+    ok(&[
+        "grid",
+        "run",
+        s(&p),
+        "--out",
+        s(&out),
+        "--cell",
+        "model/tiny",
+    ]);
+    assert!(out.join("model/tiny/out/config.json").is_file());
+}
+
+/// Every grid subcommand checks --device and PALIGN_DEVICE before doing anything.
+#[test]
+fn grid_checks_the_device() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = small_spec(d.path(), 2);
+    let out = d.path().join("o");
+    for sub in [
+        &["run"][..],
+        &["status"],
+        &["report"],
+        &["slurm", "--dry-run"],
+    ] {
+        let mut args = vec!["grid", sub[0], s(&spec), "--out", s(&out)];
+        args.extend(&sub[1..]);
+        args.extend(["--device", "bogus"]);
+        let o = palign(&args);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {e}");
+        assert!(e.contains("--device: unknown device `bogus`"), "{e}");
+        assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
+        assert!(!out.exists(), "{args:?} wrote nothing");
+        let o = Command::new(env!("CARGO_BIN_EXE_palign"))
+            .env("PALIGN_DEVICE", "bogus")
+            .args(&args[..args.len() - 2])
+            .output()
+            .unwrap();
+        let e = stderr(&o);
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "PALIGN_DEVICE=bogus {args:?}: {e}"
+        );
+        assert!(e.contains("PALIGN_DEVICE: unknown device `bogus`"), "{e}");
+        assert!(!out.exists());
+    }
+}
+
+/// init-tiny and merge cells run on the CPU only: a grid run with --device cuda passes
+/// them no device (they would refuse it), the other cells get it.
+#[test]
+fn cpu_only_cells_get_no_cuda_device() {
+    use palign::grid::runner::cell_runtime;
+    let rt: Vec<String> = ["--device", "cuda", "--threads", "2", "--quiet"]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+    assert_eq!(
+        cell_runtime(Kind::Model, &rt),
+        vec!["--threads", "2", "--quiet"]
+    );
+    assert_eq!(
+        cell_runtime(Kind::Merge, &rt),
+        vec!["--threads", "2", "--quiet"]
+    );
+    assert_eq!(cell_runtime(Kind::Train, &rt), rt);
+    assert_eq!(cell_runtime(Kind::Eval, &rt), rt);
+    let cpu: Vec<String> = ["--device", "cpu", "--quiet"]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+    assert_eq!(cell_runtime(Kind::Merge, &cpu), cpu);
 }

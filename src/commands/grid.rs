@@ -102,6 +102,9 @@ pub struct SlurmArgs {
 }
 
 pub fn run(args: &Args, common: &Common) -> Result<()> {
+    // Every subcommand checks --device (and PALIGN_DEVICE): the cells and Slurm scripts
+    // get it as given. The grid itself opens no device.
+    common.device_choice()?;
     match &args.cmd {
         Sub::Run(a) => run_grid(a, common),
         Sub::Status(a) => status(a),
@@ -118,6 +121,9 @@ fn run_grid(a: &RunArgs, common: &Common) -> Result<()> {
         return Err(bad("--threads must be at least 1"));
     }
     let (spec, cells) = grid::load(&a.paths.spec)?;
+    // Inputs of the cells this run would start (missing data or models, bad flag values)
+    // fail here, naming the spec key, before any cell runs or --out is made.
+    grid::inputs::check(&spec, &cells, &a.paths.out, &a.cell)?;
     let out = runner::out_dir(&a.paths.out)?;
     let parallel = if a.gpus.is_empty() {
         a.jobs
@@ -211,6 +217,9 @@ fn slurm_cmd(a: &SlurmArgs, common: &Common) -> Result<()> {
         if d != "afterok" && d != "afterany" {
             return Err(bad(format!("--dependency: `{d}` (afterok or afterany)")));
         }
+    }
+    if common.threads == Some(0) {
+        return Err(bad("--threads must be at least 1"));
     }
     let (spec, cells) = grid::load(&a.paths.spec)?;
     let out = runner::out_dir(&a.paths.out)?;

@@ -30,6 +30,33 @@ pub struct Common {
     pub quiet: bool,
 }
 
+/// Where the device name came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSource {
+    /// `--device`
+    Flag,
+    /// `PALIGN_DEVICE` (with `--device auto`)
+    Env,
+}
+
+impl DeviceSource {
+    /// The flag or variable, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceSource::Flag => "--device",
+            DeviceSource::Env => "PALIGN_DEVICE",
+        }
+    }
+
+    /// How a value of it reads in a message: `--device cuda` or `PALIGN_DEVICE=cuda`.
+    fn with_value(self, v: &str) -> String {
+        match self {
+            DeviceSource::Flag => format!("--device {v}"),
+            DeviceSource::Env => format!("PALIGN_DEVICE={v}"),
+        }
+    }
+}
+
 /// The backend a command runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
@@ -49,34 +76,50 @@ impl Common {
                 .num_threads(n)
                 .build_global();
         }
-        // `PALIGN_DEVICE` stands in for `--device auto` (the CPU-golden tests pin cpu with
-        // it, so they stay CPU tests on a GPU host; grid children inherit it).
-        let env = std::env::var("PALIGN_DEVICE").ok();
-        let device = match (self.device.as_str(), env.as_deref()) {
-            ("auto", Some(d)) if !d.is_empty() => d,
-            (d, _) => d,
-        };
-        match device {
-            "cpu" => Ok(Device::Cpu),
+        let (device, source) = self.device_choice()?;
+        match device.as_str() {
             "auto" => Ok(match crate::backend::cuda::available() {
                 Ok(()) => Device::Cuda,
                 Err(_) => Device::Cpu,
             }),
             "cuda" => match crate::backend::cuda::available() {
                 Ok(()) => Ok(Device::Cuda),
-                Err(crate::Error::Cuda(m)) => Err(bad(format!("--device cuda: {m}"))),
+                Err(crate::Error::Cuda(m)) => {
+                    Err(bad(format!("{}: {m}", source.with_value("cuda"))))
+                }
                 Err(e) => Err(e),
             },
+            _ => Ok(Device::Cpu),
+        }
+    }
+
+    /// The device asked for, checked but not opened: `--device`, or `PALIGN_DEVICE`
+    /// standing in for `--device auto` (the CPU-golden tests pin cpu with it, so they stay
+    /// CPU tests on a GPU host; grid children inherit it). An unknown name is bad input
+    /// naming where it came from.
+    pub fn device_choice(&self) -> Result<(String, DeviceSource)> {
+        let env = std::env::var("PALIGN_DEVICE")
+            .ok()
+            .filter(|d| !d.is_empty());
+        let (name, source) = match (self.device.as_str(), env) {
+            ("auto", Some(d)) => (d, DeviceSource::Env),
+            (d, _) => (d.to_string(), DeviceSource::Flag),
+        };
+        match name.as_str() {
+            "auto" | "cpu" | "cuda" => Ok((name, source)),
             other => Err(bad(format!(
-                "--device: unknown device `{other}` (auto, cpu, cuda)"
+                "{}: unknown device `{other}` (auto, cpu, cuda)",
+                source.name()
             ))),
         }
     }
 
     /// `setup` for commands that only run on the CPU: `auto` means the CPU there, and an
-    /// explicit `--device cuda` is refused.
+    /// explicit `--device cuda` is refused (`PALIGN_DEVICE=cuda` stands in for `auto`, so
+    /// a grid's CPU-only cells still run under it). Unknown names are refused either way.
     pub fn setup_cpu_only(&self, command: &str) -> Result<()> {
-        if self.device == "cuda" {
+        let (device, source) = self.device_choice()?;
+        if device == "cuda" && source == DeviceSource::Flag {
             return Err(bad(format!(
                 "--device cuda: `{command}` runs on the CPU only; use --device cpu or auto"
             )));

@@ -163,10 +163,10 @@ fn read_annotations(path: &std::path::Path) -> Result<Annotations> {
     Ok(m)
 }
 
-pub fn run(args: &Args, common: &Common) -> Result<()> {
-    let device = common.setup()?;
-    let ev = &args.eval;
-    let template = ev.check()?;
+/// The task's own flags and the files they name, before anything is generated: the
+/// judge template, stop strings and the `--judge` folder (its config.json and tokenizer;
+/// the weights load when judging starts). Returns the judge template.
+pub fn check_flags(args: &Args) -> Result<Template> {
     let judge_template: Template = args.judge_template.parse().map_err(|_| {
         bad(format!(
             "--judge-template: unknown template `{}` (none, vicuna, mistral)",
@@ -176,6 +176,26 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     if args.stop.iter().any(String::is_empty) {
         return Err(bad("--stop: a stop string must not be empty"));
     }
+    if let Some(dir) = &args.judge {
+        super::check_dir("--judge", dir)?;
+        let named = |e| super::named("--judge", dir, e);
+        let cfg = crate::model::config::ModelConfig::load(dir).map_err(named)?;
+        crate::model::Tokenizer::load(dir, cfg.bos_token_id, cfg.eos_token_ids.first().copied())
+            .map_err(named)?;
+    }
+    if let Some(p) = &args.annotations {
+        if !p.is_file() {
+            return Err(bad(format!("--annotations {}: no such file", p.display())));
+        }
+    }
+    Ok(judge_template)
+}
+
+pub fn run(args: &Args, common: &Common) -> Result<()> {
+    let device = common.setup()?;
+    let ev = &args.eval;
+    let template = ev.check()?;
+    let judge_template = check_flags(args)?;
     let top_k = match args.top_k {
         Some(k) => k,
         None => crate::model::generate::default_top_k(&ev.model)?,
@@ -307,7 +327,8 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         judge_info = json!({"kind": "annotations", "path": super::canon(path)});
     }
     if let Some(dir) = &args.judge {
-        let judge = LocalJudge::load(dir, judge_template, ev.batch_size, device)?;
+        let judge = LocalJudge::load(dir, judge_template, ev.batch_size, device)
+            .map_err(|e| super::named("--judge", dir, e))?;
         let mut jlog = run.judgments()?;
         let pb = crate::commands::progress_bar(items.len() as u64, common.progress(), "judge");
         judged_now = judge::judge_all(

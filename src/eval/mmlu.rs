@@ -132,6 +132,14 @@ fn list_subjects(data: &Path) -> Result<Vec<String>> {
     Ok(subjects)
 }
 
+/// The task's own flags (`EvalArgs::check_flags` checks the shared ones).
+pub fn check_flags(args: &Args) -> Result<()> {
+    if args.max_length == 0 {
+        return Err(bad("--max-length must be at least 1"));
+    }
+    Ok(())
+}
+
 /// A test question to score and where it came from.
 struct Task {
     id: String,
@@ -144,9 +152,7 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     let device = common.setup()?;
     let ev = &args.eval;
     let template = ev.check()?;
-    if args.max_length == 0 {
-        return Err(bad("--max-length must be at least 1"));
-    }
+    check_flags(args)?;
     let mut subjects = list_subjects(&ev.data)?;
     if let Some(list) = &args.subjects {
         let want: Vec<String> = list.split(',').map(|s| s.trim().to_string()).collect();
@@ -163,7 +169,14 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     let mut dev: BTreeMap<String, Vec<Question>> = BTreeMap::new();
     let mut selected = Vec::new();
     for s in &subjects {
-        let qs = read_questions(&ev.data.join("test").join(format!("{s}_test.csv")))?;
+        let path = ev.data.join("test").join(format!("{s}_test.csv"));
+        let qs = read_questions(&path)?;
+        if qs.is_empty() {
+            return Err(bad(format!(
+                "{}: no questions (an empty test file)",
+                path.display()
+            )));
+        }
         let take = ev.limit.unwrap_or(usize::MAX).min(qs.len());
         for (i, q) in qs.into_iter().take(take).enumerate() {
             selected.push(Task {

@@ -19,7 +19,7 @@ pub mod store;
 pub mod toxicity;
 
 use crate::commands::Common;
-use crate::error::{bad, Result};
+use crate::error::{bad, Error, Result};
 use crate::model::generate::{row_rng, BatchChoice, GenConfig};
 use crate::model::Template;
 use lm::{GenText, Lm};
@@ -62,8 +62,24 @@ pub struct EvalArgs {
 }
 
 impl EvalArgs {
-    /// Checks the flags; returns the parsed template.
+    /// Checks the flags and the inputs they name (`--data`, the config.json of `--model`,
+    /// the adapter_config.json of `--adapter`) before anything is written to `--out`;
+    /// returns the parsed template.
     pub fn check(&self) -> Result<Template> {
+        let template = self.check_flags()?;
+        check_dir("--model", &self.model)?;
+        crate::model::config::ModelConfig::load(&self.model)
+            .map_err(|e| named("--model", &self.model, e))?;
+        if let Some(a) = &self.adapter {
+            check_dir("--adapter", a)?;
+            crate::lora::peft::load_config(a).map_err(|e| named("--adapter", a, e))?;
+        }
+        Ok(template)
+    }
+
+    /// The flags and `--data`, not the model: what `grid run` checks of an evaluation
+    /// before its model (made by the grid) exists.
+    pub fn check_flags(&self) -> Result<Template> {
         crate::commands::check_quant(self.quant.as_deref())?;
         if self.batch_size == 0 {
             return Err(bad("--batch-size must be at least 1"));
@@ -98,6 +114,52 @@ impl EvalArgs {
             self.quant.as_deref(),
             device,
         )
+    }
+}
+
+/// Every check a task makes of its flags and their files before it loads the model (or
+/// writes anything): `grid run` runs these when it loads a spec.
+pub fn check_task_flags(task: &crate::commands::eval::Task) -> Result<()> {
+    use crate::commands::eval::Task;
+    match task {
+        Task::Mmlu(a) => {
+            a.eval.check_flags()?;
+            mmlu::check_flags(a)
+        }
+        Task::Bbh(a) => a.eval.check_flags().map(drop),
+        Task::AlpacaEval(a) => {
+            a.eval.check_flags()?;
+            alpaca::check_flags(a).map(drop)
+        }
+        Task::RealToxicity(a) => {
+            a.eval.check_flags()?;
+            toxicity::check_flags(a).map(drop)
+        }
+        Task::DangerousQa(a) => a.eval.check_flags().map(drop),
+    }
+}
+
+/// A folder flag's value must be a folder.
+pub fn check_dir(flag: &str, dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        Ok(())
+    } else if dir.exists() {
+        Err(bad(format!("{flag} {}: not a folder", dir.display())))
+    } else {
+        Err(bad(format!("{flag} {}: no such folder", dir.display())))
+    }
+}
+
+/// A bad-input error about the file or folder given to `flag`, as `FLAG PATH: what` (the
+/// path not repeated when the message starts with it).
+pub fn named(flag: &str, path: &Path, e: Error) -> Error {
+    match e {
+        Error::BadInput(m) => {
+            let p = path.display().to_string();
+            let m = m.strip_prefix(&format!("{p}: ")).unwrap_or(&m);
+            bad(format!("{flag} {p}: {m}"))
+        }
+        other => other,
     }
 }
 

@@ -126,8 +126,20 @@ impl RunDir {
         if dir.exists() && !dir.is_dir() {
             return Err(bad(format!("--out {}: not a folder", dir.display())));
         }
-        std::fs::create_dir_all(dir).map_err(|e| Error::write(dir, e))?;
         let run_path = dir.join("run.json");
+        // Without run.json nothing says what the folder's files are: resuming from them
+        // could mix samples of another model or task in, and writing there could spoil
+        // someone's model or results. Only an empty (or new) folder starts an evaluation.
+        if dir.is_dir() && !run_path.exists() {
+            if let Some(name) = first_entry(dir)? {
+                return Err(bad(format!(
+                    "--out {}: the folder is not empty ({name}) and has no run.json, so it is \
+                     not an evaluation's folder; choose a new or empty --out",
+                    dir.display()
+                )));
+            }
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::write(dir, e))?;
         let want = serde_json::json!({"task": task, "settings": fixed});
         if run_path.exists() {
             let text = std::fs::read_to_string(&run_path).map_err(|e| Error::read(&run_path, e))?;
@@ -174,6 +186,19 @@ impl RunDir {
         text.push('\n');
         crate::fsio::write_bytes_atomic(&self.dir.join(name), text.as_bytes())
     }
+}
+
+/// A file or folder in `dir`, leaving out what a killed write of run.json left behind.
+fn first_entry(dir: &Path) -> Result<Option<String>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::read(dir, e))?;
+    for e in rd {
+        let e = e.map_err(|e| Error::read(dir, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(".run.json.tmp-") {
+            return Ok(Some(name));
+        }
+    }
+    Ok(None)
 }
 
 /// The first key whose values differ between two settings objects.
@@ -232,6 +257,27 @@ mod tests {
             e.is_bad_input() && e.to_string().contains("s.jsonl:2"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn run_dir_refuses_a_non_empty_folder_without_run_json() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("run");
+        std::fs::create_dir_all(&out).unwrap();
+        // Left by a run killed while writing run.json: still an empty folder.
+        std::fs::write(out.join(".run.json.tmp-123"), "{").unwrap();
+        RunDir::open(&out, "mmlu", &json!({"model": "m"})).unwrap();
+        std::fs::write(out.join("samples.jsonl"), "").unwrap();
+        RunDir::open(&out, "mmlu", &json!({"model": "m"})).unwrap();
+        std::fs::remove_file(out.join("run.json")).unwrap();
+        let e = RunDir::open(&out, "mmlu", &json!({"model": "m"}))
+            .err()
+            .unwrap();
+        assert!(
+            e.is_bad_input() && e.to_string().contains("no run.json"),
+            "{e}"
+        );
+        assert!(!out.join("run.json").exists());
     }
 
     #[test]

@@ -116,33 +116,59 @@ pub fn most_toxic(mut prompts: Vec<Prompt>, n: usize) -> Vec<Prompt> {
     prompts
 }
 
-pub fn run(args: &Args, common: &Common) -> Result<()> {
-    let device = common.setup()?;
-    let ev = &args.eval;
-    let template = ev.check()?;
+/// The task's own flags and the scorer they name, before anything is generated: the
+/// `--scorer` folder (a RoBERTa config.json and tokenizer.json; the weights load when
+/// scoring starts) and `--scorer-max-length` against its position table and the special
+/// tokens of a (prompt, continuation) pair. Returns the scorer's max length.
+pub fn check_flags(args: &Args) -> Result<usize> {
     if args.num_prompts == 0 {
         return Err(bad("--num-prompts must be at least 1"));
     }
     if args.stop.iter().any(String::is_empty) {
         return Err(bad("--stop: a stop string must not be empty"));
     }
-    let scorer_cfg = args.scorer.join("config.json");
-    if !scorer_cfg.exists() {
+    let dir = &args.scorer;
+    super::check_dir("--scorer", dir)?;
+    let named = |e| super::named("--scorer", dir, e);
+    let cfg_path = dir.join("config.json");
+    if !cfg_path.is_file() {
         return Err(bad(format!(
             "--scorer {}: no config.json (expected the ToxicityModel folder)",
-            args.scorer.display()
+            dir.display()
         )));
     }
-    let scorer_max =
-        RobertaConfig::from_json(&super::read_json(&scorer_cfg, "--scorer")?)?.max_tokens();
-    let scorer_max_length = args
+    let scorer_max = RobertaConfig::from_json(&super::read_json(&cfg_path, "--scorer")?)
+        .map_err(named)?
+        .max_tokens();
+    let tok_path = dir.join("tokenizer.json");
+    let tok = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| {
+        bad(format!(
+            "--scorer {}: cannot load tokenizer.json: {e}",
+            dir.display()
+        ))
+    })?;
+    let special = tok
+        .get_post_processor()
+        .map_or(0, |p| tokenizers::PostProcessor::added_tokens(p, true));
+    let max_length = args
         .scorer_max_length
         .unwrap_or(DEFAULT_MAX_LENGTH.min(scorer_max));
-    if scorer_max_length == 0 || scorer_max_length > scorer_max {
+    if max_length <= special || max_length > scorer_max {
         return Err(bad(format!(
-            "--scorer-max-length must be in 1..={scorer_max} (the scorer's position table)"
+            "--scorer-max-length {max_length}: must be in {}..={scorer_max} (more than the \
+             scorer's {special} special tokens of a prompt/continuation pair, at most its \
+             position table)",
+            special + 1
         )));
     }
+    Ok(max_length)
+}
+
+pub fn run(args: &Args, common: &Common) -> Result<()> {
+    let device = common.setup()?;
+    let ev = &args.eval;
+    let template = ev.check()?;
+    let scorer_max_length = check_flags(args)?;
     let top_k = match args.top_k {
         Some(k) => k,
         None => crate::model::generate::default_top_k(&ev.model)?,
@@ -188,7 +214,8 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         .collect();
     let (reused, computed) = (selected.len() - todo.len(), todo.len());
     if !todo.is_empty() {
-        let scorer = RobertaClassifier::load(&args.scorer)?;
+        let scorer = RobertaClassifier::load(&args.scorer)
+            .map_err(|e| super::named("--scorer", &args.scorer, e))?;
         let lm = ev.load_model(device)?;
         let mut jobs = Vec::with_capacity(todo.len());
         for &i in &todo {

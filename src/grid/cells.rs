@@ -165,13 +165,13 @@ const EVAL_RESERVED: [&str; 7] = [
     "model", "adapter", "quant", "data", "out", "template", "seed",
 ];
 
-fn train_command(name: &'static str) -> clap::Command {
+pub(crate) fn train_command(name: &'static str) -> clap::Command {
     crate::train::TrainArgs::augment_args(crate::commands::Common::augment_args(
         clap::Command::new(name).no_binary_name(true),
     ))
 }
 
-fn eval_command() -> clap::Command {
+pub(crate) fn eval_command() -> clap::Command {
     crate::commands::eval::Args::augment_args(crate::commands::Common::augment_args(
         clap::Command::new("eval").no_binary_name(true),
     ))
@@ -229,8 +229,7 @@ fn push_flag(
                 other => vec![other.clone()],
             };
             for x in &items {
-                out.push(format!("--{long}"));
-                out.push(fix(scalar(x)?));
+                push_value(out, &long, fix(scalar(x)?));
             }
         }
         _ => {
@@ -238,17 +237,27 @@ fn push_flag(
                 Value::Array(a) => a.iter().map(scalar).collect::<Result<Vec<_>>>()?.join(","),
                 other => scalar(other)?,
             };
-            out.push(format!("--{long}"));
-            out.push(fix(s));
+            push_value(out, &long, fix(s));
         }
     }
     Ok(())
 }
 
+/// `--flag value`, or `--flag=value` for a value starting with `-` (a negative number),
+/// which the parser would take for a flag of its own.
+fn push_value(out: &mut Vec<String>, long: &str, value: String) {
+    if value.starts_with('-') {
+        out.push(format!("--{long}={value}"));
+    } else {
+        out.push(format!("--{long}"));
+        out.push(value);
+    }
+}
+
 /// Parses the built argument list with the command's own parser, so a bad value in the
 /// spec is reported before anything runs.
-fn check_args(cmd: clap::Command, args: &[String], id: &str) -> Result<()> {
-    cmd.try_get_matches_from(args).map(|_| ()).map_err(|e| {
+fn check_args(cmd: clap::Command, args: &[String], id: &str) -> Result<clap::ArgMatches> {
+    cmd.try_get_matches_from(args).map_err(|e| {
         let msg = e.to_string();
         let line = msg
             .lines()
@@ -257,6 +266,70 @@ fn check_args(cmd: clap::Command, args: &[String], id: &str) -> Result<()> {
             .trim_start_matches("error: ")
             .to_string();
         bad(format!("cell {id}: {line}"))
+    })
+}
+
+/// The method tables a training run's flags come from, the winning one first.
+pub(crate) fn method_tables(m: Method) -> &'static [Method] {
+    match m {
+        Method::Sft => &[Method::Sft],
+        Method::Dpo => &[Method::Dpo],
+        Method::SftDpo => &[Method::SftDpo, Method::Dpo],
+    }
+}
+
+/// The spec key a training command's message is about: `methods.M.KEY` of the table that
+/// set the flag the message names, else the run's method table.
+fn train_key(spec: &Spec, method: Method, msg: &str) -> String {
+    let names = |long: &str| {
+        let pat = format!("--{long}");
+        msg.match_indices(&pat).any(|(i, _)| {
+            msg[i + pat.len()..]
+                .chars()
+                .next()
+                .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '-'))
+        })
+    };
+    for &t in method_tables(method) {
+        for (k, _) in spec.args_of(t) {
+            if names(&k.replace('_', "-")) {
+                return format!("methods.{}.{k}", t.name());
+            }
+        }
+    }
+    format!("methods.{}", method.name())
+}
+
+/// The training command's own checks of its settings (`Settings::resolve`: --steps, --lr,
+/// --batch-size, ... and `--recompute`), run on the cell's parsed flags, so a bad value in
+/// a method table fails when the spec loads, naming the table's key.
+fn check_train_settings(
+    spec: &Spec,
+    key: &RunKey,
+    m: &clap::ArgMatches,
+    seed: u64,
+    id: &str,
+) -> Result<()> {
+    use clap::FromArgMatches;
+    let a = crate::train::TrainArgs::from_arg_matches(m)
+        .map_err(|e| bad(format!("cell {id}: {}", e.to_string().trim())))?;
+    let method = if key.method == Method::Sft {
+        crate::train::Method::Sft
+    } else {
+        crate::train::Method::Dpo
+    };
+    let checked = crate::train::Settings::resolve(&a, method, seed).and_then(|_| {
+        if a.recompute != "auto" {
+            a.recompute.parse::<crate::model::llama::Recompute>()?;
+        }
+        Ok(())
+    });
+    checked.map_err(|e| match e {
+        crate::Error::BadInput(msg) => bad(format!(
+            "{}: {msg} (cell {id})",
+            train_key(spec, key.method, &msg)
+        )),
+        other => other,
     })
 }
 
@@ -545,7 +618,8 @@ fn add_train(
         args.extend(["--init-adapter".into(), init]);
     }
     args.push("--resume".into());
-    check_args(cmd, &args[1..], &id)?;
+    let matches = check_args(cmd, &args[1..], &id)?;
+    check_train_settings(spec, &key, &matches, seed, &id)?;
     deps.sort();
     deps.dedup();
     index.insert(id.clone(), cells.len());

@@ -5,11 +5,13 @@
 //! - `spec`: the TOML file, checked and with paths resolved
 //! - `cells`: the expansion into cells (id = folder under `--out`, command, dependencies)
 //! - `state`: a cell's state from its folder (the command's own finished marker, a record, a lock)
+//! - `inputs`: the files a run's cells read, and their flags, checked before any runs
 //! - `runner`: `grid run` (dependency order, retries, parallel slots, kill-safe)
 //! - `report`: aggregation over seeds, tables (CSV, markdown) and figures
 //! - `slurm`: sbatch array scripts per stage, chained with dependencies
 
 pub mod cells;
+pub mod inputs;
 pub mod report;
 pub mod runner;
 pub mod slurm;

@@ -195,7 +195,7 @@ fn run_cell(job: &Job) -> Result<Outcome> {
         .map_err(|e| Error::write(&log, e))?;
         let mut cmd = Command::new(job.exe);
         cmd.args(&c.args)
-            .args(&job.runtime)
+            .args(cell_runtime(c.kind, &job.runtime))
             .current_dir(job.out)
             .stdin(Stdio::null())
             .stdout(lf.try_clone().map_err(|e| Error::write(&log, e))?)
@@ -512,6 +512,30 @@ pub fn runtime_flags(device: &str, threads: Option<usize>, parallel: usize) -> V
     }
     v.push("--quiet".into());
     v
+}
+
+/// The runtime flags of one cell: `init-tiny` and `merge` run on the CPU only and refuse
+/// an explicit `--device cuda`, so a grid run with it passes them no device.
+pub fn cell_runtime(kind: Kind, runtime: &[String]) -> Vec<String> {
+    if !matches!(kind, Kind::Model | Kind::Merge) {
+        return runtime.to_vec();
+    }
+    let mut out = Vec::with_capacity(runtime.len());
+    let mut it = runtime.iter();
+    while let Some(a) = it.next() {
+        if a == "--device" {
+            match it.next() {
+                Some(v) if v == "cuda" => {}
+                v => {
+                    out.push(a.clone());
+                    out.extend(v.cloned());
+                }
+            }
+        } else {
+            out.push(a.clone());
+        }
+    }
+    out
 }
 
 /// The absolute grid folder (created).

@@ -560,7 +560,10 @@ impl Spec {
                 .collect::<Result<Vec<_>>>()?;
             let num_samples = t
                 .get("num_samples")
-                .map(|v| uint(v, &format!("{at}.num_samples")).map(|n| n as usize))
+                .map(|v| match uint(v, &format!("{at}.num_samples"))? {
+                    0 => Err(bad(format!("{at}.num_samples: must be at least 1"))),
+                    n => Ok(n as usize),
+                })
                 .transpose()?;
             let source = opt_string(t, "source", &at)?;
             let preference = opt_string(t, "preference", &at)?;
