@@ -562,6 +562,96 @@ fn bad_configs_are_exit_2_and_name_the_culprit() {
     );
 }
 
+#[test]
+fn non_finite_and_out_of_range_parameters_are_refused() {
+    let b = "tests/fixtures/tiny-llama";
+    fails_with(
+        &format!("merge_method: slerp\nbase_model: {b}\nmodels:\n  - model: {b}\n  - model: \"@P@\"\nparameters: {{t: .nan}}\n"),
+        &["`t`", "finite"],
+    );
+    fails_with(
+        &format!("merge_method: linear\nmodels:\n  - model: {b}\n    parameters: {{weight: .inf}}\n  - model: \"@P@\"\n    parameters: {{weight: 1}}\n"),
+        &["`weight`", "finite"],
+    );
+    fails_with(
+        &format!("merge_method: linear\nmodels:\n  - model: {b}\n    parameters: {{weight: 1.0e39}}\n  - model: \"@P@\"\n    parameters: {{weight: 1}}\n"),
+        &["`weight`", "finite"],
+    );
+    fails_with(
+        &format!("merge_method: linear\nmodels:\n  - model: {b}\n    parameters: {{weight: 0}}\n  - model: \"@P@\"\n    parameters: {{weight: 0}}\n"),
+        &["sum to 0"],
+    );
+    for d in ["2", "-0.5"] {
+        fails_with(
+            &format!("merge_method: ties\nbase_model: {b}\nmodels:\n  - model: \"@P@\"\n    parameters: {{weight: 1, density: {d}}}\n"),
+            &["`density`", "[0, 1]"],
+        );
+    }
+}
+
+/// A base whose projection disagrees with its own config.json: merge-adapter and a
+/// `DIR+ADAPTER` merge refuse it (they fold by config dimensions), and so does a plain merge.
+#[test]
+fn a_base_that_disagrees_with_its_config_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let src = fx().join("tiny-llama");
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), d.path().join(f.file_name())).unwrap();
+    }
+    let cfg_path = d.path().join("config.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let inter = cfg["intermediate_size"].as_u64().unwrap();
+    cfg["intermediate_size"] = (inter - 8).into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let bad_base = d.path().to_str().unwrap();
+    fails_with(
+        &format!("merge_method: linear\nmodels:\n  - model: {bad_base}\n    parameters: {{weight: 1}}\n  - model: {b}\n    parameters: {{weight: 1}}\n", b = "tests/fixtures/tiny-llama"),
+        &["mlp", "config.json implies", bad_base],
+    );
+    // An adapter that fits the (edited) config: the fixture's attention pairs only.
+    let ad = tempfile::tempdir().unwrap();
+    let src_ad = fx().join("train/tiny-llama/init_adapter");
+    let aw = Weights::open_files(&[src_ad.join("adapter_model.safetensors")]).unwrap();
+    let kept: Vec<TensorOut> = aw
+        .names()
+        .filter(|n| n.contains("self_attn"))
+        .map(|n| {
+            let (x, shape) = read(&aw, n);
+            TensorOut::float(n.as_str(), shape, FloatDtype::F32, &x)
+        })
+        .collect();
+    write_file(&ad.path().join("adapter_model.safetensors"), &kept).unwrap();
+    let mut acfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(src_ad.join("adapter_config.json")).unwrap())
+            .unwrap();
+    acfg["target_modules"] = serde_json::json!(["q_proj", "k_proj", "v_proj", "o_proj"]);
+    std::fs::write(ad.path().join("adapter_config.json"), acfg.to_string()).unwrap();
+    let out = d.path().join("folded");
+    let o = run(&[
+        "merge-adapter",
+        "--model",
+        bad_base,
+        "--adapter",
+        ad.path().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(
+        err.lines().filter(|l| !l.trim().is_empty()).count(),
+        1,
+        "{err}"
+    );
+    assert!(
+        err.contains("config.json implies") && !err.contains("panicked"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
 /// Same architecture, different shapes: the message names the tensor and both models.
 #[test]
 fn shape_mismatch_names_the_tensor() {

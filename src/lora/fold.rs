@@ -136,6 +136,12 @@ pub fn fold_model(
                 .ok_or_else(|| bad(format!("4-bit tensor `{name}` is not a decoder projection")))?;
             (dtype.st_name(), vec![o, i], o * i * dtype_bytes(dtype))
         } else if is_float {
+            // A projection must have the shape config.json gives it (an adapter is folded
+            // in by those dimensions).
+            if let Some((_, p)) = projection_of(name, &cfg) {
+                w.entry(name, &Layer::proj_shape(&cfg, PROJ_NAMES[p]))
+                    .map_err(|e| bad(format!("{}: {e}", model_dir.display())))?;
+            }
             let n: usize = e.shape.iter().product();
             (dtype.st_name(), e.shape.clone(), n * dtype_bytes(dtype))
         } else {

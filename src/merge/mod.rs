@@ -148,6 +148,17 @@ impl Input {
                 self.reference.text, e.dtype
             )));
         }
+        // A projection must match config.json (an adapter is folded in by its dimensions,
+        // and the merged model is loaded by them).
+        if let Some((_, p)) = self.projection(name) {
+            let want = Layer::proj_shape(&self.cfg, PROJ_NAMES[p]);
+            if e.shape != want {
+                return Err(bad(format!(
+                    "model `{}`: tensor `{name}` has shape {:?}, config.json implies {want:?}",
+                    self.reference.text, e.shape
+                )));
+            }
+        }
         Ok(e.shape.clone())
     }
 
@@ -302,12 +313,18 @@ impl Resolver<'_> {
                     other: 1 - base,
                 })
             }
-            Method::Linear => Ok(Op::Linear {
-                weights: (0..self.slice.sources.len())
+            Method::Linear => {
+                let weights: Vec<f32> = (0..self.slice.sources.len())
                     .map(|p| input_f(p, "weight", None).map(|w| w as f32))
-                    .collect::<Result<_>>()?,
-                normalize: shared_b("normalize", true)?,
-            }),
+                    .collect::<Result<_>>()?;
+                let normalize = shared_b("normalize", true)?;
+                if normalize && weights.iter().sum::<f32>() == 0.0 {
+                    return Err(bad(format!(
+                        "linear: the weights of tensor {out_name} sum to 0, which normalize divides by"
+                    )));
+                }
+                Ok(Op::Linear { weights, normalize })
+            }
             Method::Ties | Method::DareTies => {
                 let dare = self.method == Method::DareTies;
                 let base = self.slice.base.expect("checked in plan");
@@ -315,6 +332,12 @@ impl Resolver<'_> {
                 for p in (0..self.slice.sources.len()).filter(|&p| p != base) {
                     let w = input_f(p, "weight", None)? as f32;
                     let d = input_f(p, "density", Some(1.0))?;
+                    if !(0.0..=1.0).contains(&d) {
+                        return Err(bad(format!(
+                            "{}: expected a fraction in [0, 1], got {d}",
+                            self.what(p, "density", &in_names[p])
+                        )));
+                    }
                     others.push((p, w, d));
                 }
                 // Validated like mergekit does, though it only changes the mask's dtype there.

@@ -174,16 +174,22 @@ fn eval_value(v: &Value1, t: f64) -> Option<Scalar> {
 }
 
 impl Scalar {
-    /// As a float parameter (numeric strings accepted, as pydantic's lax mode does).
+    /// As a float parameter (numeric strings accepted, as pydantic's lax mode does); NaN,
+    /// infinities and values beyond f32 (the merge's arithmetic) are refused: they would
+    /// only write a model of NaNs.
     pub fn as_f64(&self, what: &str) -> Result<f64> {
-        match self {
-            Scalar::Num(x) => Ok(*x),
+        let x = match self {
+            Scalar::Num(x) => *x,
             Scalar::Str(s) => s
                 .trim()
                 .parse::<f64>()
-                .map_err(|_| bad(format!("{what}: expected a number, got \"{s}\""))),
-            Scalar::Bool(b) => Err(bad(format!("{what}: expected a number, got {b}"))),
+                .map_err(|_| bad(format!("{what}: expected a number, got \"{s}\"")))?,
+            Scalar::Bool(b) => return Err(bad(format!("{what}: expected a number, got {b}"))),
+        };
+        if !(x.is_finite() && x.abs() <= f32::MAX as f64) {
+            return Err(bad(format!("{what}: expected a finite number, got {x}")));
         }
+        Ok(x)
     }
 
     /// As a boolean parameter (`true`/`false`, or 0/1).

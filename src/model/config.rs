@@ -202,8 +202,12 @@ impl ModelConfig {
         let rope_theta = get_f64(&rope_params, "rope_theta")?
             .or(get_f64(&v, "rope_theta")?)
             .unwrap_or(10000.0) as f32;
-        if rope_theta <= 0.0 {
-            return Err(ctx("rope_theta must be positive"));
+        if !(rope_theta.is_finite() && rope_theta > 0.0) {
+            return Err(ctx("rope_theta must be a positive number"));
+        }
+        let rms_norm_eps = get_f64(&v, "rms_norm_eps")?.unwrap_or(1e-6) as f32;
+        if !(rms_norm_eps.is_finite() && rms_norm_eps >= 0.0) {
+            return Err(ctx("rms_norm_eps must be a number >= 0"));
         }
         let sliding_window = match arch {
             // LLaMA has no window; transformers' MistralConfig defaults it to 4096.
@@ -236,7 +240,7 @@ impl ModelConfig {
             num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: get_f64(&v, "rms_norm_eps")?.unwrap_or(1e-6) as f32,
+            rms_norm_eps,
             rope_theta,
             max_position_embeddings: get_usize(&v, "max_position_embeddings")?.unwrap_or(2048),
             sliding_window,
@@ -272,6 +276,27 @@ mod tests {
         assert_eq!(c.rope_theta, 10000.0);
         assert!(!c.tie_word_embeddings);
         assert_eq!(c.sliding_window, None);
+    }
+
+    #[test]
+    fn norm_eps_and_rope_theta_must_be_usable_numbers() {
+        for (k, bad) in [
+            ("rms_norm_eps", json!(-1.0)),
+            ("rms_norm_eps", json!(1e39)),
+            ("rope_theta", json!(0.0)),
+            ("rope_theta", json!(1e39)),
+        ] {
+            let mut v = base();
+            v[k] = bad.clone();
+            let e = ModelConfig::from_json(v).unwrap_err();
+            assert!(
+                e.is_bad_input() && e.to_string().contains(k),
+                "{k}={bad}: {e}"
+            );
+        }
+        let mut v = base();
+        v["rms_norm_eps"] = json!(0.0);
+        assert_eq!(ModelConfig::from_json(v).unwrap().rms_norm_eps, 0.0);
     }
 
     #[test]
