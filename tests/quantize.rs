@@ -432,6 +432,20 @@ fn bad_input_exits_2_with_one_line_and_writes_nothing() {
         ],
         "config.json",
     );
+    // A tensor copied as it is (not quantized) that the model could not load: the
+    // embedding against a config with another vocabulary.
+    let odd = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(&llama).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), odd.path().join(f.file_name())).unwrap();
+    }
+    let mut cfg = json_file(&odd.path().join("config.json"));
+    cfg["vocab_size"] = (cfg["vocab_size"].as_u64().unwrap() + 1).into();
+    std::fs::write(odd.path().join("config.json"), cfg.to_string()).unwrap();
+    expect_bad(
+        &["quantize", "--model", s(odd.path()), "--out", s(&out)],
+        "model.embed_tokens.weight",
+    );
     assert_eq!(
         std::fs::read_dir(tmp.path()).unwrap().count(),
         0,

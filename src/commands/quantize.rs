@@ -208,6 +208,9 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     let cfg = ModelConfig::load(&args.model)?;
     let w = Weights::open_dir(&args.model)?;
     check_not_quantized(&args.model, &cfg, &w)?;
+    // The tensors copied as they are must load too (embedding, norms, lm_head).
+    crate::model::llama::check_dense_tensors(&cfg, &w)
+        .map_err(|e| bad(format!("{}: {e}", args.model.display())))?;
 
     // The 7 projections of every layer, checked for shape and a float dtype.
     let mut projections = HashSet::new();

@@ -134,6 +134,41 @@ fn dense(w: &Weights, name: &str, shape: &[usize]) -> Result<Tensor> {
     Ok(Tensor::from_vec(w.f32(name, shape)?, shape))
 }
 
+/// The tensors besides the projections that `Model::from_weights` reads, with their
+/// shapes: the embedding, each layer's two norms, the final norm, lm_head unless tied.
+pub fn dense_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+    let mut t = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+    for l in 0..cfg.num_layers {
+        t.push((format!("model.layers.{l}.input_layernorm.weight"), vec![h]));
+        t.push((
+            format!("model.layers.{l}.post_attention_layernorm.weight"),
+            vec![h],
+        ));
+    }
+    t.push(("model.norm.weight".to_string(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        t.push(("lm_head.weight".to_string(), vec![v, h]));
+    }
+    t
+}
+
+/// Checks, without reading them, that the tensors of [`dense_tensors`] are there with
+/// their shapes and a float dtype (what `palign quantize` copies as they are).
+pub fn check_dense_tensors(cfg: &ModelConfig, w: &Weights) -> Result<()> {
+    use safetensors::Dtype;
+    for (name, shape) in dense_tensors(cfg) {
+        let e = w.entry(&name, &shape)?;
+        if !matches!(e.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
+            return Err(bad(format!(
+                "weights: tensor `{name}` has dtype {:?}; F32, BF16 or F16 expected",
+                e.dtype
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A dense projection in bitsandbytes' NF4, recording the checkpoint's dtype (config.json
 /// `torch_dtype`; f32 when absent) as the quantized tensor's source dtype.
 fn to_nf4(
