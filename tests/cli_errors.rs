@@ -5,18 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
+mod common;
+use common::copy_dir;
 
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-    }
+fn fixture(name: &str) -> PathBuf {
+    common::fx().join(name)
 }
 
 fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {

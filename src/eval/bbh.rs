@@ -213,7 +213,7 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     let template = ev.check()?;
     let cot = !args.no_cot;
     let max_new = args.max_new_tokens.unwrap_or(if cot { 256 } else { 32 });
-    let gen = super::gen_config(common, max_new, 0.0, 0, 1.0, ev.batch_size)?;
+    let gen = super::gen_config(common, max_new, &super::Sampling::GREEDY, ev.batch_size)?;
     let mut tasks = list_tasks(&ev.data)?;
     if let Some(list) = &args.tasks {
         let want: Vec<String> = list.split(',').map(|s| s.trim().to_string()).collect();

@@ -121,7 +121,12 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     if args.stop.iter().any(String::is_empty) {
         return Err(bad("--stop: a stop string must not be empty"));
     }
-    let gen = super::gen_config(common, args.max_new_tokens, 0.0, 0, 1.0, ev.batch_size)?;
+    let gen = super::gen_config(
+        common,
+        args.max_new_tokens,
+        &super::Sampling::GREEDY,
+        ev.batch_size,
+    )?;
     let cou = std::fs::read_to_string(&args.cou_template).map_err(|e| {
         bad(format!(
             "--cou-template {}: {e}",

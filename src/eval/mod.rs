@@ -251,20 +251,61 @@ fn gen_row(job: GenJob, g: GenText) -> Row {
     r
 }
 
+/// How a generating task picks tokens: `--temperature`, `--top-p`, and `--top-k`
+/// (default as transformers': the model's generation_config.json `top_k`, else 50).
+pub struct Sampling {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+}
+
+impl Sampling {
+    pub const GREEDY: Sampling = Sampling {
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+    };
+
+    pub fn resolve(
+        model: &std::path::Path,
+        temperature: f32,
+        top_p: f32,
+        top_k: Option<usize>,
+    ) -> Result<Sampling> {
+        let top_k = match top_k {
+            Some(k) => k,
+            None => crate::model::generate::default_top_k(model)?,
+        };
+        Ok(Sampling {
+            temperature,
+            top_p,
+            top_k,
+        })
+    }
+
+    /// Into a run's fixed settings; `top_k` only when sampling reads it (so greedy logs of
+    /// versions without it still resume).
+    pub fn record(&self, fixed: &mut Map<String, Value>) {
+        fixed.insert("temperature".into(), json!(self.temperature));
+        fixed.insert("top_p".into(), json!(self.top_p));
+        if self.temperature > 0.0 {
+            fixed.insert("top_k".into(), json!(self.top_k));
+        }
+    }
+}
+
 /// The generation settings shared by the generating tasks.
 pub fn gen_config(
     common: &Common,
     max_new_tokens: usize,
-    temperature: f32,
-    top_k: usize,
-    top_p: f32,
+    sampling: &Sampling,
     batch: usize,
 ) -> Result<GenConfig> {
     let cfg = GenConfig {
         max_new_tokens,
-        temperature,
-        top_k,
-        top_p,
+        temperature: sampling.temperature,
+        top_k: sampling.top_k,
+        top_p: sampling.top_p,
         seed: common.seed,
         eos_ids: vec![],
         batch_size: batch,

@@ -169,18 +169,8 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
     let ev = &args.eval;
     let template = ev.check()?;
     let scorer_max_length = check_flags(args)?;
-    let top_k = match args.top_k {
-        Some(k) => k,
-        None => crate::model::generate::default_top_k(&ev.model)?,
-    };
-    let gen = super::gen_config(
-        common,
-        args.max_new_tokens,
-        args.temperature,
-        top_k,
-        args.top_p,
-        ev.batch_size,
-    )?;
+    let sampling = super::Sampling::resolve(&ev.model, args.temperature, args.top_p, args.top_k)?;
+    let gen = super::gen_config(common, args.max_new_tokens, &sampling, ev.batch_size)?;
     let mut selected = most_toxic(read_prompts(&ev.data)?, args.num_prompts);
     if selected.is_empty() {
         return Err(bad(format!(
@@ -196,17 +186,12 @@ pub fn run(args: &Args, common: &Common) -> Result<()> {
         ("scorer", json!(super::canon(&args.scorer))),
         ("scorer_max_length", json!(scorer_max_length)),
         ("max_new_tokens", json!(args.max_new_tokens)),
-        ("temperature", json!(args.temperature)),
-        ("top_p", json!(args.top_p)),
         ("stop", json!(args.stop)),
         ("seed", json!(common.seed)),
     ] {
         fixed.insert(k.into(), v);
     }
-    if args.temperature > 0.0 {
-        // Only sampling reads it (greedy logs of older versions still resume).
-        fixed.insert("top_k".into(), json!(top_k));
-    }
+    sampling.record(&mut fixed);
     let run = RunDir::open(&ev.out, "real-toxicity", &Value::Object(fixed.clone()))?;
     let mut log = run.samples()?;
     let todo: Vec<usize> = (0..selected.len())

@@ -15,6 +15,15 @@ pub fn fx() -> PathBuf {
     }
 }
 
+/// A copy of a flat fixture folder (a model, an adapter) to edit in a test.
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+}
+
 pub fn jsonl(p: &Path) -> Vec<Value> {
     std::fs::read_to_string(p)
         .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
