@@ -76,9 +76,11 @@ pub const LOGPROB_GRAD_IN_FORWARD: Switch<bool> = Switch {
         ("forward", true),
         ("on", true),
         ("1", true),
+        ("true", true),
         ("backward", false),
         ("off", false),
         ("0", false),
+        ("false", false),
     ],
     default: true,
 };

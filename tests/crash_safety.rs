@@ -138,6 +138,30 @@ fn kill_9_at_random_moments_then_resume_gives_the_same_adapter() {
     assert!(leftovers.is_empty() || kills > 0, "{leftovers:?}");
 }
 
+/// A run that fails after it started writing, before any checkpoint, keeps what it wrote:
+/// run.json makes the folder resumable, and the metrics are the divergence's record.
+#[test]
+fn a_run_diverging_before_its_first_checkpoint_keeps_its_folder() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("run");
+    let mut args = args_lr(&out, "6", "1e30", &["--max-grad-norm", "1e30"]);
+    let at = args.iter().position(|a| a == "--save-every").unwrap();
+    args[at + 1] = "0".into(); // the first checkpoint would be the last step
+    let o = Command::new(env!("CARGO_BIN_EXE_palign"))
+        .env("PALIGN_DEVICE", "cpu")
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(!out.join("checkpoint").exists(), "no checkpoint was due");
+    assert!(out.join("run.json").is_file(), "run.json removed: {stderr}");
+    assert!(
+        out.join("metrics.jsonl").is_file(),
+        "metrics removed: {stderr}"
+    );
+}
+
 #[test]
 fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
     let d = tempfile::tempdir().unwrap();

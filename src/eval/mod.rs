@@ -272,7 +272,9 @@ impl Sampling {
         top_p: f32,
         top_k: Option<usize>,
     ) -> Result<Sampling> {
+        // Greedy decoding never reads it (nor the model's generation_config.json for it).
         let top_k = match top_k {
+            _ if temperature == 0.0 => 0,
             Some(k) => k,
             None => crate::model::generate::default_top_k(model)?,
         };

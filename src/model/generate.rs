@@ -163,7 +163,8 @@ pub fn sample(
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     let kept = if top_p >= 1.0 {
-        (0..probs.len()).collect()
+        // (Tokens top-k dropped have probability 0: never the fallback pick below.)
+        (0..probs.len()).filter(|&i| probs[i] > 0.0).collect()
     } else {
         nucleus(&probs, top_p as f64)
     };

@@ -265,11 +265,6 @@ impl Settings {
         }
         let targets = LoraConfig::parse_targets(a.targets.as_deref().unwrap_or(d.targets))?;
         let scheduler: Schedule = a.scheduler.as_deref().unwrap_or(d.scheduler).parse()?;
-        if a.warmup_steps.is_some_and(|w| w > 0) && !scheduler.takes_warmup() {
-            return Err(bad(
-                "--warmup-steps: transformers' `constant` schedule has no warm-up; use --scheduler constant_with_warmup",
-            ));
-        }
         let batch_size = positive(a.batch_size.unwrap_or(16), "--batch-size")?;
         let grad_accum = positive(a.grad_accum.unwrap_or(1), "--grad-accum")?;
         if batch_size % grad_accum != 0 {
@@ -400,8 +395,25 @@ impl Settings {
         }
     }
 
+    /// The schedule the learning rate follows. `constant` with warm-up steps exists only
+    /// in runs from before `constant_with_warmup` (new runs refuse the pair:
+    /// [`Settings::check_new_run`]), and those warmed up: they keep doing so on --resume.
     pub fn schedule(&self) -> Schedule {
-        self.scheduler.parse().expect("validated in resolve")
+        match self.scheduler.parse().expect("validated in resolve") {
+            Schedule::Constant if self.warmup_steps > 0 => Schedule::ConstantWithWarmup,
+            s => s,
+        }
+    }
+
+    /// Checks for a run that starts now (not one resumed): transformers' `constant` has no
+    /// warm-up, so warm-up steps with it are refused rather than dropped silently.
+    pub fn check_new_run(&self) -> Result<()> {
+        if self.scheduler == Schedule::Constant.name() && self.warmup_steps > 0 {
+            return Err(bad(
+                "--warmup-steps: transformers' `constant` schedule has no warm-up; use --scheduler constant_with_warmup",
+            ));
+        }
+        Ok(())
     }
 
     pub fn dpo(&self) -> Option<DpoCfg> {
@@ -433,6 +445,33 @@ mod tests {
     /// Every numeric training flag refuses NaN, ±inf and out-of-range values with an
     /// error naming the flag; negative numbers reach the flag's own check (not clap's
     /// "unexpected argument").
+    #[test]
+    fn constant_with_warmup_is_refused_for_new_runs_only() {
+        let s = resolve(
+            Method::Sft,
+            &["--scheduler", "constant", "--warmup-steps", "3"],
+        )
+        .unwrap();
+        assert!(s
+            .check_new_run()
+            .unwrap_err()
+            .to_string()
+            .contains("constant_with_warmup"));
+        // A run saved by a version where `constant` warmed up keeps warming up on --resume,
+        // and matches the same run asked for as constant_with_warmup.
+        assert_eq!(s.schedule(), Schedule::ConstantWithWarmup);
+        let w = resolve(
+            Method::Sft,
+            &["--scheduler", "constant_with_warmup", "--warmup-steps", "3"],
+        )
+        .unwrap();
+        assert_eq!(w.schedule(), s.schedule());
+        w.check_new_run().unwrap();
+        let c = resolve(Method::Sft, &["--scheduler", "constant"]).unwrap();
+        assert_eq!(c.schedule(), Schedule::Constant);
+        c.check_new_run().unwrap();
+    }
+
     #[test]
     fn numeric_flags_refuse_non_finite_and_out_of_range_values() {
         let flags: &[(Method, &str, &[&str])] = &[

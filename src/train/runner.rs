@@ -524,59 +524,16 @@ fn check_out(out: &Path, resume: bool, steps: usize) -> Result<OutState> {
     Ok(OutState::Empty)
 }
 
-/// `--out` while a run writes into it. Dropped before [`OutGuard::keep`] (the run
-/// failed) with nothing resumable written, it removes what this invocation wrote: the
-/// folder it created, or the entries it put into a folder that was empty. A run that
-/// was there before, or a checkpoint to resume, stays.
-struct OutGuard<'a> {
-    out: &'a Path,
-    state: OutState,
-    kept: bool,
-}
-
-impl<'a> OutGuard<'a> {
-    fn open(out: &'a Path, state: OutState) -> Result<OutGuard<'a>> {
-        if state == OutState::Missing {
-            std::fs::create_dir(out).map_err(|e| Error::write(out, e))?;
-        }
-        checkpoint::remove_stale(out);
-        Ok(OutGuard {
-            out,
-            state,
-            kept: false,
-        })
+/// Makes `--out` ready for writing, once every input has been checked: the folder when
+/// it is missing, without what killed runs left half-written. Nothing is removed when the
+/// run fails later: run.json (and metrics, precomputed references) make a folder
+/// resumable, and a diverged run's metrics are its record.
+fn open_out(out: &Path, state: OutState) -> Result<()> {
+    if state == OutState::Missing {
+        std::fs::create_dir(out).map_err(|e| Error::write(out, e))?;
     }
-
-    /// The run ended well (or stopped resumably): keep everything.
-    fn keep(mut self) {
-        self.kept = true;
-    }
-}
-
-impl Drop for OutGuard<'_> {
-    fn drop(&mut self) {
-        if self.kept || self.state == OutState::Run || checkpoint::exists(self.out) {
-            return;
-        }
-        match self.state {
-            OutState::Missing => {
-                let _ = std::fs::remove_dir_all(self.out);
-            }
-            OutState::Empty => {
-                if let Ok(rd) = std::fs::read_dir(self.out) {
-                    for e in rd.flatten() {
-                        let p = e.path();
-                        let _ = if p.is_dir() {
-                            std::fs::remove_dir_all(&p)
-                        } else {
-                            std::fs::remove_file(&p)
-                        };
-                    }
-                }
-            }
-            OutState::Run => {}
-        }
-    }
+    checkpoint::remove_stale(out);
+    Ok(())
 }
 
 /// `--resume` continues only the same run: every setting but the evaluation cadence must match.
@@ -591,6 +548,10 @@ fn same_settings(saved: &Settings, s: &Settings, out: &Path) -> Result<()> {
     if saved.dropout == 0.0 && s.dropout == 0.0 {
         // Without dropout the flag changes nothing.
         saved.keep_dropout = s.keep_dropout;
+    }
+    if saved.schedule() == s.schedule() {
+        // A run from before constant_with_warmup: `constant` with warm-up warmed up.
+        saved.scheduler = s.scheduler.clone();
     }
     if &saved == s {
         return Ok(());
@@ -707,6 +668,9 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
     // Every input is checked, loaded and read before --out is touched, so bad input
     // leaves nothing behind (and a rerun with the input fixed starts cleanly).
     let out_state = check_out(out, args.resume, s.steps)?;
+    if out_state != OutState::Run {
+        s.check_new_run()?;
+    }
     if args.recompute != "auto" {
         args.recompute.parse::<Recompute>()?; // a bad name fails before any loading
     }
@@ -742,9 +706,8 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
     }
     let mut opt = AdamState::zeros(&adapter)?;
     let mut start = 0;
-    // From here on --out is written; a failure before anything resumable exists
-    // removes what this invocation wrote.
-    let guard = OutGuard::open(out, out_state)?;
+    // From here on --out is written (every input was checked above).
+    open_out(out, out_state)?;
     if args.resume && checkpoint::exists(out) {
         let (a, o, st) = checkpoint::load(out, &model.cfg)?;
         same_settings(&st.settings, &s, out)?;
@@ -865,7 +828,6 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
     }
     pb.finish_and_clear();
     if step < s.steps {
-        guard.keep();
         eprintln!(
             "stopped after step {step} of {}; continue with --resume",
             s.steps
@@ -874,7 +836,6 @@ pub fn run(args: &TrainArgs, common: &Common, method: Method) -> Result<()> {
     }
     weights.with_host(|a, _| peft::save(a, out, &s.model))?;
     write_run_json(out, &s, &data_desc, true, step)?;
-    guard.keep();
     if !common.quiet {
         eprintln!(
             "{}: {} steps done; adapter written to {}",
