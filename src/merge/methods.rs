@@ -168,10 +168,13 @@ fn top_k(delta: &[f32], k: usize) -> Vec<u32> {
 fn torch_argsort_desc(keys: &[f32]) -> Vec<u32> {
     const THRESHOLD: usize = 16;
     type Pair = (f32, u32);
-    let comp = |a: &Pair, b: &Pair| a.0 > b.0;
+    // torch's descending key order: NaN before every number (a strict weak order, which
+    // the unguarded partition needs; plain `>` is not one with NaN).
+    fn comp(a: &Pair, b: &Pair) -> bool {
+        (a.0.is_nan() && !b.0.is_nan()) || a.0 > b.0
+    }
 
     fn adjust_heap(v: &mut [Pair], mut hole: usize, len: usize, value: Pair) {
-        let comp = |a: &Pair, b: &Pair| a.0 > b.0;
         let top = hole;
         let mut child = hole;
         while child < (len - 1) / 2 {
@@ -215,7 +218,6 @@ fn torch_argsort_desc(keys: &[f32]) -> Vec<u32> {
     }
 
     fn introsort_loop(v: &mut [Pair], mut last: usize, mut depth: u32, first: usize) {
-        let comp = |a: &Pair, b: &Pair| a.0 > b.0;
         while last - first > THRESHOLD {
             if depth == 0 {
                 heap_sort(&mut v[first..last]);
@@ -368,6 +370,21 @@ mod tests {
         // Parallel inputs take the lerp path: a plain weighted average.
         let (r, _) = slerp(0.25, &[2.0, 2.0], &[4.0, 4.0]);
         assert_eq!(r, vec![2.5, 2.5]);
+    }
+
+    #[test]
+    fn argsort_puts_nan_first_and_never_runs_off_the_slice() {
+        // 40 keys (past the insertion-sort threshold), ties and NaNs among them.
+        let mut keys: Vec<f32> = (0..40).map(|i| (i % 7) as f32).collect();
+        keys[3] = f32::NAN;
+        keys[29] = f32::NAN;
+        let order = torch_argsort_desc(&keys);
+        let mut idx: Vec<u32> = order.clone();
+        idx.sort_unstable();
+        assert_eq!(idx, (0..40).collect::<Vec<u32>>());
+        assert!(order[..2].iter().all(|&i| keys[i as usize].is_nan()));
+        let rest: Vec<f32> = order[2..].iter().map(|&i| keys[i as usize]).collect();
+        assert!(rest.windows(2).all(|w| w[0] >= w[1]), "{rest:?}");
     }
 
     #[test]
