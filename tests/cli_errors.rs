@@ -655,7 +655,7 @@ fn eval_args(d: &Path, task: &str, data: &Path, flags: &[&str]) -> Vec<String> {
 }
 
 fn sft_args(d: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = [
+    let a: Vec<String> = [
         "sft",
         "--model",
         &d.join("model").to_string_lossy(),
@@ -675,17 +675,7 @@ fn sft_args(d: &Path, extra: &[&str]) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    // later flags replace earlier ones of the same name
-    for pair in extra.chunks(2) {
-        if let Some(i) = a.iter().position(|x| x == pair[0]) {
-            if pair.len() == 2 {
-                a[i + 1] = pair[1].to_string();
-                continue;
-            }
-        }
-        a.extend(pair.iter().map(|s| s.to_string()));
-    }
-    a
+    common::with_flags(a, extra) // later flags replace earlier ones of the same name
 }
 
 #[test]

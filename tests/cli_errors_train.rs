@@ -24,7 +24,7 @@ fn train_args(d: &Path, method: &str, extra: &[&str]) -> Vec<String> {
     } else {
         "rows.jsonl"
     };
-    let mut a: Vec<String> = vec![
+    let a: Vec<String> = vec![
         method.into(),
         "--model".into(),
         s(d, "model"),
@@ -41,16 +41,7 @@ fn train_args(d: &Path, method: &str, extra: &[&str]) -> Vec<String> {
         "--steps".into(),
         "1".into(),
     ];
-    for pair in extra.chunks(2) {
-        if let Some(i) = a.iter().position(|x| x == pair[0]) {
-            if pair.len() == 2 {
-                a[i + 1] = pair[1].to_string();
-                continue;
-            }
-        }
-        a.extend(pair.iter().map(|s| s.to_string()));
-    }
-    a
+    common::with_flags(a, extra)
 }
 
 fn sft(d: &Path, extra: &[&str]) -> Vec<String> {
@@ -395,12 +386,7 @@ fn failures_keep_pre_existing_folders_and_resumable_runs() {
     ] {
         let mut a = first.clone();
         a.push("--resume".into());
-        for pair in extra.chunks(2) {
-            match a.iter().position(|x| x == pair[0]) {
-                Some(i) => a[i + 1] = pair[1].to_string(),
-                None => a.extend(pair.iter().map(|s| s.to_string())),
-            }
-        }
+        let a = common::with_flags(a, extra);
         let o = palign(&a);
         assert!(bad_input_problem(&o, expect).is_none(), "{extra:?}: {o:?}");
         assert_eq!(listing(&run), before, "{extra:?} changed --out");

@@ -24,6 +24,21 @@ pub fn copy_dir(src: &Path, dst: &Path) {
     }
 }
 
+/// `args` with `extra`'s flags (pairs `--flag value`, or a lone `--switch`): a flag that
+/// is already there gets the new value, others are appended.
+pub fn with_flags(mut args: Vec<String>, extra: &[&str]) -> Vec<String> {
+    for pair in extra.chunks(2) {
+        if let Some(i) = args.iter().position(|x| x == pair[0]) {
+            if pair.len() == 2 {
+                args[i + 1] = pair[1].to_string();
+                continue;
+            }
+        }
+        args.extend(pair.iter().map(|s| s.to_string()));
+    }
+    args
+}
+
 pub fn jsonl(p: &Path) -> Vec<Value> {
     std::fs::read_to_string(p)
         .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
