@@ -96,56 +96,56 @@ __device__ __forceinline__ void load_lut(float *lut) {
     __syncthreads();
 }
 
-__device__ __forceinline__ float block_scale(const Nf4WeightParams &w, int64_t b) {
-    if (w.absmax) return __ldg(w.absmax + b);
-    const float c = __ldg(w.code2 + __ldg(w.qabsmax + b));
-    const float a2 = __ldg(w.absmax2 + (b >> w.log2_blocksize2));
-    return __fadd_rn(__fmul_rn(c, a2), w.offset);
-}
-
-// A 16-byte word of W (32 codes, inside one scale block) and the raw parts of its block
-// scale: absmax[b] (plain) or absmax2[b >> log2_bs2] and the code qabsmax[b] (double).
-// Loaded ahead of use with no load waiting on another (block_scale's code2 lookup waits
-// on qabsmax, and a warp stalls there, before its later loads issue); word_scale
-// combines the parts at decode time.
-struct Nf4Word {
-    uint4 q;
+// The raw parts of scale block b: absmax[b] (plain), or absmax2[b >> log2_bs2] and the
+// code qabsmax[b] (double quantized). Loaded with no load waiting on another: a warp
+// that combines them at once stalls on the qabsmax load before its later loads issue, so
+// the kernels that load ahead (GEMV, GEMMs) keep the parts and combine them at decode.
+struct ScaleParts {
     float a;
     uint32_t c;
 };
 
+__device__ __forceinline__ ScaleParts load_scale_parts(const Nf4WeightParams &w, uint64_t b) {
+    if (w.absmax) return {__ldg(w.absmax + b), 0u};
+    return {__ldg(w.absmax2 + (b >> w.log2_blocksize2)), __ldg(w.qabsmax + b)};
+}
+
+// The scale from its parts (the format's formula above).
+__device__ __forceinline__ float scale_of(const Nf4WeightParams &w, ScaleParts s) {
+    if (w.absmax) return s.a;
+    return __fadd_rn(__fmul_rn(__ldg(w.code2 + s.c), s.a), w.offset);
+}
+
+__device__ __forceinline__ float block_scale(const Nf4WeightParams &w, int64_t b) {
+    return scale_of(w, load_scale_parts(w, (uint64_t)b));
+}
+
+// A 16-byte word of W (32 codes, inside one scale block) and its scale's parts, loaded
+// ahead of use; word_scale combines them at decode time.
+struct Nf4Word {
+    uint4 q;
+    ScaleParts s;
+};
+
 // The word whose first code is flat element e (e % 32 == 0); a zero word when !ok.
 __device__ __forceinline__ Nf4Word load_word(const Nf4WeightParams &w, uint64_t e, bool ok) {
-    Nf4Word x{make_uint4(0, 0, 0, 0), 0.0f, 0u};
+    Nf4Word x{make_uint4(0, 0, 0, 0), {0.0f, 0u}};
     if (ok) {
-        const uint64_t b = e >> w.log2_blocksize;
         x.q = __ldg(reinterpret_cast<const uint4 *>(w.packed + (e >> 1)));
-        if (w.absmax) {
-            x.a = __ldg(w.absmax + b);
-        } else {
-            x.c = __ldg(w.qabsmax + b);
-            x.a = __ldg(w.absmax2 + (b >> w.log2_blocksize2));
-        }
+        x.s = load_scale_parts(w, e >> w.log2_blocksize);
     }
     return x;
 }
 
-// block_scale's value from a word's parts (the same bits); 0 for a word that is not
-// there (ok false), so it decodes to zeros.
+// block_scale's value from a word's parts; 0 for a word that is not there (ok false), so
+// it decodes to zeros.
 __device__ __forceinline__ float word_scale(const Nf4WeightParams &w, const Nf4Word &x, bool ok) {
-    if (!ok) return 0.0f;
-    if (w.absmax) return x.a;
-    return __fadd_rn(__fmul_rn(__ldg(w.code2 + x.c), x.a), w.offset);
+    return ok ? scale_of(w, x.s) : 0.0f;
 }
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi); // .x (low 16 bits) = lo
     return *reinterpret_cast<uint32_t *>(&h);
-}
-
-// One packed byte -> its two weights as a bf16 pair (high nibble = lower index = low half).
-__device__ __forceinline__ uint32_t decode_pair(const float *lut, uint32_t byte, float s) {
-    return pack_bf16(__fmul_rn(lut[(byte >> 4) & 15], s), __fmul_rn(lut[byte & 15], s));
 }
 
 __device__ __forceinline__ uint32_t byte_of(const uint4 &q, int j) {
@@ -157,8 +157,9 @@ __device__ __forceinline__ uint32_t word_of(const uint4 &q, int j) {
     return j == 0 ? q.x : j == 1 ? q.y : j == 2 ? q.z : q.w;
 }
 
-// The four bytes of a 32-bit word of codes -> four bf16 pairs, .x from byte 0: the same
-// bits as decode_pair of each byte. Two masks give every byte's 4·nibble (a byte offset
+// The four bytes of a 32-bit word of codes -> four bf16 pairs, .x from byte 0; a pair
+// holds the byte's high-nibble weight (the lower index) in its low half, each weight
+// Wb = bf16(NF4[code] · scale) with one f32 rounding (__fmul_rn). Two masks give every byte's 4·nibble (a byte offset
 // into the LUT) at once, so a weight costs a byte extract, a load, a multiply and half a
 // pack: the decode's instruction count, not HBM, bounded the H200 GEMV.
 __device__ __forceinline__ uint4 decode_word(const float *lut, uint32_t w, float s) {
@@ -617,7 +618,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemm_bwd_lora(Nf4GemmLo
 //
 // 5. nf4_gemm_fwd_wgmma: Y[M, N] = X[M, K] · Wbᵀ (W [N, K]), the forward product of 3.
 //    with warpgroup MMAs (wgmma.mma_async, sm_90a only). Same Wb bits as every kernel
-//    above (the same LUT, scale formula and decode_pair), f32 accumulation, bf16 or f32
+//    above (the same LUT, scale formula and decode_word), f32 accumulation, bf16 or f32
 //    out. Needs K % 64 == 0 and N % 8 == 0 (the launcher checks; rows >= M and output
 //    columns >= N are computed on zeros and not stored). Other archs get a stub that traps.
 //
