@@ -153,11 +153,17 @@ pub fn check_dir(flag: &str, dir: &Path) -> Result<()> {
 /// A bad-input error about the file or folder given to `flag`, as `FLAG PATH: what` (the
 /// path not repeated when the message starts with it).
 pub fn named(flag: &str, path: &Path, e: Error) -> Error {
+    located(&format!("{flag} "), path, e)
+}
+
+/// A bad-input error about `path` as `{lead}PATH: what`, the path not repeated when the
+/// message starts with it (`lead`: a flag and a space, a spec key and ": ").
+pub fn located(lead: &str, path: &Path, e: Error) -> Error {
     match e {
         Error::BadInput(m) => {
             let p = path.display().to_string();
             let m = m.strip_prefix(&format!("{p}: ")).unwrap_or(&m);
-            bad(format!("{flag} {p}: {m}"))
+            bad(format!("{lead}{p}: {m}"))
         }
         other => other,
     }

@@ -88,20 +88,9 @@ fn check_model(spec: &Spec, m: usize) -> Result<()> {
     if !p.is_dir() {
         return Err(bad(format!("{at}: {}: no such folder", p.display())));
     }
-    crate::model::config::ModelConfig::load(p).map_err(|e| at_key(&at, p, e))?;
+    crate::model::config::ModelConfig::load(p)
+        .map_err(|e| crate::eval::located(&format!("{at}: "), p, e))?;
     Ok(())
-}
-
-/// `AT: PATH: what`, the path not repeated when the message starts with it.
-fn at_key(at: &str, p: &Path, e: Error) -> Error {
-    match e {
-        Error::BadInput(m) => {
-            let ps = p.display().to_string();
-            let m = m.strip_prefix(&format!("{ps}: ")).unwrap_or(&m);
-            bad(format!("{at}: {ps}: {m}"))
-        }
-        other => other,
-    }
 }
 
 /// The file or folder of a `--data` spec (absolute after `Spec::load`).
