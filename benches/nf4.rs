@@ -73,6 +73,21 @@ fn bench(
         .collect()
 }
 
+/// GPU ms of one `f` launch, each launch on the next weight of `ws` (cycling).
+fn time_rotated(
+    g: &Gpu,
+    ws: &[nf4::Nf4Weight],
+    y: &mut DeviceBuffer<bf16>,
+    f: &dyn Fn(&nf4::Nf4Weight, Out<'_>),
+) -> f64 {
+    let mut i = 0;
+    let mut run: Launch = Box::new(|| {
+        f(&ws[i % ws.len()], Out::Bf16(y));
+        i += 1;
+    });
+    gpu_ms(g, &mut run, 21, 4 * ws.len())
+}
+
 fn main() {
     let Some(gpu) = common::device_or_skip("nf4", "") else {
         return;
@@ -143,6 +158,52 @@ fn main() {
                 ms_naive * 1e3,
                 ms_naive / ms
             ));
+        }
+    }
+
+    // GEMV variants (nf4::GEMV_VARIANTS), each launch on the next of enough weight copies
+    // to fill 128 MB, so the weights come from HBM as in a model's decode (one copy would
+    // stay in the 50 MB L2 between launches). CUDA events only; the default and the
+    // naive kernel are timed the same way in the same loop for the ratios.
+    lines.push(format!(
+        "gemv variants on {} (weights rotated over >= 128 MB; ratio vs the default, same run):",
+        g.name()
+    ));
+    for &(n, k) in &[(4096usize, 4096usize), (14336, 4096), (4096, 14336)] {
+        let first = random_weight(g, n, k, 10);
+        let copies = (128usize << 20).div_ceil(first.device_bytes()).max(2);
+        let mut ws = vec![first];
+        for i in 1..copies {
+            ws.push(random_weight(g, n, k, 10 + i as u64));
+        }
+        let x = filled_bf16(g, 16 * k, 3, 1.0);
+        for m in [1usize, 8, 16] {
+            let amount = (ws[0].device_bytes() + 2 * m * (n + k)) as f64;
+            let mut y = ok(g.alloc::<bf16>(m * n));
+            let mut time = |f: &dyn Fn(&nf4::Nf4Weight, Out<'_>)| time_rotated(g, &ws, &mut y, f);
+            let ms_default = time(&|w, o| ok(nf4::gemv(g, &x, m, w, o)));
+            let ms_naive = time(&|w, o| ok(nf4::gemv_naive(g, &x, m, w, o)));
+            let gbs = |ms: f64| amount / (ms / 1e3) / 1e9;
+            lines.push(format!(
+                "BENCH gemv_variant default m={m:<2} {n}x{k:<6} {:>8.2} us {:>7.1} GB/s ({:>4.1}% of 4800)  naive {:>8.2} us ({:.2}x)",
+                ms_default * 1e3,
+                gbs(ms_default),
+                gbs(ms_default) / 48.0,
+                ms_naive * 1e3,
+                ms_naive / ms_default
+            ));
+            for v in nf4::GEMV_VARIANTS {
+                let ms = time(&|w, o| ok(nf4::gemv_variant(g, &x, m, w, o, *v)));
+                lines.push(format!(
+                    "BENCH gemv_variant {:<7} m={m:<2} {n}x{k:<6} {:>8.2} us {:>7.1} GB/s ({:>4.1}% of 4800)  {:.2}x default  {:.2}x naive",
+                    v.name,
+                    ms * 1e3,
+                    gbs(ms),
+                    gbs(ms) / 48.0,
+                    ms_default / ms,
+                    ms_naive / ms
+                ));
+            }
         }
     }
 

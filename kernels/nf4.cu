@@ -15,7 +15,7 @@
 // 1. nf4_dequantize: out[e] = W(e) (f32) or Wb(e) (bf16). One thread per 16 elements
 //    (8 bytes in, 64 or 32 bytes out); 16 consecutive elements always share a block.
 //
-// 2. nf4_gemv_nt{1,2,4}: Y[m, n] = sum_k X[m, k] * Wb(n, k) for m < M <= 16, f32
+// 2. nf4_gemv_<variant>: Y[m, n] = sum_k X[m, k] * Wb(n, k) for m < M <= 16, f32
 //    accumulation on tensor cores (mma m16n8k16 with A = W, B = Xᵀ: 16 output columns
 //    by 8 tokens, a second mma for tokens 8..15 when M > 8).
 //    A block (8 warps) owns 8*NT output columns n; its warps split K in chunks of 128.
@@ -28,8 +28,9 @@
 //    as 4 uint4 each and used as raw bf16 pairs. W as A (not B) lets the decoded words
 //    and the X words feed the mma in place, with no register moves. Each weight byte is
 //    read once per launch; the 8 warps' partial results are summed in shared memory in a
-//    fixed order. A warp loads the W words and scale parts of 4 chunks (2 at NT = 4)
-//    before decoding any (Nf4Word); decode_word costs ~4 instructions a weight. At one
+//    fixed order. A warp loads the W words and scale parts of U chunks before decoding
+//    any (Nf4Word); decode_word costs ~4 instructions a weight. Variants (the list above
+//    the instantiations) differ in NT, U and the blocks an SM holds. At one
 //    chunk per round trip and ~8 instructions a weight, the H200 GEMV read only
 //    0.76-0.9 TB/s of its 4.8.
 //    nf4_gemv_naive: the one-warp-per-row baseline (bitsandbytes' inference kernel
@@ -186,7 +187,7 @@ __device__ __forceinline__ void store2(void *out, bool f32, int64_t idx, float a
 constexpr int GEMV_WARPS = 8;
 constexpr int GEMV_CHUNK = 128; // k per warp step: 4 lanes x 32 codes
 
-template <int NT> __device__ __forceinline__ void gemv(const Nf4GemvParams &p) {
+template <int NT, bool TWO, int U> __device__ __forceinline__ void gemv(const Nf4GemvParams &p) {
     constexpr int NP = (NT + 1) / 2; // 16-row A tiles: 8-column tiles 2j (rows g), 2j+1 (g+8)
     __shared__ __align__(256) float lut[16];
     __shared__ float red[GEMV_WARPS][16 * 8 * NT]; // [warp][token][column of the block]
@@ -195,7 +196,10 @@ template <int NT> __device__ __forceinline__ void gemv(const Nf4GemvParams &p) {
     const int g = lane >> 2, t = lane & 3;
     const int M = p.m, N = p.w.rows, K = p.w.cols;
     const int n0 = blockIdx.x * (8 * NT);
-    const bool x0 = g < M, x1 = g + 8 < M, two = M > 8; // two: tokens 8..15 exist
+    // TWO: the instance for M > 8 (tokens 8..15 exist); the M <= 8 one has no second mma
+    // and no registers for X rows g + 8.
+    if (TWO != (M > 8)) __trap(); // a launcher that picked the wrong instance
+    const bool x0 = g < M, x1 = TWO && g + 8 < M;
     const __nv_bfloat16 *xr0 = p.x + (int64_t)g * K;
     const __nv_bfloat16 *xr1 = p.x + (int64_t)(g + 8) * K;
     uint64_t row_e[NT]; // flat index of the lane's row n0 + 8i + g, element 0
@@ -218,7 +222,6 @@ template <int NT> __device__ __forceinline__ void gemv(const Nf4GemvParams &p) {
     // decoded: one round trip to HBM then serves U chunks instead of one, and the code2
     // lookups of double-quantized scales (L1 hits) follow together. The chunks are still
     // summed in the order c = warp, warp + 8, ..., so the result does not depend on U.
-    constexpr int U = NT >= 4 ? 2 : 4;
     const int chunks = (K + GEMV_CHUNK - 1) / GEMV_CHUNK;
     for (int c0 = warp; c0 < chunks; c0 += GEMV_WARPS * U) {
         Nf4Word wq[U][NT];
@@ -241,7 +244,7 @@ template <int NT> __device__ __forceinline__ void gemv(const Nf4GemvParams &p) {
             for (int q = 0; q < 4; q++) {
                 uint4 va = make_uint4(0, 0, 0, 0), vb = make_uint4(0, 0, 0, 0);
                 if (kin && x0) va = *reinterpret_cast<const uint4 *>(xr0 + k + 8 * q);
-                if (kin && x1) vb = *reinterpret_cast<const uint4 *>(xr1 + k + 8 * q);
+                if (TWO && kin && x1) vb = *reinterpret_cast<const uint4 *>(xr1 + k + 8 * q);
                 xa[4 * q] = va.x, xa[4 * q + 1] = va.y, xa[4 * q + 2] = va.z, xa[4 * q + 3] = va.w;
                 xb[4 * q] = vb.x, xb[4 * q + 1] = vb.y, xb[4 * q + 2] = vb.z, xb[4 * q + 3] = vb.w;
             }
@@ -259,7 +262,7 @@ template <int NT> __device__ __forceinline__ void gemv(const Nf4GemvParams &p) {
                     const int s = 2 * v;
                     mma_bf16(acc[j][0], r0.x, r1.x, r0.y, r1.y, xa[2 * s], xa[2 * s + 1]);
                     mma_bf16(acc[j][0], r0.z, r1.z, r0.w, r1.w, xa[2 * s + 2], xa[2 * s + 3]);
-                    if (two) {
+                    if (TWO) {
                         mma_bf16(acc[j][1], r0.x, r1.x, r0.y, r1.y, xb[2 * s], xb[2 * s + 1]);
                         mma_bf16(acc[j][1], r0.z, r1.z, r0.w, r1.w, xb[2 * s + 2], xb[2 * s + 3]);
                     }
@@ -539,14 +542,54 @@ extern "C" __global__ void __launch_bounds__(256) nf4_dequantize(Nf4DequantParam
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nt1(Nf4GemvParams p) {
-    palign::nf4::gemv<1>(p);
+// GEMV variants gemv<NT, TWO, U> under __launch_bounds__(256, B): nf4_gemv_<v> for
+// M <= 8 and nf4_gemv_<v>_m16 for M > 8, v = nt<NT>u<U>b<B> (src/backend/cuda/nf4.rs
+// GEMV_VARIANTS mirrors the list). B = blocks an SM must hold, which caps registers at
+// 65536 / (256·B): the b1 variants keep 4 chunks of words in flight a warp at 16 warps an
+// SM, the b3/b4 ones fewer words a warp at 24-32 warps. Each (U, B) pair was checked for
+// spills with `tools/sass-loops.sh` (none); the m16 instances of the wider tiles take a
+// smaller B where the larger one spilled.
+extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemv_nt1u4b1(Nf4GemvParams p) {
+    palign::nf4::gemv<1, false, 4>(p);
 }
-extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nt2(Nf4GemvParams p) {
-    palign::nf4::gemv<2>(p);
+extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemv_nt1u4b1_m16(Nf4GemvParams p) {
+    palign::nf4::gemv<1, true, 4>(p);
 }
-extern "C" __global__ void __launch_bounds__(256) nf4_gemv_nt4(Nf4GemvParams p) {
-    palign::nf4::gemv<4>(p);
+extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemv_nt2u4b1(Nf4GemvParams p) {
+    palign::nf4::gemv<2, false, 4>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemv_nt2u4b1_m16(Nf4GemvParams p) {
+    palign::nf4::gemv<2, true, 4>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemv_nt4u2b1(Nf4GemvParams p) {
+    palign::nf4::gemv<4, false, 2>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemv_nt4u2b1_m16(Nf4GemvParams p) {
+    palign::nf4::gemv<4, true, 2>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 4) nf4_gemv_nt1u4b4(Nf4GemvParams p) {
+    palign::nf4::gemv<1, false, 4>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 4) nf4_gemv_nt1u4b4_m16(Nf4GemvParams p) {
+    palign::nf4::gemv<1, true, 4>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 3) nf4_gemv_nt2u4b3(Nf4GemvParams p) {
+    palign::nf4::gemv<2, false, 4>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 3) nf4_gemv_nt2u4b3_m16(Nf4GemvParams p) {
+    palign::nf4::gemv<2, true, 4>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 4) nf4_gemv_nt2u2b4(Nf4GemvParams p) {
+    palign::nf4::gemv<2, false, 2>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 3) nf4_gemv_nt2u2b4_m16(Nf4GemvParams p) {
+    palign::nf4::gemv<2, true, 2>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 4) nf4_gemv_nt4u1b4(Nf4GemvParams p) {
+    palign::nf4::gemv<4, false, 1>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemv_nt4u1b4_m16(Nf4GemvParams p) {
+    palign::nf4::gemv<4, true, 1>(p);
 }
 
 // Baseline: one warp per output row, f32 weights, each lane 32 codes per 1024.

@@ -607,6 +607,29 @@ fn gemv_matches_cpu() {
             atol,
             1e-2,
         );
+        // Every variant sums the 8 warps' parts in the same order as the default, and
+        // the decode is the same: the same bits.
+        for v in nf4::GEMV_VARIANTS {
+            let got_v = run_out(&g, m * n, f32_out, |o| {
+                nf4::gemv_variant(&g, &x, m, &w, o, *v)
+            });
+            check(
+                &format!("gemv {} m={m} n={n} k={k} dq={dq} {out}", v.name),
+                &got_v,
+                &want,
+                atol,
+                1e-2,
+            );
+            let same = got
+                .iter()
+                .zip(&got_v)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "gemv {} differs from the default's bits (m={m} n={n} k={k})",
+                v.name
+            );
+        }
         let got = run_out(&g, m * n, f32_out, |o| nf4::gemv_naive(&g, &x, m, &w, o));
         check(
             &format!("gemv_naive m={m} n={n} k={k} dq={dq} {out}"),

@@ -42,9 +42,20 @@ unsafe impl DeviceRepr for Nf4GemmParams {}
 /// The kernels of kernels/nf4.cu (all listed in `KERNEL_NAMES`).
 pub const KERNELS: &[&str] = &[
     "nf4_dequantize",
-    "nf4_gemv_nt1",
-    "nf4_gemv_nt2",
-    "nf4_gemv_nt4",
+    "nf4_gemv_nt1u4b1",
+    "nf4_gemv_nt1u4b1_m16",
+    "nf4_gemv_nt2u4b1",
+    "nf4_gemv_nt2u4b1_m16",
+    "nf4_gemv_nt4u2b1",
+    "nf4_gemv_nt4u2b1_m16",
+    "nf4_gemv_nt1u4b4",
+    "nf4_gemv_nt1u4b4_m16",
+    "nf4_gemv_nt2u4b3",
+    "nf4_gemv_nt2u4b3_m16",
+    "nf4_gemv_nt2u2b4",
+    "nf4_gemv_nt2u2b4_m16",
+    "nf4_gemv_nt4u1b4",
+    "nf4_gemv_nt4u1b4_m16",
     "nf4_gemv_naive",
     "nf4_gemm_fwd",
     "nf4_gemm_bwd",
@@ -449,17 +460,64 @@ fn gemv_params(
     })
 }
 
-/// Output tiles per GEMV block (8 columns each): wide tiles share each X load among
-/// more columns, narrow ones keep enough blocks to fill the GPU.
-fn gemv_tiles(gpu: &Gpu, n: usize) -> usize {
-    let want = 2 * gpu.sm_count() as usize;
-    if n.div_ceil(32) >= want {
-        4
+/// One GEMV kernel pair of kernels/nf4.cu (`PALIGN_GEMV` there): `tiles` 8-column output
+/// tiles a block, `blocks` the blocks an SM holds at once (its register cap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemvVariant {
+    /// `nt<tiles>u<prefetched chunks>b<blocks>`: `nf4_gemv_<name>` runs M ≤ 8,
+    /// `nf4_gemv_<name>_m16` M > 8.
+    pub name: &'static str,
+    /// 8-column output tiles per block (1, 2 or 4).
+    pub tiles: usize,
+    /// Blocks per SM its `__launch_bounds__` asks for (M ≤ 8 instance).
+    pub blocks: usize,
+    m8: &'static str,
+    m16: &'static str,
+}
+
+macro_rules! gemv_variant {
+    ($name:literal, $tiles:expr, $blocks:expr) => {
+        GemvVariant {
+            name: $name,
+            tiles: $tiles,
+            blocks: $blocks,
+            m8: concat!("nf4_gemv_", $name),
+            m16: concat!("nf4_gemv_", $name, "_m16"),
+        }
+    };
+}
+
+/// Every GEMV variant, in kernels/nf4.cu's order. The first three are the kernels the
+/// H200 measured on 2026-11-28 (benches/RESULTS.md); the rest trade words in flight a
+/// warp for warps an SM. `benches/nf4.rs` times them all; the GPU tests check them all.
+pub const GEMV_VARIANTS: &[GemvVariant] = &[
+    gemv_variant!("nt1u4b1", 1, 1),
+    gemv_variant!("nt2u4b1", 2, 1),
+    gemv_variant!("nt4u2b1", 4, 1),
+    gemv_variant!("nt1u4b4", 1, 4),
+    gemv_variant!("nt2u4b3", 2, 3),
+    gemv_variant!("nt2u2b4", 2, 4),
+    gemv_variant!("nt4u1b4", 4, 4),
+];
+
+/// The GEMV variant [`gemv`] runs for `n` output columns on a GPU of `sms` SMs: the
+/// widest tile (wide tiles share each X load among more columns) that still gives every
+/// SM two blocks.
+pub fn default_gemv_variant(sms: usize, n: usize) -> GemvVariant {
+    let want = 2 * sms;
+    let name = if n.div_ceil(32) >= want {
+        "nt4u2b1"
     } else if n.div_ceil(16) >= want {
-        2
+        "nt2u4b1"
     } else {
-        1
-    }
+        "nt1u4b1"
+    };
+    gemv_by_name(name).expect("a listed variant")
+}
+
+/// The GEMV variant called `name`.
+pub fn gemv_by_name(name: &str) -> Option<GemvVariant> {
+    GEMV_VARIANTS.iter().copied().find(|v| v.name == name)
 }
 
 /// `Y[m, n] = X[m, k] · bf16(W)ᵀ` for 1 ≤ m ≤ 16 on tensor cores; each weight byte is
@@ -471,14 +529,22 @@ pub fn gemv(
     w: &Nf4Weight,
     out: Out<'_>,
 ) -> Result<()> {
+    let v = default_gemv_variant(gpu.sm_count() as usize, w.shape[0]);
+    gemv_variant(gpu, x, m, w, out, v)
+}
+
+/// [`gemv`] with the variant `v` (the bench and the tests run each).
+pub fn gemv_variant(
+    gpu: &Gpu,
+    x: &DeviceBuffer<bf16>,
+    m: usize,
+    w: &Nf4Weight,
+    out: Out<'_>,
+    v: GemvVariant,
+) -> Result<()> {
     let p = gemv_params(x, m, w, &out)?;
-    let nt = gemv_tiles(gpu, w.shape[0]);
-    let name = match nt {
-        4 => "nf4_gemv_nt4",
-        2 => "nf4_gemv_nt2",
-        _ => "nf4_gemv_nt1",
-    };
-    let grid = w.shape[0].div_ceil(8 * nt);
+    let name = if m > 8 { v.m16 } else { v.m8 };
+    let grid = w.shape[0].div_ceil(8 * v.tiles);
     launch(gpu, name, (grid as u32, 1), 0, &p)
 }
 
