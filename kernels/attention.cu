@@ -561,7 +561,9 @@ __device__ void bwd(const AttnBwdParams &p) {
                 float s[NQ][4];
 #pragma unroll
                 for (int nq = 0; nq < NQ; nq++) s[nq][0] = s[nq][1] = s[nq][2] = s[nq][3] = 0.0f;
-#pragma unroll 1
+                // Two k-steps a trip (as tile_32x32): the next step's ldmatrix issues under
+                // this one's mmas. No spills at d = 128 (254 registers).
+#pragma unroll 2
                 for (int ks = 0; ks < KS; ks++) {
                     uint32_t ka[4];
                     ldsm_x4(ka, sK + swz<D>(warp * 16 + (lane % 16), ks * 16 + (lane / 16) * 8));
@@ -617,7 +619,7 @@ __device__ void bwd(const AttnBwdParams &p) {
                 float dp[NQ][4];
 #pragma unroll
                 for (int nq = 0; nq < NQ; nq++) dp[nq][0] = dp[nq][1] = dp[nq][2] = dp[nq][3] = 0.0f;
-#pragma unroll 1
+#pragma unroll 2
                 for (int ks = 0; ks < KS; ks++) {
                     uint32_t va[4];
                     ldsm_x4(va, sV + swz<D>(warp * 16 + (lane % 16), ks * 16 + (lane / 16) * 8));
