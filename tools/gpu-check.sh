@@ -9,7 +9,7 @@
 #
 # From a palign session with the device tool, that second step is two calls, the second
 # sent at once (a machine idle for 30 s goes back; everything takes longer than one
-# 600 s call). Pick sections with PALIGN_GPU_SECTIONS (any of: tests benches train
+# 600 s call). Pick sections with PALIGN_GPU_SECTIONS (any of: tests benches prof train
 # generate) and give each call PALIGN_GPU_BUDGET_S a little under its timeout_s:
 #   run(command="PALIGN_GPU_BUDGET_S=570 PALIGN_GPU_SECTIONS='tests benches' bash gpu-stage/run.sh", carry=["gpu-stage"], timeout_s=590)
 #   run(command="PALIGN_GPU_BUDGET_S=<left - 30> PALIGN_GPU_SECTIONS='train generate' bash gpu-stage/run.sh", carry=["gpu-stage"], timeout_s=<left - 20>)
@@ -181,7 +181,7 @@ export LD_LIBRARY_PATH="${libdirs:+$libdirs:}/usr/local/cuda/lib64:${LD_LIBRARY_
 export CRITERION_HOME="${TMPDIR:-/tmp}/palign-criterion"
 export PALIGN_BIN="$HERE/palign"
 [ -d "$PWD/tests/fixtures" ] && export PALIGN_FIXTURES="$PWD/tests/fixtures"
-SECTIONS="${PALIGN_GPU_SECTIONS:-tests benches train generate}"
+SECTIONS="${PALIGN_GPU_SECTIONS:-tests benches prof train generate}"
 want() { case " $SECTIONS " in *" $1 "*) return 0 ;; esac; return 1; }
 want_test() { case " ${PALIGN_GPU_TESTS:-} " in *" $1 "*) return 0 ;; esac; return 1; }
 want_bench() { case " ${PALIGN_GPU_BENCHES:-} " in *" $1 "*) return 0 ;; esac; return 1; }
@@ -276,6 +276,50 @@ want benches && for b in "$HERE"/benches/*; do
     fi
 done
 
+# ---- profiles: tools/prof/*.cu, standalone CUDA harnesses built here by nvcc (from the
+# repo root of the copied tree: they include kernels/*.cu), for timings kernel by kernel
+# that the benches' totals hide. Each runs as is, then, where ncu is installed and the
+# harness has a `// ncu: REGEX ARGS` line, once more under ncu (hardware counters, warp
+# stall reasons) into $OUT/ncu-<name>.txt. ncu needs a machine whose runtime exposes the
+# counters (device tool KINDS.md: Firecracker yes, gVisor no); its failure is reported.
+if want prof; then
+    echo >>"$REPORT"
+    echo "## prof" >>"$REPORT"
+    NCU="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)"
+    cc="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1)"
+    arch="sm_${cc/./}"
+    [ "$arch" = sm_90 ] && arch=sm_90a
+    for src in tools/prof/*.cu; do
+        [ -f "$src" ] || continue
+        name="$(basename "$src" .cu)"
+        bin="${TMPDIR:-/tmp}/palign-prof-$name"
+        echo "==== prof $name" >>"$BLOG"
+        if ! secs="$(lim 120)"; then skipped "prof $name"; continue; fi
+        timeout -k 5 "$secs" nvcc -O3 -std=c++17 -arch="$arch" -Ikernels "$src" -o "$bin" >>"$BLOG" 2>&1
+        echo "nvcc rc=$?" >>"$BLOG"
+        if [ -x "$bin" ] && secs="$(lim 180)"; then
+            timeout -k 5 "$secs" "$bin" >>"$BLOG" 2>&1
+            echo "run rc=$?" >>"$BLOG"
+        fi
+        ncu_line="$(sed -n 's@^// ncu: @@p' "$src" | head -n 1)"
+        if [ -x "$bin" ] && [ -n "$NCU" ] && [ -n "$ncu_line" ] && secs="$(lim 150)"; then
+            # shellcheck disable=SC2086 # the harness's arguments, split on purpose
+            timeout -k 5 "$secs" "$NCU" --clock-control none --kernel-name "regex:${ncu_line%% *}" \
+                --launch-count 4 --section SpeedOfLight --section WarpStateStats \
+                --section SchedulerStats --section MemoryWorkloadAnalysis \
+                --section ComputeWorkloadAnalysis --section Occupancy \
+                "$bin" ${ncu_line#* } >"$OUTDIR/ncu-$name.txt" 2>&1
+            echo "ncu rc=$? (ncu-$name.txt)" >>"$BLOG"
+        fi
+        {
+            echo
+            echo "### prof $name"
+            echo '```'
+            sed -n "/^==== prof $name\$/,/^==== /p" "$BLOG" | grep -E 'PROF|rc=|error|on NVIDIA' || true
+            echo '```'
+        } >>"$REPORT"
+    done
+fi
 
 # ---- training step (issue 10): palign bench train vs tools/bench_hf.py, same GPU ----
 # Mistral-7B shape, batch 16 x 512, rank 16 on all 7 projections, dropout 0.05. DPO runs

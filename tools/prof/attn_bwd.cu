@@ -4,8 +4,10 @@
 // heads, d = 128, causal), and runs each once more for a profiler (ncu) to catch.
 //
 //   nvcc -O3 -std=c++17 -arch=sm_90a -Ikernels tools/prof/attn_bwd.cu -o /tmp/attn_bwd
-//   /tmp/attn_bwd 4096                  # sequence length (16384 tokens in all)
-//   ncu --kernel-name regex:attention_bwd_w8 --launch-count 2 /tmp/attn_bwd 4096 once
+//   /tmp/attn_bwd                       # s = 1024, 2048, 4096 (16384 tokens in all)
+//   /tmp/attn_bwd 4096 once             # one s, each kernel run twice (for ncu)
+// gpu-check.sh's runner (section prof) builds and runs it, then runs ncu as this says:
+// ncu: attention_bwd_w8q64s2(a|g)_bf16_d128 4096 once
 //
 // Inputs are a real forward's (O and lse from attention_fwd_bf16_d128) on random Q/K/V/dO,
 // so the exponentials see realistic values. A timing tool, not a test: parity lives in
@@ -55,9 +57,23 @@ struct Timer {
     }
 };
 
+static void profile(int S, bool once);
+
 int main(int argc, char **argv) {
-    const int S = argc > 1 ? atoi(argv[1]) : 4096;
-    const bool once = argc > 2 && !strcmp(argv[2], "once");
+    if (argc > 1) {
+        const int S = atoi(argv[1]);
+        if (S < 128 || 16384 % S != 0) {
+            fprintf(stderr, "attn_bwd: sequence %s must divide 16384 and be >= 128\n", argv[1]);
+            return 2;
+        }
+        profile(S, argc > 2 && !strcmp(argv[2], "once"));
+    } else {
+        for (int S : {1024, 2048, 4096}) profile(S, false);
+    }
+    return 0;
+}
+
+static void profile(int S, bool once) {
     const int T = 16384, H = 32, HKV = 8, D = 128, NS = T / S;
     const float scale = 1.0f / sqrtf((float)D);
     cudaDeviceProp prop;
@@ -142,5 +158,8 @@ int main(int argc, char **argv) {
                bwd_flop / (t + t_prep + t_conv) / 1e9);
     }
     CK(cudaDeviceSynchronize());
-    return 0;
+    for (void *ptr : {(void *)q, (void *)o, (void *)d_o, (void *)dq, (void *)k, (void *)v, (void *)dk,
+                      (void *)dv, (void *)lse, (void *)delta, (void *)dq_accum, (void *)starts,
+                      (void *)lens})
+        CK(cudaFree(ptr));
 }
