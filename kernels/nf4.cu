@@ -187,7 +187,7 @@ __device__ __forceinline__ void store2(void *out, bool f32, int64_t idx, float a
 constexpr int GEMV_WARPS = 8;
 constexpr int GEMV_CHUNK = 128; // k per warp step: 4 lanes x 32 codes
 
-template <int NT, bool TWO, int U> __device__ __forceinline__ void gemv(const Nf4GemvParams &p) {
+template <int NT, bool TWO, int U, bool PIPE> __device__ __forceinline__ void gemv(const Nf4GemvParams &p) {
     constexpr int NP = (NT + 1) / 2; // 16-row A tiles: 8-column tiles 2j (rows g), 2j+1 (g+8)
     __shared__ __align__(256) float lut[16];
     __shared__ float red[GEMV_WARPS][16 * 8 * NT]; // [warp][token][column of the block]
@@ -222,14 +222,55 @@ template <int NT, bool TWO, int U> __device__ __forceinline__ void gemv(const Nf
     // decoded: one round trip to HBM then serves U chunks instead of one, and the code2
     // lookups of double-quantized scales (L1 hits) follow together. The chunks are still
     // summed in the order c = warp, warp + 8, ..., so the result does not depend on U.
+    // PIPE: the next group's words, scale parts and X words are loaded before this group
+    // is decoded, so a warp's loads overlap its own decode (twice the registers for them).
     const int chunks = (K + GEMV_CHUNK - 1) / GEMV_CHUNK;
+    constexpr int UP = PIPE ? U : 1, UP2 = PIPE && TWO ? U : 1;
+    Nf4Word nw[UP][NT];
+    uint32_t nxa[UP][16], nxb[UP2][16];
+    // X[g][k .. k+32) (and X[g+8]) as 16 words of bf16 pairs; zeros where absent.
+    auto load_x = [&](uint32_t(&xa)[16], uint32_t(&xb)[16], int k, bool kin) {
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            uint4 va = make_uint4(0, 0, 0, 0), vb = make_uint4(0, 0, 0, 0);
+            if (kin && x0) va = *reinterpret_cast<const uint4 *>(xr0 + k + 8 * q);
+            if (TWO && kin && x1) vb = *reinterpret_cast<const uint4 *>(xr1 + k + 8 * q);
+            xa[4 * q] = va.x, xa[4 * q + 1] = va.y, xa[4 * q + 2] = va.z, xa[4 * q + 3] = va.w;
+            xb[4 * q] = vb.x, xb[4 * q + 1] = vb.y, xb[4 * q + 2] = vb.z, xb[4 * q + 3] = vb.w;
+        }
+    };
+    auto load_next = [&](int c0) {
+#pragma unroll
+        for (int u = 0; u < UP; u++) {
+            const int k = (c0 + u * GEMV_WARPS) * GEMV_CHUNK + 32 * t;
+#pragma unroll
+            for (int i = 0; i < NT; i++) nw[u][i] = load_word(p.w, row_e[i] + k, k < K && nin[i]);
+            load_x(nxa[u], nxb[TWO ? u : 0], k, k < K);
+        }
+    };
+    if constexpr (PIPE) load_next(warp);
     for (int c0 = warp; c0 < chunks; c0 += GEMV_WARPS * U) {
         Nf4Word wq[U][NT];
+        uint32_t pxa[UP][16], pxb[UP2][16];
+        if constexpr (PIPE) {
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int k = (c0 + u * GEMV_WARPS) * GEMV_CHUNK + 32 * t; // K % 32 == 0
+            for (int u = 0; u < U; u++) {
 #pragma unroll
-            for (int i = 0; i < NT; i++) wq[u][i] = load_word(p.w, row_e[i] + k, k < K && nin[i]);
+                for (int i = 0; i < NT; i++) wq[u][i] = nw[u][i];
+#pragma unroll
+                for (int q = 0; q < 16; q++) pxa[u][q] = nxa[u][q];
+                if (TWO)
+#pragma unroll
+                    for (int q = 0; q < 16; q++) pxb[TWO ? u : 0][q] = nxb[TWO ? u : 0][q];
+            }
+            load_next(c0 + GEMV_WARPS * U); // past the end: zero words, no loads
+        } else {
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int k = (c0 + u * GEMV_WARPS) * GEMV_CHUNK + 32 * t; // K % 32 == 0
+#pragma unroll
+                for (int i = 0; i < NT; i++) wq[u][i] = load_word(p.w, row_e[i] + k, k < K && nin[i]);
+            }
         }
 #pragma unroll
         for (int u = 0; u < U; u++) {
@@ -240,13 +281,21 @@ template <int NT, bool TWO, int U> __device__ __forceinline__ void gemv(const Nf
 #pragma unroll
             for (int i = 0; i < NT; i++) sc[i] = word_scale(p.w, wq[u][i], kin && nin[i]);
             uint32_t xa[16], xb[16];
+            if constexpr (PIPE) {
 #pragma unroll
-            for (int q = 0; q < 4; q++) {
-                uint4 va = make_uint4(0, 0, 0, 0), vb = make_uint4(0, 0, 0, 0);
-                if (kin && x0) va = *reinterpret_cast<const uint4 *>(xr0 + k + 8 * q);
-                if (TWO && kin && x1) vb = *reinterpret_cast<const uint4 *>(xr1 + k + 8 * q);
-                xa[4 * q] = va.x, xa[4 * q + 1] = va.y, xa[4 * q + 2] = va.z, xa[4 * q + 3] = va.w;
-                xb[4 * q] = vb.x, xb[4 * q + 1] = vb.y, xb[4 * q + 2] = vb.z, xb[4 * q + 3] = vb.w;
+                for (int q = 0; q < 16; q++) {
+                    xa[q] = pxa[u][q];
+                    xb[q] = TWO ? pxb[TWO ? u : 0][q] : 0u;
+                }
+            } else {
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    uint4 va = make_uint4(0, 0, 0, 0), vb = make_uint4(0, 0, 0, 0);
+                    if (kin && x0) va = *reinterpret_cast<const uint4 *>(xr0 + k + 8 * q);
+                    if (TWO && kin && x1) vb = *reinterpret_cast<const uint4 *>(xr1 + k + 8 * q);
+                    xa[4 * q] = va.x, xa[4 * q + 1] = va.y, xa[4 * q + 2] = va.z, xa[4 * q + 3] = va.w;
+                    xb[4 * q] = vb.x, xb[4 * q + 1] = vb.y, xb[4 * q + 2] = vb.z, xb[4 * q + 3] = vb.w;
+                }
             }
 #pragma unroll
             for (int j = 0; j < NP; j++) {
@@ -542,54 +591,79 @@ extern "C" __global__ void __launch_bounds__(256) nf4_dequantize(Nf4DequantParam
     }
 }
 
-// GEMV variants gemv<NT, TWO, U> under __launch_bounds__(256, B): nf4_gemv_<v> for
-// M <= 8 and nf4_gemv_<v>_m16 for M > 8, v = nt<NT>u<U>b<B> (src/backend/cuda/nf4.rs
-// GEMV_VARIANTS mirrors the list). B = blocks an SM must hold, which caps registers at
-// 65536 / (256·B): the b1 variants keep 4 chunks of words in flight a warp at 16 warps an
-// SM, the b3/b4 ones fewer words a warp at 24-32 warps. Each (U, B) pair was checked for
-// spills with `tools/sass-loops.sh` (none); the m16 instances of the wider tiles take a
-// smaller B where the larger one spilled.
+// GEMV variants gemv<NT, TWO, U, PIPE> under __launch_bounds__(256, B): nf4_gemv_<v> for
+// M <= 8 and nf4_gemv_<v>_m16 for M > 8, v = nt<NT>u<U>b<B> (PIPE false) or
+// nt<NT>u<U>p<B> (PIPE true) (src/backend/cuda/nf4.rs GEMV_VARIANTS mirrors the list).
+// B = blocks an SM must hold, which caps registers at 65536 / (256·B): the b1 variants
+// keep 4 chunks of words in flight a warp at 16 warps an SM, the b3/b4 ones fewer words a
+// warp at 24-32 warps, the p ones load the next group while decoding this one. Each
+// instance was checked for spills with `tools/sass-loops.sh` (none); the m16 instances
+// take a smaller B where the larger one spilled.
 extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemv_nt1u4b1(Nf4GemvParams p) {
-    palign::nf4::gemv<1, false, 4>(p);
+    palign::nf4::gemv<1, false, 4, false>(p);
 }
 extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemv_nt1u4b1_m16(Nf4GemvParams p) {
-    palign::nf4::gemv<1, true, 4>(p);
+    palign::nf4::gemv<1, true, 4, false>(p);
 }
 extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemv_nt2u4b1(Nf4GemvParams p) {
-    palign::nf4::gemv<2, false, 4>(p);
+    palign::nf4::gemv<2, false, 4, false>(p);
 }
 extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemv_nt2u4b1_m16(Nf4GemvParams p) {
-    palign::nf4::gemv<2, true, 4>(p);
+    palign::nf4::gemv<2, true, 4, false>(p);
 }
 extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemv_nt4u2b1(Nf4GemvParams p) {
-    palign::nf4::gemv<4, false, 2>(p);
+    palign::nf4::gemv<4, false, 2, false>(p);
 }
 extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemv_nt4u2b1_m16(Nf4GemvParams p) {
-    palign::nf4::gemv<4, true, 2>(p);
+    palign::nf4::gemv<4, true, 2, false>(p);
 }
 extern "C" __global__ void __launch_bounds__(256, 4) nf4_gemv_nt1u4b4(Nf4GemvParams p) {
-    palign::nf4::gemv<1, false, 4>(p);
+    palign::nf4::gemv<1, false, 4, false>(p);
 }
 extern "C" __global__ void __launch_bounds__(256, 4) nf4_gemv_nt1u4b4_m16(Nf4GemvParams p) {
-    palign::nf4::gemv<1, true, 4>(p);
+    palign::nf4::gemv<1, true, 4, false>(p);
 }
 extern "C" __global__ void __launch_bounds__(256, 3) nf4_gemv_nt2u4b3(Nf4GemvParams p) {
-    palign::nf4::gemv<2, false, 4>(p);
+    palign::nf4::gemv<2, false, 4, false>(p);
 }
 extern "C" __global__ void __launch_bounds__(256, 3) nf4_gemv_nt2u4b3_m16(Nf4GemvParams p) {
-    palign::nf4::gemv<2, true, 4>(p);
+    palign::nf4::gemv<2, true, 4, false>(p);
 }
 extern "C" __global__ void __launch_bounds__(256, 4) nf4_gemv_nt2u2b4(Nf4GemvParams p) {
-    palign::nf4::gemv<2, false, 2>(p);
+    palign::nf4::gemv<2, false, 2, false>(p);
 }
 extern "C" __global__ void __launch_bounds__(256, 3) nf4_gemv_nt2u2b4_m16(Nf4GemvParams p) {
-    palign::nf4::gemv<2, true, 2>(p);
+    palign::nf4::gemv<2, true, 2, false>(p);
 }
 extern "C" __global__ void __launch_bounds__(256, 4) nf4_gemv_nt4u1b4(Nf4GemvParams p) {
-    palign::nf4::gemv<4, false, 1>(p);
+    palign::nf4::gemv<4, false, 1, false>(p);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemv_nt4u1b4_m16(Nf4GemvParams p) {
-    palign::nf4::gemv<4, true, 1>(p);
+    palign::nf4::gemv<4, true, 1, false>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 3) nf4_gemv_nt1u1p3(Nf4GemvParams p) {
+    palign::nf4::gemv<1, false, 1, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemv_nt1u1p3_m16(Nf4GemvParams p) {
+    palign::nf4::gemv<1, true, 1, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemv_nt1u2p2(Nf4GemvParams p) {
+    palign::nf4::gemv<1, false, 2, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemv_nt1u2p2_m16(Nf4GemvParams p) {
+    palign::nf4::gemv<1, true, 2, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 3) nf4_gemv_nt2u1p3(Nf4GemvParams p) {
+    palign::nf4::gemv<2, false, 1, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemv_nt2u1p3_m16(Nf4GemvParams p) {
+    palign::nf4::gemv<2, true, 1, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemv_nt4u1p2(Nf4GemvParams p) {
+    palign::nf4::gemv<4, false, 1, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemv_nt4u1p2_m16(Nf4GemvParams p) {
+    palign::nf4::gemv<4, true, 1, true>(p);
 }
 
 // Baseline: one warp per output row, f32 weights, each lane 32 codes per 1024.

@@ -8,7 +8,7 @@
 //   /tmp/nf4_gemv                # every shape, M = 1, 8, 16
 //   /tmp/nf4_gemv once           # 14336x4096, M = 1, each kernel twice (for ncu)
 // gpu-check.sh's runner (section prof) builds and runs it, then runs ncu as this says:
-// ncu: nf4_gemv_nt(4u2b1|2u2b4|4u1b4)$ once
+// ncu: nf4_gemv_nt(4u2b1|4u1b4|4u1p2)$ once
 //
 // Weights: random codes with double-quantized scales (blocksize 64, 256), the QLoRA
 // default; the values do not change the timing. GB/s counts what a launch must read once
@@ -46,6 +46,10 @@ static const Kernel KERNELS[] = {
     {"nt2u4b3", nf4_gemv_nt2u4b3, nf4_gemv_nt2u4b3_m16, 2},
     {"nt2u2b4", nf4_gemv_nt2u2b4, nf4_gemv_nt2u2b4_m16, 2},
     {"nt4u1b4", nf4_gemv_nt4u1b4, nf4_gemv_nt4u1b4_m16, 4},
+    {"nt1u1p3", nf4_gemv_nt1u1p3, nf4_gemv_nt1u1p3_m16, 1},
+    {"nt1u2p2", nf4_gemv_nt1u2p2, nf4_gemv_nt1u2p2_m16, 1},
+    {"nt2u1p3", nf4_gemv_nt2u1p3, nf4_gemv_nt2u1p3_m16, 2},
+    {"nt4u1p2", nf4_gemv_nt4u1p2, nf4_gemv_nt4u1p2_m16, 4},
     {"naive", nf4_gemv_naive, nf4_gemv_naive, 0},
 };
 

@@ -56,6 +56,14 @@ pub const KERNELS: &[&str] = &[
     "nf4_gemv_nt2u2b4_m16",
     "nf4_gemv_nt4u1b4",
     "nf4_gemv_nt4u1b4_m16",
+    "nf4_gemv_nt1u1p3",
+    "nf4_gemv_nt1u1p3_m16",
+    "nf4_gemv_nt1u2p2",
+    "nf4_gemv_nt1u2p2_m16",
+    "nf4_gemv_nt2u1p3",
+    "nf4_gemv_nt2u1p3_m16",
+    "nf4_gemv_nt4u1p2",
+    "nf4_gemv_nt4u1p2_m16",
     "nf4_gemv_naive",
     "nf4_gemm_fwd",
     "nf4_gemm_bwd",
@@ -464,8 +472,8 @@ fn gemv_params(
 /// tiles a block, `blocks` the blocks an SM holds at once (its register cap).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemvVariant {
-    /// `nt<tiles>u<prefetched chunks>b<blocks>`: `nf4_gemv_<name>` runs M ≤ 8,
-    /// `nf4_gemv_<name>_m16` M > 8.
+    /// `nt<tiles>u<prefetched chunks>b<blocks>` (`p<blocks>`: the next group loads while
+    /// this one decodes): `nf4_gemv_<name>` runs M ≤ 8, `nf4_gemv_<name>_m16` M > 8.
     pub name: &'static str,
     /// 8-column output tiles per block (1, 2 or 4).
     pub tiles: usize,
@@ -488,8 +496,10 @@ macro_rules! gemv_variant {
 }
 
 /// Every GEMV variant, in kernels/nf4.cu's order. The first three are the kernels the
-/// H200 measured on 2026-11-28 (benches/RESULTS.md); the rest trade words in flight a
-/// warp for warps an SM. `benches/nf4.rs` times them all; the GPU tests check them all.
+/// H200 measured on 2026-11-28 (benches/RESULTS.md); the `b` ones after them trade words
+/// in flight a warp for warps an SM, the `p` ones load a warp's next group during its
+/// decode. None measured yet: `benches/nf4.rs` and `tools/prof/nf4_gemv.cu` time them
+/// all, the GPU tests check them all.
 pub const GEMV_VARIANTS: &[GemvVariant] = &[
     gemv_variant!("nt1u4b1", 1, 1),
     gemv_variant!("nt2u4b1", 2, 1),
@@ -498,6 +508,10 @@ pub const GEMV_VARIANTS: &[GemvVariant] = &[
     gemv_variant!("nt2u4b3", 2, 3),
     gemv_variant!("nt2u2b4", 2, 4),
     gemv_variant!("nt4u1b4", 4, 4),
+    gemv_variant!("nt1u1p3", 1, 3),
+    gemv_variant!("nt1u2p2", 1, 2),
+    gemv_variant!("nt2u1p3", 2, 3),
+    gemv_variant!("nt4u1p2", 4, 2),
 ];
 
 /// The GEMV variant [`gemv`] runs for `n` output columns on a GPU of `sms` SMs: the
