@@ -815,6 +815,60 @@ fn dispatcher_measures_once_and_caches_on_disk() {
 
 /// The device and whether it runs the wgmma GEMM; elsewhere the launcher must refuse
 /// with BadInput (checked here) and the wgmma tests stop.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gemv_tuner_times_every_variant_once_and_keeps_the_bits() {
+    let g = gpu();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nf4-gemv.json");
+    let (m, n, k) = (3, 2000, 4096);
+    let t = weight(21, [n, k], 64, true);
+    let (xb, _) = rand_bf16(&mut rng(22), m * k, 1.0);
+    let w = ok(Nf4Weight::upload(&g, &t));
+    let x = ok(g.upload(&xb));
+    let want = run_out(&g, m * n, false, |o| nf4::gemv(&g, &x, m, &w, o));
+    let key = nf4::gemv_key(m, [n, k]);
+
+    let d = nf4::Nf4Dispatcher::with_cache(DispatchCache::in_memory(g.name()), Some(Nf4Path::Gemv))
+        .with_gemv_cache(nf4::GemvCache::load(&path, g.name()));
+    let got = run_out(&g, m * n, false, |o| {
+        assert_eq!(d.matmul(&g, Nf4Op::Forward, &x, m, &w, o)?, Nf4Path::Gemv);
+        Ok(())
+    });
+    // Whichever variant won, the product is the default's, bit for bit.
+    assert!(got
+        .iter()
+        .zip(&want)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+    if !g.can_time_events() {
+        assert!(
+            d.cached_gemv(&key).is_none(),
+            "nothing measured without event timing"
+        );
+        return;
+    }
+    let e = d.cached_gemv(&key).expect("a measured entry");
+    let names: Vec<&str> = nf4::GEMV_VARIANTS.iter().map(|v| v.name).collect();
+    assert!(e.covers(&e.choice.0, &names), "{e:?}");
+    assert!(e.ms.values().all(|t| t.is_finite() && *t > 0.0), "{e:?}");
+    let fastest = e.ms.iter().min_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+    assert_eq!(&e.choice.0, fastest);
+    println!(
+        "PARITY gemv tuner choice for {key}: {} {:?}",
+        e.choice.0, e.ms
+    );
+
+    // A second dispatcher reads the file and keeps the choice without measuring again.
+    let from_disk = nf4::GemvCache::load(&path, g.name());
+    assert_eq!(from_disk.get(&key), Some(&e));
+    let d2 = nf4::Nf4Dispatcher::with_cache(DispatchCache::in_memory(g.name()), None)
+        .with_gemv_cache(from_disk);
+    let mut o = Out::Bf16(&mut ok(g.alloc::<bf16>(m * n)));
+    let v = ok(d2.gemv_variant_for(&g, &x, m, &w, &mut o));
+    assert_eq!(v.name, e.choice.0);
+    assert_eq!(d2.cached_gemv(&key), Some(e));
+}
+
 fn wgmma_gpu() -> Option<std::sync::Arc<Gpu>> {
     let g = gpu();
     if nf4::wgmma_supported(g.compute_capability(), palign::backend::cuda::TARGETS) {

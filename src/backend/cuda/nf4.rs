@@ -13,7 +13,8 @@
 //!   dequant + cuBLAS (benches/RESULTS.md, 2026-11-28), so the dispatcher times it only
 //!   with `PALIGN_NF4_WGMMA=1`: it would never win, and timing it costs each new shape.
 //! - [`Nf4Dispatcher`]: per shape, runs the fastest of those, measured once on this GPU
-//!   and cached on disk ([`DispatchCache`], a [`super::tune`] file keyed by GPU name).
+//!   and cached on disk ([`DispatchCache`], a [`super::tune`] file keyed by GPU name);
+//!   for the GEMV also the fastest of its variants ([`GEMV_VARIANTS`], [`GemvCache`]).
 //!
 //! Every GEMM multiplies by `bf16(W)` (the bf16 dequantization) with f32 accumulation.
 
@@ -810,9 +811,71 @@ pub type DispatchEntry = TuneEntry<Nf4Path>;
 /// (`~/.cache/palign/nf4-dispatch-<gpu>.json`).
 pub type DispatchCache = TuneCache<Nf4Path>;
 
+/// The GEMV variant measured fastest for one (m, n, k), by name
+/// (`~/.cache/palign/nf4-gemv-<gpu>.json`). Every variant computes the same bits (the
+/// GPU tests check it), so the choice changes speed only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct GemvPick(pub String);
+
+impl Choice for GemvPick {
+    const FORMAT: &'static str = "palign-nf4-gemv";
+    const PREFIX: &'static str = "nf4-gemv";
+    const ENV: &'static str = "PALIGN_NF4_GEMV_CACHE";
+}
+
+/// The GEMV variant cache of one GPU.
+pub type GemvCache = TuneCache<GemvPick>;
+
+/// The GEMV tuner's cache key: every m (decode batches shrink as sequences finish, and
+/// the best variant depends on m) and the weight's shape.
+pub fn gemv_key(m: usize, w_shape: [usize; 2]) -> String {
+    format!("m={m} n={} k={}", w_shape[0], w_shape[1])
+}
+
+/// Bytes written before each timed GEMV call of the tuner, so that the call reads its
+/// weight from HBM as a model's decode does, not from L2 (50 MB on H100/H200, 40 MB on
+/// A100: NVIDIA's data sheets).
+const L2_FLUSH_BYTES: usize = 96 << 20;
+
+/// Milliseconds per call of every GEMV variant (one warm-up, then 3 calls, each after an
+/// L2 flush); None when the driver cannot time events.
+fn measure_gemv(
+    gpu: &Gpu,
+    x: &DeviceBuffer<bf16>,
+    m: usize,
+    w: &Nf4Weight,
+    out: &mut Out<'_>,
+) -> Result<Option<TuneEntry<GemvPick>>> {
+    const REPS: usize = 3;
+    let mut flush = gpu.alloc::<u8>(L2_FLUSH_BYTES)?;
+    let mut ms = BTreeMap::new();
+    let mut best: Option<(&str, f64)> = None;
+    for v in GEMV_VARIANTS {
+        gemv_variant(gpu, x, m, w, out.reborrow(), *v)?;
+        let mut total = 0.0;
+        for _ in 0..REPS {
+            gpu.memset_zero(&mut flush)?;
+            let timer = gpu.timer()?;
+            gemv_variant(gpu, x, m, w, out.reborrow(), *v)?;
+            match timer.elapsed_ms(gpu) {
+                Ok(t) => total += t as f64,
+                Err(_) => return Ok(None),
+            }
+        }
+        let t = total / REPS as f64;
+        ms.insert(v.name.to_string(), t);
+        if best.is_none_or(|(_, b)| t < b) {
+            best = Some((v.name, t));
+        }
+    }
+    Ok(best.map(|(name, _)| TuneEntry::new(GemvPick(name.to_string()), ms)))
+}
+
 /// Runs each NF4 product on the path measured fastest for its shape on this GPU.
 pub struct Nf4Dispatcher {
     cache: Mutex<DispatchCache>,
+    gemv: Mutex<GemvCache>,
     force: Option<Nf4Path>,
     wgmma: bool,
 }
@@ -833,16 +896,27 @@ impl Nf4Dispatcher {
         };
         let env = std::env::var(WGMMA_ENV).ok();
         let wgmma = wgmma_gate(env.as_deref(), gpu.compute_capability(), TARGETS)?;
-        Ok(Nf4Dispatcher::with_cache(cache, force).with_wgmma(wgmma))
+        Ok(Nf4Dispatcher::with_cache(cache, force)
+            .with_gemv_cache(GemvCache::for_gpu(gpu.name()))
+            .with_wgmma(wgmma))
     }
 
-    /// Without the wgmma GEMM (see [`with_wgmma`](Self::with_wgmma)).
+    /// Without the wgmma GEMM (see [`with_wgmma`](Self::with_wgmma)) and with an
+    /// in-memory GEMV variant cache (see [`with_gemv_cache`](Self::with_gemv_cache)).
     pub fn with_cache(cache: DispatchCache, force: Option<Nf4Path>) -> Nf4Dispatcher {
+        let gemv = GemvCache::in_memory(cache.gpu());
         Nf4Dispatcher {
             cache: Mutex::new(cache),
+            gemv: Mutex::new(gemv),
             force,
             wgmma: false,
         }
+    }
+
+    /// The GEMV variant choices kept in `cache`.
+    pub fn with_gemv_cache(mut self, cache: GemvCache) -> Nf4Dispatcher {
+        self.gemv = Mutex::new(cache);
+        self
     }
 
     /// Whether the wgmma GEMM is a candidate (still only on a GPU that
@@ -865,7 +939,50 @@ impl Nf4Dispatcher {
         self.lock().get(key).cloned()
     }
 
-    /// Runs one path (no choice involved).
+    /// The cached GEMV variant choice for a key, if measured.
+    pub fn cached_gemv(&self, key: &str) -> Option<TuneEntry<GemvPick>> {
+        self.gemv
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    /// The GEMV variant for `m` rows of `w` on this GPU: the one measured fastest (once
+    /// per m and shape, each call after an L2 flush, then cached), or the default where
+    /// events cannot be timed. Measuring writes the product into `out`.
+    pub fn gemv_variant_for(
+        &self,
+        gpu: &Gpu,
+        x: &DeviceBuffer<bf16>,
+        m: usize,
+        w: &Nf4Weight,
+        out: &mut Out<'_>,
+    ) -> Result<GemvVariant> {
+        let default = default_gemv_variant(gpu.sm_count() as usize, w.shape[0]);
+        if !gpu.can_time_events() {
+            return Ok(default);
+        }
+        let key = gemv_key(m, w.shape);
+        let names: Vec<&str> = GEMV_VARIANTS.iter().map(|v| v.name).collect();
+        if let Some(e) = self.cached_gemv(&key) {
+            // An entry from before a variant existed is measured again.
+            if let Some(v) = gemv_by_name(&e.choice.0).filter(|_| e.covers(&e.choice.0, &names)) {
+                return Ok(v);
+            }
+        }
+        let Some(entry) = measure_gemv(gpu, x, m, w, out)? else {
+            return Ok(default);
+        };
+        let v = gemv_by_name(&entry.choice.0).unwrap_or(default);
+        let mut cache = self.gemv.lock().unwrap_or_else(|e| e.into_inner());
+        cache.insert(key, entry);
+        // Best effort, as the path cache.
+        let _ = cache.save();
+        Ok(v)
+    }
+
+    /// Runs one path (no choice involved; the GEMV path runs its default variant).
     pub fn run_path(
         gpu: &Gpu,
         path: Nf4Path,
@@ -875,8 +992,24 @@ impl Nf4Dispatcher {
         w: &Nf4Weight,
         out: Out<'_>,
     ) -> Result<()> {
+        let v = default_gemv_variant(gpu.sm_count() as usize, w.shape[0]);
+        Self::run_path_with(gpu, path, v, op, a, m, w, out)
+    }
+
+    /// [`run_path`](Self::run_path) with the GEMV variant `v` for the GEMV path.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_path_with(
+        gpu: &Gpu,
+        path: Nf4Path,
+        v: GemvVariant,
+        op: Nf4Op,
+        a: &DeviceBuffer<bf16>,
+        m: usize,
+        w: &Nf4Weight,
+        out: Out<'_>,
+    ) -> Result<()> {
         match (path, out) {
-            (Nf4Path::Gemv, out) if op == Nf4Op::Forward => gemv(gpu, a, m, w, out),
+            (Nf4Path::Gemv, out) if op == Nf4Op::Forward => gemv_variant(gpu, a, m, w, out, v),
             (Nf4Path::Fused, out) => gemm_fused(gpu, op, a, m, w, out),
             (Nf4Path::DequantCublas, Out::Bf16(o)) => gemm_dequant_cublas(gpu, op, a, m, w, o),
             (Nf4Path::Wgmma, out) if op == Nf4Op::Forward => gemm_wgmma(gpu, a, m, w, out),
@@ -915,6 +1048,17 @@ impl Nf4Dispatcher {
                 if out.is_f32() { "f32" } else { "bf16" }
             )));
         };
+        // The GEMV variant is chosen (measured once) wherever the GEMV path may run, so
+        // the path choice below times the GEMV at its best.
+        let gemv_v = if cands.contains(&Nf4Path::Gemv)
+            && self
+                .force
+                .is_none_or(|f| f == Nf4Path::Gemv || !cands.contains(&f))
+        {
+            self.gemv_variant_for(gpu, a, m, w, &mut out)?
+        } else {
+            default_gemv_variant(gpu.sm_count() as usize, w.shape[0])
+        };
         let path = if let Some(f) = self.force.filter(|f| cands.contains(f)) {
             f
         } else if cands.len() == 1 || !gpu.can_time_events() {
@@ -926,7 +1070,7 @@ impl Nf4Dispatcher {
                 // An entry timed without one of today's candidates (the opt-in wgmma
                 // GEMM) is measured again.
                 Some(e) if entry_covers(&e, &cands) => e.choice,
-                _ => match measure(gpu, &cands, op, a, m, w, &mut out)? {
+                _ => match measure(gpu, &cands, gemv_v, op, a, m, w, &mut out)? {
                     Some(entry) => {
                         let choice = entry.choice;
                         let mut cache = self.lock();
@@ -940,7 +1084,7 @@ impl Nf4Dispatcher {
                 },
             }
         };
-        Self::run_path(gpu, path, op, a, m, w, out)?;
+        Self::run_path_with(gpu, path, gemv_v, op, a, m, w, out)?;
         Ok(path)
     }
 }
@@ -953,9 +1097,11 @@ pub fn entry_covers(e: &DispatchEntry, cands: &[Nf4Path]) -> bool {
 
 /// Milliseconds per call of each candidate (one warm-up, then 3 timed calls); None
 /// when the driver cannot time events.
+#[allow(clippy::too_many_arguments)]
 fn measure(
     gpu: &Gpu,
     cands: &[Nf4Path],
+    gemv_v: GemvVariant,
     op: Nf4Op,
     a: &DeviceBuffer<bf16>,
     m: usize,
@@ -966,10 +1112,10 @@ fn measure(
     let mut ms = BTreeMap::new();
     let mut best: Option<(Nf4Path, f64)> = None;
     for &c in cands {
-        Nf4Dispatcher::run_path(gpu, c, op, a, m, w, out.reborrow())?;
+        Nf4Dispatcher::run_path_with(gpu, c, gemv_v, op, a, m, w, out.reborrow())?;
         let timer = gpu.timer()?;
         for _ in 0..REPS {
-            Nf4Dispatcher::run_path(gpu, c, op, a, m, w, out.reborrow())?;
+            Nf4Dispatcher::run_path_with(gpu, c, gemv_v, op, a, m, w, out.reborrow())?;
         }
         let t = match timer.elapsed_ms(gpu) {
             Ok(t) => t as f64 / REPS as f64,

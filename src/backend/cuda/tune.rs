@@ -1,5 +1,6 @@
 //! Kernel choices measured once per GPU and kept on disk: the NF4 dispatcher's path per
-//! product shape (`nf4-dispatch-<gpu>.json`) and the attention tiles per shape
+//! product shape (`nf4-dispatch-<gpu>.json`), its GEMV variant per decode shape
+//! (`nf4-gemv-<gpu>.json`) and the attention tiles per shape
 //! (`attn-tune-<gpu>.json`). A file is JSON naming its format, version and GPU; one for
 //! another GPU, an older version or a damaged file is an empty cache (it is only a cache:
 //! the next measurement replaces it).
