@@ -16,7 +16,11 @@
 # On an H200 (2026-11-28) the machine took ~40 s to start; all tests 71 s; benches nf4
 # 48 s, attention + logprob ~150 s, lora + small_kernels ~180 s, SDPA ~30 s; a training
 # config ~20 s for palign plus 25-40 s for the Python side (run once per method and
-# checkpointing); a generation config ~35 s.
+# checkpointing); a generation config ~35 s. Third session (2026-11-28, 6e40100): all tests,
+# then benches nf4 + attention + SDPA, took 166 s in one call (~200 s with the start). A
+# machine idle 30 s after a call goes back, and a new one may then be refused for the rest
+# of the session ("no new device machine is lent at present"): send every call the work
+# needs back to back, or put it all in the first.
 # PALIGN_GPU_TESTS / PALIGN_GPU_BENCHES (space-separated names) narrow the tests and
 # benches; PALIGN_TRAIN_CONFIGS picks the training configs and PALIGN_GEN_CONFIGS the
 # generation ones (see run.sh below).
