@@ -596,9 +596,11 @@ extern "C" __global__ void __launch_bounds__(256) nf4_dequantize(Nf4DequantParam
 // nt<NT>u<U>p<B> (PIPE true) (src/backend/cuda/nf4.rs GEMV_VARIANTS mirrors the list).
 // B = blocks an SM must hold, which caps registers at 65536 / (256·B): the b1 variants
 // keep 4 chunks of words in flight a warp at 16 warps an SM, the b3/b4 ones fewer words a
-// warp at 24-32 warps, the p ones load the next group while decoding this one. Each
-// instance was checked for spills with `tools/sass-loops.sh` (none); the m16 instances
-// take a smaller B where the larger one spilled.
+// warp at 24-32 warps, the p ones load the next group while decoding this one. On sm_90a
+// (the lent H100/H200s) no instance spills (`tools/sass-loops.sh`); the m16 instances take
+// a smaller B where the larger one spilled. On sm_80/86/89 a few b3/b4 instances spill
+// 8-208 B (nt2u4b3, nt1u4b4_m16, nt2u2b4_m16): a speed cost the dispatcher's measurement
+// sees, not a correctness one.
 extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemv_nt1u4b1(Nf4GemvParams p) {
     palign::nf4::gemv<1, false, 4, false>(p);
 }

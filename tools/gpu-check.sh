@@ -293,13 +293,14 @@ if want prof; then
     cc="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1)"
     arch="sm_${cc/./}"
     [ "$arch" = sm_90 ] && arch=sm_90a
-    for src in tools/prof/*.cu; do
+    for src in "$HERE"/../tools/prof/*.cu; do
         [ -f "$src" ] || continue
         name="$(basename "$src" .cu)"
         bin="${TMPDIR:-/tmp}/palign-prof-$name"
+        rm -f "$bin" # never the previous call's binary when nvcc fails
         echo "==== prof $name" >>"$BLOG"
         if ! secs="$(lim 120)"; then skipped "prof $name"; continue; fi
-        timeout -k 5 "$secs" nvcc -O3 -std=c++17 -arch="$arch" -Ikernels "$src" -o "$bin" >>"$BLOG" 2>&1
+        timeout -k 5 "$secs" nvcc -O3 -std=c++17 -arch="$arch" -I"$HERE/../kernels" "$src" -o "$bin" >>"$BLOG" 2>&1
         echo "nvcc rc=$?" >>"$BLOG"
         if [ -x "$bin" ] && secs="$(lim 180)"; then
             timeout -k 5 "$secs" "$bin" >>"$BLOG" 2>&1

@@ -6,7 +6,7 @@
 //
 //   nvcc -O3 -std=c++17 -arch=sm_90a -Ikernels tools/prof/nf4_gemv.cu -o /tmp/nf4_gemv
 //   /tmp/nf4_gemv                # every shape, M = 1, 8, 16
-//   /tmp/nf4_gemv once           # 14336x4096, M = 1, each kernel twice (for ncu)
+//   /tmp/nf4_gemv once           # 14336x4096, M = 1, each kernel once (for ncu)
 // gpu-check.sh's runner (section prof) builds and runs it, then runs ncu as this says:
 // ncu: nf4_gemv_nt(4u2b1|4u1b4|4u1p2)$ once
 //

@@ -38,6 +38,8 @@ pub struct Gpu {
     sm_count: u32,
     /// CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN.
     max_smem_optin: usize,
+    /// CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE, bytes.
+    l2_bytes: usize,
     driver_version: i32,
     // The loaded fatbin (the functions hold it too).
     _module: Arc<CudaModule>,
@@ -124,6 +126,10 @@ impl Gpu {
             )
             .map_err(cuda_err("max shared memory per block"))?
             .max(0) as usize;
+        let l2_bytes = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+            .map_err(cuda_err("L2 cache size"))?
+            .max(0) as usize;
         let stream = ctx.new_stream().map_err(cuda_err("creating a stream"))?;
 
         let module = ctx
@@ -155,6 +161,7 @@ impl Gpu {
             compute_capability: cc,
             sm_count,
             max_smem_optin,
+            l2_bytes,
             driver_version,
             _module: module,
         })
@@ -168,6 +175,10 @@ impl Gpu {
     }
     pub fn sm_count(&self) -> u32 {
         self.sm_count
+    }
+    /// The L2 cache's size in bytes.
+    pub fn l2_bytes(&self) -> usize {
+        self.l2_bytes
     }
     /// The driver's CUDA version, e.g. 13000 for 13.0.
     pub fn driver_version(&self) -> i32 {

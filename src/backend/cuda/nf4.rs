@@ -18,7 +18,7 @@
 //!
 //! Every GEMM multiplies by `bf16(W)` (the bf16 dequantization) with f32 accumulation.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -469,8 +469,9 @@ fn gemv_params(
     })
 }
 
-/// One GEMV kernel pair of kernels/nf4.cu (`PALIGN_GEMV` there): `tiles` 8-column output
-/// tiles a block, `blocks` the blocks an SM holds at once (its register cap).
+/// One GEMV kernel pair of kernels/nf4.cu (the instantiations after `gemv`): `tiles`
+/// 8-column output tiles a block, `blocks` the blocks an SM holds at once (its register
+/// cap).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemvVariant {
     /// `nt<tiles>u<prefetched chunks>b<blocks>` (`p<blocks>`: the next group loads while
@@ -828,15 +829,26 @@ impl Choice for GemvPick {
 pub type GemvCache = TuneCache<GemvPick>;
 
 /// The GEMV tuner's cache key: every m (decode batches shrink as sequences finish, and
-/// the best variant depends on m) and the weight's shape.
-pub fn gemv_key(m: usize, w_shape: [usize; 2]) -> String {
-    format!("m={m} n={} k={}", w_shape[0], w_shape[1])
+/// the best variant depends on m), the weight's shape and scale format (the scale loads
+/// differ), and the output type.
+pub fn gemv_key(m: usize, w: &Nf4Weight, out_f32: bool) -> String {
+    format!(
+        "m={m} n={} k={} bs={}{} {}",
+        w.shape[0],
+        w.shape[1],
+        w.blocksize,
+        if w.is_double_quant() { " dq" } else { "" },
+        if out_f32 { "f32" } else { "bf16" }
+    )
 }
 
 /// Bytes written before each timed GEMV call of the tuner, so that the call reads its
-/// weight from HBM as a model's decode does, not from L2 (50 MB on H100/H200, 40 MB on
-/// A100: NVIDIA's data sheets).
-const L2_FLUSH_BYTES: usize = 96 << 20;
+/// weight from HBM as a model's decode does, not from L2: twice the L2, at least 96 MB
+/// (L2 is 40 MB on an A100, 50 MB on an H100/H200). The buffer comes from the caching
+/// pool and stays there for the next measurement.
+fn l2_flush_bytes(gpu: &Gpu) -> usize {
+    (2 * gpu.l2_bytes()).max(96 << 20)
+}
 
 /// Milliseconds per call of every GEMV variant (one warm-up, then 3 calls, each after an
 /// L2 flush); None when the driver cannot time events.
@@ -849,7 +861,7 @@ fn measure_gemv(
 ) -> Result<Option<TuneEntry<GemvPick>>> {
     const REPS: usize = 3;
     // Without the memory for it (a full GPU mid-generation) the calls run unflushed.
-    let mut flush = gpu.alloc::<u8>(L2_FLUSH_BYTES).ok();
+    let mut flush = gpu.alloc::<u8>(l2_flush_bytes(gpu)).ok();
     let mut ms = BTreeMap::new();
     let mut best: Option<(&str, f64)> = None;
     for v in GEMV_VARIANTS {
@@ -879,6 +891,9 @@ fn measure_gemv(
 pub struct Nf4Dispatcher {
     cache: Mutex<DispatchCache>,
     gemv: Mutex<GemvCache>,
+    /// The GEMV variant resolved per [`gemv_key`] in this process: a decode step asks
+    /// for it ~200 times a token, so it is looked up here, not in the cache's entries.
+    gemv_resolved: Mutex<HashMap<String, GemvVariant>>,
     force: Option<Nf4Path>,
     wgmma: bool,
 }
@@ -911,6 +926,7 @@ impl Nf4Dispatcher {
         Nf4Dispatcher {
             cache: Mutex::new(cache),
             gemv: Mutex::new(gemv),
+            gemv_resolved: Mutex::new(HashMap::new()),
             force,
             wgmma: false,
         }
@@ -919,6 +935,7 @@ impl Nf4Dispatcher {
     /// The GEMV variant choices kept in `cache`.
     pub fn with_gemv_cache(mut self, cache: GemvCache) -> Nf4Dispatcher {
         self.gemv = Mutex::new(cache);
+        self.gemv_resolved = Mutex::new(HashMap::new());
         self
     }
 
@@ -966,22 +983,32 @@ impl Nf4Dispatcher {
         if !gpu.can_time_events() {
             return Ok(default);
         }
-        let key = gemv_key(m, w.shape);
-        let names: Vec<&str> = GEMV_VARIANTS.iter().map(|v| v.name).collect();
-        if let Some(e) = self.cached_gemv(&key) {
-            // An entry from before a variant existed is measured again.
-            if let Some(v) = gemv_by_name(&e.choice.0).filter(|_| e.covers(&e.choice.0, &names)) {
-                return Ok(v);
-            }
+        let key = gemv_key(m, w, out.is_f32());
+        let resolved = || self.gemv_resolved.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = resolved().get(&key) {
+            return Ok(*v);
         }
-        let Some(entry) = measure_gemv(gpu, x, m, w, out)? else {
-            return Ok(default);
+        let names: Vec<&str> = GEMV_VARIANTS.iter().map(|v| v.name).collect();
+        let cached = self.cached_gemv(&key).and_then(|e| {
+            // An entry from before a variant existed is measured again.
+            gemv_by_name(&e.choice.0).filter(|_| e.covers(&e.choice.0, &names))
+        });
+        let v = match cached {
+            Some(v) => v,
+            None => match measure_gemv(gpu, x, m, w, out)? {
+                Some(entry) => {
+                    let v = gemv_by_name(&entry.choice.0).unwrap_or(default);
+                    let mut cache = self.gemv.lock().unwrap_or_else(|e| e.into_inner());
+                    cache.insert(key.clone(), entry);
+                    // Best effort, as the path cache.
+                    let _ = cache.save();
+                    v
+                }
+                // Events stopped timing: the default, kept for this process only.
+                None => default,
+            },
         };
-        let v = gemv_by_name(&entry.choice.0).unwrap_or(default);
-        let mut cache = self.gemv.lock().unwrap_or_else(|e| e.into_inner());
-        cache.insert(key, entry);
-        // Best effort, as the path cache.
-        let _ = cache.save();
+        resolved().insert(key, v);
         Ok(v)
     }
 
