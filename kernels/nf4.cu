@@ -184,6 +184,23 @@ __device__ __forceinline__ void store2(void *out, bool f32, int64_t idx, float a
 
 // ------------------------------------------------------------------ GEMV (M <= 16)
 
+// X[g][k .. k+32) (and, TWO, X[g+8]) as 16 words of bf16 pairs; zeros where absent. A
+// function, not a lambda: as a capturing lambda the same code spilled in several
+// variants.
+template <bool TWO>
+__device__ __forceinline__ void gemv_x_words(uint32_t (&xa)[16], uint32_t (&xb)[16],
+                                             const __nv_bfloat16 *r0, const __nv_bfloat16 *r1,
+                                             bool ok0, bool ok1) {
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        uint4 va = make_uint4(0, 0, 0, 0), vb = make_uint4(0, 0, 0, 0);
+        if (ok0) va = *reinterpret_cast<const uint4 *>(r0 + 8 * q);
+        if (TWO && ok1) vb = *reinterpret_cast<const uint4 *>(r1 + 8 * q);
+        xa[4 * q] = va.x, xa[4 * q + 1] = va.y, xa[4 * q + 2] = va.z, xa[4 * q + 3] = va.w;
+        xb[4 * q] = vb.x, xb[4 * q + 1] = vb.y, xb[4 * q + 2] = vb.z, xb[4 * q + 3] = vb.w;
+    }
+}
+
 constexpr int GEMV_WARPS = 8;
 constexpr int GEMV_CHUNK = 128; // k per warp step: 4 lanes x 32 codes
 
@@ -228,24 +245,13 @@ template <int NT, bool TWO, int U, bool PIPE> __device__ __forceinline__ void ge
     constexpr int UP = PIPE ? U : 1, UP2 = PIPE && TWO ? U : 1;
     Nf4Word nw[UP][NT];
     uint32_t nxa[UP][16], nxb[UP2][16];
-    // X[g][k .. k+32) (and X[g+8]) as 16 words of bf16 pairs; zeros where absent.
-    auto load_x = [&](uint32_t(&xa)[16], uint32_t(&xb)[16], int k, bool kin) {
-#pragma unroll
-        for (int q = 0; q < 4; q++) {
-            uint4 va = make_uint4(0, 0, 0, 0), vb = make_uint4(0, 0, 0, 0);
-            if (kin && x0) va = *reinterpret_cast<const uint4 *>(xr0 + k + 8 * q);
-            if (TWO && kin && x1) vb = *reinterpret_cast<const uint4 *>(xr1 + k + 8 * q);
-            xa[4 * q] = va.x, xa[4 * q + 1] = va.y, xa[4 * q + 2] = va.z, xa[4 * q + 3] = va.w;
-            xb[4 * q] = vb.x, xb[4 * q + 1] = vb.y, xb[4 * q + 2] = vb.z, xb[4 * q + 3] = vb.w;
-        }
-    };
     auto load_next = [&](int c0) {
 #pragma unroll
         for (int u = 0; u < UP; u++) {
             const int k = (c0 + u * GEMV_WARPS) * GEMV_CHUNK + 32 * t;
 #pragma unroll
             for (int i = 0; i < NT; i++) nw[u][i] = load_word(p.w, row_e[i] + k, k < K && nin[i]);
-            load_x(nxa[u], nxb[TWO ? u : 0], k, k < K);
+            gemv_x_words<TWO>(nxa[u], nxb[TWO ? u : 0], xr0 + k, xr1 + k, k < K && x0, k < K && x1);
         }
     };
     if constexpr (PIPE) load_next(warp);
@@ -288,14 +294,7 @@ template <int NT, bool TWO, int U, bool PIPE> __device__ __forceinline__ void ge
                     xb[q] = TWO ? pxb[TWO ? u : 0][q] : 0u;
                 }
             } else {
-#pragma unroll
-                for (int q = 0; q < 4; q++) {
-                    uint4 va = make_uint4(0, 0, 0, 0), vb = make_uint4(0, 0, 0, 0);
-                    if (kin && x0) va = *reinterpret_cast<const uint4 *>(xr0 + k + 8 * q);
-                    if (TWO && kin && x1) vb = *reinterpret_cast<const uint4 *>(xr1 + k + 8 * q);
-                    xa[4 * q] = va.x, xa[4 * q + 1] = va.y, xa[4 * q + 2] = va.z, xa[4 * q + 3] = va.w;
-                    xb[4 * q] = vb.x, xb[4 * q + 1] = vb.y, xb[4 * q + 2] = vb.z, xb[4 * q + 3] = vb.w;
-                }
+                gemv_x_words<TWO>(xa, xb, xr0 + k, xr1 + k, kin && x0, kin && x1);
             }
 #pragma unroll
             for (int j = 0; j < NP; j++) {

@@ -14,30 +14,10 @@
 // tests/gpu_attention.rs. Launch shapes mirror src/backend/cuda/attention.rs.
 #include "attention.cu"
 
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
-#define CK(x)                                                                                 \
-    do {                                                                                      \
-        cudaError_t e = (x);                                                                  \
-        if (e != cudaSuccess) {                                                               \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
-            exit(1);                                                                          \
-        }                                                                                     \
-    } while (0)
-
-static __global__ void fill_bf16(__nv_bfloat16 *x, int64_t n, uint32_t seed, float scale) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
-         i += (int64_t)gridDim.x * blockDim.x) {
-        uint32_t h = (uint32_t)i * 2654435761u + seed;
-        h ^= h >> 13;
-        h *= 0x5bd1e995u;
-        h ^= h >> 15;
-        x[i] = __float2bfloat16(((h >> 8) / 8388608.0f - 1.0f) * scale);
-    }
-}
+#include "prof.cuh"
 
 struct Timer {
     cudaEvent_t a, b;
@@ -100,10 +80,10 @@ static void profile(int S, bool once) {
     for (int i = 0; i < NS; i++) hs[i] = i * S;
     CK(cudaMemcpy(starts, hs.data(), NS * 4, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(lens, hl.data(), NS * 4, cudaMemcpyHostToDevice));
-    fill_bf16<<<1024, 256>>>(q, nq, 1, 1.0f);
-    fill_bf16<<<1024, 256>>>(k, nkv, 2, 1.0f);
-    fill_bf16<<<1024, 256>>>(v, nkv, 3, 1.0f);
-    fill_bf16<<<1024, 256>>>(d_o, nq, 4, 0.1f);
+    prof_fill<<<1024, 256>>>(q, nq, 1, -1.0f, 1.0f);
+    prof_fill<<<1024, 256>>>(k, nkv, 2, -1.0f, 1.0f);
+    prof_fill<<<1024, 256>>>(v, nkv, 3, -1.0f, 1.0f);
+    prof_fill<<<1024, 256>>>(d_o, nq, 4, -0.1f, 0.1f);
     CK(cudaGetLastError());
 
     // Forward (the default kernel: 4 warps, 64 query rows a block, 48 KB).

@@ -16,19 +16,10 @@
 // parity lives in tests/gpu_nf4.rs. Launch shapes mirror src/backend/cuda/nf4.rs.
 #include "nf4.cu"
 
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
-#define CK(x)                                                                                 \
-    do {                                                                                      \
-        cudaError_t e = (x);                                                                  \
-        if (e != cudaSuccess) {                                                               \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
-            exit(1);                                                                          \
-        }                                                                                     \
-    } while (0)
+#include "prof.cuh"
 
 struct Kernel {
     const char *name;
@@ -53,35 +44,6 @@ static const Kernel KERNELS[] = {
     {"naive", nf4_gemv_naive, nf4_gemv_naive, 0},
 };
 
-static __global__ void fill_u8(uint8_t *x, int64_t n, uint32_t seed) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
-         i += (int64_t)gridDim.x * blockDim.x) {
-        uint32_t h = (uint32_t)i * 2654435761u + seed;
-        h ^= h >> 13;
-        h *= 0x5bd1e995u;
-        x[i] = (uint8_t)(h >> 15);
-    }
-}
-
-static __global__ void fill_f32(float *x, int64_t n, uint32_t seed, float lo, float hi) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
-         i += (int64_t)gridDim.x * blockDim.x) {
-        uint32_t h = (uint32_t)i * 2654435761u + seed;
-        h ^= h >> 13;
-        h *= 0x5bd1e995u;
-        x[i] = lo + (hi - lo) * ((h >> 8) / 16777216.0f);
-    }
-}
-
-static __global__ void fill_bf16(__nv_bfloat16 *x, int64_t n, uint32_t seed) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
-         i += (int64_t)gridDim.x * blockDim.x) {
-        uint32_t h = (uint32_t)i * 2654435761u + seed;
-        h ^= h >> 13;
-        x[i] = __float2bfloat16((h >> 8) / 8388608.0f - 1.0f);
-    }
-}
-
 // One double-quantized weight [n, k] (blocksize 64, second level 256).
 static Nf4WeightParams make_weight(int n, int k, uint32_t seed, int64_t *bytes) {
     const int64_t numel = (int64_t)n * k, blocks = numel / 64, blocks2 = (blocks + 255) / 256;
@@ -91,10 +53,10 @@ static Nf4WeightParams make_weight(int n, int k, uint32_t seed, int64_t *bytes) 
     CK(cudaMalloc(&q, blocks));
     CK(cudaMalloc(&code2, 256 * 4));
     CK(cudaMalloc(&absmax2, blocks2 * 4));
-    fill_u8<<<1024, 256>>>(packed, numel / 2, seed);
-    fill_u8<<<256, 256>>>(q, blocks, seed + 1);
-    fill_f32<<<1, 256>>>(code2, 256, seed + 2, -1.0f, 1.0f);
-    fill_f32<<<64, 256>>>(absmax2, blocks2, seed + 3, 0.01f, 0.02f);
+    prof_fill_u8<<<1024, 256>>>(packed, numel / 2, seed);
+    prof_fill_u8<<<256, 256>>>(q, blocks, seed + 1);
+    prof_fill<<<1, 256>>>(code2, 256, seed + 2, -1.0f, 1.0f);
+    prof_fill<<<64, 256>>>(absmax2, blocks2, seed + 3, 0.01f, 0.02f);
     CK(cudaGetLastError());
     *bytes = numel / 2 + blocks + blocks2 * 4;
     return Nf4WeightParams{packed, nullptr, q,  code2, absmax2, numel, n, k, 6, 8,
@@ -132,7 +94,7 @@ int main(int argc, char **argv) {
         __nv_bfloat16 *x, *y;
         CK(cudaMalloc(&x, 16ll * s.k * 2));
         CK(cudaMalloc(&y, 16ll * s.n * 2));
-        fill_bf16<<<256, 256>>>(x, 16ll * s.k, 9);
+        prof_fill<<<256, 256>>>(x, 16ll * s.k, 9, -1.0f, 1.0f);
         CK(cudaDeviceSynchronize());
         for (int m : ms) {
             const double amount = (double)bytes + 2.0 * m * (s.n + s.k);
