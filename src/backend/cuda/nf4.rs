@@ -470,8 +470,7 @@ fn gemv_params(
 }
 
 /// One GEMV kernel pair of kernels/nf4.cu (the instantiations after `gemv`): `tiles`
-/// 8-column output tiles a block, `blocks` the blocks an SM holds at once (its register
-/// cap).
+/// 8-column output tiles a block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemvVariant {
     /// `nt<tiles>u<prefetched chunks>b<blocks>` (`p<blocks>`: the next group loads while
@@ -479,18 +478,15 @@ pub struct GemvVariant {
     pub name: &'static str,
     /// 8-column output tiles per block (1, 2 or 4).
     pub tiles: usize,
-    /// Blocks per SM its `__launch_bounds__` asks for (M ≤ 8 instance).
-    pub blocks: usize,
     m8: &'static str,
     m16: &'static str,
 }
 
 macro_rules! gemv_variant {
-    ($name:literal, $tiles:expr, $blocks:expr) => {
+    ($name:literal, $tiles:expr) => {
         GemvVariant {
             name: $name,
             tiles: $tiles,
-            blocks: $blocks,
             m8: concat!("nf4_gemv_", $name),
             m16: concat!("nf4_gemv_", $name, "_m16"),
         }
@@ -503,17 +499,17 @@ macro_rules! gemv_variant {
 /// decode. None measured yet: `benches/nf4.rs` and `tools/prof/nf4_gemv.cu` time them
 /// all, the GPU tests check them all.
 pub const GEMV_VARIANTS: &[GemvVariant] = &[
-    gemv_variant!("nt1u4b1", 1, 1),
-    gemv_variant!("nt2u4b1", 2, 1),
-    gemv_variant!("nt4u2b1", 4, 1),
-    gemv_variant!("nt1u4b4", 1, 4),
-    gemv_variant!("nt2u4b3", 2, 3),
-    gemv_variant!("nt2u2b4", 2, 4),
-    gemv_variant!("nt4u1b4", 4, 4),
-    gemv_variant!("nt1u1p3", 1, 3),
-    gemv_variant!("nt1u2p2", 1, 2),
-    gemv_variant!("nt2u1p3", 2, 3),
-    gemv_variant!("nt4u1p2", 4, 2),
+    gemv_variant!("nt1u4b1", 1),
+    gemv_variant!("nt2u4b1", 2),
+    gemv_variant!("nt4u2b1", 4),
+    gemv_variant!("nt1u4b4", 1),
+    gemv_variant!("nt2u4b3", 2),
+    gemv_variant!("nt2u2b4", 2),
+    gemv_variant!("nt4u1b4", 4),
+    gemv_variant!("nt1u1p3", 1),
+    gemv_variant!("nt1u2p2", 1),
+    gemv_variant!("nt2u1p3", 2),
+    gemv_variant!("nt4u1p2", 4),
 ];
 
 /// The GEMV variant [`gemv`] runs for `n` output columns on a GPU of `sms` SMs: the
@@ -828,6 +824,10 @@ impl Choice for GemvPick {
 /// The GEMV variant cache of one GPU.
 pub type GemvCache = TuneCache<GemvPick>;
 
+/// What the GEMV variant choice depends on: m, the weight's shape, blocksize and double
+/// quantization, and whether the output is f32 ([`gemv_key`] spells it for the file).
+type GemvShape = (usize, [usize; 2], usize, bool, bool);
+
 /// The GEMV tuner's cache key: every m (decode batches shrink as sequences finish, and
 /// the best variant depends on m), the weight's shape and scale format (the scale loads
 /// differ), and the output type.
@@ -891,9 +891,10 @@ fn measure_gemv(
 pub struct Nf4Dispatcher {
     cache: Mutex<DispatchCache>,
     gemv: Mutex<GemvCache>,
-    /// The GEMV variant resolved per [`gemv_key`] in this process: a decode step asks
-    /// for it ~200 times a token, so it is looked up here, not in the cache's entries.
-    gemv_resolved: Mutex<HashMap<String, GemvVariant>>,
+    /// The GEMV variant resolved per [`GemvShape`] in this process: a decode step asks
+    /// for it ~200 times a token, so it is looked up here without formatting a key or
+    /// reading the cache's entries.
+    gemv_resolved: Mutex<HashMap<GemvShape, GemvVariant>>,
     force: Option<Nf4Path>,
     wgmma: bool,
 }
@@ -983,11 +984,12 @@ impl Nf4Dispatcher {
         if !gpu.can_time_events() {
             return Ok(default);
         }
-        let key = gemv_key(m, w, out.is_f32());
+        let shape = (m, w.shape, w.blocksize, w.is_double_quant(), out.is_f32());
         let resolved = || self.gemv_resolved.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(v) = resolved().get(&key) {
+        if let Some(v) = resolved().get(&shape) {
             return Ok(*v);
         }
+        let key = gemv_key(m, w, out.is_f32());
         let names: Vec<&str> = GEMV_VARIANTS.iter().map(|v| v.name).collect();
         let cached = self.cached_gemv(&key).and_then(|e| {
             // An entry from before a variant existed is measured again.
@@ -999,7 +1001,7 @@ impl Nf4Dispatcher {
                 Some(entry) => {
                     let v = gemv_by_name(&entry.choice.0).unwrap_or(default);
                     let mut cache = self.gemv.lock().unwrap_or_else(|e| e.into_inner());
-                    cache.insert(key.clone(), entry);
+                    cache.insert(key, entry);
                     // Best effort, as the path cache.
                     let _ = cache.save();
                     v
@@ -1008,7 +1010,7 @@ impl Nf4Dispatcher {
                 None => default,
             },
         };
-        resolved().insert(key, v);
+        resolved().insert(shape, v);
         Ok(v)
     }
 
