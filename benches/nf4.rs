@@ -10,8 +10,9 @@
 //! ratios the issue asks for (fused vs cuBLAS bf16 and vs dequant + cuBLAS, GEMV vs the
 //! one-warp-per-row kernel).
 //!
-//! On an sm_90 GPU (with sm_90a kernels) a last section times the wgmma forward GEMM
-//! (`nf4::gemm_wgmma`) on the same shapes and prints its `BENCH fwd <shape> wgmma` lines
+//! On an sm_90 GPU (with sm_90a kernels) a last section times the two wgmma forward GEMMs
+//! (`nf4::gemm_wgmma_kernel`, 128 and 256 rows a block) on the same shapes and prints
+//! their `BENCH fwd <shape> wgmma` / `wgmma_m256` lines
 //! with the ratios to cuBLAS bf16, dequant + cuBLAS and the fused kernel measured above
 //! in the same run; it runs after the other lines are printed, so a failure there loses
 //! nothing else.
@@ -349,23 +350,37 @@ fn main() {
         let w = random_weight(g, n, k, 4);
         let x = filled_bf16(g, TOKENS * k, 5, 1.0);
         let mut y = ok(g.alloc::<bf16>(TOKENS * n));
-        let (w, x, y) = (&w, &x, &mut y);
-        let mut run: Launch = Box::new(move || ok(nf4::gemm_wgmma(g, x, TOKENS, w, Out::Bf16(y))));
-        let ms = gpu_ms(g, &mut run, 9, 5);
-        let flops = 2.0 * (TOKENS * n * k) as f64;
-        let tflops = |ms: f64| flops / (ms / 1e3) / 1e12;
-        println!(
-            "BENCH {:<28} {ms:>9.4} ms  {:>6.1} TFLOP/s  m={TOKENS} n={n} k={k}  \
-             vs cublas_bf16 {:.2}x ({:.1} TFLOP/s)  vs dequant+cublas {:.2}x ({:.1} TFLOP/s)  \
-             vs fused {:.2}x ({:.1} TFLOP/s)",
-            format!("fwd {label} wgmma"),
-            tflops(ms),
-            t_dense / ms,
-            tflops(t_dense),
-            t_dq / ms,
-            tflops(t_dq),
-            t_fused / ms,
-            tflops(t_fused)
-        );
+        for (kernel, tag) in [
+            (nf4::WgmmaKernel::M128, "wgmma"),
+            (nf4::WgmmaKernel::M256, "wgmma_m256"),
+        ] {
+            let (w, x, y) = (&w, &x, &mut y);
+            let mut run: Launch = Box::new(move || {
+                ok(nf4::gemm_wgmma_kernel(
+                    g,
+                    kernel,
+                    x,
+                    TOKENS,
+                    w,
+                    Out::Bf16(y),
+                ))
+            });
+            let ms = gpu_ms(g, &mut run, 9, 5);
+            let flops = 2.0 * (TOKENS * n * k) as f64;
+            let tflops = |ms: f64| flops / (ms / 1e3) / 1e12;
+            println!(
+                "BENCH {:<28} {ms:>9.4} ms  {:>6.1} TFLOP/s  m={TOKENS} n={n} k={k}  \
+                 vs cublas_bf16 {:.2}x ({:.1} TFLOP/s)  vs dequant+cublas {:.2}x ({:.1} TFLOP/s)  \
+                 vs fused {:.2}x ({:.1} TFLOP/s)",
+                format!("fwd {label} {tag}"),
+                tflops(ms),
+                t_dense / ms,
+                tflops(t_dense),
+                t_dq / ms,
+                tflops(t_dq),
+                t_fused / ms,
+                tflops(t_fused)
+            );
+        }
     }
 }

@@ -740,8 +740,17 @@ extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemm_bwd_lora(Nf4GemmLo
 //    out. Needs K % 64 == 0 and N % 8 == 0 (the launcher checks; rows >= M and output
 //    columns >= N are computed on zeros and not stored). Other archs get a stub that traps.
 //
-//    Block tile 128 (rows of X) x 128 (output cols) x 64 (k), 256 threads = 2 warpgroups;
-//    warpgroup wg owns rows 64wg..64wg+63 of the tile and issues, per k16 step, one
+//    Block tile 64·WGS (rows of X) x 128 (output cols) x 64 (k), 128·WGS threads = WGS
+//    warpgroups: nf4_gemm_fwd_wgmma has WGS = 2 (128 rows, 256 threads), and
+//    nf4_gemm_fwd_wgmma_m256 WGS = 4 (256 rows, 512 threads). The block decodes its 128 x
+//    64 W tile once per k-step for all of its rows, so 4 warpgroups halve the decode per
+//    tensor-core operation: by SASS counts (tools/sass-loops.sh) the WGS = 2 loop issues
+//    ~261 instructions a warp per k-tile, 2 warps a scheduler, against ~552 cycles of
+//    wgmma a k-tile on an SM (H200 peak): the issue slots are full before the tensor
+//    cores are. WGS = 4 issues ~197 a warp (its threads decode 16 codes, not 32), 4 warps
+//    a scheduler, against ~1104 cycles of wgmma (an inference, unmeasured until a GPU
+//    run: the dispatcher times both).
+//    Warpgroup wg owns rows 64wg..64wg+63 of the tile and issues, per k16 step, one
 //      wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16  acc[64], descA, descB
 //    that reads A (its 64 x 16 slice of X) and B (128 x 16 of Wb) straight from shared
 //    memory through two 64-bit matrix descriptors (PTX ISA, "Matrix Descriptor Format"):
@@ -764,11 +773,13 @@ extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemm_bwd_lora(Nf4GemmLo
 //    at row 16q + g + 8·(i/2), col 8j + 2t + (i%2) for j = 0..15 — mma.sync's C fragment
 //    repeated along N.
 //
-//    Pipeline (4 shared stages of A and of B, 128 KiB + 1 KiB for the alignment):
+//    Pipeline (4 shared stages of A and of B, 4 x (8·WGS + 16) KiB + 1 KiB for the
+//    alignment):
 //      X:  cp.async 16 B straight into the swizzled layout, 2 tiles ahead; rows >= M zero.
-//      W:  each thread loads one 16-byte word (32 codes of one row) plus the raw scale
-//          parts for tile t+2 into registers (two register sets, by parity) and, one
-//          iteration later, decodes tile t+1 into its B stage with st.shared.
+//      W:  each thread loads 32 codes (WGS = 2: a 16-byte word) or 16 (WGS = 4: 8 bytes)
+//          of one row plus the raw scale parts for tile t+2 into registers (two register
+//          sets, by parity) and, one iteration later, decodes tile t+1 into its B stage
+//          with st.shared.
 //    Iteration t: wait for X tile t (own cp.async group), fence.proxy.async (this thread's
 //    generic-proxy writes — cp.async and st.shared — become visible to the async proxy
 //    the wgmma reads through), __syncthreads (everyone's), then wgmma.fence, 4 wgmmas,
@@ -778,16 +789,23 @@ extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemm_bwd_lora(Nf4GemmLo
 //    complete and stages (t-2)%4 = (t+2)%4 and (t-3)%4 = (t+1)%4 are free to overwrite.
 //    The accumulators stay in flight between iterations: wgmmas of one shape chained on
 //    the same registers are ordered by the hardware (PTX ISA, wgmma.fence).
-//    Shared memory: 4 x (16 KiB A + 16 KiB B) + 1 KiB = 132096 B (1 block per SM).
+//    Shared memory: 4 x (16 KiB A + 16 KiB B) + 1 KiB = 132096 B (WGS = 2) or
+//    4 x (32 KiB A + 16 KiB B) + 1 KiB = 197632 B (WGS = 4); 1 block per SM either way.
+//    Both give the same bits: the same wgmmas on the same operands in the same k order.
 
 namespace palign {
 namespace nf4 {
 
-constexpr int WG_BM = 128, WG_BN = 128, WG_BK = 64, WG_STAGES = 4, WG_THREADS = 256;
-constexpr int WG_TILE_BYTES = 128 * WG_BK * 2;                   // one A or B stage
-constexpr int WG_SMEM = 2 * WG_STAGES * WG_TILE_BYTES + 1024;    // + room to align to 1024
-static_assert(WG_SMEM == 132096, "keep NF4_WGMMA_SMEM_BYTES in src/backend/cuda/nf4.rs in sync");
-static_assert(WG_BM == 2 * 64 && WG_BN == 128 && WG_THREADS == 2 * 128, "two m64n128 warpgroups");
+// WGS warpgroups a block (2: nf4_gemm_fwd_wgmma, 4: nf4_gemm_fwd_wgmma_m256), each owning
+// 64 rows of X: a block tile of 64·WGS rows x 128 output columns.
+constexpr int WG_BN = 128, WG_BK = 64, WG_STAGES = 4;
+constexpr int WG_B_BYTES = WG_BN * WG_BK * 2; // one W stage: [128 cols][64 k] bf16
+__host__ __device__ constexpr int wg_x_bytes(int wgs) { return 64 * wgs * WG_BK * 2; }
+__host__ __device__ constexpr int wg_smem(int wgs) {
+    return WG_STAGES * (wg_x_bytes(wgs) + WG_B_BYTES) + 1024; // + room to align to 1024
+}
+static_assert(wg_smem(2) == 132096, "keep NF4_WGMMA_SMEM_BYTES in src/backend/cuda/nf4.rs in sync");
+static_assert(wg_smem(4) == 197632, "keep NF4_WGMMA_M256_SMEM_BYTES in src/backend/cuda/nf4.rs in sync");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PALIGN_KEMU)
 
@@ -858,54 +876,88 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t da, ui
 
 #endif // PALIGN_KEMU
 
-__device__ __forceinline__ void gemm_wgmma(const Nf4GemmParams &p) {
+// NW 32-bit words of W's codes (8·NW codes, inside one scale block) and their scale's
+// parts, loaded ahead of use (Nf4Word for any NW in {2, 4}).
+template <int NW> struct WgWords {
+    uint32_t q[NW];
+    ScaleParts s;
+};
+template <int NW>
+__device__ __forceinline__ WgWords<NW> load_wg_words(const Nf4WeightParams &w, uint64_t e, bool ok) {
+    static_assert(NW == 2 || NW == 4, "8 or 16 bytes");
+    WgWords<NW> x{};
+    if (ok) {
+        if constexpr (NW == 4) {
+            const uint4 v = __ldg(reinterpret_cast<const uint4 *>(w.packed + (e >> 1)));
+            x.q[0] = v.x, x.q[1] = v.y, x.q[2] = v.z, x.q[3] = v.w;
+        } else {
+            const uint2 v = __ldg(reinterpret_cast<const uint2 *>(w.packed + (e >> 1)));
+            x.q[0] = v.x, x.q[1] = v.y;
+        }
+        x.s = load_scale_parts(w, e >> w.log2_blocksize);
+    }
+    return x;
+}
+
+template <int WGS> __device__ __forceinline__ void gemm_wgmma(const Nf4GemmParams &p) {
+    constexpr int THREADS = 128 * WGS, BM = 64 * WGS;
+    constexpr int NW = 8 / WGS;    // 32-bit words of codes a thread decodes per W tile
+    constexpr int TPR = 64 / (8 * NW); // threads per W row (64 codes a tile)
     PALIGN_DYNAMIC_SMEM(nf4_wg_smem);
     __shared__ __align__(256) float lut[16];
-    if (dynamic_smem_bytes() < (uint32_t)WG_SMEM) __trap(); // launcher bug, not data
+    if (dynamic_smem_bytes() < (uint32_t)wg_smem(WGS)) __trap(); // launcher bug, not data
     load_lut(lut);
     // 128B-swizzle atoms (and the descriptors' base offset 0) need 1024-byte alignment.
     const uint32_t raw = smem_addr(nf4_wg_smem);
     const uint32_t base = (raw + 1023u) & ~1023u;
     uint8_t *sm = nf4_wg_smem + (base - raw);
-    auto a_stage = [&](int s) { return s * WG_TILE_BYTES; };               // byte offsets
-    auto b_stage = [&](int s) { return (WG_STAGES + s) * WG_TILE_BYTES; };
+    auto a_stage = [&](int s) { return s * wg_x_bytes(WGS); }; // byte offsets
+    auto b_stage = [&](int s) { return WG_STAGES * wg_x_bytes(WGS) + s * WG_B_BYTES; };
 
     const int tid = threadIdx.x, wg = tid >> 7, wq = (tid >> 5) & 3, lane = tid & 31;
     const int M = p.m, N = p.w.rows, K = p.w.cols;
-    const int m0 = blockIdx.y * WG_BM, c0 = blockIdx.x * WG_BN;
+    const int m0 = blockIdx.y * BM, c0 = blockIdx.x * WG_BN;
     const int KT = K / WG_BK;
 
-    // X tile: 128 rows x 8 chunks of 16 B, 4 per thread; chunk ch of row r -> ch ^ (r % 8).
+    // X tile: 64·WGS rows x 8 chunks of 16 B; this thread copies chunk xc of rows
+    // xr + 16·WGS·j (j < 4), to chunk xc ^ (row % 8) (the same for every j); rows >= M
+    // are zero-filled. Sources and destinations are computed once, outside the k loop.
+    const int xr = tid >> 3, xc = tid & 7;
+    const int x_dst = xr * 128 + ((xc ^ (xr & 7)) << 4);
+    const __nv_bfloat16 *x_src[4];
+    bool x_ok[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const int row = m0 + xr + THREADS / 8 * j;
+        x_ok[j] = row < M;
+        x_src[j] = p.a + (int64_t)(x_ok[j] ? row : 0) * K + xc * 8;
+    }
     auto load_a = [&](int kt, int s) {
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const int c = tid + j * WG_THREADS;
-            const int row = c >> 3, ch = c & 7;
-            const bool ok = m0 + row < M;
-            const __nv_bfloat16 *src =
-                p.a + (int64_t)(ok ? m0 + row : 0) * K + kt * WG_BK + ch * 8;
-            cp_async16(sm + a_stage(s) + row * 128 + ((ch ^ (row & 7)) << 4), src, ok);
-        }
+        for (int j = 0; j < 4; j++)
+            cp_async16(sm + a_stage(s) + x_dst + THREADS / 8 * 128 * j, x_src[j] + kt * WG_BK,
+                       x_ok[j]);
     };
-    // W tile: row c0 + tid/2 of W, codes k0 + 32·(tid%2) .. +32 (one scale block: >= 32).
-    const int w_r = tid >> 1, w_h = tid & 1;
-    // One thread's share of a W tile is loaded a tile ahead (Nf4Word), so no load waits
+    // W tile: row c0 + tid/TPR of W, codes k0 + 8·NW·(tid%TPR) .. +8·NW (inside one scale
+    // block: >= 32 codes).
+    const int w_r = tid / TPR, w_h = tid % TPR;
+    // One thread's share of a W tile is loaded a tile ahead (WgWords), so no load waits
     // on another while the wgmmas run.
     const bool w_ok = c0 + w_r < N;
-    auto load_w = [&](int kt, Nf4Word &w) {
-        const int row = c0 + w_r, col = kt * WG_BK + w_h * 32;
-        w = load_word(p.w, (uint64_t)row * (uint64_t)K + col, w_ok);
+    auto load_w = [&](int kt, WgWords<NW> &w) {
+        const int row = c0 + w_r, col = kt * WG_BK + w_h * 8 * NW;
+        w = load_wg_words<NW>(p.w, (uint64_t)row * (uint64_t)K + col, w_ok);
     };
-    // Decode 32 codes to bf16 (block_scale's formula: the same bits as every NF4 kernel)
-    // and store them as chunks 4·w_h .. 4·w_h+3 of row w_r, swizzled. Rows >= N decode
-    // to zeros (q = 0, scale 0).
-    auto store_w = [&](const Nf4Word &w, int s) {
-        const float sc = word_scale(p.w, w, w_ok);
+    // Decode the codes to bf16 (block_scale's formula: the same bits as every NF4 kernel)
+    // and store them as chunks NW·w_h .. NW·w_h+NW-1 of row w_r, swizzled. Rows >= N
+    // decode to zeros (q = 0, scale 0).
+    auto store_w = [&](const WgWords<NW> &w, int s) {
+        const float sc = w_ok ? scale_of(p.w, w.s) : 0.0f;
         uint8_t *dst = sm + b_stage(s) + w_r * 128;
 #pragma unroll
-        for (int v = 0; v < 4; v++) {
-            const uint4 o = decode_word(lut, word_of(w.q, v), sc);
-            const int ch = 4 * w_h + v;
+        for (int v = 0; v < NW; v++) {
+            const uint4 o = decode_word(lut, w.q[v], sc);
+            const int ch = NW * w_h + v;
             *reinterpret_cast<uint4 *>(dst + ((ch ^ (w_r & 7)) << 4)) = o;
         }
     };
@@ -920,24 +972,30 @@ __device__ __forceinline__ void gemm_wgmma(const Nf4GemmParams &p) {
     cp_async_commit();
     if (1 < KT) load_a(1, 1);
     cp_async_commit();
-    Nf4Word w0, w1;
+    WgWords<NW> w0, w1;
     load_w(0, w0);
     store_w(w0, 0);
     if (1 < KT) load_w(1, w1);
     if (2 < KT) load_w(2, w0);
 
+    // Stage 0's descriptors: this warpgroup's 64 rows of X, and the W tile.
+    const uint64_t desc_a = wg_desc(base + a_stage(0) + wg * 64 * 128);
+    const uint64_t desc_b = wg_desc(base + b_stage(0));
+
     // One iteration; `nx` holds W tile kt+1 on entry and W tile kt+3 on exit.
-    auto step = [&](int kt, Nf4Word &nx) {
+    auto step = [&](int kt, WgWords<NW> &nx) {
         cp_async_wait<1>(); // X tile kt (tile kt+1 may still fly)
         fence_proxy_async_smem();
         __syncthreads();
         const int s = kt % WG_STAGES;
-        const uint32_t a_addr = base + a_stage(s) + wg * 64 * 128; // this warpgroup's rows
-        const uint32_t b_addr = base + b_stage(s);
+        // A descriptor's address field is bits 0-13 (address >> 4) and no address here
+        // reaches 2^18, so moving a descriptor by b bytes adds b >> 4 without a carry.
+        const uint64_t da = desc_a + (uint32_t)(s * (wg_x_bytes(WGS) >> 4));
+        const uint64_t db = desc_b + (uint32_t)(s * (WG_B_BYTES >> 4));
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < WG_BK / 16; kk++)
-            wgmma_m64n128k16(acc, wg_desc(a_addr + 32 * kk), wg_desc(b_addr + 32 * kk));
+            wgmma_m64n128k16(acc, da + 2 * kk, db + 2 * kk); // k16 step kk: 32 bytes on
         wg_commit();
         if (kt + 2 < KT) load_a(kt + 2, (kt + 2) % WG_STAGES);
         cp_async_commit(); // one group per iteration, empty ones included
@@ -975,7 +1033,14 @@ __device__ __forceinline__ void gemm_wgmma(const Nf4GemmParams &p) {
 // Only the sm_90a image runs it (the launcher refuses other GPUs); elsewhere it traps.
 extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemm_fwd_wgmma(Nf4GemmParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PALIGN_KEMU)
-    palign::nf4::gemm_wgmma(p);
+    palign::nf4::gemm_wgmma<2>(p);
+#else
+    __trap();
+#endif
+}
+extern "C" __global__ void __launch_bounds__(512, 1) nf4_gemm_fwd_wgmma_m256(Nf4GemmParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PALIGN_KEMU)
+    palign::nf4::gemm_wgmma<4>(p);
 #else
     __trap();
 #endif

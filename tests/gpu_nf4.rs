@@ -130,7 +130,7 @@ fn candidates_follow_the_kernel_limits() {
 
 #[test]
 fn wgmma_limits_and_gating() {
-    use Nf4Path::{DequantCublas, Fused, Gemv, Wgmma};
+    use Nf4Path::{DequantCublas, Fused, Gemv, Wgmma, WgmmaM256};
     // Shapes: K % 64 == 0 and N % 8 == 0.
     assert!(nf4::check_wgmma([4096, 4096]).is_ok());
     assert!(nf4::check_wgmma([1000, 14336]).is_ok());
@@ -172,8 +172,8 @@ fn wgmma_limits_and_gating() {
     assert!(!nf4::wgmma_gate(Some("1"), (8, 0), all).unwrap());
     assert!(!nf4::wgmma_gate(Some("1"), (9, 0), "sm_80 compute_80").unwrap());
 
-    // Candidates: the gate off gives today's list exactly; on, wgmma comes last, forward
-    // only, where its shape limits hold.
+    // Candidates: the gate off gives today's list exactly; on, the two wgmma GEMMs come
+    // last, forward only, where their shape limits hold.
     let (fwd, bwd) = (Nf4Op::Forward, Nf4Op::Backward);
     for &(op, m, shape, f32_out) in &[
         (fwd, 1, [1024, 4096], false),
@@ -189,11 +189,11 @@ fn wgmma_limits_and_gating() {
     }
     assert_eq!(
         nf4::candidates_with(fwd, 8192, [4096, 4096], false, true),
-        [Fused, DequantCublas, Wgmma]
+        [Fused, DequantCublas, Wgmma, WgmmaM256]
     );
     assert_eq!(
         nf4::candidates_with(fwd, 1, [1024, 4096], true, true),
-        [Gemv, Fused, Wgmma]
+        [Gemv, Fused, Wgmma, WgmmaM256]
     );
     assert_eq!(
         nf4::candidates_with(bwd, 8192, [4096, 4096], false, true),
@@ -211,12 +211,13 @@ fn wgmma_limits_and_gating() {
 
 #[test]
 fn wgmma_path_names_are_stable_and_old_entries_are_remeasured() {
-    use Nf4Path::{DequantCublas, Fused, Gemv, Wgmma};
+    use Nf4Path::{DequantCublas, Fused, Gemv, Wgmma, WgmmaM256};
     for (p, name) in [
         (Gemv, "gemv"),
         (Fused, "fused"),
         (DequantCublas, "dequant_cublas"),
         (Wgmma, "wgmma"),
+        (WgmmaM256, "wgmma_m256"),
     ] {
         assert_eq!(p.name(), name);
         assert_eq!(Nf4Path::parse(name), Some(p));
@@ -242,6 +243,15 @@ fn wgmma_path_names_are_stable_and_old_entries_are_remeasured() {
     // It answers while the candidates are today's; with wgmma enabled it is re-timed.
     assert!(nf4::entry_covers(&e, &[Fused, DequantCublas]));
     assert!(!nf4::entry_covers(&e, &[Fused, DequantCublas, Wgmma]));
+    // An entry timed before the 256-row wgmma GEMM existed is re-timed with it.
+    let w1 = entry(
+        Wgmma,
+        &[("fused", 2.0), ("dequant_cublas", 1.0), ("wgmma", 0.5)],
+    );
+    assert!(!nf4::entry_covers(
+        &w1,
+        &[Fused, DequantCublas, Wgmma, WgmmaM256]
+    ));
     // An entry that chose wgmma is not used once wgmma is off again.
     let w = entry(
         Wgmma,
@@ -923,39 +933,47 @@ fn wgmma_gemm_reproduces_the_bf16_weight() {
         }
         let w = ok(Nf4Weight::upload(&g, &t));
         let x = ok(g.upload(&xb));
-        let got = run_out(&g, m * n, f32_out, |o| nf4::gemm_wgmma(&g, &x, m, &w, o));
-        let mut bad = 0usize;
-        let mut first = None;
-        for r in 0..m {
-            for c in 0..n {
-                let want = if r < k { wb[c * k + r] } else { 0.0 };
-                // == (not bits): a -0.0 weight sums to +0.0.
-                if got[r * n + c] != want {
-                    bad += 1;
-                    first.get_or_insert((r, c, got[r * n + c], want));
+        for kernel in WGMMA_KERNELS {
+            let got = run_out(&g, m * n, f32_out, |o| {
+                nf4::gemm_wgmma_kernel(&g, kernel, &x, m, &w, o)
+            });
+            let mut bad = 0usize;
+            let mut first = None;
+            for r in 0..m {
+                for c in 0..n {
+                    let want = if r < k { wb[c * k + r] } else { 0.0 };
+                    // == (not bits): a -0.0 weight sums to +0.0.
+                    if got[r * n + c] != want {
+                        bad += 1;
+                        first.get_or_insert((r, c, got[r * n + c], want));
+                    }
                 }
             }
+            let out = if f32_out { "f32" } else { "bf16" };
+            println!(
+                "PARITY wgmma {kernel:?} one-hot {shape:?} dq={dq} {out}: mismatches={bad} n={}",
+                m * n
+            );
+            assert_eq!(bad, 0, "{kernel:?} first (row, col, got, want): {first:?}");
         }
-        let out = if f32_out { "f32" } else { "bf16" };
-        println!(
-            "PARITY wgmma one-hot {shape:?} dq={dq} {out}: mismatches={bad} n={}",
-            m * n
-        );
-        assert_eq!(bad, 0, "first (row, col, got, want): {first:?}");
     }
 }
+
+/// Both wgmma GEMMs (2 and 4 warpgroups a block).
+const WGMMA_KERNELS: [nf4::WgmmaKernel; 2] = [nf4::WgmmaKernel::M128, nf4::WgmmaKernel::M256];
 
 #[test]
 #[ignore = "needs a CUDA device"]
 fn wgmma_gemm_matches_cpu_and_fused() {
     let Some(g) = wgmma_gpu() else { return };
     // (m, n, k, double quant, f32 out). K = 64, 128, 192: one to three k-tiles (the
-    // pipeline's prologue and tail); M = 1, 5, 77, 130, 1000: partial row tiles;
+    // pipeline's prologue and tail); M = 1, 5, 77, 130, 300, 1000: partial row tiles;
     // N = 136, 264, 1000: partial column tiles; then the Mistral-7B shapes at M = 8192.
     let cases: &[(usize, usize, usize, bool, bool)] = &[
         (5, 256, 64, true, true),
         (130, 136, 128, false, false),
         (77, 264, 192, true, true),
+        (300, 136, 128, true, false),
         (1, 1024, 4096, true, false),
         (1, 4096, 4096, false, true),
         (130, 1024, 4096, true, true),
@@ -983,13 +1001,29 @@ fn wgmma_gemm_matches_cpu_and_fused() {
         let x = ok(g.upload(&xb));
         let out = if f32_out { "f32" } else { "bf16" };
         let got = run_out(&g, m * n, f32_out, |o| nf4::gemm_wgmma(&g, &x, m, &w, o));
-        // All rows against the CPU when that is cheap; else 48 rows: both ends, both
-        // sides of a 128-row tile boundary, and random ones.
+        // The 256-row kernel runs the same wgmmas on the same operands in the same k
+        // order, so it must give the same bits.
+        let got256 = run_out(&g, m * n, f32_out, |o| {
+            nf4::gemm_wgmma_kernel(&g, nf4::WgmmaKernel::M256, &x, m, &w, o)
+        });
+        let differ = got
+            .iter()
+            .zip(&got256)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        println!("PARITY gemm_wgmma M256 vs M128 m={m} n={n} k={k} {out}: differ={differ}");
+        assert_eq!(differ, 0, "the two wgmma GEMMs disagree");
+        // All rows against the CPU when that is cheap; else 64 rows: both ends, both
+        // sides of a 128- and of a 256-row tile boundary, and random ones.
         let rows: Vec<usize> = if m * n * k <= 1 << 31 {
             (0..m).collect()
         } else {
             let mut r = rng(900 + i as u64);
-            let mut v: Vec<usize> = (0..8).chain(m - 8..m).chain(120..136).collect();
+            let mut v: Vec<usize> = (0..8)
+                .chain(m - 8..m)
+                .chain(120..136)
+                .chain(248..264)
+                .collect();
             v.extend((0..16).map(|_| r.random_range(0..m)));
             v
         };
@@ -1029,16 +1063,24 @@ fn wgmma_gemm_rejects_bad_shapes_without_launching() {
     let g = gpu();
     let x = ok(g.upload(&vec![bf16::ZERO; 4 * 4096]));
     let mut o = ok(g.alloc::<f32>(4 * 4096));
-    let w = ok(Nf4Weight::upload(&g, &weight(13, [1004, 4096], 64, true)));
-    let r = nf4::gemm_wgmma(&g, &x, 4, &w, Out::F32(&mut o));
-    assert!(is_bad_input(r), "N = 1004 is not a multiple of 8");
-    let w = ok(Nf4Weight::upload(&g, &weight(14, [64, 96], 32, false)));
-    let r = nf4::gemm_wgmma(&g, &x, 4, &w, Out::F32(&mut o));
-    assert!(is_bad_input(r), "K = 96 is not a multiple of 64");
-    let w = ok(Nf4Weight::upload(&g, &weight(15, [128, 4096], 64, true)));
-    let mut small = ok(g.alloc::<f32>(10));
-    let r = nf4::gemm_wgmma(&g, &x, 4, &w, Out::F32(&mut small));
-    assert!(is_bad_input(r), "output too short");
+    for kernel in WGMMA_KERNELS {
+        let w = ok(Nf4Weight::upload(&g, &weight(13, [1004, 4096], 64, true)));
+        let r = nf4::gemm_wgmma_kernel(&g, kernel, &x, 4, &w, Out::F32(&mut o));
+        assert!(
+            is_bad_input(r),
+            "{kernel:?}: N = 1004 is not a multiple of 8"
+        );
+        let w = ok(Nf4Weight::upload(&g, &weight(14, [64, 96], 32, false)));
+        let r = nf4::gemm_wgmma_kernel(&g, kernel, &x, 4, &w, Out::F32(&mut o));
+        assert!(
+            is_bad_input(r),
+            "{kernel:?}: K = 96 is not a multiple of 64"
+        );
+        let w = ok(Nf4Weight::upload(&g, &weight(15, [128, 4096], 64, true)));
+        let mut small = ok(g.alloc::<f32>(10));
+        let r = nf4::gemm_wgmma_kernel(&g, kernel, &x, 4, &w, Out::F32(&mut small));
+        assert!(is_bad_input(r), "{kernel:?}: output too short");
+    }
     ok(g.synchronize());
 }
 
@@ -1090,6 +1132,7 @@ fn dispatcher_times_wgmma_only_when_enabled() {
     let e = cache(&d);
     let sm90 = nf4::wgmma_supported(g.compute_capability(), palign::backend::cuda::TARGETS);
     assert_eq!(e.ms.contains_key("wgmma"), sm90, "{:?}", e.ms);
+    assert_eq!(e.ms.contains_key("wgmma_m256"), sm90, "{:?}", e.ms);
     println!(
         "PARITY dispatch wgmma-on choice for {key}: {} {:?}",
         e.choice.name(),

@@ -69,6 +69,7 @@ pub const KERNELS: &[&str] = &[
     "nf4_gemm_fwd",
     "nf4_gemm_bwd",
     "nf4_gemm_fwd_wgmma",
+    "nf4_gemm_fwd_wgmma_m256",
 ];
 
 const THREADS: u32 = 256;
@@ -77,11 +78,51 @@ const THREADS: u32 = 256;
 pub const NF4_GEMM_SMEM_BYTES: u32 = 73728;
 /// Tile of the fused GEMM: rows of X per block, output columns per block, reduction step.
 pub const GEMM_TILE: (usize, usize, usize) = (128, 128, 64);
-/// Dynamic shared memory of the wgmma GEMM (WG_SMEM in kernels/nf4.cu: 4 stages of
+/// Dynamic shared memory of the wgmma GEMM (wg_smem(2) in kernels/nf4.cu: 4 stages of
 /// 16 KiB A + 16 KiB B, plus 1 KiB to align the 128-byte-swizzle atoms).
 pub const NF4_WGMMA_SMEM_BYTES: u32 = 132096;
-/// Tile of the wgmma GEMM (rows of X, output columns, reduction step).
+/// Dynamic shared memory of the 256-row wgmma GEMM (wg_smem(4): 4 stages of 32 KiB A +
+/// 16 KiB B, plus 1 KiB).
+pub const NF4_WGMMA_M256_SMEM_BYTES: u32 = 197632;
+/// Tile of the wgmma GEMM (rows of X, output columns, reduction step); the M256 kernel
+/// takes 256 rows ([`WgmmaKernel::rows`]).
 pub const WGMMA_TILE: (usize, usize, usize) = (128, 128, 64);
+
+/// The two wgmma GEMMs (kernels/nf4.cu §5): the same product and the same numbers, with
+/// 2 or 4 warpgroups a block. A block decodes one 128-column W tile per k-step for all
+/// of its rows, so 256 rows halve the decode work per tensor-core operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WgmmaKernel {
+    /// 128 rows of X a block, 256 threads.
+    M128,
+    /// 256 rows of X a block, 512 threads.
+    M256,
+}
+
+impl WgmmaKernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            WgmmaKernel::M128 => "nf4_gemm_fwd_wgmma",
+            WgmmaKernel::M256 => "nf4_gemm_fwd_wgmma_m256",
+        }
+    }
+    /// Rows of X a block computes.
+    pub fn rows(self) -> usize {
+        match self {
+            WgmmaKernel::M128 => 128,
+            WgmmaKernel::M256 => 256,
+        }
+    }
+    fn threads(self) -> u32 {
+        2 * self.rows() as u32
+    }
+    fn smem(self) -> u32 {
+        match self {
+            WgmmaKernel::M128 => NF4_WGMMA_SMEM_BYTES,
+            WgmmaKernel::M256 => NF4_WGMMA_M256_SMEM_BYTES,
+        }
+    }
+}
 /// Set to 1 to let the dispatcher time (and so pick) the wgmma GEMM on sm_90.
 pub const WGMMA_ENV: &str = "PALIGN_NF4_WGMMA";
 /// The GEMV's row limit (one m16 tensor-core tile).
@@ -411,13 +452,25 @@ fn launch<P: DeviceRepr>(
     smem: u32,
     params: &P,
 ) -> Result<()> {
+    launch_threads(gpu, name, grid, THREADS, smem, params)
+}
+
+/// [`launch`] with `threads` a block (the 512-thread wgmma GEMM).
+fn launch_threads<P: DeviceRepr>(
+    gpu: &Gpu,
+    name: &str,
+    grid: (u32, u32),
+    threads: u32,
+    smem: u32,
+    params: &P,
+) -> Result<()> {
     if grid.0 == 0 || grid.1 == 0 {
         return Ok(());
     }
     let f = gpu.function(name)?;
     let cfg = LaunchConfig {
         grid_dim: (grid.0, grid.1, 1),
-        block_dim: (THREADS, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: smem,
     };
     let mut b = gpu.stream().launch_builder(f);
@@ -625,6 +678,18 @@ pub fn gemm_wgmma(
     w: &Nf4Weight,
     out: Out<'_>,
 ) -> Result<()> {
+    gemm_wgmma_kernel(gpu, WgmmaKernel::M128, a, m, w, out)
+}
+
+/// [`gemm_wgmma`] with the block size `kernel` (the same numbers from either).
+pub fn gemm_wgmma_kernel(
+    gpu: &Gpu,
+    kernel: WgmmaKernel,
+    a: &DeviceBuffer<bf16>,
+    m: usize,
+    w: &Nf4Weight,
+    out: Out<'_>,
+) -> Result<()> {
     let cc = gpu.compute_capability();
     if !wgmma_supported(cc, TARGETS) {
         return Err(bad(format!(
@@ -635,14 +700,14 @@ pub fn gemm_wgmma(
     }
     check_wgmma(w.shape)?;
     check_io(Nf4Op::Forward, m, w.shape, a.len(), out.len())?;
-    let grid_y = m.div_ceil(WGMMA_TILE.0);
+    let grid_y = m.div_ceil(kernel.rows());
     if grid_y > 65535 {
         return Err(bad(format!(
             "NF4 wgmma GEMM: {m} rows exceed the launch grid"
         )));
     }
-    let name = "nf4_gemm_fwd_wgmma";
-    gpu.opt_in_smem(name, NF4_WGMMA_SMEM_BYTES as usize)?;
+    let name = kernel.name();
+    gpu.opt_in_smem(name, kernel.smem() as usize)?;
     let p = Nf4GemmParams {
         out: out.ptr(),
         a: a.ptr(),
@@ -651,11 +716,12 @@ pub fn gemm_wgmma(
         out_f32: out.is_f32() as i32,
     };
     let grid_x = w.shape[0].div_ceil(WGMMA_TILE.1);
-    launch(
+    launch_threads(
         gpu,
         name,
         (grid_x as u32, grid_y as u32),
-        NF4_WGMMA_SMEM_BYTES,
+        kernel.threads(),
+        kernel.smem(),
         &p,
     )
 }
@@ -724,6 +790,8 @@ pub enum Nf4Path {
     DequantCublas,
     /// [`gemm_wgmma`] (forward, sm_90, only with `PALIGN_NF4_WGMMA=1`).
     Wgmma,
+    /// [`gemm_wgmma_kernel`] with [`WgmmaKernel::M256`] (like [`Nf4Path::Wgmma`]).
+    WgmmaM256,
 }
 
 impl Nf4Path {
@@ -733,6 +801,7 @@ impl Nf4Path {
             Nf4Path::Fused => "fused",
             Nf4Path::DequantCublas => "dequant_cublas",
             Nf4Path::Wgmma => "wgmma",
+            Nf4Path::WgmmaM256 => "wgmma_m256",
         }
     }
 
@@ -742,6 +811,7 @@ impl Nf4Path {
             Nf4Path::Fused,
             Nf4Path::DequantCublas,
             Nf4Path::Wgmma,
+            Nf4Path::WgmmaM256,
         ]
         .into_iter()
         .find(|p| p.name() == s)
@@ -754,8 +824,8 @@ pub fn candidates(op: Nf4Op, m: usize, w_shape: [usize; 2], out_f32: bool) -> Ve
     candidates_with(op, m, w_shape, out_f32, false)
 }
 
-/// [`candidates`], plus [`Nf4Path::Wgmma`] (after the others) where `wgmma` is true
-/// ([`wgmma_gate`]) and the shape fits it.
+/// [`candidates`], plus [`Nf4Path::Wgmma`] and [`Nf4Path::WgmmaM256`] (after the others)
+/// where `wgmma` is true ([`wgmma_gate`]) and the shape fits them.
 pub fn candidates_with(
     op: Nf4Op,
     m: usize,
@@ -775,6 +845,7 @@ pub fn candidates_with(
     }
     if wgmma && op == Nf4Op::Forward && check_wgmma(w_shape).is_ok() {
         v.push(Nf4Path::Wgmma);
+        v.push(Nf4Path::WgmmaM256);
     }
     v
 }
@@ -901,14 +972,14 @@ pub struct Nf4Dispatcher {
 
 impl Nf4Dispatcher {
     /// With the on-disk cache of this GPU ([`DispatchCache::default_path`]);
-    /// `PALIGN_NF4_PATH=gemv|fused|dequant_cublas|wgmma` forces a path where it applies;
+    /// `PALIGN_NF4_PATH=gemv|fused|dequant_cublas|wgmma|wgmma_m256` forces a path where it applies;
     /// `PALIGN_NF4_WGMMA=1` adds the wgmma GEMM to the candidates on sm_90 ([`wgmma_gate`]).
     pub fn new(gpu: &Gpu) -> Result<Nf4Dispatcher> {
         let cache = DispatchCache::for_gpu(gpu.name());
         let force = match std::env::var("PALIGN_NF4_PATH") {
             Ok(v) if !v.is_empty() && v != "auto" => Some(Nf4Path::parse(&v).ok_or_else(|| {
                 bad(format!(
-                    "PALIGN_NF4_PATH={v:?}: expected auto, gemv, fused, dequant_cublas or wgmma"
+                    "PALIGN_NF4_PATH={v:?}: expected auto, gemv, fused, dequant_cublas, wgmma or wgmma_m256"
                 ))
             })?),
             _ => None,
@@ -1045,6 +1116,9 @@ impl Nf4Dispatcher {
             (Nf4Path::Fused, out) => gemm_fused(gpu, op, a, m, w, out),
             (Nf4Path::DequantCublas, Out::Bf16(o)) => gemm_dequant_cublas(gpu, op, a, m, w, o),
             (Nf4Path::Wgmma, out) if op == Nf4Op::Forward => gemm_wgmma(gpu, a, m, w, out),
+            (Nf4Path::WgmmaM256, out) if op == Nf4Op::Forward => {
+                gemm_wgmma_kernel(gpu, WgmmaKernel::M256, a, m, w, out)
+            }
             (p, out) => Err(bad(format!(
                 "NF4 path {} cannot compute {} with {} output",
                 p.name(),
