@@ -10,9 +10,9 @@
 //! ratios the issue asks for (fused vs cuBLAS bf16 and vs dequant + cuBLAS, GEMV vs the
 //! one-warp-per-row kernel).
 //!
-//! On an sm_90 GPU (with sm_90a kernels) a last section times the two wgmma forward GEMMs
-//! (`nf4::gemm_wgmma_kernel`, 128 and 256 rows a block) on the same shapes and prints
-//! their `BENCH fwd <shape> wgmma` / `wgmma_m256` lines
+//! On an sm_90 GPU (with sm_90a kernels) a last section times the wgmma forward GEMMs
+//! (`nf4::gemm_wgmma_kernel`: 128 and 256 rows a block, and the register-A one) on the
+//! same shapes and prints their `BENCH fwd <shape> wgmma` / `wgmma_m256` / `wgmma_rs` lines
 //! with the ratios to cuBLAS bf16, dequant + cuBLAS and the fused kernel measured above
 //! in the same run; it runs after the other lines are printed, so a failure there loses
 //! nothing else.
@@ -353,6 +353,7 @@ fn main() {
         for (kernel, tag) in [
             (nf4::WgmmaKernel::M128, "wgmma"),
             (nf4::WgmmaKernel::M256, "wgmma_m256"),
+            (nf4::WgmmaKernel::Rs, "wgmma_rs"),
         ] {
             let (w, x, y) = (&w, &x, &mut y);
             let mut run: Launch = Box::new(move || {

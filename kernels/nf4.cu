@@ -830,9 +830,9 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 // Keeps the compiler from moving accumulator reads/writes across a wgmma wait or fence.
-__device__ __forceinline__ void wg_pin(float (&d)[64]) {
+template <int N> __device__ __forceinline__ void wg_pin(float (&d)[N]) {
 #pragma unroll
-    for (int i = 0; i < 64; i++) asm volatile("" : "+f"(d[i])::"memory");
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 // d[64] += A(64 x 16) · B(128 x 16)ᵀ, both from shared memory (scale-d = 1, no negation,
@@ -863,15 +863,67 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t da, ui
         : "l"(da), "l"(db), "r"(1));
 }
 
+// d[128] += A(64 x 16) · B(256 x 16)ᵀ, A from registers: a[4] is this thread's fragment
+// (mma.sync m16n8k16's A layout for rows 16·(warp % 4) .. +15 of the warpgroup's 64: reg
+// 0 (row g, k 2t, 2t+1), reg 1 row g+8, regs 2/3 the same rows at k 2t+8, 2t+9), B from
+// shared memory (K-major, 128B swizzle) through its descriptor. PTX ISA: wgmma.mma_async
+// with a register A operand takes no transpose flag for A.
+__device__ __forceinline__ void wgmma_m64n256k16_rs(float (&d)[128], const uint32_t (&a)[4],
+                                                    uint64_t db) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %133, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+        "{"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+        "{%128, %129, %130, %131}, %132, p, 1, 1, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+          "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+          "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+          "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+          "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+          "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
+          "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+          "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]),
+          "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]),
+          "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]),
+          "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]),
+          "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]),
+          "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]),
+          "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]),
+          "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]),
+          "+f"(d[126]), "+f"(d[127])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+
 #else // the CPU emulator (tools/kemu): wgmma deferred to wgmma.wait_group, like cp.async
 
 __device__ __forceinline__ void wg_fence() {}
 __device__ __forceinline__ void wg_commit() { kemu::wgmma_commit(); }
 template <int N> __device__ __forceinline__ void wg_wait() { kemu::wgmma_wait(N); }
 __device__ __forceinline__ void fence_proxy_async_smem() {}
-__device__ __forceinline__ void wg_pin(float (&)[64]) {}
+template <int N> __device__ __forceinline__ void wg_pin(float (&)[N]) {}
 __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t da, uint64_t db) {
     kemu::wgmma_m64n128k16(d, da, db);
+}
+__device__ __forceinline__ void wgmma_m64n256k16_rs(float (&d)[128], const uint32_t (&a)[4],
+                                                    uint64_t db) {
+    kemu::wgmma_m64n256k16_rs(d, a, db);
 }
 
 #endif // PALIGN_KEMU
@@ -1025,6 +1077,168 @@ template <int WGS> __device__ __forceinline__ void gemm_wgmma(const Nf4GemmParam
     }
 }
 
+// 6. nf4_gemm_fwd_wgmma_rs: the product of 5. computed transposed, Yᵀ[N, M] = Wb · Xᵀ,
+//    so that W is wgmma's A operand and comes from registers: each lane decodes its own
+//    A fragment from the loaded words, and decoded weights never touch shared memory.
+//    Why: in 5. the SM's shared memory carries, per k-tile, the X copies, the decoded W
+//    stores, the LUT lookups and every warpgroup's wgmma reads of both operands; for the
+//    256-row kernel that is ~176 KiB a k-tile against ~1104 cycles of wgmma, more than
+//    the 128 B/cycle shared memory gives (by this count it, not the tensor cores, bounds
+//    5. near 78% of peak). Here a k-tile of 256 tokens moves ~128 KiB: X copies (32 KiB),
+//    LUT lookups (~32 KiB of cycles), and the two warpgroups' wgmma reads of X (64 KiB).
+//    An inference from counts, unmeasured until a GPU run (the dispatcher times it).
+//
+//    Block tile 128 output features (2 warpgroups x 64) x 256 tokens x 64 k, 256 threads.
+//    Warpgroup wg owns features n0 + 64wg .. +63; per k16 step s it issues
+//      wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16  acc[128], {a0..a3}, descX
+//    with X's [256 tokens][64 k] tile as B (staged as 5. stages its A: K-major, 128B
+//    swizzle, cp.async, 4 stages, 2 tiles ahead). Lane (warp q of the warpgroup, g =
+//    lane/4, t = lane%4) holds the A fragment of rows r = n0 + 64wg + 16q + g and r + 8:
+//    reg 0 (row r, k 2t, 2t+1), reg 1 (row r + 8), regs 2/3 the same rows at k 2t+8, 2t+9.
+//    In W's packed bytes, k 16s + 2t, +1 of a row is byte 8s + t of the row's 32 bytes a
+//    tile (high nibble = the lower k) and k 16s + 2t + 8 is byte 8s + t + 4: so a lane
+//    needs byte t of each 32-bit word of its rows' codes. It loads each row's two 16-byte
+//    words (32 codes, one scale block each, like every kernel here), gathers byte t of
+//    their four 32-bit words with 3 prmts (gather_bytes), and decode_word turns those 4
+//    bytes into regs 0/2 (row r) or 1/3 (row r + 8) of steps 2h and 2h+1. The 4 lanes of a
+//    row load the same words (L1 hits): 16 B where a lane needs 8, for no shuffles.
+//
+//    Iteration t: wait X tile t, fence.proxy.async, __syncthreads, wgmma.fence, 4 wgmmas
+//    (A set t%2), commit, X tile t+2 -> stage (t+2)%4, wgmma.wait_group 1 (tile t-1's
+//    wgmmas, the last readers of A set (t+1)%2, are done), decode W tile t+1 into that set,
+//    load W tile t+2's words (one register set: a tile's words land during the next
+//    iteration's wgmmas; the W tile is shared by the 32 blocks of a column at M = 8192,
+//    so mostly from L2). After the barrier of iteration t every warpgroup has retired its
+//    wgmmas up to t-2, so stage (t+2)%4 is free. acc[4j+i] is Yᵀ row r + 8(i/2), column
+//    8j + 2t + i%2: stored to Y[m0 + column][row]. Needs K % 64 == 0 (N % 8 == 0 like 5.,
+//    although rows >= N decode to zeros here). The same Wb bits as every kernel here.
+//    Shared memory: 4 x 32 KiB + 1 KiB = 132096 B. ~220 registers: 1 block (8 warps) an SM.
+
+constexpr int RS_BM = 256, RS_X_BYTES = RS_BM * WG_BK * 2;
+constexpr int RS_SMEM = WG_STAGES * RS_X_BYTES + 1024;
+static_assert(RS_SMEM == 132096, "keep NF4_WGMMA_RS_SMEM_BYTES in src/backend/cuda/nf4.rs in sync");
+
+// A lane's W codes of one k-tile: [row r, r + 8][codes 0..31, 32..63].
+struct RsWords {
+    Nf4Word w[2][2];
+};
+
+// Byte t of each 32-bit word of q (sel = t | (t + 4) << 4), as one word (byte i from q's
+// word i).
+__device__ __forceinline__ uint32_t gather_bytes(const uint4 &q, uint32_t sel) {
+    return __byte_perm(__byte_perm(q.x, q.y, sel), __byte_perm(q.z, q.w, sel), 0x5410u);
+}
+
+__device__ __forceinline__ void gemm_wgmma_rs(const Nf4GemmParams &p) {
+    PALIGN_DYNAMIC_SMEM(nf4_rs_smem);
+    __shared__ __align__(256) float lut[16];
+    if (dynamic_smem_bytes() < (uint32_t)RS_SMEM) __trap(); // launcher bug, not data
+    load_lut(lut);
+    const uint32_t raw = smem_addr(nf4_rs_smem);
+    const uint32_t base = (raw + 1023u) & ~1023u; // 128B-swizzle atoms: 1024-byte aligned
+    uint8_t *sm = nf4_rs_smem + (base - raw);
+
+    const int tid = threadIdx.x, wg = tid >> 7, wq = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int M = p.m, N = p.w.rows, K = p.w.cols;
+    const int n0 = blockIdx.x * WG_BN, m0 = blockIdx.y * RS_BM;
+    const int KT = K / WG_BK;
+    const int r0 = n0 + 64 * wg + 16 * wq + g; // this lane's A rows: r0 and r0 + 8
+    const bool ok0 = r0 < N, ok1 = r0 + 8 < N;
+    const uint32_t sel = (uint32_t)t | ((uint32_t)(t + 4) << 4);
+
+    // X tile: 256 rows x 8 chunks of 16 B; this thread copies chunk xc of rows xr + 32j
+    // (j < 8) to chunk xc ^ (row % 8), the same for every j; rows >= M zero-filled.
+    const int xr = tid >> 3, xc = tid & 7;
+    const int x_dst = xr * 128 + ((xc ^ (xr & 7)) << 4);
+    const __nv_bfloat16 *x_src = p.a + (int64_t)min(m0 + xr, M - 1) * K + xc * 8;
+    auto load_x = [&](int kt, int s) {
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const bool ok = m0 + xr + 32 * j < M;
+            cp_async16(sm + s * RS_X_BYTES + x_dst + 32 * 128 * j,
+                       x_src + (ok ? (int64_t)32 * j * K : 0) + kt * WG_BK, ok);
+        }
+    };
+    auto load_w = [&](int kt, RsWords &w) {
+        const uint64_t e = (uint64_t)r0 * (uint64_t)K + kt * WG_BK;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            w.w[0][h] = load_word(p.w, e + 32 * h, ok0);
+            w.w[1][h] = load_word(p.w, e + (uint64_t)8 * K + 32 * h, ok1);
+        }
+    };
+    // a[s][reg]: the A fragments of the tile's 4 k16 steps.
+    auto decode = [&](const RsWords &w, uint32_t(&a)[4][4]) {
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                const float sc = word_scale(p.w, w.w[i][h], i ? ok1 : ok0);
+                const uint4 o = decode_word(lut, gather_bytes(w.w[i][h].q, sel), sc);
+                a[2 * h][i] = o.x;
+                a[2 * h][2 + i] = o.y;
+                a[2 * h + 1][i] = o.z;
+                a[2 * h + 1][2 + i] = o.w;
+            }
+    };
+
+    float acc[128];
+#pragma unroll
+    for (int i = 0; i < 128; i++) acc[i] = 0.0f;
+    uint32_t a0[4][4], a1[4][4];
+    const uint64_t desc_x = wg_desc(base); // stage 0, k16 step 0
+
+    // Prologue: X tiles 0 and 1 in flight, W tile 0 decoded into a0, tile 1's words loaded.
+    load_x(0, 0);
+    cp_async_commit();
+    if (1 < KT) load_x(1, 1);
+    cp_async_commit();
+    RsWords wn;
+    load_w(0, wn);
+    decode(wn, a0);
+    if (1 < KT) load_w(1, wn);
+
+    // One iteration: `cur` holds tile kt's fragments, `wn` tile kt+1's words (decoded into
+    // `nxa`), then tile kt+2's.
+    auto step = [&](int kt, uint32_t(&cur)[4][4], uint32_t(&nxa)[4][4]) {
+        cp_async_wait<1>(); // X tile kt (tile kt+1 may still fly)
+        fence_proxy_async_smem();
+        __syncthreads();
+        // No address here reaches 2^18: a descriptor moves by bytes >> 4 with no carry.
+        const uint64_t dx = desc_x + (uint32_t)((kt % WG_STAGES) * (RS_X_BYTES >> 4));
+        wg_fence();
+#pragma unroll
+        for (int s = 0; s < WG_BK / 16; s++) wgmma_m64n256k16_rs(acc, cur[s], dx + 2 * s);
+        wg_commit();
+        if (kt + 2 < KT) load_x(kt + 2, (kt + 2) % WG_STAGES);
+        cp_async_commit(); // one group per iteration, empty ones included
+        wg_wait<1>();      // tile kt-1's wgmmas, the last readers of `nxa`, are done
+        if (kt + 1 < KT) decode(wn, nxa);
+        if (kt + 2 < KT) load_w(kt + 2, wn);
+    };
+    for (int kt = 0; kt < KT; kt += 2) {
+        step(kt, a0, a1);
+        if (kt + 1 < KT) step(kt + 1, a1, a0);
+    }
+    wg_wait<0>();
+    wg_pin(acc);
+    cp_async_wait<0>(); // only empty groups remain; leave no copy in flight at exit
+
+#pragma unroll
+    for (int j = 0; j < 32; j++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int row = r0 + 8 * (i >> 1), tok = m0 + 8 * j + 2 * t + (i & 1);
+            if (row >= N || tok >= M) continue;
+            const int64_t o = (int64_t)tok * N + row;
+            if (p.out_f32)
+                static_cast<float *>(p.out)[o] = acc[4 * j + i];
+            else
+                static_cast<__nv_bfloat16 *>(p.out)[o] = f2bf(acc[4 * j + i]);
+        }
+}
+
 #endif // __CUDA_ARCH_FEAT_SM90_ALL || PALIGN_KEMU
 
 } // namespace nf4
@@ -1041,6 +1255,14 @@ extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemm_fwd_wgmma(Nf4GemmP
 extern "C" __global__ void __launch_bounds__(512, 1) nf4_gemm_fwd_wgmma_m256(Nf4GemmParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PALIGN_KEMU)
     palign::nf4::gemm_wgmma<4>(p);
+#else
+    __trap();
+#endif
+}
+// The transposed, register-A form of the same product (§6); sm_90a only, like §5.
+extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemm_fwd_wgmma_rs(Nf4GemmParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PALIGN_KEMU)
+    palign::nf4::gemm_wgmma_rs(p);
 #else
     __trap();
 #endif

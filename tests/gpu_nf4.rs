@@ -130,7 +130,7 @@ fn candidates_follow_the_kernel_limits() {
 
 #[test]
 fn wgmma_limits_and_gating() {
-    use Nf4Path::{DequantCublas, Fused, Gemv, Wgmma, WgmmaM256};
+    use Nf4Path::{DequantCublas, Fused, Gemv, Wgmma, WgmmaM256, WgmmaRs};
     // Shapes: K % 64 == 0 and N % 8 == 0.
     assert!(nf4::check_wgmma([4096, 4096]).is_ok());
     assert!(nf4::check_wgmma([1000, 14336]).is_ok());
@@ -189,11 +189,11 @@ fn wgmma_limits_and_gating() {
     }
     assert_eq!(
         nf4::candidates_with(fwd, 8192, [4096, 4096], false, true),
-        [Fused, DequantCublas, Wgmma, WgmmaM256]
+        [Fused, DequantCublas, Wgmma, WgmmaM256, WgmmaRs]
     );
     assert_eq!(
         nf4::candidates_with(fwd, 1, [1024, 4096], true, true),
-        [Gemv, Fused, Wgmma, WgmmaM256]
+        [Gemv, Fused, Wgmma, WgmmaM256, WgmmaRs]
     );
     assert_eq!(
         nf4::candidates_with(bwd, 8192, [4096, 4096], false, true),
@@ -211,13 +211,14 @@ fn wgmma_limits_and_gating() {
 
 #[test]
 fn wgmma_path_names_are_stable_and_old_entries_are_remeasured() {
-    use Nf4Path::{DequantCublas, Fused, Gemv, Wgmma, WgmmaM256};
+    use Nf4Path::{DequantCublas, Fused, Gemv, Wgmma, WgmmaM256, WgmmaRs};
     for (p, name) in [
         (Gemv, "gemv"),
         (Fused, "fused"),
         (DequantCublas, "dequant_cublas"),
         (Wgmma, "wgmma"),
         (WgmmaM256, "wgmma_m256"),
+        (WgmmaRs, "wgmma_rs"),
     ] {
         assert_eq!(p.name(), name);
         assert_eq!(Nf4Path::parse(name), Some(p));
@@ -250,7 +251,7 @@ fn wgmma_path_names_are_stable_and_old_entries_are_remeasured() {
     );
     assert!(!nf4::entry_covers(
         &w1,
-        &[Fused, DequantCublas, Wgmma, WgmmaM256]
+        &[Fused, DequantCublas, Wgmma, WgmmaM256, WgmmaRs]
     ));
     // An entry that chose wgmma is not used once wgmma is off again.
     let w = entry(
@@ -911,21 +912,23 @@ fn wgmma_gemm_reproduces_the_bf16_weight() {
     // X = [I_K ; 0]: row i < K is one-hot at k = i, so Y[i, n] = Wb[n, i] with a single
     // nonzero product (exact in f32, and a bf16 value survives the bf16 output). Rows
     // K.. are zero (the M tail); N = 264 and 1000 leave partial output tiles.
-    let cases: &[([usize; 2], bool, bool)] = &[
-        ([264, 256], true, true),
-        ([264, 256], false, false),
-        ([8, 64], true, true),
-        ([1000, 4096], true, true),
-        ([1024, 4096], false, false),
+    // (shape, blocksize, double quant, f32 out); blocksize 32: a scale per 16-byte word.
+    let cases: &[([usize; 2], usize, bool, bool)] = &[
+        ([264, 256], 64, true, true),
+        ([264, 256], 64, false, false),
+        ([136, 128], 32, true, false),
+        ([8, 64], 64, true, true),
+        ([1000, 4096], 64, true, true),
+        ([1024, 4096], 64, false, false),
     ];
-    for (i, &(shape, dq, f32_out)) in cases.iter().enumerate() {
+    for (i, &(shape, bs, dq, f32_out)) in cases.iter().enumerate() {
         let [n, k] = shape;
         let m = k + 3;
         if common::on_emulator(&g) && m * n * k > common::EMULATOR_MACS {
             println!("PARITY wgmma one-hot {shape:?}: skipped on the emulator (too large)");
             continue;
         }
-        let t = weight(600 + i as u64, shape, 64, dq);
+        let t = weight(600 + i as u64, shape, bs, dq);
         let wb = bf16_round(&t.dequantize());
         let mut xb = vec![bf16::ZERO; m * k];
         for r in 0..k {
@@ -951,7 +954,7 @@ fn wgmma_gemm_reproduces_the_bf16_weight() {
             }
             let out = if f32_out { "f32" } else { "bf16" };
             println!(
-                "PARITY wgmma {kernel:?} one-hot {shape:?} dq={dq} {out}: mismatches={bad} n={}",
+                "PARITY wgmma {kernel:?} one-hot {shape:?} bs={bs} dq={dq} {out}: mismatches={bad} n={}",
                 m * n
             );
             assert_eq!(bad, 0, "{kernel:?} first (row, col, got, want): {first:?}");
@@ -959,8 +962,12 @@ fn wgmma_gemm_reproduces_the_bf16_weight() {
     }
 }
 
-/// Both wgmma GEMMs (2 and 4 warpgroups a block).
-const WGMMA_KERNELS: [nf4::WgmmaKernel; 2] = [nf4::WgmmaKernel::M128, nf4::WgmmaKernel::M256];
+/// Every wgmma GEMM.
+const WGMMA_KERNELS: [nf4::WgmmaKernel; 3] = [
+    nf4::WgmmaKernel::M128,
+    nf4::WgmmaKernel::M256,
+    nf4::WgmmaKernel::Rs,
+];
 
 #[test]
 #[ignore = "needs a CUDA device"]
@@ -1013,6 +1020,19 @@ fn wgmma_gemm_matches_cpu_and_fused() {
             .count();
         println!("PARITY gemm_wgmma M256 vs M128 m={m} n={n} k={k} {out}: differ={differ}");
         assert_eq!(differ, 0, "the two wgmma GEMMs disagree");
+        // The transposed kernel forms the same products in the same k16 steps with the
+        // operands' roles swapped: held to the fused kernel's bound below, and its bits
+        // against M128's are reported (equal on kemu; the tensor cores' internal order
+        // within a k16 step is not documented).
+        let got_rs = run_out(&g, m * n, f32_out, |o| {
+            nf4::gemm_wgmma_kernel(&g, nf4::WgmmaKernel::Rs, &x, m, &w, o)
+        });
+        let differ_rs = got
+            .iter()
+            .zip(&got_rs)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        println!("PARITY gemm_wgmma Rs vs M128 m={m} n={n} k={k} {out}: differ={differ_rs}");
         // All rows against the CPU when that is cheap; else 64 rows: both ends, both
         // sides of a 128- and of a 256-row tile boundary, and random ones.
         let rows: Vec<usize> = if m * n * k <= 1 << 31 {
@@ -1047,13 +1067,15 @@ fn wgmma_gemm_matches_cpu_and_fused() {
         let fused = run_out(&g, m * n, true, |o| {
             nf4::gemm_fused(&g, Nf4Op::Forward, &x, m, &w, o)
         });
-        check(
-            &format!("gemm_wgmma_vs_fused m={m} n={n} k={k} {out}"),
-            &got,
-            &fused,
-            1e-3 * rms(&want),
-            1e-2,
-        );
+        for (tag, got) in [("", &got), ("_rs", &got_rs)] {
+            check(
+                &format!("gemm_wgmma{tag}_vs_fused m={m} n={n} k={k} {out}"),
+                got,
+                &fused,
+                1e-3 * rms(&want),
+                1e-2,
+            );
+        }
     }
 }
 
@@ -1133,6 +1155,7 @@ fn dispatcher_times_wgmma_only_when_enabled() {
     let sm90 = nf4::wgmma_supported(g.compute_capability(), palign::backend::cuda::TARGETS);
     assert_eq!(e.ms.contains_key("wgmma"), sm90, "{:?}", e.ms);
     assert_eq!(e.ms.contains_key("wgmma_m256"), sm90, "{:?}", e.ms);
+    assert_eq!(e.ms.contains_key("wgmma_rs"), sm90, "{:?}", e.ms);
     println!(
         "PARITY dispatch wgmma-on choice for {key}: {} {:?}",
         e.choice.name(),

@@ -117,6 +117,13 @@ inline float __int_as_float(int i) { return std::bit_cast<float>(i); }
 inline int __float_as_int(float f) { return std::bit_cast<int>(f); }
 inline float __uint_as_float(unsigned i) { return std::bit_cast<float>(i); }
 inline unsigned __float_as_uint(float f) { return std::bit_cast<unsigned>(f); }
+// Byte n of the result is byte (s >> 4n) & 7 of the 8 bytes {x (0..3), y (4..7)}.
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+    const uint64_t v = uint64_t(x) | uint64_t(y) << 32;
+    unsigned r = 0;
+    for (int n = 0; n < 4; n++) r |= unsigned(v >> (8 * ((s >> (4 * n)) & 7)) & 0xff) << (8 * n);
+    return r;
+}
 inline unsigned __umulhi(unsigned a, unsigned b) {
     return unsigned((uint64_t(a) * uint64_t(b)) >> 32);
 }
@@ -167,10 +174,12 @@ void cp_async(void *dst, const void *src, int bytes, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int n);
 
-// sm_90a: the shared-window address of a dynamic shared memory pointer, and the wgmma
-// the NF4 kernel issues (K-major, 128-byte-swizzled operands; see runtime.cpp).
+// sm_90a: the shared-window address of a dynamic shared memory pointer, and the wgmmas
+// the NF4 kernels issue (K-major, 128-byte-swizzled shared operands; A from shared memory
+// or from registers; see runtime.cpp).
 uint32_t smem_addr(const void *p);
 void wgmma_m64n128k16(float *d, uint64_t desc_a, uint64_t desc_b);
+void wgmma_m64n256k16_rs(float *d, const uint32_t a[4], uint64_t desc_b);
 void wgmma_commit();
 void wgmma_wait(int n);
 

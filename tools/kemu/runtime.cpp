@@ -124,11 +124,15 @@ kemu_switch:
 )");
 #endif
 
-// One wgmma.mma_async in flight: this thread's 64 products as read at issue.
+// One wgmma.mma_async in flight: this thread's n/2 products (n = 128 or 256 columns) as
+// read at issue. da == 0: A came from registers, gathered at issue into `a` (this
+// thread's rows g and g + 8 of its warp's 16); else A is in shared memory too.
 struct WgOp {
     float *d;
     uint64_t da, db;
-    float sum[64];
+    int n;
+    float a[2][16];
+    float sum[128];
 };
 
 // A thread's asynchronous operations of one kind (cp.async, wgmma) in commit groups:
@@ -842,17 +846,20 @@ void check_desc(uint64_t desc) {
         fail("kemu emulates only K-major 128-byte-swizzled wgmma operands at base offset 0");
 }
 
-// This thread's 64 accumulator products of D(64x128) = A(64x16)·B(128x16)ᵀ: warp q of
+// This thread's n/2 accumulator products of D(64 x n) = A(64x16)·B(n x 16)ᵀ: warp q of
 // the warpgroup, lane (g, t) holds d[4j+i] at row 16q + g + 8(i/2), column 8j + 2t + i%2
-// (PTX ISA, wgmma .m64nNk16 D fragment).
+// (PTX ISA, wgmma .m64nNk16 D fragment). A's rows g and g+8 of the warp come from `a`
+// (register A, gathered at issue) or, when da != 0, from shared memory.
 // `note`: count the operand reads as this thread's (racecheck).
-void wg_products(uint64_t da, uint64_t db, float out[64], bool note) {
+void wg_products(uint64_t da, const float (*a_regs)[16], uint64_t db, int n, float *out,
+                 bool note) {
     const Fiber &f = *W->cur;
     const int q = (f.index & 127) >> 5, g = f.lane / 4, t = f.lane % 4;
     float a[2][16];
     for (int h = 0; h < 2; h++)
-        for (int k = 0; k < 16; k++) a[h][k] = wg_elem(da, 16 * q + g + 8 * h, k, note);
-    for (int j = 0; j < 16; j++)
+        for (int k = 0; k < 16; k++)
+            a[h][k] = da ? wg_elem(da, 16 * q + g + 8 * h, k, note) : a_regs[h][k];
+    for (int j = 0; j < n / 8; j++)
         for (int c = 0; c < 2; c++) {
             float b[16];
             for (int k = 0; k < 16; k++) b[k] = wg_elem(db, 8 * j + 2 * t + c, k, note);
@@ -864,14 +871,9 @@ void wg_products(uint64_t da, uint64_t db, float out[64], bool note) {
         }
 }
 
-} // namespace
-
-// Deferred like cp.async: the products are formed at issue and added to the registers at
-// wgmma.wait_group, after checking that the operands in shared memory did not change in
-// between (the hardware reads them at some point in that window).
-void wgmma_m64n128k16(float *d, uint64_t da, uint64_t db) {
-    check_desc(da);
-    check_desc(db);
+// Every thread of a warpgroup must issue the same wgmma (.sync.aligned): the first
+// thread's operands are logged, the others compared with them.
+void wg_check_uniform(uint64_t da, uint64_t db) {
     Worker &w = *W;
     Fiber &f = *w.cur;
     if (w.n % 128)
@@ -882,8 +884,47 @@ void wgmma_m64n128k16(float *d, uint64_t da, uint64_t db) {
     else if (log[f.wg_issued] != std::make_pair(da, db))
         fail("the threads of a warpgroup issued a wgmma with different operands");
     f.wg_issued++;
-    WgOp op{d, da, db, {}};
-    wg_products(da, db, op.sum, true);
+}
+
+} // namespace
+
+// Deferred like cp.async: the products are formed at issue and added to the registers at
+// wgmma.wait_group, after checking that the operands in shared memory did not change in
+// between (the hardware reads them at some point in that window).
+void wgmma_m64n128k16(float *d, uint64_t da, uint64_t db) {
+    check_desc(da);
+    check_desc(db);
+    wg_check_uniform(da, db);
+    WgOp op{d, da, db, 128, {}, {}};
+    wg_products(da, nullptr, db, 128, op.sum, true);
+    W->cur->wgmmas.open.push_back(op);
+}
+
+// Register A: the warp's lanes exchange their fragments (mma.sync's A layout: reg 0 (row
+// g, k 2t, 2t+1), reg 1 row g + 8, regs 2/3 the same rows at k + 8), read at issue; the
+// registers' later values do not matter here (ptxas keeps them until the wgmma retires).
+void wgmma_m64n256k16_rs(float *d, const uint32_t a[4], uint64_t db) {
+    check_desc(db);
+    wg_check_uniform(0, db);
+    Worker &w = *W;
+    Fiber &f = *w.cur;
+    uint64_t *s = slots(f.lane);
+    s[0] = uint64_t(a[0]) | uint64_t(a[1]) << 32;
+    s[1] = uint64_t(a[2]) | uint64_t(a[3]) << 32;
+    warp_barrier(0xffffffffu, 4);
+    const int ph = int(f.ops & 1), g = f.lane / 4;
+    WgOp op{d, 0, db, 256, {}, {}};
+    for (int t = 0; t < 4; t++) {
+        const uint64_t *o = w.warps[f.warp].ex[ph][4 * g + t];
+        const uint32_t r[4] = {uint32_t(o[0]), uint32_t(o[0] >> 32), uint32_t(o[1]),
+                               uint32_t(o[1] >> 32)};
+        for (int h = 0; h < 2; h++) {
+            op.a[h][2 * t] = lo_bf16(r[h]), op.a[h][2 * t + 1] = hi_bf16(r[h]);
+            op.a[h][2 * t + 8] = lo_bf16(r[2 + h]), op.a[h][2 * t + 9] = hi_bf16(r[2 + h]);
+        }
+    }
+    next_phase();
+    wg_products(0, op.a, db, 256, op.sum, true);
     f.wgmmas.open.push_back(op);
 }
 
@@ -891,11 +932,11 @@ void wgmma_commit() { W->cur->wgmmas.commit(); }
 
 void wgmma_wait(int n) {
     W->cur->wgmmas.wait(size_t(n), [](WgOp &op) {
-        float now[64];
-        wg_products(op.da, op.db, now, true); // read any time from issue to here
-        if (std::memcmp(now, op.sum, sizeof now) != 0)
+        float now[128];
+        wg_products(op.da, op.a, op.db, op.n, now, true); // read any time from issue to here
+        if (std::memcmp(now, op.sum, sizeof(float) * op.n / 2) != 0)
             fail("a wgmma operand in shared memory changed before its wgmma.wait_group");
-        for (int i = 0; i < 64; i++) op.d[i] += op.sum[i];
+        for (int i = 0; i < op.n / 2; i++) op.d[i] += op.sum[i];
     });
 }
 

@@ -150,6 +150,40 @@ void k_wgmma(Buf b) {
             b.f[(16 * q + g + 8 * (i / 2)) * 128 + 8 * j + 2 * tt + i % 2] = d[4 * j + i];
 }
 
+// The register-A form, m64n256k16: A's fragment from each lane's registers (mma.sync's A
+// layout: reg 0 (row g, k 2t, 2t+1), reg 1 row g + 8, regs 2/3 the same rows at k + 8,
+// rows 16q.. for warp q), B [256][16] in shared memory as above.
+void k_wgmma_rs(Buf b) {
+    const uint32_t raw = kemu::smem_addr(kemu::dyn_smem);
+    const uint32_t base = (raw + 1023u) & ~1023u;
+    uint8_t *t = kemu::dyn_smem + (base - raw);
+    for (int i = threadIdx.x; i < 256 * 64; i += blockDim.x) {
+        const int n = i / 64, k = i % 64;
+        const __nv_bfloat16 h = __float2bfloat16_rn(k >= 16 ? 99.0f : WB(n, k));
+        std::memcpy(t + n * 128 + (((k / 8) ^ (n % 8)) << 4) + 2 * (k % 8), &h, 2);
+    }
+    __syncthreads();
+    const int q = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, tt = threadIdx.x % 4;
+    auto pair = [&](int r, int k) {
+        const __nv_bfloat16 lo = __float2bfloat16_rn(WA(r, k)), hi = __float2bfloat16_rn(WA(r, k + 1));
+        uint16_t l, h;
+        std::memcpy(&l, &lo, 2);
+        std::memcpy(&h, &hi, 2);
+        return uint32_t(l) | uint32_t(h) << 16;
+    };
+    const int r = 16 * q + g;
+    uint32_t a[4] = {pair(r, 2 * tt), pair(r + 8, 2 * tt), pair(r, 2 * tt + 8), pair(r + 8, 2 * tt + 8)};
+    float d[128];
+    for (int i = 0; i < 128; i++) d[i] = 1.0f;
+    kemu::wgmma_m64n256k16_rs(d, a, wg_desc(base));
+    kemu::wgmma_commit();
+    a[0] = a[1] = a[2] = a[3] = 0; // registers are read at issue
+    kemu::wgmma_wait(0);
+    for (int j = 0; j < 32; j++)
+        for (int i = 0; i < 4; i++)
+            b.f[(16 * q + g + 8 * (i / 2)) * 256 + 8 * j + 2 * tt + i % 2] = d[4 * j + i];
+}
+
 // A race (no barrier between a write and a read by another thread): what the reader
 // sees depends on KEMU_ORDER, which is how running both orders exposes it.
 void k_race(Buf b) {
@@ -372,6 +406,9 @@ int main(int argc, char **argv) {
     f[0] = 42;
     expect(run(k_cp_async, b, {1, 1, 1}, {32, 1, 1}).empty(), "cp.async runs");
     expect(f[8] == -1 && f[9] == 42, "cp.async data lands at cp.async.wait_group, not before");
+    expect(__byte_perm(0x33221100u, 0x77665544u, 0x5410u) == 0x55441100u &&
+               __byte_perm(0x33221100u, 0x77665544u, 0x0073u) == 0x00007733u,
+           "__byte_perm: byte n from selector nibble n over {x, y}");
 
     std::vector<float> big(64 * 128, 0);
     Buf wb{big.data(), nullptr, 0};
@@ -384,6 +421,18 @@ int main(int argc, char **argv) {
             ok &= big[r * 128 + n] == want;
         }
     expect(ok, "wgmma m64n128k16: D += A·Bᵀ from swizzled K-major tiles, the D fragment layout");
+    std::vector<float> big_rs(64 * 256, 0);
+    Buf rb{big_rs.data(), nullptr, 0};
+    expect(run(k_wgmma_rs, rb, {1, 1, 1}, {128, 1, 1}, 33792).empty(), "wgmma (register A) runs");
+    ok = true;
+    for (int r = 0; r < 64; r++)
+        for (int n = 0; n < 256; n++) {
+            float want = 1;
+            for (int k = 0; k < 16; k++) want += WA(r, k) * WB(n, k);
+            ok &= big_rs[r * 256 + n] == want;
+        }
+    expect(ok, "wgmma m64n256k16 with A from registers: D += A·Bᵀ, the A and D fragment layouts");
+
     wb.n = 1;
     const std::string we = run(k_wgmma, wb, {1, 1, 1}, {128, 1, 1}, 32768);
     expect(we.find("changed") != std::string::npos,

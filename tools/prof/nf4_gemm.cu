@@ -1,6 +1,6 @@
 // The NF4 training GEMMs kernel by kernel, on a GPU machine with nvcc and no Rust: the
-// mma.sync fused forward (nf4_gemm_fwd) and, on sm_90a, the two wgmma forwards
-// (nf4_gemm_fwd_wgmma: 128 rows a block; nf4_gemm_fwd_wgmma_m256: 256), timed with CUDA
+// mma.sync fused forward (nf4_gemm_fwd) and, on sm_90a, the wgmma forwards
+// (nf4_gemm_fwd_wgmma: 128 rows a block; _m256: 256; _rs: W from registers), timed with CUDA
 // events at Mistral-7B's projection shapes and M = 512, 2048, 8192 tokens (small M: few
 // blocks, where the 256-row kernel's grid is half as tall), plus a once mode for ncu.
 //
@@ -8,7 +8,7 @@
 //   /tmp/nf4_gemm                # every shape and M
 //   /tmp/nf4_gemm once           # 4096x4096, M = 8192, each kernel once (for ncu)
 // gpu-check.sh's runner (section prof) builds and runs it, then runs ncu as this says:
-// ncu: nf4_gemm_fwd(_wgmma|_wgmma_m256)?$ once
+// ncu: nf4_gemm_fwd(_wgmma|_wgmma_m256|_wgmma_rs)?$ once
 //
 // What ncu should settle: whether the wgmma kernels are bound by issue slots (the W decode,
 // kernels/nf4.cu §5), by shared-memory bandwidth (wgmma operand reads + decode stores + LUT
@@ -34,6 +34,7 @@ static const Kernel KERNELS[] = {
     {"fused", nf4_gemm_fwd, 128, 256, 73728, false},
     {"wgmma", nf4_gemm_fwd_wgmma, 128, 256, 132096, true},
     {"wgmma_m256", nf4_gemm_fwd_wgmma_m256, 256, 512, 197632, true},
+    {"wgmma_rs", nf4_gemm_fwd_wgmma_rs, 256, 256, 132096, true},
 };
 
 int main(int argc, char **argv) {

@@ -131,6 +131,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "attention_bwd_w4q64s2g_bf16_d128",
     "nf4_gemm_fwd_wgmma",
     "nf4_gemm_fwd_wgmma_m256",
+    "nf4_gemm_fwd_wgmma_rs",
     "lora_up_backward_nt4",
     "lora_up_backward_nt8",
     "lora_up_backward_nt16",

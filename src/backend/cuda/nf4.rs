@@ -70,6 +70,7 @@ pub const KERNELS: &[&str] = &[
     "nf4_gemm_bwd",
     "nf4_gemm_fwd_wgmma",
     "nf4_gemm_fwd_wgmma_m256",
+    "nf4_gemm_fwd_wgmma_rs",
 ];
 
 const THREADS: u32 = 256;
@@ -84,19 +85,25 @@ pub const NF4_WGMMA_SMEM_BYTES: u32 = 132096;
 /// Dynamic shared memory of the 256-row wgmma GEMM (wg_smem(4): 4 stages of 32 KiB A +
 /// 16 KiB B, plus 1 KiB).
 pub const NF4_WGMMA_M256_SMEM_BYTES: u32 = 197632;
+/// Dynamic shared memory of the register-A wgmma GEMM (RS_SMEM: 4 stages of 32 KiB X,
+/// plus 1 KiB).
+pub const NF4_WGMMA_RS_SMEM_BYTES: u32 = 132096;
 /// Tile of the wgmma GEMM (rows of X, output columns, reduction step); the M256 kernel
 /// takes 256 rows ([`WgmmaKernel::rows`]).
 pub const WGMMA_TILE: (usize, usize, usize) = (128, 128, 64);
 
-/// The two wgmma GEMMs (kernels/nf4.cu §5): the same product and the same numbers, with
-/// 2 or 4 warpgroups a block. A block decodes one 128-column W tile per k-step for all
-/// of its rows, so 256 rows halve the decode work per tensor-core operation.
+/// The wgmma GEMMs (kernels/nf4.cu §5, §6): the same product of the same bf16 weights.
+/// §5 decodes a block's 128-column W tile into shared memory once per k-step for all of
+/// the block's rows (so 256 rows halve the decode per tensor-core operation); §6 computes
+/// the product transposed with W from registers, so decoded weights skip shared memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WgmmaKernel {
-    /// 128 rows of X a block, 256 threads.
+    /// §5, 128 rows of X a block, 256 threads.
     M128,
-    /// 256 rows of X a block, 512 threads.
+    /// §5, 256 rows of X a block, 512 threads (the same bits as M128).
     M256,
+    /// §6, 256 rows of X a block, 256 threads.
+    Rs,
 }
 
 impl WgmmaKernel {
@@ -104,22 +111,27 @@ impl WgmmaKernel {
         match self {
             WgmmaKernel::M128 => "nf4_gemm_fwd_wgmma",
             WgmmaKernel::M256 => "nf4_gemm_fwd_wgmma_m256",
+            WgmmaKernel::Rs => "nf4_gemm_fwd_wgmma_rs",
         }
     }
     /// Rows of X a block computes.
     pub fn rows(self) -> usize {
         match self {
             WgmmaKernel::M128 => 128,
-            WgmmaKernel::M256 => 256,
+            WgmmaKernel::M256 | WgmmaKernel::Rs => 256,
         }
     }
     fn threads(self) -> u32 {
-        2 * self.rows() as u32
+        match self {
+            WgmmaKernel::M128 | WgmmaKernel::Rs => 256,
+            WgmmaKernel::M256 => 512,
+        }
     }
     fn smem(self) -> u32 {
         match self {
             WgmmaKernel::M128 => NF4_WGMMA_SMEM_BYTES,
             WgmmaKernel::M256 => NF4_WGMMA_M256_SMEM_BYTES,
+            WgmmaKernel::Rs => NF4_WGMMA_RS_SMEM_BYTES,
         }
     }
 }
@@ -792,6 +804,8 @@ pub enum Nf4Path {
     Wgmma,
     /// [`gemm_wgmma_kernel`] with [`WgmmaKernel::M256`] (like [`Nf4Path::Wgmma`]).
     WgmmaM256,
+    /// [`gemm_wgmma_kernel`] with [`WgmmaKernel::Rs`] (like [`Nf4Path::Wgmma`]).
+    WgmmaRs,
 }
 
 impl Nf4Path {
@@ -802,6 +816,7 @@ impl Nf4Path {
             Nf4Path::DequantCublas => "dequant_cublas",
             Nf4Path::Wgmma => "wgmma",
             Nf4Path::WgmmaM256 => "wgmma_m256",
+            Nf4Path::WgmmaRs => "wgmma_rs",
         }
     }
 
@@ -812,6 +827,7 @@ impl Nf4Path {
             Nf4Path::DequantCublas,
             Nf4Path::Wgmma,
             Nf4Path::WgmmaM256,
+            Nf4Path::WgmmaRs,
         ]
         .into_iter()
         .find(|p| p.name() == s)
@@ -824,8 +840,9 @@ pub fn candidates(op: Nf4Op, m: usize, w_shape: [usize; 2], out_f32: bool) -> Ve
     candidates_with(op, m, w_shape, out_f32, false)
 }
 
-/// [`candidates`], plus [`Nf4Path::Wgmma`] and [`Nf4Path::WgmmaM256`] (after the others)
-/// where `wgmma` is true ([`wgmma_gate`]) and the shape fits them.
+/// [`candidates`], plus [`Nf4Path::Wgmma`], [`Nf4Path::WgmmaM256`] and
+/// [`Nf4Path::WgmmaRs`] (after the others) where `wgmma` is true ([`wgmma_gate`]) and the
+/// shape fits them.
 pub fn candidates_with(
     op: Nf4Op,
     m: usize,
@@ -846,6 +863,7 @@ pub fn candidates_with(
     if wgmma && op == Nf4Op::Forward && check_wgmma(w_shape).is_ok() {
         v.push(Nf4Path::Wgmma);
         v.push(Nf4Path::WgmmaM256);
+        v.push(Nf4Path::WgmmaRs);
     }
     v
 }
@@ -972,14 +990,16 @@ pub struct Nf4Dispatcher {
 
 impl Nf4Dispatcher {
     /// With the on-disk cache of this GPU ([`DispatchCache::default_path`]);
-    /// `PALIGN_NF4_PATH=gemv|fused|dequant_cublas|wgmma|wgmma_m256` forces a path where it applies;
+    /// `PALIGN_NF4_PATH=gemv|fused|dequant_cublas|wgmma|wgmma_m256|wgmma_rs` forces a path
+    /// where it applies;
     /// `PALIGN_NF4_WGMMA=1` adds the wgmma GEMM to the candidates on sm_90 ([`wgmma_gate`]).
     pub fn new(gpu: &Gpu) -> Result<Nf4Dispatcher> {
         let cache = DispatchCache::for_gpu(gpu.name());
         let force = match std::env::var("PALIGN_NF4_PATH") {
             Ok(v) if !v.is_empty() && v != "auto" => Some(Nf4Path::parse(&v).ok_or_else(|| {
                 bad(format!(
-                    "PALIGN_NF4_PATH={v:?}: expected auto, gemv, fused, dequant_cublas, wgmma or wgmma_m256"
+                    "PALIGN_NF4_PATH={v:?}: expected auto, gemv, fused, dequant_cublas, wgmma, \
+                     wgmma_m256 or wgmma_rs"
                 ))
             })?),
             _ => None,
@@ -1118,6 +1138,9 @@ impl Nf4Dispatcher {
             (Nf4Path::Wgmma, out) if op == Nf4Op::Forward => gemm_wgmma(gpu, a, m, w, out),
             (Nf4Path::WgmmaM256, out) if op == Nf4Op::Forward => {
                 gemm_wgmma_kernel(gpu, WgmmaKernel::M256, a, m, w, out)
+            }
+            (Nf4Path::WgmmaRs, out) if op == Nf4Op::Forward => {
+                gemm_wgmma_kernel(gpu, WgmmaKernel::Rs, a, m, w, out)
             }
             (p, out) => Err(bad(format!(
                 "NF4 path {} cannot compute {} with {} output",
