@@ -10,9 +10,10 @@
 //! ratios the issue asks for (fused vs cuBLAS bf16 and vs dequant + cuBLAS, GEMV vs the
 //! one-warp-per-row kernel).
 //!
-//! On an sm_90 GPU (with sm_90a kernels) a last section times the wgmma forward GEMMs
-//! (`nf4::gemm_wgmma_kernel`: 128 and 256 rows a block, and the register-A one) on the
-//! same shapes and prints their `BENCH fwd <shape> wgmma` / `wgmma_m256` / `wgmma_rs` lines
+//! On an sm_90 GPU (with sm_90a kernels) a last section times the wgmma GEMMs
+//! (`nf4::gemm_wgmma_op`: 128 and 256 rows a block forward and backward, and the
+//! register-A forward) on the same shapes and prints their `BENCH fwd|bwd <shape> wgmma`
+//! / `wgmma_m256` / `wgmma_rs` lines
 //! with the ratios to cuBLAS bf16, dequant + cuBLAS and the fused kernel measured above
 //! in the same run; it runs after the other lines are printed, so a failure there loses
 //! nothing else.
@@ -208,8 +209,9 @@ fn main() {
         }
     }
 
-    // Training GEMMs at 8192 tokens. fwd_ms: (label, n, k, fused, dequant+cublas, cublas).
-    let mut fwd_ms = Vec::new();
+    // Training GEMMs at 8192 tokens. base_ms: (label, n, k, [fused, dequant+cublas,
+    // cublas] forward, the same backward).
+    let mut base_ms = Vec::new();
     for &(label, n, k) in SHAPES {
         let w = random_weight(g, n, k, 4);
         let mut dense = ok(g.alloc::<bf16>(n * k));
@@ -315,7 +317,13 @@ fn main() {
             },
         ];
         let rows = bench(&mut c, g, "nf4_gemm", &mut cases);
-        fwd_ms.push((label, n, k, rows[0].3, rows[1].3, rows[2].3));
+        base_ms.push((
+            label,
+            n,
+            k,
+            [rows[0].3, rows[1].3, rows[2].3],
+            [rows[3].3, rows[4].3, rows[5].3],
+        ));
         for dir in rows.chunks(3) {
             let (name, amount, _, ms) = &dir[0];
             let (t_dq, t_dense) = (dir[1].3, dir[2].3);
@@ -338,7 +346,7 @@ fn main() {
         println!("{l}");
     }
 
-    // The wgmma forward GEMM (sm_90a), against the forward times measured above.
+    // The wgmma GEMMs (sm_90a), against the times measured above for the same product.
     if !nf4::wgmma_supported(g.compute_capability(), palign::backend::cuda::TARGETS) {
         println!(
             "BENCH wgmma: skipped (needs compute capability 9.0 and sm_90a kernels; built for {})",
@@ -346,24 +354,33 @@ fn main() {
         );
         return;
     }
-    for (label, n, k, t_fused, t_dq, t_dense) in fwd_ms {
+    for (label, n, k, fwd_t, bwd_t) in base_ms {
         let w = random_weight(g, n, k, 4);
         let x = filled_bf16(g, TOKENS * k, 5, 1.0);
+        let dy = filled_bf16(g, TOKENS * n, 6, 1.0);
         let mut y = ok(g.alloc::<bf16>(TOKENS * n));
-        for (kernel, tag) in [
-            (nf4::WgmmaKernel::M128, "wgmma"),
-            (nf4::WgmmaKernel::M256, "wgmma_m256"),
-            (nf4::WgmmaKernel::Rs, "wgmma_rs"),
+        let mut dx = ok(g.alloc::<bf16>(TOKENS * k));
+        for (op, kernel, tag) in [
+            (Nf4Op::Forward, nf4::WgmmaKernel::M128, "wgmma"),
+            (Nf4Op::Forward, nf4::WgmmaKernel::M256, "wgmma_m256"),
+            (Nf4Op::Forward, nf4::WgmmaKernel::Rs, "wgmma_rs"),
+            (Nf4Op::Backward, nf4::WgmmaKernel::M128, "wgmma"),
+            (Nf4Op::Backward, nf4::WgmmaKernel::M256, "wgmma_m256"),
         ] {
-            let (w, x, y) = (&w, &x, &mut y);
+            let (a, o, [t_fused, t_dq, t_dense]) = match op {
+                Nf4Op::Forward => (&x, &mut y, fwd_t),
+                Nf4Op::Backward => (&dy, &mut dx, bwd_t),
+            };
+            let w = &w;
             let mut run: Launch = Box::new(move || {
-                ok(nf4::gemm_wgmma_kernel(
+                ok(nf4::gemm_wgmma_op(
                     g,
                     kernel,
-                    x,
+                    op,
+                    a,
                     TOKENS,
                     w,
-                    Out::Bf16(y),
+                    Out::Bf16(o),
                 ))
             });
             let ms = gpu_ms(g, &mut run, 9, 5);
@@ -373,7 +390,7 @@ fn main() {
                 "BENCH {:<28} {ms:>9.4} ms  {:>6.1} TFLOP/s  m={TOKENS} n={n} k={k}  \
                  vs cublas_bf16 {:.2}x ({:.1} TFLOP/s)  vs dequant+cublas {:.2}x ({:.1} TFLOP/s)  \
                  vs fused {:.2}x ({:.1} TFLOP/s)",
-                format!("fwd {label} {tag}"),
+                format!("{} {label} {tag}", op.name()),
                 tflops(ms),
                 t_dense / ms,
                 tflops(t_dense),

@@ -951,10 +951,22 @@ __device__ __forceinline__ WgWords<NW> load_wg_words(const Nf4WeightParams &w, u
     return x;
 }
 
-template <int WGS> __device__ __forceinline__ void gemm_wgmma(const Nf4GemmParams &p) {
+// A thread's share of one W tile, loaded a tile ahead so no load waits on another while
+// the wgmmas run. Forward: NW words (8·NW codes) of one W row. Backward: IT items of two
+// W rows (n, n + 1) x 8 codes (one 32-bit word each, in one scale block).
+template <int WGS, bool BWD> struct WgTile {
+    WgWords<8 / WGS> w;
+};
+template <int WGS> struct WgTile<WGS, true> {
+    static constexpr int IT = 4 / WGS;
+    uint32_t q[IT][2];
+    ScaleParts s[IT][2];
+};
+
+template <int WGS, bool BWD> __device__ __forceinline__ void gemm_wgmma(const Nf4GemmParams &p) {
     constexpr int THREADS = 128 * WGS, BM = 64 * WGS;
-    constexpr int NW = 8 / WGS;    // 32-bit words of codes a thread decodes per W tile
-    constexpr int TPR = 64 / (8 * NW); // threads per W row (64 codes a tile)
+    constexpr int NW = 8 / WGS;    // forward: 32-bit words of codes a thread decodes a tile
+    constexpr int TPR = 64 / (8 * NW); // forward: threads per W row (64 codes a tile)
     PALIGN_DYNAMIC_SMEM(nf4_wg_smem);
     __shared__ __align__(256) float lut[16];
     if (dynamic_smem_bytes() < (uint32_t)wg_smem(WGS)) __trap(); // launcher bug, not data
@@ -968,12 +980,15 @@ template <int WGS> __device__ __forceinline__ void gemm_wgmma(const Nf4GemmParam
 
     const int tid = threadIdx.x, wg = tid >> 7, wq = (tid >> 5) & 3, lane = tid & 31;
     const int M = p.m, N = p.w.rows, K = p.w.cols;
+    // Forward: Y[M, N] = X[M, K]·Wbᵀ; backward: dX[M, K] = dY[M, N]·Wb. RED is the
+    // reduction length (the row length of p.a), OUT the output row length.
+    const int RED = BWD ? N : K, OUT = BWD ? K : N;
     const int m0 = blockIdx.y * BM, c0 = blockIdx.x * WG_BN;
-    const int KT = K / WG_BK;
+    const int KT = RED / WG_BK;
 
-    // X tile: 64·WGS rows x 8 chunks of 16 B; this thread copies chunk xc of rows
-    // xr + 16·WGS·j (j < 4), to chunk xc ^ (row % 8) (the same for every j); rows >= M
-    // are zero-filled. Sources and destinations are computed once, outside the k loop.
+    // A tile (X or dY): 64·WGS rows x 8 chunks of 16 B; this thread copies chunk xc of
+    // rows xr + 16·WGS·j (j < 4), to chunk xc ^ (row % 8) (the same for every j); rows
+    // >= M are zero-filled. Sources and destinations are computed once, outside the loop.
     const int xr = tid >> 3, xc = tid & 7;
     const int x_dst = xr * 128 + ((xc ^ (xr & 7)) << 4);
     const __nv_bfloat16 *x_src[4];
@@ -982,7 +997,7 @@ template <int WGS> __device__ __forceinline__ void gemm_wgmma(const Nf4GemmParam
     for (int j = 0; j < 4; j++) {
         const int row = m0 + xr + THREADS / 8 * j;
         x_ok[j] = row < M;
-        x_src[j] = p.a + (int64_t)(x_ok[j] ? row : 0) * K + xc * 8;
+        x_src[j] = p.a + (int64_t)(x_ok[j] ? row : 0) * RED + xc * 8;
     }
     auto load_a = [&](int kt, int s) {
 #pragma unroll
@@ -990,27 +1005,66 @@ template <int WGS> __device__ __forceinline__ void gemm_wgmma(const Nf4GemmParam
             cp_async16(sm + a_stage(s) + x_dst + THREADS / 8 * 128 * j, x_src[j] + kt * WG_BK,
                        x_ok[j]);
     };
-    // W tile: row c0 + tid/TPR of W, codes k0 + 8·NW·(tid%TPR) .. +8·NW (inside one scale
-    // block: >= 32 codes).
+    // The B tile is [128 output columns][64 reduction steps] bf16, K-major and swizzled,
+    // for both products: forward W rows c0.., codes 64kt..; backward Wᵀ, i.e. W codes
+    // c0.. of rows 64kt.., transposed on the way to shared memory.
+    // Forward: thread -> row c0 + tid/TPR of W, codes 64kt + 8·NW·(tid%TPR) .. +8·NW.
     const int w_r = tid / TPR, w_h = tid % TPR;
-    // One thread's share of a W tile is loaded a tile ahead (WgWords), so no load waits
-    // on another while the wgmmas run.
     const bool w_ok = c0 + w_r < N;
-    auto load_w = [&](int kt, WgWords<NW> &w) {
-        const int row = c0 + w_r, col = kt * WG_BK + w_h * 8 * NW;
-        w = load_wg_words<NW>(p.w, (uint64_t)row * (uint64_t)K + col, w_ok);
+    // Backward: item i of a thread is id = tid + THREADS·i -> W rows 64kt + 2·(id%32) and
+    // the next (the n-pair), codes c0 + 8·(id/32) .. +7 (the k-octet, one 32-bit word).
+    auto load_w = [&](int kt, WgTile<WGS, BWD> &w) {
+        if constexpr (!BWD) {
+            const int row = c0 + w_r, col = kt * WG_BK + w_h * 8 * NW;
+            w.w = load_wg_words<NW>(p.w, (uint64_t)row * (uint64_t)K + col, w_ok);
+        } else {
+#pragma unroll
+            for (int i = 0; i < WgTile<WGS, true>::IT; i++) {
+                const int id = tid + THREADS * i, k = c0 + 8 * (id >> 5);
+                const bool ok = k < K;
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    const uint64_t e = (uint64_t)(kt * WG_BK + 2 * (id & 31) + r) * K + k;
+                    w.q[i][r] = ok ? __ldg(reinterpret_cast<const uint32_t *>(p.w.packed + (e >> 1)))
+                                   : 0u;
+                    w.s[i][r] = ok ? load_scale_parts(p.w, e >> p.w.log2_blocksize)
+                                   : ScaleParts{0.0f, 0u};
+                }
+            }
+        }
     };
     // Decode the codes to bf16 (block_scale's formula: the same bits as every NF4 kernel)
-    // and store them as chunks NW·w_h .. NW·w_h+NW-1 of row w_r, swizzled. Rows >= N
-    // decode to zeros (q = 0, scale 0).
-    auto store_w = [&](const WgWords<NW> &w, int s) {
-        const float sc = w_ok ? scale_of(p.w, w.s) : 0.0f;
-        uint8_t *dst = sm + b_stage(s) + w_r * 128;
+    // and store them in B stage s. Forward: chunks NW·w_h .. NW·w_h+NW-1 of row w_r. Rows
+    // past the matrix decode to zeros (q = 0, scale 0).
+    // Backward: rows n, n+1 decode to pairs along k; one prmt makes each pair along n
+    // (W[n][k], W[n+1][k]), stored as 4 bytes at row k - c0, column n - 64kt.
+    auto store_w = [&](const WgTile<WGS, BWD> &w, int s) {
+        if constexpr (!BWD) {
+            const float sc = w_ok ? scale_of(p.w, w.w.s) : 0.0f;
+            uint8_t *dst = sm + b_stage(s) + w_r * 128;
 #pragma unroll
-        for (int v = 0; v < NW; v++) {
-            const uint4 o = decode_word(lut, w.q[v], sc);
-            const int ch = NW * w_h + v;
-            *reinterpret_cast<uint4 *>(dst + ((ch ^ (w_r & 7)) << 4)) = o;
+            for (int v = 0; v < NW; v++) {
+                const uint4 o = decode_word(lut, w.w.q[v], sc);
+                const int ch = NW * w_h + v;
+                *reinterpret_cast<uint4 *>(dst + ((ch ^ (w_r & 7)) << 4)) = o;
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < WgTile<WGS, true>::IT; i++) {
+                const int id = tid + THREADS * i, np = id & 31, ko = id >> 5;
+                const bool ok = c0 + 8 * ko < K;
+                const uint4 o0 = decode_word(lut, w.q[i][0], ok ? scale_of(p.w, w.s[i][0]) : 0.0f);
+                const uint4 o1 = decode_word(lut, w.q[i][1], ok ? scale_of(p.w, w.s[i][1]) : 0.0f);
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    const int kl = 8 * ko + j; // B tile row
+                    const uint32_t v = __byte_perm(word_of(o0, j / 2), word_of(o1, j / 2),
+                                                   j % 2 ? 0x7632u : 0x5410u);
+                    const int ch = np >> 2; // 16-byte chunk of n-pairs 4ch .. 4ch+3
+                    *reinterpret_cast<uint32_t *>(sm + b_stage(s) + kl * 128 +
+                                                  ((ch ^ (kl & 7)) << 4) + (np & 3) * 4) = v;
+                }
+            }
         }
     };
 
@@ -1024,7 +1078,7 @@ template <int WGS> __device__ __forceinline__ void gemm_wgmma(const Nf4GemmParam
     cp_async_commit();
     if (1 < KT) load_a(1, 1);
     cp_async_commit();
-    WgWords<NW> w0, w1;
+    WgTile<WGS, BWD> w0, w1;
     load_w(0, w0);
     store_w(w0, 0);
     if (1 < KT) load_w(1, w1);
@@ -1035,7 +1089,7 @@ template <int WGS> __device__ __forceinline__ void gemm_wgmma(const Nf4GemmParam
     const uint64_t desc_b = wg_desc(base + b_stage(0));
 
     // One iteration; `nx` holds W tile kt+1 on entry and W tile kt+3 on exit.
-    auto step = [&](int kt, WgWords<NW> &nx) {
+    auto step = [&](int kt, WgTile<WGS, BWD> &nx) {
         cp_async_wait<1>(); // X tile kt (tile kt+1 may still fly)
         fence_proxy_async_smem();
         __syncthreads();
@@ -1067,12 +1121,12 @@ template <int WGS> __device__ __forceinline__ void gemm_wgmma(const Nf4GemmParam
     const int row = m0 + wg * 64 + wq * 16 + g;
 #pragma unroll
     for (int j = 0; j < 16; j++) {
-        const int col = c0 + 8 * j + 2 * t; // N % 8 == 0: col < N implies col + 1 < N
-        if (col >= N) continue;
+        const int col = c0 + 8 * j + 2 * t; // OUT % 8 == 0: col < OUT implies col + 1 < OUT
+        if (col >= OUT) continue;
         if (row < M)
-            store2(p.out, p.out_f32, (int64_t)row * N + col, acc[4 * j], acc[4 * j + 1]);
+            store2(p.out, p.out_f32, (int64_t)row * OUT + col, acc[4 * j], acc[4 * j + 1]);
         if (row + 8 < M)
-            store2(p.out, p.out_f32, (int64_t)(row + 8) * N + col, acc[4 * j + 2],
+            store2(p.out, p.out_f32, (int64_t)(row + 8) * OUT + col, acc[4 * j + 2],
                    acc[4 * j + 3]);
     }
 }
@@ -1112,7 +1166,8 @@ template <int WGS> __device__ __forceinline__ void gemm_wgmma(const Nf4GemmParam
 //    wgmmas up to t-2, so stage (t+2)%4 is free. acc[4j+i] is Yᵀ row r + 8(i/2), column
 //    8j + 2t + i%2: stored to Y[m0 + column][row]. Needs K % 64 == 0 (N % 8 == 0 like 5.,
 //    although rows >= N decode to zeros here). The same Wb bits as every kernel here.
-//    Shared memory: 4 x 32 KiB + 1 KiB = 132096 B. ~220 registers: 1 block (8 warps) an SM.
+//    Shared memory: 4 x 32 KiB + 1 KiB = 132096 B. 254 registers (no spills, sm_90a):
+//    1 block (8 warps) an SM.
 
 constexpr int RS_BM = 256, RS_X_BYTES = RS_BM * WG_BK * 2;
 constexpr int RS_SMEM = WG_STAGES * RS_X_BYTES + 1024;
@@ -1247,14 +1302,29 @@ __device__ __forceinline__ void gemm_wgmma_rs(const Nf4GemmParams &p) {
 // Only the sm_90a image runs it (the launcher refuses other GPUs); elsewhere it traps.
 extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemm_fwd_wgmma(Nf4GemmParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PALIGN_KEMU)
-    palign::nf4::gemm_wgmma<2>(p);
+    palign::nf4::gemm_wgmma<2, false>(p);
 #else
     __trap();
 #endif
 }
 extern "C" __global__ void __launch_bounds__(512, 1) nf4_gemm_fwd_wgmma_m256(Nf4GemmParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PALIGN_KEMU)
-    palign::nf4::gemm_wgmma<4>(p);
+    palign::nf4::gemm_wgmma<4, false>(p);
+#else
+    __trap();
+#endif
+}
+// The backward product dX = dY·Wb (§5, BWD): 128 and 256 rows of dY a block.
+extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemm_bwd_wgmma(Nf4GemmParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PALIGN_KEMU)
+    palign::nf4::gemm_wgmma<2, true>(p);
+#else
+    __trap();
+#endif
+}
+extern "C" __global__ void __launch_bounds__(512, 1) nf4_gemm_bwd_wgmma_m256(Nf4GemmParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PALIGN_KEMU)
+    palign::nf4::gemm_wgmma<4, true>(p);
 #else
     __trap();
 #endif

@@ -197,8 +197,18 @@ fn wgmma_limits_and_gating() {
     );
     assert_eq!(
         nf4::candidates_with(bwd, 8192, [4096, 4096], false, true),
-        [Fused, DequantCublas]
+        [Fused, DequantCublas, Wgmma, WgmmaM256]
     );
+    // Backward needs N % 64 and K % 8: [1000, 4096] has neither whole n-tiles for it.
+    assert_eq!(
+        nf4::candidates_with(bwd, 8192, [1000, 4096], false, true),
+        nf4::candidates(bwd, 8192, [1000, 4096], false)
+    );
+    assert!(nf4::check_wgmma_op(bwd, [1024, 4096]).is_ok());
+    assert!(nf4::check_wgmma_op(bwd, [64, 1000]).is_ok());
+    assert!(is_bad_input(nf4::check_wgmma_op(bwd, [1000, 4096])));
+    assert!(is_bad_input(nf4::check_wgmma_op(bwd, [1024, 1004])));
+    assert!(is_bad_input(nf4::check_wgmma_op(fwd, [64, 1000])));
     assert_eq!(
         nf4::candidates_with(fwd, 8192, [1004, 4096], false, true),
         [Fused, DequantCublas]
@@ -1079,6 +1089,162 @@ fn wgmma_gemm_matches_cpu_and_fused() {
     }
 }
 
+/// The backward wgmma GEMMs (2 and 4 warpgroups a block).
+const WGMMA_BWD_KERNELS: [nf4::WgmmaKernel; 2] = [nf4::WgmmaKernel::M128, nf4::WgmmaKernel::M256];
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn wgmma_bwd_reproduces_the_bf16_weight() {
+    let Some(g) = wgmma_gpu() else { return };
+    // dY = [I_N ; 0]: row i < N is one-hot at n = i, so dX[i, k] = Wb[i, k], one nonzero
+    // product (exact in f32, and a bf16 value survives the bf16 output): every weight
+    // must land at its place through the kernel's transposing store. K = 136 and 1000
+    // leave partial output tiles; blocksize 32 gives each 8-code word's row its own
+    // scale.
+    let cases: &[([usize; 2], usize, bool, bool)] = &[
+        ([256, 264], 64, true, true),
+        ([128, 136], 64, false, false),
+        ([128, 128], 32, true, false),
+        ([64, 8], 64, true, true),
+        ([4096, 1000], 64, true, true),
+    ];
+    for (i, &(shape, bs, dq, f32_out)) in cases.iter().enumerate() {
+        let [n, k] = shape;
+        let m = n + 3;
+        if common::on_emulator(&g) && m * n * k > common::EMULATOR_MACS {
+            println!("PARITY wgmma bwd one-hot {shape:?}: skipped on the emulator (too large)");
+            continue;
+        }
+        let t = weight(650 + i as u64, shape, bs, dq);
+        let wb = bf16_round(&t.dequantize());
+        let mut yb = vec![bf16::ZERO; m * n];
+        for r in 0..n {
+            yb[r * n + r] = bf16::ONE;
+        }
+        let w = ok(Nf4Weight::upload(&g, &t));
+        let y = ok(g.upload(&yb));
+        for kernel in WGMMA_BWD_KERNELS {
+            let got = run_out(&g, m * k, f32_out, |o| {
+                nf4::gemm_wgmma_op(&g, kernel, Nf4Op::Backward, &y, m, &w, o)
+            });
+            let mut bad = 0usize;
+            let mut first = None;
+            for r in 0..m {
+                for c in 0..k {
+                    let want = if r < n { wb[r * k + c] } else { 0.0 };
+                    if got[r * k + c] != want {
+                        bad += 1;
+                        first.get_or_insert((r, c, got[r * k + c], want));
+                    }
+                }
+            }
+            let out = if f32_out { "f32" } else { "bf16" };
+            println!(
+                "PARITY wgmma bwd {kernel:?} one-hot {shape:?} bs={bs} dq={dq} {out}: mismatches={bad} n={}",
+                m * k
+            );
+            assert_eq!(bad, 0, "{kernel:?} first (row, col, got, want): {first:?}");
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn wgmma_bwd_matches_cpu_and_fused() {
+    let Some(g) = wgmma_gpu() else { return };
+    // (m, n, k, double quant, f32 out): dX[m, k] = dY[m, n]·W. N = 64, 128, 192: one to
+    // three reduction tiles; M = 1, 77, 300: partial row tiles (128 and 256); K = 136,
+    // 1000: partial output tiles; then the Mistral-7B shapes at M = 8192.
+    let cases: &[(usize, usize, usize, bool, bool)] = &[
+        (5, 64, 256, true, true),
+        (130, 128, 136, false, false),
+        (300, 192, 264, true, true),
+        (1, 1024, 4096, true, false),
+        (77, 4096, 1000, true, true),
+        (8192, 4096, 4096, true, false),
+        (8192, 14336, 4096, true, true),
+        (8192, 4096, 14336, true, false),
+        (8192, 1024, 4096, true, false),
+    ];
+    for (i, &(m, n, k, dq, f32_out)) in cases.iter().enumerate() {
+        if common::on_emulator(&g) && m * n * k > common::EMULATOR_MACS {
+            println!(
+                "PARITY gemm_wgmma bwd m={m} n={n} k={k}: skipped on the emulator (too large)"
+            );
+            continue;
+        }
+        let t = if n * k <= 1 << 22 {
+            weight(750 + i as u64, [n, k], 64, dq)
+        } else {
+            random_nf4(750 + i as u64, [n, k], dq)
+        };
+        let wf = bf16_round(&t.dequantize());
+        let (yb, yf) = rand_bf16(&mut rng(850 + i as u64), m * n, 1.0);
+        let w = ok(Nf4Weight::upload(&g, &t));
+        let y = ok(g.upload(&yb));
+        let out = if f32_out { "f32" } else { "bf16" };
+        let got = run_out(&g, m * k, f32_out, |o| {
+            nf4::gemm_wgmma_op(&g, nf4::WgmmaKernel::M128, Nf4Op::Backward, &y, m, &w, o)
+        });
+        let got256 = run_out(&g, m * k, f32_out, |o| {
+            nf4::gemm_wgmma_op(&g, nf4::WgmmaKernel::M256, Nf4Op::Backward, &y, m, &w, o)
+        });
+        let differ = got
+            .iter()
+            .zip(&got256)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        println!("PARITY gemm_wgmma bwd M256 vs M128 m={m} n={n} k={k} {out}: differ={differ}");
+        assert_eq!(differ, 0, "the two backward wgmma GEMMs disagree");
+        // The CPU on every row when cheap, else 64 rows (both ends, both sides of the
+        // 128- and 256-row tile boundaries, random ones).
+        let rows: Vec<usize> = if m * n * k <= 1 << 31 {
+            (0..m).collect()
+        } else {
+            let mut r = rng(950 + i as u64);
+            let mut v: Vec<usize> = (0..8)
+                .chain(m - 8..m)
+                .chain(120..136)
+                .chain(248..264)
+                .collect();
+            v.extend((0..16).map(|_| r.random_range(0..m)));
+            v
+        };
+        let sub: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| yf[r * n..(r + 1) * n].iter().copied())
+            .collect();
+        let want = reference(Nf4Op::Backward, &sub, rows.len(), &wf, [n, k]);
+        let got_rows: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| got[r * k..(r + 1) * k].iter().copied())
+            .collect();
+        check(
+            &format!(
+                "gemm_wgmma bwd m={m} n={n} k={k} dq={dq} {out} rows={}",
+                rows.len()
+            ),
+            &got_rows,
+            &want,
+            BF16_W_ATOL * rms(&want),
+            1e-2,
+        );
+        // Every element against the fused kernel where it runs (it needs K % 64 == 0).
+        if nf4::check_fused(Nf4Op::Backward, [n, k]).is_ok() {
+            let fused = run_out(&g, m * k, true, |o| {
+                nf4::gemm_fused(&g, Nf4Op::Backward, &y, m, &w, o)
+            });
+            check(
+                &format!("gemm_wgmma_bwd_vs_fused m={m} n={n} k={k} {out}"),
+                &got,
+                &fused,
+                1e-3 * rms(&want),
+                1e-2,
+            );
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn wgmma_gemm_rejects_bad_shapes_without_launching() {
@@ -1102,7 +1268,22 @@ fn wgmma_gemm_rejects_bad_shapes_without_launching() {
         let mut small = ok(g.alloc::<f32>(10));
         let r = nf4::gemm_wgmma_kernel(&g, kernel, &x, 4, &w, Out::F32(&mut small));
         assert!(is_bad_input(r), "{kernel:?}: output too short");
+        // Backward: N = 1000 is not a multiple of 64 (and the register-A kernel has none).
+        let w = ok(Nf4Weight::upload(&g, &weight(16, [1000, 64], 64, true)));
+        let r = nf4::gemm_wgmma_op(&g, kernel, Nf4Op::Backward, &x, 4, &w, Out::F32(&mut o));
+        assert!(is_bad_input(r), "{kernel:?}: backward N = 1000");
     }
+    let w = ok(Nf4Weight::upload(&g, &weight(17, [128, 128], 64, true)));
+    let r = nf4::gemm_wgmma_op(
+        &g,
+        nf4::WgmmaKernel::Rs,
+        Nf4Op::Backward,
+        &x,
+        4,
+        &w,
+        Out::F32(&mut o),
+    );
+    assert!(is_bad_input(r), "the register-A kernel has no backward");
     ok(g.synchronize());
 }
 

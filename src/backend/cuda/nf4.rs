@@ -71,6 +71,8 @@ pub const KERNELS: &[&str] = &[
     "nf4_gemm_fwd_wgmma",
     "nf4_gemm_fwd_wgmma_m256",
     "nf4_gemm_fwd_wgmma_rs",
+    "nf4_gemm_bwd_wgmma",
+    "nf4_gemm_bwd_wgmma_m256",
 ];
 
 const THREADS: u32 = 256;
@@ -107,11 +109,15 @@ pub enum WgmmaKernel {
 }
 
 impl WgmmaKernel {
-    pub fn name(self) -> &'static str {
-        match self {
-            WgmmaKernel::M128 => "nf4_gemm_fwd_wgmma",
-            WgmmaKernel::M256 => "nf4_gemm_fwd_wgmma_m256",
-            WgmmaKernel::Rs => "nf4_gemm_fwd_wgmma_rs",
+    /// The kernel computing `op`; None for the register-A kernel's backward.
+    pub fn name(self, op: Nf4Op) -> Option<&'static str> {
+        match (self, op) {
+            (WgmmaKernel::M128, Nf4Op::Forward) => Some("nf4_gemm_fwd_wgmma"),
+            (WgmmaKernel::M256, Nf4Op::Forward) => Some("nf4_gemm_fwd_wgmma_m256"),
+            (WgmmaKernel::Rs, Nf4Op::Forward) => Some("nf4_gemm_fwd_wgmma_rs"),
+            (WgmmaKernel::M128, Nf4Op::Backward) => Some("nf4_gemm_bwd_wgmma"),
+            (WgmmaKernel::M256, Nf4Op::Backward) => Some("nf4_gemm_bwd_wgmma_m256"),
+            (WgmmaKernel::Rs, Nf4Op::Backward) => None,
         }
     }
     /// Rows of X a block computes.
@@ -194,15 +200,28 @@ pub fn check_fused(op: Nf4Op, w_shape: [usize; 2]) -> Result<()> {
     Ok(())
 }
 
-/// The wgmma GEMM's limits (it computes the forward product only): K % 64 == 0 (whole
-/// k-tiles), N % 8 == 0 (its paired output stores stay in the row and aligned), and
-/// dims fit the kernel's i32.
+/// The forward wgmma GEMMs' limits: K % 64 == 0 (whole k-tiles), N % 8 == 0 (the paired
+/// output stores stay in the row and aligned), and dims fit the kernels' i32.
 pub fn check_wgmma(w_shape: [usize; 2]) -> Result<()> {
+    check_wgmma_op(Nf4Op::Forward, w_shape)
+}
+
+/// [`check_wgmma`] for either product. Backward (`dX = dY·W`, reduction over N): N % 64
+/// == 0 and K % 8 == 0 (a thread loads 8 codes of a row as one 32-bit word; the paired
+/// output stores).
+pub fn check_wgmma_op(op: Nf4Op, w_shape: [usize; 2]) -> Result<()> {
     let [n, k] = w_shape;
     check_dims(w_shape)?;
-    if !k.is_multiple_of(WGMMA_TILE.2) || !n.is_multiple_of(8) {
+    let (inner, outer) = op.dims(w_shape);
+    if !inner.is_multiple_of(WGMMA_TILE.2) || !outer.is_multiple_of(8) {
+        let (r, o) = match op {
+            Nf4Op::Forward => ("K", "N"),
+            Nf4Op::Backward => ("N", "K"),
+        };
         return Err(bad(format!(
-            "NF4 wgmma GEMM: weight [{n}, {k}] needs K a multiple of 64 and N a multiple of 8"
+            "NF4 wgmma GEMM ({}): weight [{n}, {k}] needs {r} a multiple of 64 and {o} a \
+             multiple of 8",
+            op.name()
         )));
     }
     Ok(())
@@ -693,7 +712,7 @@ pub fn gemm_wgmma(
     gemm_wgmma_kernel(gpu, WgmmaKernel::M128, a, m, w, out)
 }
 
-/// [`gemm_wgmma`] with the block size `kernel` (the same numbers from either).
+/// [`gemm_wgmma`] with the kernel `kernel`.
 pub fn gemm_wgmma_kernel(
     gpu: &Gpu,
     kernel: WgmmaKernel,
@@ -702,6 +721,26 @@ pub fn gemm_wgmma_kernel(
     w: &Nf4Weight,
     out: Out<'_>,
 ) -> Result<()> {
+    gemm_wgmma_op(gpu, kernel, Nf4Op::Forward, a, m, w, out)
+}
+
+/// `op` (forward `a·bf16(W)ᵀ` or backward `a·bf16(W)`) with the wgmma kernel `kernel`:
+/// the product of [`gemm_fused`]. [`WgmmaKernel::Rs`] has no backward (BadInput).
+pub fn gemm_wgmma_op(
+    gpu: &Gpu,
+    kernel: WgmmaKernel,
+    op: Nf4Op,
+    a: &DeviceBuffer<bf16>,
+    m: usize,
+    w: &Nf4Weight,
+    out: Out<'_>,
+) -> Result<()> {
+    let Some(name) = kernel.name(op) else {
+        return Err(bad(format!(
+            "NF4 wgmma GEMM: the {kernel:?} kernel has no {} product",
+            op.name()
+        )));
+    };
     let cc = gpu.compute_capability();
     if !wgmma_supported(cc, TARGETS) {
         return Err(bad(format!(
@@ -710,15 +749,14 @@ pub fn gemm_wgmma_kernel(
             cc.0, cc.1
         )));
     }
-    check_wgmma(w.shape)?;
-    check_io(Nf4Op::Forward, m, w.shape, a.len(), out.len())?;
+    check_wgmma_op(op, w.shape)?;
+    check_io(op, m, w.shape, a.len(), out.len())?;
     let grid_y = m.div_ceil(kernel.rows());
     if grid_y > 65535 {
         return Err(bad(format!(
             "NF4 wgmma GEMM: {m} rows exceed the launch grid"
         )));
     }
-    let name = kernel.name();
     gpu.opt_in_smem(name, kernel.smem() as usize)?;
     let p = Nf4GemmParams {
         out: out.ptr(),
@@ -727,7 +765,7 @@ pub fn gemm_wgmma_kernel(
         m: m as i32,
         out_f32: out.is_f32() as i32,
     };
-    let grid_x = w.shape[0].div_ceil(WGMMA_TILE.1);
+    let grid_x = op.dims(w.shape).1.div_ceil(WGMMA_TILE.1);
     launch_threads(
         gpu,
         name,
@@ -800,11 +838,11 @@ pub enum Nf4Path {
     Fused,
     /// [`gemm_dequant_cublas`] (bf16 output).
     DequantCublas,
-    /// [`gemm_wgmma`] (forward, sm_90, only with `PALIGN_NF4_WGMMA=1`).
+    /// [`gemm_wgmma_op`] with [`WgmmaKernel::M128`] (sm_90, only with `PALIGN_NF4_WGMMA=1`).
     Wgmma,
-    /// [`gemm_wgmma_kernel`] with [`WgmmaKernel::M256`] (like [`Nf4Path::Wgmma`]).
+    /// [`gemm_wgmma_op`] with [`WgmmaKernel::M256`] (like [`Nf4Path::Wgmma`]).
     WgmmaM256,
-    /// [`gemm_wgmma_kernel`] with [`WgmmaKernel::Rs`] (like [`Nf4Path::Wgmma`]).
+    /// [`gemm_wgmma_op`] with [`WgmmaKernel::Rs`] (like [`Nf4Path::Wgmma`], forward only).
     WgmmaRs,
 }
 
@@ -840,9 +878,9 @@ pub fn candidates(op: Nf4Op, m: usize, w_shape: [usize; 2], out_f32: bool) -> Ve
     candidates_with(op, m, w_shape, out_f32, false)
 }
 
-/// [`candidates`], plus [`Nf4Path::Wgmma`], [`Nf4Path::WgmmaM256`] and
+/// [`candidates`], plus [`Nf4Path::Wgmma`], [`Nf4Path::WgmmaM256`] and (forward only)
 /// [`Nf4Path::WgmmaRs`] (after the others) where `wgmma` is true ([`wgmma_gate`]) and the
-/// shape fits them.
+/// shape fits them ([`check_wgmma_op`]).
 pub fn candidates_with(
     op: Nf4Op,
     m: usize,
@@ -860,10 +898,12 @@ pub fn candidates_with(
     if !out_f32 && check_dims(w_shape).is_ok() {
         v.push(Nf4Path::DequantCublas);
     }
-    if wgmma && op == Nf4Op::Forward && check_wgmma(w_shape).is_ok() {
+    if wgmma && check_wgmma_op(op, w_shape).is_ok() {
         v.push(Nf4Path::Wgmma);
         v.push(Nf4Path::WgmmaM256);
-        v.push(Nf4Path::WgmmaRs);
+        if op == Nf4Op::Forward {
+            v.push(Nf4Path::WgmmaRs);
+        }
     }
     v
 }
@@ -1135,12 +1175,10 @@ impl Nf4Dispatcher {
             (Nf4Path::Gemv, out) if op == Nf4Op::Forward => gemv_variant(gpu, a, m, w, out, v),
             (Nf4Path::Fused, out) => gemm_fused(gpu, op, a, m, w, out),
             (Nf4Path::DequantCublas, Out::Bf16(o)) => gemm_dequant_cublas(gpu, op, a, m, w, o),
-            (Nf4Path::Wgmma, out) if op == Nf4Op::Forward => gemm_wgmma(gpu, a, m, w, out),
-            (Nf4Path::WgmmaM256, out) if op == Nf4Op::Forward => {
-                gemm_wgmma_kernel(gpu, WgmmaKernel::M256, a, m, w, out)
-            }
+            (Nf4Path::Wgmma, out) => gemm_wgmma_op(gpu, WgmmaKernel::M128, op, a, m, w, out),
+            (Nf4Path::WgmmaM256, out) => gemm_wgmma_op(gpu, WgmmaKernel::M256, op, a, m, w, out),
             (Nf4Path::WgmmaRs, out) if op == Nf4Op::Forward => {
-                gemm_wgmma_kernel(gpu, WgmmaKernel::Rs, a, m, w, out)
+                gemm_wgmma_op(gpu, WgmmaKernel::Rs, op, a, m, w, out)
             }
             (p, out) => Err(bad(format!(
                 "NF4 path {} cannot compute {} with {} output",
