@@ -11,8 +11,8 @@
 //! one-warp-per-row kernel).
 //!
 //! On an sm_90 GPU (with sm_90a kernels) a last section times the wgmma GEMMs
-//! (`nf4::gemm_wgmma_op`: 128 and 256 rows a block forward and backward, and the
-//! register-A forward) on the same shapes and prints their `BENCH fwd|bwd <shape> wgmma`
+//! (`nf4::gemm_wgmma_op`: 128 and 256 rows a block and the register-A kernels, forward
+//! and backward) on the same shapes and prints their `BENCH fwd|bwd <shape> wgmma`
 //! / `wgmma_m256` / `wgmma_rs` lines
 //! with the ratios to cuBLAS bf16, dequant + cuBLAS and the fused kernel measured above
 //! in the same run; it runs after the other lines are printed, so a failure there loses
@@ -366,6 +366,7 @@ fn main() {
             (Nf4Op::Forward, nf4::WgmmaKernel::Rs, "wgmma_rs"),
             (Nf4Op::Backward, nf4::WgmmaKernel::M128, "wgmma"),
             (Nf4Op::Backward, nf4::WgmmaKernel::M256, "wgmma_m256"),
+            (Nf4Op::Backward, nf4::WgmmaKernel::Rs, "wgmma_rs"),
         ] {
             let (a, o, [t_fused, t_dq, t_dense]) = match op {
                 Nf4Op::Forward => (&x, &mut y, fwd_t),

@@ -126,6 +126,14 @@ __device__ __forceinline__ float lut_ld(const float *lut, uint32_t offsets, int 
     asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(a));
     return v;
 }
+// The same table's entry at byte offset x & 0x3C: one lop3 forms the address (mask and
+// OR into the aligned base), for a code whose 4·code is not in a byte of its own.
+__device__ __forceinline__ float lut_ld_masked(const float *lut, uint32_t x) {
+    const uint32_t a = (x & 0x3Cu) | smem_addr(lut);
+    float v;
+    asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(a));
+    return v;
+}
 
 // Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, lane l gets
 // in r[i] the pair (row l/4, cols 2(l%4), 2(l%4)+1) of matrix i.
@@ -186,6 +194,9 @@ __device__ __forceinline__ bool smem_aligned256(const void *p) {
 __device__ __forceinline__ float lut_ld(const float *lut, uint32_t offsets, int j) {
     const uint32_t off = (offsets >> (8 * j)) & 255u;
     return *reinterpret_cast<const float *>(reinterpret_cast<const char *>(lut) + off);
+}
+__device__ __forceinline__ float lut_ld_masked(const float *lut, uint32_t x) {
+    return *reinterpret_cast<const float *>(reinterpret_cast<const char *>(lut) + (x & 0x3Cu));
 }
 __device__ __forceinline__ void ldsm_x4(uint32_t r[4], const void *p) {
     kemu::ldmatrix(r, 4, false, p);

@@ -1294,6 +1294,197 @@ __device__ __forceinline__ void gemm_wgmma_rs(const Nf4GemmParams &p) {
         }
 }
 
+// 7. nf4_gemm_bwd_wgmma_rs: the backward product dX[M, K] = dY[M, N]·Wb computed
+//    transposed like §6, dXᵀ = Wbᵀ · dYᵀ: Wbᵀ (rows = output columns k, reduction n) is
+//    the register A operand of m64n256k16, dY's [256 tokens][64 n] tile the shared B
+//    operand (staged as §6 stages X, row length N). Same shared-memory argument as §6.
+//
+//    Block tile 128 output columns (2 warpgroups x 64) x 256 tokens x 64 n, 256 threads.
+//    Lane (warp q of warpgroup wg, g = lane/4, t = lane%4) holds the A fragment of
+//    columns c = kb + g and c + 8 (kb = k0 + 64wg + 16q) at reduction steps n = 16s + 2t,
+//    +1 (reg 0: column c, reg 1: c + 8) and 16s + 2t + 8, +9 (regs 2, 3): Wᵀ[c][n] =
+//    W[n][c], so a pair of a register comes from two W rows. For each of its 16 W rows a
+//    tile (n = 16s + 2t + {0, 1, 8, 9}) the lane loads the 8 bytes of codes kb .. kb+15
+//    (the 8 lanes g of a t load the same bytes: L1 broadcasts) and takes nibble g of the
+//    low word (column c) and of the high word (c + 8) at bit 8·(g/2) + 4·(1 - g%2) (the
+//    high nibble holds the even column): a rotate and a masked OR give the LUT address. Scales: one per (W row, 16 codes), the same for
+//    all 8 lanes g, so the block computes a tile's 512 of them once (2 per thread) into a
+//    3-slot ring in shared memory, two tiles ahead, and lanes read them back.
+//
+//    Iteration t: wait dY tile t, fence.proxy.async, __syncthreads (dY tile t and the
+//    scales of tile t+1 are published), 4 wgmmas (A set t%2), commit, dY tile t+2 ->
+//    stage (t+2)%4, scales of tile t+2 -> ring slot (t+2)%3 (from parts loaded in the
+//    previous iteration; its last reader, the decode of tile t-1, ran before the barrier
+//    of t), parts of tile t+3, wgmma.wait_group 1, decode tile t+1 into A set (t+1)%2,
+//    load tile t+2's W words. Needs N % 64 == 0 and K % 16 == 0 (8-byte loads of 16
+//    codes; a 16-code group lies in one scale block, blocksize >= 32).
+
+constexpr int RSB_SCALES = 64 * 8; // a tile's scales: 64 W rows x 8 groups of 16 codes
+constexpr int RSB_SMEM = WG_STAGES * RS_X_BYTES + 3 * RSB_SCALES * 4 + 1024;
+static_assert(RSB_SMEM == 138240, "keep NF4_WGMMA_RS_BWD_SMEM_BYTES in src/backend/cuda/nf4.rs in sync");
+
+// A lane's W codes of one tile: [step s][rows 16s + 2t + {0, 1, 8, 9}], 16 codes each.
+struct RsbWords {
+    uint2 q[4][4];
+};
+
+__device__ __forceinline__ void gemm_wgmma_rs_bwd(const Nf4GemmParams &p) {
+    PALIGN_DYNAMIC_SMEM(nf4_rsb_smem);
+    __shared__ __align__(256) float lut[16];
+    if (dynamic_smem_bytes() < (uint32_t)RSB_SMEM) __trap(); // launcher bug, not data
+    load_lut(lut);
+    const uint32_t raw = smem_addr(nf4_rsb_smem);
+    const uint32_t base = (raw + 1023u) & ~1023u; // 128B-swizzle atoms: 1024-byte aligned
+    uint8_t *sm = nf4_rsb_smem + (base - raw);
+    float *ring = reinterpret_cast<float *>(sm + WG_STAGES * RS_X_BYTES); // [3][512]
+
+    const int tid = threadIdx.x, wg = tid >> 7, wq = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int M = p.m, N = p.w.rows, K = p.w.cols;
+    const int k0 = blockIdx.x * WG_BN, m0 = blockIdx.y * RS_BM;
+    const int KT = N / WG_BK;
+    const int grp = 4 * wg + wq, kb = k0 + 16 * grp; // this warp's 16 output columns
+    const bool okw = kb < K;                          // K % 16 == 0: all 16 or none
+    // The lane's nibble sits at bit 8·(g/2) + 4·(1 - g%2) of each word; rotating right
+    // by that minus 2 puts 4·code at bits 2..5, the table offset lut_ld_masked takes.
+    const uint32_t rot = (uint32_t)(8 * (g >> 1) + ((g & 1) ? 0 : 4) - 2) & 31u;
+
+    // dY tile as §6's X tile (row length N).
+    const int xr = tid >> 3, xc = tid & 7;
+    const int x_dst = xr * 128 + ((xc ^ (xr & 7)) << 4);
+    const __nv_bfloat16 *x_src = p.a + (int64_t)min(m0 + xr, M - 1) * N + xc * 8;
+    auto load_x = [&](int kt, int s) {
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const bool ok = m0 + xr + 32 * j < M;
+            cp_async16(sm + s * RS_X_BYTES + x_dst + 32 * 128 * j,
+                       x_src + (ok ? (int64_t)32 * j * N : 0) + kt * WG_BK, ok);
+        }
+    };
+    // Scales: thread item i (< 2) is id = tid + 256i -> W row 64kt + id/8, codes
+    // k0 + 16·(id%8) .. +15; 0 past K.
+    auto scale_e = [&](int kt, int i) {
+        const int id = tid + 256 * i;
+        return (uint64_t)(kt * WG_BK + (id >> 3)) * (uint64_t)K + k0 + 16 * (id & 7);
+    };
+    auto scale_ok = [&](int i) { return k0 + 16 * ((tid + 256 * i) & 7) < K; };
+    auto load_parts = [&](int kt, ScaleParts (&sp)[2]) {
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+            sp[i] = scale_ok(i) ? load_scale_parts(p.w, scale_e(kt, i) >> p.w.log2_blocksize)
+                                : ScaleParts{0.0f, 0u};
+    };
+    auto store_scales = [&](const ScaleParts (&sp)[2], int slot) {
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+            ring[slot * RSB_SCALES + tid + 256 * i] = scale_ok(i) ? scale_of(p.w, sp[i]) : 0.0f;
+    };
+    // W rows 16s + 2t + {0, 1, 8, 9} of tile kt, codes kb .. kb+15: 32-bit byte offsets
+    // from row 2t (the launcher checks that the packed weight is under 4 GiB), so an
+    // address costs a multiply-add and a 64-bit add, not a 64-bit product.
+    const uint32_t row_bytes = (uint32_t)K >> 1;
+    const uint32_t w_off = okw ? (uint32_t)(((uint64_t)(2 * t) * (uint64_t)K + kb) >> 1) : 0u;
+    auto load_w = [&](int kt, RsbWords &w) {
+        const uint32_t o = w_off + (uint32_t)kt * (uint32_t)WG_BK * row_bytes;
+#pragma unroll
+        for (int s = 0; s < 4; s++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const uint32_t off = o + (uint32_t)(16 * s + (j & 1) + 8 * (j >> 1)) * row_bytes;
+                w.q[s][j] = okw ? __ldg(reinterpret_cast<const uint2 *>(p.w.packed + off))
+                                : make_uint2(0, 0);
+            }
+    };
+    // One code's weight: the lane's nibble of `word`, times the scale (decode_word's f32
+    // product and rounding: the same Wb bits).
+    auto weight = [&](uint32_t word, float sc) {
+        return __fmul_rn(lut_ld_masked(lut, __funnelshift_r(word, word, rot)), sc);
+    };
+    auto decode = [&](const RsbWords &w, int slot, uint32_t(&a)[4][4]) {
+        const float *sc_tile = ring + slot * RSB_SCALES + grp;
+#pragma unroll
+        for (int s = 0; s < 4; s++) {
+            float lo[4], hi[4]; // column c, c + 8 of rows 16s + 2t + {0, 1, 8, 9}
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int nl = 16 * s + 2 * t + (j & 1) + 8 * (j >> 1);
+                const float sc = sc_tile[8 * nl];
+                lo[j] = weight(w.q[s][j].x, sc);
+                hi[j] = weight(w.q[s][j].y, sc);
+            }
+            a[s][0] = pack_bf16(lo[0], lo[1]);
+            a[s][1] = pack_bf16(hi[0], hi[1]);
+            a[s][2] = pack_bf16(lo[2], lo[3]);
+            a[s][3] = pack_bf16(hi[2], hi[3]);
+        }
+    };
+
+    float acc[128];
+#pragma unroll
+    for (int i = 0; i < 128; i++) acc[i] = 0.0f;
+    uint32_t a0[4][4], a1[4][4];
+    const uint64_t desc_x = wg_desc(base);
+
+    // Prologue: dY tiles 0, 1 in flight; scales of tiles 0, 1 in the ring (published by a
+    // barrier before the first decode); tile 0 decoded; tile 1's words and tile 2's
+    // scale parts loaded.
+    load_x(0, 0);
+    cp_async_commit();
+    if (1 < KT) load_x(1, 1);
+    cp_async_commit();
+    ScaleParts sp[2];
+    load_parts(0, sp);
+    store_scales(sp, 0);
+    if (1 < KT) {
+        load_parts(1, sp);
+        store_scales(sp, 1);
+    }
+    if (2 < KT) load_parts(2, sp);
+    RsbWords wn;
+    load_w(0, wn);
+    __syncthreads();
+    decode(wn, 0, a0);
+    if (1 < KT) load_w(1, wn);
+
+    auto step = [&](int kt, uint32_t(&cur)[4][4], uint32_t(&nxa)[4][4]) {
+        cp_async_wait<1>(); // dY tile kt (tile kt+1 may still fly)
+        fence_proxy_async_smem();
+        __syncthreads();
+        const uint64_t dx = desc_x + (uint32_t)((kt % WG_STAGES) * (RS_X_BYTES >> 4));
+        wg_fence();
+#pragma unroll
+        for (int s = 0; s < WG_BK / 16; s++) wgmma_m64n256k16_rs(acc, cur[s], dx + 2 * s);
+        wg_commit();
+        if (kt + 2 < KT) load_x(kt + 2, (kt + 2) % WG_STAGES);
+        cp_async_commit(); // one group per iteration, empty ones included
+        if (kt + 2 < KT) store_scales(sp, (kt + 2) % 3);
+        if (kt + 3 < KT) load_parts(kt + 3, sp);
+        wg_wait<1>(); // tile kt-1's wgmmas, the last readers of `nxa`, are done
+        if (kt + 1 < KT) decode(wn, (kt + 1) % 3, nxa);
+        if (kt + 2 < KT) load_w(kt + 2, wn);
+    };
+    for (int kt = 0; kt < KT; kt += 2) {
+        step(kt, a0, a1);
+        if (kt + 1 < KT) step(kt + 1, a1, a0);
+    }
+    wg_wait<0>();
+    wg_pin(acc);
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int j = 0; j < 32; j++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int col = kb + g + 8 * (i >> 1), tok = m0 + 8 * j + 2 * t + (i & 1);
+            if (col >= K || tok >= M) continue;
+            const int64_t o = (int64_t)tok * K + col;
+            if (p.out_f32)
+                static_cast<float *>(p.out)[o] = acc[4 * j + i];
+            else
+                static_cast<__nv_bfloat16 *>(p.out)[o] = f2bf(acc[4 * j + i]);
+        }
+}
+
 #endif // __CUDA_ARCH_FEAT_SM90_ALL || PALIGN_KEMU
 
 } // namespace nf4
@@ -1333,6 +1524,14 @@ extern "C" __global__ void __launch_bounds__(512, 1) nf4_gemm_bwd_wgmma_m256(Nf4
 extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemm_fwd_wgmma_rs(Nf4GemmParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PALIGN_KEMU)
     palign::nf4::gemm_wgmma_rs(p);
+#else
+    __trap();
+#endif
+}
+// The backward of §6's form (§7); sm_90a only.
+extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemm_bwd_wgmma_rs(Nf4GemmParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PALIGN_KEMU)
+    palign::nf4::gemm_wgmma_rs_bwd(p);
 #else
     __trap();
 #endif

@@ -197,9 +197,16 @@ fn wgmma_limits_and_gating() {
     );
     assert_eq!(
         nf4::candidates_with(bwd, 8192, [4096, 4096], false, true),
-        [Fused, DequantCublas, Wgmma, WgmmaM256]
+        [Fused, DequantCublas, Wgmma, WgmmaM256, WgmmaRs]
     );
-    // Backward needs N % 64 and K % 8: [1000, 4096] has neither whole n-tiles for it.
+    // The register-A backward needs K % 16 as well.
+    assert_eq!(
+        nf4::candidates_with(bwd, 8192, [64, 1000], true, true),
+        [Wgmma, WgmmaM256]
+    );
+    assert!(is_bad_input(nf4::WgmmaKernel::Rs.check(bwd, [64, 1000])));
+    assert!(nf4::WgmmaKernel::M128.check(bwd, [64, 1000]).is_ok());
+    // Backward needs N % 64 and K % 8: [1000, 4096] has no whole n-tiles for it.
     assert_eq!(
         nf4::candidates_with(bwd, 8192, [1000, 4096], false, true),
         nf4::candidates(bwd, 8192, [1000, 4096], false)
@@ -1089,22 +1096,21 @@ fn wgmma_gemm_matches_cpu_and_fused() {
     }
 }
 
-/// The backward wgmma GEMMs (2 and 4 warpgroups a block).
-const WGMMA_BWD_KERNELS: [nf4::WgmmaKernel; 2] = [nf4::WgmmaKernel::M128, nf4::WgmmaKernel::M256];
-
 #[test]
 #[ignore = "needs a CUDA device"]
 fn wgmma_bwd_reproduces_the_bf16_weight() {
     let Some(g) = wgmma_gpu() else { return };
     // dY = [I_N ; 0]: row i < N is one-hot at n = i, so dX[i, k] = Wb[i, k], one nonzero
     // product (exact in f32, and a bf16 value survives the bf16 output): every weight
-    // must land at its place through the kernel's transposing store. K = 136 and 1000
-    // leave partial output tiles; blocksize 32 gives each 8-code word's row its own
-    // scale.
+    // must land at its place through the kernel's transposing store (§5) or register
+    // gather (§7). K = 136, 144, 400, 1000 leave partial output tiles; blocksize 32 gives
+    // each 8-code word's row its own scale. The register-A kernel runs where K % 16 == 0.
     let cases: &[([usize; 2], usize, bool, bool)] = &[
         ([256, 264], 64, true, true),
         ([128, 136], 64, false, false),
         ([128, 128], 32, true, false),
+        ([128, 144], 64, true, true),
+        ([192, 400], 64, false, false),
         ([64, 8], 64, true, true),
         ([4096, 1000], 64, true, true),
     ];
@@ -1123,7 +1129,10 @@ fn wgmma_bwd_reproduces_the_bf16_weight() {
         }
         let w = ok(Nf4Weight::upload(&g, &t));
         let y = ok(g.upload(&yb));
-        for kernel in WGMMA_BWD_KERNELS {
+        for kernel in WGMMA_KERNELS {
+            if kernel.check(Nf4Op::Backward, shape).is_err() {
+                continue; // the register-A backward at K = 1000 (its limits are tested above)
+            }
             let got = run_out(&g, m * k, f32_out, |o| {
                 nf4::gemm_wgmma_op(&g, kernel, Nf4Op::Backward, &y, m, &w, o)
             });
@@ -1159,6 +1168,7 @@ fn wgmma_bwd_matches_cpu_and_fused() {
         (5, 64, 256, true, true),
         (130, 128, 136, false, false),
         (300, 192, 264, true, true),
+        (300, 128, 400, true, false),
         (1, 1024, 4096, true, false),
         (77, 4096, 1000, true, true),
         (8192, 4096, 4096, true, false),
@@ -1196,6 +1206,21 @@ fn wgmma_bwd_matches_cpu_and_fused() {
             .count();
         println!("PARITY gemm_wgmma bwd M256 vs M128 m={m} n={n} k={k} {out}: differ={differ}");
         assert_eq!(differ, 0, "the two backward wgmma GEMMs disagree");
+        // The register-A backward (K % 16 == 0 cases): against the CPU below, its bits
+        // against M128 reported.
+        let got_rs = (k % 16 == 0).then(|| {
+            run_out(&g, m * k, f32_out, |o| {
+                nf4::gemm_wgmma_op(&g, nf4::WgmmaKernel::Rs, Nf4Op::Backward, &y, m, &w, o)
+            })
+        });
+        if let Some(rs) = &got_rs {
+            let d = got
+                .iter()
+                .zip(rs)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            println!("PARITY gemm_wgmma bwd Rs vs M128 m={m} n={n} k={k} {out}: differ={d}");
+        }
         // The CPU on every row when cheap, else 64 rows (both ends, both sides of the
         // 128- and 256-row tile boundaries, random ones).
         let rows: Vec<usize> = if m * n * k <= 1 << 31 {
@@ -1215,20 +1240,23 @@ fn wgmma_bwd_matches_cpu_and_fused() {
             .flat_map(|&r| yf[r * n..(r + 1) * n].iter().copied())
             .collect();
         let want = reference(Nf4Op::Backward, &sub, rows.len(), &wf, [n, k]);
-        let got_rows: Vec<f32> = rows
-            .iter()
-            .flat_map(|&r| got[r * k..(r + 1) * k].iter().copied())
-            .collect();
-        check(
-            &format!(
-                "gemm_wgmma bwd m={m} n={n} k={k} dq={dq} {out} rows={}",
-                rows.len()
-            ),
-            &got_rows,
-            &want,
-            BF16_W_ATOL * rms(&want),
-            1e-2,
-        );
+        for (tag, g_all) in [("", Some(&got)), ("_rs", got_rs.as_ref())] {
+            let Some(g_all) = g_all else { continue };
+            let got_rows: Vec<f32> = rows
+                .iter()
+                .flat_map(|&r| g_all[r * k..(r + 1) * k].iter().copied())
+                .collect();
+            check(
+                &format!(
+                    "gemm_wgmma{tag} bwd m={m} n={n} k={k} dq={dq} {out} rows={}",
+                    rows.len()
+                ),
+                &got_rows,
+                &want,
+                BF16_W_ATOL * rms(&want),
+                1e-2,
+            );
+        }
         // Every element against the fused kernel where it runs (it needs K % 64 == 0).
         if nf4::check_fused(Nf4Op::Backward, [n, k]).is_ok() {
             let fused = run_out(&g, m * k, true, |o| {
@@ -1268,12 +1296,12 @@ fn wgmma_gemm_rejects_bad_shapes_without_launching() {
         let mut small = ok(g.alloc::<f32>(10));
         let r = nf4::gemm_wgmma_kernel(&g, kernel, &x, 4, &w, Out::F32(&mut small));
         assert!(is_bad_input(r), "{kernel:?}: output too short");
-        // Backward: N = 1000 is not a multiple of 64 (and the register-A kernel has none).
+        // Backward: N = 1000 is not a multiple of 64.
         let w = ok(Nf4Weight::upload(&g, &weight(16, [1000, 64], 64, true)));
         let r = nf4::gemm_wgmma_op(&g, kernel, Nf4Op::Backward, &x, 4, &w, Out::F32(&mut o));
         assert!(is_bad_input(r), "{kernel:?}: backward N = 1000");
     }
-    let w = ok(Nf4Weight::upload(&g, &weight(17, [128, 128], 64, true)));
+    let w = ok(Nf4Weight::upload(&g, &weight(17, [64, 1000], 64, true)));
     let r = nf4::gemm_wgmma_op(
         &g,
         nf4::WgmmaKernel::Rs,
@@ -1283,7 +1311,7 @@ fn wgmma_gemm_rejects_bad_shapes_without_launching() {
         &w,
         Out::F32(&mut o),
     );
-    assert!(is_bad_input(r), "the register-A kernel has no backward");
+    assert!(is_bad_input(r), "the register-A backward needs K % 16 == 0");
     ok(g.synchronize());
 }
 

@@ -1,6 +1,6 @@
 // The NF4 training GEMMs kernel by kernel, on a GPU machine with nvcc and no Rust: the
 // mma.sync fused kernels (nf4_gemm_fwd, nf4_gemm_bwd) and, on sm_90a, the wgmma ones
-// (nf4_gemm_{fwd,bwd}_wgmma: 128 rows a block; _m256: 256; fwd _rs: W from registers), timed with CUDA
+// (nf4_gemm_{fwd,bwd}_wgmma: 128 rows a block; _m256: 256; _rs: W from registers), timed with CUDA
 // events at Mistral-7B's projection shapes and M = 512, 2048, 8192 tokens (small M: few
 // blocks, where the 256-row kernel's grid is half as tall), plus a once mode for ncu.
 //
@@ -38,6 +38,7 @@ static const Kernel KERNELS[] = {
     {"fused", nf4_gemm_bwd, 128, 256, 73728, false, true},
     {"wgmma", nf4_gemm_bwd_wgmma, 128, 256, 132096, true, true},
     {"wgmma_m256", nf4_gemm_bwd_wgmma_m256, 256, 512, 197632, true, true},
+    {"wgmma_rs", nf4_gemm_bwd_wgmma_rs, 256, 256, 138240, true, true},
 };
 
 int main(int argc, char **argv) {

@@ -134,6 +134,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "nf4_gemm_fwd_wgmma_rs",
     "nf4_gemm_bwd_wgmma",
     "nf4_gemm_bwd_wgmma_m256",
+    "nf4_gemm_bwd_wgmma_rs",
     "lora_up_backward_nt4",
     "lora_up_backward_nt8",
     "lora_up_backward_nt16",

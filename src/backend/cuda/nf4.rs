@@ -8,10 +8,12 @@
 //! - [`gemm_fused`]: `Y = X·Wᵀ` ([`Nf4Op::Forward`]) or `dX = dY·W` ([`Nf4Op::Backward`])
 //!   on tensor cores, W unpacked to bf16 in shared memory only.
 //! - [`gemm_dequant_cublas`]: the classic path, dequantize to a bf16 scratch + cuBLAS.
-//! - [`gemm_wgmma`]: the forward product with Hopper warpgroup MMAs (sm_90a only). On
-//!   an H200 it passed its parity tests and ran 1.2x the mma.sync kernel but 0.4x
-//!   dequant + cuBLAS (benches/RESULTS.md, 2026-11-28), so the dispatcher times it only
-//!   with `PALIGN_NF4_WGMMA=1`: it would never win, and timing it costs each new shape.
+//! - [`gemm_wgmma_op`]: both products with Hopper warpgroup MMAs (sm_90a only), by three
+//!   kernels ([`WgmmaKernel`]: 128 or 256 rows a block with W decoded into shared memory,
+//!   or W as the register operand). The first ([`gemm_wgmma`], forward) passed its parity
+//!   tests on an H200 and ran 1.2x the mma.sync kernel but 0.4x dequant + cuBLAS
+//!   (benches/RESULTS.md, 2026-11-28); the others pass on kemu and are not yet measured.
+//!   So the dispatcher times them only with `PALIGN_NF4_WGMMA=1`.
 //! - [`Nf4Dispatcher`]: per shape, runs the fastest of those, measured once on this GPU
 //!   and cached on disk ([`DispatchCache`], a [`super::tune`] file keyed by GPU name);
 //!   for the GEMV also the fastest of its variants ([`GEMV_VARIANTS`], [`GemvCache`]).
@@ -73,6 +75,7 @@ pub const KERNELS: &[&str] = &[
     "nf4_gemm_fwd_wgmma_rs",
     "nf4_gemm_bwd_wgmma",
     "nf4_gemm_bwd_wgmma_m256",
+    "nf4_gemm_bwd_wgmma_rs",
 ];
 
 const THREADS: u32 = 256;
@@ -90,34 +93,38 @@ pub const NF4_WGMMA_M256_SMEM_BYTES: u32 = 197632;
 /// Dynamic shared memory of the register-A wgmma GEMM (RS_SMEM: 4 stages of 32 KiB X,
 /// plus 1 KiB).
 pub const NF4_WGMMA_RS_SMEM_BYTES: u32 = 132096;
+/// Dynamic shared memory of the register-A backward (RSB_SMEM: 4 stages of 32 KiB dY, a
+/// 3-slot ring of 512 f32 scales, plus 1 KiB).
+pub const NF4_WGMMA_RS_BWD_SMEM_BYTES: u32 = 138240;
 /// Tile of the wgmma GEMM (rows of X, output columns, reduction step); the M256 kernel
 /// takes 256 rows ([`WgmmaKernel::rows`]).
 pub const WGMMA_TILE: (usize, usize, usize) = (128, 128, 64);
 
-/// The wgmma GEMMs (kernels/nf4.cu §5, §6): the same product of the same bf16 weights.
-/// §5 decodes a block's 128-column W tile into shared memory once per k-step for all of
-/// the block's rows (so 256 rows halve the decode per tensor-core operation); §6 computes
-/// the product transposed with W from registers, so decoded weights skip shared memory.
+/// The wgmma GEMMs (kernels/nf4.cu §5-§7), forward and backward: the same products of the
+/// same bf16 weights. §5 decodes a block's 128-column W tile into shared memory once per
+/// k-step for all of the block's rows (so 256 rows halve the decode per tensor-core
+/// operation); §6 (forward) and §7 (backward) compute the product transposed with W from
+/// registers, so decoded weights skip shared memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WgmmaKernel {
     /// §5, 128 rows of X a block, 256 threads.
     M128,
     /// §5, 256 rows of X a block, 512 threads (the same bits as M128).
     M256,
-    /// §6, 256 rows of X a block, 256 threads.
+    /// §6 / §7, 256 rows of X (dY) a block, 256 threads.
     Rs,
 }
 
 impl WgmmaKernel {
-    /// The kernel computing `op`; None for the register-A kernel's backward.
-    pub fn name(self, op: Nf4Op) -> Option<&'static str> {
+    /// The kernel computing `op`.
+    pub fn name(self, op: Nf4Op) -> &'static str {
         match (self, op) {
-            (WgmmaKernel::M128, Nf4Op::Forward) => Some("nf4_gemm_fwd_wgmma"),
-            (WgmmaKernel::M256, Nf4Op::Forward) => Some("nf4_gemm_fwd_wgmma_m256"),
-            (WgmmaKernel::Rs, Nf4Op::Forward) => Some("nf4_gemm_fwd_wgmma_rs"),
-            (WgmmaKernel::M128, Nf4Op::Backward) => Some("nf4_gemm_bwd_wgmma"),
-            (WgmmaKernel::M256, Nf4Op::Backward) => Some("nf4_gemm_bwd_wgmma_m256"),
-            (WgmmaKernel::Rs, Nf4Op::Backward) => None,
+            (WgmmaKernel::M128, Nf4Op::Forward) => "nf4_gemm_fwd_wgmma",
+            (WgmmaKernel::M256, Nf4Op::Forward) => "nf4_gemm_fwd_wgmma_m256",
+            (WgmmaKernel::Rs, Nf4Op::Forward) => "nf4_gemm_fwd_wgmma_rs",
+            (WgmmaKernel::M128, Nf4Op::Backward) => "nf4_gemm_bwd_wgmma",
+            (WgmmaKernel::M256, Nf4Op::Backward) => "nf4_gemm_bwd_wgmma_m256",
+            (WgmmaKernel::Rs, Nf4Op::Backward) => "nf4_gemm_bwd_wgmma_rs",
         }
     }
     /// Rows of X a block computes.
@@ -133,12 +140,31 @@ impl WgmmaKernel {
             WgmmaKernel::M256 => 512,
         }
     }
-    fn smem(self) -> u32 {
-        match self {
-            WgmmaKernel::M128 => NF4_WGMMA_SMEM_BYTES,
-            WgmmaKernel::M256 => NF4_WGMMA_M256_SMEM_BYTES,
-            WgmmaKernel::Rs => NF4_WGMMA_RS_SMEM_BYTES,
+    fn smem(self, op: Nf4Op) -> u32 {
+        match (self, op) {
+            (WgmmaKernel::M128, _) => NF4_WGMMA_SMEM_BYTES,
+            (WgmmaKernel::M256, _) => NF4_WGMMA_M256_SMEM_BYTES,
+            (WgmmaKernel::Rs, Nf4Op::Forward) => NF4_WGMMA_RS_SMEM_BYTES,
+            (WgmmaKernel::Rs, Nf4Op::Backward) => NF4_WGMMA_RS_BWD_SMEM_BYTES,
         }
+    }
+
+    /// The kernel's own limits beyond [`check_wgmma_op`]: the register-A backward loads
+    /// 16 codes of a row as 8 bytes (K % 16 == 0) at 32-bit byte offsets (the packed
+    /// weight under 4 GiB).
+    pub fn check(self, op: Nf4Op, w_shape: [usize; 2]) -> Result<()> {
+        check_wgmma_op(op, w_shape)?;
+        let [n, k] = w_shape;
+        if self == WgmmaKernel::Rs
+            && op == Nf4Op::Backward
+            && (!k.is_multiple_of(16) || n * k / 2 > u32::MAX as usize)
+        {
+            return Err(bad(format!(
+                "NF4 wgmma GEMM (bwd, register A): weight [{n}, {k}] needs K a multiple of \
+                 16 and at most 4 GiB of codes"
+            )));
+        }
+        Ok(())
     }
 }
 /// Set to 1 to let the dispatcher time (and so pick) the wgmma GEMM on sm_90.
@@ -725,7 +751,7 @@ pub fn gemm_wgmma_kernel(
 }
 
 /// `op` (forward `a·bf16(W)ᵀ` or backward `a·bf16(W)`) with the wgmma kernel `kernel`:
-/// the product of [`gemm_fused`]. [`WgmmaKernel::Rs`] has no backward (BadInput).
+/// the product of [`gemm_fused`]. BadInput off sm_90a or outside [`WgmmaKernel::check`].
 pub fn gemm_wgmma_op(
     gpu: &Gpu,
     kernel: WgmmaKernel,
@@ -735,12 +761,7 @@ pub fn gemm_wgmma_op(
     w: &Nf4Weight,
     out: Out<'_>,
 ) -> Result<()> {
-    let Some(name) = kernel.name(op) else {
-        return Err(bad(format!(
-            "NF4 wgmma GEMM: the {kernel:?} kernel has no {} product",
-            op.name()
-        )));
-    };
+    let name = kernel.name(op);
     let cc = gpu.compute_capability();
     if !wgmma_supported(cc, TARGETS) {
         return Err(bad(format!(
@@ -749,7 +770,7 @@ pub fn gemm_wgmma_op(
             cc.0, cc.1
         )));
     }
-    check_wgmma_op(op, w.shape)?;
+    kernel.check(op, w.shape)?;
     check_io(op, m, w.shape, a.len(), out.len())?;
     let grid_y = m.div_ceil(kernel.rows());
     if grid_y > 65535 {
@@ -757,7 +778,7 @@ pub fn gemm_wgmma_op(
             "NF4 wgmma GEMM: {m} rows exceed the launch grid"
         )));
     }
-    gpu.opt_in_smem(name, kernel.smem() as usize)?;
+    gpu.opt_in_smem(name, kernel.smem(op) as usize)?;
     let p = Nf4GemmParams {
         out: out.ptr(),
         a: a.ptr(),
@@ -771,7 +792,7 @@ pub fn gemm_wgmma_op(
         name,
         (grid_x as u32, grid_y as u32),
         kernel.threads(),
-        kernel.smem(),
+        kernel.smem(op),
         &p,
     )
 }
@@ -842,7 +863,7 @@ pub enum Nf4Path {
     Wgmma,
     /// [`gemm_wgmma_op`] with [`WgmmaKernel::M256`] (like [`Nf4Path::Wgmma`]).
     WgmmaM256,
-    /// [`gemm_wgmma_op`] with [`WgmmaKernel::Rs`] (like [`Nf4Path::Wgmma`], forward only).
+    /// [`gemm_wgmma_op`] with [`WgmmaKernel::Rs`] (like [`Nf4Path::Wgmma`]).
     WgmmaRs,
 }
 
@@ -878,9 +899,9 @@ pub fn candidates(op: Nf4Op, m: usize, w_shape: [usize; 2], out_f32: bool) -> Ve
     candidates_with(op, m, w_shape, out_f32, false)
 }
 
-/// [`candidates`], plus [`Nf4Path::Wgmma`], [`Nf4Path::WgmmaM256`] and (forward only)
+/// [`candidates`], plus [`Nf4Path::Wgmma`], [`Nf4Path::WgmmaM256`] and
 /// [`Nf4Path::WgmmaRs`] (after the others) where `wgmma` is true ([`wgmma_gate`]) and the
-/// shape fits them ([`check_wgmma_op`]).
+/// shape fits them ([`check_wgmma_op`], [`WgmmaKernel::check`]).
 pub fn candidates_with(
     op: Nf4Op,
     m: usize,
@@ -901,7 +922,7 @@ pub fn candidates_with(
     if wgmma && check_wgmma_op(op, w_shape).is_ok() {
         v.push(Nf4Path::Wgmma);
         v.push(Nf4Path::WgmmaM256);
-        if op == Nf4Op::Forward {
+        if WgmmaKernel::Rs.check(op, w_shape).is_ok() {
             v.push(Nf4Path::WgmmaRs);
         }
     }
@@ -1177,9 +1198,7 @@ impl Nf4Dispatcher {
             (Nf4Path::DequantCublas, Out::Bf16(o)) => gemm_dequant_cublas(gpu, op, a, m, w, o),
             (Nf4Path::Wgmma, out) => gemm_wgmma_op(gpu, WgmmaKernel::M128, op, a, m, w, out),
             (Nf4Path::WgmmaM256, out) => gemm_wgmma_op(gpu, WgmmaKernel::M256, op, a, m, w, out),
-            (Nf4Path::WgmmaRs, out) if op == Nf4Op::Forward => {
-                gemm_wgmma_op(gpu, WgmmaKernel::Rs, op, a, m, w, out)
-            }
+            (Nf4Path::WgmmaRs, out) => gemm_wgmma_op(gpu, WgmmaKernel::Rs, op, a, m, w, out),
             (p, out) => Err(bad(format!(
                 "NF4 path {} cannot compute {} with {} output",
                 p.name(),
