@@ -1490,49 +1490,30 @@ __device__ __forceinline__ void gemm_wgmma_rs_bwd(const Nf4GemmParams &p) {
 } // namespace nf4
 } // namespace palign
 
-// Only the sm_90a image runs it (the launcher refuses other GPUs); elsewhere it traps.
-extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemm_fwd_wgmma(Nf4GemmParams p) {
+// The sm_90a kernels: only the sm_90a image runs them (the launcher refuses other GPUs);
+// every other image gets a stub that traps.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PALIGN_KEMU)
-    palign::nf4::gemm_wgmma<2, false>(p);
+#define PALIGN_SM90A_ONLY(call) call
 #else
-    __trap();
+#define PALIGN_SM90A_ONLY(call) __trap()
 #endif
+// §5: 128 and 256 rows a block, forward and backward (BWD: dX = dY·Wb).
+extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemm_fwd_wgmma(Nf4GemmParams p) {
+    PALIGN_SM90A_ONLY((palign::nf4::gemm_wgmma<2, false>(p)));
 }
 extern "C" __global__ void __launch_bounds__(512, 1) nf4_gemm_fwd_wgmma_m256(Nf4GemmParams p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PALIGN_KEMU)
-    palign::nf4::gemm_wgmma<4, false>(p);
-#else
-    __trap();
-#endif
+    PALIGN_SM90A_ONLY((palign::nf4::gemm_wgmma<4, false>(p)));
 }
-// The backward product dX = dY·Wb (§5, BWD): 128 and 256 rows of dY a block.
 extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemm_bwd_wgmma(Nf4GemmParams p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PALIGN_KEMU)
-    palign::nf4::gemm_wgmma<2, true>(p);
-#else
-    __trap();
-#endif
+    PALIGN_SM90A_ONLY((palign::nf4::gemm_wgmma<2, true>(p)));
 }
 extern "C" __global__ void __launch_bounds__(512, 1) nf4_gemm_bwd_wgmma_m256(Nf4GemmParams p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PALIGN_KEMU)
-    palign::nf4::gemm_wgmma<4, true>(p);
-#else
-    __trap();
-#endif
+    PALIGN_SM90A_ONLY((palign::nf4::gemm_wgmma<4, true>(p)));
 }
-// The transposed, register-A form of the same product (§6); sm_90a only, like §5.
+// §6 and §7: W as the register operand, forward and backward.
 extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemm_fwd_wgmma_rs(Nf4GemmParams p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PALIGN_KEMU)
-    palign::nf4::gemm_wgmma_rs(p);
-#else
-    __trap();
-#endif
+    PALIGN_SM90A_ONLY(palign::nf4::gemm_wgmma_rs(p));
 }
-// The backward of §6's form (§7); sm_90a only.
 extern "C" __global__ void __launch_bounds__(256, 1) nf4_gemm_bwd_wgmma_rs(Nf4GemmParams p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PALIGN_KEMU)
-    palign::nf4::gemm_wgmma_rs_bwd(p);
-#else
-    __trap();
-#endif
+    PALIGN_SM90A_ONLY(palign::nf4::gemm_wgmma_rs_bwd(p));
 }

@@ -696,33 +696,48 @@ pub fn gemm_fused(
 ) -> Result<()> {
     check_fused(op, w.shape)?;
     check_io(op, m, w.shape, a.len(), out.len())?;
-    let (_, outc) = op.dims(w.shape);
-    let grid_y = m.div_ceil(GEMM_TILE.0);
-    if grid_y > 65535 {
-        return Err(bad(format!(
-            "NF4 fused GEMM: {m} rows exceed the launch grid"
-        )));
-    }
+    let grid = gemm_grid(op, m, w.shape, GEMM_TILE.0, "fused")?;
     let name = match op {
         Nf4Op::Forward => "nf4_gemm_fwd",
         Nf4Op::Backward => "nf4_gemm_bwd",
     };
     gpu.opt_in_smem(name, NF4_GEMM_SMEM_BYTES as usize)?;
-    let p = Nf4GemmParams {
+    launch(
+        gpu,
+        name,
+        grid,
+        NF4_GEMM_SMEM_BYTES,
+        &gemm_params(a, m, w, &out),
+    )
+}
+
+/// The launch grid of a GEMM with 128 output columns and `rows` rows of `a` a block;
+/// BadInput when the rows need more than the grid's 65535 blocks in y.
+fn gemm_grid(
+    op: Nf4Op,
+    m: usize,
+    w_shape: [usize; 2],
+    rows: usize,
+    what: &str,
+) -> Result<(u32, u32)> {
+    let grid_y = m.div_ceil(rows);
+    if grid_y > 65535 {
+        return Err(bad(format!(
+            "NF4 {what} GEMM: {m} rows exceed the launch grid"
+        )));
+    }
+    let grid_x = op.dims(w_shape).1.div_ceil(GEMM_TILE.1);
+    Ok((grid_x as u32, grid_y as u32))
+}
+
+fn gemm_params(a: &DeviceBuffer<bf16>, m: usize, w: &Nf4Weight, out: &Out<'_>) -> Nf4GemmParams {
+    Nf4GemmParams {
         out: out.ptr(),
         a: a.ptr(),
         w: w.params(),
         m: m as i32,
         out_f32: out.is_f32() as i32,
-    };
-    let grid_x = outc.div_ceil(GEMM_TILE.1);
-    launch(
-        gpu,
-        name,
-        (grid_x as u32, grid_y as u32),
-        NF4_GEMM_SMEM_BYTES,
-        &p,
-    )
+    }
 }
 
 /// `out[m, n] = a[m, k] · bf16(W)ᵀ` with Hopper warpgroup MMAs (kernels/nf4.cu §5): the
@@ -772,29 +787,10 @@ pub fn gemm_wgmma_op(
     }
     kernel.check(op, w.shape)?;
     check_io(op, m, w.shape, a.len(), out.len())?;
-    let grid_y = m.div_ceil(kernel.rows());
-    if grid_y > 65535 {
-        return Err(bad(format!(
-            "NF4 wgmma GEMM: {m} rows exceed the launch grid"
-        )));
-    }
+    let grid = gemm_grid(op, m, w.shape, kernel.rows(), "wgmma")?;
     gpu.opt_in_smem(name, kernel.smem(op) as usize)?;
-    let p = Nf4GemmParams {
-        out: out.ptr(),
-        a: a.ptr(),
-        w: w.params(),
-        m: m as i32,
-        out_f32: out.is_f32() as i32,
-    };
-    let grid_x = op.dims(w.shape).1.div_ceil(WGMMA_TILE.1);
-    launch_threads(
-        gpu,
-        name,
-        (grid_x as u32, grid_y as u32),
-        kernel.threads(),
-        kernel.smem(op),
-        &p,
-    )
+    let p = gemm_params(a, m, w, &out);
+    launch_threads(gpu, name, grid, kernel.threads(), kernel.smem(op), &p)
 }
 
 /// The unfused path: dequantize W to a bf16 scratch (from the caching pool), then
