@@ -739,6 +739,10 @@ extern "C" __global__ void __launch_bounds__(256, 2) nf4_gemm_bwd_lora(Nf4GemmLo
 //    above (the same LUT, scale formula and decode_word), f32 accumulation, bf16 or f32
 //    out. Needs K % 64 == 0 and N % 8 == 0 (the launcher checks; rows >= M and output
 //    columns >= N are computed on zeros and not stored). Other archs get a stub that traps.
+//    The BWD instances (nf4_gemm_bwd_wgmma, _m256) compute dX[M, K] = dY[M, N]·Wb with the
+//    same tiles and wgmmas: dY is A, and the B tile is Wbᵀ [128 output cols][64 n], which
+//    store_w decodes transposed (pairs along n by one prmt). They need N % 64 == 0 and
+//    K % 8 == 0.
 //
 //    Block tile 64·WGS (rows of X) x 128 (output cols) x 64 (k), 128·WGS threads = WGS
 //    warpgroups: nf4_gemm_fwd_wgmma has WGS = 2 (128 rows, 256 threads), and
@@ -1319,7 +1323,7 @@ __device__ __forceinline__ void gemm_wgmma_rs(const Nf4GemmParams &p) {
 //    load tile t+2's W words. Needs N % 64 == 0 and K % 16 == 0 (8-byte loads of 16
 //    codes; a 16-code group lies in one scale block, blocksize >= 32).
 
-constexpr int RSB_SCALES = 64 * 8; // a tile's scales: 64 W rows x 8 groups of 16 codes
+constexpr int RSB_SCALES = 8 * 64; // a tile's scales: 8 groups of 16 codes x 64 W rows
 constexpr int RSB_SMEM = WG_STAGES * RS_X_BYTES + 3 * RSB_SCALES * 4 + 1024;
 static_assert(RSB_SMEM == 138240, "keep NF4_WGMMA_RS_BWD_SMEM_BYTES in src/backend/cuda/nf4.rs in sync");
 
@@ -1361,13 +1365,14 @@ __device__ __forceinline__ void gemm_wgmma_rs_bwd(const Nf4GemmParams &p) {
                        x_src + (ok ? (int64_t)32 * j * N : 0) + kt * WG_BK, ok);
         }
     };
-    // Scales: thread item i (< 2) is id = tid + 256i -> W row 64kt + id/8, codes
-    // k0 + 16·(id%8) .. +15; 0 past K.
+    // Scales: thread item i (< 2) is id = tid + 256i -> W row 64kt + id%64, codes
+    // k0 + 16·(id/64) .. +15; 0 past K. The ring slot is [8 groups][64 rows], so the
+    // decode's reads (rows 2t + .., one group a warp) fall in different banks.
     auto scale_e = [&](int kt, int i) {
         const int id = tid + 256 * i;
-        return (uint64_t)(kt * WG_BK + (id >> 3)) * (uint64_t)K + k0 + 16 * (id & 7);
+        return (uint64_t)(kt * WG_BK + (id & 63)) * (uint64_t)K + k0 + 16 * (id >> 6);
     };
-    auto scale_ok = [&](int i) { return k0 + 16 * ((tid + 256 * i) & 7) < K; };
+    auto scale_ok = [&](int i) { return k0 + 16 * ((tid + 256 * i) >> 6) < K; };
     auto load_parts = [&](int kt, ScaleParts (&sp)[2]) {
 #pragma unroll
         for (int i = 0; i < 2; i++)
@@ -1401,14 +1406,14 @@ __device__ __forceinline__ void gemm_wgmma_rs_bwd(const Nf4GemmParams &p) {
         return __fmul_rn(lut_ld_masked(lut, __funnelshift_r(word, word, rot)), sc);
     };
     auto decode = [&](const RsbWords &w, int slot, uint32_t(&a)[4][4]) {
-        const float *sc_tile = ring + slot * RSB_SCALES + grp;
+        const float *sc_tile = ring + slot * RSB_SCALES + 64 * grp;
 #pragma unroll
         for (int s = 0; s < 4; s++) {
             float lo[4], hi[4]; // column c, c + 8 of rows 16s + 2t + {0, 1, 8, 9}
 #pragma unroll
             for (int j = 0; j < 4; j++) {
                 const int nl = 16 * s + 2 * t + (j & 1) + 8 * (j >> 1);
-                const float sc = sc_tile[8 * nl];
+                const float sc = sc_tile[nl];
                 lo[j] = weight(w.q[s][j].x, sc);
                 hi[j] = weight(w.q[s][j].y, sc);
             }
