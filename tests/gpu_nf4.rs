@@ -955,7 +955,7 @@ fn wgmma_gemm_reproduces_the_bf16_weight() {
         let x = ok(g.upload(&xb));
         for kernel in WGMMA_KERNELS {
             let got = run_out(&g, m * n, f32_out, |o| {
-                nf4::gemm_wgmma_kernel(&g, kernel, &x, m, &w, o)
+                nf4::gemm_wgmma_op(&g, kernel, Nf4Op::Forward, &x, m, &w, o)
             });
             let mut bad = 0usize;
             let mut first = None;
@@ -1028,7 +1028,7 @@ fn wgmma_gemm_matches_cpu_and_fused() {
         // The 256-row kernel runs the same wgmmas on the same operands in the same k
         // order, so it must give the same bits.
         let got256 = run_out(&g, m * n, f32_out, |o| {
-            nf4::gemm_wgmma_kernel(&g, nf4::WgmmaKernel::M256, &x, m, &w, o)
+            nf4::gemm_wgmma_op(&g, nf4::WgmmaKernel::M256, Nf4Op::Forward, &x, m, &w, o)
         });
         let differ = got
             .iter()
@@ -1042,7 +1042,7 @@ fn wgmma_gemm_matches_cpu_and_fused() {
         // against M128's are reported (equal on kemu; the tensor cores' internal order
         // within a k16 step is not documented).
         let got_rs = run_out(&g, m * n, f32_out, |o| {
-            nf4::gemm_wgmma_kernel(&g, nf4::WgmmaKernel::Rs, &x, m, &w, o)
+            nf4::gemm_wgmma_op(&g, nf4::WgmmaKernel::Rs, Nf4Op::Forward, &x, m, &w, o)
         });
         let differ_rs = got
             .iter()
@@ -1281,20 +1281,20 @@ fn wgmma_gemm_rejects_bad_shapes_without_launching() {
     let mut o = ok(g.alloc::<f32>(4 * 4096));
     for kernel in WGMMA_KERNELS {
         let w = ok(Nf4Weight::upload(&g, &weight(13, [1004, 4096], 64, true)));
-        let r = nf4::gemm_wgmma_kernel(&g, kernel, &x, 4, &w, Out::F32(&mut o));
+        let r = nf4::gemm_wgmma_op(&g, kernel, Nf4Op::Forward, &x, 4, &w, Out::F32(&mut o));
         assert!(
             is_bad_input(r),
             "{kernel:?}: N = 1004 is not a multiple of 8"
         );
         let w = ok(Nf4Weight::upload(&g, &weight(14, [64, 96], 32, false)));
-        let r = nf4::gemm_wgmma_kernel(&g, kernel, &x, 4, &w, Out::F32(&mut o));
+        let r = nf4::gemm_wgmma_op(&g, kernel, Nf4Op::Forward, &x, 4, &w, Out::F32(&mut o));
         assert!(
             is_bad_input(r),
             "{kernel:?}: K = 96 is not a multiple of 64"
         );
         let w = ok(Nf4Weight::upload(&g, &weight(15, [128, 4096], 64, true)));
         let mut small = ok(g.alloc::<f32>(10));
-        let r = nf4::gemm_wgmma_kernel(&g, kernel, &x, 4, &w, Out::F32(&mut small));
+        let r = nf4::gemm_wgmma_op(&g, kernel, Nf4Op::Forward, &x, 4, &w, Out::F32(&mut small));
         assert!(is_bad_input(r), "{kernel:?}: output too short");
         // Backward: N = 1000 is not a multiple of 64.
         let w = ok(Nf4Weight::upload(&g, &weight(16, [1000, 64], 64, true)));

@@ -750,19 +750,7 @@ pub fn gemm_wgmma(
     w: &Nf4Weight,
     out: Out<'_>,
 ) -> Result<()> {
-    gemm_wgmma_kernel(gpu, WgmmaKernel::M128, a, m, w, out)
-}
-
-/// [`gemm_wgmma`] with the kernel `kernel`.
-pub fn gemm_wgmma_kernel(
-    gpu: &Gpu,
-    kernel: WgmmaKernel,
-    a: &DeviceBuffer<bf16>,
-    m: usize,
-    w: &Nf4Weight,
-    out: Out<'_>,
-) -> Result<()> {
-    gemm_wgmma_op(gpu, kernel, Nf4Op::Forward, a, m, w, out)
+    gemm_wgmma_op(gpu, WgmmaKernel::M128, Nf4Op::Forward, a, m, w, out)
 }
 
 /// `op` (forward `a·bf16(W)ᵀ` or backward `a·bf16(W)`) with the wgmma kernel `kernel`:
