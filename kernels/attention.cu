@@ -405,6 +405,263 @@ template <int D, int WARPS, int MT, int BN, int STAGES> __device__ void fwd(cons
     }
 }
 
+// ------------------------------------------------------------------ forward, wgmma
+//
+// fwd_wgmma<D, WGS, BN, STAGES>: the forward above on warpgroup MMAs (wgmma.mma_async,
+// sm_90a only; other images trap and the launcher offers it only on compute capability
+// 9.0). Why: mma.sync reaches about two thirds of an H100/H200's tensor-core rate, and the
+// forward above (w4m2n64s2: 331 TFLOP/s at s = 4096, benches/RESULTS.md) is FA2's scheme;
+// FA3 (Shah et al. 2024) moved the same math to wgmma. Same results as fwd up to the
+// order of the f32 sums.
+// Block: WGS warpgroups of 64 query rows each (BM = 64·WGS), keys in tiles of BN, K/V in
+// STAGES shared stages. Per KV tile, warpgroup w (rows q0 + 64w ..):
+//   S = Q_w·Kᵀ   D/16 x wgmma m64n<BN>k16: A = Q_w, B = K (both K-major in shared memory;
+//                the first with scale-d 0, so S needs no zeroing)
+//   mask, online softmax on S's registers (fwd's math: base 2, running max and sum)
+//   O += P·V     BN/16 x D/64 x wgmma m64n64k16: A = P from registers (the S accumulator of
+//                keys 16kk.. is exactly the A fragment, as in fwd), B = V as stored,
+//                [keys][d]: MN-major with keys as k (wg_desc_mn), no transpose pass.
+// Accumulator fragment (PTX ISA, wgmma D for m64nNk16): warp q (0..3) of the warpgroup,
+// lane (g, t): element 4j+i at row 16q + g + 8(i/2), column 8j + 2t + i%2 — mma.sync's C
+// fragment repeated along N, so a thread owns 2 rows and the 4 lanes of a quad share them.
+// Shared memory (1024-byte aligned, 128-byte swizzled rows of 64 bf16: common.cuh):
+//   Q [D/64][BM][64], then STAGES x (K [D/64][BN][64], V [D/64][BN][64]).
+// Tile t: wait for K/V(t) (own cp.async groups), fence.proxy.async, __syncthreads; load
+// K/V(t+1) into stage (t+1) % STAGES; S wgmmas, wait; softmax; PV wgmmas. STAGES = 2 waits
+// for PV(t) before the next barrier (stage (t+1) % 2 was read by PV(t-1)). STAGES = 3
+// leaves PV(t) in flight across the barrier and the next S wgmmas (its stage is next
+// written at tile t+2, after every warpgroup waited for it in tile t+1).
+template <int D, int WGS, int BN, int STAGES>
+__host__ __device__ constexpr int fwd_wgmma_smem_bytes() {
+    return (64 * WGS + 2 * STAGES * BN) * D * 2 + 1024;
+}
+
+// load_tile's copy into the wgmma layout: rows row0 .. row0+ROWS of a [*, stride] matrix
+// (columns 0..D) as D/64 blocks [ROWS][64] of 128-byte rows, 16-byte chunk c of row r at
+// chunk c ^ (r % 8); rows >= row_end zero-filled. One address per thread, then constant
+// offsets (the rows of a pass differ by a multiple of 8: the same swizzle).
+template <int ROWS, int D, int NT>
+__device__ __forceinline__ void load_tile_wg(uint8_t *tile, const __nv_bfloat16 *g, int64_t stride,
+                                             int row0, int row_end) {
+    constexpr int CPR = D / 8;      // 16-byte chunks per row
+    constexpr int RSTEP = NT / CPR; // rows per pass of the block
+    static_assert(NT % CPR == 0 && RSTEP % 8 == 0 && ROWS % RSTEP == 0, "load_tile_wg passes");
+    const int r = threadIdx.x / CPR, ch = threadIdx.x % CPR;
+    const __nv_bfloat16 *src = g + (int64_t)(row0 + r) * stride + ch * 8;
+    uint8_t *dst = tile + (ch / 8) * ROWS * 128 + r * 128 + (((ch % 8) ^ (r % 8)) << 4);
+    const int64_t step = (int64_t)RSTEP * stride;
+#pragma unroll
+    for (int j = 0; j < ROWS / RSTEP; j++) {
+        const bool ok = row0 + r + j * RSTEP < row_end;
+        cp_async16(dst + j * RSTEP * 128, ok ? src + j * step : g, ok);
+    }
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PALIGN_KEMU)
+template <int D, int WGS, int BN, int STAGES> __device__ void fwd_wgmma(const AttnFwdParams &p) {
+    constexpr int BM = 64 * WGS, NT = 128 * WGS;
+    constexpr int DH = D / 64;           // 64-wide blocks of the head dim
+    constexpr int Q_BYTES = BM * D * 2;  // one Q tile
+    constexpr int KV_BYTES = BN * D * 2; // one K (or V) tile
+    constexpr int NS = BN / 2;           // S accumulators a thread (m64 x BN)
+    static_assert((D == 64 || D == 128) && BN == 128 && (STAGES == 2 || STAGES == 3), "fwd_wgmma tiles");
+    require_smem(fwd_wgmma_smem_bytes<D, WGS, BN, STAGES>());
+
+    const int H = p.n_heads, group = p.n_heads / p.n_kv_heads;
+    const int seq = blockIdx.x / H, h = blockIdx.x % H;
+    const int start = p.seq_start[seq], len = p.seq_len[seq];
+    const int qt = gridDim.y - 1 - blockIdx.y; // longest (last) query tiles first
+    const int q0 = qt * BM;
+    if (q0 >= len) return;
+    const int W = p.window;
+    const int kvh = h / group;
+    const int64_t qs = (int64_t)H * D, kvs = (int64_t)p.n_kv_heads * D;
+    const __nv_bfloat16 *Qg = p.q + (int64_t)start * qs + h * D;
+    const __nv_bfloat16 *Kg = p.k + (int64_t)start * kvs + kvh * D;
+    const __nv_bfloat16 *Vg = p.v + (int64_t)start * kvs + kvh * D;
+    const int q_last = imin(len, q0 + BM) - 1;
+    const int k_first = W > 0 ? imax(0, q0 - W + 1) : 0;
+    const int t_lo = k_first / BN, t_hi = q_last / BN + 1;
+
+    // 128B-swizzle atoms (and the descriptors' base offset 0) need 1024-byte alignment.
+    PALIGN_DYNAMIC_SMEM(smem_raw);
+    const uint32_t raw = smem_addr(smem_raw);
+    uint8_t *smem = smem_raw + (((raw + 1023u) & ~1023u) - raw);
+    const uint32_t base = smem_addr(smem);
+    auto k_off = [](int stage) { return Q_BYTES + stage * 2 * KV_BYTES; };
+    auto v_off = [](int stage) { return Q_BYTES + stage * 2 * KV_BYTES + KV_BYTES; };
+
+    const int wg = threadIdx.x / 128, q = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const int g = lane / 4, t4 = lane % 4;
+    load_tile_wg<BM, D, NT>(smem, Qg, qs, q0, len);
+    load_tile_wg<BN, D, NT>(smem + k_off(0), Kg, kvs, t_lo * BN, len);
+    load_tile_wg<BN, D, NT>(smem + v_off(0), Vg, kvs, t_lo * BN, len);
+    cp_async_commit();
+
+    float o[DH][32]; // O columns 64dh + 8j + 2t4 + i%2 (element 4j + i)
+#pragma unroll
+    for (int dh = 0; dh < DH; dh++)
+#pragma unroll
+        for (int i = 0; i < 32; i++) o[dh][i] = 0.0f;
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f}; // rows row_a, row_a + 8
+    const float sl2 = p.scale * LOG2E;
+    const int wq0 = q0 + wg * 64, wq1 = wq0 + 63; // the warpgroup's query rows
+    const int row_a = wq0 + 16 * q + g;
+    // This warpgroup's Q rows (k16 step 0 of head-dim block 0).
+    const uint64_t desc_q = wg_desc(base + wg * 64 * 128);
+
+    for (int t = t_lo; t < t_hi; t++) {
+        const int k0 = t * BN, k1 = k0 + BN - 1;
+        const int stage = (t - t_lo) % STAGES;
+        cp_async_wait<0>();       // K/V(t) landed (this thread's part) ...
+        fence_proxy_async_smem(); // ... visible to the wgmmas' async proxy ...
+        __syncthreads();          // ... everyone's; every warpgroup done with stage (t+1)%S
+        if (t + 1 < t_hi) {
+            const int next = (t + 1 - t_lo) % STAGES;
+            load_tile_wg<BN, D, NT>(smem + k_off(next), Kg, kvs, (t + 1) * BN, len);
+            load_tile_wg<BN, D, NT>(smem + v_off(next), Vg, kvs, (t + 1) * BN, len);
+            cp_async_commit();
+        }
+        const bool active = wq0 < len && k0 <= wq1 && (W == 0 || wq0 - k1 < W);
+        if (!active) { // uniform over the warpgroup
+            // STAGES = 3: PV(t-1) must not stay in flight into tile t+1, which reloads its
+            // stage (with BM = BN no warpgroup idles after an active tile; kept for safety).
+            if constexpr (STAGES == 3) wg_wait<0>();
+            continue;
+        }
+
+        float s[NS];
+        const uint64_t desc_k = wg_desc(base + k_off(stage));
+        wg_fence();
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ks++) {
+            // k16 step ks: head-dim block ks / 4 (a whole tile further), 32 B into its rows
+            const uint32_t off = (ks / 4) * (BM * 128) + (ks % 4) * 32;
+            const uint32_t koff = (ks / 4) * (BN * 128) + (ks % 4) * 32;
+            wgmma_m64n128k16(s, desc_q + (off >> 4), desc_k + (koff >> 4), ks > 0);
+        }
+        wg_commit();
+        wg_wait<0>(); // S, and (STAGES = 3) the previous tile's PV into o
+        wg_pin(s);
+#pragma unroll
+        for (int dh = 0; dh < DH; dh++) wg_pin(o[dh]);
+
+        if (k1 > wq0 || (W > 0 && wq1 - k0 >= W)) {
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int key = k0 + 8 * j + 2 * t4 + (i & 1);
+                    if (!visible(row_a + 8 * (i / 2), key, W)) s[4 * j + i] = -INFINITY;
+                }
+        }
+        // Online softmax, row r (0: row_a, 1: row_a + 8) in elements 4j + 2r + {0, 1}.
+        float alpha[2];
+        bool moved = false;
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m_run[r], mx * sl2);
+            const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+            alpha[r] = m_new == m_run[r] ? 1.0f : fast_exp2(m_run[r] - m_use);
+            moved |= m_new != m_run[r];
+            m_run[r] = m_new;
+            float sum = 0.0f;
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++) {
+                const float p0 = fast_exp2(fmaf(s[4 * j + 2 * r], sl2, -m_use));
+                const float p1 = fast_exp2(fmaf(s[4 * j + 2 * r + 1], sl2, -m_use));
+                s[4 * j + 2 * r] = p0;
+                s[4 * j + 2 * r + 1] = p1;
+                sum += p0 + p1;
+            }
+            l_run[r] = l_run[r] * alpha[r] + sum;
+        }
+        if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+            for (int dh = 0; dh < DH; dh++)
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++) o[dh][4 * j + i] *= alpha[i / 2];
+        }
+        uint32_t pf[BN / 16][4]; // P for keys 16kk.., the A fragment of O += P·V
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; kk++) {
+            pf[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
+            pf[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
+            pf[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
+            pf[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
+        }
+        const uint64_t desc_v = wg_desc_mn(base + v_off(stage));
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; kk++)
+#pragma unroll
+            for (int dh = 0; dh < DH; dh++) // keys 16kk..: 16 rows of 128 B further
+                wgmma_m64n64k16_rs_t(o[dh], pf[kk], desc_v + ((dh * BN * 128 + kk * 2048) >> 4));
+        wg_commit();
+        if constexpr (STAGES == 2) {
+            wg_wait<0>();
+#pragma unroll
+            for (int dh = 0; dh < DH; dh++) wg_pin(o[dh]);
+        }
+    }
+    wg_wait<0>();
+#pragma unroll
+    for (int dh = 0; dh < DH; dh++) wg_pin(o[dh]);
+
+    // Normalize; stage the warp's 16 rows in its (no longer read) rows of the Q tile, then
+    // write them with 16-byte stores.
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float l = l_run[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        l_run[r] = l;
+        inv[r] = l > 0.0f ? 1.0f / l : 0.0f;
+    }
+    const int lr = wg * 64 + 16 * q + g; // row_a's row in the Q tile
+#pragma unroll
+    for (int dh = 0; dh < DH; dh++)
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const int row = lr + 8 * r;
+                uint8_t *at = smem + dh * BM * 128 + row * 128 + ((j ^ (row % 8)) << 4) + 4 * t4;
+                *reinterpret_cast<uint32_t *>(at) =
+                    pack_bf16(o[dh][4 * j + 2 * r] * inv[r], o[dh][4 * j + 2 * r + 1] * inv[r]);
+            }
+    __syncwarp();
+    constexpr int CPR = D / 8;
+#pragma unroll
+    for (int c = lane; c < 16 * CPR; c += 32) {
+        const int r = c / CPR, ch = c % CPR;
+        const int row = wg * 64 + 16 * q + r; // in the tile
+        if (q0 + row < len) {
+            const uint4 val = *reinterpret_cast<const uint4 *>(
+                smem + (ch / 8) * BM * 128 + row * 128 + (((ch % 8) ^ (row % 8)) << 4));
+            *reinterpret_cast<uint4 *>(p.o + (int64_t)(start + q0 + row) * qs + h * D + ch * 8) = val;
+        }
+    }
+    if (t4 == 0) {
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int row = row_a + 8 * r;
+            if (row < len) p.lse[(int64_t)(start + row) * H + h] = (m_run[r] + log2f(l_run[r])) * LN2;
+        }
+    }
+}
+#else
+template <int D, int WGS, int BN, int STAGES> __device__ void fwd_wgmma(const AttnFwdParams &) { __trap(); }
+#endif // __CUDA_ARCH_FEAT_SM90_ALL || PALIGN_KEMU
+
 // ------------------------------------------------------------------------ backward
 //
 // Block: BN = 16·WARPS keys of one (sequence, KV head); warp w owns keys 16w..16w+15 and
@@ -1194,6 +1451,23 @@ extern "C" __global__ void attention_fwd_w8m1n64s2_bf16_d64(const AttnFwdParams 
 
 extern "C" __global__ void attention_fwd_w8m1n64s2_bf16_d128(const AttnFwdParams p) {
     palign::attention::fwd<128, 8, 1, 64, 2>(p);
+}
+
+// wgmma forward variants fwd_wgmma<D, WGS, BN, STAGES> (sm_90a), named wg<WGS>n<BN>s<STAGES>.
+extern "C" __global__ void attention_fwd_wg2n128s2_bf16_d64(const AttnFwdParams p) {
+    palign::attention::fwd_wgmma<64, 2, 128, 2>(p);
+}
+
+extern "C" __global__ void attention_fwd_wg2n128s2_bf16_d128(const AttnFwdParams p) {
+    palign::attention::fwd_wgmma<128, 2, 128, 2>(p);
+}
+
+extern "C" __global__ void attention_fwd_wg2n128s3_bf16_d64(const AttnFwdParams p) {
+    palign::attention::fwd_wgmma<64, 2, 128, 3>(p);
+}
+
+extern "C" __global__ void attention_fwd_wg2n128s3_bf16_d128(const AttnFwdParams p) {
+    palign::attention::fwd_wgmma<128, 2, 128, 3>(p);
 }
 
 // delta[r, h] = Σ_d dO·O (f32); dq_accum[r, h, :] = 0. One warp per (row, head).

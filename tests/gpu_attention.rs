@@ -318,18 +318,30 @@ fn variant_tables_match_the_kernels() {
     assert_eq!(FWD_VARIANTS[0].kernel(128), "attention_fwd_bf16_d128");
     assert_eq!(BWD_VARIANTS[0].kernel(128), Some("attention_bwd_bf16_d128"));
 
-    let mut rows = Vec::new();
+    let (mut rows, mut wg_rows) = (Vec::new(), Vec::new());
     for v in &FWD_VARIANTS {
         assert_eq!(attn::fwd_variant(v.name).unwrap(), v);
+        if v.wgmma {
+            assert_eq!(v.name, format!("wg{}n{}s{}", v.warps / 4, v.bn, v.stages));
+            assert!(v.warps % 4 == 0 && v.mt == 1 && !v.sm86, "{}", v.name);
+        }
         for d in [64, 128] {
-            let want = vec![
-                d as i64,
-                v.warps as i64,
-                v.mt as i64,
-                v.bn as i64,
-                v.stages as i64,
-            ];
-            rows.push((v.kernel(d), want, v.smem(d)));
+            let want = if v.wgmma {
+                vec![d as i64, v.warps as i64 / 4, v.bn as i64, v.stages as i64]
+            } else {
+                vec![
+                    d as i64,
+                    v.warps as i64,
+                    v.mt as i64,
+                    v.bn as i64,
+                    v.stages as i64,
+                ]
+            };
+            if v.wgmma {
+                wg_rows.push((v.kernel(d), want, v.smem(d)));
+            } else {
+                rows.push((v.kernel(d), want, v.smem(d)));
+            }
             assert!(v.smem(d) <= attn::SMEM_SM90, "{}: {} B", v.name, v.smem(d));
             if v.sm86 {
                 assert!(v.smem(d) <= attn::SMEM_SM86, "{}: {} B", v.name, v.smem(d));
@@ -338,7 +350,13 @@ fn variant_tables_match_the_kernels() {
     }
     // The default forward runs without the shared-memory opt-in.
     assert!(FWD_VARIANTS[0].smem(128) <= 48 * 1024);
-    let fwd_kernels = check_table(&src, "fwd", "fwd_smem_bytes", &rows);
+    let mut fwd_kernels = check_table(&src, "fwd", "fwd_smem_bytes", &rows);
+    fwd_kernels.extend(check_table(
+        &src,
+        "fwd_wgmma",
+        "fwd_wgmma_smem_bytes",
+        &wg_rows,
+    ));
 
     // bwd<D, WARPS, BM, STAGES, ASYNC> rows, and bwdg<D, WARPS, BM, STAGES> (always async) rows.
     let (mut rows, mut grid_rows) = (Vec::new(), Vec::new());
@@ -709,6 +727,29 @@ fn forward_backward_right_padded_batch() {
 fn forward_variants_match_cpu() {
     let g = gpu();
     for v in &FWD_VARIANTS {
+        if !v.runs_on(&g) {
+            // Said, not silently passed: the wgmma forwards need an sm_90a GPU, and the
+            // launcher refuses them elsewhere (a stub kernel would trap).
+            let layout = SeqLayout::new(&g, &SeqSpec::packed(&[0, 4]).unwrap()).unwrap();
+            let z = g.upload(&vec![bf16::ZERO; 4 * 8 * 64]).unwrap();
+            let mut out = g.upload(&vec![bf16::ZERO; 4 * 8 * 64]).unwrap();
+            let mut lse = g.upload(&[0.0f32; 4 * 8]).unwrap();
+            let e = attn::attention_forward_with(
+                &g,
+                &z,
+                &z,
+                &z,
+                &layout,
+                shape(8, 8, 64, None),
+                &mut out,
+                &mut lse,
+                v,
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("sm_90a"), "{e}");
+            println!("SKIPPED fwd={}: not runnable on {} ({e})", v.name, g.name());
+            continue;
+        }
         for mut c in kernel_cases() {
             c.name = format!("{} fwd={}", c.name, v.name);
             c.fwd = Some(v);

@@ -175,11 +175,12 @@ void cp_async_commit();
 void cp_async_wait(int n);
 
 // sm_90a: the shared-window address of a dynamic shared memory pointer, and the wgmmas
-// the NF4 kernels issue (K-major, 128-byte-swizzled shared operands; A from shared memory
-// or from registers; see runtime.cpp).
+// the kernels issue (128-byte-swizzled shared operands, K-major or, for the _t form's B,
+// MN-major; A from shared memory or from registers; see runtime.cpp).
 uint32_t smem_addr(const void *p);
-void wgmma_m64n128k16(float *d, uint64_t desc_a, uint64_t desc_b);
+void wgmma_m64n128k16(float *d, uint64_t desc_a, uint64_t desc_b, bool accumulate);
 void wgmma_m64n256k16_rs(float *d, const uint32_t a[4], uint64_t desc_b);
+void wgmma_m64n64k16_rs_t(float *d, const uint32_t a[4], uint64_t desc_b);
 void wgmma_commit();
 void wgmma_wait(int n);
 

@@ -124,13 +124,15 @@ kemu_switch:
 )");
 #endif
 
-// One wgmma.mma_async in flight: this thread's n/2 products (n = 128 or 256 columns) as
-// read at issue. da == 0: A came from registers, gathered at issue into `a` (this
-// thread's rows g and g + 8 of its warp's 16); else A is in shared memory too.
+// One wgmma.mma_async in flight: this thread's n/2 products (n = 64, 128 or 256 columns)
+// as read at issue. da == 0: A came from registers, gathered at issue into `a` (this
+// thread's rows g and g + 8 of its warp's 16); else A is in shared memory too. b_mn: B is
+// MN-major (transpose flag 1). !accumulate (scale-d 0): the products replace d.
 struct WgOp {
     float *d;
     uint64_t da, db;
     int n;
+    bool b_mn, accumulate;
     float a[2][16];
     float sum[128];
 };
@@ -822,15 +824,20 @@ uint32_t smem_addr(const void *p) {
 
 namespace {
 
-// Element (row r, k < 16) of the operand a matrix descriptor points at (PTX ISA,
-// "Matrix Descriptor Format"): start address bits 0-13, stride byte offset (between
-// 8-row groups) bits 32-45, swizzle mode bits 62-63. Only the K-major, 128-byte-swizzle
-// form is emulated: row r is 128 bytes at (r/8)·SBO + (r%8)·128 from the start, and the
-// hardware swaps 16-byte chunks by address bits [4:6] ^= [7:9].
-float wg_elem(uint64_t desc, int r, int k, bool note) {
+// Element (row r = m or n, k < 16) of the operand a matrix descriptor points at (PTX ISA,
+// "Matrix Descriptor Format"): start address bits 0-13, leading byte offset bits 16-29,
+// stride byte offset bits 32-45, swizzle mode bits 62-63. Only 128-byte swizzling is
+// emulated. K-major: row r is 128 bytes (64 k) at (r/8)·SBO + (r%8)·128 from the start.
+// MN-major (PTX ISA canonical layout ((T,8,m),(8,k)) : ((1,T,LBO),(8T,SBO))): k is the
+// 128-byte row, at (k/8)·SBO + (k%8)·128, holding 64 consecutive r; r/64 moves by LBO.
+// Either way the hardware swaps 16-byte chunks by address bits [4:6] ^= [7:9].
+float wg_elem(uint64_t desc, int r, int k, bool note, bool mn = false) {
     const uint32_t start = uint32_t(desc & 0x3fff) << 4;
+    const uint32_t lbo = uint32_t((desc >> 16) & 0x3fff) << 4;
     const uint32_t sbo = uint32_t((desc >> 32) & 0x3fff) << 4;
-    uint32_t a = start + uint32_t(r / 8) * sbo + uint32_t(r % 8) * 128 + 2 * k;
+    uint32_t a = mn ? start + uint32_t(k / 8) * sbo + uint32_t(k % 8) * 128 +
+                          uint32_t(r / 64) * lbo + 2 * uint32_t(r % 64)
+                    : start + uint32_t(r / 8) * sbo + uint32_t(r % 8) * 128 + 2 * k;
     a ^= ((a >> 7) & 7) << 4;
     const int64_t off = int64_t(a) - kSharedBase;
     if (off < 0 || off + 2 > int64_t(W->smem))
@@ -843,7 +850,7 @@ float wg_elem(uint64_t desc, int r, int k, bool note) {
 
 void check_desc(uint64_t desc) {
     if ((desc >> 62) != 1 || ((desc >> 49) & 7) != 0)
-        fail("kemu emulates only K-major 128-byte-swizzled wgmma operands at base offset 0");
+        fail("kemu emulates only 128-byte-swizzled wgmma operands at base offset 0");
 }
 
 // This thread's n/2 accumulator products of D(64 x n) = A(64x16)·B(n x 16)ᵀ: warp q of
@@ -851,8 +858,8 @@ void check_desc(uint64_t desc) {
 // (PTX ISA, wgmma .m64nNk16 D fragment). A's rows g and g+8 of the warp come from `a`
 // (register A, gathered at issue) or, when da != 0, from shared memory.
 // `note`: count the operand reads as this thread's (racecheck).
-void wg_products(uint64_t da, const float (*a_regs)[16], uint64_t db, int n, float *out,
-                 bool note) {
+void wg_products(uint64_t da, const float (*a_regs)[16], uint64_t db, bool b_mn, int n,
+                 float *out, bool note) {
     const Fiber &f = *W->cur;
     const int q = (f.index & 127) >> 5, g = f.lane / 4, t = f.lane % 4;
     float a[2][16];
@@ -862,7 +869,7 @@ void wg_products(uint64_t da, const float (*a_regs)[16], uint64_t db, int n, flo
     for (int j = 0; j < n / 8; j++)
         for (int c = 0; c < 2; c++) {
             float b[16];
-            for (int k = 0; k < 16; k++) b[k] = wg_elem(db, 8 * j + 2 * t + c, k, note);
+            for (int k = 0; k < 16; k++) b[k] = wg_elem(db, 8 * j + 2 * t + c, k, note, b_mn);
             for (int h = 0; h < 2; h++) {
                 float acc = 0;
                 for (int k = 0; k < 16; k++) acc += a[h][k] * b[k];
@@ -891,19 +898,20 @@ void wg_check_uniform(uint64_t da, uint64_t db) {
 // Deferred like cp.async: the products are formed at issue and added to the registers at
 // wgmma.wait_group, after checking that the operands in shared memory did not change in
 // between (the hardware reads them at some point in that window).
-void wgmma_m64n128k16(float *d, uint64_t da, uint64_t db) {
+void wgmma_m64n128k16(float *d, uint64_t da, uint64_t db, bool accumulate) {
     check_desc(da);
     check_desc(db);
     wg_check_uniform(da, db);
-    WgOp op{d, da, db, 128, {}, {}};
-    wg_products(da, nullptr, db, 128, op.sum, true);
+    WgOp op{d, da, db, 128, false, accumulate, {}, {}};
+    wg_products(da, nullptr, db, false, 128, op.sum, true);
     W->cur->wgmmas.open.push_back(op);
 }
 
+namespace {
 // Register A: the warp's lanes exchange their fragments (mma.sync's A layout: reg 0 (row
 // g, k 2t, 2t+1), reg 1 row g + 8, regs 2/3 the same rows at k + 8), read at issue; the
 // registers' later values do not matter here (ptxas keeps them until the wgmma retires).
-void wgmma_m64n256k16_rs(float *d, const uint32_t a[4], uint64_t db) {
+void wgmma_rs(float *d, const uint32_t a[4], uint64_t db, int n, bool b_mn) {
     check_desc(db);
     wg_check_uniform(0, db);
     Worker &w = *W;
@@ -913,7 +921,7 @@ void wgmma_m64n256k16_rs(float *d, const uint32_t a[4], uint64_t db) {
     s[1] = uint64_t(a[2]) | uint64_t(a[3]) << 32;
     warp_barrier(0xffffffffu, 4);
     const int ph = int(f.ops & 1), g = f.lane / 4;
-    WgOp op{d, 0, db, 256, {}, {}};
+    WgOp op{d, 0, db, n, b_mn, true, {}, {}};
     for (int t = 0; t < 4; t++) {
         const uint64_t *o = w.warps[f.warp].ex[ph][4 * g + t];
         const uint32_t r[4] = {uint32_t(o[0]), uint32_t(o[0] >> 32), uint32_t(o[1]),
@@ -924,8 +932,16 @@ void wgmma_m64n256k16_rs(float *d, const uint32_t a[4], uint64_t db) {
         }
     }
     next_phase();
-    wg_products(0, op.a, db, 256, op.sum, true);
+    wg_products(0, op.a, db, b_mn, n, op.sum, true);
     f.wgmmas.open.push_back(op);
+}
+} // namespace
+
+void wgmma_m64n256k16_rs(float *d, const uint32_t a[4], uint64_t db) {
+    wgmma_rs(d, a, db, 256, false);
+}
+void wgmma_m64n64k16_rs_t(float *d, const uint32_t a[4], uint64_t db) {
+    wgmma_rs(d, a, db, 64, true);
 }
 
 void wgmma_commit() { W->cur->wgmmas.commit(); }
@@ -933,10 +949,10 @@ void wgmma_commit() { W->cur->wgmmas.commit(); }
 void wgmma_wait(int n) {
     W->cur->wgmmas.wait(size_t(n), [](WgOp &op) {
         float now[128];
-        wg_products(op.da, op.a, op.db, op.n, now, true); // read any time from issue to here
+        wg_products(op.da, op.a, op.db, op.b_mn, op.n, now, true); // read any time from issue to here
         if (std::memcmp(now, op.sum, sizeof(float) * op.n / 2) != 0)
             fail("a wgmma operand in shared memory changed before its wgmma.wait_group");
-        for (int i = 0; i < op.n / 2; i++) op.d[i] += op.sum[i];
+        for (int i = 0; i < op.n / 2; i++) op.d[i] = op.accumulate ? op.d[i] + op.sum[i] : op.sum[i];
     });
 }
 

@@ -140,7 +140,8 @@ void k_wgmma(Buf b) {
     float d[64];
     for (int i = 0; i < 64; i++) d[i] = 1.0f;
     const uint32_t b_tile = b.n == 2 && threadIdx.x == 70 ? base + 9216 : base + 8192;
-    kemu::wgmma_m64n128k16(d, wg_desc(base), wg_desc(b_tile)); // b.n == 2: one thread differs
+    // b.n == 2: one thread differs; b.n == 3: scale-d 0 (D = A·Bᵀ, the 1s dropped)
+    kemu::wgmma_m64n128k16(d, wg_desc(base), wg_desc(b_tile), b.n != 3);
     kemu::wgmma_commit();
     if (b.n == 1 && threadIdx.x == 3) t[0] ^= 0x40; // the bug: an operand changes in flight
     kemu::wgmma_wait(0);
@@ -182,6 +183,41 @@ void k_wgmma_rs(Buf b) {
     for (int j = 0; j < 32; j++)
         for (int i = 0; i < 4; i++)
             b.f[(16 * q + g + 8 * (i / 2)) * 256 + 8 * j + 2 * tt + i % 2] = d[4 * j + i];
+}
+
+// The MN-major (transposed) B form, m64n64k16 with A from registers: B[k][n] stored with
+// k as the 128-byte row (64 n a row), rows 8 apart in 1024-byte atoms, 16-byte chunk c
+// of row k at chunk c ^ (k % 8) (PTX ISA canonical MN-major 128B-swizzle layout).
+void k_wgmma_rs_t(Buf b) {
+    const uint32_t raw = kemu::smem_addr(kemu::dyn_smem);
+    const uint32_t base = (raw + 1023u) & ~1023u;
+    uint8_t *t = kemu::dyn_smem + (base - raw);
+    for (int i = threadIdx.x; i < 16 * 64; i += blockDim.x) {
+        const int k = i / 64, n = i % 64;
+        const __nv_bfloat16 h = __float2bfloat16_rn(WB(n, k));
+        std::memcpy(t + (k / 8) * 1024 + (k % 8) * 128 + (((n / 8) ^ (k % 8)) << 4) + 2 * (n % 8), &h, 2);
+    }
+    __syncthreads();
+    const int q = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, tt = threadIdx.x % 4;
+    auto pair = [&](int r, int k) {
+        const __nv_bfloat16 lo = __float2bfloat16_rn(WA(r, k)), hi = __float2bfloat16_rn(WA(r, k + 1));
+        uint16_t l, h;
+        std::memcpy(&l, &lo, 2);
+        std::memcpy(&h, &hi, 2);
+        return uint32_t(l) | uint32_t(h) << 16;
+    };
+    const int r = 16 * q + g;
+    const uint32_t a[4] = {pair(r, 2 * tt), pair(r + 8, 2 * tt), pair(r, 2 * tt + 8), pair(r + 8, 2 * tt + 8)};
+    const uint64_t desc = (uint64_t)((base & 0x3FFFF) >> 4) | ((uint64_t)(1024 >> 4) << 16) |
+                          ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
+    float d[32];
+    for (int i = 0; i < 32; i++) d[i] = 1.0f;
+    kemu::wgmma_m64n64k16_rs_t(d, a, desc);
+    kemu::wgmma_commit();
+    kemu::wgmma_wait(0);
+    for (int j = 0; j < 8; j++)
+        for (int i = 0; i < 4; i++)
+            b.f[(16 * q + g + 8 * (i / 2)) * 64 + 8 * j + 2 * tt + i % 2] = d[4 * j + i];
 }
 
 // A race (no barrier between a write and a read by another thread): what the reader
@@ -432,6 +468,27 @@ int main(int argc, char **argv) {
             ok &= big_rs[r * 256 + n] == want;
         }
     expect(ok, "wgmma m64n256k16 with A from registers: D += A·Bᵀ, the A and D fragment layouts");
+    std::vector<float> big_t(64 * 64, 0);
+    Buf tb{big_t.data(), nullptr, 0};
+    expect(run(k_wgmma_rs_t, tb, {1, 1, 1}, {128, 1, 1}, 3072).empty(), "wgmma (MN-major B) runs");
+    ok = true;
+    for (int r = 0; r < 64; r++)
+        for (int n = 0; n < 64; n++) {
+            float want = 1;
+            for (int k = 0; k < 16; k++) want += WA(r, k) * WB(n, k);
+            ok &= big_t[r * 64 + n] == want;
+        }
+    expect(ok, "wgmma m64n64k16, register A, MN-major B: D += A·B from B[k][n] rows");
+    wb.n = 3;
+    expect(run(k_wgmma, wb, {1, 1, 1}, {128, 1, 1}, 32768).empty(), "wgmma (scale-d 0) runs");
+    ok = true;
+    for (int r = 0; r < 64; r++)
+        for (int n = 0; n < 128; n++) {
+            float want = 0;
+            for (int k = 0; k < 16; k++) want += WA(r, k) * WB(n, k);
+            ok &= big[r * 128 + n] == want;
+        }
+    expect(ok, "wgmma with scale-d 0: D = A·Bᵀ, the old D ignored");
 
     wb.n = 1;
     const std::string we = run(k_wgmma, wb, {1, 1, 1}, {128, 1, 1}, 32768);

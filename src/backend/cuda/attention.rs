@@ -62,7 +62,9 @@ pub const SMEM_SM90: usize = 227 * 1024;
 
 /// One forward kernel configuration, `fwd<D, WARPS, MT, BN, STAGES>` in
 /// kernels/attention.cu: `warps` warps of `16·mt` query rows each, `bn` keys per KV tile,
-/// K/V single- (`stages` 1) or double-buffered (2).
+/// K/V single- (`stages` 1) or double-buffered (2). With `wgmma`, `fwd_wgmma<D, WARPS / 4,
+/// BN, STAGES>` instead (sm_90a only): `warps / 4` warpgroups of 64 rows (`mt` 1), K/V in
+/// `stages` stages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FwdVariant {
     /// `w<warps>m<mt>n<bn>s<stages>`: what `PALIGN_ATTN_FWD` names.
@@ -79,6 +81,9 @@ pub struct FwdVariant {
     /// the tuner ([`super::attn_tune`]) tries it by default. So far that means on an H200
     /// (sm_90a); the sm_80/86 builds have run on kemu only.
     pub verified: bool,
+    /// Warpgroup MMAs: runs only on compute capability 9.0 with sm_90a SASS
+    /// ([`super::nf4::wgmma_supported`]).
+    pub wgmma: bool,
 }
 
 impl FwdVariant {
@@ -89,9 +94,15 @@ impl FwdVariant {
     pub const fn threads(&self) -> usize {
         32 * self.warps
     }
-    /// Dynamic shared memory at head_dim `d`; mirrors `fwd_smem_bytes` in the kernel file.
+    /// Dynamic shared memory at head_dim `d`; mirrors `fwd_smem_bytes` (and, wgmma,
+    /// `fwd_wgmma_smem_bytes`: 1 KB more to align the tiles to 1024 bytes) in the kernel file.
     pub const fn smem(&self, d: usize) -> usize {
         (16 * self.mt * self.warps + 2 * self.stages * self.bn) * d * 2
+            + if self.wgmma { 1024 } else { 0 }
+    }
+    /// Whether this variant can run on `gpu`.
+    pub fn runs_on(&self, gpu: &Gpu) -> bool {
+        !self.wgmma || super::nf4::wgmma_supported(gpu.compute_capability(), super::TARGETS)
     }
     pub fn kernel(&self, d: usize) -> &'static str {
         self.kernels[usize::from(d != 64)]
@@ -105,7 +116,10 @@ impl FwdVariant {
 /// mma with Q re-read from shared memory): FlashAttention-2's d = 128 forward tile;
 /// `w4m2n64s2` adds K/V double-buffering (one barrier per tile); `w8m1n64s2` keeps 16
 /// rows per warp with 8 warps and double-buffering (half the K/V loads per query).
-pub static FWD_VARIANTS: [FwdVariant; 4] = [
+/// `wg2n128s2` and `wg2n128s3` (sm_90a): FA3's move of the same math to warpgroup MMAs,
+/// 2 warpgroups x 64 rows, 128 keys a tile, K/V in 2 or 3 stages (3: a tile's P·V stays in
+/// flight across the next barrier).
+pub static FWD_VARIANTS: [FwdVariant; 6] = [
     FwdVariant {
         name: "w4m1n64s1",
         warps: 4,
@@ -115,6 +129,7 @@ pub static FWD_VARIANTS: [FwdVariant; 4] = [
         kernels: ["attention_fwd_bf16_d64", "attention_fwd_bf16_d128"],
         sm86: true,
         verified: true,
+        wgmma: false,
     },
     FwdVariant {
         name: "w4m2n64s1",
@@ -128,6 +143,7 @@ pub static FWD_VARIANTS: [FwdVariant; 4] = [
         ],
         sm86: true,
         verified: true,
+        wgmma: false,
     },
     FwdVariant {
         name: "w4m2n64s2",
@@ -141,6 +157,7 @@ pub static FWD_VARIANTS: [FwdVariant; 4] = [
         ],
         sm86: true,
         verified: true,
+        wgmma: false,
     },
     FwdVariant {
         name: "w8m1n64s2",
@@ -154,6 +171,35 @@ pub static FWD_VARIANTS: [FwdVariant; 4] = [
         ],
         sm86: true,
         verified: true,
+        wgmma: false,
+    },
+    FwdVariant {
+        name: "wg2n128s2",
+        warps: 8,
+        mt: 1,
+        bn: 128,
+        stages: 2,
+        kernels: [
+            "attention_fwd_wg2n128s2_bf16_d64",
+            "attention_fwd_wg2n128s2_bf16_d128",
+        ],
+        sm86: false,
+        verified: false,
+        wgmma: true,
+    },
+    FwdVariant {
+        name: "wg2n128s3",
+        warps: 8,
+        mt: 1,
+        bn: 128,
+        stages: 3,
+        kernels: [
+            "attention_fwd_wg2n128s3_bf16_d64",
+            "attention_fwd_wg2n128s3_bf16_d128",
+        ],
+        sm86: false,
+        verified: false,
+        wgmma: true,
     },
 ];
 
@@ -617,6 +663,13 @@ pub fn attention_forward_with(
     variant: &'static FwdVariant,
 ) -> Result<()> {
     let (h, hkv, d, window, scale) = shape_params(&shape)?;
+    if !variant.runs_on(gpu) {
+        return Err(bad(format!(
+            "attention forward variant {} needs an sm_90a GPU (compute capability 9.0) and \
+             a build with sm_90a in PALIGN_CUDA_ARCHS",
+            variant.name
+        )));
+    }
     let rows = layout.n_rows;
     need(q, rows * h * d, "q")?;
     need(k, rows * hkv * d, "k")?;

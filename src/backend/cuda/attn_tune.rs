@@ -88,13 +88,23 @@ pub fn tune_key(pass: &str, shape: &AttnShape, max_len: usize) -> String {
 }
 
 /// The forward variants that may run at head dim `d` on a GPU allowing `max_smem` bytes
-/// per block; the default (which needs no opt-in) first, as the reference.
-pub fn fwd_candidates(d: usize, max_smem: usize, mode: TuneMode) -> Vec<&'static FwdVariant> {
+/// per block (and running the sm_90a wgmma kernels: `wgmma`); the default (which needs no
+/// opt-in) first, as the reference.
+pub fn fwd_candidates(
+    d: usize,
+    max_smem: usize,
+    wgmma: bool,
+    mode: TuneMode,
+) -> Vec<&'static FwdVariant> {
     FWD_VARIANTS
         .iter()
         .enumerate()
         .filter(|(i, v)| {
-            *i == 0 || (mode != TuneMode::Off && v.smem(d) <= max_smem && wanted(mode, v.verified))
+            *i == 0
+                || (mode != TuneMode::Off
+                    && v.smem(d) <= max_smem
+                    && (wgmma || !v.wgmma)
+                    && wanted(mode, v.verified))
         })
         .map(|(_, v)| v)
         .collect()
@@ -323,7 +333,8 @@ impl AttnTuner {
         let chosen = match fwd_variant_from_env()? {
             Some(f) => f,
             None => {
-                let cands = fwd_candidates(shape.head_dim, gpu.max_smem_optin()?, self.mode);
+                let wgmma = super::nf4::wgmma_supported(gpu.compute_capability(), super::TARGETS);
+                let cands = fwd_candidates(shape.head_dim, gpu.max_smem_optin()?, wgmma, self.mode);
                 let key = || tune_key("fwd", &shape, layout.max_len());
                 self.choose(gpu, key, &cands, |c| c.name, fwd_variant, &mut trial)?
             }
@@ -544,9 +555,18 @@ mod tests {
         for d in [64, 128] {
             for max in [48 * 1024, RTX, 163 * 1024, H100] {
                 for mode in [TuneMode::Off, TuneMode::Verified, TuneMode::All] {
-                    let f = fwd_candidates(d, max, mode);
+                    let f = fwd_candidates(d, max, true, mode);
                     assert_eq!(f[0].name, FWD_VARIANTS[0].name);
                     assert!(f.iter().all(|v| v.smem(d) <= max.max(48 * 1024)));
+                    let no_wgmma = fwd_candidates(d, max, false, mode);
+                    assert!(no_wgmma.iter().all(|v| !v.wgmma));
+                    assert_eq!(
+                        names(&no_wgmma, fname),
+                        names(&f, fname)
+                            .into_iter()
+                            .filter(|n| !n.starts_with("wg"))
+                            .collect::<Vec<_>>()
+                    );
                     let b = bwd_candidates(d, max, mode);
                     assert!(b.iter().all(|v| v.kernel(d).is_some() && v.smem(d) <= max));
                     if mode == TuneMode::Off {
@@ -565,24 +585,33 @@ mod tests {
                 }
             }
         }
-        // An H100 at d = 128: every variant fits, and all have passed their GPU parity
-        // tests (H200, 2026-11-28), so the default mode offers them all, as `all` does.
+        // An H100 at d = 128: every variant fits, and all but the wgmma forwards have passed
+        // their GPU parity tests (H200, 2026-11-28), so the default mode offers those.
         assert_eq!(
             bwd_candidates(128, H100, TuneMode::All).len(),
             BWD_VARIANTS.len()
         );
         assert_eq!(
-            fwd_candidates(128, H100, TuneMode::All).len(),
+            fwd_candidates(128, H100, true, TuneMode::All).len(),
             FWD_VARIANTS.len()
         );
         assert_eq!(
             names(&bwd_candidates(128, H100, TuneMode::Verified), bname),
             names(&bwd_candidates(128, H100, TuneMode::All), bname)
         );
+        let verified: Vec<&str> = FWD_VARIANTS
+            .iter()
+            .filter(|v| v.verified)
+            .map(|v| v.name)
+            .collect();
         assert_eq!(
-            names(&fwd_candidates(128, H100, TuneMode::Verified), fname),
-            names(&fwd_candidates(128, H100, TuneMode::All), fname)
+            names(&fwd_candidates(128, H100, true, TuneMode::Verified), fname),
+            verified
         );
+        // An A100 (sm_80) never gets a wgmma forward, even under `all`.
+        assert!(fwd_candidates(128, 163 * 1024, false, TuneMode::All)
+            .iter()
+            .all(|v| !v.wgmma));
         // A variant not yet checked on a GPU competes only under `all`.
         assert!(!wanted(TuneMode::Verified, false));
         assert!(wanted(TuneMode::All, false));
