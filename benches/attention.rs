@@ -30,6 +30,7 @@ use palign::backend::cuda::attention::{
     self as attn, AttnGradInputs, AttnGrads, BwdConfig, BwdVariant, FwdVariant, SeqLayout,
     BWD_VARIANTS, FWD_VARIANTS,
 };
+use palign::backend::cuda::attn_tune::{agrees, Output};
 use palign::backend::cuda::{DeviceBuffer, Gpu};
 
 const TOKENS: usize = 16384;
@@ -264,11 +265,23 @@ fn variants(g: &Gpu, x: Inputs, outs: &mut Outs) {
             println!("BENCH attention_variant fwd {tag}: the default forward failed");
             continue;
         };
+        // A variant not yet verified on a GPU must also agree with the default (the
+        // tuner's test) before it may count as the fastest.
+        let want = Output::heads(ok(g.download(&outs.0)), HEAD_DIM);
         let mut best_fwd = (f0, base);
         for v in &FWD_VARIANTS {
             match time_pass(g, &x, outs, &layout, shape, v, None) {
                 Ok(ms) => {
                     line("fwd", v.name, &tag, flops, ms, base, f0.name);
+                    if !v.verified
+                        && !agrees(&Output::heads(ok(g.download(&outs.0)), HEAD_DIM), &want)
+                    {
+                        println!(
+                            "BENCH attention_variant fwd {} {tag}: output DIFFERS from {}'s",
+                            v.name, f0.name
+                        );
+                        continue;
+                    }
                     if ms < best_fwd.1 {
                         best_fwd = (v, ms);
                     }
@@ -284,6 +297,10 @@ fn variants(g: &Gpu, x: Inputs, outs: &mut Outs) {
             println!("BENCH attention_variant fwd+bwd {tag}: the default backward failed");
             continue;
         };
+        let grads = |outs: &Outs| {
+            [&outs.2, &outs.3, &outs.4].map(|b| Output::heads(ok(g.download(b)), HEAD_DIM))
+        };
+        let want = grads(outs);
         let mut best_bwd = (b0, base);
         for v in &BWD_VARIANTS {
             if v.kernel(HEAD_DIM).is_none() {
@@ -292,6 +309,13 @@ fn variants(g: &Gpu, x: Inputs, outs: &mut Outs) {
             match time_pass(g, &x, outs, &layout, shape, f0, Some(v)) {
                 Ok(ms) => {
                     line("fwd+bwd", v.name, &tag, 3.5 * flops, ms, base, b0.name);
+                    if !v.verified && !grads(outs).iter().zip(&want).all(|(a, b)| agrees(a, b)) {
+                        println!(
+                            "BENCH attention_variant fwd+bwd {} {tag}: dQ/dK/dV DIFFER from {}'s",
+                            v.name, b0.name
+                        );
+                        continue;
+                    }
                     if ms < best_bwd.1 {
                         best_bwd = (v, ms);
                     }

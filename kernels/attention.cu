@@ -1309,6 +1309,220 @@ __device__ void bwdg(const AttnBwdParams &p) {
         }
 }
 
+// ----------------------------------------------------------------- backward, wgmma
+//
+// bwd_wgmma<D, WGS, BM, STAGES>: bwdg's products on warpgroup MMAs (sm_90a only; other
+// images trap, the launcher refuses other GPUs). Block: BN = 64·WGS keys of one
+// (sequence, KV head), warpgroup w owning keys k0 + 64w ..; per step (query head h of
+// the group, BM = 64 queries, Q/dO/lse/D double-buffered), warpgroup w:
+//   Sᵀ = K_w·Qᵀ, dPᵀ = V_w·dOᵀ   D/16 x wgmma m64n64k16 each; A = K_w / V_w and B = Q / dO,
+//                                all K-major in shared memory (rows of d)
+//   Pᵀ = bf16(2^(Sᵀ·c·log2e - lse·log2e)), dSᵀ = Pᵀ∘(dPᵀ - D)   on the accumulators
+//   dV_w += Pᵀ·dO, dK_w += dSᵀ·Q   BM/16 x D/64 x wgmma m64n64k16: A = Pᵀ / dSᵀ from
+//                                registers (the accumulators of 16 queries are the A
+//                                fragment, as in fwd_wgmma), B = dO / Q as stored (MN-major:
+//                                queries are k)
+//   dSᵀ -> shared [keys][queries]; barrier; dQ (BM x D) += dS·K split by head-dim block:
+//   warpgroup w computes d 64w .. 64w+63 (D = 64·WGS) as BN/16 x wgmma m64n64k16 with
+//   A = dS (dSᵀ as stored: MN-major, queries are m) and B = K's block w (MN-major), then
+//   paired f32 reductions into dq_accum (as bwdg; the dq kernel scales by c).
+// Layout: the wgmma tiles of fwd_wgmma (128-byte rows of 64 bf16, 1024-byte aligned):
+//   K, V [D/64][BN][64]; STAGES x Q, dO [D/64][BM][64]; dSᵀ [BN][BM]; lse·log2e, D.
+// Step: loads of step it+1; Sᵀ, dPᵀ wgmmas, wait; softmax terms, dSᵀ stores, fence.proxy
+// .async; dV/dK wgmmas (left in flight); barrier; dQ wgmmas, wait (dV/dK too); reductions;
+// wait for step it+1's loads, barrier.
+template <int D, int WGS, int BM, int STAGES>
+__host__ __device__ constexpr int bwd_wgmma_smem_bytes() {
+    return (2 * 64 * WGS * D + 2 * STAGES * BM * D + 64 * WGS * BM) * 2 + 2 * STAGES * BM * 4 + 1024;
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PALIGN_KEMU)
+template <int D, int WGS, int BM, int STAGES> __device__ void bwd_wgmma(const AttnBwdParams &p) {
+    constexpr int BN = 64 * WGS, NT = 128 * WGS, DH = D / 64;
+    constexpr int KV_BYTES = BN * D * 2, QT_BYTES = BM * D * 2;
+    constexpr int OFF_K = 0, OFF_V = KV_BYTES, OFF_Q = 2 * KV_BYTES;
+    constexpr int OFF_DO = OFF_Q + STAGES * QT_BYTES, OFF_DS = OFF_DO + STAGES * QT_BYTES;
+    constexpr int OFF_L = OFF_DS + BN * BM * 2;
+    static_assert(D == 64 * WGS && BM == 64 && STAGES == 2, "bwd_wgmma tiles");
+    require_smem(bwd_wgmma_smem_bytes<D, WGS, BM, STAGES>());
+
+    const int H = p.n_heads, Hkv = p.n_kv_heads, group = H / Hkv;
+    const int seq = blockIdx.x / Hkv, kvh = blockIdx.x % Hkv;
+    const int start = p.seq_start[seq], len = p.seq_len[seq];
+    const int k0 = blockIdx.y * BN; // longest (first) key tiles first
+    if (k0 >= len) return;
+    const int W = p.window;
+    const int64_t qs = (int64_t)H * D, kvs = (int64_t)Hkv * D;
+    // Query tiles that see any key of the block.
+    const int q_end = W > 0 ? imin(len, k0 + BN - 1 + W) : len;
+    const int qt_lo = k0 / BM, n_qt = (q_end - 1) / BM + 1 - qt_lo;
+    const int n_it = group * n_qt;
+
+    PALIGN_DYNAMIC_SMEM(smem_raw);
+    const uint32_t raw = smem_addr(smem_raw);
+    uint8_t *smem = smem_raw + (((raw + 1023u) & ~1023u) - raw);
+    const uint32_t base = smem_addr(smem);
+    float *sL = reinterpret_cast<float *>(smem + OFF_L); // [STAGES][BM]: lse·log2e
+    float *sDl = sL + STAGES * BM;                         // [STAGES][BM]: delta
+
+    auto load_step = [&](int it, int stage) {
+        const int h = kvh * group + it / n_qt, q0 = (qt_lo + it % n_qt) * BM;
+        load_tile_wg<BM, D, NT>(smem + OFF_Q + stage * QT_BYTES, p.q + (int64_t)start * qs + h * D,
+                                qs, q0, len);
+        load_tile_wg<BM, D, NT>(smem + OFF_DO + stage * QT_BYTES,
+                                p.d_o + (int64_t)start * qs + h * D, qs, q0, len);
+        load_lse_delta<BM, NT, true>(sL, sDl, stage, p, start, h, q0, len);
+    };
+    load_tile_wg<BN, D, NT>(smem + OFF_K, p.k + (int64_t)start * kvs + kvh * D, kvs, k0, len);
+    load_tile_wg<BN, D, NT>(smem + OFF_V, p.v + (int64_t)start * kvs + kvh * D, kvs, k0, len);
+    load_step(0, 0);
+    cp_async_commit();
+    cp_async_wait<0>();
+    scale_lse<BM, NT, true>(sL, 0, true);
+    fence_proxy_async_smem();
+    __syncthreads();
+
+    const int wg = threadIdx.x / 128, q = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const int g = lane / 4, t4 = lane % 4;
+    float dk[DH][32], dv[DH][32]; // columns 64dh + 8j + 2t4 + i%2 (element 4j + i)
+#pragma unroll
+    for (int dh = 0; dh < DH; dh++)
+#pragma unroll
+        for (int i = 0; i < 32; i++) dk[dh][i] = dv[dh][i] = 0.0f;
+    const float sl2 = p.scale * LOG2E;
+    const int kw0 = k0 + 64 * wg;       // the warpgroup's keys
+    const int key_a = kw0 + 16 * q + g; // this thread's keys: key_a, key_a + 8
+    uint8_t *ds_rows = smem + OFF_DS + wg * 64 * 128; // the warpgroup's rows of dSᵀ
+    const uint64_t desc_k = wg_desc(base + OFF_K + wg * 64 * 128);
+    const uint64_t desc_v = wg_desc(base + OFF_V + wg * 64 * 128);
+    const uint64_t desc_ds = wg_desc_mn(base + OFF_DS);
+    const uint64_t desc_kd = wg_desc_mn(base + OFF_K + wg * BN * 128); // K's d block wg
+
+    for (int it = 0; it < n_it; it++) {
+        const int stage = it & 1;
+        if (it + 1 < n_it) {
+            load_step(it + 1, stage ^ 1);
+            cp_async_commit();
+        }
+        const int h = kvh * group + it / n_qt, q0 = (qt_lo + it % n_qt) * BM;
+        const uint32_t q_at = base + OFF_Q + stage * QT_BYTES, do_at = base + OFF_DO + stage * QT_BYTES;
+        const float *cL = sL + stage * BM, *cDl = sDl + stage * BM;
+        const bool active = kw0 < len && q0 + BM - 1 >= kw0 && (W == 0 || q0 - (kw0 + 63) < W);
+        if (active) { // uniform over the warpgroup
+            float s[32], dp[32];
+            const uint64_t desc_q = wg_desc(q_at), desc_do = wg_desc(do_at);
+            wg_fence();
+#pragma unroll
+            for (int ks = 0; ks < D / 16; ks++) {
+                // k16 step ks: head-dim block ks / 4, 32 B into its rows
+                const uint32_t a = ((ks / 4) * BN * 128 + (ks % 4) * 32) >> 4;
+                const uint32_t b = ((ks / 4) * BM * 128 + (ks % 4) * 32) >> 4;
+                wgmma_m64n64k16<0, 0>(s, desc_k + a, desc_q + b, ks > 0);
+                wgmma_m64n64k16<0, 0>(dp, desc_v + a, desc_do + b, ks > 0);
+            }
+            wg_commit();
+            wg_wait<0>();
+            wg_pin(s);
+            wg_pin(dp);
+            if (q0 < kw0 + 63 || (W > 0 && q0 + BM - 1 - kw0 >= W)) { // a block of its own
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++)
+                        if (!visible(q0 + 8 * j + 2 * t4 + (i & 1), key_a + 8 * (i / 2), W))
+                            s[4 * j + i] = -INFINITY;
+            }
+            // Element 4j + i: key key_a + 8(i/2), query q0 + 8j + 2t4 + i%2. In the A
+            // fragment of queries 16kk..: kk = j / 2, register 2(j % 2) + i / 2.
+            uint32_t pb[BM / 16][4], dsb[BM / 16][4];
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const int col = 8 * j + 2 * t4;
+                const float l0 = cL[col], l1 = cL[col + 1], d0 = cDl[col], d1 = cDl[col + 1];
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    const uint32_t pp = pack_bf16(fast_exp2(fmaf(s[4 * j + 2 * r], sl2, -l0)),
+                                                  fast_exp2(fmaf(s[4 * j + 2 * r + 1], sl2, -l1)));
+                    const float2 pf = unpack_bf16(pp); // dS from the bf16 P, as dV uses it
+                    const uint32_t dd = pack_bf16(pf.x * (dp[4 * j + 2 * r] - d0),
+                                                  pf.y * (dp[4 * j + 2 * r + 1] - d1));
+                    pb[j / 2][2 * (j % 2) + r] = pp;
+                    dsb[j / 2][2 * (j % 2) + r] = dd;
+                    // dSᵀ row 16q + g + 8r of the warpgroup's (swizzle row % 8 = g)
+                    *reinterpret_cast<uint32_t *>(ds_rows + (16 * q + g + 8 * r) * 128 + ((j ^ g) << 4) +
+                                                  4 * t4) = dd;
+                }
+            }
+            fence_proxy_async_smem(); // the dSᵀ stores, for the dQ wgmmas after the barrier
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < BM / 16; kk++)
+#pragma unroll
+                for (int dh = 0; dh < DH; dh++) { // queries 16kk..: 16 rows of 128 B further
+                    const uint32_t b = dh * BM * 128 + kk * 2048;
+                    wgmma_m64n64k16_rs_t(dv[dh], pb[kk], wg_desc_mn(do_at + b));
+                    wgmma_m64n64k16_rs_t(dk[dh], dsb[kk], wg_desc_mn(q_at + b));
+                }
+            wg_commit();
+        } else {
+            // Nothing visible to the warpgroup's keys: its rows of dSᵀ are zero.
+            for (int c = threadIdx.x % 128; c < 64 * 8; c += 128)
+                *reinterpret_cast<uint4 *>(ds_rows + 16 * c) = make_uint4(0, 0, 0, 0);
+            fence_proxy_async_smem();
+        }
+        __syncthreads(); // dSᵀ complete
+
+        // dQ rows q0 .., head dims 64wg .. 64wg+63.
+        float dq[32];
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; kk++) // keys 16kk..: 16 rows of 128 B further
+            wgmma_m64n64k16<1, 1>(dq, desc_ds + ((kk * 2048) >> 4), desc_kd + ((kk * 2048) >> 4), kk > 0);
+        wg_commit();
+        wg_wait<0>(); // dQ, and this step's dV/dK
+        wg_pin(dq);
+        const int qa = q0 + 16 * q + g;
+        float *dq_row = p.dq_accum + (int64_t)(start + qa) * qs + h * D + 64 * wg + 2 * t4;
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            if (qa + 8 * r < len) {
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+                    red_add2<true>(dq_row + 8 * r * qs + 8 * j, dq[4 * j + 2 * r], dq[4 * j + 2 * r + 1]);
+            }
+        }
+        cp_async_wait<0>(); // the next step's tiles landed ...
+        scale_lse<BM, NT, true>(sL, stage ^ 1, it + 1 < n_it);
+        fence_proxy_async_smem();
+        __syncthreads(); // ... for everyone; everyone done with this step's buffers
+    }
+#pragma unroll
+    for (int dh = 0; dh < DH; dh++) {
+        wg_pin(dk[dh]);
+        wg_pin(dv[dh]);
+    }
+
+    const float c = p.scale;
+#pragma unroll
+    for (int dh = 0; dh < DH; dh++)
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const int key = key_a + 8 * r;
+                if (key < len) {
+                    const int64_t at = (int64_t)(start + key) * kvs + kvh * D + 64 * dh + 8 * j + 2 * t4;
+                    *reinterpret_cast<uint32_t *>(p.dk + at) =
+                        pack_bf16(dk[dh][4 * j + 2 * r] * c, dk[dh][4 * j + 2 * r + 1] * c);
+                    *reinterpret_cast<uint32_t *>(p.dv + at) =
+                        pack_bf16(dv[dh][4 * j + 2 * r], dv[dh][4 * j + 2 * r + 1]);
+                }
+            }
+}
+#else
+template <int D, int WGS, int BM, int STAGES> __device__ void bwd_wgmma(const AttnBwdParams &) { __trap(); }
+#endif // __CUDA_ARCH_FEAT_SM90_ALL || PALIGN_KEMU
+
 // -------------------------------------------------------------------------- decode
 //
 // Block: one query (sequence), one KV head and up to DEC_GROUP of its query heads, one
@@ -1535,6 +1749,12 @@ extern "C" __global__ void attention_bwd_w4q64s2g_bf16_d64(const AttnBwdParams p
 
 extern "C" __global__ void attention_bwd_w4q64s2g_bf16_d128(const AttnBwdParams p) {
     palign::attention::bwdg<128, 4, 64, 2>(p);
+}
+
+// wgmma backward bwd_wgmma<D, WGS, BM, STAGES> (sm_90a), named wg<WGS>q<BM>s<STAGES>;
+// head_dim 128 only (its dQ splits D over the warpgroups, D = 64·WGS).
+extern "C" __global__ void attention_bwd_wg2q64s2_bf16_d128(const AttnBwdParams p) {
+    palign::attention::bwd_wgmma<128, 2, 64, 2>(p);
 }
 
 // dq = bf16(scale · dq_accum), 4 elements per thread (n is a multiple of 4).

@@ -359,9 +359,20 @@ fn variant_tables_match_the_kernels() {
     ));
 
     // bwd<D, WARPS, BM, STAGES, ASYNC> rows, and bwdg<D, WARPS, BM, STAGES> (always async) rows.
-    let (mut rows, mut grid_rows) = (Vec::new(), Vec::new());
+    let (mut rows, mut grid_rows, mut wg_rows) = (Vec::new(), Vec::new(), Vec::new());
     for v in &BWD_VARIANTS {
         assert_eq!(attn::bwd_variant(v.name).unwrap(), v);
+        if v.wgmma {
+            assert_eq!(v.name, format!("wg{}q{}s{}", v.warps / 4, v.bm, v.stages));
+            assert!(v.warps % 4 == 0 && v.async_io && !v.warp_grid && !v.sm86);
+            for d in [64, 128] {
+                let Some(k) = v.kernel(d) else { continue };
+                let want = vec![d as i64, v.warps as i64 / 4, v.bm as i64, v.stages as i64];
+                wg_rows.push((k, want, v.smem(d)));
+                assert!(v.smem(d) <= attn::SMEM_SM90, "{}: {} B", v.name, v.smem(d));
+            }
+            continue;
+        }
         let suffix = match (v.warp_grid, v.async_io) {
             (true, _) => "g",
             (false, true) => "a",
@@ -394,6 +405,12 @@ fn variant_tables_match_the_kernels() {
     }
     let mut bwd_kernels = check_table(&src, "bwd", "bwd_smem_bytes", &rows);
     bwd_kernels.extend(check_table(&src, "bwdg", "bwdg_smem_bytes", &grid_rows));
+    bwd_kernels.extend(check_table(
+        &src,
+        "bwd_wgmma",
+        "bwd_wgmma_smem_bytes",
+        &wg_rows,
+    ));
 
     // No instantiation in the kernel file is missing from the tables.
     let listed: Vec<&str> = FWD_VARIANTS
@@ -764,6 +781,41 @@ fn forward_variants_match_cpu() {
 fn backward_variants_match_cpu() {
     let g = gpu();
     for v in &BWD_VARIANTS {
+        if !v.runs_on(&g) {
+            // Said, not silently passed: the wgmma backward needs an sm_90a GPU, and the
+            // launcher refuses it elsewhere (a stub kernel would trap).
+            let layout = SeqLayout::new(&g, &SeqSpec::packed(&[0, 4]).unwrap()).unwrap();
+            let z = g.upload(&vec![bf16::ZERO; 4 * 8 * 128]).unwrap();
+            let lse = g.upload(&[0.0f32; 4 * 8]).unwrap();
+            let mut dq = g.upload(&vec![bf16::ZERO; 4 * 8 * 128]).unwrap();
+            let mut dk = g.upload(&vec![bf16::ZERO; 4 * 8 * 128]).unwrap();
+            let mut dv = g.upload(&vec![bf16::ZERO; 4 * 8 * 128]).unwrap();
+            let x = AttnGradInputs {
+                q: &z,
+                k: &z,
+                v: &z,
+                o: &z,
+                d_o: &z,
+                lse: &lse,
+            };
+            let grads = AttnGrads {
+                dq: &mut dq,
+                dk: &mut dk,
+                dv: &mut dv,
+            };
+            let e = attn::attention_backward_with(
+                &g,
+                x,
+                &layout,
+                shape(8, 8, 128, None),
+                grads,
+                BwdVariant::Named(v),
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("sm_90a"), "{e}");
+            println!("SKIPPED bwd={}: not runnable on {} ({e})", v.name, g.name());
+            continue;
+        }
         for mut c in kernel_cases() {
             if v.kernel(c.shape.head_dim).is_none() {
                 continue;

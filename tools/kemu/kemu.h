@@ -181,6 +181,8 @@ uint32_t smem_addr(const void *p);
 void wgmma_m64n128k16(float *d, uint64_t desc_a, uint64_t desc_b, bool accumulate);
 void wgmma_m64n256k16_rs(float *d, const uint32_t a[4], uint64_t desc_b);
 void wgmma_m64n64k16_rs_t(float *d, const uint32_t a[4], uint64_t desc_b);
+void wgmma_m64n64k16(float *d, uint64_t desc_a, uint64_t desc_b, bool accumulate, bool a_mn,
+                     bool b_mn);
 void wgmma_commit();
 void wgmma_wait(int n);
 

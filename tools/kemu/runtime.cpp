@@ -126,13 +126,14 @@ kemu_switch:
 
 // One wgmma.mma_async in flight: this thread's n/2 products (n = 64, 128 or 256 columns)
 // as read at issue. da == 0: A came from registers, gathered at issue into `a` (this
-// thread's rows g and g + 8 of its warp's 16); else A is in shared memory too. b_mn: B is
-// MN-major (transpose flag 1). !accumulate (scale-d 0): the products replace d.
+// thread's rows g and g + 8 of its warp's 16); else A is in shared memory too. a_mn, b_mn:
+// that operand is MN-major (transpose flag 1). !accumulate (scale-d 0): the products
+// replace d.
 struct WgOp {
     float *d;
     uint64_t da, db;
     int n;
-    bool b_mn, accumulate;
+    bool a_mn, b_mn, accumulate;
     float a[2][16];
     float sum[128];
 };
@@ -858,14 +859,14 @@ void check_desc(uint64_t desc) {
 // (PTX ISA, wgmma .m64nNk16 D fragment). A's rows g and g+8 of the warp come from `a`
 // (register A, gathered at issue) or, when da != 0, from shared memory.
 // `note`: count the operand reads as this thread's (racecheck).
-void wg_products(uint64_t da, const float (*a_regs)[16], uint64_t db, bool b_mn, int n,
-                 float *out, bool note) {
+void wg_products(uint64_t da, bool a_mn, const float (*a_regs)[16], uint64_t db, bool b_mn,
+                 int n, float *out, bool note) {
     const Fiber &f = *W->cur;
     const int q = (f.index & 127) >> 5, g = f.lane / 4, t = f.lane % 4;
     float a[2][16];
     for (int h = 0; h < 2; h++)
         for (int k = 0; k < 16; k++)
-            a[h][k] = da ? wg_elem(da, 16 * q + g + 8 * h, k, note) : a_regs[h][k];
+            a[h][k] = da ? wg_elem(da, 16 * q + g + 8 * h, k, note, a_mn) : a_regs[h][k];
     for (int j = 0; j < n / 8; j++)
         for (int c = 0; c < 2; c++) {
             float b[16];
@@ -898,13 +899,22 @@ void wg_check_uniform(uint64_t da, uint64_t db) {
 // Deferred like cp.async: the products are formed at issue and added to the registers at
 // wgmma.wait_group, after checking that the operands in shared memory did not change in
 // between (the hardware reads them at some point in that window).
-void wgmma_m64n128k16(float *d, uint64_t da, uint64_t db, bool accumulate) {
+namespace {
+void wgmma_ss(float *d, uint64_t da, uint64_t db, int n, bool accumulate, bool a_mn, bool b_mn) {
     check_desc(da);
     check_desc(db);
     wg_check_uniform(da, db);
-    WgOp op{d, da, db, 128, false, accumulate, {}, {}};
-    wg_products(da, nullptr, db, false, 128, op.sum, true);
+    WgOp op{d, da, db, n, a_mn, b_mn, accumulate, {}, {}};
+    wg_products(da, a_mn, nullptr, db, b_mn, n, op.sum, true);
     W->cur->wgmmas.open.push_back(op);
+}
+} // namespace
+
+void wgmma_m64n128k16(float *d, uint64_t da, uint64_t db, bool accumulate) {
+    wgmma_ss(d, da, db, 128, accumulate, false, false);
+}
+void wgmma_m64n64k16(float *d, uint64_t da, uint64_t db, bool accumulate, bool a_mn, bool b_mn) {
+    wgmma_ss(d, da, db, 64, accumulate, a_mn, b_mn);
 }
 
 namespace {
@@ -921,7 +931,7 @@ void wgmma_rs(float *d, const uint32_t a[4], uint64_t db, int n, bool b_mn) {
     s[1] = uint64_t(a[2]) | uint64_t(a[3]) << 32;
     warp_barrier(0xffffffffu, 4);
     const int ph = int(f.ops & 1), g = f.lane / 4;
-    WgOp op{d, 0, db, n, b_mn, true, {}, {}};
+    WgOp op{d, 0, db, n, false, b_mn, true, {}, {}};
     for (int t = 0; t < 4; t++) {
         const uint64_t *o = w.warps[f.warp].ex[ph][4 * g + t];
         const uint32_t r[4] = {uint32_t(o[0]), uint32_t(o[0] >> 32), uint32_t(o[1]),
@@ -932,7 +942,7 @@ void wgmma_rs(float *d, const uint32_t a[4], uint64_t db, int n, bool b_mn) {
         }
     }
     next_phase();
-    wg_products(0, op.a, db, b_mn, n, op.sum, true);
+    wg_products(0, false, op.a, db, b_mn, n, op.sum, true);
     f.wgmmas.open.push_back(op);
 }
 } // namespace
@@ -949,7 +959,7 @@ void wgmma_commit() { W->cur->wgmmas.commit(); }
 void wgmma_wait(int n) {
     W->cur->wgmmas.wait(size_t(n), [](WgOp &op) {
         float now[128];
-        wg_products(op.da, op.a, op.db, op.b_mn, op.n, now, true); // read any time from issue to here
+        wg_products(op.da, op.a_mn, op.a, op.db, op.b_mn, op.n, now, true); // read from issue to here
         if (std::memcmp(now, op.sum, sizeof(float) * op.n / 2) != 0)
             fail("a wgmma operand in shared memory changed before its wgmma.wait_group");
         for (int i = 0; i < op.n / 2; i++) op.d[i] = op.accumulate ? op.d[i] + op.sum[i] : op.sum[i];

@@ -220,6 +220,35 @@ void k_wgmma_rs_t(Buf b) {
             b.f[(16 * q + g + 8 * (i / 2)) * 64 + 8 * j + 2 * tt + i % 2] = d[4 * j + i];
 }
 
+// Both operands MN-major from shared memory (m64n64k16, transpose flags 1, 1): A[m][k]
+// and B[k][n] stored with k as the 128-byte row, as k_wgmma_rs_t stores B.
+void k_wgmma_ss_t(Buf b) {
+    const uint32_t raw = kemu::smem_addr(kemu::dyn_smem);
+    const uint32_t base = (raw + 1023u) & ~1023u;
+    uint8_t *t = kemu::dyn_smem + (base - raw);
+    for (int i = threadIdx.x; i < 2 * 16 * 64; i += blockDim.x) {
+        const int which = i / 1024, k = (i % 1024) / 64, x = i % 64; // x: m (A) or n (B)
+        const __nv_bfloat16 h = __float2bfloat16_rn(which == 0 ? WA(x, k) : WB(x, k));
+        std::memcpy(t + which * 2048 + (k / 8) * 1024 + (k % 8) * 128 + (((x / 8) ^ (k % 8)) << 4) +
+                        2 * (x % 8),
+                    &h, 2);
+    }
+    __syncthreads();
+    auto desc = [](uint32_t a) {
+        return (uint64_t)((a & 0x3FFFF) >> 4) | ((uint64_t)(1024 >> 4) << 16) |
+               ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
+    };
+    float d[32];
+    for (int i = 0; i < 32; i++) d[i] = 1.0f;
+    kemu::wgmma_m64n64k16(d, desc(base), desc(base + 2048), true, true, true);
+    kemu::wgmma_commit();
+    kemu::wgmma_wait(0);
+    const int q = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, tt = threadIdx.x % 4;
+    for (int j = 0; j < 8; j++)
+        for (int i = 0; i < 4; i++)
+            b.f[(16 * q + g + 8 * (i / 2)) * 64 + 8 * j + 2 * tt + i % 2] = d[4 * j + i];
+}
+
 // A race (no barrier between a write and a read by another thread): what the reader
 // sees depends on KEMU_ORDER, which is how running both orders exposes it.
 void k_race(Buf b) {
@@ -479,6 +508,16 @@ int main(int argc, char **argv) {
             ok &= big_t[r * 64 + n] == want;
         }
     expect(ok, "wgmma m64n64k16, register A, MN-major B: D += A·B from B[k][n] rows");
+    std::fill(big_t.begin(), big_t.end(), 0.0f);
+    expect(run(k_wgmma_ss_t, tb, {1, 1, 1}, {128, 1, 1}, 5120).empty(), "wgmma (MN-major A and B) runs");
+    ok = true;
+    for (int r = 0; r < 64; r++)
+        for (int n = 0; n < 64; n++) {
+            float want = 1;
+            for (int k = 0; k < 16; k++) want += WA(r, k) * WB(n, k);
+            ok &= big_t[r * 64 + n] == want;
+        }
+    expect(ok, "wgmma m64n64k16, both MN-major: D += A·B from A[k][m] and B[k][n] rows");
     wb.n = 3;
     expect(run(k_wgmma, wb, {1, 1, 1}, {128, 1, 1}, 32768).empty(), "wgmma (scale-d 0) runs");
     ok = true;

@@ -235,7 +235,8 @@ pub fn fwd_variant(name: &str) -> Result<&'static FwdVariant> {
 /// single- or double-buffered, and (`async_io`) lse/D by cp.async and paired dQ atomics.
 /// With `warp_grid`, `bwdg<D, WARPS, BM, STAGES>` instead: the same block of `16·warps`
 /// keys, each product tiled over the warps as a grid, Pᵀ and dSᵀ through shared memory
-/// (always `async_io`).
+/// (always `async_io`). With `wgmma`, `bwd_wgmma<D, WARPS / 4, BM, STAGES>` (sm_90a only):
+/// warpgroups of 64 keys, dSᵀ through shared memory (also `async_io`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BwdConfig {
     /// `w<warps>q<bm>s<stages>` plus `a` for `async_io`: what `PALIGN_ATTN_BWD` names.
@@ -253,6 +254,8 @@ pub struct BwdConfig {
     /// Its GPU parity tests have passed (on an H200 so far), so the tuner tries it by
     /// default.
     pub verified: bool,
+    /// Warpgroup MMAs: runs only on compute capability 9.0 with sm_90a SASS.
+    pub wgmma: bool,
 }
 
 impl BwdConfig {
@@ -264,11 +267,18 @@ impl BwdConfig {
         32 * self.warps
     }
     /// Dynamic shared memory at head_dim `d`; mirrors `bwd_smem_bytes` (`bwdg_smem_bytes`
-    /// with `warp_grid`: Pᵀ as well as dSᵀ) in the kernel file.
+    /// with `warp_grid`: Pᵀ as well as dSᵀ; `bwd_wgmma_smem_bytes` with `wgmma`: 1 KB to
+    /// align the tiles) in the kernel file.
     pub const fn smem(&self, d: usize) -> usize {
         let (bn, bm, st) = (self.keys(), self.bm, self.stages);
         let staged = if self.warp_grid { 2 } else { 1 }; // [keys][queries] bf16 tiles
-        (2 * bn * d + 2 * st * bm * d + staged * bn * bm) * 2 + 2 * st * bm * 4
+        (2 * bn * d + 2 * st * bm * d + staged * bn * bm) * 2
+            + 2 * st * bm * 4
+            + if self.wgmma { 1024 } else { 0 }
+    }
+    /// Whether this variant can run on `gpu`.
+    pub fn runs_on(&self, gpu: &Gpu) -> bool {
+        !self.wgmma || super::nf4::wgmma_supported(gpu.compute_capability(), super::TARGETS)
     }
     pub fn kernel(&self, d: usize) -> Option<&'static str> {
         self.kernels[usize::from(d != 64)]
@@ -284,7 +294,8 @@ impl BwdConfig {
 /// and dPᵀ per warp, 32 keys x d/2 of dK/dV, Pᵀ/dSᵀ through shared memory): each ldmatrix
 /// fragment feeds 2-4 mmas instead of 2, 243 B of shared-memory traffic per mma at d = 128
 /// instead of 301; `w4q64s2g` fits two blocks per H100 SM (113 KB each).
-pub static BWD_VARIANTS: [BwdConfig; 6] = [
+/// `wg2q64s2` (sm_90a, head_dim 128): the same products on warpgroup MMAs, FA3's move.
+pub static BWD_VARIANTS: [BwdConfig; 7] = [
     BwdConfig {
         name: "w8q64s2",
         warps: 8,
@@ -298,6 +309,7 @@ pub static BWD_VARIANTS: [BwdConfig; 6] = [
         ],
         sm86: false,
         verified: true,
+        wgmma: false,
     },
     BwdConfig {
         name: "w4q64s1",
@@ -309,6 +321,7 @@ pub static BWD_VARIANTS: [BwdConfig; 6] = [
         kernels: [None, Some("attention_bwd_small_bf16_d128")],
         sm86: true,
         verified: true,
+        wgmma: false,
     },
     BwdConfig {
         name: "w8q64s2a",
@@ -323,6 +336,7 @@ pub static BWD_VARIANTS: [BwdConfig; 6] = [
         ],
         sm86: false,
         verified: true,
+        wgmma: false,
     },
     BwdConfig {
         name: "w4q64s2a",
@@ -337,6 +351,7 @@ pub static BWD_VARIANTS: [BwdConfig; 6] = [
         ],
         sm86: false,
         verified: true,
+        wgmma: false,
     },
     BwdConfig {
         name: "w8q64s2g",
@@ -351,6 +366,7 @@ pub static BWD_VARIANTS: [BwdConfig; 6] = [
         ],
         sm86: false,
         verified: true,
+        wgmma: false,
     },
     BwdConfig {
         name: "w4q64s2g",
@@ -365,6 +381,19 @@ pub static BWD_VARIANTS: [BwdConfig; 6] = [
         ],
         sm86: false,
         verified: true,
+        wgmma: false,
+    },
+    BwdConfig {
+        name: "wg2q64s2",
+        warps: 8,
+        bm: 64,
+        stages: 2,
+        async_io: true,
+        warp_grid: false,
+        kernels: [None, Some("attention_bwd_wg2q64s2_bf16_d128")],
+        sm86: false,
+        verified: false,
+        wgmma: true,
     },
 ];
 
@@ -780,12 +809,19 @@ pub fn attention_backward_with(
         // The tuner's reference: the default where it fits, else the small kernel.
         BwdVariant::Auto => match bwd_variant_from_env()? {
             Some(c) => c,
-            None => bwd_candidates(d, gpu.max_smem_optin()?, TuneMode::Off)
+            None => bwd_candidates(d, gpu.max_smem_optin()?, false, TuneMode::Off)
                 .first()
                 .copied()
                 .unwrap_or(&BWD_VARIANTS[0]),
         },
     };
+    if !config.runs_on(gpu) {
+        return Err(bad(format!(
+            "attention backward variant {} needs an sm_90a GPU (compute capability 9.0) and \
+             a build with sm_90a in PALIGN_CUDA_ARCHS",
+            config.name
+        )));
+    }
     let kernel = config.kernel(d).ok_or_else(|| {
         bad(format!(
             "attention backward: variant {} has no head_dim {d} kernel",

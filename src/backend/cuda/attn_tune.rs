@@ -110,10 +110,17 @@ pub fn fwd_candidates(
         .collect()
 }
 
-/// The backward variants that may run; the first is the reference: the default where it
-/// fits (A100, H100), else the small kernel (99 KB GPUs).
-pub fn bwd_candidates(d: usize, max_smem: usize, mode: TuneMode) -> Vec<&'static BwdConfig> {
-    let fits = |v: &BwdConfig| v.kernel(d).is_some() && v.smem(d) <= max_smem;
+/// The backward variants that may run (the sm_90a wgmma ones only with `wgmma`); the first
+/// is the reference: the default where it fits (A100, H100), else the small kernel (99 KB
+/// GPUs).
+pub fn bwd_candidates(
+    d: usize,
+    max_smem: usize,
+    wgmma: bool,
+    mode: TuneMode,
+) -> Vec<&'static BwdConfig> {
+    let fits =
+        |v: &BwdConfig| v.kernel(d).is_some() && v.smem(d) <= max_smem && (wgmma || !v.wgmma);
     let Some(reference) = BWD_VARIANTS[..2].iter().find(|v| fits(v)) else {
         return Vec::new();
     };
@@ -147,7 +154,7 @@ impl Output {
     /// sums and bf16 roundings fall, about one bf16 ulp (0.4%) per value; 2% of each
     /// vector's largest value, plus 0.1% of the output's, leaves room without letting a
     /// wrong index or a race (errors of the order of the values) through.
-    fn heads(values: Vec<bf16>, width: usize) -> Output {
+    pub fn heads(values: Vec<bf16>, width: usize) -> Output {
         Output {
             values: values.into_iter().map(|x| x.to_f32()).collect(),
             width,
@@ -363,7 +370,8 @@ impl AttnTuner {
         let chosen = match bwd_variant_from_env()? {
             Some(f) => f,
             None => {
-                let cands = bwd_candidates(shape.head_dim, gpu.max_smem_optin()?, self.mode);
+                let wgmma = super::nf4::wgmma_supported(gpu.compute_capability(), super::TARGETS);
+                let cands = bwd_candidates(shape.head_dim, gpu.max_smem_optin()?, wgmma, self.mode);
                 if cands.is_empty() {
                     return Err(bad(format!(
                         "attention backward: no kernel for head_dim {} fits this GPU's shared memory",
@@ -567,7 +575,7 @@ mod tests {
                             .filter(|n| !n.starts_with("wg"))
                             .collect::<Vec<_>>()
                     );
-                    let b = bwd_candidates(d, max, mode);
+                    let b = bwd_candidates(d, max, true, mode);
                     assert!(b.iter().all(|v| v.kernel(d).is_some() && v.smem(d) <= max));
                     if mode == TuneMode::Off {
                         assert_eq!(f.len(), 1);
@@ -588,17 +596,25 @@ mod tests {
         // An H100 at d = 128: every variant fits, and all but the wgmma forwards have passed
         // their GPU parity tests (H200, 2026-11-28), so the default mode offers those.
         assert_eq!(
-            bwd_candidates(128, H100, TuneMode::All).len(),
+            bwd_candidates(128, H100, true, TuneMode::All).len(),
             BWD_VARIANTS.len()
         );
         assert_eq!(
             fwd_candidates(128, H100, true, TuneMode::All).len(),
             FWD_VARIANTS.len()
         );
+        let verified_bwd: Vec<&str> = BWD_VARIANTS
+            .iter()
+            .filter(|v| v.verified)
+            .map(|v| v.name)
+            .collect();
         assert_eq!(
-            names(&bwd_candidates(128, H100, TuneMode::Verified), bname),
-            names(&bwd_candidates(128, H100, TuneMode::All), bname)
+            names(&bwd_candidates(128, H100, true, TuneMode::Verified), bname),
+            verified_bwd
         );
+        assert!(bwd_candidates(128, 163 * 1024, false, TuneMode::All)
+            .iter()
+            .all(|v| !v.wgmma));
         let verified: Vec<&str> = FWD_VARIANTS
             .iter()
             .filter(|v| v.verified)
@@ -618,11 +634,11 @@ mod tests {
         assert!(wanted(TuneMode::Verified, true));
         // A 99 KB GPU at d = 128: the default backward does not fit; the small one is the
         // reference, and the rest are those marked as fitting there.
-        let rtx = bwd_candidates(128, RTX, TuneMode::All);
+        let rtx = bwd_candidates(128, RTX, true, TuneMode::All);
         assert_eq!(rtx[0].name, "w4q64s1");
         assert!(rtx.iter().all(|v| v.sm86), "{:?}", names(&rtx, bname));
         // No backward at all below what the smallest kernel needs.
-        assert!(bwd_candidates(128, 48 * 1024, TuneMode::All).is_empty());
+        assert!(bwd_candidates(128, 48 * 1024, true, TuneMode::All).is_empty());
     }
 
     fn out(values: Vec<f32>, width: usize) -> Output {

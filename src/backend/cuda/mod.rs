@@ -133,6 +133,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "attention_bwd_w8q64s2g_bf16_d128",
     "attention_bwd_w4q64s2g_bf16_d64",
     "attention_bwd_w4q64s2g_bf16_d128",
+    "attention_bwd_wg2q64s2_bf16_d128",
     "nf4_gemm_fwd_wgmma",
     "nf4_gemm_fwd_wgmma_m256",
     "nf4_gemm_fwd_wgmma_rs",
