@@ -627,6 +627,10 @@ template <int D, int WGS, int BN, int STAGES> __device__ void fwd_wgmma(const At
         inv[r] = l > 0.0f ? 1.0f / l : 0.0f;
     }
     const int lr = wg * 64 + 16 * q + g; // row_a's row in the Q tile
+    // Every thread's wgmma.wait_group has passed, so no S wgmma reads Q any more; the
+    // barrier states that order for all threads (a racecheck run on kemu, which counts a
+    // wgmma's operand reads per thread, flagged the staging writes without it).
+    __syncthreads();
 #pragma unroll
     for (int dh = 0; dh < DH; dh++)
 #pragma unroll

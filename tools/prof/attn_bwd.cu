@@ -1,13 +1,15 @@
 // Where the attention backward's time goes, on a GPU machine with nvcc and no Rust:
 // times each kernel of one backward (prep, the main kernel of every variant, the dQ
-// conversion) with CUDA events at benches/attention.rs's shape (16384 tokens, 32/8
-// heads, d = 128, causal), and runs each once more for a profiler (ncu) to catch.
+// conversion) and the forward variants with CUDA events at benches/attention.rs's shape
+// (16384 tokens, 32/8 heads, d = 128, causal), and runs each once more for a profiler
+// (ncu) to catch. The sm_90a wgmma kernels (wg2*) run last and only on compute
+// capability 9.0: a fault there ends the run after the other lines are out.
 //
 //   nvcc -O3 -std=c++17 -arch=sm_90a -Ikernels tools/prof/attn_bwd.cu -o /tmp/attn_bwd
 //   /tmp/attn_bwd                       # s = 1024, 2048, 4096 (16384 tokens in all)
 //   /tmp/attn_bwd 4096 once             # one s, each kernel run twice (for ncu)
 // gpu-check.sh's runner (section prof) builds and runs it, then runs ncu as this says:
-// ncu: attention_bwd_w8q64s2(a|g)_bf16_d128 4096 once
+// ncu: attention_bwd_(w8q64s2g|wg2q64s2)_bf16_d128 4096 once
 //
 // Inputs are a real forward's (O and lse from attention_fwd_bf16_d128) on random Q/K/V/dO,
 // so the exponentials see realistic values. A timing tool, not a test: parity lives in
@@ -105,12 +107,24 @@ static void profile(int S, bool once) {
         int warps, smem;
     };
     using namespace palign::attention;
+    const bool sm90 = prop.major == 9 && prop.minor == 0;
     const Bwd bwds[] = {
         {"w8q64s2", attention_bwd_bf16_d128, 8, bwd_smem_bytes<128, 8, 64, 2>()},
         {"w8q64s2a", attention_bwd_w8q64s2a_bf16_d128, 8, bwd_smem_bytes<128, 8, 64, 2>()},
         {"w4q64s2a", attention_bwd_w4q64s2a_bf16_d128, 4, bwd_smem_bytes<128, 4, 64, 2>()},
         {"w8q64s2g", attention_bwd_w8q64s2g_bf16_d128, 8, bwdg_smem_bytes<128, 8, 64, 2>()},
         {"w4q64s2g", attention_bwd_w4q64s2g_bf16_d128, 4, bwdg_smem_bytes<128, 4, 64, 2>()},
+        {"wg2q64s2", attention_bwd_wg2q64s2_bf16_d128, 8, bwd_wgmma_smem_bytes<128, 2, 64, 2>()},
+    };
+    struct Fwd {
+        const char *name;
+        void (*k)(AttnFwdParams);
+        int rows, threads, smem;
+    };
+    const Fwd fwds[] = {
+        {"w4m2n64s2", attention_fwd_w4m2n64s2_bf16_d128, 128, 128, fwd_smem_bytes<128, 4, 2, 64, 2>()},
+        {"wg2n128s2", attention_fwd_wg2n128s2_bf16_d128, 128, 256, fwd_wgmma_smem_bytes<128, 2, 128, 2>()},
+        {"wg2n128s3", attention_fwd_wg2n128s3_bf16_d128, 128, 256, fwd_wgmma_smem_bytes<128, 2, 128, 3>()},
     };
     fwd();
     prep();
@@ -127,7 +141,18 @@ static void profile(int S, bool once) {
     printf("PROF bwd prep          %8.3f ms  %6.1f GB/s\n", t_prep,
            (2.0 * nq * 2 + nq * 4 + T * H * 4.0) / t_prep / 1e6);
     printf("PROF bwd dq convert    %8.3f ms  %6.1f GB/s\n", t_conv, (nq * 4.0 + nq * 2) / t_conv / 1e6);
+    for (const Fwd &f : fwds) {
+        if (f.name[1] == 'g' && !sm90) continue;
+        CK(cudaFuncSetAttribute(f.k, cudaFuncAttributeMaxDynamicSharedMemorySize, f.smem));
+        auto run = [&] { f.k<<<dim3(H * NS, (S + f.rows - 1) / f.rows), f.threads, f.smem>>>(fp); };
+        const float t = tm.ms(run, reps);
+        CK(cudaGetLastError());
+        printf("PROF fwd %-13s %8.3f ms  %6.1f TFLOP/s\n", f.name, t, fwd_flop / t / 1e9);
+    }
+    fwd(); // the default's O and lse again for the backward
+    CK(cudaDeviceSynchronize());
     for (const Bwd &b : bwds) {
+        if (b.name[1] == 'g' && !sm90) continue;
         CK(cudaFuncSetAttribute(b.k, cudaFuncAttributeMaxDynamicSharedMemorySize, b.smem));
         const int keys = 16 * b.warps;
         auto run = [&] { b.k<<<dim3(HKV * NS, (S + keys - 1) / keys), 32 * b.warps, b.smem>>>(bp); };
