@@ -431,6 +431,9 @@ template <int D, int WARPS, int MT, int BN, int STAGES> __device__ void fwd(cons
 // for PV(t) before the next barrier (stage (t+1) % 2 was read by PV(t-1)). STAGES = 3
 // leaves PV(t) in flight across the barrier and the next S wgmmas (its stage is next
 // written at tile t+2, after every warpgroup waited for it in tile t+1).
+// BN = 64 (wg2n64s2): half the tile, 126 registers and 97 KB, so two blocks share an SM
+// (__launch_bounds__(256, 2)); each block's softmax can then run under the other's wgmmas,
+// the overlap FA3 gets from ping-ponging its warpgroups, here from the scheduler.
 template <int D, int WGS, int BN, int STAGES>
 __host__ __device__ constexpr int fwd_wgmma_smem_bytes() {
     return (64 * WGS + 2 * STAGES * BN) * D * 2 + 1024;
@@ -464,7 +467,8 @@ template <int D, int WGS, int BN, int STAGES> __device__ void fwd_wgmma(const At
     constexpr int Q_BYTES = BM * D * 2;  // one Q tile
     constexpr int KV_BYTES = BN * D * 2; // one K (or V) tile
     constexpr int NS = BN / 2;           // S accumulators a thread (m64 x BN)
-    static_assert((D == 64 || D == 128) && BN == 128 && (STAGES == 2 || STAGES == 3), "fwd_wgmma tiles");
+    static_assert((D == 64 || D == 128) && (BN == 64 || BN == 128) && (STAGES == 2 || STAGES == 3),
+                  "fwd_wgmma tiles");
     require_smem(fwd_wgmma_smem_bytes<D, WGS, BN, STAGES>());
 
     const int H = p.n_heads, group = p.n_heads / p.n_kv_heads;
@@ -538,7 +542,10 @@ template <int D, int WGS, int BN, int STAGES> __device__ void fwd_wgmma(const At
             // k16 step ks: head-dim block ks / 4 (a whole tile further), 32 B into its rows
             const uint32_t off = (ks / 4) * (BM * 128) + (ks % 4) * 32;
             const uint32_t koff = (ks / 4) * (BN * 128) + (ks % 4) * 32;
-            wgmma_m64n128k16(s, desc_q + (off >> 4), desc_k + (koff >> 4), ks > 0);
+            if constexpr (BN == 128)
+                wgmma_m64n128k16(s, desc_q + (off >> 4), desc_k + (koff >> 4), ks > 0);
+            else
+                wgmma_m64n64k16<0, 0>(s, desc_q + (off >> 4), desc_k + (koff >> 4), ks > 0);
         }
         wg_commit();
         wg_wait<0>(); // S, and (STAGES = 3) the previous tile's PV into o
@@ -1686,6 +1693,14 @@ extern "C" __global__ void attention_fwd_wg2n128s3_bf16_d64(const AttnFwdParams 
 
 extern "C" __global__ void attention_fwd_wg2n128s3_bf16_d128(const AttnFwdParams p) {
     palign::attention::fwd_wgmma<128, 2, 128, 3>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd_wg2n64s2_bf16_d64(const AttnFwdParams p) {
+    palign::attention::fwd_wgmma<64, 2, 64, 2>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd_wg2n64s2_bf16_d128(const AttnFwdParams p) {
+    palign::attention::fwd_wgmma<128, 2, 64, 2>(p);
 }
 
 // delta[r, h] = Σ_d dO·O (f32); dq_accum[r, h, :] = 0. One warp per (row, head).

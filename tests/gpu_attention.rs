@@ -166,6 +166,11 @@ fn instantiations(src: &str, func: &str) -> Vec<(String, Vec<i64>)> {
         let Some(rest) = l.strip_prefix("extern \"C\" __global__ void ") else {
             continue;
         };
+        // `__launch_bounds__(..) name(` : the name follows the qualifier.
+        let rest = match rest.strip_prefix("__launch_bounds__(") {
+            Some(r) => r[r.find(") ").expect("__launch_bounds__(..) name") + 2..].trim_start(),
+            None => rest,
+        };
         let Some(body) = lines.get(i + 1).map(|b| b.trim()) else {
             continue;
         };

@@ -118,8 +118,9 @@ impl FwdVariant {
 /// rows per warp with 8 warps and double-buffering (half the K/V loads per query).
 /// `wg2n128s2` and `wg2n128s3` (sm_90a): FA3's move of the same math to warpgroup MMAs,
 /// 2 warpgroups x 64 rows, 128 keys a tile, K/V in 2 or 3 stages (3: a tile's P·V stays in
-/// flight across the next barrier).
-pub static FWD_VARIANTS: [FwdVariant; 6] = [
+/// flight across the next barrier); `wg2n64s2`: 64-key tiles, small enough (97 KB, 126
+/// registers) for two blocks an SM, whose softmax and wgmmas can then overlap.
+pub static FWD_VARIANTS: [FwdVariant; 7] = [
     FwdVariant {
         name: "w4m1n64s1",
         warps: 4,
@@ -196,6 +197,20 @@ pub static FWD_VARIANTS: [FwdVariant; 6] = [
         kernels: [
             "attention_fwd_wg2n128s3_bf16_d64",
             "attention_fwd_wg2n128s3_bf16_d128",
+        ],
+        sm86: false,
+        verified: false,
+        wgmma: true,
+    },
+    FwdVariant {
+        name: "wg2n64s2",
+        warps: 8,
+        mt: 1,
+        bn: 64,
+        stages: 2,
+        kernels: [
+            "attention_fwd_wg2n64s2_bf16_d64",
+            "attention_fwd_wg2n64s2_bf16_d128",
         ],
         sm86: false,
         verified: false,
