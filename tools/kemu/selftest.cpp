@@ -124,10 +124,29 @@ uint64_t wg_desc(uint32_t saddr) {
     return (uint64_t)((saddr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) |
            ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
 }
-void k_wgmma(Buf b) {
+// MN-major (both offsets 1024: the tiles here are one 64-wide atom across).
+uint64_t wg_desc_mn(uint32_t saddr) {
+    return (uint64_t)((saddr & 0x3FFFF) >> 4) | ((uint64_t)(1024 >> 4) << 16) |
+           ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
+}
+// The block's dynamic shared memory from its first 1024-byte boundary (`base`: its
+// shared-window address), where 128B-swizzle atoms must start.
+uint8_t *aligned_tiles(uint32_t &base) {
     const uint32_t raw = kemu::smem_addr(kemu::dyn_smem);
-    const uint32_t base = (raw + 1023u) & ~1023u;
-    uint8_t *t = kemu::dyn_smem + (base - raw);
+    base = (raw + 1023u) & ~1023u;
+    return kemu::dyn_smem + (base - raw);
+}
+// This thread's accumulators d (wgmma D fragment: warp q, lane (g, t): element 4j + i at
+// row 16q + g + 8(i/2), column 8j + 2t + i%2) into the row-major 64 x n result b.f.
+void store_d(Buf b, const float *d, int n) {
+    const int q = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, tt = threadIdx.x % 4;
+    for (int j = 0; j < n / 8; j++)
+        for (int i = 0; i < 4; i++)
+            b.f[(16 * q + g + 8 * (i / 2)) * n + 8 * j + 2 * tt + i % 2] = d[4 * j + i];
+}
+void k_wgmma(Buf b) {
+    uint32_t base;
+    uint8_t *t = aligned_tiles(base);
     for (int i = threadIdx.x; i < 192 * 64; i += blockDim.x) {
         const int r = i / 64, k = i % 64; // rows 0..63: A, 64..191: B
         const int rr = r < 64 ? r : r - 64;
@@ -145,19 +164,31 @@ void k_wgmma(Buf b) {
     kemu::wgmma_commit();
     if (b.n == 1 && threadIdx.x == 3) t[0] ^= 0x40; // the bug: an operand changes in flight
     kemu::wgmma_wait(0);
+    store_d(b, d, 128);
+}
+
+// This thread's register-A fragment of WA (mma.sync's A layout: reg 0 (row g, k 2t, 2t+1),
+// reg 1 row g + 8, regs 2/3 the same rows at k + 8, rows 16q.. for warp q of the warpgroup).
+void wa_fragment(uint32_t a[4]) {
     const int q = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, tt = threadIdx.x % 4;
-    for (int j = 0; j < 16; j++)
-        for (int i = 0; i < 4; i++)
-            b.f[(16 * q + g + 8 * (i / 2)) * 128 + 8 * j + 2 * tt + i % 2] = d[4 * j + i];
+    auto pair = [](int r, int k) {
+        const __nv_bfloat16 lo = __float2bfloat16_rn(WA(r, k)), hi = __float2bfloat16_rn(WA(r, k + 1));
+        uint16_t l, h;
+        std::memcpy(&l, &lo, 2);
+        std::memcpy(&h, &hi, 2);
+        return uint32_t(l) | uint32_t(h) << 16;
+    };
+    const int r = 16 * q + g;
+    a[0] = pair(r, 2 * tt), a[1] = pair(r + 8, 2 * tt);
+    a[2] = pair(r, 2 * tt + 8), a[3] = pair(r + 8, 2 * tt + 8);
 }
 
 // The register-A form, m64n256k16: A's fragment from each lane's registers (mma.sync's A
 // layout: reg 0 (row g, k 2t, 2t+1), reg 1 row g + 8, regs 2/3 the same rows at k + 8,
 // rows 16q.. for warp q), B [256][16] in shared memory as above.
 void k_wgmma_rs(Buf b) {
-    const uint32_t raw = kemu::smem_addr(kemu::dyn_smem);
-    const uint32_t base = (raw + 1023u) & ~1023u;
-    uint8_t *t = kemu::dyn_smem + (base - raw);
+    uint32_t base;
+    uint8_t *t = aligned_tiles(base);
     for (int i = threadIdx.x; i < 256 * 64; i += blockDim.x) {
         const int n = i / 64, k = i % 64;
         const __nv_bfloat16 h = __float2bfloat16_rn(k >= 16 ? 99.0f : WB(n, k));
@@ -165,67 +196,44 @@ void k_wgmma_rs(Buf b) {
     }
     __syncthreads();
     const int q = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, tt = threadIdx.x % 4;
-    auto pair = [&](int r, int k) {
-        const __nv_bfloat16 lo = __float2bfloat16_rn(WA(r, k)), hi = __float2bfloat16_rn(WA(r, k + 1));
-        uint16_t l, h;
-        std::memcpy(&l, &lo, 2);
-        std::memcpy(&h, &hi, 2);
-        return uint32_t(l) | uint32_t(h) << 16;
-    };
-    const int r = 16 * q + g;
-    uint32_t a[4] = {pair(r, 2 * tt), pair(r + 8, 2 * tt), pair(r, 2 * tt + 8), pair(r + 8, 2 * tt + 8)};
+    uint32_t a[4];
+    wa_fragment(a);
     float d[128];
     for (int i = 0; i < 128; i++) d[i] = 1.0f;
     kemu::wgmma_m64n256k16_rs(d, a, wg_desc(base));
     kemu::wgmma_commit();
     a[0] = a[1] = a[2] = a[3] = 0; // registers are read at issue
     kemu::wgmma_wait(0);
-    for (int j = 0; j < 32; j++)
-        for (int i = 0; i < 4; i++)
-            b.f[(16 * q + g + 8 * (i / 2)) * 256 + 8 * j + 2 * tt + i % 2] = d[4 * j + i];
+    store_d(b, d, 256);
 }
 
 // The MN-major (transposed) B form, m64n64k16 with A from registers: B[k][n] stored with
 // k as the 128-byte row (64 n a row), rows 8 apart in 1024-byte atoms, 16-byte chunk c
 // of row k at chunk c ^ (k % 8) (PTX ISA canonical MN-major 128B-swizzle layout).
 void k_wgmma_rs_t(Buf b) {
-    const uint32_t raw = kemu::smem_addr(kemu::dyn_smem);
-    const uint32_t base = (raw + 1023u) & ~1023u;
-    uint8_t *t = kemu::dyn_smem + (base - raw);
+    uint32_t base;
+    uint8_t *t = aligned_tiles(base);
     for (int i = threadIdx.x; i < 16 * 64; i += blockDim.x) {
         const int k = i / 64, n = i % 64;
         const __nv_bfloat16 h = __float2bfloat16_rn(WB(n, k));
         std::memcpy(t + (k / 8) * 1024 + (k % 8) * 128 + (((n / 8) ^ (k % 8)) << 4) + 2 * (n % 8), &h, 2);
     }
     __syncthreads();
-    const int q = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, tt = threadIdx.x % 4;
-    auto pair = [&](int r, int k) {
-        const __nv_bfloat16 lo = __float2bfloat16_rn(WA(r, k)), hi = __float2bfloat16_rn(WA(r, k + 1));
-        uint16_t l, h;
-        std::memcpy(&l, &lo, 2);
-        std::memcpy(&h, &hi, 2);
-        return uint32_t(l) | uint32_t(h) << 16;
-    };
-    const int r = 16 * q + g;
-    const uint32_t a[4] = {pair(r, 2 * tt), pair(r + 8, 2 * tt), pair(r, 2 * tt + 8), pair(r + 8, 2 * tt + 8)};
-    const uint64_t desc = (uint64_t)((base & 0x3FFFF) >> 4) | ((uint64_t)(1024 >> 4) << 16) |
-                          ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
+    uint32_t a[4];
+    wa_fragment(a);
     float d[32];
     for (int i = 0; i < 32; i++) d[i] = 1.0f;
-    kemu::wgmma_m64n64k16_rs_t(d, a, desc);
+    kemu::wgmma_m64n64k16_rs_t(d, a, wg_desc_mn(base));
     kemu::wgmma_commit();
     kemu::wgmma_wait(0);
-    for (int j = 0; j < 8; j++)
-        for (int i = 0; i < 4; i++)
-            b.f[(16 * q + g + 8 * (i / 2)) * 64 + 8 * j + 2 * tt + i % 2] = d[4 * j + i];
+    store_d(b, d, 64);
 }
 
 // Both operands MN-major from shared memory (m64n64k16, transpose flags 1, 1): A[m][k]
 // and B[k][n] stored with k as the 128-byte row, as k_wgmma_rs_t stores B.
 void k_wgmma_ss_t(Buf b) {
-    const uint32_t raw = kemu::smem_addr(kemu::dyn_smem);
-    const uint32_t base = (raw + 1023u) & ~1023u;
-    uint8_t *t = kemu::dyn_smem + (base - raw);
+    uint32_t base;
+    uint8_t *t = aligned_tiles(base);
     for (int i = threadIdx.x; i < 2 * 16 * 64; i += blockDim.x) {
         const int which = i / 1024, k = (i % 1024) / 64, x = i % 64; // x: m (A) or n (B)
         const __nv_bfloat16 h = __float2bfloat16_rn(which == 0 ? WA(x, k) : WB(x, k));
@@ -234,19 +242,12 @@ void k_wgmma_ss_t(Buf b) {
                     &h, 2);
     }
     __syncthreads();
-    auto desc = [](uint32_t a) {
-        return (uint64_t)((a & 0x3FFFF) >> 4) | ((uint64_t)(1024 >> 4) << 16) |
-               ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
-    };
     float d[32];
     for (int i = 0; i < 32; i++) d[i] = 1.0f;
-    kemu::wgmma_m64n64k16(d, desc(base), desc(base + 2048), true, true, true);
+    kemu::wgmma_m64n64k16(d, wg_desc_mn(base), wg_desc_mn(base + 2048), true, true, true);
     kemu::wgmma_commit();
     kemu::wgmma_wait(0);
-    const int q = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, tt = threadIdx.x % 4;
-    for (int j = 0; j < 8; j++)
-        for (int i = 0; i < 4; i++)
-            b.f[(16 * q + g + 8 * (i / 2)) * 64 + 8 * j + 2 * tt + i % 2] = d[4 * j + i];
+    store_d(b, d, 64);
 }
 
 // A race (no barrier between a write and a read by another thread): what the reader
@@ -475,59 +476,35 @@ int main(int argc, char **argv) {
                __byte_perm(0x33221100u, 0x77665544u, 0x0073u) == 0x00007733u,
            "__byte_perm: byte n from selector nibble n over {x, y}");
 
+    // D (64 x n, row-major) == d0 + A·Bᵀ over k < 16, exactly (small integers).
+    auto wg_result_is = [](const std::vector<float> &got, int n, float d0) {
+        bool same = true;
+        for (int r = 0; r < 64; r++)
+            for (int c = 0; c < n; c++) {
+                float want = d0;
+                for (int k = 0; k < 16; k++) want += WA(r, k) * WB(c, k);
+                same &= got[r * n + c] == want;
+            }
+        return same;
+    };
     std::vector<float> big(64 * 128, 0);
     Buf wb{big.data(), nullptr, 0};
     expect(run(k_wgmma, wb, {1, 1, 1}, {128, 1, 1}, 32768).empty(), "wgmma runs");
-    ok = true;
-    for (int r = 0; r < 64; r++)
-        for (int n = 0; n < 128; n++) {
-            float want = 1;
-            for (int k = 0; k < 16; k++) want += WA(r, k) * WB(n, k);
-            ok &= big[r * 128 + n] == want;
-        }
-    expect(ok, "wgmma m64n128k16: D += A·Bᵀ from swizzled K-major tiles, the D fragment layout");
+    expect(wg_result_is(big, 128, 1.0f), "wgmma m64n128k16: D += A·Bᵀ from swizzled K-major tiles, the D fragment layout");
     std::vector<float> big_rs(64 * 256, 0);
     Buf rb{big_rs.data(), nullptr, 0};
     expect(run(k_wgmma_rs, rb, {1, 1, 1}, {128, 1, 1}, 33792).empty(), "wgmma (register A) runs");
-    ok = true;
-    for (int r = 0; r < 64; r++)
-        for (int n = 0; n < 256; n++) {
-            float want = 1;
-            for (int k = 0; k < 16; k++) want += WA(r, k) * WB(n, k);
-            ok &= big_rs[r * 256 + n] == want;
-        }
-    expect(ok, "wgmma m64n256k16 with A from registers: D += A·Bᵀ, the A and D fragment layouts");
+    expect(wg_result_is(big_rs, 256, 1.0f), "wgmma m64n256k16 with A from registers: D += A·Bᵀ, the A and D fragment layouts");
     std::vector<float> big_t(64 * 64, 0);
     Buf tb{big_t.data(), nullptr, 0};
     expect(run(k_wgmma_rs_t, tb, {1, 1, 1}, {128, 1, 1}, 3072).empty(), "wgmma (MN-major B) runs");
-    ok = true;
-    for (int r = 0; r < 64; r++)
-        for (int n = 0; n < 64; n++) {
-            float want = 1;
-            for (int k = 0; k < 16; k++) want += WA(r, k) * WB(n, k);
-            ok &= big_t[r * 64 + n] == want;
-        }
-    expect(ok, "wgmma m64n64k16, register A, MN-major B: D += A·B from B[k][n] rows");
+    expect(wg_result_is(big_t, 64, 1.0f), "wgmma m64n64k16, register A, MN-major B: D += A·B from B[k][n] rows");
     std::fill(big_t.begin(), big_t.end(), 0.0f);
     expect(run(k_wgmma_ss_t, tb, {1, 1, 1}, {128, 1, 1}, 5120).empty(), "wgmma (MN-major A and B) runs");
-    ok = true;
-    for (int r = 0; r < 64; r++)
-        for (int n = 0; n < 64; n++) {
-            float want = 1;
-            for (int k = 0; k < 16; k++) want += WA(r, k) * WB(n, k);
-            ok &= big_t[r * 64 + n] == want;
-        }
-    expect(ok, "wgmma m64n64k16, both MN-major: D += A·B from A[k][m] and B[k][n] rows");
+    expect(wg_result_is(big_t, 64, 1.0f), "wgmma m64n64k16, both MN-major: D += A·B from A[k][m] and B[k][n] rows");
     wb.n = 3;
     expect(run(k_wgmma, wb, {1, 1, 1}, {128, 1, 1}, 32768).empty(), "wgmma (scale-d 0) runs");
-    ok = true;
-    for (int r = 0; r < 64; r++)
-        for (int n = 0; n < 128; n++) {
-            float want = 0;
-            for (int k = 0; k < 16; k++) want += WA(r, k) * WB(n, k);
-            ok &= big[r * 128 + n] == want;
-        }
-    expect(ok, "wgmma with scale-d 0: D = A·Bᵀ, the old D ignored");
+    expect(wg_result_is(big, 128, 0.0f), "wgmma with scale-d 0: D = A·Bᵀ, the old D ignored");
 
     wb.n = 1;
     const std::string we = run(k_wgmma, wb, {1, 1, 1}, {128, 1, 1}, 32768);
