@@ -93,7 +93,7 @@ if [ $default = 1 ]; then
     KEMU_SM=90 cargo test --release --test gpu_nf4 -- --ignored --test-threads=1 wgmma ||
         failed $?
     KEMU_SM=90 cargo test --release --test gpu_attention -- --ignored --test-threads=1 \
-        variants_match_cpu || failed $?
+        wgmma_variants_match_cpu || failed $?
 fi
 [ $race = 0 ] || exit $rc
 
