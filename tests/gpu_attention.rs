@@ -28,8 +28,8 @@ use common::{assert_kernels_registered, gpu, max_abs, rand_bf16, rng, to_f32};
 use half::bf16;
 use palign::backend::cpu::ops::{self as cpu, AttnShape, Packing};
 use palign::backend::cuda::attention::{
-    self as attn, AttnGradInputs, AttnGrads, BwdVariant, DecodeBatch, DecodeSpec, FwdVariant,
-    KvCacheView, SeqLayout, SeqSpec, BWD_VARIANTS, FWD_VARIANTS,
+    self as attn, AttnGradInputs, AttnGrads, BwdConfig, BwdVariant, DecodeBatch, DecodeSpec,
+    FwdVariant, KvCacheView, SeqLayout, SeqSpec, BWD_VARIANTS, FWD_VARIANTS,
 };
 use palign::backend::cuda::attn_tune::{AttnTuner, TuneMode};
 use palign::backend::cuda::tune::TuneCache;
@@ -744,17 +744,36 @@ fn forward_backward_right_padded_batch() {
     run_kernel_case(5);
 }
 
+/// Every parity case through forward variant `v` alone.
+fn fwd_variant_cases(g: &Gpu, v: &'static FwdVariant) {
+    for mut c in kernel_cases() {
+        c.name = format!("{} fwd={}", c.name, v.name);
+        c.fwd = Some(v);
+        c.fwd_only = true;
+        run_case(g, &c);
+    }
+}
+
+/// Every parity case (with a kernel for its head dim) through backward variant `v`, after
+/// the default forward.
+fn bwd_variant_cases(g: &Gpu, v: &'static BwdConfig) {
+    for mut c in kernel_cases() {
+        if v.kernel(c.shape.head_dim).is_none() {
+            continue;
+        }
+        c.name = format!("{} bwd={}", c.name, v.name);
+        c.fwd = Some(&FWD_VARIANTS[0]); // the forward is not under test here
+        c.variant = BwdVariant::Named(v);
+        run_case(g, &c);
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn forward_variants_match_cpu() {
     let g = gpu();
     for v in FWD_VARIANTS.iter().filter(|v| !v.wgmma) {
-        for mut c in kernel_cases() {
-            c.name = format!("{} fwd={}", c.name, v.name);
-            c.fwd = Some(v);
-            c.fwd_only = true;
-            run_case(&g, &c);
-        }
+        fwd_variant_cases(&g, v);
     }
 }
 
@@ -763,15 +782,7 @@ fn forward_variants_match_cpu() {
 fn backward_variants_match_cpu() {
     let g = gpu();
     for v in BWD_VARIANTS.iter().filter(|v| !v.wgmma) {
-        for mut c in kernel_cases() {
-            if v.kernel(c.shape.head_dim).is_none() {
-                continue;
-            }
-            c.name = format!("{} bwd={}", c.name, v.name);
-            c.fwd = Some(&FWD_VARIANTS[0]); // the forward is not under test here
-            c.variant = BwdVariant::Named(v);
-            run_case(&g, &c);
-        }
+        bwd_variant_cases(&g, v);
     }
 }
 
@@ -807,12 +818,7 @@ fn wgmma_variants_match_cpu() {
             println!("SKIPPED fwd={}: not runnable on {} ({e})", v.name, g.name());
             continue;
         }
-        for mut c in kernel_cases() {
-            c.name = format!("{} fwd={}", c.name, v.name);
-            c.fwd = Some(v);
-            c.fwd_only = true;
-            run_case(&g, &c);
-        }
+        fwd_variant_cases(&g, v);
     }
     for v in BWD_VARIANTS.iter().filter(|v| v.wgmma) {
         if !v.runs_on(&g) {
@@ -850,15 +856,7 @@ fn wgmma_variants_match_cpu() {
             println!("SKIPPED bwd={}: not runnable on {} ({e})", v.name, g.name());
             continue;
         }
-        for mut c in kernel_cases() {
-            if v.kernel(c.shape.head_dim).is_none() {
-                continue;
-            }
-            c.name = format!("{} bwd={}", c.name, v.name);
-            c.fwd = Some(&FWD_VARIANTS[0]); // the forward is not under test here
-            c.variant = BwdVariant::Named(v);
-            run_case(&g, &c);
-        }
+        bwd_variant_cases(&g, v);
     }
 }
 
