@@ -11,6 +11,10 @@
 //! - no nvcc: a cargo warning, an empty fatbin and `KERNELS_COMPILED = false` (CPU-only
 //!   build). `PALIGN_REQUIRE_KERNELS=1` (CI) turns that, and any compile error, into a
 //!   build failure.
+//! - ptxas runs verbose, for its performance advisories (C75xx "Potential Performance
+//!   Loss", e.g. wgmma serialized by the compiler): each is a cargo warning, and under
+//!   `PALIGN_REQUIRE_KERNELS=1` a build failure, since nothing else would show that a
+//!   kernel lost its asynchrony. The rest of the verbose report is dropped.
 //! - one module: the .cu files are compiled as one translation unit (a generated file
 //!   that #includes them all), since `cuModuleLoadData` takes one image per arch and
 //!   separate non-relocatable cubins cannot be linked. nvcc `--threads` compiles the
@@ -80,7 +84,13 @@ fn main() {
         compile(&nvcc, &kernel_dir, &sources, &sass, &ptx, &out_dir).map(|secs| (nvcc, secs))
     });
     match result {
-        Ok((nvcc, secs)) => {
+        Ok((nvcc, (secs, advisories))) => {
+            if require && !advisories.is_empty() {
+                fail(&format!(
+                    "ptxas performance advisories (PALIGN_REQUIRE_KERNELS=1 makes them errors):\n{}",
+                    advisories.join("\n")
+                ));
+            }
             let targets: Vec<String> = sass
                 .iter()
                 .map(|a| format!("sm_{a}"))
@@ -255,7 +265,7 @@ fn compile(
     sass: &[String],
     ptx: &[String],
     out_dir: &Path,
-) -> Result<f64, String> {
+) -> Result<(f64, Vec<String>), String> {
     if sources.is_empty() {
         return Err(format!("no .cu files in {}", kernel_dir.display()));
     }
@@ -277,6 +287,7 @@ fn compile(
     cmd.arg("-fatbin")
         .args(["--threads", &jobs.to_string()])
         .args(["-O3", "-lineinfo", "-std=c++17", "--expt-relaxed-constexpr"])
+        .args(["-Xptxas", "-v"])
         // Uncompressed, so the kernel names stay visible to the embedding test.
         .arg("--no-compress")
         .arg("-I")
@@ -301,12 +312,19 @@ fn compile(
             out.status, cmd
         ));
     }
-    // Surface ptxas warnings (spills, etc.) to the kernel author.
+    // Surface warnings and ptxas's performance advisories; drop its verbose report
+    // (registers, stack, compile times: `ptxas info` lines and their indented details).
+    let mut advisories = Vec::new();
     for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        if line.contains("Potential Performance Loss") {
+            advisories.push(line.to_string());
+        } else if line.starts_with("ptxas info") || line.starts_with(' ') {
+            continue;
+        }
         println!("cargo:warning=nvcc: {line}");
     }
     match fs::metadata(&fatbin) {
-        Ok(m) if m.len() > 0 => Ok(secs),
+        Ok(m) if m.len() > 0 => Ok((secs, advisories)),
         _ => Err(format!("nvcc produced no {}", fatbin.display())),
     }
 }

@@ -407,7 +407,7 @@ template <int D, int WARPS, int MT, int BN, int STAGES> __device__ void fwd(cons
 
 // ------------------------------------------------------------------ forward, wgmma
 //
-// fwd_wgmma<D, WGS, BN, STAGES>: the forward above on warpgroup MMAs (wgmma.mma_async,
+// fwd_wgmma<D, WGS, BN, STAGES, OVL>: the forward above on warpgroup MMAs (wgmma.mma_async,
 // sm_90a only; other images trap and the launcher offers it only on compute capability
 // 9.0). Why: mma.sync reaches about two thirds of an H100/H200's tensor-core rate, and the
 // forward above (w4m2n64s2: 331 TFLOP/s at s = 4096, benches/RESULTS.md) is FA2's scheme;
@@ -434,6 +434,11 @@ template <int D, int WARPS, int MT, int BN, int STAGES> __device__ void fwd(cons
 // BN = 64 (wg2n64s2): half the tile, 126 registers and 97 KB, so two blocks share an SM
 // (__launch_bounds__(256, 2)); each block's softmax can then run under the other's wgmmas,
 // the overlap FA3 gets from ping-ponging its warpgroups, here from the scheduler.
+// OVL (wg2n128s3p): FA3's intra-warpgroup overlap. Tile t issues S(t) and then PV(t-1),
+// waits for S(t) alone (wait_group 1), and runs S(t)'s softmax while PV(t-1) is on the
+// tensor cores; then waits for it, rescales O and holds P(t) for tile t+1. Without it a
+// warpgroup's tensor work stops for each softmax. Costs P's 32 registers held across the
+// S wgmmas, and 3 stages (PV(t-1) reads V(t-1) after tile t+1's loads begin).
 template <int D, int WGS, int BN, int STAGES>
 __host__ __device__ constexpr int fwd_wgmma_smem_bytes() {
     return (64 * WGS + 2 * STAGES * BN) * D * 2 + 1024;
@@ -461,7 +466,101 @@ __device__ __forceinline__ void load_tile_wg(uint8_t *tile, const __nv_bfloat16 
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(PALIGN_KEMU)
-template <int D, int WGS, int BN, int STAGES> __device__ void fwd_wgmma(const AttnFwdParams &p) {
+// S = Q_w·Kᵀ: D/16 wgmmas over the head dim (the first with scale-d 0), one commit group.
+template <int D, int BM, int BN>
+__device__ __forceinline__ void fwd_wg_qk(float (&s)[BN / 2], uint64_t desc_q, uint64_t desc_k) {
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ks++) {
+        // k16 step ks: head-dim block ks / 4 (a whole tile further), 32 B into its rows
+        const uint32_t off = (ks / 4) * (BM * 128) + (ks % 4) * 32;
+        const uint32_t koff = (ks / 4) * (BN * 128) + (ks % 4) * 32;
+        if constexpr (BN == 128)
+            wgmma_m64n128k16(s, desc_q + (off >> 4), desc_k + (koff >> 4), ks > 0);
+        else
+            wgmma_m64n64k16<0, 0>(s, desc_q + (off >> 4), desc_k + (koff >> 4), ks > 0);
+    }
+    wg_commit();
+}
+
+// O += P·V: BN/16 x D/64 wgmmas, P from registers, V MN-major as stored; one commit group.
+template <int D, int BN>
+__device__ __forceinline__ void fwd_wg_pv(float (&o)[D / 64][32], const uint32_t (&pf)[BN / 16][4],
+                                          uint64_t desc_v) {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; kk++)
+#pragma unroll
+        for (int dh = 0; dh < D / 64; dh++) // keys 16kk..: 16 rows of 128 B further
+            wgmma_m64n64k16_rs_t(o[dh], pf[kk], desc_v + ((dh * BN * 128 + kk * 2048) >> 4));
+    wg_commit();
+}
+
+// Waits for every wgmma of the warpgroup, O's included. OVL calls it on both sides of the
+// branch on `moved`: in the softmax's basic block, ptxas schedules the wait to the top of
+// the block, ahead of the softmax it is there to overlap (seen in the sm_90a SASS).
+template <int DH> __device__ __forceinline__ void fwd_wg_wait_o(float (&o)[DH][32]) {
+    wg_wait<0>();
+#pragma unroll
+    for (int dh = 0; dh < DH; dh++) wg_pin(o[dh]);
+}
+
+// P (f32, the S accumulator layout) as the A fragments of O += P·V: keys 16kk.. in pf[kk].
+template <int BN>
+__device__ __forceinline__ void fwd_wg_pack(uint32_t (&pf)[BN / 16][4], const float (&s)[BN / 2]) {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; kk++) {
+        pf[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
+        pf[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
+        pf[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
+        pf[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+}
+
+// The masked online softmax of keys k0..k1 on S's registers (fwd's math, base 2) for rows
+// row_a (r = 0) and row_a + 8 (r = 1), elements 4j + 2r + {0, 1}: s becomes P, the running
+// max and sum move on, alpha[r] is what row r of O is to be rescaled by. Returns whether
+// any row of the warp moved its max (warp-uniform).
+template <int BN>
+__device__ __forceinline__ bool fwd_wg_softmax(float (&s)[BN / 2], float (&m_run)[2], float (&l_run)[2],
+                                               float (&alpha)[2], int row_a, int t4, int k0, int wq0,
+                                               int wq1, int W, float sl2) {
+    const int k1 = k0 + BN - 1;
+    if (k1 > wq0 || (W > 0 && wq1 - k0 >= W)) {
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int key = k0 + 8 * j + 2 * t4 + (i & 1);
+                if (!visible(row_a + 8 * (i / 2), key, W)) s[4 * j + i] = -INFINITY;
+            }
+    }
+    bool moved = false;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run[r], mx * sl2);
+        const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+        alpha[r] = m_new == m_run[r] ? 1.0f : fast_exp2(m_run[r] - m_use);
+        moved |= m_new != m_run[r];
+        m_run[r] = m_new;
+        float sum = 0.0f;
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++) {
+            const float p0 = fast_exp2(fmaf(s[4 * j + 2 * r], sl2, -m_use));
+            const float p1 = fast_exp2(fmaf(s[4 * j + 2 * r + 1], sl2, -m_use));
+            s[4 * j + 2 * r] = p0;
+            s[4 * j + 2 * r + 1] = p1;
+            sum += p0 + p1;
+        }
+        l_run[r] = l_run[r] * alpha[r] + sum;
+    }
+    return __any_sync(0xffffffffu, moved);
+}
+
+template <int D, int WGS, int BN, int STAGES, bool OVL> __device__ void fwd_wgmma(const AttnFwdParams &p) {
     constexpr int BM = 64 * WGS, NT = 128 * WGS;
     constexpr int DH = D / 64;           // 64-wide blocks of the head dim
     constexpr int Q_BYTES = BM * D * 2;  // one Q tile
@@ -469,6 +568,11 @@ template <int D, int WGS, int BN, int STAGES> __device__ void fwd_wgmma(const At
     constexpr int NS = BN / 2;           // S accumulators a thread (m64 x BN)
     static_assert((D == 64 || D == 128) && (BN == 64 || BN == 128) && (STAGES == 2 || STAGES == 3),
                   "fwd_wgmma tiles");
+    // OVL issues PV(t-1) in tile t, after tile t+1's loads began: 3 stages keep V(t-1).
+    // With BN = BM a warpgroup's active tiles are the block's last ones (its visible keys
+    // are one range, which ends in the block's last tile), so no PV is held across an
+    // inactive tile.
+    static_assert(!OVL || (STAGES == 3 && BN == BM), "the overlapped forward's tiles");
     require_smem(fwd_wgmma_smem_bytes<D, WGS, BN, STAGES>());
 
     const int H = p.n_heads, group = p.n_heads / p.n_kv_heads;
@@ -513,9 +617,17 @@ template <int D, int WGS, int BN, int STAGES> __device__ void fwd_wgmma(const At
     const int row_a = wq0 + 16 * q + g;
     // This warpgroup's Q rows (k16 step 0 of head-dim block 0).
     const uint64_t desc_q = wg_desc(base + wg * 64 * 128);
+    // S, then P in place (f32). OVL: P(t-1) stays here into tile t, packed for PV(t-1)
+    // only after tile t's barrier: packed earlier, into the registers PV(t-2) still reads,
+    // ptxas pulls the PV wait up ahead of the softmax and the overlap is gone. Zeros until
+    // the first active tile, whose PV of them (on its own V) adds nothing, so PV is issued
+    // on every active tile with no branch around it (a wgmma under a branch the compiler
+    // cannot prove uniform is serialized by ptxas, C7520).
+    float s[NS] = {};
+    int pv_stage = -1; // OVL: the stage of the tile whose PV is still to issue
 
     for (int t = t_lo; t < t_hi; t++) {
-        const int k0 = t * BN, k1 = k0 + BN - 1;
+        const int k0 = t * BN;
         const int stage = (t - t_lo) % STAGES;
         cp_async_wait<0>();       // K/V(t) landed (this thread's part) ...
         fence_proxy_async_smem(); // ... visible to the wgmmas' async proxy ...
@@ -526,97 +638,65 @@ template <int D, int WGS, int BN, int STAGES> __device__ void fwd_wgmma(const At
             load_tile_wg<BN, D, NT>(smem + v_off(next), Vg, kvs, (t + 1) * BN, len);
             cp_async_commit();
         }
-        const bool active = wq0 < len && k0 <= wq1 && (W == 0 || wq0 - k1 < W);
+        const bool active = wq0 < len && k0 <= wq1 && (W == 0 || wq0 - (k0 + BN - 1) < W);
         if (!active) { // uniform over the warpgroup
-            // STAGES = 3: PV(t-1) must not stay in flight into tile t+1, which reloads its
-            // stage (with BM = BN no warpgroup idles after an active tile; kept for safety).
-            if constexpr (STAGES == 3) wg_wait<0>();
+            // STAGES = 3 (!OVL): PV(t-1) must not stay in flight into tile t+1, which
+            // reloads its stage (with BM = BN no warpgroup idles after an active tile).
+            if constexpr (STAGES == 3 && !OVL) {
+                wg_wait<0>();
+#pragma unroll
+                for (int dh = 0; dh < DH; dh++) wg_pin(o[dh]);
+            }
             continue;
         }
 
-        float s[NS];
-        const uint64_t desc_k = wg_desc(base + k_off(stage));
+        // S(t), then (OVL) the previous tile's PV behind it: S(t)'s softmax below runs
+        // while that PV is on the tensor cores (FA3's intra-warpgroup overlap).
+        uint32_t pf[BN / 16][4]; // P for keys 16kk.., the A fragment of O += P·V
+        if constexpr (OVL) fwd_wg_pack<BN>(pf, s);
         wg_fence();
+        fwd_wg_qk<D, BM, BN>(s, desc_q, wg_desc(base + k_off(stage)));
+        if constexpr (OVL) {
+            fwd_wg_pv<D, BN>(o, pf, wg_desc_mn(base + v_off(pv_stage < 0 ? stage : pv_stage)));
+            wg_wait<1>(); // S(t) only: the PV, committed after it, may still run
+        } else {
+            wg_wait<0>(); // S, and (STAGES = 3) the previous tile's PV into o
 #pragma unroll
-        for (int ks = 0; ks < D / 16; ks++) {
-            // k16 step ks: head-dim block ks / 4 (a whole tile further), 32 B into its rows
-            const uint32_t off = (ks / 4) * (BM * 128) + (ks % 4) * 32;
-            const uint32_t koff = (ks / 4) * (BN * 128) + (ks % 4) * 32;
-            if constexpr (BN == 128)
-                wgmma_m64n128k16(s, desc_q + (off >> 4), desc_k + (koff >> 4), ks > 0);
-            else
-                wgmma_m64n64k16<0, 0>(s, desc_q + (off >> 4), desc_k + (koff >> 4), ks > 0);
+            for (int dh = 0; dh < DH; dh++) wg_pin(o[dh]);
         }
-        wg_commit();
-        wg_wait<0>(); // S, and (STAGES = 3) the previous tile's PV into o
         wg_pin(s);
-#pragma unroll
-        for (int dh = 0; dh < DH; dh++) wg_pin(o[dh]);
 
-        if (k1 > wq0 || (W > 0 && wq1 - k0 >= W)) {
-#pragma unroll
-            for (int j = 0; j < BN / 8; j++)
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const int key = k0 + 8 * j + 2 * t4 + (i & 1);
-                    if (!visible(row_a + 8 * (i / 2), key, W)) s[4 * j + i] = -INFINITY;
-                }
-        }
-        // Online softmax, row r (0: row_a, 1: row_a + 8) in elements 4j + 2r + {0, 1}.
         float alpha[2];
-        bool moved = false;
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            float mx = -INFINITY;
-#pragma unroll
-            for (int j = 0; j < BN / 8; j++) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m_run[r], mx * sl2);
-            const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-            alpha[r] = m_new == m_run[r] ? 1.0f : fast_exp2(m_run[r] - m_use);
-            moved |= m_new != m_run[r];
-            m_run[r] = m_new;
-            float sum = 0.0f;
-#pragma unroll
-            for (int j = 0; j < BN / 8; j++) {
-                const float p0 = fast_exp2(fmaf(s[4 * j + 2 * r], sl2, -m_use));
-                const float p1 = fast_exp2(fmaf(s[4 * j + 2 * r + 1], sl2, -m_use));
-                s[4 * j + 2 * r] = p0;
-                s[4 * j + 2 * r + 1] = p1;
-                sum += p0 + p1;
-            }
-            l_run[r] = l_run[r] * alpha[r] + sum;
-        }
-        if (__any_sync(0xffffffffu, moved)) {
+        const bool moved = fwd_wg_softmax<BN>(s, m_run, l_run, alpha, row_a, t4, k0, wq0, wq1, W, sl2);
+        if (moved) {
+            if constexpr (OVL) fwd_wg_wait_o(o); // o must hold PV(t-1) before it is rescaled
 #pragma unroll
             for (int dh = 0; dh < DH; dh++)
 #pragma unroll
                 for (int j = 0; j < 8; j++)
 #pragma unroll
                     for (int i = 0; i < 4; i++) o[dh][4 * j + i] *= alpha[i / 2];
+        } else if constexpr (OVL) {
+            fwd_wg_wait_o(o);
         }
-        uint32_t pf[BN / 16][4]; // P for keys 16kk.., the A fragment of O += P·V
+        if constexpr (OVL) {
+            pv_stage = stage; // issued behind the next tile's S (or after the loop)
+        } else {
+            fwd_wg_pack<BN>(pf, s);
+            wg_fence();
+            fwd_wg_pv<D, BN>(o, pf, wg_desc_mn(base + v_off(stage)));
+            if constexpr (STAGES == 2) {
+                wg_wait<0>();
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; kk++) {
-            pf[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
-            pf[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
-            pf[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
-            pf[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
+                for (int dh = 0; dh < DH; dh++) wg_pin(o[dh]);
+            }
         }
-        const uint64_t desc_v = wg_desc_mn(base + v_off(stage));
+    }
+    if constexpr (OVL) { // the last tile's PV (zeros on stage 0 for a warpgroup past len)
+        uint32_t pf[BN / 16][4];
+        fwd_wg_pack<BN>(pf, s);
         wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; kk++)
-#pragma unroll
-            for (int dh = 0; dh < DH; dh++) // keys 16kk..: 16 rows of 128 B further
-                wgmma_m64n64k16_rs_t(o[dh], pf[kk], desc_v + ((dh * BN * 128 + kk * 2048) >> 4));
-        wg_commit();
-        if constexpr (STAGES == 2) {
-            wg_wait<0>();
-#pragma unroll
-            for (int dh = 0; dh < DH; dh++) wg_pin(o[dh]);
-        }
+        fwd_wg_pv<D, BN>(o, pf, wg_desc_mn(base + v_off(pv_stage < 0 ? 0 : pv_stage)));
     }
     wg_wait<0>();
 #pragma unroll
@@ -670,7 +750,7 @@ template <int D, int WGS, int BN, int STAGES> __device__ void fwd_wgmma(const At
     }
 }
 #else
-template <int D, int WGS, int BN, int STAGES> __device__ void fwd_wgmma(const AttnFwdParams &) { __trap(); }
+template <int D, int WGS, int BN, int STAGES, bool OVL> __device__ void fwd_wgmma(const AttnFwdParams &) { __trap(); }
 #endif // __CUDA_ARCH_FEAT_SM90_ALL || PALIGN_KEMU
 
 // ------------------------------------------------------------------------ backward
@@ -1678,29 +1758,38 @@ extern "C" __global__ void attention_fwd_w8m1n64s2_bf16_d128(const AttnFwdParams
     palign::attention::fwd<128, 8, 1, 64, 2>(p);
 }
 
-// wgmma forward variants fwd_wgmma<D, WGS, BN, STAGES> (sm_90a), named wg<WGS>n<BN>s<STAGES>.
+// wgmma forward variants fwd_wgmma<D, WGS, BN, STAGES, OVL> (sm_90a), named
+// wg<WGS>n<BN>s<STAGES>, with a "p" after them for OVL.
 extern "C" __global__ void attention_fwd_wg2n128s2_bf16_d64(const AttnFwdParams p) {
-    palign::attention::fwd_wgmma<64, 2, 128, 2>(p);
+    palign::attention::fwd_wgmma<64, 2, 128, 2, false>(p);
 }
 
 extern "C" __global__ void attention_fwd_wg2n128s2_bf16_d128(const AttnFwdParams p) {
-    palign::attention::fwd_wgmma<128, 2, 128, 2>(p);
+    palign::attention::fwd_wgmma<128, 2, 128, 2, false>(p);
 }
 
 extern "C" __global__ void attention_fwd_wg2n128s3_bf16_d64(const AttnFwdParams p) {
-    palign::attention::fwd_wgmma<64, 2, 128, 3>(p);
+    palign::attention::fwd_wgmma<64, 2, 128, 3, false>(p);
 }
 
 extern "C" __global__ void attention_fwd_wg2n128s3_bf16_d128(const AttnFwdParams p) {
-    palign::attention::fwd_wgmma<128, 2, 128, 3>(p);
+    palign::attention::fwd_wgmma<128, 2, 128, 3, false>(p);
+}
+
+extern "C" __global__ void attention_fwd_wg2n128s3p_bf16_d64(const AttnFwdParams p) {
+    palign::attention::fwd_wgmma<64, 2, 128, 3, true>(p);
+}
+
+extern "C" __global__ void attention_fwd_wg2n128s3p_bf16_d128(const AttnFwdParams p) {
+    palign::attention::fwd_wgmma<128, 2, 128, 3, true>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd_wg2n64s2_bf16_d64(const AttnFwdParams p) {
-    palign::attention::fwd_wgmma<64, 2, 64, 2>(p);
+    palign::attention::fwd_wgmma<64, 2, 64, 2, false>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd_wg2n64s2_bf16_d128(const AttnFwdParams p) {
-    palign::attention::fwd_wgmma<128, 2, 64, 2>(p);
+    palign::attention::fwd_wgmma<128, 2, 64, 2, false>(p);
 }
 
 // delta[r, h] = Σ_d dO·O (f32); dq_accum[r, h, :] = 0. One warp per (row, head).

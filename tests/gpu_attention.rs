@@ -327,12 +327,32 @@ fn variant_tables_match_the_kernels() {
     for v in &FWD_VARIANTS {
         assert_eq!(attn::fwd_variant(v.name).unwrap(), v);
         if v.wgmma {
-            assert_eq!(v.name, format!("wg{}n{}s{}", v.warps / 4, v.bn, v.stages));
+            let p = if v.overlap { "p" } else { "" };
+            assert!(
+                !v.overlap || v.stages == 3,
+                "{}: OVL needs 3 stages",
+                v.name
+            );
+            assert_eq!(
+                v.name,
+                format!("wg{}n{}s{}{p}", v.warps / 4, v.bn, v.stages)
+            );
             assert!(v.warps % 4 == 0 && v.mt == 1 && !v.sm86, "{}", v.name);
         }
+        assert!(
+            v.wgmma || !v.overlap,
+            "{}: only the wgmma forward overlaps",
+            v.name
+        );
         for d in [64, 128] {
             let want = if v.wgmma {
-                vec![d as i64, v.warps as i64 / 4, v.bn as i64, v.stages as i64]
+                vec![
+                    d as i64,
+                    v.warps as i64 / 4,
+                    v.bn as i64,
+                    v.stages as i64,
+                    v.overlap as i64,
+                ]
             } else {
                 vec![
                     d as i64,

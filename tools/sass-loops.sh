@@ -8,6 +8,12 @@
 #
 #   tools/sass-loops.sh kernels/nf4.cu                   # sm_90a, every kernel
 #   tools/sass-loops.sh kernels/attention.cu 80 bwd_w8   # sm_80, kernels matching a regex
+#   SASS_TIMELINE=1 tools/sass-loops.sh kernels/attention.cu 90a wg2n128s3p_bf16_d128
+#       also each kernel's wgmma pipeline in program order: runs of HGMMA, WARPGROUP
+#       waits (DEPBAR.LE gsb0, N), barriers and branches, with the instructions between
+#       them (MUFU, F2FP counted). ptxas schedules a wgmma.wait_group wherever it likes
+#       within a basic block: this shows whether the work meant to overlap a wgmma still
+#       sits between its issue and its wait.
 #
 # cuobjdump and nvdisasm come from PyPI (pinned below) into ~/.cache/palign/cuda-sass;
 # nvcc from tools/install-nvcc.sh.
@@ -45,7 +51,7 @@ trap 'rm -rf "$TMP"' EXIT
 PATH="$DIR/bin:$PATH" "$DIR/bin/cuobjdump" -sass "$TMP/k.cubin" >"$TMP/k.sass"
 
 python3 - "$TMP/k.sass" "$TMP/ptxas.txt" "$FILTER" <<'EOF'
-import collections, re, sys
+import collections, os, re, sys
 
 sass, ptxas, pattern = open(sys.argv[1]).read(), open(sys.argv[2]).read(), sys.argv[3]
 # ptxas: "Compiling entry function 'NAME'", then its spills and "Used N registers".
@@ -75,4 +81,29 @@ for func in re.split(r"\n\s*Function : ", sass)[1:]:
         kinds = ", ".join(f"{k} {sum(c[o] for o in ops)}" for k, ops in KINDS.items())
         top = ", ".join(f"{o} {n}" for o, n in c.most_common(6))
         print(f"  loop {int(m.group(1), 16):#07x}-{addr:#07x}: {len(body)} ({kinds}; {top})")
+    if os.environ.get("SASS_TIMELINE") != "1":
+        continue
+    run, gap = [], collections.Counter()
+    def flush():
+        if run:
+            print(f"    {run[0]:#07x} HGMMA x{len(run)}")
+            run.clear()
+        if gap:
+            n = sum(gap.values())
+            extra = "".join(f", {o} {gap[o]}" for o in ("MUFU", "F2FP", "LDS", "STS") if gap[o])
+            print(f"    {'':7}   {n} instructions{extra}")
+            gap.clear()
+    for addr, op, text in ins:
+        if op == "HGMMA":
+            if gap:
+                flush()
+            run.append(addr)
+        elif op in ("WARPGROUP", "BAR", "BRA", "BSYNC", "EXIT", "DEPBAR"):
+            flush()
+            print(f"    {addr:#07x} {' '.join(text.split())}")
+        else:
+            if run:
+                flush()
+            gap[op] += 1
+    flush()
 EOF

@@ -6,7 +6,8 @@
 // warp-collective operations (shuffles, ldmatrix, mma.sync, wgmma) are barriers or
 // deferred operations between the fibers, so code that is wrong on a GPU in the ways
 // that matter for results fails here too: reading cp.async or wgmma data before waiting
-// for it, a misaligned ldmatrix row or vector access, a warp operation with an exited
+// for it, writing a wgmma's accumulator (or its shared operands) while it is in flight
+// (reading one early is not caught: it keeps its old value here), a misaligned ldmatrix row or vector access, a warp operation with an exited
 // lane or lanes at different operations, a deadlock, a block over __launch_bounds__,
 // shared memory over the opt-in limit, an access past the end of an allocation, a race
 // that the thread order decides (KEMU_ORDER=reverse), and in the racecheck build

@@ -128,7 +128,8 @@ kemu_switch:
 // as read at issue. da == 0: A came from registers, gathered at issue into `a` (this
 // thread's rows g and g + 8 of its warp's 16); else A is in shared memory too. a_mn, b_mn:
 // that operand is MN-major (transpose flag 1). !accumulate (scale-d 0): the products
-// replace d.
+// replace d. held: d's values when this op became the oldest in flight on d (watched):
+// nothing but wgmma may write an accumulator from issue to wgmma.wait_group.
 struct WgOp {
     float *d;
     uint64_t da, db;
@@ -136,6 +137,8 @@ struct WgOp {
     bool a_mn, b_mn, accumulate;
     float a[2][16];
     float sum[128];
+    bool watched = false;
+    float held[128];
 };
 
 // A thread's asynchronous operations of one kind (cp.async, wgmma) in commit groups:
@@ -894,6 +897,19 @@ void wg_check_uniform(uint64_t da, uint64_t db) {
     f.wg_issued++;
 }
 
+// The first op in flight on an accumulator takes a copy of it; the ops behind it on the
+// same registers are watched from the time the one before them retires (wgmma_wait).
+void wg_watch(WgOp &op) {
+    Pending<WgOp> &p = W->cur->wgmmas;
+    for (const WgOp &o : p.open)
+        if (o.d == op.d) return;
+    for (const auto &g : p.groups)
+        for (const WgOp &o : g)
+            if (o.d == op.d) return;
+    op.watched = true;
+    std::memcpy(op.held, op.d, sizeof(float) * op.n / 2);
+}
+
 } // namespace
 
 // Deferred like cp.async: the products are formed at issue and added to the registers at
@@ -906,6 +922,7 @@ void wgmma_ss(float *d, uint64_t da, uint64_t db, int n, bool accumulate, bool a
     wg_check_uniform(da, db);
     WgOp op{d, da, db, n, a_mn, b_mn, accumulate, {}, {}};
     wg_products(da, a_mn, nullptr, db, b_mn, n, op.sum, true);
+    wg_watch(op);
     W->cur->wgmmas.open.push_back(op);
 }
 } // namespace
@@ -943,6 +960,7 @@ void wgmma_rs(float *d, const uint32_t a[4], uint64_t db, int n, bool b_mn) {
     }
     next_phase();
     wg_products(0, false, op.a, db, b_mn, n, op.sum, true);
+    wg_watch(op);
     f.wgmmas.open.push_back(op);
 }
 } // namespace
@@ -957,12 +975,34 @@ void wgmma_m64n64k16_rs_t(float *d, const uint32_t a[4], uint64_t db) {
 void wgmma_commit() { W->cur->wgmmas.commit(); }
 
 void wgmma_wait(int n) {
-    W->cur->wgmmas.wait(size_t(n), [](WgOp &op) {
+    Pending<WgOp> &p = W->cur->wgmmas;
+    p.wait(size_t(n), [&p](WgOp &op) {
         float now[128];
         wg_products(op.da, op.a_mn, op.a, op.db, op.b_mn, op.n, now, true); // read from issue to here
         if (std::memcmp(now, op.sum, sizeof(float) * op.n / 2) != 0)
             fail("a wgmma operand in shared memory changed before its wgmma.wait_group");
+        if (op.watched && std::memcmp(op.d, op.held, sizeof(float) * op.n / 2) != 0)
+            fail("a wgmma's accumulator registers were written before its wgmma.wait_group");
         for (int i = 0; i < op.n / 2; i++) op.d[i] = op.accumulate ? op.d[i] + op.sum[i] : op.sum[i];
+        // The next op in flight on these registers is watched from here. The group being
+        // retired is still the front of `groups` (popped after every op in it is done).
+        auto watch_next = [&](WgOp &o) {
+            if (&o == &op || o.d != op.d || o.watched) return false;
+            o.watched = true;
+            std::memcpy(o.held, o.d, sizeof(float) * o.n / 2);
+            return true;
+        };
+        bool past = false; // only ops after `op` in issue order
+        for (auto &g : p.groups)
+            for (WgOp &o : g) {
+                if (&o == &op) {
+                    past = true;
+                    continue;
+                }
+                if (past && watch_next(o)) return;
+            }
+        for (WgOp &o : p.open)
+            if (watch_next(o)) return;
     });
 }
 

@@ -163,6 +163,13 @@ void k_wgmma(Buf b) {
     kemu::wgmma_m64n128k16(d, wg_desc(base), wg_desc(b_tile), b.n != 3);
     kemu::wgmma_commit();
     if (b.n == 1 && threadIdx.x == 3) t[0] ^= 0x40; // the bug: an operand changes in flight
+    if (b.n == 4 && threadIdx.x == 3) d[5] = 0.0f;  // the bug: its accumulator is written
+    if (b.n == 5) { // a second wgmma on d; d written after the first retires, the second not
+        kemu::wgmma_m64n128k16(d, wg_desc(base), wg_desc(b_tile), true);
+        kemu::wgmma_commit();
+        kemu::wgmma_wait(1);
+        if (threadIdx.x == 3) d[5] = 0.0f;
+    }
     kemu::wgmma_wait(0);
     store_d(b, d, 128);
 }
@@ -510,6 +517,13 @@ int main(int argc, char **argv) {
     const std::string we = run(k_wgmma, wb, {1, 1, 1}, {128, 1, 1}, 32768);
     expect(we.find("changed") != std::string::npos,
            "a wgmma operand overwritten before wgmma.wait_group: " + we);
+    for (int n : {4, 5}) {
+        wb.n = n;
+        const std::string wa = run(k_wgmma, wb, {1, 1, 1}, {128, 1, 1}, 32768);
+        expect(wa.find("accumulator registers were written") != std::string::npos,
+               std::string("a wgmma's accumulator written in flight (") +
+                   (n == 4 ? "alone" : "behind an earlier wgmma on it") + "): " + wa);
+    }
     wb.n = 2;
     const std::string wd = run(k_wgmma, wb, {1, 1, 1}, {128, 1, 1}, 32768);
     expect(wd.find("different operands") != std::string::npos,

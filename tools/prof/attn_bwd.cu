@@ -125,6 +125,7 @@ static void profile(int S, bool once) {
         {"w4m2n64s2", attention_fwd_w4m2n64s2_bf16_d128, 128, 128, fwd_smem_bytes<128, 4, 2, 64, 2>()},
         {"wg2n128s2", attention_fwd_wg2n128s2_bf16_d128, 128, 256, fwd_wgmma_smem_bytes<128, 2, 128, 2>()},
         {"wg2n128s3", attention_fwd_wg2n128s3_bf16_d128, 128, 256, fwd_wgmma_smem_bytes<128, 2, 128, 3>()},
+        {"wg2n128s3p", attention_fwd_wg2n128s3p_bf16_d128, 128, 256, fwd_wgmma_smem_bytes<128, 2, 128, 3>()},
         {"wg2n64s2", attention_fwd_wg2n64s2_bf16_d128, 128, 256, fwd_wgmma_smem_bytes<128, 2, 64, 2>()},
     };
     fwd();

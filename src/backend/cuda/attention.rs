@@ -84,6 +84,9 @@ pub struct FwdVariant {
     /// Warpgroup MMAs: runs only on compute capability 9.0 with sm_90a SASS
     /// ([`super::nf4::wgmma_supported`]).
     pub wgmma: bool,
+    /// wgmma only (`OVL`, a `p` after the name): a tile's P·V is issued behind the next
+    /// tile's S and runs under its softmax (FA3's intra-warpgroup overlap).
+    pub overlap: bool,
 }
 
 impl FwdVariant {
@@ -118,9 +121,11 @@ impl FwdVariant {
 /// rows per warp with 8 warps and double-buffering (half the K/V loads per query).
 /// `wg2n128s2` and `wg2n128s3` (sm_90a): FA3's move of the same math to warpgroup MMAs,
 /// 2 warpgroups x 64 rows, 128 keys a tile, K/V in 2 or 3 stages (3: a tile's P·V stays in
-/// flight across the next barrier); `wg2n64s2`: 64-key tiles, small enough (97 KB, 126
-/// registers) for two blocks an SM, whose softmax and wgmmas can then overlap.
-pub static FWD_VARIANTS: [FwdVariant; 7] = [
+/// flight across the next barrier); `wg2n128s3p`: s3 with FA3's intra-warpgroup overlap
+/// (a tile's softmax runs while the previous tile's P·V is on the tensor cores);
+/// `wg2n64s2`: 64-key tiles, small enough (97 KB, 126 registers) for two blocks an SM,
+/// whose softmax and wgmmas can then overlap.
+pub static FWD_VARIANTS: [FwdVariant; 8] = [
     FwdVariant {
         name: "w4m1n64s1",
         warps: 4,
@@ -131,6 +136,7 @@ pub static FWD_VARIANTS: [FwdVariant; 7] = [
         sm86: true,
         verified: true,
         wgmma: false,
+        overlap: false,
     },
     FwdVariant {
         name: "w4m2n64s1",
@@ -145,6 +151,7 @@ pub static FWD_VARIANTS: [FwdVariant; 7] = [
         sm86: true,
         verified: true,
         wgmma: false,
+        overlap: false,
     },
     FwdVariant {
         name: "w4m2n64s2",
@@ -159,6 +166,7 @@ pub static FWD_VARIANTS: [FwdVariant; 7] = [
         sm86: true,
         verified: true,
         wgmma: false,
+        overlap: false,
     },
     FwdVariant {
         name: "w8m1n64s2",
@@ -173,6 +181,7 @@ pub static FWD_VARIANTS: [FwdVariant; 7] = [
         sm86: true,
         verified: true,
         wgmma: false,
+        overlap: false,
     },
     FwdVariant {
         name: "wg2n128s2",
@@ -187,6 +196,7 @@ pub static FWD_VARIANTS: [FwdVariant; 7] = [
         sm86: false,
         verified: false,
         wgmma: true,
+        overlap: false,
     },
     FwdVariant {
         name: "wg2n128s3",
@@ -201,6 +211,22 @@ pub static FWD_VARIANTS: [FwdVariant; 7] = [
         sm86: false,
         verified: false,
         wgmma: true,
+        overlap: false,
+    },
+    FwdVariant {
+        name: "wg2n128s3p",
+        warps: 8,
+        mt: 1,
+        bn: 128,
+        stages: 3,
+        kernels: [
+            "attention_fwd_wg2n128s3p_bf16_d64",
+            "attention_fwd_wg2n128s3p_bf16_d128",
+        ],
+        sm86: false,
+        verified: false,
+        wgmma: true,
+        overlap: true,
     },
     FwdVariant {
         name: "wg2n64s2",
@@ -215,6 +241,7 @@ pub static FWD_VARIANTS: [FwdVariant; 7] = [
         sm86: false,
         verified: false,
         wgmma: true,
+        overlap: false,
     },
 ];
 

@@ -115,6 +115,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "attention_fwd_wg2n128s2_bf16_d128",
     "attention_fwd_wg2n128s3_bf16_d64",
     "attention_fwd_wg2n128s3_bf16_d128",
+    "attention_fwd_wg2n128s3p_bf16_d64",
+    "attention_fwd_wg2n128s3p_bf16_d128",
     "attention_fwd_wg2n64s2_bf16_d64",
     "attention_fwd_wg2n64s2_bf16_d128",
     "attention_bwd_w8q64s2a_bf16_d64",
