@@ -17,6 +17,13 @@ use palign::quant::{dynamic_map, Absmax, DoubleQuant, Nf4Tensor, SourceDtype};
 /// One benchmarked call: device launches, no host sync.
 pub type Launch<'a> = Box<dyn FnMut() + 'a>;
 
+/// Whether the GPU check's runner (tools/gpu-check.sh) saw the test binary `tests` time
+/// out (`PALIGN_GPU_HUNG`): a bench then leaves out the kernels new on GPUs that it
+/// tests (the sm_90a wgmma ones), which a hang on their first run most likely came from.
+pub fn tests_hung(tests: &str) -> bool {
+    std::env::var("PALIGN_GPU_HUNG").is_ok_and(|v| v.split_whitespace().any(|t| t == tests))
+}
+
 pub fn ok<T>(r: palign::Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("benchmark setup failed: {e}"))
 }
