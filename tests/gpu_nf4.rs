@@ -1315,9 +1315,12 @@ fn wgmma_gemm_rejects_bad_shapes_without_launching() {
     ok(g.synchronize());
 }
 
+// Named wgmma_*: tests run in name order, and this one launches the sm_90a kernels, so
+// it runs after every mma.sync test (a fault or hang on their first GPU run then takes
+// no other result with it).
 #[test]
 #[ignore = "needs a CUDA device"]
-fn dispatcher_times_wgmma_only_when_enabled() {
+fn wgmma_dispatcher_times_it_only_when_enabled() {
     let g = gpu();
     let (m, n, k) = (512, 1024, 4096);
     let t = weight(16, [n, k], 64, true);
