@@ -57,6 +57,22 @@ constexpr int DEC_UNROLL = 4; // keys per warp per step
 // fix-up of three instructions per call, a visible cost in the softmax.
 __device__ __forceinline__ float fast_exp2(float x) { return ex2_approx_ftz(x); }
 
+// The online softmax's running-max step for one row (base 2). mx: this lane's max of the
+// row's raw scores in the tile (the quad, the row's 4 lanes, reduces it here). Returns the
+// max to subtract from the tile's scaled scores; alpha: what the row's O and running sum
+// are rescaled by (1 exactly when the max stays).
+__device__ __forceinline__ float online_max(float mx, float &m_run, float &alpha, bool &moved, float sl2) {
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m_run, mx * sl2);
+    // A row with nothing visible yet keeps m = -inf; 0 avoids (-inf) - (-inf).
+    const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+    alpha = m_new == m_run ? 1.0f : fast_exp2(m_run - m_use);
+    moved |= m_new != m_run;
+    m_run = m_new;
+    return m_use;
+}
+
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
 
@@ -284,14 +300,7 @@ template <int D, int WARPS, int MT, int BN, int STAGES> __device__ void fwd(cons
                 float mx = -INFINITY;
 #pragma unroll
                 for (int nb = 0; nb < NB; nb++) mx = fmaxf(mx, fmaxf(s[mt][nb][c], s[mt][nb][c + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(m_run[r], mx * sl2);
-                // A row with nothing visible yet keeps m = -inf; 0 avoids (-inf) - (-inf).
-                const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-                alpha[r] = m_new == m_run[r] ? 1.0f : fast_exp2(m_run[r] - m_use);
-                moved |= m_new != m_run[r];
-                m_run[r] = m_new;
+                const float m_use = online_max(mx, m_run[r], alpha[r], moved, sl2);
                 float sum = 0.0f;
 #pragma unroll
                 for (int nb = 0; nb < NB; nb++) {
@@ -547,13 +556,7 @@ __device__ __forceinline__ bool fwd_wg_softmax(float (&s)[BN / 2], float (&m_run
         float mx = -INFINITY;
 #pragma unroll
         for (int j = 0; j < BN / 8; j++) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m_run[r], mx * sl2);
-        const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-        alpha[r] = m_new == m_run[r] ? 1.0f : fast_exp2(m_run[r] - m_use);
-        moved |= m_new != m_run[r];
-        m_run[r] = m_new;
+        const float m_use = online_max(mx, m_run[r], alpha[r], moved, sl2);
         float sum = 0.0f;
 #pragma unroll
         for (int j = 0; j < BN / 8; j++) {
