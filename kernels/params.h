@@ -261,6 +261,16 @@ struct AttnBwdParams {
     int32_t _pad;
 };
 
+// One warpgroup MMA of form `form` (kernels/probe.cu): d[64][n] = (accumulate ? 1 : 0) +
+// a[64][16]·b[16][n], all row-major f32 (values bf16 holds exactly).
+struct WgmmaProbeParams {
+    cf32_ptr a;
+    cf32_ptr b;
+    f32_ptr d;
+    int32_t form;
+    int32_t accumulate;
+};
+
 // dq = bf16(scale * dq_accum), n elements (a multiple of 4).
 struct AttnDqParams {
     bf16_ptr dq;

@@ -94,6 +94,8 @@ if [ $default = 1 ]; then
         failed $?
     KEMU_SM=90 cargo test --release --test gpu_attention -- --ignored --test-threads=1 \
         wgmma_variants_match_cpu || failed $?
+    KEMU_SM=90 cargo test --release --test gpu_probe -- --ignored --test-threads=1 ||
+        failed $?
 fi
 [ $race = 0 ] || exit $rc
 

@@ -254,6 +254,19 @@ impl Gpu {
         block: u32,
         params: &P,
     ) -> Result<()> {
+        self.launch_smem(name, grid, block, 0, params)
+    }
+
+    /// [`Gpu::launch`] with `smem` bytes of dynamic shared memory (at most 48 KB unless
+    /// the kernel opted in: [`Gpu::opt_in_smem`]).
+    pub(crate) fn launch_smem<P: DeviceRepr>(
+        &self,
+        name: &str,
+        grid: u32,
+        block: u32,
+        smem: u32,
+        params: &P,
+    ) -> Result<()> {
         if grid == 0 {
             return Ok(());
         }
@@ -261,7 +274,7 @@ impl Gpu {
         let cfg = LaunchConfig {
             grid_dim: (grid, 1, 1),
             block_dim: (block, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem,
         };
         let mut b = self.stream.launch_builder(f);
         b.arg(params);

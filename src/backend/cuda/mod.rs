@@ -22,6 +22,7 @@ pub mod lora_drop;
 pub mod nf4;
 pub mod ops;
 pub mod params;
+pub mod probe;
 pub mod profile;
 pub mod tensor_ops;
 pub mod tune;
@@ -144,6 +145,11 @@ pub const KERNEL_NAMES: &[&str] = &[
     "nf4_gemm_bwd_wgmma",
     "nf4_gemm_bwd_wgmma_m256",
     "nf4_gemm_bwd_wgmma_rs",
+    "wgmma_probe_0",
+    "wgmma_probe_1",
+    "wgmma_probe_2",
+    "wgmma_probe_3",
+    "wgmma_probe_4",
     "lora_up_backward_nt4",
     "lora_up_backward_nt8",
     "lora_up_backward_nt16",

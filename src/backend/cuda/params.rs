@@ -555,6 +555,27 @@ const _: () = {
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct WgmmaProbeParams {
+    pub a: cf32_ptr,
+    pub b: cf32_ptr,
+    pub d: f32_ptr,
+    pub form: i32,
+    pub accumulate: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of WgmmaProbeParams"][::std::mem::size_of::<WgmmaProbeParams>() - 32usize];
+    ["Alignment of WgmmaProbeParams"][::std::mem::align_of::<WgmmaProbeParams>() - 8usize];
+    ["Offset of field: WgmmaProbeParams::a"][::std::mem::offset_of!(WgmmaProbeParams, a) - 0usize];
+    ["Offset of field: WgmmaProbeParams::b"][::std::mem::offset_of!(WgmmaProbeParams, b) - 8usize];
+    ["Offset of field: WgmmaProbeParams::d"][::std::mem::offset_of!(WgmmaProbeParams, d) - 16usize];
+    ["Offset of field: WgmmaProbeParams::form"]
+        [::std::mem::offset_of!(WgmmaProbeParams, form) - 24usize];
+    ["Offset of field: WgmmaProbeParams::accumulate"]
+        [::std::mem::offset_of!(WgmmaProbeParams, accumulate) - 28usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
 pub struct AttnDqParams {
     pub dq: bf16_ptr,
     pub dq_accum: cf32_ptr,
