@@ -397,7 +397,7 @@ __device__ __forceinline__ void wgmma_m64n64k16_rs_t(float (&d)[32], const uint3
 
 #else // the CPU emulator (tools/kemu): wgmma deferred to wgmma.wait_group, like cp.async
 
-__device__ __forceinline__ void wg_fence() {}
+__device__ __forceinline__ void wg_fence() { kemu::wgmma_fence(); }
 __device__ __forceinline__ void wg_commit() { kemu::wgmma_commit(); }
 template <int N> __device__ __forceinline__ void wg_wait() { kemu::wgmma_wait(N); }
 __device__ __forceinline__ void fence_proxy_async_smem() {}

@@ -7,7 +7,8 @@
 // deferred operations between the fibers, so code that is wrong on a GPU in the ways
 // that matter for results fails here too: reading cp.async or wgmma data before waiting
 // for it, writing a wgmma's accumulator (or its shared operands) while it is in flight
-// (reading one early is not caught: it keeps its old value here), a misaligned ldmatrix row or vector access, a warp operation with an exited
+// (reading one early is not caught: it keeps its old value here), a wgmma with no
+// wgmma.fence since the block's start or the last wgmma.wait_group, a misaligned ldmatrix row or vector access, a warp operation with an exited
 // lane or lanes at different operations, a deadlock, a block over __launch_bounds__,
 // shared memory over the opt-in limit, an access past the end of an allocation, a race
 // that the thread order decides (KEMU_ORDER=reverse), and in the racecheck build
@@ -185,6 +186,7 @@ void wgmma_m64n64k16_rs_t(float *d, const uint32_t a[4], uint64_t desc_b);
 void wgmma_m64n64k16(float *d, uint64_t desc_a, uint64_t desc_b, bool accumulate, bool a_mn,
                      bool b_mn);
 void wgmma_commit();
+void wgmma_fence();
 void wgmma_wait(int n);
 
 template <class T> T shfl_xor(unsigned mask, T v, int lane_mask, int width) {

@@ -188,6 +188,7 @@ struct Fiber {
     Pending<Copy> copies;
     Pending<WgOp> wgmmas;
     size_t wg_issued = 0; // wgmma operations this thread has issued in the block
+    bool wg_fenced = false; // a wgmma.fence since the block's start or the last wait_group
 };
 
 struct Warp {
@@ -402,6 +403,7 @@ void run_block(Worker &w, uint3 bid) {
         f.copies.clear();
         f.wgmmas.clear();
         f.wg_issued = 0;
+        f.wg_fenced = false;
         w.warps[f.warp].exists |= 1u << f.lane;
         race::name(f.tsan, w.k->name, bid, f.tid);
         start_fiber(w, f);
@@ -884,6 +886,16 @@ void wg_products(uint64_t da, bool a_mn, const float (*a_regs)[16], uint64_t db,
 
 // Every thread of a warpgroup must issue the same wgmma (.sync.aligned): the first
 // thread's operands are logged, the others compared with them.
+// PTX ISA (wgmma.fence): one is required before the first wgmma and between any other
+// access to a wgmma's accumulator or A registers and that wgmma. kemu cannot see register
+// accesses, so it asks for the fence the kernels always give: after the block's start and
+// after every wgmma.wait_group (past which the accumulators get read and rescaled), before
+// the next wgmma. Without it the hardware may use stale registers.
+void wg_check_fenced() {
+    if (!W->cur->wg_fenced)
+        fail("a wgmma with no wgmma.fence since the block's start or the last wgmma.wait_group");
+}
+
 void wg_check_uniform(uint64_t da, uint64_t db) {
     Worker &w = *W;
     Fiber &f = *w.cur;
@@ -919,6 +931,7 @@ namespace {
 void wgmma_ss(float *d, uint64_t da, uint64_t db, int n, bool accumulate, bool a_mn, bool b_mn) {
     check_desc(da);
     check_desc(db);
+    wg_check_fenced();
     wg_check_uniform(da, db);
     WgOp op{d, da, db, n, a_mn, b_mn, accumulate, {}, {}};
     wg_products(da, a_mn, nullptr, db, b_mn, n, op.sum, true);
@@ -940,6 +953,7 @@ namespace {
 // registers' later values do not matter here (ptxas keeps them until the wgmma retires).
 void wgmma_rs(float *d, const uint32_t a[4], uint64_t db, int n, bool b_mn) {
     check_desc(db);
+    wg_check_fenced();
     wg_check_uniform(0, db);
     Worker &w = *W;
     Fiber &f = *w.cur;
@@ -973,8 +987,10 @@ void wgmma_m64n64k16_rs_t(float *d, const uint32_t a[4], uint64_t db) {
 }
 
 void wgmma_commit() { W->cur->wgmmas.commit(); }
+void wgmma_fence() { W->cur->wg_fenced = true; }
 
 void wgmma_wait(int n) {
+    W->cur->wg_fenced = false;
     Pending<WgOp> &p = W->cur->wgmmas;
     p.wait(size_t(n), [&p](WgOp &op) {
         float now[128];

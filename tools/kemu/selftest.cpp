@@ -160,6 +160,7 @@ void k_wgmma(Buf b) {
     for (int i = 0; i < 64; i++) d[i] = 1.0f;
     const uint32_t b_tile = b.n == 2 && threadIdx.x == 70 ? base + 9216 : base + 8192;
     // b.n == 2: one thread differs; b.n == 3: scale-d 0 (D = A·Bᵀ, the 1s dropped)
+    if (b.n != 6) kemu::wgmma_fence(); // b.n == 6, the bug: no wgmma.fence before it
     kemu::wgmma_m64n128k16(d, wg_desc(base), wg_desc(b_tile), b.n != 3);
     kemu::wgmma_commit();
     if (b.n == 1 && threadIdx.x == 3) t[0] ^= 0x40; // the bug: an operand changes in flight
@@ -207,6 +208,7 @@ void k_wgmma_rs(Buf b) {
     wa_fragment(a);
     float d[128];
     for (int i = 0; i < 128; i++) d[i] = 1.0f;
+    kemu::wgmma_fence();
     kemu::wgmma_m64n256k16_rs(d, a, wg_desc(base));
     kemu::wgmma_commit();
     a[0] = a[1] = a[2] = a[3] = 0; // registers are read at issue
@@ -230,6 +232,7 @@ void k_wgmma_rs_t(Buf b) {
     wa_fragment(a);
     float d[32];
     for (int i = 0; i < 32; i++) d[i] = 1.0f;
+    kemu::wgmma_fence();
     kemu::wgmma_m64n64k16_rs_t(d, a, wg_desc_mn(base));
     kemu::wgmma_commit();
     kemu::wgmma_wait(0);
@@ -251,6 +254,7 @@ void k_wgmma_ss_t(Buf b) {
     __syncthreads();
     float d[32];
     for (int i = 0; i < 32; i++) d[i] = 1.0f;
+    kemu::wgmma_fence();
     kemu::wgmma_m64n64k16(d, wg_desc_mn(base), wg_desc_mn(base + 2048), true, true, true);
     kemu::wgmma_commit();
     kemu::wgmma_wait(0);
@@ -524,6 +528,9 @@ int main(int argc, char **argv) {
                std::string("a wgmma's accumulator written in flight (") +
                    (n == 4 ? "alone" : "behind an earlier wgmma on it") + "): " + wa);
     }
+    wb.n = 6;
+    const std::string wf = run(k_wgmma, wb, {1, 1, 1}, {128, 1, 1}, 32768);
+    expect(wf.find("no wgmma.fence") != std::string::npos, "a wgmma with no wgmma.fence before it: " + wf);
     wb.n = 2;
     const std::string wd = run(k_wgmma, wb, {1, 1, 1}, {128, 1, 1}, 32768);
     expect(wd.find("different operands") != std::string::npos,
