@@ -248,7 +248,7 @@ want tests && for t in "$HERE"/tests/*; do
         echo "### $name (exit $rc)"
         echo '```'
         sed -n "/^==== $name\$/,/^==== /p" "$TLOG" |
-            grep -A1 -E '^test .* \.\.\. |^---- |PARITY|TUNED|panicked|^test result|kernels not compiled' |
+            grep -A1 -E '^test .* \.\.\. |^---- |PARITY|PROBE|SKIPPED|TUNED|panicked|^test result|kernels not compiled' |
             grep -v -E '^--$|^note: run with|^$'
         echo '```'
     } >>"$REPORT"
