@@ -47,6 +47,23 @@ fn configs() -> Vec<(usize, Option<usize>)> {
 }
 
 /// Visible (query, key) pairs of one causal sequence of `s` tokens with window `w`.
+/// One benchmark shape of `configs()` on the device: its packed layout, attention shape,
+/// forward FLOPs and the tag the lines print.
+fn shape_case(g: &Gpu, s: usize, window: Option<usize>) -> (SeqLayout, AttnShape, f64, String) {
+    let batch = TOKENS / s;
+    let offsets: Vec<usize> = (0..=batch).map(|b| b * s).collect();
+    let layout = ok(SeqLayout::packed(g, &offsets));
+    let shape = AttnShape {
+        n_heads: N_Q,
+        n_kv_heads: N_KV,
+        head_dim: HEAD_DIM,
+        window,
+    };
+    let flops = batch as f64 * visible_pairs(s, window) * 4.0 * (HEAD_DIM * N_Q) as f64;
+    let tag = window.map_or(format!("s={s}"), |w| format!("s={s} W={w}"));
+    (layout, shape, flops, tag)
+}
+
 fn visible_pairs(s: usize, w: Option<usize>) -> f64 {
     (0..s)
         .map(|i| w.map_or(i + 1, |w| (i + 1).min(w)) as f64)
@@ -84,17 +101,7 @@ fn main() {
     let configs = configs();
     let mut cases: Vec<Case> = Vec::new();
     for &(s, window) in &configs {
-        let batch = TOKENS / s;
-        let offsets: Vec<usize> = (0..=batch).map(|b| b * s).collect();
-        let layout = ok(SeqLayout::packed(g, &offsets));
-        let shape = AttnShape {
-            n_heads: N_Q,
-            n_kv_heads: N_KV,
-            head_dim: HEAD_DIM,
-            window,
-        };
-        let fwd_flops = batch as f64 * visible_pairs(s, window) * 4.0 * (HEAD_DIM * N_Q) as f64;
-        let tag = window.map_or(format!("s={s}"), |w| format!("s={s} W={w}"));
+        let (layout, shape, fwd_flops, tag) = shape_case(g, s, window);
         let layout = std::rc::Rc::new(layout);
         let (l1, l2) = (layout.clone(), layout);
         let (qr, kr, vr, dor, outs_ref) = (&q, &k, &v, &d_o, &outs);
@@ -269,17 +276,7 @@ fn variants(g: &Gpu, x: Inputs, outs: &mut Outs) {
             break;
         }
         for (si, (s, window)) in configs().into_iter().enumerate() {
-            let batch = TOKENS / s;
-            let offsets: Vec<usize> = (0..=batch).map(|b| b * s).collect();
-            let layout = ok(SeqLayout::packed(g, &offsets));
-            let shape = AttnShape {
-                n_heads: N_Q,
-                n_kv_heads: N_KV,
-                head_dim: HEAD_DIM,
-                window,
-            };
-            let flops = batch as f64 * visible_pairs(s, window) * 4.0 * (HEAD_DIM * N_Q) as f64;
-            let tag = window.map_or(format!("s={s}"), |w| format!("s={s} W={w}"));
+            let (layout, shape, flops, tag) = shape_case(g, s, window);
 
             // Forward alone.
             let Ok(base) = time_pass(g, &x, outs, &layout, shape, f0, None) else {
