@@ -24,11 +24,10 @@
 
 use std::sync::OnceLock;
 
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::DeviceRepr;
 use half::bf16;
 
 use super::attn_tune::{bwd_candidates, AttnTuner, TuneMode};
-use super::device::cuda_err;
 use super::params::*;
 use super::{DeviceBuffer, Gpu};
 use crate::backend::cpu::ops::AttnShape;
@@ -681,22 +680,11 @@ fn launch<P: DeviceRepr>(
     if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
         return Ok(());
     }
-    let f = gpu.function(name)?;
+    gpu.function(name)?; // a missing kernel is named before any shared-memory opt-in
     if smem > SMEM_DEFAULT {
         gpu.opt_in_smem(name, smem)?;
     }
-    let cfg = LaunchConfig {
-        grid_dim: grid,
-        block_dim: (block, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
-    let mut b = gpu.stream().launch_builder(f);
-    b.arg(params);
-    // SAFETY: every attention kernel takes exactly one argument, its params struct from
-    // kernels/params.h; the launchers check the buffers behind its pointers and the
-    // shared memory size (the kernels trap if it is too small).
-    unsafe { b.launch(cfg) }.map_err(cuda_err(name))?;
-    Ok(())
+    gpu.launch_grid(name, grid, block, smem as u32, params)
 }
 
 /// Forward: `out` (bf16 `[rows, H, d]`) and `lse` (f32 `[rows, H]`, natural log) from q,

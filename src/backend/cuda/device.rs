@@ -270,17 +270,33 @@ impl Gpu {
         if grid == 0 {
             return Ok(());
         }
+        self.launch_grid(name, (grid, 1, 1), block, smem, params)
+    }
+
+    /// Launch `name` on a 3-D grid of `block`-thread blocks with `smem` bytes of dynamic
+    /// shared memory, its params struct as the only argument: the one place every
+    /// launcher (here and in the kernel families' modules) goes through. No check of the
+    /// grid: a zero dimension is the driver's error.
+    pub(crate) fn launch_grid<P: DeviceRepr>(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        params: &P,
+    ) -> Result<()> {
         let f = self.function(name)?;
         let cfg = LaunchConfig {
-            grid_dim: (grid, 1, 1),
+            grid_dim: grid,
             block_dim: (block, 1, 1),
             shared_mem_bytes: smem,
         };
         let mut b = self.stream.launch_builder(f);
         b.arg(params);
         // SAFETY: every kernel takes exactly one argument, its params struct from
-        // kernels/params.h (the Rust type is the bindgen translation); the launchers in
-        // ops.rs check that the buffers behind its pointers are large enough.
+        // kernels/params.h (the Rust type is the bindgen translation); the launchers
+        // check the buffers behind its pointers and the shared memory the kernel needs
+        // (the kernels that depend on it trap when it is short).
         unsafe { b.launch(cfg) }.map_err(cuda_err(name))?;
         Ok(())
     }

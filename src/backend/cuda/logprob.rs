@@ -21,7 +21,7 @@
 //! after the first copy their hidden rows into (and their d_hidden rows out of) a
 //! `[chunk, H]` staging buffer; the copies are ~1% of the GEMMs' time.
 
-use cudarc::driver::{result as cu, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{result as cu, DeviceRepr};
 use half::bf16;
 
 use super::blas::{gemm_bf16, Gemm};
@@ -592,19 +592,10 @@ fn forward_fused(
 
 fn launch_fused(gpu: &Gpu, blocks: u32, p: &LogprobFusedParams) -> Result<()> {
     const NAME: &str = "logprob_fused_fwd_bf16";
-    let f = gpu.function(NAME)?;
+    gpu.function(NAME)?; // a missing kernel is named before any shared-memory opt-in
     gpu.opt_in_smem(NAME, FUSED_SMEM)?;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (FUSED_THREADS, 1, 1),
-        shared_mem_bytes: FUSED_SMEM as u32,
-    };
-    let mut b = gpu.stream().launch_builder(f);
-    b.arg(p);
-    // SAFETY: the kernel takes exactly its params struct; forward_fused sized the
-    // buffers behind its pointers, and the kernel traps if its shared memory is short.
-    unsafe { b.launch(cfg) }.map_err(cuda_err(NAME))?;
-    Ok(())
+    // forward_fused sized the buffers behind p's pointers.
+    gpu.launch_grid(NAME, (blocks, 1, 1), FUSED_THREADS, FUSED_SMEM as u32, p)
 }
 
 /// One chunk's kernel on its own (the bench's unfused baseline runs it over all rows):

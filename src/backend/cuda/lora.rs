@@ -27,11 +27,10 @@
 //! with one accumulator; [`lora_backward_input_parts`] returns the two terms
 //! separately for the caller's elementwise kernels.
 
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::DeviceRepr;
 use half::bf16;
 
 use super::blas::{self, Gemm};
-use super::device::cuda_err;
 use super::nf4::{self, Nf4Op, Nf4Weight, Out, GEMM_TILE, NF4_GEMM_SMEM_BYTES};
 use super::params::{Nf4GemmLoraParams, Nf4GemmParams};
 use super::{DeviceBuffer, Gpu};
@@ -190,21 +189,14 @@ pub fn gemm_fused_lora(
         rank: rank as i32,
         _pad: 0,
     };
-    let cfg = LaunchConfig {
-        grid_dim: (
-            outc.div_ceil(GEMM_TILE.1) as u32,
-            m.div_ceil(GEMM_TILE.0) as u32,
-            1,
-        ),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: NF4_GEMM_SMEM_BYTES,
-    };
-    let mut b = gpu.stream().launch_builder(gpu.function(name)?);
-    b.arg(&p);
-    // SAFETY: the kernel takes exactly this params struct; every buffer behind its
-    // pointers was checked above against the shapes the kernel addresses.
-    unsafe { b.launch(cfg) }.map_err(cuda_err(name))?;
-    Ok(())
+    // Every buffer behind p's pointers was checked above against the shapes the kernel
+    // addresses.
+    let grid = (
+        outc.div_ceil(GEMM_TILE.1) as u32,
+        m.div_ceil(GEMM_TILE.0) as u32,
+        1,
+    );
+    gpu.launch_grid(name, grid, 256, NF4_GEMM_SMEM_BYTES, &p)
 }
 
 /// Checks the adapter against the base shape and the buffers for `m` rows.

@@ -25,10 +25,9 @@
 
 use std::ops::Range;
 
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::DeviceRepr;
 use half::bf16;
 
-use super::device::cuda_err;
 use super::params::{LoraDropHeadParams, LoraDropParams, LoraUpParams};
 use super::{DeviceBuffer, Gpu};
 use crate::error::{bad, Error, Result};
@@ -333,8 +332,8 @@ fn launch<P: DeviceRepr>(
     if grid.0 == 0 || grid.1 == 0 {
         return Ok(());
     }
-    let f = gpu.function(name)?;
-    // The 48 KiB default covers static and dynamic shared memory together.
+    gpu.function(name)?; // a missing kernel is named before any shared-memory opt-in
+                         // The 48 KiB default covers static and dynamic shared memory together.
     if smem + STATIC_SMEM_MARGIN > SMEM_DEFAULT {
         // The device limit covers static and dynamic shared memory together.
         let max = gpu.max_smem_optin()?;
@@ -346,17 +345,9 @@ fn launch<P: DeviceRepr>(
         }
         gpu.opt_in_smem(name, smem)?;
     }
-    let cfg = LaunchConfig {
-        grid_dim: (grid.0, grid.1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
-    let mut b = gpu.stream().launch_builder(f);
-    b.arg(p);
-    // SAFETY: the kernel takes exactly this params struct; the launchers checked every
-    // buffer behind its pointers against the shapes the kernel addresses.
-    unsafe { b.launch(cfg) }.map_err(cuda_err(name))?;
-    Ok(())
+    // The launchers checked every buffer behind p's pointers against the shapes the
+    // kernel addresses.
+    gpu.launch_grid(name, (grid.0, grid.1, 1), THREADS, smem as u32, p)
 }
 
 fn ranks_of(heads: &[DropHead<'_>]) -> Vec<usize> {

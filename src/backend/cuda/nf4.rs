@@ -23,12 +23,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::DeviceRepr;
 use half::bf16;
 use serde::{Deserialize, Serialize};
 
 use super::blas::{self, Gemm};
-use super::device::cuda_err;
 use super::params::{Nf4DequantParams, Nf4GemmParams, Nf4GemvParams, Nf4WeightParams};
 use super::tune::{Choice, TuneCache, TuneEntry};
 use super::{DeviceBuffer, Gpu, TARGETS};
@@ -524,18 +523,8 @@ fn launch_threads<P: DeviceRepr>(
     if grid.0 == 0 || grid.1 == 0 {
         return Ok(());
     }
-    let f = gpu.function(name)?;
-    let cfg = LaunchConfig {
-        grid_dim: (grid.0, grid.1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: smem,
-    };
-    let mut b = gpu.stream().launch_builder(f);
-    b.arg(params);
-    // SAFETY: every NF4 kernel takes exactly one argument, its params struct from
-    // kernels/params.h; the callers check the buffers behind its pointers.
-    unsafe { b.launch(cfg) }.map_err(cuda_err(name))?;
-    Ok(())
+    // The callers check the buffers behind the params' pointers.
+    gpu.launch_grid(name, (grid.0, grid.1, 1), threads, smem, params)
 }
 
 /// Dequantizes the whole weight into `out` (≥ numel elements, row-major): f32 values
