@@ -25,7 +25,7 @@ pub struct Args {
     /// double quant). A 4-bit checkpoint is used as it is.
     #[arg(long)]
     pub quant: Option<String>,
-    /// JSONL rows: {"prompt": str} or {"prompt_ids": [int]}.
+    /// JSONL rows: `{"prompt": str}` or `{"prompt_ids": [int]}`.
     #[arg(long)]
     pub prompts: PathBuf,
     /// Output JSONL file.

@@ -34,7 +34,7 @@ pub enum Kind {
 pub enum PkuSplit {
     /// chosen = `response_{better_response_id}`.
     Helpful,
-    /// [paper] only pairs with exactly one safe response; chosen = the safe one.
+    /// (paper) only pairs with exactly one safe response; chosen = the safe one.
     Harmless,
     /// Public code's looser rule: skip pairs where both are safe, chosen = `response_{safer_response_id}`.
     HarmlessLoose,

@@ -121,7 +121,7 @@ fn rescale(delta: &[f32], kept: &mut [f32], how: Rescale, density: f64, dtype: F
 }
 
 /// TIES trim: keep the `max(1, ⌊density·n⌋)` largest-magnitude entries, then rescale in
-/// `dtype`. Entries tied at the cut are chosen as mergekit chooses them (see [`top_k`]).
+/// `dtype`. Entries tied at the cut are chosen as mergekit chooses them (see `top_k`).
 pub fn magnitude(delta: &[f32], density: f64, how: Rescale, dtype: FloatDtype) -> Vec<f32> {
     if density >= 1.0 {
         return delta.to_vec();

@@ -369,7 +369,7 @@ impl Model {
         }
     }
 
-    /// Runs the model over packed sequences and returns log p(targets[i]) predicted at
+    /// Runs the model over packed sequences and returns `log p(targets[i])` predicted at
     /// hidden row `rows[i]`. With `adapter`, LoRA is applied (dropout only when `dropout`
     /// is given). With `save`, the returned `Trace` holds what `backward` needs.
     ///

@@ -197,7 +197,7 @@ pub fn rmsnorm_backward(dy: &[f32], x: &[f32], weight: &[f32], rstd: &[f32], dx:
 }
 
 /// RoPE tables as transformers builds them (f32): `inv_freq[i] = 1/theta^(2i/d)`,
-/// angle = position · inv_freq[i]; returns (cos, sin), each `[max_pos, d/2]`.
+/// angle = `position · inv_freq[i]`; returns (cos, sin), each `[max_pos, d/2]`.
 pub fn rope_tables(head_dim: usize, theta: f32, max_pos: usize) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
     let inv: Vec<f32> = (0..half)

@@ -33,7 +33,7 @@ pub const WGMMA_FORMS: [(&str, usize, &str); 5] = [
 const PROBE_SMEM: u32 = 8192 + 256 * 128 + 1024;
 
 /// D = (1 if `accumulate`) + A·B by one wgmma of form `form` ([`WGMMA_FORMS`]), for A
-/// [64][16] and B [16][N] row-major; D comes back [64][N] row-major. The values should be
+/// `[64][16]` and B `[16][N]` row-major; D comes back `[64][N]` row-major. The values should be
 /// ones bf16 holds exactly (the operands are rounded to bf16). Needs compute capability
 /// 9.0 and sm_90a kernels.
 pub fn wgmma_probe(
