@@ -12,7 +12,8 @@
 //!   build). `PALIGN_REQUIRE_KERNELS=1` (CI) turns that, and any compile error, into a
 //!   build failure.
 //! - ptxas runs verbose, for its performance advisories (C75xx "Potential Performance
-//!   Loss", e.g. wgmma serialized by the compiler): each is a cargo warning, and under
+//!   Loss", e.g. wgmma serialized by the compiler; C7519, a warpgroup.arrive it had to
+//!   add after a misplaced wgmma.fence): each is a cargo warning, and under
 //!   `PALIGN_REQUIRE_KERNELS=1` a build failure, since nothing else would show that a
 //!   kernel lost its asynchrony. The rest of the verbose report is dropped.
 //! - one module: the .cu files are compiled as one translation unit (a generated file
@@ -316,7 +317,9 @@ fn compile(
     // (registers, stack, compile times: `ptxas info` lines and their indented details).
     let mut advisories = Vec::new();
     for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
-        if line.contains("Potential Performance Loss") {
+        // C7519: ptxas had to add a warpgroup.arrive, i.e. registers a wgmma uses were
+        // written after its wgmma.fence: the fence is in the wrong place.
+        if line.contains("Potential Performance Loss") || line.contains("(C7519)") {
             advisories.push(line.to_string());
         } else if line.starts_with("ptxas info") || line.starts_with(' ') {
             continue;

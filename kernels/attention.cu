@@ -445,9 +445,10 @@ template <int D, int WARPS, int MT, int BN, int STAGES> __device__ void fwd(cons
 // the overlap FA3 gets from ping-ponging its warpgroups, here from the scheduler.
 // OVL (wg2n128s3p): FA3's intra-warpgroup overlap. Tile t issues S(t) and then PV(t-1),
 // waits for S(t) alone (wait_group 1), and runs S(t)'s softmax while PV(t-1) is on the
-// tensor cores; then waits for it, rescales O and holds P(t) for tile t+1. Without it a
-// warpgroup's tensor work stops for each softmax. Costs P's 32 registers held across the
-// S wgmmas, and 3 stages (PV(t-1) reads V(t-1) after tile t+1's loads begin).
+// tensor cores; P(t) and its rescale factors wait for tile t+1, which (after its barrier)
+// waits for PV(t-1), rescales O and packs P(t). Without it a warpgroup's tensor work stops
+// for each softmax. Costs P's 32 registers held across the barrier and the S wgmmas, and
+// 3 stages (PV(t-1) reads V(t-1) after tile t+1's loads begin).
 template <int D, int WGS, int BN, int STAGES>
 __host__ __device__ constexpr int fwd_wgmma_smem_bytes() {
     return (64 * WGS + 2 * STAGES * BN) * D * 2 + 1024;
@@ -511,13 +512,23 @@ __device__ __forceinline__ void fwd_wg_pv(float (&o)[D / 64][32], const uint32_t
     wg_commit();
 }
 
-// Waits for every wgmma of the warpgroup, O's included. OVL calls it on both sides of the
-// branch on `moved`: in the softmax's basic block, ptxas schedules the wait to the top of
-// the block, ahead of the softmax it is there to overlap (seen in the sm_90a SASS).
+// Waits for every wgmma of the warpgroup, O's included.
 template <int DH> __device__ __forceinline__ void fwd_wg_wait_o(float (&o)[DH][32]) {
     wg_wait<0>();
 #pragma unroll
     for (int dh = 0; dh < DH; dh++) wg_pin(o[dh]);
+}
+
+// O's rows row_a (r = 0) and row_a + 8 (r = 1) times alpha[r], where the max moved.
+template <int DH>
+__device__ __forceinline__ void fwd_wg_rescale(float (&o)[DH][32], const float (&alpha)[2], bool moved) {
+    if (!moved) return; // warp-uniform; alpha is exactly 1 then
+#pragma unroll
+    for (int dh = 0; dh < DH; dh++)
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) o[dh][4 * j + i] *= alpha[i / 2];
 }
 
 // P (f32, the S accumulator layout) as the A fragments of O += P·V: keys 16kk.. in pf[kk].
@@ -636,6 +647,13 @@ template <int D, int WGS, int BN, int STAGES, bool OVL> __device__ void fwd_wgmm
     // cannot prove uniform is serialized by ptxas, C7520).
     float s[NS] = {};
     int pv_stage = -1; // OVL: the stage of the tile whose PV is still to issue
+    // OVL: the softmax of tile t leaves O's rescale (alpha, moved) to tile t+1, which waits
+    // for PV(t-1) first. The wait stands unconditionally after the barrier: under the
+    // warp-uniform branch on `moved` it would differ between the warps of a warpgroup,
+    // which wgmma.wait_group's .aligned forbids; in the softmax's basic block ptxas
+    // schedules it to the top of the block, ahead of the softmax it is there to overlap.
+    float alpha_prev[2] = {1.0f, 1.0f};
+    bool moved_prev = false;
 
     for (int t = t_lo; t < t_hi; t++) {
         const int k0 = t * BN;
@@ -664,7 +682,11 @@ template <int D, int WGS, int BN, int STAGES, bool OVL> __device__ void fwd_wgmm
         // S(t), then (OVL) the previous tile's PV behind it: S(t)'s softmax below runs
         // while that PV is on the tensor cores (FA3's intra-warpgroup overlap).
         uint32_t pf[BN / 16][4]; // P for keys 16kk.., the A fragment of O += P·V
-        if constexpr (OVL) fwd_wg_pack<BN>(pf, s);
+        if constexpr (OVL) {
+            fwd_wg_wait_o(o); // PV(t-2) has landed in O (issued in tile t-1) ...
+            fwd_wg_rescale(o, alpha_prev, moved_prev); // ... which moves to tile t-1's max
+            fwd_wg_pack<BN>(pf, s);                    // P(t-1)
+        }
         wg_fence();
         fwd_wg_qk<D, BM, BN>(s, desc_q, wg_desc(base + k_off(stage)));
         if constexpr (OVL) {
@@ -679,20 +701,11 @@ template <int D, int WGS, int BN, int STAGES, bool OVL> __device__ void fwd_wgmm
 
         float alpha[2];
         const bool moved = fwd_wg_softmax<BN>(s, m_run, l_run, alpha, row_a, t4, k0, wq0, wq1, W, sl2);
-        if (moved) {
-            if constexpr (OVL) fwd_wg_wait_o(o); // o must hold PV(t-1) before it is rescaled
-#pragma unroll
-            for (int dh = 0; dh < DH; dh++)
-#pragma unroll
-                for (int j = 0; j < 8; j++)
-#pragma unroll
-                    for (int i = 0; i < 4; i++) o[dh][4 * j + i] *= alpha[i / 2];
-        } else if constexpr (OVL) {
-            fwd_wg_wait_o(o);
-        }
         if constexpr (OVL) {
             pv_stage = stage; // issued behind the next tile's S (or after the loop)
+            alpha_prev[0] = alpha[0], alpha_prev[1] = alpha[1], moved_prev = moved;
         } else {
+            fwd_wg_rescale(o, alpha, moved);
             fwd_wg_pack<BN>(pf, s);
             wg_fence();
             fwd_wg_pv<D, BN>(o, pf, wg_desc_mn(base + v_off(stage)));
@@ -705,6 +718,8 @@ template <int D, int WGS, int BN, int STAGES, bool OVL> __device__ void fwd_wgmm
     }
     if constexpr (OVL) { // the last tile's PV (zeros on stage 0 for a warpgroup past len)
         uint32_t pf[BN / 16][4];
+        fwd_wg_wait_o(o);
+        fwd_wg_rescale(o, alpha_prev, moved_prev);
         fwd_wg_pack<BN>(pf, s);
         wg_fence();
         fwd_wg_pv<D, BN>(o, pf, wg_desc_mn(base + v_off(pv_stage < 0 ? 0 : pv_stage)));

@@ -80,6 +80,7 @@ template <int FORM> __device__ void wgmma_probe(const WgmmaProbeParams &p) {
     float d[N / 2];
 #pragma unroll
     for (int i = 0; i < N / 2; i++) d[i] = p.accumulate ? 1.0f : 0.0f;
+    wg_pin(d); // the writes stay ahead of the fence (else ptxas injects an arrive, C7519)
     wg_fence();
     if constexpr (FORM == 0) wgmma_m64n128k16(d, da, db, p.accumulate != 0);
     if constexpr (FORM == 1) wgmma_m64n64k16<0, 0>(d, da, db, p.accumulate != 0);
