@@ -8,7 +8,10 @@
 // that matter for results fails here too: reading cp.async or wgmma data before waiting
 // for it, writing a wgmma's accumulator (or its shared operands) while it is in flight
 // (reading one early is not caught: it keeps its old value here), a wgmma with no
-// wgmma.fence since the block's start or the last wgmma.wait_group, a misaligned ldmatrix row or vector access, a warp operation with an exited
+// wgmma.fence since the block's start or the last wgmma.wait_group, the threads of a
+// warpgroup at different wgmma.wait_group instructions (told apart by call site, so a
+// wait the host compiler merges out of both arms of a branch is missed), a misaligned
+// ldmatrix row or vector access, a warp operation with an exited
 // lane or lanes at different operations, a deadlock, a block over __launch_bounds__,
 // shared memory over the opt-in limit, an access past the end of an allocation, a race
 // that the thread order decides (KEMU_ORDER=reverse), and in the racecheck build

@@ -188,6 +188,7 @@ struct Fiber {
     Pending<Copy> copies;
     Pending<WgOp> wgmmas;
     size_t wg_issued = 0; // wgmma operations this thread has issued in the block
+    size_t wg_waits = 0;  // wgmma.wait_group instructions this thread has run in the block
     bool wg_fenced = false; // a wgmma.fence since the block's start or the last wait_group
 };
 
@@ -213,6 +214,9 @@ struct Worker {
     // Per warpgroup, the descriptors of each wgmma its first thread issued: the other
     // 127 must issue the same (wgmma is .sync.aligned over the warpgroup).
     std::vector<std::vector<std::pair<uint64_t, uint64_t>>> wg_log;
+    // Per warpgroup, where (the call's return address) and with which N its first thread
+    // ran each wgmma.wait_group: the others must run the same instruction (.aligned).
+    std::vector<std::vector<std::pair<const void *, int>>> wg_wait_log;
 #if defined(__x86_64__)
     void *sched_sp = nullptr;
 #else
@@ -391,6 +395,7 @@ void run_block(Worker &w, uint3 bid) {
     }
     w.warps.assign(n_warps, Warp{});
     w.wg_log.assign((n + 127) / 128, {});
+    w.wg_wait_log.assign((n + 127) / 128, {});
     for (int i = 0; i < n; i++) {
         Fiber &f = w.fibers[i];
         f.tid = {unsigned(i % w.block.x), unsigned(i / w.block.x % w.block.y),
@@ -403,6 +408,7 @@ void run_block(Worker &w, uint3 bid) {
         f.copies.clear();
         f.wgmmas.clear();
         f.wg_issued = 0;
+        f.wg_waits = 0;
         f.wg_fenced = false;
         w.warps[f.warp].exists |= 1u << f.lane;
         race::name(f.tsan, w.k->name, bid, f.tid);
@@ -989,7 +995,23 @@ void wgmma_m64n64k16_rs_t(float *d, const uint32_t a[4], uint64_t db) {
 void wgmma_commit() { W->cur->wgmmas.commit(); }
 void wgmma_fence() { W->cur->wg_fenced = true; }
 
-void wgmma_wait(int n) {
+// wgmma.wait_group is .sync.aligned: every thread of the warpgroup runs the same
+// instruction (PTX ISA). A wait in both arms of a branch that differs between the warps
+// of a warpgroup is two instructions; kemu tells them apart by their call sites in the
+// kernel's host build (an arm's wait inlined from a shared helper is still its own call).
+__attribute__((noinline)) void wgmma_wait(int n) {
+    const void *site = __builtin_return_address(0);
+    {
+        Worker &w = *W;
+        Fiber &f = *w.cur;
+        auto &log = w.wg_wait_log[f.index / 128];
+        if (log.size() == f.wg_waits)
+            log.emplace_back(site, n);
+        else if (log[f.wg_waits] != std::make_pair(site, n))
+            fail("the threads of a warpgroup ran different wgmma.wait_group instructions "
+                 "(one in each arm of a branch that is not warpgroup-uniform?)");
+        f.wg_waits++;
+    }
     W->cur->wg_fenced = false;
     Pending<WgOp> &p = W->cur->wgmmas;
     p.wait(size_t(n), [&p](WgOp &op) {

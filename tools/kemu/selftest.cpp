@@ -171,6 +171,14 @@ void k_wgmma(Buf b) {
         kemu::wgmma_wait(1);
         if (threadIdx.x == 3) d[5] = 0.0f;
     }
+    if (b.n == 7) { // the bug: warps 0-1 wait at one wgmma.wait_group, warps 2-3 at another
+        if (threadIdx.x < 64) {
+            asm volatile("" ::: "memory"); // keeps the two arms' calls apart
+            kemu::wgmma_wait(0);
+        } else {
+            kemu::wgmma_wait(0);
+        }
+    }
     kemu::wgmma_wait(0);
     store_d(b, d, 128);
 }
@@ -531,6 +539,10 @@ int main(int argc, char **argv) {
     wb.n = 6;
     const std::string wf = run(k_wgmma, wb, {1, 1, 1}, {128, 1, 1}, 32768);
     expect(wf.find("no wgmma.fence") != std::string::npos, "a wgmma with no wgmma.fence before it: " + wf);
+    wb.n = 7;
+    const std::string ww = run(k_wgmma, wb, {1, 1, 1}, {128, 1, 1}, 32768);
+    expect(ww.find("different wgmma.wait_group") != std::string::npos,
+           "the warps of a warpgroup at different wgmma.wait_group instructions: " + ww);
     wb.n = 2;
     const std::string wd = run(k_wgmma, wb, {1, 1, 1}, {128, 1, 1}, 32768);
     expect(wd.find("different operands") != std::string::npos,
