@@ -7,7 +7,7 @@
 // deferred operations between the fibers, so code that is wrong on a GPU in the ways
 // that matter for results fails here too: reading cp.async or wgmma data before waiting
 // for it, writing a wgmma's accumulator (or its shared operands) while it is in flight
-// (reading one early is not caught: it keeps its old value here), a wgmma with no
+// (reading one early reads NaNs: kemu sets the value aside until the wait), a wgmma with no
 // wgmma.fence since the block's start or the last wgmma.wait_group, the threads of a
 // warpgroup at different wgmma.wait_group instructions (told apart by call site, so a
 // wait the host compiler merges out of both arms of a branch is missed), a misaligned

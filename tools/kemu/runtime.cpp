@@ -128,8 +128,9 @@ kemu_switch:
 // as read at issue. da == 0: A came from registers, gathered at issue into `a` (this
 // thread's rows g and g + 8 of its warp's 16); else A is in shared memory too. a_mn, b_mn:
 // that operand is MN-major (transpose flag 1). !accumulate (scale-d 0): the products
-// replace d. held: d's values when this op became the oldest in flight on d (watched):
-// nothing but wgmma may write an accumulator from issue to wgmma.wait_group.
+// replace d. held: d's values when this op became the oldest in flight on d (watched),
+// when d itself was filled with NaNs (poison): nothing but wgmma may read or write an
+// accumulator from issue to wgmma.wait_group.
 struct WgOp {
     float *d;
     uint64_t da, db;
@@ -915,8 +916,24 @@ void wg_check_uniform(uint64_t da, uint64_t db) {
     f.wg_issued++;
 }
 
-// The first op in flight on an accumulator takes a copy of it; the ops behind it on the
-// same registers are watched from the time the one before them retires (wgmma_wait).
+// While a wgmma is in flight its accumulator registers hold no defined value (PTX ISA:
+// accessing them before wgmma.wait_group is undefined): kemu keeps their value aside and
+// fills them with a NaN pattern, so an early read computes with NaNs and an early write
+// is seen at retire.
+constexpr uint32_t kInFlight = 0x7fc0adeeu;
+void poison(WgOp &op) {
+    op.watched = true;
+    std::memcpy(op.held, op.d, sizeof(float) * op.n / 2);
+    for (int i = 0; i < op.n / 2; i++) std::memcpy(&op.d[i], &kInFlight, 4);
+}
+bool still_poisoned(const WgOp &op) {
+    for (int i = 0; i < op.n / 2; i++)
+        if (std::memcmp(&op.d[i], &kInFlight, 4) != 0) return false;
+    return true;
+}
+
+// The first op in flight on an accumulator takes its value (poison); the ops behind it on
+// the same registers take it from the time the one before them retires (wgmma_wait).
 void wg_watch(WgOp &op) {
     Pending<WgOp> &p = W->cur->wgmmas;
     for (const WgOp &o : p.open)
@@ -924,8 +941,7 @@ void wg_watch(WgOp &op) {
     for (const auto &g : p.groups)
         for (const WgOp &o : g)
             if (o.d == op.d) return;
-    op.watched = true;
-    std::memcpy(op.held, op.d, sizeof(float) * op.n / 2);
+    poison(op);
 }
 
 } // namespace
@@ -1019,15 +1035,15 @@ __attribute__((noinline)) void wgmma_wait(int n) {
         wg_products(op.da, op.a_mn, op.a, op.db, op.b_mn, op.n, now, true); // read from issue to here
         if (std::memcmp(now, op.sum, sizeof(float) * op.n / 2) != 0)
             fail("a wgmma operand in shared memory changed before its wgmma.wait_group");
-        if (op.watched && std::memcmp(op.d, op.held, sizeof(float) * op.n / 2) != 0)
+        if (!op.watched) fail("kemu: a wgmma retired without its accumulator set aside (emulator bug)");
+        if (!still_poisoned(op))
             fail("a wgmma's accumulator registers were written before its wgmma.wait_group");
-        for (int i = 0; i < op.n / 2; i++) op.d[i] = op.accumulate ? op.d[i] + op.sum[i] : op.sum[i];
+        for (int i = 0; i < op.n / 2; i++) op.d[i] = op.accumulate ? op.held[i] + op.sum[i] : op.sum[i];
         // The next op in flight on these registers is watched from here. The group being
         // retired is still the front of `groups` (popped after every op in it is done).
         auto watch_next = [&](WgOp &o) {
             if (&o == &op || o.d != op.d || o.watched) return false;
-            o.watched = true;
-            std::memcpy(o.held, o.d, sizeof(float) * o.n / 2);
+            poison(o);
             return true;
         };
         bool past = false; // only ops after `op` in issue order

@@ -171,6 +171,7 @@ void k_wgmma(Buf b) {
         kemu::wgmma_wait(1);
         if (threadIdx.x == 3) d[5] = 0.0f;
     }
+    const float early = b.n == 8 ? d[5] : 0.0f; // the bug: an accumulator read in flight
     if (b.n == 7) { // the bug: warps 0-1 wait at one wgmma.wait_group, warps 2-3 at another
         if (threadIdx.x < 64) {
             asm volatile("" ::: "memory"); // keeps the two arms' calls apart
@@ -180,6 +181,7 @@ void k_wgmma(Buf b) {
         }
     }
     kemu::wgmma_wait(0);
+    if (b.n == 8) d[5] = early;
     store_d(b, d, 128);
 }
 
@@ -539,6 +541,11 @@ int main(int argc, char **argv) {
     wb.n = 6;
     const std::string wf = run(k_wgmma, wb, {1, 1, 1}, {128, 1, 1}, 32768);
     expect(wf.find("no wgmma.fence") != std::string::npos, "a wgmma with no wgmma.fence before it: " + wf);
+    wb.n = 8;
+    std::fill(big.begin(), big.end(), 0.0f);
+    expect(run(k_wgmma, wb, {1, 1, 1}, {128, 1, 1}, 32768).empty(), "wgmma (early read) runs");
+    expect(std::isnan(big[9]) && !std::isnan(big[0]), // thread 0: d[5] is row 0, column 9
+           "an accumulator read before wgmma.wait_group is NaN (undefined on a GPU)");
     wb.n = 7;
     const std::string ww = run(k_wgmma, wb, {1, 1, 1}, {128, 1, 1}, 32768);
     expect(ww.find("different wgmma.wait_group") != std::string::npos,
