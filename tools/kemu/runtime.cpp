@@ -1017,19 +1017,16 @@ void wgmma_fence() { W->cur->wg_fenced = true; }
 // kernel's host build (an arm's wait inlined from a shared helper is still its own call).
 __attribute__((noinline)) void wgmma_wait(int n) {
     const void *site = __builtin_return_address(0);
-    {
-        Worker &w = *W;
-        Fiber &f = *w.cur;
-        auto &log = w.wg_wait_log[f.index / 128];
-        if (log.size() == f.wg_waits)
-            log.emplace_back(site, n);
-        else if (log[f.wg_waits] != std::make_pair(site, n))
-            fail("the threads of a warpgroup ran different wgmma.wait_group instructions "
-                 "(one in each arm of a branch that is not warpgroup-uniform?)");
-        f.wg_waits++;
-    }
-    W->cur->wg_fenced = false;
-    Pending<WgOp> &p = W->cur->wgmmas;
+    Fiber &f = *W->cur;
+    auto &log = W->wg_wait_log[f.index / 128];
+    if (log.size() == f.wg_waits)
+        log.emplace_back(site, n);
+    else if (log[f.wg_waits] != std::make_pair(site, n))
+        fail("the threads of a warpgroup ran different wgmma.wait_group instructions "
+             "(one in each arm of a branch that is not warpgroup-uniform?)");
+    f.wg_waits++;
+    f.wg_fenced = false;
+    Pending<WgOp> &p = f.wgmmas;
     p.wait(size_t(n), [&p](WgOp &op) {
         float now[128];
         wg_products(op.da, op.a_mn, op.a, op.db, op.b_mn, op.n, now, true); // read from issue to here
